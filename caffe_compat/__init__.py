@@ -1,0 +1,20 @@
+"""caffe-compat: Caffe's prototxt nets, caffemodels and solvers, computed by PyTorch.
+
+Use it like pycaffe: ``import caffe_compat as caffe``.
+"""
+from caffe_compat import io, proto
+from caffe_compat.layers.base import TEST, TRAIN, layer_types, register
+from caffe_compat.mode import set_device, set_mode_cpu, set_mode_gpu
+from caffe_compat.net.module import NetModule, build_net
+from caffe_compat.pycaffe import Blob, Net
+from caffe_compat.pycaffe import PythonLayer as Layer
+from caffe_compat.rng import set_seed as set_random_seed
+from caffe_compat.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,
+                                 RMSPropSolver, SGDSolver, Solver, get_solver)
+
+__version__ = "0.1.0"
+
+__all__ = ["TRAIN", "TEST", "Net", "Blob", "NetModule", "build_net", "Layer", "register",
+           "layer_types", "set_mode_cpu", "set_mode_gpu", "set_device", "set_random_seed",
+           "io", "proto", "get_solver", "Solver", "SGDSolver", "NesterovSolver",
+           "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver"]

@@ -1,0 +1,271 @@
+"""LMDB and LevelDB key/value databases behind one small interface (Caffe's ``db.hpp``).
+
+Readers are shared: every ``open_db`` of the same folder in one process reuses one open
+environment (LMDB and LevelDB both forbid opening a database twice in a process), so a train
+net and a test net — or several nets — can read the same source at once. LMDBs are opened
+``readonly=True, lock=False``; nothing is written to them.
+
+Writers build the database under a temporary name next to the target and rename it into
+place on ``close()``, so an interrupted conversion never leaves a half-written database.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from caffe_compat.data.errors import DataError
+
+BACKENDS = ("lmdb", "leveldb")
+COMMIT_EVERY = 1000  # convert_imageset commits a transaction every 1000 records
+
+
+def detect_backend(path: str | os.PathLike) -> str:
+    """'lmdb' or 'leveldb' from the folder's files; DataError when it is neither."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{os.fspath(path)}: database does not exist")
+    if p.is_dir() and (p / "data.mdb").is_file():
+        return "lmdb"
+    if p.is_dir() and (p / "CURRENT").is_file():
+        return "leveldb"
+    raise DataError(f"{os.fspath(path)}: not an LMDB or LevelDB database "
+                    "(no data.mdb or CURRENT file)")
+
+
+def normalize_backend(backend) -> str:
+    """Accept 'lmdb'/'leveldb' in any case, or DataParameter's enum (LEVELDB=0, LMDB=1)."""
+    if isinstance(backend, int):
+        return "lmdb" if backend == 1 else "leveldb"
+    name = str(backend).lower()
+    if name not in BACKENDS:
+        raise DataError(f"unknown database backend '{backend}' (known: lmdb, leveldb)")
+    return name
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class _Handle:
+    """One open database shared by all readers of a path in this process."""
+
+    def __init__(self, path: str, backend: str):
+        self.path, self.backend, self.refs = path, backend, 0
+        self._keys: list[bytes] | None = None
+        self._lock = threading.Lock()
+        if backend == "lmdb":
+            import lmdb
+            try:
+                self.env = lmdb.open(path, readonly=True, lock=False, readahead=False,
+                                     max_readers=1024, subdir=True)
+            except lmdb.Error as exc:
+                raise DataError(f"{path}: cannot open LMDB ({exc})") from None
+        else:
+            import plyvel
+            try:
+                self.env = plyvel.DB(path, create_if_missing=False)
+            except plyvel.Error as exc:
+                raise DataError(f"{path}: cannot open LevelDB ({exc})") from None
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            if self._keys is None:
+                if self.backend == "lmdb":
+                    with self.env.begin() as txn:
+                        self._keys = list(txn.cursor().iternext(keys=True, values=False))
+                else:
+                    self._keys = list(self.env.iterator(include_value=False))
+            return self._keys
+
+    def close(self) -> None:
+        self.env.close()
+
+
+_HANDLES: dict[tuple[str, str], _Handle] = {}
+_HANDLES_LOCK = threading.Lock()
+
+
+class DBReader:
+    """Read-only access to a database: keys in order, values by key, or a streaming scan."""
+
+    def __init__(self, handle: _Handle):
+        self._handle = handle
+        self.path, self.backend = handle.path, handle.backend
+        self._closed = False
+
+    def keys(self) -> list[bytes]:
+        """Every key in the database's (lexicographic) order; cached, shared by readers."""
+        return self._handle.keys()
+
+    def __len__(self) -> int:
+        if self.backend == "lmdb" and self._handle._keys is None:
+            return self._handle.env.stat()["entries"]
+        return len(self.keys())
+
+    def get_many(self, keys) -> list[bytes]:
+        """The values of ``keys`` (one read transaction). A missing key is a DataError."""
+        if self.backend == "lmdb":
+            with self._handle.env.begin(buffers=False) as txn:
+                values = [txn.get(k) for k in keys]
+        else:
+            values = [self._handle.env.get(k) for k in keys]
+        for k, v in zip(keys, values):
+            if v is None:
+                raise DataError(f"{self.path}: key {k!r} disappeared from the database")
+        return values
+
+    def get(self, key: bytes) -> bytes:
+        return self.get_many([key])[0]
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Stream (key, value) pairs in key order without loading the key list."""
+        if self.backend == "lmdb":
+            with self._handle.env.begin(buffers=False) as txn:
+                yield from txn.cursor()
+        else:
+            yield from self._handle.env.iterator()
+
+    def first(self) -> tuple[bytes, bytes]:
+        """The first record; DataError when the database is empty."""
+        for item in self.items():
+            return item
+        raise DataError(f"{self.path}: database is empty")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with _HANDLES_LOCK:
+            self._handle.refs -= 1
+            if self._handle.refs == 0:
+                _HANDLES.pop((self._handle.path, self.backend), None)
+                self._handle.close()
+
+    def __enter__(self) -> "DBReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_db(path: str | os.PathLike, backend: str | int | None = None) -> DBReader:
+    """Open a database for reading (shared with other readers of the same folder).
+
+    ``backend`` None detects it; a given backend that does not match the folder is an error
+    (as in Caffe), with the fix in the message.
+    """
+    found = detect_backend(path)
+    if backend is not None:
+        wanted = normalize_backend(backend)
+        if wanted != found:
+            raise DataError(f"{os.fspath(path)}: is a {found} database but backend is "
+                            f"{wanted} (set backend: {found.upper()})")
+    key = (os.path.realpath(path), found)
+    with _HANDLES_LOCK:
+        handle = _HANDLES.get(key)
+        if handle is None:
+            handle = _Handle(key[0], found)
+            _HANDLES[key] = handle
+        handle.refs += 1
+    reader = DBReader(handle)
+    reader.path = os.fspath(path)
+    return reader
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class DBWriter:
+    """Write a new database atomically: records go to a temporary folder, renamed on close.
+
+    Puts are committed every ``COMMIT_EVERY`` records, like convert_imageset. Use as a context
+    manager: an exception inside the block removes the temporary folder.
+    """
+
+    def __init__(self, path: str | os.PathLike, backend: str = "lmdb", overwrite: bool = False):
+        self.path = Path(path)
+        self.backend = normalize_backend(backend)
+        if self.path.exists() and not overwrite:
+            raise DataError(f"{os.fspath(path)}: already exists (remove it or choose another "
+                            "name)")
+        if not self.path.parent.is_dir():
+            raise DataError(f"{self.path.parent}: folder for the database does not exist")
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{id(self):x}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.overwrite = overwrite
+        self._pending: list[tuple[bytes, bytes]] = []
+        self.count = 0
+        if self.backend == "lmdb":
+            import lmdb
+            self._map_size = 1 << 24
+            self._env = lmdb.open(os.fspath(self.tmp), map_size=self._map_size, subdir=True)
+        else:
+            import plyvel
+            self.tmp.mkdir()
+            self._env = plyvel.DB(os.fspath(self.tmp), create_if_missing=True,
+                                  error_if_exists=False, write_buffer_size=64 << 20)
+
+    def put(self, key: bytes | str, value: bytes) -> None:
+        if isinstance(key, str):
+            key = key.encode()
+        self._pending.append((key, value))
+        self.count += 1
+        if len(self._pending) >= COMMIT_EVERY:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the pending records in one transaction (LMDB grows its map as Caffe does)."""
+        if not self._pending:
+            return
+        if self.backend == "lmdb":
+            import lmdb
+            while True:
+                try:
+                    with self._env.begin(write=True) as txn:
+                        for k, v in self._pending:
+                            txn.put(k, v)
+                    break
+                except lmdb.MapFullError:
+                    self._map_size *= 2
+                    self._env.set_mapsize(self._map_size)
+        else:
+            with self._env.write_batch() as batch:
+                for k, v in self._pending:
+                    batch.put(k, v)
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Commit, close and move the finished database to its final name."""
+        self.commit()
+        self._env.close()
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Throw the partial database away."""
+        try:
+            self._env.close()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "DBWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

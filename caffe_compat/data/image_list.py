@@ -1,0 +1,61 @@
+"""Caffe image lists (``relative/path label`` per line) with errors that name file and line.
+
+Caffe splits each line at its *last* space, so paths may contain spaces; the label must be an
+integer (Caffe's atoi silently turns "cat" into 0, we refuse it).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from caffe_compat.data.errors import DataError
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """One list line: the path as written, its integer label, and where it came from."""
+    path: str
+    label: int
+    line: int          # 1-based line number in the list file
+
+
+def read_image_list(list_file: str | os.PathLike) -> list[ListEntry]:
+    """Parse a Caffe list file; blank lines are skipped (their numbers still count)."""
+    name = os.fspath(list_file)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{name}: list file does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"{name}: list file is a directory, not a text file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{name}: list file is not UTF-8 text") from None
+    entries = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.rstrip()
+        if not line.strip():
+            continue
+        path, sep, label = line.rpartition(" ")
+        if not sep or not path:
+            raise DataError(f"{name}:{number}: expected 'relative/path label', got {line!r}")
+        try:
+            value = int(label)
+        except ValueError:
+            raise DataError(f"{name}:{number}: label {label!r} is not an integer") from None
+        entries.append(ListEntry(path, value, number))
+    return entries
+
+
+def write_image_list(list_file: str | os.PathLike, items) -> None:
+    """Write ``(path, label)`` pairs in Caffe's list format, atomically."""
+    path = Path(list_file)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rel, label in items:
+                f.write(f"{rel} {int(label)}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

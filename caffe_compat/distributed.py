@@ -1,0 +1,95 @@
+"""Data-parallel training over torch.distributed, with Caffe's multi-GPU semantics.
+
+Each process (one per device) runs the full solver on its own ``batch_size`` batch; after
+the backward passes the gradients are averaged across processes (Caffe's NCCL callback
+sums and scales by 1/solver_count), and every process applies the same update, so the
+weights stay identical. Process 0 is the root: only it tests, logs and snapshots. TRAIN
+Data layers give rank r the records r, r+W, r+2W, ... (Caffe's DataLayer::Skip).
+
+The backend is NCCL on GPUs and gloo on the CPU; multi-machine runs go through
+``torchrun`` (see README), which sets the rendezvous environment this module reads.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_root() -> bool:
+    return rank() == 0
+
+
+def attach(solver) -> None:
+    """Make ``solver`` one member of a data-parallel group: same start weights, averaged diffs."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for p in solver._params:
+            dist.broadcast(p.data, src=0)
+
+    def average_gradients() -> None:
+        diffs = solver._diffs()                 # zero-filled where a param got no gradient
+        flat = torch.cat([d.reshape(-1) for d in diffs])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size())
+        offset = 0
+        for d in diffs:
+            n = d.numel()
+            d.copy_(flat[offset:offset + n].view_as(d))
+            offset += n
+
+    solver.add_callback(on_gradients_ready=average_gradients)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(local_rank: int, fn: Callable[[int], None], devices: Sequence[int | None],
+            backend: str, port: int) -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    device = devices[local_rank]
+    if device is not None:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=local_rank, world_size=len(devices))
+    try:
+        fn(local_rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[[int], None], devices: Sequence[int | None]) -> None:
+    """Run ``fn(rank)`` in one process per entry of ``devices`` (CUDA ids, or None for CPU).
+
+    ``fn`` must be picklable (a module-level function or functools.partial of one).
+    """
+    backend = "nccl" if all(d is not None for d in devices) else "gloo"
+    mp.spawn(_worker, args=(fn, list(devices), backend, _free_port()), nprocs=len(devices),
+             join=True)
+
+
+def init_from_env() -> bool:
+    """Join a group started by torchrun (RANK/WORLD_SIZE set); returns True when joined."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return True

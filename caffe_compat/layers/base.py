@@ -1,0 +1,109 @@
+"""The layer contract and the registry that maps Caffe type strings to layer classes.
+
+A layer is a ``torch.nn.Module`` built from one ``LayerParameter``. Its ``forward``
+takes the bottom tensors in prototxt order and returns the top tensors (a tuple, or
+one tensor when there is one top). Backward is autograd; a layer whose Caffe gradient
+differs from autograd's (ties, clipping) uses a ``torch.autograd.Function``.
+
+Learnable/stateful blobs live in ``self.blobs`` (an ``nn.ParameterList``) in Caffe's
+blob order, so ``net.params[name][i]`` and caffemodel blob ``i`` line up. The net
+builder may replace ``self.blobs[i]`` by a parameter shared with another layer
+(``param { name: ... }``), so ``forward`` must read ``self.blobs[i]`` every call and
+never keep its own reference.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+Shape = tuple[int, ...]
+
+TRAIN, TEST = 0, 1
+
+_REGISTRY: dict[str, type["Layer"]] = {}
+
+
+class LayerError(ValueError):
+    """A problem with one layer's definition; the message names the layer."""
+
+
+class Layer(nn.Module):
+    """Base class of every Caffe layer.
+
+    Class attributes a subclass sets:
+        type: the exact Caffe type string ("Convolution").
+        num_bottoms: (min, max) bottoms accepted; max None means unbounded.
+        num_tops: (min, max) tops produced; max None means unbounded.
+        is_loss: top 0 gets loss_weight 1 unless the prototxt says otherwise.
+        no_grad_bottoms: bottom indices that never receive a gradient (labels);
+            Caffe's AllowForceBackward returns false for them.
+    """
+
+    type: str = ""
+    num_bottoms: tuple[int, int | None] = (1, 1)
+    num_tops: tuple[int, int | None] = (1, 1)
+    is_loss: bool = False
+    no_grad_bottoms: tuple[int, ...] = ()
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        """Build from ``param`` (a caffe_pb2.LayerParameter) for bottoms of these shapes.
+
+        ``phase`` is TRAIN (0) or TEST (1), already resolved from the layer or net.
+        Subclasses validate their parameters here and create their blobs with
+        ``self.add_blob``; errors go through ``self.error`` so they name the layer.
+        """
+        super().__init__()
+        self.param = param
+        self.name = param.name
+        self.phase = phase
+        self.blobs = nn.ParameterList()
+
+    # -- helpers for subclasses -------------------------------------------------
+    def error(self, message: str) -> LayerError:
+        return LayerError(f"layer '{self.name}' ({self.type}): {message}")
+
+    def add_blob(self, data: torch.Tensor, learnable: bool = True) -> nn.Parameter:
+        """Append a parameter blob (float32). Non-learnable blobs (BatchNorm stats) get no grad."""
+        p = nn.Parameter(data.to(torch.float32), requires_grad=learnable)
+        self.blobs.append(p)
+        return p
+
+    # -- the contract -------------------------------------------------------------
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        """Shapes of the tops for bottoms of these shapes (Caffe's Reshape).
+
+        The default suits element-wise layers: one top shaped like bottom 0.
+        """
+        return [tuple(bottom_shapes[0])]
+
+    def forward(self, *bottoms: torch.Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+def register(cls: type[Layer]) -> type[Layer]:
+    """Class decorator: register ``cls`` under ``cls.type``. Duplicates are an error."""
+    if not cls.type:
+        raise TypeError(f"{cls.__name__} has no Caffe type string")
+    if cls.type in _REGISTRY:
+        raise TypeError(f"layer type '{cls.type}' registered twice "
+                        f"({_REGISTRY[cls.type].__name__} and {cls.__name__})")
+    _REGISTRY[cls.type] = cls
+    return cls
+
+
+def layer_types() -> list[str]:
+    """Every registered Caffe type string, sorted."""
+    return sorted(_REGISTRY)
+
+
+def layer_class(type_name: str) -> type[Layer]:
+    try:
+        return _REGISTRY[type_name]
+    except KeyError:
+        raise LayerError(f"Unknown layer type: {type_name} "
+                         f"(known types: {', '.join(layer_types())})") from None
