@@ -94,7 +94,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice; Caffe's figures used 2)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     param = read_text_proto(vgg16_prototxt(args.batch, args.size, args.classes), caffe_pb2.NetParameter)
     proto_net = build_net(param, phase=0, source="vgg16 (generated)")

@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from caffe_compat import weights as weights_io
 from caffe_compat.blob_io import read_text_proto
 from caffe_compat.layers.base import TEST
 from caffe_compat.net.module import NetModule, build_net
@@ -50,7 +51,7 @@ from caffe_compat.proto import caffe_pb2
 STAGE_PATTERN = re.compile(r"^conv(\d+)(?:_\d+)?$")
 DATA_LAYER_TYPES = ("Data", "ImageData")
 _SOURCE_TYPES = ("Input", "Data", "ImageData", "HDF5Data", "MemoryData", "DummyData")
-_IDENTITY_FREE = {"InnerProduct", "Flatten", "Reshape"}   # mix every spatial position
+_MIXING = {"InnerProduct", "Flatten", "Reshape"}   # each output sees every spatial position
 
 
 # ---------------------------------------------------------------------------- loading
@@ -97,7 +98,6 @@ def load_net(path: str, phase: int = TEST, weights: str | None = None, channels:
     param = data_as_input(read_text_proto(path, caffe_pb2.NetParameter), channels)
     net = build_net(param, phase, stages=stages, source=str(path))
     if weights:
-        from caffe_compat import weights as weights_io
         weights_io.copy_from(net, weights)
     return net
 
@@ -155,7 +155,7 @@ def _back(layer, axis: int, lo: np.ndarray, hi: np.ndarray, top_len: int, bottom
     if t == "LRN" and layer.region == 1:           # WITHIN_CHANNEL: an n×n spatial window
         r = layer.size // 2
         return lo - r, hi + r
-    if t in _IDENTITY_FREE or top_len != bottom_len:
+    if t in _MIXING or top_len != bottom_len:
         return np.zeros_like(lo), np.full_like(hi, bottom_len - 1)
     return lo, hi                                  # element-wise, channel-wise, Split, Eltwise
 
@@ -213,7 +213,7 @@ def jump(net: NetModule, blob: str, image: str | None = None) -> tuple[float, fl
             j = tuple(j[a] * layer.stride[a] for a in (0, 1))
         elif layer.type == "Deconvolution":
             j = tuple(j[a] / layer.stride[a] for a in (0, 1))
-        elif layer.type in _IDENTITY_FREE or (layer.type == "Pooling" and layer.global_pooling):
+        elif layer.type in _MIXING or (layer.type == "Pooling" and layer.global_pooling):
             continue
         for t in net.top_names[name]:
             if len(net.blob_shapes[t]) == 4:

@@ -91,7 +91,7 @@ def _gradient_extent(net, blob: str, positions, size: int) -> int:
         blobs = net.run({"data": x})
         blobs[blob][0, :, y, blobs[blob].shape[-1] // 2].sum().backward()
         rows = torch.nonzero(x.grad.abs().sum(dim=(0, 1, 3))).flatten()
-        assert 0 < rows[0] and rows[-1] < size - 1, "field clipped by the border; use a larger input"
+        assert 0 < rows[0] and rows[-1] < size - 1, "field clipped by the border: enlarge the input"
         best = max(best, int(rows[-1] - rows[0]) + 1)
     return best
 
@@ -113,25 +113,32 @@ def _all_ave(param: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
 
 SMALL = """
 name: "branches"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 96 dim: 96 } } }
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 1 dim: 3 dim: 96 dim: 96 } } }
 layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
         convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
-layer { name: "p1" type: "Pooling" bottom: "c1" top: "p1" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "p1" type: "Pooling" bottom: "c1" top: "p1"
+        pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
 layer { name: "c2" type: "Convolution" bottom: "p1" top: "c2"
         convolution_param { num_output: 4 kernel_size: 3 dilation: 2 pad: 2 } }
-layer { name: "p2" type: "Pooling" bottom: "c2" top: "p2" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "p2" type: "Pooling" bottom: "c2" top: "p2"
+        pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
 layer { name: "up" type: "Deconvolution" bottom: "p2" top: "up"
         convolution_param { num_output: 4 kernel_size: 4 stride: 2 pad: 1 group: 4 } }
 layer { name: "sum" type: "Eltwise" bottom: "c2" bottom: "up" top: "sum" }
 layer { name: "up4" type: "Deconvolution" bottom: "sum" top: "up4"
         convolution_param { num_output: 1 kernel_size: 4 stride: 4 } }
-layer { name: "att" type: "Pooling" bottom: "up4" top: "att" pooling_param { pool: AVE kernel_size: 8 stride: 8 } }
+layer { name: "att" type: "Pooling" bottom: "up4" top: "att"
+        pooling_param { pool: AVE kernel_size: 8 stride: 8 } }
 layer { name: "sig" type: "Sigmoid" bottom: "att" top: "sig" }
 layer { name: "tile" type: "Tile" bottom: "sig" top: "tile" tile_param { tiles: 2 } }
-layer { name: "c3" type: "Convolution" bottom: "p2" top: "c3" convolution_param { num_output: 2 kernel_size: 1 } }
-layer { name: "prod" type: "Eltwise" bottom: "c3" bottom: "tile" top: "prod" eltwise_param { operation: PROD } }
+layer { name: "c3" type: "Convolution" bottom: "p2" top: "c3"
+        convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "prod" type: "Eltwise" bottom: "c3" bottom: "tile" top: "prod"
+        eltwise_param { operation: PROD } }
 layer { name: "cat" type: "Concat" bottom: "prod" bottom: "p2" top: "cat" }
-layer { name: "c4" type: "Convolution" bottom: "cat" top: "c4" convolution_param { num_output: 2 kernel_size: 3 pad: 1 } }
+layer { name: "c4" type: "Convolution" bottom: "cat" top: "c4"
+        convolution_param { num_output: 2 kernel_size: 3 pad: 1 } }
 """
 
 
@@ -210,7 +217,8 @@ def test_net_analysis_tool(tmp_path, capsys):
     assert _tool("net_analysis", model("alexnet_64"), "--markdown", "--out", str(out)) == 0
     text = out.read_text()
     assert text == capsys.readouterr().out
-    assert text.startswith("# Per-stage analysis") and "Made by `python tools/net_analysis.py" in text
+    assert text.startswith("# Per-stage analysis")
+    assert "Made by `python tools/net_analysis.py" in text
     assert "| conv5 | conv5 | 83 | 8 |" in text and "710,698 parameters" in text
     with pytest.raises(SystemExit):
         _tool("net_analysis", "nope.prototxt")

@@ -14,7 +14,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from caffe_compat import analysis, fillers
 from caffe_compat.blob_io import read_text_proto, write_blobproto
@@ -96,7 +95,8 @@ def test_cpu_variant_trains_one_step(model):
     assert torch.isfinite(loss)
     assert 1.0 < float(outputs["loss"].detach()) < 4.0        # ~ln 10 at initialisation
     if "landmark_loss" in outputs:                   # weighted, comparable to the softmax loss
-        assert 0.05 < net.loss_weights["landmark_loss"] * float(outputs["landmark_loss"].detach()) < 3
+        weighted = net.loss_weights["landmark_loss"] * float(outputs["landmark_loss"].detach())
+        assert 0.05 < weighted < 3
     loss.backward()
     for p in net.learnable_params:
         if p.lr_mult:

@@ -181,7 +181,10 @@ def test_plan_errors_name_the_fix(tmp_path):
         protocol.plan_run(folder, 0, 1, tmp_path / "work")
 
 
-@pytest.mark.parametrize("model", sorted(p.parent.name for p in REPO.glob("models/*/solver.prototxt")))
+MODELS_WITH_SOLVER = sorted(p.parent.name for p in REPO.glob("models/*/solver.prototxt"))
+
+
+@pytest.mark.parametrize("model", MODELS_WITH_SOLVER)
 def test_every_model_folder_fits_the_protocol(model, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     plan = protocol.plan_run(REPO / "models" / model, 0, 1, work)

@@ -108,6 +108,7 @@ def layout(nodes, edges):
 
 
 def draw(net, out: str, title: str | None = None, dpi: int = 60) -> None:
+    """Write the PNG of a built NetModule's graph to ``out``."""
     nodes, edges = build_graph(net)
     pos, width, height = layout(nodes, edges)
     col_w, row_h = 2.6, 0.62

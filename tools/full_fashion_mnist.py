@@ -18,7 +18,8 @@ Published anchors (Fashion-MNIST README benchmark): VGG16 93.5%, ResNet-18 94.9%
 Examples:
   python tools/full_fashion_mnist.py --max-iter 600 --threads 1      # ~20 min on 2 CPU cores
   python tools/full_fashion_mnist.py                                  # the full 30 epochs
-  python tools/full_fashion_mnist.py --resume runs/fmnist_full/vgg16_landmark_64_iter_600.solverstate
+  python tools/full_fashion_mnist.py --resume \
+      runs/fmnist_full/vgg16_landmark_64_iter_1000.solverstate
 """
 from __future__ import annotations
 
@@ -175,13 +176,16 @@ def report(args, result: dict) -> str:
     lines = [
         "# Scale benchmark: vgg16_landmark_64 on the full Fashion-MNIST", "",
         "Command:", "", f"    {result['command']}", "",
-        f"- Machine: {result['machine']}.",
+        f"- Machine: {result['machine']}; 1-minute load average at the end "
+        f"{result['load']:.1f} (other work on the same cores slows the measured speed).",
         f"- Data: all 60,000 training / {t['images']:,} test images (IDX files of "
         f"`dataset-fashion-mnist`), stored {args.size}×{args.size} "
-        f"{'colour' if args.color else 'grey (1 channel; the net infers conv1/proj1 input channels)'}"
+        + ("colour" if args.color else
+           "grey (1 channel; the net infers conv1/proj1 input channels)") +
         f" with 8 silhouette landmarks per record; random 64×64 crops + mirror for training, "
         f"centre crop for testing; mean file of the training set. LMDB build: "
-        f"{result['build_seconds']:.0f} s ({'built now' if result['build_seconds'] else 'reused'}).",
+        f"{result['build_seconds']:.0f} s "
+        f"({'built now' if result['build_seconds'] else 'reused'}).",
         f"- Net and solver: `models/vgg16_landmark_64/train_val.prototxt` (sources rewritten in "
         f"memory), `{os.path.relpath(args.solver, REPO)}`: {result['solver']}; from scratch.",
         "",
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = (f"{cpu}, {os.cpu_count()} cores, CPU only; torch {torch.__version__}, "
                          f"float32, {torch.get_num_threads()} thread(s)")
     result["solver"] = solver_summary_line(sp)
+    result["load"] = os.getloadavg()[0]
     text = report(args, result)
     report_path = Path(args.report)
     atomic_write_text(report_path, text)

@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             check_input_size(d, args.input_size)
     except ProtocolError as exc:
         raise SystemExit(f"error: {exc}")
-    command = "python tools/reproduce_paper.py " + " ".join(shlex.quote(a) for a in
-                                                            (sys.argv[1:] if argv is None else argv))
+    given = sys.argv[1:] if argv is None else argv
+    command = "python tools/reproduce_paper.py " + " ".join(shlex.quote(a) for a in given)
     inv = {"command": command.strip(), "machine": machine(torch.get_num_threads()),
            "started": datetime.datetime.now().isoformat(timespec="seconds")}
     meta["invocations"].append(inv)
