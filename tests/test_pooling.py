@@ -234,3 +234,19 @@ def test_all_minus_inf_window_gives_minus_flt_max():
     y, mask = layer(x)
     assert y[0, 0, 0, 0].item() == -FLT_MAX and mask[0, 0, 0, 0].item() == -1
     assert y[0, 0, 1, 1].item() == 2.0 and mask[0, 0, 1, 1].item() == 15
+
+
+@pytest.mark.parametrize("k,s,p,ceil,hw", CONFIGS + [((3, 3), (2, 2), (0, 0), True, (24, 24))])
+def test_max_in_bfloat16_matches_float32(k, s, p, ceil, hw):
+    # Under --precision bf16 the pooled blob is bf16: -FLT_MAX does not exist there, and a
+    # bf16 mask could not hold indices past 256 (24 x 24 has 576 positions).
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-3, 4, (2, 2, *hw), generator=g).float()   # exact in bf16
+    layer = make_layer(pool_text("MAX", k, s, p, ceil, 2), [tuple(x.shape)])
+    y32, mask32 = layer(x)
+    y16, mask16 = layer(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and mask16.dtype == torch.float32
+    np.testing.assert_array_equal(mask16.numpy(), mask32.numpy())
+    empty = mask32 == -1
+    np.testing.assert_array_equal(y16.float()[~empty].numpy(), y32[~empty].numpy())
+    assert (y16.float()[empty] == float(torch.finfo(torch.bfloat16).min)).all()

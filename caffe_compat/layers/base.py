@@ -39,6 +39,9 @@ class Layer(nn.Module):
         is_loss: top 0 gets loss_weight 1 unless the prototxt says otherwise.
         no_grad_bottoms: bottom indices that never receive a gradient (labels);
             Caffe's AllowForceBackward returns false for them.
+        full_precision: under bf16/fp16 autocast the net runs this layer in float32 on
+            float32 copies of its bottoms (losses, accuracies, softmax and batch
+            statistics would lose digits or saturate in 8 mantissa bits).
     """
 
     type: str = ""
@@ -46,6 +49,7 @@ class Layer(nn.Module):
     num_tops: tuple[int, int | None] = (1, 1)
     is_loss: bool = False
     no_grad_bottoms: tuple[int, ...] = ()
+    full_precision: bool = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         """Build from ``param`` (a caffe_pb2.LayerParameter) for bottoms of these shapes.

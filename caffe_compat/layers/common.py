@@ -434,6 +434,7 @@ class Softmax(Layer):
     type = "Softmax"
     num_bottoms = (1, 1)
     num_tops = (1, 1)
+    full_precision = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

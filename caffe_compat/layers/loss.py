@@ -78,6 +78,7 @@ class _LossLayer(Layer):
     num_tops = (1, 1)
     is_loss = True
     no_grad_bottoms = (1,)
+    full_precision = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -348,6 +349,7 @@ class Accuracy(Layer):
     num_bottoms = (2, 2)
     num_tops = (1, 2)
     no_grad_bottoms = (0, 1)
+    full_precision = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

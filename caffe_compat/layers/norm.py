@@ -29,6 +29,7 @@ class BatchNorm(Layer):
     """
 
     type = "BatchNorm"
+    full_precision = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         # Caffe masks the statistics from the solver by appending a ParamSpec with lr_mult 0

@@ -173,10 +173,14 @@ class Pooling(Layer):
                        + idx % Wp - self.pad[1])
         # Caffe keeps -FLT_MAX (mask -1) where no element beats it: empty windows and
         # all -inf windows. Clamp's gradient is 0 there, like Caffe's missing argmax.
-        y = y.clamp(min=-FLT_MAX)
+        # Under bf16/fp16 autocast -FLT_MAX is not representable: the dtype's lowest stands in.
+        lowest = max(-FLT_MAX, float(torch.finfo(y.dtype).min))
+        y = y.clamp(min=lowest)
         if not want_mask:
             return y
-        return y, torch.where(y > -FLT_MAX, idx, torch.full_like(idx, -1)).to(x.dtype)
+        # The mask holds flat indices: at least fp32, since bf16 is exact only up to 256.
+        mask_dtype = torch.promote_types(x.dtype, torch.float32)
+        return y, torch.where(y > lowest, idx, torch.full_like(idx, -1)).to(mask_dtype)
 
     def _ave_divisor(self, H: int, W: int, k, out, like: torch.Tensor) -> torch.Tensor:
         """Caffe's per-window pool_size, shape (out_h, out_w); may be 0 or negative for a

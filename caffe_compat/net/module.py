@@ -238,7 +238,10 @@ class NetModule(nn.Module):
                     raise KeyError(f"{self.source}: blob '{name}' needed by layer "
                                    f"'{layer.name}' has not been computed") from None
                 args.append(t.detach() if cut else t)
-            out = layer(*args)
+            if layer.full_precision and any(t.dtype in _REDUCED for t in args):
+                out = _in_float32(layer, args)
+            else:
+                out = layer(*args)
             if not isinstance(out, (tuple, list)):
                 out = (out,)
             for t, value in zip(step.tops, out):
@@ -324,3 +327,14 @@ def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,
                            base=param.state if param.HasField("state") else None)
     filtered = insert_splits(filter_net(param, state, source), source)
     return NetModule(filtered, state.phase, source)
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _in_float32(layer, args: list[torch.Tensor]):
+    """Run a ``full_precision`` layer outside autocast on float32 copies of reduced bottoms
+    (autocast would otherwise keep a loss or an accuracy in bf16: 3 significant digits)."""
+    args = [t.float() if t.dtype in _REDUCED else t for t in args]
+    with torch.autocast(args[0].device.type, enabled=False):
+        return layer(*args)
