@@ -66,6 +66,29 @@ def test_fresh_trajectory(case, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_param_diff_after_step_is_the_update(case, tmp_path, monkeypatch):
+    """Caffe leaves ComputeUpdateValue's result in each param's diff (SGD: the velocity), so
+    after step k pycaffe's .diff is Caffe's param(k-1) - param(k)."""
+    d = _case(tmp_path, case)
+    monkeypatch.chdir(d)
+    solver = caffe.get_solver("solver.prototxt")
+    solver.net.copy_from("init.caffemodel")
+    feed, traj = _load(d)
+    before = {layer: [b.data.copy() for b in blobs] for layer, blobs in solver.net.params.items()}
+    for k in range(1, 6):
+        _feed(solver, feed, k - 1)
+        solver.step(1)
+        for layer, blobs in solver.net.params.items():
+            for i, blob in enumerate(blobs):
+                prev = before[layer][i] if k == 1 else traj[f"param/{k - 1}/{layer}/{i}"]
+                step = prev - traj[f"param/{k}/{layer}/{i}"]
+                ulp = 4 * np.spacing(np.abs(prev).max())       # w - (w - u) loses ulps of w
+                np.testing.assert_allclose(blob.diff, step, rtol=RTOL, atol=max(ATOL, ulp),
+                                           err_msg=f"{layer}[{i}] diff after step {k}")
+                assert np.abs(blob.diff).max() > 0 or np.abs(step).max() == 0
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_resume_from_caffe_snapshot(case, tmp_path, monkeypatch):
     d = _case(tmp_path, case)
     monkeypatch.chdir(d)

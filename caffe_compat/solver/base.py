@@ -328,9 +328,9 @@ class Solver:
             for g in self._groups:
                 gd = [diffs[i] for i in g.index]
                 self._regularize(gd, g)
-                update = self.rule.compute(gd, g.history, _f32(rate * g.lr_mult), self.iter)
+                self.rule.compute(gd, g.history, _f32(rate * g.lr_mult), self.iter)
                 if g.lr_mult != 0:      # lr 0 makes every rule's update exactly 0
-                    torch._foreach_sub_(g.weights, update)
+                    torch._foreach_sub_(g.weights, gd)
 
     def _diffs(self) -> list[torch.Tensor]:
         """Each learnable param's diff; params without a gradient (lr_mult 0) get zeros."""

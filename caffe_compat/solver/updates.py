@@ -2,9 +2,11 @@
 
 Each rule turns the diffs of one group of parameters (same lr_mult/decay_mult) into the
 values that ``Net::Update`` subtracts (``w ← w − update``). Diffs arrive clipped, normalised
-by iter_size and regularised; the rule may overwrite them. Histories start at 0 and are
-updated in place; ``history_names`` gives their order in a solverstate (Caffe keeps
-``history_[0..N)`` then, for AdaDelta and Adam, ``history_[N..2N)``).
+by iter_size and regularised, and the rule leaves the update in them, as Caffe's
+ComputeUpdateValue does: after ``solver.step`` a param's pycaffe ``.diff`` (and a
+``snapshot_diff`` caffemodel) holds the step just taken, e.g. SGD's velocity. Histories
+start at 0 and are updated in place; ``history_names`` gives their order in a solverstate
+(Caffe keeps ``history_[0..N)`` then, for AdaDelta and Adam, ``history_[N..2N)``).
 
 Formulas (g = diff, lr = local rate = rate · lr_mult, μ = momentum, δ = delta):
 
@@ -76,11 +78,11 @@ class UpdateRule:
     def check(cls, param: caffe_pb2.SolverParameter) -> None:
         """Raise ``SolverTypeError`` for settings the type does not accept (Caffe's CHECKs)."""
 
-    def compute(self, diffs: Tensors, hist: Sequence[Tensors], lr: float, t: int) -> Tensors:
-        """The update values for one parameter group.
+    def compute(self, diffs: Tensors, hist: Sequence[Tensors], lr: float, t: int) -> None:
+        """Overwrite one parameter group's ``diffs`` with their update values.
 
-        ``diffs``: the group's diffs (may be overwritten); ``hist[k]``: the group's k-th
-        history tensors; ``lr``: the group's local rate; ``t``: updates done so far (iter).
+        ``hist[k]``: the group's k-th history tensors; ``lr``: the group's local rate;
+        ``t``: updates done so far (iter).
         """
         raise NotImplementedError
 
@@ -103,7 +105,7 @@ class SGD(UpdateRule):
         (v,) = hist
         torch._foreach_mul_(v, self.momentum)
         torch._foreach_add_(v, diffs, alpha=lr)
-        return v
+        torch._foreach_copy_(diffs, v)
 
 
 @register_rule
@@ -116,7 +118,6 @@ class Nesterov(UpdateRule):
         torch._foreach_mul_(v, self.momentum)
         torch._foreach_add_(v, diffs)                        # V = μ·V_old + lr·g
         torch._foreach_add_(diffs, v, alpha=self.momentum)   # μ·V + lr·g
-        return diffs
 
 
 @register_rule
@@ -134,7 +135,6 @@ class AdaGrad(UpdateRule):
         torch._foreach_addcmul_(h, diffs, diffs)
         torch._foreach_div_(diffs, _rms_denominator(h, self.delta))
         torch._foreach_mul_(diffs, lr)
-        return diffs
 
 
 @register_rule
@@ -156,7 +156,6 @@ class RMSProp(UpdateRule):
         torch._foreach_addcmul_(h, diffs, diffs, value=_f32(1 - rho))
         torch._foreach_div_(diffs, _rms_denominator(h, self.delta))
         torch._foreach_mul_(diffs, lr)
-        return diffs
 
 
 @register_rule
@@ -176,7 +175,6 @@ class AdaDelta(UpdateRule):
         torch._foreach_mul_(h2, rho)
         torch._foreach_addcmul_(h2, diffs, diffs, value=_f32(1 - rho))
         torch._foreach_mul_(diffs, lr)
-        return diffs
 
 
 @register_rule
@@ -193,6 +191,6 @@ class Adam(UpdateRule):
         torch._foreach_add_(m, diffs, alpha=_f32(1 - beta1))
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, diffs, diffs, value=_f32(1 - beta2))
-        update = torch._foreach_div(m, _rms_denominator(v, self.delta))
-        torch._foreach_mul_(update, _f32(lr * correction))
-        return update
+        torch._foreach_copy_(diffs, m)
+        torch._foreach_div_(diffs, _rms_denominator(v, self.delta))
+        torch._foreach_mul_(diffs, _f32(lr * correction))
