@@ -2,7 +2,6 @@
 kernel capacity, and the two tools built on it."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -15,6 +14,7 @@ from caffe_compat.layers import conv, inner_product
 from caffe_compat.layers.base import TEST
 from caffe_compat.net.module import build_net
 from caffe_compat.proto import caffe_pb2
+from tool_utils import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,10 +206,7 @@ def test_data_layers_become_inputs():
 
 def _tool(name: str, *args: str) -> int:
     """Run tools/<name>.py's main() in this process (no second torch import)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(args))
+    return load_tool(name).main(list(args))
 
 
 def test_net_analysis_tool(tmp_path, capsys):

@@ -5,7 +5,6 @@ test's folder, so a run is deterministic and resumable bit for bit.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from caffe_compat.cli.logparse import parse_log
 from caffe_compat.data.db import DBWriter
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.weights import read_net_weights
+from tool_utils import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DATA = ROOT / "tests" / "goldens" / "data"
@@ -87,14 +87,6 @@ SOLVER = {"net": '"net.prototxt"', "test_iter": 2, "test_interval": 10, "base_lr
           "momentum": 0.9, "weight_decay": 0.0005, "lr_policy": '"step"', "gamma": 0.5,
           "stepsize": 10, "display": 5, "max_iter": 20, "snapshot": 10,
           "snapshot_prefix": '"snap/run"', "random_seed": 3}
-
-
-def load_tool(name: str):
-    """Import tools/<name>.py as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_solver(folder: Path, net_text: str = DUMMY_NET, name: str = "solver.prototxt",

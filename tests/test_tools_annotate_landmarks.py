@@ -1,22 +1,15 @@
 """tools/annotate_landmarks.py: DeepFashion-format output, overlays, the committed file."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from caffe_compat.data.landmarks import read_landmarks
+from tool_utils import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_synthetic_rectangles(tmp_path):

@@ -1,7 +1,6 @@
 """tools/convert_imageset.py and the three-command default pipeline on a fresh checkout."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -13,16 +12,10 @@ from caffe_compat.data import open_db
 from caffe_compat.data.datum import decode_datum
 from caffe_compat.layers import TRAIN, layer_class
 from caffe_compat.proto import caffe_pb2
+from tool_utils import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "goldens" / "data"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fresh_checkout(tmp_path: Path, monkeypatch, *tools) -> list:

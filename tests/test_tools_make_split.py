@@ -1,7 +1,6 @@
 """tools/make_split.py: the paper's 40/10 per-class split lists."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -9,16 +8,10 @@ import pytest
 
 from caffe_compat.data import DataError, read_image_list
 from caffe_compat.data.split import make_split
+from tool_utils import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT / "data" / "fashion50"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """tools/prepare_fashion_mnist.py (IDX → PNG/LMDB) and tools/prepare_default_data.py."""
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -11,22 +9,10 @@ import pytest
 
 from caffe_compat.data import open_db, read_image_list
 from caffe_compat.data.datum import decode_datum
+from tool_utils import load_tool, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 IDX = Path("/usr/share/datasets/fashion-mnist")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
