@@ -7,19 +7,23 @@
 2. Trains with --solver (default models/vgg16_landmark_64/solver_full.prototxt), the
    train_val's Data layers pointed at those LMDBs in memory, train batch --batch-size.
    --max-iter shortens the run (the solver's poly schedule then decays over the shorter run);
-   --minutes stops training at a wall-clock budget whatever the schedule says.
+   --minutes stops training at a wall-clock budget whatever the schedule says. Every
+   --test-every epochs it tests on the --test-images first test images; snapshots follow
+   the solver file's `snapshot`, and `--resume` continues from one (the curves so far are
+   kept in --work/curve.json).
 3. Tests on the --test-images first test images (default all 10,000) and writes a report
-   (--report, default results/fmnist_full.md, and the same numbers as JSON beside it):
-   test accuracy, wall times, measured training images/s and what the full schedule would
-   cost at that speed. The final snapshot goes to --work (default runs/fmnist_full).
+   (--report, default results/fmnist_full.md, the same numbers as JSON and the curves as a
+   PNG beside it): test accuracy, wall times, measured training images/s and what longer
+   schedules would cost at that speed. The final snapshot goes to --work (default
+   runs/fmnist_full).
 
 Published anchors (Fashion-MNIST README benchmark): VGG16 93.5%, ResNet-18 94.9%.
 
 Examples:
   python tools/full_fashion_mnist.py --max-iter 600 --threads 1      # ~20 min on 2 CPU cores
-  python tools/full_fashion_mnist.py                                  # the full 30 epochs
+  python tools/full_fashion_mnist.py --precision bf16                 # the full 30 epochs
   python tools/full_fashion_mnist.py --resume \
-      runs/fmnist_full/vgg16_landmark_64_iter_1000.solverstate
+      runs/fmnist_full/vgg16_landmark_64_iter_1874.solverstate
 """
 from __future__ import annotations
 
@@ -62,7 +66,13 @@ def parse_args(argv):
     ap.add_argument("--max-iter", type=int, default=None, help="override the solver's max_iter")
     ap.add_argument("--minutes", type=float, default=None,
                     help="stop training after this many minutes of training")
+    ap.add_argument("--test-every", type=float, default=1.0,
+                    help="test during training every this many epochs (default 1; 0: only "
+                    "at the end)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="fp32 (default, what Caffe computes) or bf16 autocast of the forward "
+                    "passes (weights, gradients and the solver stay fp32)")
     ap.add_argument("--resume", default=None, help="solverstate to continue from")
     ap.add_argument("--work", default=str(REPO / "runs" / "fmnist_full"),
                     help="snapshots and train.log (default runs/fmnist_full)")
@@ -114,7 +124,13 @@ def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool) -> float:
 # ----------------------------------------------------------------------------- solver
 
 
-def solver_param(args, db: Path):
+def record_count(db: Path) -> int:
+    from caffe_compat.data.db import open_db
+    with open_db(db) as reader:
+        return len(reader)
+
+
+def solver_param(args, db: Path, n_train: int, n_test: int):
     from caffe_compat.blob_io import read_text_proto
     from caffe_compat.proto import caffe_pb2
     from caffe_compat.reproduce.protocol import NEVER, TRAIN, SplitData, rewrite_sources
@@ -125,9 +141,12 @@ def solver_param(args, db: Path):
                      if p.is_file()), None)
     if net_path is None:
         raise SystemExit(f"error: {args.solver}: net file '{sp.net}' not found")
+    if args.test_images > n_test:
+        raise SystemExit(f"error: --test-images {args.test_images}: {db / 'test'} holds only "
+                         f"{n_test} records")
     net = read_text_proto(net_path, caffe_pb2.NetParameter)
     rewrite_sources(net, SplitData(db / "train", db / "test", db / "mean.binaryproto",
-                                   60000, 10000), net_path)
+                                   n_train, n_test), net_path)
     for lp in net.layer:
         if lp.type == "Data":
             train = any(r.phase == TRAIN for r in lp.include)
@@ -138,91 +157,76 @@ def solver_param(args, db: Path):
         sp.max_iter = args.max_iter
     del sp.test_iter[:]
     sp.test_iter.append(math.ceil(args.test_images / args.test_batch))
-    sp.test_interval, sp.snapshot = NEVER, 0
+    sp.test_interval = NEVER          # this script tests on its own --test-every schedule
     Path(args.work).mkdir(parents=True, exist_ok=True)
     sp.snapshot_prefix = os.fspath(Path(args.work) / "vgg16_landmark_64")
     return sp, net_path
 
 
-def train(solver, args, loss_top: str) -> dict:
-    """Step to max_iter (or the --minutes budget); per-iteration classification losses."""
+# ----------------------------------------------------------------------------- curves
+
+
+class Curve:
+    """Per-iteration train losses and the tests so far, kept in --work/curve.json so that a
+    resumed run reports the whole schedule. Saved at every snapshot and every test."""
+
+    def __init__(self, path: Path, start_iter: int):
+        self.path = path
+        self.train_loss: list[float] = []
+        self.tests: list[dict] = []
+        if start_iter and path.is_file():     # resuming: keep what led to that snapshot
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            self.train_loss = saved["train_loss"][:start_iter]
+            self.tests = [t for t in saved["tests"] if t["iter"] <= start_iter]
+
+    def save(self) -> None:
+        from caffe_compat.reproduce.protocol import write_json
+        write_json(self.path, {"train_loss": self.train_loss, "tests": self.tests})
+
+
+def test_once(solver, loss_top: str, acc_top: str) -> dict:
+    start = time.perf_counter()
+    means = dict(zip(solver.test_modules[0].output_names, solver.test(0)))
+    return {"iter": solver.iter, "accuracy": means[acc_top], "loss": means[loss_top],
+            "seconds": time.perf_counter() - start}
+
+
+def train(solver, args, tops: tuple[str, str], curve: Curve, epoch_iters: float) -> dict:
+    """Step to max_iter (or the --minutes budget), testing every --test-every epochs."""
     from tqdm import tqdm
-    budget = args.minutes * 60 if args.minutes else math.inf
-    start_iter, losses = solver.iter, []
+    loss_top, acc_top = tops
+    budget = args.minutes * 60 if args.minutes is not None else math.inf
+    test_every = max(1, round(args.test_every * epoch_iters)) if args.test_every > 0 else 0
+    snapshot_every = solver.param.snapshot
+    start_iter, losses, test_seconds = solver.iter, [], 0.0
     bar = tqdm(total=solver.param.max_iter, initial=solver.iter, unit="iter",
                dynamic_ncols=True, disable=not sys.stderr.isatty())
     start = time.perf_counter()
-    while solver.iter < solver.param.max_iter and time.perf_counter() - start < budget:
-        solver.step(1)
+    while solver.iter < solver.param.max_iter and \
+            time.perf_counter() - start - test_seconds < budget:
+        solver.step(1)        # snapshots on the solver file's schedule
         losses.append(float(solver.net.blobs[loss_top].data.reshape(-1)[0]))
+        curve.train_loss.append(losses[-1])
         bar.update(1)
         if len(losses) % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", lr=f"{solver.learning_rate:.2g}")
+        if test_every and solver.iter % test_every == 0 and solver.iter < solver.param.max_iter:
+            point = test_once(solver, loss_top, acc_top)
+            test_seconds += point["seconds"]
+            curve.tests.append(point)
+            curve.save()
+            bar.write(f"iteration {solver.iter} (epoch {solver.iter / epoch_iters:.1f}): "
+                      f"test accuracy {point['accuracy'] * 100:.2f}%, loss {point['loss']:.3f}")
+        elif snapshot_every and solver.iter % snapshot_every == 0:
+            curve.save()
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - test_seconds
     iters = solver.iter - start_iter
+    images = iters * args.batch_size * solver.param.iter_size
     return {"iterations": iters, "start_iter": start_iter, "seconds": seconds,
-            "images": iters * args.batch_size * solver.param.iter_size,
-            "images_per_second": iters * args.batch_size * solver.param.iter_size / seconds
-            if seconds else None,
+            "test_seconds": test_seconds, "images": images,
+            "images_per_second": images / seconds if seconds else None,
             "stopped_by_budget": solver.iter < solver.param.max_iter, "losses": losses}
-
-
-def report(args, result: dict) -> str:
-    r, t = result["train"], result["test"]
-    ips = r["images_per_second"]
-    epochs = r["images"] / 60000
-    full = result["schedule_iterations"] * args.batch_size / 60000   # the file's max_iter
-    lines = [
-        "# Scale benchmark: vgg16_landmark_64 on the full Fashion-MNIST", "",
-        "Command:", "", f"    {result['command']}", "",
-        f"- Machine: {result['machine']}; 1-minute load average at the end "
-        f"{result['load']:.1f} (other work on the same cores slows the measured speed).",
-        f"- Data: all 60,000 training / {t['images']:,} test images (IDX files of "
-        f"`dataset-fashion-mnist`), stored {args.size}×{args.size} "
-        + ("colour" if args.color else
-           "grey (1 channel; the net infers conv1/proj1 input channels)") +
-        f" with 8 silhouette landmarks per record; random 64×64 crops + mirror for training, "
-        f"centre crop for testing; mean file of the training set. LMDB build: "
-        f"{result['build_seconds']:.0f} s "
-        f"({'built now' if result['build_seconds'] else 'reused'}).",
-        f"- Net and solver: `models/vgg16_landmark_64/train_val.prototxt` (sources rewritten in "
-        f"memory), `{os.path.relpath(args.solver, REPO)}`: {result['solver']}; from scratch.",
-        "",
-        "## Measured", "",
-        "| | |", "|---|---|",
-        f"| training | {r['iterations']} iterations × batch {args.batch_size} = "
-        f"{r['images']:,} images = {epochs:.2f} epochs"
-        f"{' (stopped by the --minutes budget)' if r['stopped_by_budget'] else ''} |",
-        f"| training wall time | {r['seconds'] / 60:.1f} min |",
-        f"| training speed | {ips:.1f} images/s |",
-        f"| train loss (SoftmaxWithLoss, mean of the last 50 iterations) | "
-        f"{np.mean(r['losses'][-50:]):.3f} |",
-        f"| **test accuracy** ({t['images']:,} test images) | **{t['accuracy'] * 100:.2f}%** |",
-        f"| test loss | {t['loss']:.3f} |",
-        f"| test wall time | {t['seconds']:.0f} s ({t['images'] / t['seconds']:.0f} images/s) |",
-        "",
-        "Train loss along the run (mean over each tenth of the iterations): "
-        + ", ".join(f"{x:.3f}" for x in result["loss_curve"]) + ".",
-        "",
-        "## The 94.5% target: not reached here",
-        "",
-        f"{t['accuracy'] * 100:.2f}% after {epochs:.2f} epochs is what this machine's budget "
-        f"allowed (published anchors: VGG16 93.5%, ResNet-18 94.9%). At the measured "
-        f"{ips:.1f} images/s (training only, this CPU, {result['threads']} thread(s)), longer "
-        "schedules cost:",
-        "",
-        "| schedule | images | CPU time at the measured speed |", "|---|---|---|",
-    ]
-    for n in (10, 30, 60):
-        mark = " (solver_full.prototxt)" if abs(n - full) < 0.5 else ""
-        lines.append(f"| {n} epochs{mark} | {n * 60000:,} | {n * 60000 / ips / 3600:.1f} h |")
-    lines += [
-        "",
-        f"Whether the {full:g}-epoch schedule of the solver file reaches 94.5% is not measured "
-        "here: it is the run to make where the compute exists (a GPU, or the hours above).",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import caffe_compat
-    from caffe_compat.reproduce.protocol import output_of, atomic_write_text, solver_summary_line
+    from caffe_compat.cli import device as devices
+    from caffe_compat.reproduce import scale_report
+    from caffe_compat.reproduce.protocol import atomic_write_text, output_of, solver_summary_line
     from caffe_compat.solver import glog
+    from caffe_compat.solver.params import read_solver_param
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python tools/full_fashion_mnist.py " + " ".join(
@@ -241,44 +248,55 @@ def main(argv: list[str] | None = None) -> int:
     db = Path(args.db) if args.db else REPO / "data" / (
         f"fmnist_full_lmdb_{args.size}" + ("_color" if args.color else ""))
     build_seconds = build_lmdbs(Path(args.idx_dir), db, args.size, args.color)
-    from caffe_compat.solver.params import read_solver_param
+    n_train, n_test = record_count(db / "train"), record_count(db / "test")
     file_max_iter = read_solver_param(args.solver).max_iter
-    sp, net_path = solver_param(args, db)
+    sp, net_path = solver_param(args, db, n_train, n_test)
     glog.set_stderr(False)
     log = glog.add_log_file(os.fspath(Path(args.work) / "train.log"))
     solver = caffe_compat.get_solver(sp)
     if args.resume:
         solver.restore(args.resume)
-    loss_top = output_of(sp.net_param, "SoftmaxWithLoss", net_path)
-    acc_top = output_of(sp.net_param, "Accuracy", net_path)
+    tops = (output_of(sp.net_param, "SoftmaxWithLoss", net_path),
+            output_of(sp.net_param, "Accuracy", net_path))
+    curve = Curve(Path(args.work) / "curve.json", solver.iter)
+    epoch_iters = n_train / (args.batch_size * sp.iter_size)
     result = {"command": command.strip(), "threads": torch.get_num_threads(),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "build_seconds": build_seconds, "schedule_iterations": file_max_iter}
-    result["train"] = train(solver, args, loss_top)
-    model, state = solver.snapshot()
-    start = time.perf_counter()
-    means = dict(zip(solver.test_modules[0].output_names, solver.test(0)))
-    seconds = time.perf_counter() - start
+              "build_seconds": build_seconds, "schedule_iterations": file_max_iter,
+              "n_train": n_train, "n_test": n_test, "precision": args.precision}
+    with devices.autocast(devices.DeviceChoice("cpu", [], args.precision)):
+        result["train"] = train(solver, args, tops, curve, epoch_iters)
+        model, _ = solver.snapshot()
+        final = test_once(solver, *tops)
     glog.remove_log_file(log)
-    n_test = sp.test_iter[0] * args.test_batch
-    result["test"] = {"accuracy": means[acc_top], "loss": means[loss_top], "images": n_test,
-                      "seconds": seconds}
-    losses = result["train"]["losses"]
+    curve.tests = [t for t in curve.tests if t["iter"] != final["iter"]] + [final]
+    curve.save()
+    result["test"] = final | {"images": sp.test_iter[0] * args.test_batch}
+    result["tests"] = curve.tests
+    result["total_iterations"] = solver.iter
+    losses = curve.train_loss
+    result["train_loss_last50"] = float(np.mean(losses[-50:])) if losses else math.nan
     result["loss_curve"] = [float(np.mean(c)) for c in np.array_split(losses, 10) if len(c)]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.machine())
     result["machine"] = (f"{cpu}, {os.cpu_count()} cores, CPU only; torch {torch.__version__}, "
-                         f"float32, {torch.get_num_threads()} thread(s)")
+                         f"{'float32' if args.precision == 'fp32' else 'bf16 autocast'}, "
+                         f"{torch.get_num_threads()} thread(s)")
     result["solver"] = solver_summary_line(sp)
     result["load"] = os.getloadavg()[0]
-    text = report(args, result)
     report_path = Path(args.report)
+    text = scale_report.markdown(result, args.batch_size, os.path.relpath(args.solver, REPO),
+                                 size=args.size, color=args.color, target=TARGET,
+                                 plot_name=report_path.with_suffix(".png").name)
+    scale_report.plot(curve.train_loss, curve.tests, epoch_iters, TARGET,
+                      report_path.with_suffix(".png"))
     atomic_write_text(report_path, text)
     atomic_write_text(report_path.with_suffix(".json"), json.dumps(
         {k: v for k, v in result.items() if k != "train"} | {"train": {
             k: v for k, v in result["train"].items() if k != "losses"}}, indent=1) + "\n")
     print(text)
-    print(f"snapshot: {model}\nwrote {report_path} and {report_path.with_suffix('.json')}")
+    print(f"snapshot: {model}\nwrote {report_path}, {report_path.with_suffix('.json')} and "
+          f"{report_path.with_suffix('.png')}")
     return 0
 
 

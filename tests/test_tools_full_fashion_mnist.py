@@ -1,0 +1,93 @@
+"""tools/full_fashion_mnist.py on fake IDX files: LMDBs, training, tests, report, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffe_compat.data import open_db
+from caffe_compat.data.datum import decode_datum
+from tool_utils import load_tool, write_idx
+
+N_TRAIN, N_TEST = 48, 20
+
+
+@pytest.fixture(scope="module")
+def fake_idx(tmp_path_factory) -> Path:
+    """48 train / 20 test 28×28 images: a bright square whose place depends on the class."""
+    rng = np.random.default_rng(0)
+    d = tmp_path_factory.mktemp("idx")
+    for split, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, (n, 28, 28))
+        for img, label in zip(images, labels):
+            r, c = divmod(int(label), 4)
+            img[4 + 6 * r: 10 + 6 * r, 3 + 6 * c: 9 + 6 * c] = 220
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+def run_tool(fake_idx: Path, tmp: Path, *extra: str) -> int:
+    return load_tool("full_fashion_mnist").main([
+        "--idx-dir", str(fake_idx), "--db", str(tmp / "db"), "--work", str(tmp / "work"),
+        "--report", str(tmp / "report.md"), "--batch-size", "8", "--test-batch", "10",
+        "--test-images", str(N_TEST), "--threads", "1", *extra])
+
+
+def test_builds_trains_tests_and_reports(fake_idx, tmp_path, capsys):
+    assert run_tool(fake_idx, tmp_path, "--max-iter", "12", "--test-every", "1",
+                    "--precision", "bf16") == 0
+    with open_db(tmp_path / "db" / "train") as db:
+        assert len(db) == N_TRAIN
+        key, value = db.first()
+    image, label, landmarks = decode_datum(value)
+    assert image.shape == (1, 72, 72) and label == 0
+    assert landmarks.shape == (8, 3)                 # 8 silhouette landmarks (x, y, visible)
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert result["n_train"] == N_TRAIN and result["total_iterations"] == 12
+    assert result["train"]["iterations"] == 12 and result["precision"] == "bf16"
+    # one epoch = 48 / 8 = 6 iterations: a test at 6, and the final one at 12
+    assert [t["iter"] for t in result["tests"]] == [6, 12]
+    acc = result["test"]["accuracy"]
+    assert 0 <= acc <= 1 and round(acc * N_TEST) == pytest.approx(acc * N_TEST, abs=1e-4)
+    text = (tmp_path / "report.md").read_text()
+    assert f"all {N_TRAIN} training / {N_TEST} test images" in text
+    assert "bf16 autocast" in text and "94.5% target: not reached" in text
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert (tmp_path / "work" / "vgg16_landmark_64_iter_12.caffemodel").is_file()
+    assert "snapshot:" in capsys.readouterr().out
+
+
+def test_resume_keeps_the_curve_and_counts_all_iterations(fake_idx, tmp_path):
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(Path(load_tool("full_fashion_mnist").REPO /
+                           "models/vgg16_landmark_64/solver_full.prototxt").read_text()
+                      .replace("snapshot: 937", "snapshot: 4"))
+    assert run_tool(fake_idx, tmp_path, "--solver", str(solver), "--max-iter", "8",
+                    "--minutes", "0") == 0            # a zero budget: no training at all
+    first = json.loads((tmp_path / "report.json").read_text())
+    assert first["total_iterations"] == 0 and first["train"]["stopped_by_budget"]
+    assert run_tool(fake_idx, tmp_path, "--solver", str(solver), "--max-iter", "5",
+                    "--test-every", "0") == 0
+    curve = json.loads((tmp_path / "work" / "curve.json").read_text())
+    assert len(curve["train_loss"]) == 5
+    assert run_tool(fake_idx, tmp_path, "--solver", str(solver), "--max-iter", "8",
+                    "--resume", str(tmp_path / "work" / "vgg16_landmark_64_iter_4.solverstate"),
+                    "--test-every", "0") == 0
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert result["train"]["start_iter"] == 4 and result["train"]["iterations"] == 4
+    assert result["total_iterations"] == 8
+    curve = json.loads((tmp_path / "work" / "curve.json").read_text())
+    assert len(curve["train_loss"]) == 8            # 4 kept from before the snapshot + 4 new
+    assert "resumed at iteration 4" in (tmp_path / "report.md").read_text()
+
+
+def test_more_test_images_than_the_database_holds(fake_idx, tmp_path):
+    with pytest.raises(SystemExit, match="holds only 20 records"):
+        load_tool("full_fashion_mnist").main([
+            "--idx-dir", str(fake_idx), "--db", str(tmp_path / "db"),
+            "--work", str(tmp_path / "work"), "--report", str(tmp_path / "r.md"),
+            "--test-images", "100"])
