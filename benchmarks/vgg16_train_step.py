@@ -1,11 +1,13 @@
 """Training-step time of a prototxt-built VGG16 vs the same net written by hand in PyTorch.
 
-Both run in this process, fp32, same threads, same batch; the printed ratio is
-prototxt / hand-written (the issue's target is <= 1.05). Caffe 1.0 reference figures for
-`caffe time` (OpenBLAS, 2 threads, this kind of machine): batch 8 at 224x224 5490 ms,
-batch 32 at 32x32 766 ms (forward+backward).
+Both run in this process, same precision (fp32 by default; --precision bf16 or both for
+autocast), same threads, same batch; the printed ratio is prototxt / hand-written (the
+issue's target is <= 1.05). Caffe 1.0 reference figures for `caffe time` (OpenBLAS,
+2 threads, this kind of machine): batch 8 at 224x224 5490 ms, batch 32 at 32x32 766 ms
+(forward+backward).
 
     python benchmarks/vgg16_train_step.py --batch 8 --size 224 --iters 3
+    python benchmarks/vgg16_train_step.py --batch 8 --size 224 --precision both
 """
 from __future__ import annotations
 
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice; Caffe's figures used 2)")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="fp32",
+                    help="fp32 (default), bf16 autocast, or both (prints the bf16 speed-up)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,20 +120,30 @@ def main() -> None:
         hand.zero_grad(set_to_none=False)
         loss.backward()
 
-    # Interleave the two so drift in machine load affects both alike.
-    proto_ms, hand_ms = [], []
-    for _ in range(2):
-        proto_ms.append(time_steps(proto_step, args.iters))
-        hand_ms.append(time_steps(hand_step, args.iters))
-    p, h = min(proto_ms), min(hand_ms)
-    print(f"VGG16 batch {args.batch} at {args.size}x{args.size}, fp32, {torch.get_num_threads()} threads")
-    print(f"  prototxt-built : {p:8.1f} ms / forward+backward")
-    print(f"  hand-written   : {h:8.1f} ms / forward+backward")
-    print(f"  ratio prototxt/hand = {p / h:.3f}")
-    ref = CAFFE_MS.get((args.batch, args.size))
-    if ref:
-        print(f"  Caffe 1.0 reference ({ref:.0f} ms) / prototxt-built = {ref / p:.2f}x")
-
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    results = {}
+    for precision in precisions:
+        cast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+        # Interleave the two so drift in machine load affects both alike.
+        proto_ms, hand_ms = [], []
+        for _ in range(2):
+            with cast:
+                proto_ms.append(time_steps(proto_step, args.iters))
+                hand_ms.append(time_steps(hand_step, args.iters))
+        p, h = results[precision] = min(proto_ms), min(hand_ms)
+        label = "fp32" if precision == "fp32" else "bf16 autocast"
+        print(f"VGG16 batch {args.batch} at {args.size}x{args.size}, {label}, "
+              f"{torch.get_num_threads()} threads")
+        print(f"  prototxt-built : {p:8.1f} ms / forward+backward")
+        print(f"  hand-written   : {h:8.1f} ms / forward+backward")
+        print(f"  ratio prototxt/hand = {p / h:.3f}")
+        ref = CAFFE_MS.get((args.batch, args.size))
+        if ref:
+            print(f"  Caffe 1.0 reference ({ref:.0f} ms) / prototxt-built = {ref / p:.2f}x")
+    if len(results) == 2:
+        (p32, h32), (p16, h16) = results["fp32"], results["bf16"]
+        print(f"bf16 speed-up (fp32 ms / bf16 ms): prototxt-built {p32 / p16:.2f}x, "
+              f"hand-written {h32 / h16:.2f}x")
 
 if __name__ == "__main__":
     main()
