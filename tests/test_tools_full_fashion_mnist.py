@@ -91,3 +91,16 @@ def test_more_test_images_than_the_database_holds(fake_idx, tmp_path):
             "--idx-dir", str(fake_idx), "--db", str(tmp_path / "db"),
             "--work", str(tmp_path / "work"), "--report", str(tmp_path / "r.md"),
             "--test-images", "100"])
+
+
+def test_curve_of_a_run_killed_before_its_curve_was_saved(tmp_path):
+    tool = load_tool("full_fashion_mnist")
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps({"train_loss": [2.0, 1.0], "tests": [
+        {"iter": 2, "accuracy": 0.5, "loss": 1.0}, {"iter": 9, "accuracy": 0.6, "loss": 0.9}]}))
+    curve = tool.Curve(path, start_iter=5)       # the snapshot at 5 outlived the curve at 2
+    assert curve.train_loss[:2] == [2.0, 1.0] and np.isnan(curve.train_loss[2:]).all()
+    assert len(curve.train_loss) == 5 and [t["iter"] for t in curve.tests] == [2]
+    from caffe_compat.reproduce.scale_report import _smooth
+    smooth = _smooth(curve.train_loss + [0.5], window=3)
+    np.testing.assert_allclose(smooth[[0, 1, 5]], [2.0, 1.5, 0.5])   # NaNs skipped, not spread

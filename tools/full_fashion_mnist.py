@@ -178,6 +178,8 @@ class Curve:
             saved = json.loads(path.read_text(encoding="utf-8"))
             self.train_loss = saved["train_loss"][:start_iter]
             self.tests = [t for t in saved["tests"] if t["iter"] <= start_iter]
+        # killed between a snapshot and the curve's save: those iterations' losses are lost
+        self.train_loss += [math.nan] * (start_iter - len(self.train_loss))
 
     def save(self) -> None:
         from caffe_compat.reproduce.protocol import write_json
@@ -275,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     result["tests"] = curve.tests
     result["total_iterations"] = solver.iter
     losses = curve.train_loss
-    result["train_loss_last50"] = float(np.mean(losses[-50:])) if losses else math.nan
-    result["loss_curve"] = [float(np.mean(c)) for c in np.array_split(losses, 10) if len(c)]
+    result["train_loss_last50"] = float(np.nanmean(losses[-50:])) if losses else math.nan
+    result["loss_curve"] = [float(np.nanmean(c)) for c in np.array_split(losses, 10) if len(c)]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.machine())
     result["machine"] = (f"{cpu}, {os.cpu_count()} cores, CPU only; torch {torch.__version__}, "

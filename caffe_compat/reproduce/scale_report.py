@@ -81,12 +81,16 @@ def markdown(result: dict, batch: int, solver_file: str, *, size: int, color: bo
 
 
 def _smooth(values: list[float], window: int) -> np.ndarray:
-    """Trailing moving average (the first points average what exists so far)."""
+    """Trailing moving average over the finite values (NaN marks a lost iteration; the first
+    points average what exists so far)."""
     v = np.asarray(values, dtype=np.float64)
-    csum = np.concatenate([[0.0], np.cumsum(v)])
+    known = np.isfinite(v)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(known, v, 0.0))])
+    count = np.concatenate([[0], np.cumsum(known)])
     idx = np.arange(1, len(v) + 1)
     lo = np.maximum(0, idx - window)
-    return (csum[idx] - csum[lo]) / (idx - lo)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (csum[idx] - csum[lo]) / (count[idx] - count[lo])
 
 
 def plot(train_loss: list[float], tests: list[dict], epoch_iters: float, target: float,
