@@ -104,3 +104,15 @@ def test_curve_of_a_run_killed_before_its_curve_was_saved(tmp_path):
     from caffe_compat.reproduce.scale_report import _smooth
     smooth = _smooth(curve.train_loss + [0.5], window=3)
     np.testing.assert_allclose(smooth[[0, 1, 5]], [2.0, 1.5, 0.5])   # NaNs skipped, not spread
+
+
+def test_every_test_reads_the_same_first_images(fake_idx, tmp_path):
+    tool = load_tool("full_fashion_mnist")
+    assert run_tool(fake_idx, tmp_path, "--max-iter", "1", "--test-every", "0") == 0
+    args = tool.parse_args(["--db", str(tmp_path / "db"), "--work", str(tmp_path / "w2"),
+                            "--test-images", "10", "--test-batch", "10", "--batch-size", "8"])
+    sp, net_path = tool.solver_param(args, tmp_path / "db", N_TRAIN, N_TEST)
+    import caffe_compat
+    solver = caffe_compat.get_solver(sp)
+    first, second = (tool.test_once(solver, "loss", "accuracy") for _ in range(2))
+    assert first["loss"] == second["loss"]        # images 0-9 both times, not 0-9 then 10-19
