@@ -189,8 +189,7 @@ class Curve:
 def test_once(solver, loss_top: str, acc_top: str) -> dict:
     """One test over the first --test-images images (Caffe's test net would go on reading
     where the last test stopped: with fewer than all, each test would see other images)."""
-    from caffe_compat.reproduce.protocol import _seek_data
-    _seek_data(solver.test_modules[0], 0)
+    solver.test_modules[0].seek_data(0)
     start = time.perf_counter()
     means = dict(zip(solver.test_modules[0].output_names, solver.test(0)))
     return {"iter": solver.iter, "accuracy": means[acc_top], "loss": means[loss_top],

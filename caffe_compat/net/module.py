@@ -253,6 +253,14 @@ class NetModule(nn.Module):
                     blobs.pop(b, None)
         return blobs
 
+    def seek_data(self, batch: int) -> None:
+        """Point every data layer at batch ``batch`` (absolute, so calling twice is harmless):
+        a resumed run reads what an uninterrupted one would have."""
+        for layer in self.layers:
+            seek = getattr(layer, "seek", None)
+            if seek is not None:
+                seek(batch)
+
     def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feed the Input blobs by name; return the output blobs (those no layer consumes)."""
         blobs = self.run(inputs, keep_all=False)

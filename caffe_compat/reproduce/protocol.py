@@ -270,14 +270,6 @@ def solver_summary(plan: RunPlan) -> str:
 # ---------------------------------------------------------------------------- training
 
 
-def _seek_data(module, batch: int) -> None:
-    """Point each data layer of ``module`` at batch ``batch`` (absolute, so idempotent)."""
-    for layer in module.layers:
-        seek = getattr(layer, "seek", None)
-        if seek is not None:
-            seek(batch)
-
-
 def _test(solver) -> dict[str, float]:
     """Test net #0's outputs (each averaged over test_iter batches), by name."""
     means, module, out, k = solver.test(0), solver.test_modules[0], {}, 0
@@ -353,8 +345,8 @@ def train_run(plan: RunPlan, run_dir: Path,
             solver.restore(os.fspath(run_dir / state["solverstate"]))
             torch.set_rng_state(torch.load(run_dir / state["rng"]))
             # where an uninterrupted run's readers are; batch k's crops/mirrors depend on k only
-            _seek_data(solver.train_module, resumed_at * plan.iters_per_epoch * sp.iter_size)
-            _seek_data(solver.test_modules[0], resumed_at * plan.test_iter)
+            solver.train_module.seek_data(resumed_at * plan.iters_per_epoch * sp.iter_size)
+            solver.test_modules[0].seek_data(resumed_at * plan.test_iter)
             glog.info(f"resumed at epoch {resumed_at} (iteration {solver.iter})", "reproduce")
         for epoch in range(resumed_at + 1, plan.epochs + 1):
             start = time.perf_counter()

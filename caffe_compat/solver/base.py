@@ -486,13 +486,13 @@ class Solver:
         restarts its readers at the first record instead.)
         """
         p = self.param
-        _seek(self.train_module, self.iter * p.iter_size)
+        self.train_module.seek_data(self.iter * p.iter_size)
         if p.test_interval > 0:
             rounds = (self.iter + p.test_interval - 1) // p.test_interval
             if not p.test_initialization and self.iter > 0:
                 rounds -= 1
             for module, n in zip(self.test_modules, p.test_iter):
-                _seek(module, rounds * n)
+                module.seek_data(rounds * n)
 
     # -- non-finite loss ---------------------------------------------------------------
     def _fail_non_finite(self, loss: float, feed: Mapping[str, torch.Tensor]) -> None:
@@ -525,10 +525,3 @@ class Solver:
                                 f"({m.layers[i].type})")
         return ("a diagnostic forward pass found every layer output finite (the value "
                 "depends on the batch, or arose in the backward pass)")
-
-
-def _seek(module: NetModule, batch: int) -> None:
-    for layer in module.layers:
-        seek = getattr(layer, "seek", None)
-        if seek is not None:
-            seek(batch)
