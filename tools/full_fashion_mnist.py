@@ -203,18 +203,18 @@ def train(solver, args, tops: tuple[str, str], curve: Curve, epoch_iters: float)
     budget = args.minutes * 60 if args.minutes is not None else math.inf
     test_every = max(1, round(args.test_every * epoch_iters)) if args.test_every > 0 else 0
     snapshot_every = solver.param.snapshot
-    start_iter, losses, test_seconds = solver.iter, [], 0.0
+    start_iter, test_seconds = solver.iter, 0.0
     bar = tqdm(total=solver.param.max_iter, initial=solver.iter, unit="iter",
                dynamic_ncols=True, disable=not sys.stderr.isatty())
     start = time.perf_counter()
     while solver.iter < solver.param.max_iter and \
             time.perf_counter() - start - test_seconds < budget:
         solver.step(1)        # snapshots on the solver file's schedule
-        losses.append(float(solver.net.blobs[loss_top].data.reshape(-1)[0]))
-        curve.train_loss.append(losses[-1])
+        curve.train_loss.append(float(solver.net.blobs[loss_top].data.reshape(-1)[0]))
         bar.update(1)
-        if len(losses) % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", lr=f"{solver.learning_rate:.2g}")
+        if solver.iter % 10 == 0:
+            bar.set_postfix(loss=f"{np.nanmean(curve.train_loss[-50:]):.3f}",
+                            lr=f"{solver.learning_rate:.2g}")
         if test_every and solver.iter % test_every == 0 and solver.iter < solver.param.max_iter:
             point = test_once(solver, loss_top, acc_top)
             test_seconds += point["seconds"]
@@ -231,7 +231,7 @@ def train(solver, args, tops: tuple[str, str], curve: Curve, epoch_iters: float)
     return {"iterations": iters, "start_iter": start_iter, "seconds": seconds,
             "test_seconds": test_seconds, "images": images,
             "images_per_second": images / seconds if seconds else None,
-            "stopped_by_budget": solver.iter < solver.param.max_iter, "losses": losses}
+            "stopped_by_budget": solver.iter < solver.param.max_iter}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     scale_report.plot(curve.train_loss, curve.tests, epoch_iters, TARGET,
                       report_path.with_suffix(".png"))
     atomic_write_text(report_path, text)
-    atomic_write_text(report_path.with_suffix(".json"), json.dumps(
-        {k: v for k, v in result.items() if k != "train"} | {"train": {
-            k: v for k, v in result["train"].items() if k != "losses"}}, indent=1) + "\n")
+    atomic_write_text(report_path.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
     print(text)
     print(f"snapshot: {model}\nwrote {report_path}, {report_path.with_suffix('.json')} and "
           f"{report_path.with_suffix('.png')}")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from caffe_compat.reproduce.plots import _pyplot, _save
+
 ANCHORS = "VGG16 93.5%, ResNet-18 94.9%, DenseNet-BC 95.4%, WRN-40-4 96.7%"
 VGG16_PUBLISHED = 0.935
 
@@ -96,9 +98,7 @@ def _smooth(values: list[float], window: int) -> np.ndarray:
 def plot(train_loss: list[float], tests: list[dict], epoch_iters: float, target: float,
          path: str | Path) -> Path:
     """Two panels against epochs: smoothed train loss; test accuracy with the target."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     if train_loss:
         window = max(1, round(epoch_iters / 10))
@@ -125,10 +125,4 @@ def plot(train_loss: list[float], tests: list[dict], epoch_iters: float, target:
     right.legend(fontsize=7, loc="lower right")
     fig.suptitle("Full Fashion-MNIST, from scratch", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path, plt)
