@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from google.protobuf import text_format  # noqa: E402
 
-from caffe_compat.blob_io import write_blobproto  # noqa: E402
+from caffe_compat.formats.blob_io import write_blobproto  # noqa: E402
 from caffe_compat.data.convert import compute_mean, convert_imageset  # noqa: E402
-from caffe_compat.layers import TRAIN, layer_class  # noqa: E402
+from caffe_compat.engine.layers import TRAIN, layer_class  # noqa: E402
 from caffe_compat.proto import caffe_pb2  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +92,8 @@ def vgg16_images_per_second(size: int, batch: int = 8) -> float:
     import torch
     sys.path.insert(0, str(Path(__file__).parent))
     from vgg16_train_step import time_steps, vgg16_prototxt
-    from caffe_compat.blob_io import read_text_proto
-    from caffe_compat.net.module import build_net
+    from caffe_compat.formats.blob_io import read_text_proto
+    from caffe_compat.engine.net.module import build_net
     net = build_net(read_text_proto(vgg16_prototxt(batch, size, 10), caffe_pb2.NetParameter),
                     phase=TRAIN)
     x = torch.randn(batch, 3, size, size)

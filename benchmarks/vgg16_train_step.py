@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from caffe_compat.blob_io import read_text_proto
-from caffe_compat.net.module import build_net
+from caffe_compat.formats.blob_io import read_text_proto
+from caffe_compat.engine.net.module import build_net
 from caffe_compat.proto import caffe_pb2
 
 CAFFE_MS = {(8, 224): 5490.0, (32, 32): 766.0}

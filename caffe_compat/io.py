@@ -4,7 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from caffe_compat.blob_io import (array_to_blobproto, array_to_datum, blobproto_to_array,
+from caffe_compat.formats.blob_io import (array_to_blobproto, array_to_datum, blobproto_to_array,
                                   datum_to_array)
 
 __all__ = ["blobproto_to_array", "array_to_blobproto", "datum_to_array", "array_to_datum",

@@ -14,10 +14,10 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from caffe_compat import mode, weights
-from caffe_compat.blob_io import read_text_proto
-from caffe_compat.layers.base import TEST, TRAIN
-from caffe_compat.net.module import NetModule, build_net
+from caffe_compat.engine import mode, weights
+from caffe_compat.formats.blob_io import read_text_proto
+from caffe_compat.engine.layers.base import TEST, TRAIN
+from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from caffe_compat.layers import TEST, TRAIN, layer_class
+from caffe_compat.engine.layers import TEST, TRAIN, layer_class
 from caffe_compat.proto import caffe_pb2
 
 GOLDENS = Path(__file__).parent / "goldens" / "layers"

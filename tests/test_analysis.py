@@ -1,4 +1,4 @@
-"""caffe_compat.analysis: receptive fields against closed forms and against autograd, counts,
+"""caffe_compat.engine.analysis: receptive fields against closed forms and against autograd, counts,
 kernel capacity, and the two tools built on it."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from caffe_compat import analysis, fillers
-from caffe_compat.layers import conv, inner_product
-from caffe_compat.layers.base import TEST
-from caffe_compat.net.module import build_net
+from caffe_compat.engine import analysis, fillers
+from caffe_compat.engine.layers import conv, inner_product
+from caffe_compat.engine.layers.base import TEST
+from caffe_compat.engine.net.module import build_net
 from caffe_compat.proto import caffe_pb2
 from tool_utils import load_tool
 

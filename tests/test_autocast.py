@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caffe_compat.blob_io import read_text_proto
-from caffe_compat.net.module import build_net
+from caffe_compat.formats.blob_io import read_text_proto
+from caffe_compat.engine.net.module import build_net
 from caffe_compat.proto import caffe_pb2
 
 NET = """

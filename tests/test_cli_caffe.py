@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import caffe_compat as caffe
-from caffe_compat.cli import device as devices
-from caffe_compat.cli.progress import TrainProgress, images_per_iteration
-from caffe_compat.cli.signals import SignalHandler
-from caffe_compat.cli.time_cmd import benchmark
-from caffe_compat.mode import DeviceError
-from caffe_compat.net.module import build_net
+from caffe_compat.commands import device as devices
+from caffe_compat.commands.progress import TrainProgress, images_per_iteration
+from caffe_compat.commands.signals import SignalHandler
+from caffe_compat.commands.time_cmd import benchmark
+from caffe_compat.engine.mode import DeviceError
+from caffe_compat.engine.net.module import build_net
 from caffe_compat.pycaffe import read_net_prototxt
-from caffe_compat.solver import glog
+from caffe_compat.formats import glog
 from test_cli_train import DUMMY_NET, ROOT, load_tool, write_solver
 
 GLOG_LINE = re.compile(r"^[IWEF]\d{4} \d{2}:\d{2}:\d{2}\.\d{6} +\d+ \S+:\d+\] (.*)$")
@@ -113,7 +113,7 @@ def test_layerwise_backward_matches_autograd(dummy_model):
 
 
 def read_net_prototxt_text(text: str):
-    from caffe_compat.blob_io import read_text_proto
+    from caffe_compat.formats.blob_io import read_text_proto
     from caffe_compat.proto import caffe_pb2
     return read_text_proto(text, caffe_pb2.NetParameter)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from caffe_compat.cli.logparse import parse_lines, parse_log, save_csv_files
+from caffe_compat.commands.logparse import parse_lines, parse_log, save_csv_files
 from test_cli_train import GOLDEN_DATA, load_tool, run_train
 
 GOLDEN_LOG = GOLDEN_DATA / "caffe_train.log"

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe_compat.blob_io import array_to_datum
-from caffe_compat.cli import train as train_cli
-from caffe_compat.cli.logparse import parse_log
+from caffe_compat.formats.blob_io import array_to_datum
+from caffe_compat.commands import train as train_cli
+from caffe_compat.commands.logparse import parse_log
 from caffe_compat.data.db import DBWriter
 from caffe_compat.proto import caffe_pb2
-from caffe_compat.weights import read_net_weights
+from caffe_compat.engine.weights import read_net_weights
 from tool_utils import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

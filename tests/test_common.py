@@ -9,10 +9,10 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-import caffe_compat.layers.common  # noqa: F401  (registers the layers)
-import caffe_compat.layers.input  # noqa: F401
-import caffe_compat.layers.neuron  # noqa: F401  (ReLU, TanH in concat_slice_split)
-from caffe_compat.layers import TEST, TRAIN, LayerError, layer_class
+import caffe_compat.engine.layers.common  # noqa: F401  (registers the layers)
+import caffe_compat.engine.layers.input  # noqa: F401
+import caffe_compat.engine.layers.neuron  # noqa: F401  (ReLU, TanH in concat_slice_split)
+from caffe_compat.engine.layers import TEST, TRAIN, LayerError, layer_class
 from caffe_compat.proto import caffe_pb2
 from layer_utils import as_tuple, gradcheck_layer, make_layer
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from google.protobuf import text_format
 
-import caffe_compat.layers.conv  # noqa: F401  (registers the layers)
-import caffe_compat.layers.pooling  # noqa: F401
-from caffe_compat.layers import TEST, LayerError, layer_class
+import caffe_compat.engine.layers.conv  # noqa: F401  (registers the layers)
+import caffe_compat.engine.layers.pooling  # noqa: F401
+from caffe_compat.engine.layers import TEST, LayerError, layer_class
 from caffe_compat.proto import caffe_pb2
 from layer_utils import gradcheck_layer, make_layer
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe_compat.blob_io import read_blobproto, write_blobproto
+from caffe_compat.formats.blob_io import read_blobproto, write_blobproto
 from caffe_compat.data import DataError, DBWriter, detect_backend, open_db
 from caffe_compat.data.convert import compute_mean, convert_imageset
-from caffe_compat.data.datum import decode_datum
+from caffe_compat.formats.datum import decode_datum
 
 GOLDEN = Path(__file__).parent / "goldens" / "data"
 

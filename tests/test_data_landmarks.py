@@ -9,7 +9,7 @@ import torch
 from caffe_compat.data import DataError
 from caffe_compat.data.landmarks import (mirror_landmarks, read_landmarks, resize_landmarks,
                                          silhouette_landmarks, write_landmarks)
-from caffe_compat.layers import LayerError
+from caffe_compat.engine.layers import LayerError
 from layer_utils import make_layer
 
 DEEPFASHION = """3

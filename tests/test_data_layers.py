@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat import rng
-from caffe_compat.blob_io import read_text_proto, write_blobproto
+from caffe_compat.engine import rng
+from caffe_compat.formats.blob_io import read_text_proto, write_blobproto
 from caffe_compat.data.convert import compute_mean, convert_imageset
-from caffe_compat.layers import TEST, TRAIN, LayerError, layer_class, layer_types
+from caffe_compat.engine.layers import TEST, TRAIN, LayerError, layer_class, layer_types
 from caffe_compat.proto import caffe_pb2
 from layer_utils import make_layer
 
@@ -255,7 +255,7 @@ def test_bad_image_during_training_names_the_line(in_golden, tmp_path):
 
 def test_float_datum_and_mean_file_from_our_tools(in_golden, tmp_path):
     """A database of float_data records and a mean written by compute_mean, end to end."""
-    from caffe_compat.blob_io import array_to_datum
+    from caffe_compat.formats.blob_io import array_to_datum
     from caffe_compat.data import DBWriter
     arrays = np.random.default_rng(0).normal(size=(6, 2, 5, 5)).astype(np.float32)
     with DBWriter(tmp_path / "f", "leveldb") as w:

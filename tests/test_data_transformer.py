@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffe_compat.blob_io import write_blobproto
+from caffe_compat.formats.blob_io import write_blobproto
 from caffe_compat.data import DataError, DataTransformer
 from caffe_compat.data.transformer import TEST, TRAIN, Draw
 from caffe_compat.proto import caffe_pb2

@@ -52,7 +52,7 @@ def lmdb_path(tmp_path_factory):
 
 
 def test_two_gloo_processes_equal_one_with_double_batch(tmp_path, lmdb_path):
-    from caffe_compat import distributed
+    from caffe_compat.engine import distributed
     single = _write_case(tmp_path / "single", lmdb_path, 8)
     _train(0, single, str(tmp_path / "single.npz"))
     double = _write_case(tmp_path / "dp", lmdb_path, 4)
@@ -67,7 +67,7 @@ def test_two_gloo_processes_equal_one_with_double_batch(tmp_path, lmdb_path):
 
 def test_train_cli_runs_data_parallel_cpu_processes(tmp_path, lmdb_path, capsys):
     """`tools/train.py --cpu-procs 2` (the --gpu 0,1 code path): one log and snapshot, by rank 0."""
-    from caffe_compat.cli.train import add_arguments, main
+    from caffe_compat.commands.train import add_arguments, main
     import argparse
     solver = _write_case(tmp_path / "cli", lmdb_path, 4)
     text = Path(solver).read_text().replace("snapshot: 0 snapshot_after_train: false",

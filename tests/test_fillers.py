@@ -10,7 +10,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from caffe_compat.fillers import FillerError, fill, filler_types
+from caffe_compat.engine.fillers import FillerError, fill, filler_types
 from caffe_compat.proto import caffe_pb2
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-import caffe_compat.layers.inner_product  # noqa: F401  (registers the layer)
-from caffe_compat.layers import TEST, LayerError, layer_class
+import caffe_compat.engine.layers.inner_product  # noqa: F401  (registers the layer)
+from caffe_compat.engine.layers import TEST, LayerError, layer_class
 from caffe_compat.proto import caffe_pb2
 from layer_utils import gradcheck_layer, make_layer
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 
 import caffe_compat as caffe
-from caffe_compat.blob_io import read_text_proto
-from caffe_compat.net.upgrade import upgrade_net
+from caffe_compat.formats.blob_io import read_text_proto
+from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
 
 CASE = Path(__file__).parent / "goldens" / "legacy" / "v1_deploy"

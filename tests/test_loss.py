@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import caffe_compat.layers.loss  # noqa: F401  (registers the layers)
-from caffe_compat.blob_io import write_blobproto
-from caffe_compat.layers import LayerError
+import caffe_compat.engine.layers.loss  # noqa: F401  (registers the layers)
+from caffe_compat.formats.blob_io import write_blobproto
+from caffe_compat.engine.layers import LayerError
 from layer_utils import gradcheck_layer, make_layer
 from test_common import run_golden
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from caffe_compat.proto import caffe_pb2
-from caffe_compat.solver.lr_policy import LR_POLICIES, LRPolicyError, learning_rate
+from caffe_compat.engine.solver.lr_policy import LR_POLICIES, LRPolicyError, learning_rate
 
 
 def _param(**fields) -> caffe_pb2.SolverParameter:

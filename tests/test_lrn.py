@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from google.protobuf import text_format
 
-import caffe_compat.layers.lrn  # noqa: F401  (registers the layer)
-from caffe_compat.layers import TEST, LayerError, layer_class
+import caffe_compat.engine.layers.lrn  # noqa: F401  (registers the layer)
+from caffe_compat.engine.layers import TEST, LayerError, layer_class
 from caffe_compat.proto import caffe_pb2
 from layer_utils import gradcheck_layer, make_layer
 

@@ -1,7 +1,7 @@
 """Every models/*/*.prototxt: builds, trains one step, and its solver and readme agree with it.
 
 Parametrised over the files, so a new model folder is checked without touching this file.
-Data layers are replaced by Input layers of the same shapes (caffe_compat.analysis), so the
+Data layers are replaced by Input layers of the same shapes (caffe_compat.engine.analysis), so the
 nets run without the databases; one test also reads a tiny LMDB through the real Data layer.
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat import analysis, fillers
-from caffe_compat.blob_io import read_text_proto, write_blobproto
-from caffe_compat.layers import conv, inner_product
-from caffe_compat.layers.base import TEST, TRAIN, layer_types
-from caffe_compat.net.module import build_net
+from caffe_compat.engine import analysis, fillers
+from caffe_compat.formats.blob_io import read_text_proto, write_blobproto
+from caffe_compat.engine.layers import conv, inner_product
+from caffe_compat.engine.layers.base import TEST, TRAIN, layer_types
+from caffe_compat.engine.net.module import build_net
 from caffe_compat.proto import caffe_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import caffe_compat as caffe
-from caffe_compat.blob_io import ProtoTextError
-from caffe_compat.layers.base import LayerError
-from caffe_compat.net.assemble import NetDefinitionError
+from caffe_compat.formats.blob_io import ProtoTextError
+from caffe_compat.engine.layers.base import LayerError
+from caffe_compat.engine.net.assemble import NetDefinitionError
 
 INPUT = 'layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }\n'
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import caffe_compat.layers.neuron  # noqa: F401  (registers the layers)
-from caffe_compat.layers import TEST, TRAIN, LayerError
+import caffe_compat.engine.layers.neuron  # noqa: F401  (registers the layers)
+from caffe_compat.engine.layers import TEST, TRAIN, LayerError
 from layer_utils import BWD, FWD, Golden, gradcheck_layer, make_layer
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-import caffe_compat.layers.norm  # noqa: F401  (registers the layers)
-from caffe_compat.layers import TEST, TRAIN, LayerError, layer_class
+import caffe_compat.engine.layers.norm  # noqa: F401  (registers the layers)
+from caffe_compat.engine.layers import TEST, TRAIN, LayerError, layer_class
 from caffe_compat.proto import caffe_pb2
 from layer_utils import BWD, FWD, Golden, gradcheck_layer, make_layer
 

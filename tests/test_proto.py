@@ -1,4 +1,4 @@
-"""The protobuf schema (proto/caffe.proto), its generated module, and caffe_compat.blob_io."""
+"""The protobuf schema (proto/caffe.proto), its generated module, and caffe_compat.formats.blob_io."""
 import importlib.util
 import subprocess
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe_compat import blob_io
-from caffe_compat.blob_io import ProtoError, ProtoTextError
+from caffe_compat.formats import blob_io
+from caffe_compat.formats.blob_io import ProtoError, ProtoTextError
 from caffe_compat.proto import caffe_pb2
 
 ROOT = Path(__file__).resolve().parent.parent

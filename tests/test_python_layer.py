@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import caffe_compat.layers.python_layer  # noqa: F401  (registers the layer)
-from caffe_compat.layers import TEST, TRAIN, LayerError
-from caffe_compat.layers.python_layer import _PyBlob
+import caffe_compat.engine.layers.python_layer  # noqa: F401  (registers the layer)
+from caffe_compat.engine.layers import TEST, TRAIN, LayerError
+from caffe_compat.engine.layers.python_layer import _PyBlob
 from layer_utils import gradcheck_layer, make_layer
 
 

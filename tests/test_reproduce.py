@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from caffe_compat.reproduce import plots, protocol, tables
+from experiments.reproduce import plots, protocol, tables
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 import caffe_compat as caffe
-from caffe_compat.blob_io import ProtoTextError
-from caffe_compat.solver import SolverParamError, SnapshotError, read_solver_param, solver_types
-from caffe_compat.solver.lr_policy import LR_POLICIES
+from caffe_compat.formats.blob_io import ProtoTextError
+from caffe_compat.engine.solver import SolverParamError, SnapshotError, read_solver_param, solver_types
+from caffe_compat.engine.solver.lr_policy import LR_POLICIES
 
 NET = """
 name: "tiny"

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import caffe_compat as caffe
-from caffe_compat.layers import base as layer_base
-from caffe_compat.layers.base import Layer
+from caffe_compat.engine.layers import base as layer_base
+from caffe_compat.engine.layers.base import Layer
 from caffe_compat.proto import caffe_pb2
-from caffe_compat.solver import NonFiniteLossError, glog
-from caffe_compat.solver.params import resolve_snapshot_prefix
-from caffe_compat.solver.snapshot import read_state, snapshot_filename, tensor_to_blobproto
+from caffe_compat.engine.solver import NonFiniteLossError
+from caffe_compat.formats import glog
+from caffe_compat.engine.solver.params import resolve_snapshot_prefix
+from caffe_compat.engine.solver.snapshot import read_state, snapshot_filename, tensor_to_blobproto
 
 GOLDEN_LOG = Path(__file__).parent / "goldens" / "data" / "caffe_train.log"
 

@@ -55,7 +55,7 @@ def test_no_arguments_builds_what_is_missing(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "data" / "fashion50", tmp_path / "data" / "fashion50",
                     ignore=shutil.ignore_patterns("train.txt", "test.txt"))
     monkeypatch.setattr(tool, "repo_root", lambda _file: tmp_path)
-    monkeypatch.setattr("caffe_compat.data.defaults.DEFAULT_SIZES", (72, 32))
+    monkeypatch.setattr("experiments.defaults.DEFAULT_SIZES", (72, 32))
     assert tool.main([]) == 0
     for name in ("fashion50/train.txt", "fashion50/test.txt", "fashion50_lmdb/train",
                  "fashion50_lmdb/test", "fashion50_lmdb/mean.binaryproto",

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe_compat.blob_io import read_blobproto, read_text_proto
+from caffe_compat.formats.blob_io import read_blobproto, read_text_proto
 from caffe_compat.data import open_db
-from caffe_compat.data.datum import decode_datum
-from caffe_compat.layers import TRAIN, layer_class
+from caffe_compat.formats.datum import decode_datum
+from caffe_compat.engine.layers import TRAIN, layer_class
 from caffe_compat.proto import caffe_pb2
 from tool_utils import load_tool
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from caffe_compat.data import open_db
-from caffe_compat.data.datum import decode_datum
+from caffe_compat.formats.datum import decode_datum
 from tool_utils import load_tool, write_idx
 
 N_TRAIN, N_TEST = 48, 20
@@ -101,7 +101,7 @@ def test_curve_of_a_run_killed_before_its_curve_was_saved(tmp_path):
     curve = tool.Curve(path, start_iter=5)       # the snapshot at 5 outlived the curve at 2
     assert curve.train_loss[:2] == [2.0, 1.0] and np.isnan(curve.train_loss[2:]).all()
     assert len(curve.train_loss) == 5 and [t["iter"] for t in curve.tests] == [2]
-    from caffe_compat.reproduce.scale_report import _smooth
+    from experiments.reproduce.scale_report import _smooth
     smooth = _smooth(curve.train_loss + [0.5], window=3)
     np.testing.assert_allclose(smooth[[0, 1, 5]], [2.0, 1.5, 0.5])   # NaNs skipped, not spread
 

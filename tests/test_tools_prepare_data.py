@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from caffe_compat.data import open_db, read_image_list
-from caffe_compat.data.datum import decode_datum
+from caffe_compat.formats.datum import decode_datum
 from tool_utils import load_tool, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_prepare_default_data_equals_the_three_commands(tmp_path, monkeypatch):
         return tmp_path / name
 
     one, three = checkout("one"), checkout("three")
-    monkeypatch.setattr("caffe_compat.data.defaults.DEFAULT_SIZES", (72, 36))
+    monkeypatch.setattr("experiments.defaults.DEFAULT_SIZES", (72, 36))
     prepare = load_tool("prepare_default_data")
     monkeypatch.setattr(prepare, "repo_root", lambda _f: one)
     assert prepare.main([]) == 0

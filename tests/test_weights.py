@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import caffe_compat as caffe
-from caffe_compat.weights import WeightsError, read_net_weights
+from caffe_compat.engine.weights import WeightsError, read_net_weights
 
 GOLDENS = Path(__file__).parent / "goldens"
 SOLVER_NET = GOLDENS / "solvers" / "sgd_step" / "net.prototxt"

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.cli import device as devices  # noqa: E402
-from caffe_compat.cli import test_cmd, time_cmd, train as train_cmd  # noqa: E402
-from caffe_compat.cli.common import add_debug_flag, caffe_argv, run  # noqa: E402
-from caffe_compat.solver import glog  # noqa: E402
+from caffe_compat.commands import device as devices  # noqa: E402
+from caffe_compat.commands import test_cmd, time_cmd, train as train_cmd  # noqa: E402
+from caffe_compat.commands.common import add_debug_flag, caffe_argv, run  # noqa: E402
+from caffe_compat.formats import glog  # noqa: E402
 
 COMMANDS = {
     "train": (train_cmd, "train or fine-tune a model from a solver prototxt"),

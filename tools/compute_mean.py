@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.data.cli import fail, gflags_argv, repo_root, say, shown  # noqa: E402
-from caffe_compat.data.errors import DataError  # noqa: E402
+from caffe_compat.commands.tool_args import fail, gflags_argv, repo_root, say, shown  # noqa: E402
+from caffe_compat.formats.errors import DataError  # noqa: E402
 
 BOOL_FLAGS = {"gray"}
 FLAGS = BOOL_FLAGS | {"backend", "root_folder", "resize_height", "resize_width"}
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resize_height", type=int, default=0, help="list input: resize height")
     ap.add_argument("--resize_width", type=int, default=0, help="list input: resize width")
     args = ap.parse_args(gflags_argv(argv, FLAGS, BOOL_FLAGS))
-    from caffe_compat.blob_io import write_blobproto
+    from caffe_compat.formats.blob_io import write_blobproto
     from caffe_compat.data.convert import channel_means, compute_mean
     try:
         if args.input is None:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def default_means(repo: Path) -> int:
-    from caffe_compat.data.defaults import (DEFAULT_SIZES, DefaultPaths, build_dbs,
+    from experiments.defaults import (DEFAULT_SIZES, DefaultPaths, build_dbs,
                                             build_mean, existing_sizes)
     for size in sorted(set(DEFAULT_SIZES) | set(existing_sizes(repo))):
         paths = DefaultPaths(repo, size)

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.data.cli import fail, gflags_argv, repo_root, say, shown  # noqa: E402
-from caffe_compat.data.errors import DataError  # noqa: E402
+from caffe_compat.commands.tool_args import fail, gflags_argv, repo_root, say, shown  # noqa: E402
+from caffe_compat.formats.errors import DataError  # noqa: E402
 
 BOOL_FLAGS = {"gray", "shuffle", "check_size", "encoded"}
 FLAGS = BOOL_FLAGS | {"backend", "resize_width", "resize_height", "encode_type", "landmarks",
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def default_mode(args) -> int:
-    from caffe_compat.data.defaults import DEFAULT_SIZES, DefaultPaths, build_dbs
+    from experiments.defaults import DEFAULT_SIZES, DefaultPaths, build_dbs
     if args.landmarks or args.check_size or args.seed is not None:
         return fail("--landmarks/--check_size/--seed need explicit ROOTFOLDER/ LISTFILE DB_NAME")
     h, w = args.resize_height, args.resize_width

@@ -7,7 +7,7 @@ automatic Split layers are left out. Layers are placed top to bottom by their de
 graph (longest path from an input); the longest path runs down the left column and branches
 sit to its right. Edges that skip rows are drawn as arcs, long ones dashed.
 
-Data layers are drawn as the Input layers of the same shapes (see caffe_compat.analysis),
+Data layers are drawn as the Input layers of the same shapes (see caffe_compat.engine.analysis),
 so no database is needed.
 
     python tools/draw_net.py models/vgg16_landmark_64/train_val.prototxt net.png --phase TRAIN
@@ -26,8 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-from caffe_compat import analysis  # noqa: E402
-from caffe_compat.layers.base import TEST, TRAIN  # noqa: E402
+from caffe_compat.formats.atomic import save_figure  # noqa: E402
+from caffe_compat.engine import analysis  # noqa: E402
+from caffe_compat.engine.layers.base import TEST, TRAIN  # noqa: E402
 
 COLOURS = {
     "Convolution": "#9ecae1", "Deconvolution": "#c6a8e0", "Pooling": "#a1d99b",
@@ -148,7 +149,7 @@ def draw(net, out: str, title: str | None = None, dpi: int = 60) -> None:
                                          arrowstyle="-|>", mutation_scale=8, **style))
     if title:
         ax.text((width - 1) / 2, -0.85, title, ha="center", va="center", fontsize=11, weight="bold")
-    fig.savefig(out, dpi=dpi)
+    save_figure(fig, out, dpi=dpi)
     plt.close(fig)
 
 

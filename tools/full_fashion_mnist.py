@@ -92,7 +92,7 @@ def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool) -> float:
     """Train/test LMDBs with landmarks and the train mean; returns seconds (0 if present)."""
     import cv2
 
-    from caffe_compat.blob_io import write_blobproto
+    from caffe_compat.formats.blob_io import write_blobproto
     from caffe_compat.data.convert import compute_mean, progress
     from caffe_compat.data.db import DBWriter
     from caffe_compat.data.landmarks import resize_landmarks, silhouette_landmarks
@@ -131,10 +131,10 @@ def record_count(db: Path) -> int:
 
 
 def solver_param(args, db: Path, n_train: int, n_test: int):
-    from caffe_compat.blob_io import read_text_proto
+    from caffe_compat.formats.blob_io import read_text_proto
     from caffe_compat.proto import caffe_pb2
-    from caffe_compat.reproduce.protocol import NEVER, TRAIN, SplitData, rewrite_sources
-    from caffe_compat.solver.params import read_solver_param
+    from experiments.reproduce.protocol import NEVER, TRAIN, SplitData, rewrite_sources
+    from caffe_compat.engine.solver.params import read_solver_param
     sp = read_solver_param(args.solver)
     # the net path as `caffe train` run from the checkout reads it, else beside the solver
     net_path = next((os.fspath(p) for p in (REPO / sp.net, Path(args.solver).parent / sp.net)
@@ -182,7 +182,7 @@ class Curve:
         self.train_loss += [math.nan] * (start_iter - len(self.train_loss))
 
     def save(self) -> None:
-        from caffe_compat.reproduce.protocol import write_json
+        from experiments.reproduce.protocol import write_json
         write_json(self.path, {"train_loss": self.train_loss, "tests": self.tests})
 
 
@@ -241,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import caffe_compat
-    from caffe_compat.cli import device as devices
-    from caffe_compat.reproduce import scale_report
-    from caffe_compat.reproduce.protocol import atomic_write_text, output_of, solver_summary_line
-    from caffe_compat.solver import glog
-    from caffe_compat.solver.params import read_solver_param
+    from caffe_compat.commands import device as devices
+    from experiments.reproduce import scale_report
+    from experiments.reproduce.protocol import atomic_write_text, output_of, solver_summary_line
+    from caffe_compat.formats import glog
+    from caffe_compat.engine.solver.params import read_solver_param
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python tools/full_fashion_mnist.py " + " ".join(

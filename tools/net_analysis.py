@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from caffe_compat import analysis  # noqa: E402
-from caffe_compat.layers.base import TEST, TRAIN  # noqa: E402
+from caffe_compat.formats.atomic import write_text  # noqa: E402
+from caffe_compat.engine import analysis  # noqa: E402
+from caffe_compat.engine.layers.base import TEST, TRAIN  # noqa: E402
 
 # The paper's Tables 2 and 3 (receptive field, kernel capacity for Conv1..Conv5).
 PAPER = {
@@ -164,8 +165,7 @@ def main(argv=None) -> int:
     print(text, end="")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+        write_text(args.out, text)
     return 0
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.cli.common import add_debug_flag, run  # noqa: E402
-from caffe_compat.cli.logparse import parse_log, save_csv_files  # noqa: E402
+from caffe_compat.commands.common import add_debug_flag, run  # noqa: E402
+from caffe_compat.commands.logparse import parse_log, save_csv_files  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.cli.common import add_debug_flag, run  # noqa: E402
-from caffe_compat.cli.plot import plot_log  # noqa: E402
+from caffe_compat.commands.common import add_debug_flag, run  # noqa: E402
+from caffe_compat.commands.plot import plot_log  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:

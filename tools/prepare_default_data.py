@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.data.cli import fail, repo_root, say  # noqa: E402
-from caffe_compat.data.errors import DataError  # noqa: E402
+from caffe_compat.commands.tool_args import fail, repo_root, say  # noqa: E402
+from caffe_compat.formats.errors import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caffe_compat.data import defaults
+    from experiments import defaults
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, nargs="+", default=list(defaults.DEFAULT_SIZES),

@@ -30,10 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.data.cli import fail, repo_root, shown  # noqa: E402
+from caffe_compat.commands.tool_args import fail, repo_root, shown  # noqa: E402
 from caffe_compat.data.convert import progress  # noqa: E402
-from caffe_compat.data.defaults import CLASSES  # noqa: E402
-from caffe_compat.data.errors import DataError  # noqa: E402
+from experiments.defaults import CLASSES  # noqa: E402
+from caffe_compat.formats.errors import DataError  # noqa: E402
 
 DEFAULT_IDX = "/usr/share/datasets/fashion-mnist"
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -101,9 +101,9 @@ def model_dirs(args) -> list[Path]:
 
 def check_input_size(d: Path, size: int) -> None:
     """A model given with --models must crop what --input-size says (64, or 224/227)."""
-    from caffe_compat.blob_io import read_text_proto
+    from caffe_compat.formats.blob_io import read_text_proto
     from caffe_compat.proto import caffe_pb2
-    from caffe_compat.reproduce.protocol import model_files
+    from experiments.reproduce.protocol import model_files
     _, net_path = model_files(d)
     net = read_text_proto(net_path, caffe_pb2.NetParameter)
     crops = {lp.transform_param.crop_size for lp in net.layer if lp.type == "Data"}
@@ -115,7 +115,7 @@ def check_input_size(d: Path, size: int) -> None:
 
 
 def header(meta: dict, records) -> str:
-    from caffe_compat.reproduce.tables import AVERAGE_WINDOW
+    from experiments.reproduce.tables import AVERAGE_WINDOW
     runs = [r for rs in records.values() for r in rs]
     wall = sum(r["seconds"] for r in runs)
     lines = [f"# Table 1 reproduced: {', '.join(records) or 'no runs yet'}", ""]
@@ -151,9 +151,9 @@ def header(meta: dict, records) -> str:
 
 
 def write_outputs(out: Path, models: list[str], meta: dict) -> str:
-    from caffe_compat.reproduce import plots
-    from caffe_compat.reproduce.protocol import atomic_write_text
-    from caffe_compat.reproduce.tables import load_records, records_csv, table1_markdown
+    from experiments.reproduce import plots
+    from experiments.reproduce.protocol import atomic_write_text
+    from experiments.reproduce.tables import load_records, records_csv, table1_markdown
     records = load_records(out, models)
     text = table1_markdown(records, header(meta, records))
     atomic_write_text(out / "table1.md", text)
@@ -185,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from caffe_compat.reproduce.protocol import ProtocolError, run_once, write_json
-    from caffe_compat.solver import NonFiniteLossError, glog
+    from experiments.reproduce.protocol import ProtocolError, run_once, write_json
+    from caffe_compat.engine.solver import NonFiniteLossError
+    from caffe_compat.formats import glog
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else REPO / "results" / datetime.date.today().isoformat()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.cli import train as train_cmd  # noqa: E402
-from caffe_compat.cli.common import caffe_argv, run  # noqa: E402
+from caffe_compat.commands import train as train_cmd  # noqa: E402
+from caffe_compat.commands.common import caffe_argv, run  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:

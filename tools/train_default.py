@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from caffe_compat.cli import train as train_cmd  # noqa: E402
-from caffe_compat.cli.common import run  # noqa: E402
+from caffe_compat.commands import train as train_cmd  # noqa: E402
+from caffe_compat.commands.common import run  # noqa: E402
 
 
 def pick_model(requested: str | None) -> tuple[str, int, list[str], str]:
@@ -40,7 +40,7 @@ def pick_model(requested: str | None) -> tuple[str, int, list[str], str]:
 
 def ensure_data(size: int) -> None:
     """Build data/fashion50 split, LMDBs and mean for this image side if any is missing."""
-    from caffe_compat.data import defaults
+    from experiments import defaults
     paths = defaults.DefaultPaths(ROOT, size)
     lmdb = defaults.lmdb_dir(ROOT, size)
     if (lmdb / "train").is_dir() and (lmdb / "test").is_dir() and (lmdb / "mean.binaryproto").is_file():

@@ -1,12 +1,12 @@
 """The data pipeline: image lists, Datum databases, the DataTransformer, means, landmarks.
 
-The layers that use it live in ``caffe_compat.layers.data`` (Data, ImageData, HDF5Data,
-MemoryData) and ``caffe_compat.layers.landmark`` (LandmarkHeatmap); the command-line tools
+The layers that use it live in ``caffe_compat.data.layers`` (Data, ImageData, HDF5Data,
+MemoryData) and ``caffe_compat.data.landmark_layer`` (LandmarkHeatmap); the command-line tools
 in ``tools/`` (convert_imageset.py, compute_mean.py, make_split.py, ...) are thin wrappers
 around ``caffe_compat.data.convert``.
 """
 from caffe_compat.data.db import DBReader, DBWriter, detect_backend, open_db
-from caffe_compat.data.errors import DataError
+from caffe_compat.formats.errors import DataError
 from caffe_compat.data.image_list import ListEntry, read_image_list, write_image_list
 from caffe_compat.data.transformer import DataTransformer
 

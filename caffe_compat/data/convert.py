@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from caffe_compat.data import images
+from caffe_compat.formats import images
 from caffe_compat.data.db import DBWriter, open_db
-from caffe_compat.data.errors import DataError
+from caffe_compat.formats.errors import DataError
 from caffe_compat.data.image_list import read_image_list
 from caffe_compat.data.landmarks import read_landmarks, resize_landmarks
 
@@ -153,7 +153,7 @@ def _accumulate(arrays, where: str):
 
 
 def _db_images(db_path: str, backend, show_progress):
-    from caffe_compat.data.datum import decode_datum
+    from caffe_compat.formats.datum import decode_datum
     with open_db(db_path, backend) as db:
         for key, value in progress(db.items(), total=len(db), desc="mean", enable=show_progress):
             img, _, _ = decode_datum(value, where=f"{db_path}: record {key.decode(errors='replace')}")

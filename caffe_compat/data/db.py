@@ -11,12 +11,12 @@ place on ``close()``, so an interrupted conversion never leaves a half-written d
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Iterator
 
-from caffe_compat.data.errors import DataError
+from caffe_compat.formats.atomic import commit_temporary, discard_temporary, temporary_name
+from caffe_compat.formats.errors import DataError
 
 BACKENDS = ("lmdb", "leveldb")
 COMMIT_EVERY = 1000  # convert_imageset commits a transaction every 1000 records
@@ -198,8 +198,7 @@ class DBWriter:
                             "name)")
         if not self.path.parent.is_dir():
             raise DataError(f"{self.path.parent}: folder for the database does not exist")
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{id(self):x}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp = temporary_name(self.path)
         self.overwrite = overwrite
         self._pending: list[tuple[bytes, bytes]] = []
         self.count = 0
@@ -246,20 +245,14 @@ class DBWriter:
         """Commit, close and move the finished database to its final name."""
         self.commit()
         self._env.close()
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_temporary(self.tmp, self.path, is_dir=True)
 
     def abort(self) -> None:
         """Throw the partial database away."""
         try:
             self._env.close()
         finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            discard_temporary(self.tmp)
 
     def __enter__(self) -> "DBWriter":
         return self

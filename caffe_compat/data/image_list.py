@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from caffe_compat.data.errors import DataError
+from caffe_compat.formats.atomic import atomic_write
+from caffe_compat.formats.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,6 @@ def read_image_list(list_file: str | os.PathLike) -> list[ListEntry]:
 
 def write_image_list(list_file: str | os.PathLike, items) -> None:
     """Write ``(path, label)`` pairs in Caffe's list format, atomically."""
-    path = Path(list_file)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rel, label in items:
-                f.write(f"{rel} {int(label)}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(list_file, "w") as f:
+        for rel, label in items:
+            f.write(f"{rel} {int(label)}\n")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_compat.data.errors import DataError
+from caffe_compat.formats.atomic import atomic_write
+from caffe_compat.formats.errors import DataError
 
 NAMES = ("left_collar", "right_collar", "left_sleeve", "right_sleeve",
          "left_waistline", "right_waistline", "left_hem", "right_hem")
@@ -84,24 +85,17 @@ def write_landmarks(path: str | os.PathLike, items) -> None:
     visibility 1. Written atomically.
     """
     items = list(items)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     header = ["image_name", "clothes_type", "variation_type"]
     for i in range(1, NUM_LANDMARKS + 1):
         header += [f"landmark_visibility_{i}", f"landmark_location_x_{i}",
                    f"landmark_location_y_{i}"]
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{len(items)}\n{' '.join(header)}\n")
-            for image, lm in items:
-                fields = [image, "3", "1"]
-                for x, y, v in np.asarray(lm, dtype=np.float64):
-                    fields += ["0" if v > 0 else "1", str(int(round(x))), str(int(round(y)))]
-                f.write(" ".join(fields) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(f"{len(items)}\n{' '.join(header)}\n")
+        for image, lm in items:
+            fields = [image, "3", "1"]
+            for x, y, v in np.asarray(lm, dtype=np.float64):
+                fields += ["0" if v > 0 else "1", str(int(round(x))), str(int(round(y)))]
+            f.write(" ".join(fields) + "\n")
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -237,7 +231,7 @@ def annotate_images(root: str | os.PathLike, rel_paths, overlay_dir=None, zoom: 
     import cv2
 
     from caffe_compat.data.convert import progress
-    from caffe_compat.data.images import read_image
+    from caffe_compat.formats.images import read_image
     results = []
     for rel in progress(list(rel_paths), desc="landmarks", enable=show_progress):
         img = read_image(os.path.join(os.fspath(root), rel), is_color=True)

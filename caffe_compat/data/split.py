@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_compat.data.errors import DataError
+from caffe_compat.formats.atomic import write_text
+from caffe_compat.formats.errors import DataError
 from caffe_compat.data.image_list import write_image_list
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp"}
@@ -94,7 +95,5 @@ def make_split(root, out_dir=None, train_per_class: int = 40, test_per_class: in
     paths = {"train": out / "train.txt", "test": out / "test.txt", "labels": out / "labels.txt"}
     write_image_list(paths["train"], train)
     write_image_list(paths["test"], test)
-    tmp = paths["labels"].with_name(f".labels.txt.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
-    os.replace(tmp, paths["labels"])
+    write_text(paths["labels"], "".join(f"{c}\n" for c in classes))
     return paths

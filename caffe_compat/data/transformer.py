@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from caffe_compat.data.errors import DataError
+from caffe_compat.formats.errors import DataError
 
 TRAIN, TEST = 0, 1
 
@@ -32,7 +32,7 @@ class Draw:
 
 def load_mean_file(path: str) -> np.ndarray:
     """A mean.binaryproto as float32 C×H×W (the legacy num dimension must be 1)."""
-    from caffe_compat.blob_io import ProtoError, read_blobproto
+    from caffe_compat.formats.blob_io import ProtoError, read_blobproto
     if not os.path.isfile(path):
         raise DataError(f"{path}: mean file does not exist")
     try:

@@ -1,0 +1,205 @@
+"""``caffe time``: per-layer forward and backward timings of a net.
+
+    tools/caffe.py time --model M.prototxt [--iterations 50] [--gpu 0] [--phase TRAIN]
+
+As in Caffe, the net is built in the TRAIN phase by default and fed by its own data layers
+(Input blobs hold zeros). After one untimed forward/backward ("Initial loss"), each
+iteration runs the layers one at a time forward, then one at a time backward in reverse
+order, timing each; Caffe's table follows, with every layer's average forward and backward
+milliseconds (the layer type is shown beside its name), then the average forward, backward
+and forward-backward times and the total.
+
+Each layer runs on detached copies of its bottoms, so its backward is exactly its own
+autograd work: the diffs of its tops (``loss_weight`` for loss tops, summed from the
+consumers otherwise) go in, the bottoms' and params' diffs come out. Bottoms that need no
+gradient (data, labels, anything with no learnable layer below) get none, as Caffe's
+``bottom_need_backward``. CUDA work is synchronised around each timer.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from caffe_compat.commands import device as devices
+from caffe_compat.commands.test_cmd import add_net_arguments, input_feed, load_net
+from caffe_compat.engine.net.module import NetModule
+from caffe_compat.formats import glog
+from caffe_compat.formats.glog import num
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_net_arguments(ap, "TRAIN")
+    ap.add_argument("--forward-only", "--forward_only", dest="forward_only",
+                    action="store_true", help="time the forward passes only")
+
+
+@dataclass
+class LayerTime:
+    name: str
+    type: str
+    forward_ms: float = 0.0
+    backward_ms: float = 0.0
+
+
+@dataclass
+class TimeResult:
+    layers: list[LayerTime] = field(default_factory=list)
+    forward_ms: float = 0.0            # averages per iteration
+    backward_ms: float = 0.0
+    forward_backward_ms: float = 0.0
+    total_ms: float = 0.0
+    initial_loss: float = 0.0
+
+
+class _LayerRunner:
+    """Runs a NetModule layer by layer, keeping each layer's inputs and outputs for backward."""
+
+    def __init__(self, module: NetModule, feed: dict[str, torch.Tensor], sync):
+        self.m, self.feed, self.sync = module, feed, sync
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def forward(self, i: int, state: dict) -> float:
+        """Layer ``i`` forward; returns seconds. ``state`` carries blobs and saved tensors."""
+        m = self.m
+        name = m.layer_names[i]
+        layer = m.layers[i]
+        self.sync()
+        t0 = time.perf_counter()
+        if layer.type == "Input":
+            outs = tuple(self.feed[t] for t in m.top_names[name])
+            ins: list[torch.Tensor | None] = []
+        else:
+            ins = []
+            for j, b in enumerate(m.bottom_names[name]):
+                src = state["blobs"][b][1]
+                need = src.requires_grad and j not in layer.no_grad_bottoms and \
+                    src.is_floating_point()
+                ins.append(src.detach().requires_grad_(need))
+            with torch.enable_grad():
+                out = layer(*ins)
+            outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        self.sync()
+        elapsed = time.perf_counter() - t0
+        sources = [state["blobs"][b][0] for b in m.bottom_names[name]] \
+            if layer.type != "Input" else []
+        state["saved"][i] = (ins, outs, sources)
+        for k, (t, value) in enumerate(zip(m.top_names[name], outs)):
+            state["blobs"][t] = ((i, k), value)
+        return elapsed
+
+    def backward(self, i: int, state: dict) -> float:
+        """Layer ``i`` backward from its tops' accumulated diffs; returns seconds."""
+        m = self.m
+        ins, outs, sources = state["saved"].pop(i)
+        grads = state["grads"]
+        tops, diffs = [], []
+        name = m.layer_names[i]
+        for k, (t, out) in enumerate(zip(m.top_names[name], outs)):
+            if not out.requires_grad:
+                continue
+            g = grads.pop((i, k), None)
+            w = m.loss_weights.get(t, 0.0)
+            if w:
+                seed = torch.full_like(out, w)
+                g = seed if g is None else g + seed
+            if g is not None:
+                tops.append(out)
+                diffs.append(g)
+        leaves = [x for x in ins if x is not None and x.requires_grad]
+        self.sync()
+        t0 = time.perf_counter()
+        if tops:
+            own = [p for p in m.layers[i].parameters() if p.requires_grad]
+            torch.autograd.backward(tops, diffs, inputs=leaves + own if leaves + own else None)
+        self.sync()
+        elapsed = time.perf_counter() - t0
+        for x, src in zip(ins, sources):
+            if x is not None and x.grad is not None:
+                grads[src] = x.grad if src not in grads else grads[src] + x.grad
+        return elapsed
+
+    def new_state(self) -> dict:
+        for p in self.params:
+            p.grad = None
+        return {"blobs": {}, "saved": {}, "grads": {}}
+
+
+def benchmark(module: NetModule, iterations: int, choice: devices.DeviceChoice,
+              forward_only: bool = False) -> TimeResult:
+    """Caffe's time(): an untimed forward/backward, then ``iterations`` timed ones."""
+    cuda = choice.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    runner = _LayerRunner(module, input_feed(module, choice.device), sync)
+    n = len(module.layers)
+    result = TimeResult([LayerTime(name, layer.type)
+                         for name, layer in module.named_layers()])
+    with devices.autocast(choice):
+        glog.info("Performing Forward", "caffe.cpp:363")
+        state = runner.new_state()
+        for i in range(n):
+            runner.forward(i, state)
+        blobs = {name: t for name, (_, t) in state["blobs"].items()}
+        result.initial_loss = float(module.loss(blobs).detach())
+        glog.info(f"Initial loss: {num(result.initial_loss)}", "caffe.cpp:368")
+        if not forward_only:
+            glog.info("Performing Backward", "caffe.cpp:369")
+            for i in reversed(range(n)):
+                runner.backward(i, state)
+        glog.info("*** Benchmark begins ***", "caffe.cpp:377")
+        glog.info(f"Testing for {iterations} iterations.", "caffe.cpp:378")
+        forward = backward = 0.0
+        start = time.perf_counter()
+        for it in range(iterations):
+            t_iter = time.perf_counter()
+            state = runner.new_state()
+            for i in range(n):
+                dt = runner.forward(i, state)
+                result.layers[i].forward_ms += dt * 1e3
+                forward += dt
+            if not forward_only:
+                for i in reversed(range(n)):
+                    dt = runner.backward(i, state)
+                    result.layers[i].backward_ms += dt * 1e3
+                    backward += dt
+            glog.info(f"Iteration: {it + 1} forward-backward time: "
+                      f"{num((time.perf_counter() - t_iter) * 1e3)} ms.", "caffe.cpp:408")
+        total = time.perf_counter() - start
+    for lt in result.layers:
+        lt.forward_ms /= iterations
+        lt.backward_ms /= iterations
+    result.forward_ms = forward * 1e3 / iterations
+    result.backward_ms = backward * 1e3 / iterations
+    result.forward_backward_ms = total * 1e3 / iterations
+    result.total_ms = total * 1e3
+    _log_table(result, forward_only)
+    return result
+
+
+def _log_table(result: TimeResult, forward_only: bool) -> None:
+    glog.info("Average time per layer: ", "caffe.cpp:411")
+    width = max([10] + [len(lt.name) for lt in result.layers])
+    type_width = max(len(lt.type) for lt in result.layers) + 2 if result.layers else 0
+    for lt in result.layers:
+        label = f"{lt.name:>{width}} {'(' + lt.type + ')':<{type_width}}"
+        glog.info(f"{label}\tforward: {num(lt.forward_ms)} ms.", "caffe.cpp:415")
+        if not forward_only:
+            glog.info(f"{label}\tbackward: {num(lt.backward_ms)} ms.", "caffe.cpp:418")
+    glog.info(f"Average Forward pass: {num(result.forward_ms)} ms.", "caffe.cpp:423")
+    if not forward_only:
+        glog.info(f"Average Backward pass: {num(result.backward_ms)} ms.", "caffe.cpp:425")
+        glog.info(f"Average Forward-Backward: {num(result.forward_backward_ms)} ms.",
+                  "caffe.cpp:427")
+    glog.info(f"Total Time: {num(result.total_ms)} ms.", "caffe.cpp:429")
+    glog.info("*** Benchmark ends ***", "caffe.cpp:430")
+
+
+def main(args: argparse.Namespace) -> int:
+    module, choice = load_net(args)
+    benchmark(module, args.iterations, choice, args.forward_only)
+    return 0
+
+
+__all__ = ["add_arguments", "benchmark", "main", "TimeResult", "LayerTime"]

@@ -1,0 +1,286 @@
+"""``caffe train``: train from a solver prototxt, with Caffe's flags.
+
+    tools/train.py --solver S [--weights W[,W2]] [--snapshot S.solverstate] [--gpu 0|0,1|all]
+                   [--iterations N] [--precision fp32|bf16|fp16] [--allow-cpu]
+                   [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
+
+Paths inside the solver (``net``, ``snapshot_prefix``) and the nets (data ``source``) are read
+relative to the working directory, as Caffe does (a ``net`` path is also looked up beside the
+solver file). Files written, all next to the snapshots:
+
+- ``<snapshot_prefix>_iter_N.caffemodel`` / ``.solverstate`` (Caffe's names and formats);
+- ``<snapshot_prefix>.log``: the glog lines (also on stderr), in Caffe's format so Caffe's
+  ``parse_log.py`` / ``parse_log.sh`` and ``tools/parse_log.py`` read it. A fresh run
+  replaces it; a run resumed with ``--snapshot`` appends to it;
+- ``<snapshot_prefix>.png``: training loss and test accuracy/loss, drawn from that log.
+
+The folder of ``snapshot_prefix`` is created if missing (Caffe would refuse to start).
+``--snapshot`` restores the iteration, weights and history; data layers restart at their
+first batch, as in Caffe, so a resume is bit-identical to an uninterrupted run only when
+their batches do not depend on the position (no random crop/mirror, epochs aligned with the
+snapshot interval). Several GPUs are refused here; data parallelism lives in
+``caffe_compat.engine.distributed``.
+At the end it prints the last snapshot, the final test outputs, the log and the plot.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import functools
+import os
+import socket
+import sys
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from caffe_compat.engine import distributed
+from caffe_compat.commands import device as devices
+from caffe_compat.commands.common import CliError, add_debug_flag, one_line
+from caffe_compat.commands.logparse import parse_log
+from caffe_compat.commands.progress import TrainProgress
+from caffe_compat.commands.signals import EFFECTS, SignalHandler
+from caffe_compat.formats import glog
+from caffe_compat.engine.solver.base import NonFiniteLossError, Solver
+from caffe_compat.engine.solver.params import read_solver_param
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--solver", metavar="SOLVER.prototxt",
+                    help="the solver definition (required)")
+    ap.add_argument("--weights", metavar="W[,W2]",
+                    help="fine-tune: copy these .caffemodel (or .caffemodel.h5) files' layers "
+                         "into the nets by layer name before training; comma-separated. "
+                         "Not with --snapshot")
+    ap.add_argument("--snapshot", metavar="S.solverstate",
+                    help="resume training from this .solverstate (or .solverstate.h5): "
+                         "iteration, solver history and the weights it names")
+    ap.add_argument("--gpu", metavar="0|0,1|all",
+                    help="train on these CUDA devices (default: CPU, unless the solver sets "
+                         "solver_mode: GPU)")
+    ap.add_argument("--iterations", type=int, metavar="N",
+                    help="train up to iteration N (overrides the solver's max_iter)")
+    ap.add_argument("--level", type=int, default=0,
+                    help="the train net's NetState level (default 0)")
+    ap.add_argument("--stage", default="",
+                    help="comma-separated NetState stages of the train net")
+    ap.add_argument("--precision", choices=list(devices.PRECISIONS), default="fp32",
+                    help="fp32 (default; what Caffe computes), or bf16/fp16 autocast")
+    ap.add_argument("--allow-cpu", "--allow_cpu", dest="allow_cpu", action="store_true",
+                    help="if a GPU is asked for but CUDA is unavailable, warn and use the CPU "
+                         "instead of failing")
+    ap.add_argument("--sigint_effect", choices=EFFECTS, default="stop",
+                    help="what Ctrl-C (SIGINT) does: stop (after a snapshot; default), "
+                         "snapshot and go on, or none")
+    ap.add_argument("--sighup_effect", choices=EFFECTS, default="snapshot",
+                    help="what SIGHUP does: snapshot and go on (default), stop, or none")
+    ap.add_argument("--log", metavar="FILE",
+                    help="write the log here instead of <snapshot_prefix>.log")
+    ap.add_argument("--no-plot", "--no_plot", dest="plot", action="store_false",
+                    help="do not draw <snapshot_prefix>.png at the end")
+    ap.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                    help="the tqdm progress bar: on a terminal only (auto, default), always, "
+                         "or never")
+    ap.add_argument("--cpu-procs", "--cpu_procs", dest="cpu_procs", type=int, default=1,
+                    metavar="N", help="data-parallel training over N CPU processes (gloo); the "
+                                      "same code path as --gpu 0,1, for machines without GPUs")
+    add_debug_flag(ap)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (for callers and tests)."""
+    solver: Solver
+    log_path: str
+    plot_path: str | None = None
+    snapshots: list[tuple[str, str]] = field(default_factory=list)   # (model, solverstate)
+    stopped_early: bool = False
+
+
+def log_path_for(prefix: str) -> str:
+    """``<prefix>.log``; a prefix naming a folder (``snap/``) gives ``snap/train.log``."""
+    return prefix + ("train.log" if prefix.endswith(("/", os.sep)) else ".log")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not args.solver:
+        raise CliError("Need a solver definition to train: pass --solver SOLVER.prototxt")
+    if args.snapshot and args.weights:
+        raise CliError("Give a snapshot to resume training or weights to finetune but not "
+                       "both (--snapshot and --weights)")
+    if args.iterations is not None and args.iterations < 0:
+        raise CliError(f"--iterations must be >= 0 (got {args.iterations})")
+    for path in [args.snapshot] + (args.weights or "").split(","):
+        if path and not os.path.isfile(path):
+            flag = "--snapshot" if path == args.snapshot else "--weights"
+            raise CliError(f"{flag} {path}: no such file")
+
+
+def _solver_param(args: argparse.Namespace):
+    """Read the solver file and apply the command line (Caffe's order in caffe.cpp train())."""
+    param = read_solver_param(args.solver)
+    param.train_state.level = args.level
+    for stage in filter(None, (s.strip() for s in args.stage.split(","))):
+        param.train_state.stage.append(stage)
+    if args.iterations is not None:
+        param.max_iter = args.iterations
+    if args.snapshot:
+        param.ClearField("weights")
+    elif args.weights:
+        param.ClearField("weights")
+        param.weights.append(args.weights)
+    return param
+
+
+def _open_log(path: str, append: bool):
+    """Start the log file with glog's header, then let glog append every line to it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    now = datetime.datetime.now()
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        f.write(f"Log file created at: {now:%Y/%m/%d %H:%M:%S}\n"
+                f"Running on machine: {socket.gethostname()}\n"
+                "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid file:line] msg\n")
+    return glog.add_log_file(path)
+
+
+def train(args: argparse.Namespace, out=None) -> TrainResult:
+    """Run ``caffe train`` for parsed ``args``; errors propagate (``common.run`` prints them)."""
+    _check_args(args)
+    param = _solver_param(args)
+    choice = devices.select(args.gpu, param, args.allow_cpu, args.precision)
+    if distributed.init_from_env():             # started by torchrun: one process per device
+        if choice.kind == "cuda":
+            choice = replace(choice, ids=[torch.cuda.current_device()])
+        return _train_member(args, param, choice, out)
+    workers = choice.ids if len(choice.ids) > 1 else [None] * args.cpu_procs
+    if len(workers) > 1:
+        distributed.launch(functools.partial(_parallel_worker, args=args, choice=choice), workers)
+        return None
+    return _train_member(args, param, choice, out)
+
+
+def _parallel_worker(rank: int, args: argparse.Namespace, choice) -> None:
+    """One process of a data-parallel run (spawned by ``distributed.launch``)."""
+    if choice.kind == "cuda":
+        choice = replace(choice, ids=[choice.ids[rank]])
+    _train_member(args, _solver_param(args), choice, None)   # protobufs do not pickle
+
+
+def _train_member(args, param, choice, out) -> TrainResult | None:
+    """Train in this process; in a data-parallel group only the root logs and reports."""
+    if not distributed.is_root():
+        glog.set_stderr(False)
+        args = copy.copy(args)
+        args.plot, args.progress = False, "never"
+        _train(args, param, choice, None, out)
+        return None
+    prefix_dir = os.path.dirname(param.snapshot_prefix)
+    if prefix_dir:
+        os.makedirs(prefix_dir, exist_ok=True)
+    log_path = args.log or log_path_for(param.snapshot_prefix)
+    log_file = _open_log(log_path, append=bool(args.snapshot))
+    if distributed.world_size() > 1:
+        glog.info(f"Data-parallel training over {distributed.world_size()} processes: each "
+                  f"runs batch_size per iteration and the gradients are averaged", "caffe.cpp:204")
+    try:
+        return _train(args, param, choice, log_path, out)
+    except Exception as exc:
+        if not isinstance(exc, NonFiniteLossError):     # the solver has logged that one
+            log_file.write(glog.format_line(one_line(exc), "caffe.cpp:250", "E"))
+        raise
+    finally:
+        glog.remove_log_file(log_file)
+
+
+def _train(args, param, choice, log_path: str, out) -> TrainResult:
+    devices.apply(choice)
+    if choice.ids:
+        param.device_id = choice.ids[0]
+    solver = Solver(param, source=args.solver)
+    result = TrainResult(solver, log_path)
+    original_snapshot = solver.snapshot
+
+    def snapshot():          # remember what was written, for the summary
+        paths = original_snapshot()
+        result.snapshots.append(paths)
+        return paths
+    solver.snapshot = snapshot
+    if solver.train_module.input_names:
+        glog.warning(f"the train net has Input blobs ({', '.join(solver.train_module.input_names)}"
+                     ") and nothing feeds them from the command line: they stay 0. Use data "
+                     "layers, or train from Python (solver.net.blobs[...])", "caffe.cpp:220")
+    if args.snapshot:
+        glog.info(f"Resuming from {args.snapshot}", "caffe.cpp:226")
+        solver.restore(args.snapshot)
+    glog.info("Starting Optimization", "caffe.cpp:232")
+    show = {"auto": None, "always": True, "never": False}[args.progress]
+    try:
+        with SignalHandler(args.sigint_effect, args.sighup_effect) as signals, \
+                TrainProgress(param.max_iter, enabled=show).attach(solver), \
+                devices.autocast(choice):
+            solver.action_request = signals.action
+            solver.solve()
+    finally:
+        _close_data_layers(solver)
+    result.stopped_early = solver.requested_early_exit
+    glog.info("Optimization Done.", "caffe.cpp:243")
+    if log_path is None:             # a non-root member of a data-parallel group
+        return result
+    if args.plot:
+        result.plot_path = _plot(log_path)
+    _summary(result, out)
+    return result
+
+
+def _close_data_layers(solver: Solver) -> None:
+    """Stop prefetch threads and release the databases (a LevelDB admits one opener)."""
+    for module in [solver.train_module, *solver.test_modules]:
+        for layer in module.layers:
+            close = getattr(layer, "close", None)
+            if callable(close):
+                close()
+
+
+def _plot(log_path: str) -> str | None:
+    from caffe_compat.commands.plot import plot_log
+    png = os.path.splitext(log_path)[0] + ".png"
+    try:
+        return plot_log(log_path, png)
+    except Exception as exc:  # noqa: BLE001 - a failed plot must not fail a finished training
+        glog.warning(f"could not draw {png}: {one_line(exc)}", "caffe.cpp:245")
+        return None
+
+
+def _summary(result: TrainResult, out) -> None:
+    solver = result.solver
+    lines = []
+    if result.stopped_early:
+        lines.append(f"Stopped early at iteration {solver.iter} (signal).")
+    if result.snapshots:
+        model, state = result.snapshots[-1]
+        lines += [f"Snapshot:     {model}", f"Solver state: {state}"]
+    else:
+        lines.append("Snapshot:     none written (snapshot: 0 and snapshot_after_train: false)")
+    data = parse_log(result.log_path) if os.path.isfile(result.log_path) else None
+    nets = data.test_nets() if data else []
+    for net in nets:
+        row = [r for r in data.test if r.net == net][-1]
+        outputs = ", ".join(f"{k} = {v:g}" for k, v in row.outputs.items())
+        lines.append(f"Test net #{net} (iteration {row.iter}): {outputs or 'no outputs'}")
+    if not nets:
+        lines.append("Test:         no test net ran" if solver.test_modules else
+                     "Test:         the solver has no test nets")
+    lines.append(f"Log:          {result.log_path}")
+    if result.plot_path:
+        lines.append(f"Plot:         {result.plot_path}")
+    print("\n".join(lines), file=out or sys.stdout, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+__all__ = ["add_arguments", "train", "main", "TrainResult", "log_path_for"]

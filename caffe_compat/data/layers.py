@@ -1,0 +1,513 @@
+"""Data layers: Data (LMDB/LevelDB), ImageData (image lists), HDF5Data, MemoryData.
+
+They take no bottoms; each ``forward()`` returns the next batch: data (N, C, H, W) float32,
+label (N,) float32 and, with a third top, landmarks (N, K, 3) as (x, y, visible) in the
+pixel coordinates of the output image. Data and ImageData decode and transform batches in
+background threads ``prefetch`` batches ahead; batch k's random draws (mirror, crop, shuffle)
+come from a generator seeded by (solver random_seed, layer name, phase, k), so a seeded run
+repeats exactly. Without a seed each run draws a fresh one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import weakref
+import zlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from caffe_compat.formats.datum import decode_datum
+from caffe_compat.data.db import open_db
+from caffe_compat.formats.errors import DataError
+from caffe_compat.data.image_list import read_image_list
+from caffe_compat.formats.images import hwc_to_chw, read_image
+from caffe_compat.data.landmarks import NUM_LANDMARKS, read_landmarks, resize_landmarks
+from caffe_compat.data.prefetch import Prefetcher
+from caffe_compat.data.transformer import DataTransformer
+from caffe_compat.engine import distributed
+from caffe_compat.engine.layers.base import TRAIN, Layer, Shape, register
+
+log = logging.getLogger(__name__)
+
+_EPOCH_STREAM, _BATCH_STREAM, _SKIP_STREAM = 0, 1, 2
+
+
+def _run_seed() -> int:
+    from caffe_compat.engine import rng
+    seed = rng.get_seed()
+    return secrets.randbits(63) if seed is None or seed < 0 else int(seed)
+
+
+class _DataLayer(Layer):
+    """Shared plumbing: tops on the module's device/dtype, seeding, prefetch lifetime."""
+
+    num_bottoms = (0, 0)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        # Follows .to(device) / .double() so the tops land where the net computes.
+        self.register_buffer("_probe", torch.empty(0), persistent=False)
+        self.num_top = len(param.top)
+        self._seed = [_run_seed() % (1 << 63), zlib.crc32(self.name.encode()), int(phase)]
+        self._prefetcher: Prefetcher | None = None
+        self._shapes: list[Shape] = []
+
+    def _seq(self, stream: int, k: int) -> np.random.Generator:
+        return np.random.default_rng(self._seed + [stream, k])
+
+    def _merged_transform(self, legacy):
+        """transform_param, with the old data_param/image_data_param fields folded in."""
+        tp = type(self.param.transform_param)()
+        tp.CopyFrom(self.param.transform_param)
+        for name in ("scale", "mean_file", "crop_size", "mirror"):
+            if legacy.HasField(name) and not tp.HasField(name):
+                setattr(tp, name, getattr(legacy, name))
+        return tp
+
+    def _wrap(self, exc: DataError):
+        return self.error(str(exc))
+
+    def _start(self, produce, depth: int, workers: int | None = None, on_exit=None) -> None:
+        self._prefetcher = Prefetcher(produce, depth, workers, name=f"data-{self.name}",
+                                      on_exit=on_exit)
+        weakref.finalize(self, self._prefetcher.close)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        return list(self._shapes[:self.num_top])
+
+    def _tops(self, arrays):
+        device, dtype = self._probe.device, self._probe.dtype
+        tops = tuple(torch.from_numpy(a).to(device=device, dtype=dtype, non_blocking=True)
+                     for a in arrays[:self.num_top])
+        return tops if len(tops) > 1 else tops[0]
+
+    def forward(self):
+        try:
+            arrays = self._prefetcher.next()
+        except DataError as exc:
+            raise self._wrap(exc) from None
+        return self._tops(arrays)
+
+    def seek(self, batch: int) -> None:
+        """Make the next forward() deliver batch ``batch`` (used when a run is resumed)."""
+        if self._prefetcher is not None:
+            self._prefetcher.seek(batch)
+
+    @property
+    def wait_seconds(self) -> float:
+        """Time forward() spent waiting for the background workers (0 = never waited)."""
+        return self._prefetcher.wait_seconds if self._prefetcher else 0.0
+
+    def close(self) -> None:
+        """Stop the background workers (also done when the layer is garbage-collected)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+
+
+class _Batcher:
+    """Turns (image, label, landmarks) items into one transformed batch (no layer reference,
+    so worker threads never keep the layer alive)."""
+
+    def __init__(self, transformer: DataTransformer, num_landmarks: int, want_landmarks: bool):
+        self.transformer = transformer
+        self.k = num_landmarks
+        self.want_landmarks = want_landmarks
+
+    def __call__(self, items, rng: np.random.Generator, names):
+        n = len(items)
+        shape = self.transformer.output_shape(items[0][0].shape)
+        data = np.empty((n,) + shape, dtype=np.float32)
+        labels = np.empty((n,), dtype=np.float32)
+        marks = np.zeros((n, self.k, 3), dtype=np.float32) if self.want_landmarks else None
+        for i, (img, label, lm) in enumerate(items):
+            out_shape = self.transformer.output_shape(img.shape)
+            if out_shape != shape:
+                raise DataError(f"{names[i]}: image is {'×'.join(map(str, img.shape))}, giving "
+                                f"{'×'.join(map(str, out_shape))} where the batch is "
+                                f"{'×'.join(map(str, shape))} (resize the data or set crop_size)")
+            draw = self.transformer.draw(rng, img.shape)
+            self.transformer.apply(img, draw, out=data[i])
+            labels[i] = label
+            if marks is not None:
+                if lm is None or len(lm) != self.k:
+                    got = 0 if lm is None else len(lm)
+                    raise DataError(f"{names[i]}: has {got} landmarks, the layer needs {self.k}")
+                marks[i] = self.transformer.apply_landmarks(lm, draw, img.shape)
+        return (data, labels) + ((marks,) if marks is not None else ())
+
+
+@register
+class Data(_DataLayer):
+    """Datum records from an LMDB or LevelDB, in key order, wrapping around at the end."""
+
+    type = "Data"
+    num_tops = (1, 3)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        dp = param.data_param
+        if dp.batch_size <= 0:
+            raise self.error("data_param.batch_size must be positive")
+        self.batch_size = dp.batch_size
+        try:
+            db = open_db(dp.source, dp.backend)
+        except DataError as exc:
+            raise self._wrap(exc) from None
+        try:
+            self._setup(dp, db, phase)
+        except BaseException:
+            db.close()
+            raise
+
+    def _setup(self, dp, db, phase):
+        try:
+            keys = db.keys()
+            if not keys:
+                raise DataError(f"{dp.source}: database is empty")
+            tp = self._merged_transform(dp)
+            if dp.force_encoded_color:
+                tp.force_color = True
+            transformer = DataTransformer(tp, phase, where=f"layer '{self.name}' (Data)")
+            img, _, lm = self._decode(db, keys[0], transformer)
+            out = transformer.output_shape(img.shape)
+        except DataError as exc:
+            raise self._wrap(exc) from None
+        k = dp.num_landmarks or (len(lm) if lm is not None else NUM_LANDMARKS)
+        if self.num_top == 3 and lm is None:
+            raise self.error(f"a third (landmarks) top needs records with landmarks; "
+                             f"'{dp.source}' has none (convert_imageset --landmarks)")
+        if self.num_top == 3 and len(lm) != k:
+            raise self.error(f"num_landmarks is {k} but the records of '{dp.source}' hold "
+                             f"{len(lm)}")
+        log.info("%s: output data size: %s", self.name, ",".join(map(str, (dp.batch_size,) + out)))
+        self._shapes = [(self.batch_size,) + out, (self.batch_size,), (self.batch_size, k, 3)]
+        produce = _DBBatches(db, keys, self.batch_size, _Batcher(transformer, k,
+                                                                 self.num_top == 3),
+                             self._seed, dp.source)
+        if phase == TRAIN:
+            produce.stride = (distributed.world_size(), distributed.rank())
+        self._start(produce, dp.prefetch, on_exit=db.close)
+
+    @staticmethod
+    def _decode(db, key, transformer):
+        return decode_datum(db.get(key), transformer.force_color, transformer.force_gray,
+                            where=f"{db.path}: record {key.decode(errors='replace')}")
+
+
+class _DBBatches:
+    """produce(k) for Data: records k·N .. k·N+N−1 of the database, modulo its length."""
+
+    def __init__(self, db, keys, batch_size, batcher, seed, source):
+        self.db, self.keys, self.n, self.batcher = db, keys, batch_size, batcher
+        self.seed, self.source = seed, source
+        self.stride = (1, 0)        # (world size, rank); set for data-parallel TRAIN nets
+
+    def __call__(self, k: int):
+        count = len(self.keys)
+        # Data-parallel TRAIN: rank r of W keeps records r, r+W, ... (Caffe's DataLayer::Skip).
+        w, r = self.stride
+        positions = [((k * self.n + i) * w + r) % count for i in range(self.n)]
+        if k > 0 and (k * self.n) // count != ((k + 1) * self.n - 1) // count:
+            log.debug("Restarting data prefetching from start (%s).", self.source)
+        keys = [self.keys[p] for p in positions]
+        t = self.batcher.transformer
+        names = [f"{self.source}: record {key.decode(errors='replace')}" for key in keys]
+        items = [decode_datum(v, t.force_color, t.force_gray, where=name)
+                 for v, name in zip(self.db.get_many(keys), names)]
+        rng = np.random.default_rng(self.seed + [_BATCH_STREAM, k])
+        return self.batcher(items, rng, names)
+
+
+@register
+class ImageData(_DataLayer):
+    """Images named in a list file, read with OpenCV; optional shuffle at every epoch."""
+
+    type = "ImageData"
+    num_tops = (1, 3)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        ip = param.image_data_param
+        if ip.batch_size <= 0:
+            raise self.error("image_data_param.batch_size must be positive")
+        if (ip.new_height > 0) != (ip.new_width > 0):
+            raise self.error("new_height and new_width must be set together")
+        self.batch_size = ip.batch_size
+        try:
+            entries = read_image_list(ip.source)
+            if not entries:
+                raise DataError(f"{ip.source}: list file has no images")
+            marks = read_landmarks(ip.landmark_file) if ip.landmark_file else None
+            transformer = DataTransformer(self._merged_transform(ip), phase,
+                                          where=f"layer '{self.name}' (ImageData)")
+            reader = _ImageReader(entries, ip, marks)
+            skip = 0
+            if ip.rand_skip:
+                skip = int(self._seq(_SKIP_STREAM, 0).integers(ip.rand_skip))
+            order = _Order(len(entries), ip.shuffle, self._seed, skip)
+            img, _, _ = reader(order.index(0))
+            out = transformer.output_shape(img.shape)
+        except DataError as exc:
+            raise self._wrap(exc) from None
+        if self.num_top == 3 and marks is None:
+            raise self.error("a third (landmarks) top needs image_data_param.landmark_file")
+        k = ip.num_landmarks or NUM_LANDMARKS
+        log.info("%s: output data size: %s", self.name, ",".join(map(str, (ip.batch_size,) + out)))
+        self._shapes = [(self.batch_size,) + out, (self.batch_size,), (self.batch_size, k, 3)]
+        batcher = _Batcher(transformer, k, self.num_top == 3)
+        self._start(_ListBatches(reader, order, self.batch_size, batcher, self._seed),
+                    param.data_param.prefetch)
+
+
+class _ImageReader:
+    """Reads list entry i as (C×H×W uint8, label, landmarks in the resized frame)."""
+
+    def __init__(self, entries, ip, marks):
+        self.entries, self.marks = entries, marks
+        self.source, self.root = ip.source, ip.root_folder
+        self.h, self.w, self.color = ip.new_height, ip.new_width, ip.is_color
+        self.landmark_file = ip.landmark_file
+        self.cwd = os.getcwd()   # relative paths stay relative to where the net was built
+
+    def name(self, i: int) -> str:
+        return f"{self.source}:{self.entries[i].line}"
+
+    def __call__(self, i: int):
+        e = self.entries[i]
+        img = read_image(self.root + e.path, 0, 0, self.color, where=self.name(i), base=self.cwd)
+        lm = None
+        if self.marks is not None:
+            if e.path not in self.marks:
+                raise DataError(f"{self.landmark_file}: no landmarks for '{e.path}' "
+                                f"(listed at {self.name(i)})")
+            lm = self.marks[e.path]
+        if self.h > 0 and self.w > 0:
+            import cv2
+            if lm is not None:
+                lm = resize_landmarks(lm, img.shape[:2], (self.h, self.w))
+            img = cv2.resize(img, (self.w, self.h))
+        return hwc_to_chw(img), e.label, lm
+
+
+class _Order:
+    """Which list entry sits at stream position p: epochs of (optionally shuffled) lines."""
+
+    def __init__(self, count: int, shuffle: bool, seed, skip: int = 0):
+        self.count, self.shuffle, self.seed, self.skip = count, shuffle, seed, skip
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng(self.seed + [_EPOCH_STREAM, epoch]).permutation(
+                    self.count)
+                self._perms[epoch] = perm
+                for old in [e for e in self._perms if e < epoch - 2]:
+                    del self._perms[old]
+            return perm
+
+    def index(self, p: int) -> int:
+        epoch, i = divmod(p + self.skip, self.count)
+        return int(self._perm(epoch)[i]) if self.shuffle else i
+
+
+class _ListBatches:
+    """produce(k) for ImageData: stream positions k·N .. k·N+N−1."""
+
+    def __init__(self, reader, order, batch_size, batcher, seed):
+        self.reader, self.order, self.n, self.batcher, self.seed = (reader, order, batch_size,
+                                                                    batcher, seed)
+
+    def __call__(self, k: int):
+        idx = [self.order.index(k * self.n + i) for i in range(self.n)]
+        items = [self.reader(i) for i in idx]
+        rng = np.random.default_rng(self.seed + [_BATCH_STREAM, k])
+        return self.batcher(items, rng, [self.reader.name(i) for i in idx])
+
+
+@register
+class HDF5Data(_DataLayer):
+    """Rows of HDF5 datasets named like the tops, from the files listed in ``source``.
+
+    No transformation (as in Caffe). Files are read one at a time, in list order, with
+    ``shuffle`` permuting the files each epoch and the rows of each file.
+    """
+
+    type = "HDF5Data"
+    num_tops = (1, None)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        hp = param.hdf5_data_param
+        if param.HasField("transform_param"):
+            raise self.error("HDF5Data does not transform data (remove transform_param)")
+        if hp.batch_size <= 0:
+            raise self.error("hdf5_data_param.batch_size must be positive")
+        self.batch_size = hp.batch_size
+        try:
+            self._files = _hdf5_files(hp.source)
+            rows, shapes = _hdf5_layout(self._files, list(param.top))
+        except DataError as exc:
+            raise self._wrap(exc) from None
+        self._shapes = [(self.batch_size,) + s for s in shapes]
+        produce = _HDF5Batches(self._files, rows, list(param.top), self.batch_size, hp.shuffle,
+                               self._seed)
+        self._start(produce, 2, workers=1)
+
+
+def _hdf5_files(source: str) -> list[str]:
+    """The .h5 paths in a source list: as written, or relative to the list's folder."""
+    try:
+        with open(source, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{source}: HDF5 source list does not exist") from None
+    files = []
+    base = os.path.dirname(source)
+    for number, line in enumerate(lines, start=1):
+        name = line.strip()
+        if not name:
+            continue
+        path = name if os.path.exists(name) else os.path.join(base, name)
+        if not os.path.isfile(path):
+            raise DataError(f"{source}:{number}: HDF5 file '{name}' does not exist")
+        files.append(os.path.abspath(path))
+    if not files:
+        raise DataError(f"{source}: lists no HDF5 files")
+    return files
+
+
+def _hdf5_layout(files, tops):
+    """Rows per file and the per-row shape of every top's dataset (checked across files)."""
+    import h5py
+    rows, shapes = [], None
+    for path in files:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise DataError(f"{path}: not an HDF5 file ({exc})") from None
+        with f:
+            missing = [t for t in tops if t not in f]
+            if missing:
+                raise DataError(f"{path}: no dataset named '{missing[0]}' (datasets: "
+                                f"{', '.join(f.keys())})")
+            n = {f[t].shape[0] if f[t].ndim else 0 for t in tops}
+            if len(n) != 1:
+                raise DataError(f"{path}: datasets {', '.join(tops)} differ in row count")
+            file_shapes = [tuple(f[t].shape[1:]) for t in tops]
+        if shapes is not None and file_shapes != shapes:
+            raise DataError(f"{path}: dataset shapes {file_shapes} differ from {files[0]}'s "
+                            f"{shapes}")
+        shapes = file_shapes
+        rows.append(n.pop())
+    if sum(rows) == 0:
+        raise DataError(f"{files[0]}: the HDF5 files hold no rows")
+    return rows, shapes
+
+
+class _HDF5Batches:
+    """produce(k) for HDF5Data over the endless stream of (epoch, file, row) positions."""
+
+    def __init__(self, files, rows, tops, batch_size, shuffle, seed):
+        self.files, self.rows, self.tops, self.n = files, rows, tops, batch_size
+        self.shuffle, self.seed = shuffle, seed
+        self.total = sum(rows)
+        self._cache: dict[str, list[np.ndarray]] = {}
+        self._perms: dict[tuple[int, ...], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _load(self, path):
+        import h5py
+        with self._lock:
+            if path not in self._cache:
+                with h5py.File(path, "r") as f:
+                    arrays = [np.asarray(f[t][()], dtype=np.float32) for t in self.tops]
+                if len(self._cache) >= 2:           # keep the current and the previous file
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[path] = arrays
+            return self._cache[path]
+
+    def _perm(self, *key: int) -> np.ndarray:
+        """The seeded permutation for (epoch,) files or (epoch, file) rows, cached."""
+        with self._lock:
+            perm = self._perms.get(key)
+            if perm is None:
+                size = len(self.files) if len(key) == 1 else self.rows[key[1]]
+                perm = np.random.default_rng(self.seed + [_EPOCH_STREAM, *key]).permutation(size)
+                if len(self._perms) > 64:
+                    self._perms.clear()
+                self._perms[key] = perm
+            return perm
+
+    def _locate(self, p: int):
+        epoch, offset = divmod(p, self.total)
+        order = self._perm(epoch) if self.shuffle else range(len(self.files))
+        for fi in order:
+            fi = int(fi)
+            if offset < self.rows[fi]:
+                return fi, int(self._perm(epoch, fi)[offset]) if self.shuffle else offset
+            offset -= self.rows[fi]
+        raise AssertionError("unreachable")
+
+    def __call__(self, k: int):
+        out = None
+        for i in range(self.n):
+            fi, row = self._locate(k * self.n + i)
+            arrays = self._load(self.files[fi])
+            if out is None:
+                out = [np.empty((self.n,) + a.shape[1:], dtype=np.float32) for a in arrays]
+            for o, a in zip(out, arrays):
+                o[i] = a[row]
+        return tuple(out)
+
+
+@register
+class MemoryData(_DataLayer):
+    """Batches from arrays handed over with ``set_input_arrays(data, labels)`` (pycaffe)."""
+
+    type = "MemoryData"
+    num_tops = (2, 2)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        mp = param.memory_data_param
+        if min(mp.batch_size, mp.channels, mp.height, mp.width) <= 0:
+            raise self.error("memory_data_param needs positive batch_size, channels, height "
+                             "and width")
+        self.batch_size = mp.batch_size
+        self._item = (mp.channels, mp.height, mp.width)
+        self._shapes = [(mp.batch_size,) + self._item, (mp.batch_size,)]
+        self._data: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        self._pos = 0
+
+    def set_input_arrays(self, data, labels) -> None:
+        """Use ``data`` (M, C, H, W) and ``labels`` (M,) from the next forward on; M must be a
+        multiple of batch_size. Values are used as given (no transformation), as in Caffe."""
+        data = np.ascontiguousarray(torch.as_tensor(data).cpu().numpy(), dtype=np.float32)
+        labels = np.ascontiguousarray(torch.as_tensor(labels).cpu().numpy(),
+                                      dtype=np.float32).reshape(-1)
+        if data.ndim != 4 or tuple(data.shape[1:]) != self._item:
+            raise self.error(f"data must be (M, {', '.join(map(str, self._item))}), got "
+                             f"{tuple(data.shape)}")
+        if len(labels) != len(data):
+            raise self.error(f"{len(data)} data items but {len(labels)} labels")
+        if len(data) == 0 or len(data) % self.batch_size:
+            raise self.error(f"the number of items ({len(data)}) must be a positive multiple "
+                             f"of batch_size {self.batch_size}")
+        self._data, self._labels, self._pos = data, labels, 0
+
+    reset = set_input_arrays
+
+    def forward(self):
+        if self._data is None:
+            raise self.error("no data: call set_input_arrays(data, labels) before forward")
+        n, p = self.batch_size, self._pos
+        self._pos = (p + n) % len(self._data)
+        return self._tops((self._data[p:p + n], self._labels[p:p + n]))

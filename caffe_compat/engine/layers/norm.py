@@ -1,0 +1,209 @@
+"""Normalisation and affine layers: BatchNorm, Scale, Bias.
+
+Caffe splits a BatchNorm with affine parameters into ``BatchNorm`` (statistics only) followed
+by ``Scale`` with ``bias_term: true``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from caffe_compat.engine.fillers import fill
+from caffe_compat.engine.layers.base import TEST, Layer, Shape, register
+from caffe_compat.proto import caffe_pb2
+
+
+@register
+class BatchNorm(Layer):
+    """``y = (x - mean) / sqrt(var + eps)`` per channel (axis 1), no affine part.
+
+    Blobs (all non-learnable, lr_mult forced to 0): [0] mean sum ``[C]``, [1] variance sum
+    ``[C]``, [2] scale factor ``[1]``. With batch statistics (the TRAIN default) every forward
+    normalises with the batch mean and biased variance over m = N * spatial values and
+    updates the sums: ``s <- lambda*s + 1``, ``mean_sum <- lambda*mean_sum + mu``,
+    ``var_sum <- lambda*var_sum + m/(m-1) * sigma^2``. With global statistics (the TEST
+    default) it uses ``mean_sum/s`` and ``var_sum/s`` (0 when s == 0), and the gradient is
+    just ``dy / sqrt(var + eps)``.
+    """
+
+    type = "BatchNorm"
+    full_precision = True
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        # Caffe masks the statistics from the solver by appending a ParamSpec with lr_mult 0
+        # for each blob the prototxt leaves unspecified, and rejects a nonzero lr_mult. We do
+        # the same on a private copy, so a snapshot of self.param carries those entries too.
+        own = caffe_pb2.LayerParameter()
+        own.CopyFrom(param)
+        super().__init__(own, bottom_shapes, phase)
+        for i, spec in enumerate(own.param[:3]):
+            if spec.lr_mult != 0:
+                raise self.error(f"param {i} has lr_mult {spec.lr_mult:g}; the statistics of batch "
+                                 "normalization cannot be learned: set lr_mult: 0 or drop the "
+                                 "param block (use a Scale layer for a learned affine part)")
+        while len(own.param) < 3:
+            own.param.add().lr_mult = 0.0
+
+        p = own.batch_norm_param
+        shape = tuple(bottom_shapes[0])
+        if len(shape) == 0:
+            raise self.error("bottom must have at least one axis")
+        self.channels = 1 if len(shape) == 1 else shape[1]
+        self.use_global_stats = (p.use_global_stats if p.HasField("use_global_stats")
+                                 else phase == TEST)
+        self.moving_average_fraction = float(p.moving_average_fraction)
+        self.eps = float(p.eps)
+        if self.eps < 0:
+            raise self.error(f"eps ({self.eps:g}) must not be negative")
+        for blob_shape in ((self.channels,), (self.channels,), (1,)):
+            self.add_blob(torch.zeros(blob_shape), learnable=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.batch_norm wants (N, C, *); Caffe treats a 1-D bottom as one channel.
+        xc = x.reshape(-1, 1) if x.dim() == 1 else x
+        if xc.shape[1] != self.channels:
+            raise self.error(f"bottom has {xc.shape[1]} channels, the layer was built for "
+                             f"{self.channels}")
+        if self.use_global_stats:
+            y = self._global_stats(xc)
+        else:
+            y = self._batch_stats(xc)
+        return y.reshape(x.shape)
+
+    def _global_stats(self, x: torch.Tensor) -> torch.Tensor:
+        mean_sum, var_sum, factor = (b.detach() for b in self.blobs)
+        with torch.no_grad():
+            # 1/s, or 0 when no statistics were accumulated (Caffe's rule); stays on device.
+            inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
+            mean = (mean_sum * inv).to(x.dtype)  # (C,)
+            var = (var_sum * inv).to(x.dtype)    # (C,)
+        return F.batch_norm(x, mean, var, training=False, eps=self.eps)
+
+    def _batch_stats(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.numel() // x.shape[1]
+        if m == 1:
+            # One value per channel: mean = x and var = 0, so y = x - x = 0 with a zero
+            # gradient, as Caffe's backward gives (F.batch_norm refuses this case).
+            mean = x.detach().reshape(-1)
+            unbiased_var = torch.zeros_like(mean)  # Caffe's bias correction is 1 for m == 1
+            y = x - x
+        else:
+            # momentum=1 makes F.batch_norm write the batch mean and the unbiased (m/(m-1))
+            # variance into these buffers, exactly the terms Caffe adds to its running sums;
+            # the normalisation itself uses the biased variance, as Caffe does, and autograd
+            # through it is Caffe's batch-statistics backward.
+            mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+            unbiased_var = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            y = F.batch_norm(x, mean, unbiased_var, training=True, momentum=1.0, eps=self.eps)
+        lam = self.moving_average_fraction
+        with torch.no_grad():
+            mean_sum, var_sum, factor = self.blobs
+            factor.mul_(lam).add_(1.0)
+            mean_sum.mul_(lam).add_(mean.to(mean_sum.dtype))
+            var_sum.mul_(lam).add_(unbiased_var.to(var_sum.dtype))
+        return y
+
+
+def _canonical_axis(layer: Layer, axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise layer.error(f"axis ({axis}) out of range for a {ndim}-D bottom "
+                          f"(valid: {-ndim} to {ndim - 1})")
+    return axis + ndim if axis < 0 else axis
+
+
+class _Broadcast(Layer):
+    """Shared part of Scale and Bias: an operand broadcast over bottom 0's axes
+    ``[axis, axis + operand.ndim)``, taken from bottom 1 or learned as blob 0."""
+
+    num_bottoms = (1, 2)
+    num_tops = (1, 1)
+
+    def _operand_shape(self, p, bottom_shapes: Sequence[Shape]) -> Shape:
+        """Shape of the operand (learned blob or bottom 1) after checking it against bottom 0."""
+        x_shape = tuple(bottom_shapes[0])
+        ndim = len(x_shape)
+        if len(bottom_shapes) > 1:
+            shape = tuple(bottom_shapes[1])
+        else:
+            axis = _canonical_axis(self, p.axis, ndim)
+            if p.num_axes < -1:
+                raise self.error(f"num_axes ({p.num_axes}) must be non-negative, or -1 to "
+                                 "extend to the last axis of the bottom")
+            end = ndim if p.num_axes == -1 else axis + p.num_axes
+            if end > ndim:
+                raise self.error(f"axis ({p.axis}) + num_axes ({p.num_axes}) exceeds the "
+                                 f"{ndim} axes of bottom shape {list(x_shape)}")
+            shape = x_shape[axis:end]
+        # A scalar operand lines up with axis 0 whatever axis says (Caffe does the same).
+        self.axis = 0 if len(shape) == 0 else _canonical_axis(self, p.axis, ndim)
+        if x_shape[self.axis:self.axis + len(shape)] != shape:
+            raise self.error(f"{self.operand_name} shape {list(shape)} does not match bottom shape "
+                             f"{list(x_shape)} at axes {self.axis}..{self.axis + len(shape) - 1}")
+        return shape
+
+    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``t`` reshaped so it broadcasts over ``x`` starting at ``self.axis``."""
+        trailing = x.dim() - self.axis - t.dim()
+        return t.reshape((1,) * self.axis + tuple(t.shape) + (1,) * trailing).to(x.dtype)
+
+
+def _filler_or_constant(p, field: str, value: float):
+    """``p.<field>`` if the prototxt sets it, else Caffe's default constant filler."""
+    if p.HasField(field):
+        return getattr(p, field)
+    return caffe_pb2.FillerParameter(type="constant", value=value)
+
+
+@register
+class Scale(_Broadcast):
+    """``y = x * gamma (+ beta)``, gamma broadcast over ``[axis, axis + num_axes)``.
+
+    gamma is bottom 1 when given (then ``num_axes`` is ignored), else blob 0 (filler default
+    constant 1). With ``bias_term`` a beta of gamma's shape follows as the last blob (filler
+    ``bias_filler``, default constant 0). Gradients flow to x, gamma and beta.
+    """
+
+    type = "Scale"
+    operand_name = "scale"
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.scale_param
+        shape = self._operand_shape(p, bottom_shapes)
+        self.scale_from_bottom = len(bottom_shapes) > 1
+        if not self.scale_from_bottom:
+            self.add_blob(fill(_filler_or_constant(p, "filler", 1.0), shape))
+        self.bias_term = bool(p.bias_term)
+        if self.bias_term:
+            self.add_blob(fill(_filler_or_constant(p, "bias_filler", 0.0), shape))
+
+    def forward(self, x: torch.Tensor, *scale: torch.Tensor) -> torch.Tensor:
+        gamma = self._view(scale[0] if self.scale_from_bottom else self.blobs[0], x)
+        if self.bias_term:
+            return torch.addcmul(self._view(self.blobs[-1], x), x, gamma)
+        return x * gamma
+
+
+@register
+class Bias(_Broadcast):
+    """``y = x + beta``, beta broadcast over ``[axis, axis + num_axes)``.
+
+    beta is bottom 1 when given (then ``num_axes`` is ignored), else blob 0 (filler default
+    constant 0).
+    """
+
+    type = "Bias"
+    operand_name = "bias"
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.bias_param
+        shape = self._operand_shape(p, bottom_shapes)
+        self.bias_from_bottom = len(bottom_shapes) > 1
+        if not self.bias_from_bottom:
+            self.add_blob(fill(_filler_or_constant(p, "filler", 0.0), shape))
+
+    def forward(self, x: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
+        return x + self._view(bias[0] if self.bias_from_bottom else self.blobs[0], x)

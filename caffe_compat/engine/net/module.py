@@ -1,0 +1,348 @@
+"""NetModule: a Caffe NetParameter instantiated as a plain ``torch.nn.Module``.
+
+Building is a short chain of pure steps (upgrade → filter by NetState → insert Splits →
+instantiate layers and wire blobs). ``forward(**inputs)`` returns the output blobs as a
+dict of tensors; ``run`` exposes every blob for the pycaffe wrapper; ``loss`` sums the
+weighted loss tops (Caffe: Σ w·sum(top)). Backward is autograd.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+import caffe_compat.engine.layers.all  # noqa: F401  (registers every built-in layer type)
+from caffe_compat.engine.layers.base import Layer, LayerError, Shape, layer_class
+from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, insert_splits,
+                                       make_state)
+from caffe_compat.engine.net.upgrade import upgrade_net
+from caffe_compat.proto import caffe_pb2
+
+
+@dataclass
+class LearnableParam:
+    """One learnable blob as the solver sees it (Caffe's learnable_params_ entry)."""
+    name: str            # "<owner layer>/<blob index>"
+    tensor: nn.Parameter
+    lr_mult: float
+    decay_mult: float
+
+
+@dataclass
+class _Step:
+    """One layer of the execution plan."""
+    index: int
+    bottoms: tuple[str, ...]
+    tops: tuple[str, ...]
+    detach: tuple[bool, ...]             # per bottom: cut the gradient (propagate_down / labels)
+    release: tuple[str, ...] = field(default=())  # blobs last used here (freed in fast path)
+
+
+class NetModule(nn.Module):
+    """A Caffe net as a torch module. Build with ``NetModule.from_param`` or ``build_net``."""
+
+    def __init__(self, net_param: caffe_pb2.NetParameter, phase: int, source: str = "<net>"):
+        super().__init__()
+        self.name = net_param.name
+        self.phase = phase
+        self.source = source
+        self.net_param = net_param            # filtered, split-inserted definition
+        self.layers = nn.ModuleList()
+        self.layer_names: list[str] = []
+        self.blob_shapes: dict[str, Shape] = {}
+        self.input_names: list[str] = []      # tops of Input layers, fed through forward()
+        self.loss_weights: dict[str, float] = {}
+        self.learnable_params: list[LearnableParam] = []
+        self.bottom_names: dict[str, list[str]] = {}
+        self.top_names: dict[str, list[str]] = {}
+        self._plan: list[_Step] = []
+        self._build(net_param)
+
+    # -- construction -----------------------------------------------------------------
+    def _build(self, net: caffe_pb2.NetParameter) -> None:
+        produced_by: dict[str, str] = {}
+        consumed: set[str] = set()
+        available: list[str] = []
+        owners: dict[str, tuple[nn.Parameter, caffe_pb2.ParamSpec, str]] = {}
+        force_backward = net.force_backward
+        for index, lp in enumerate(net.layer):
+            if lp.name in self.layer_names:
+                raise NetDefinitionError(f"{self.source}: duplicate layer name '{lp.name}'")
+            cls = layer_class(lp.type)
+            self._check_counts(cls, lp)
+            bottom_shapes = []
+            for j, b in enumerate(lp.bottom):
+                if b not in self.blob_shapes:
+                    raise NetDefinitionError(f"{self.source}: Unknown bottom blob '{b}' (layer "
+                                             f"'{lp.name}', bottom index {j})")
+                bottom_shapes.append(self.blob_shapes[b])
+                consumed.add(b)
+                if b in available:
+                    available.remove(b)
+            for j, t in enumerate(lp.top):
+                in_place = j < len(lp.bottom) and lp.bottom[j] == t
+                if t in produced_by and not in_place:
+                    raise NetDefinitionError(
+                        f"{self.source}: top blob '{t}' of layer '{lp.name}' is already produced "
+                        f"by layer '{produced_by[t]}'; give it a new name (only in-place "
+                        "layers, whose top equals their bottom, may reuse a blob)")
+            try:
+                layer: Layer = cls(lp, bottom_shapes, lp.phase)
+                top_shapes = layer.top_shapes(bottom_shapes)
+            except LayerError:
+                raise
+            except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+                raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}): {exc}") from exc
+            if len(top_shapes) != len(lp.top):
+                raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) produces "
+                                 f"{len(top_shapes)} tops but {len(lp.top)} are named")
+            for t, shape in zip(lp.top, top_shapes):
+                produced_by[t] = lp.name
+                self.blob_shapes[t] = tuple(int(d) for d in shape)
+                if t not in available:
+                    available.append(t)
+            if lp.type == "Input":
+                self.input_names.extend(lp.top)
+            self._set_loss_weights(layer, lp)
+            self._set_params(layer, lp, owners, force_backward)
+            detach = self._detach_mask(layer, lp, force_backward)
+            self.layers.append(layer)
+            self.layer_names.append(lp.name)
+            self.bottom_names[lp.name] = list(lp.bottom)
+            self.top_names[lp.name] = list(lp.top)
+            self._plan.append(_Step(index, tuple(lp.bottom), tuple(lp.top), detach))
+        self.output_names = sorted(available)   # Caffe keeps them in a std::set
+        self._mark_releases()
+
+    def _check_counts(self, cls: type[Layer], lp: caffe_pb2.LayerParameter) -> None:
+        for what, names, (lo, hi) in (("bottom", lp.bottom, cls.num_bottoms),
+                                      ("top", lp.top, cls.num_tops)):
+            n = len(names)
+            if n < lo or (hi is not None and n > hi):
+                want = f"{lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+                raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) takes {want} "
+                                 f"{what} blob(s), got {n}")
+
+    def _set_loss_weights(self, layer: Layer, lp: caffe_pb2.LayerParameter) -> None:
+        weights = list(lp.loss_weight)
+        if weights and len(weights) != len(lp.top):
+            raise LayerError(f"{self.source}: layer '{lp.name}' has {len(weights)} loss_weight "
+                             f"values for {len(lp.top)} tops; give one per top")
+        if not weights and layer.is_loss:
+            weights = [1.0] + [0.0] * (len(lp.top) - 1)
+            layer.param.loss_weight.extend(weights)   # saved in caffemodels, as Caffe does
+        for top, w in zip(lp.top, weights):
+            if w:
+                self.loss_weights[top] = float(w)
+
+    def _set_params(self, layer: Layer, lp: caffe_pb2.LayerParameter,
+                    owners: dict[str, tuple[nn.Parameter, caffe_pb2.ParamSpec, str]],
+                    force_backward: bool) -> None:
+        """Apply lr_mult/decay_mult, share named params, and register learnable blobs.
+
+        A param with lr_mult 0 gets no gradient unless the net sets force_backward, which
+        in Caffe turns on every param's propagate_down.
+        """
+        specs = list(lp.param)
+        if len(specs) > len(layer.blobs):
+            raise LayerError(f"{self.source}: layer '{lp.name}' has {len(specs)} param specs "
+                             f"but only {len(layer.blobs)} blobs")
+        for i, blob in enumerate(layer.blobs):
+            spec = specs[i] if i < len(specs) else None
+            if not blob.requires_grad:      # statistics (BatchNorm): pinned to lr_mult 0
+                if spec is not None and spec.HasField("lr_mult") and spec.lr_mult != 0:
+                    raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) blob {i} "
+                                     "holds statistics; its lr_mult must be 0")
+                if spec is None:
+                    spec = layer.param.param.add()
+                spec.lr_mult = 0.0
+            spec = spec or caffe_pb2.ParamSpec()
+            name = spec.name
+            if name and name in owners:
+                owner, owner_spec, owner_layer = owners[name]
+                self._check_share(owner, blob, spec, name, lp.name, owner_layer)
+                for attr in ("lr_mult", "decay_mult"):
+                    if spec.HasField(attr) and owner_spec.HasField(attr) and \
+                            getattr(spec, attr) != getattr(owner_spec, attr):
+                        raise LayerError(f"{self.source}: shared param '{name}' has conflicting "
+                                         f"{attr} in layers '{owner_layer}' and '{lp.name}'")
+                layer.blobs[i] = owner
+                continue
+            lr_mult = spec.lr_mult if spec.HasField("lr_mult") else 1.0
+            decay_mult = spec.decay_mult if spec.HasField("decay_mult") else 1.0
+            blob.requires_grad_(lr_mult != 0 or force_backward)
+            if name:
+                owners[name] = (blob, spec, lp.name)
+            self.learnable_params.append(LearnableParam(f"{lp.name}/{i}", blob, lr_mult, decay_mult))
+
+    def _check_share(self, owner, blob, spec, name, layer_name, owner_layer) -> None:
+        permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+        same = owner.numel() == blob.numel() if permissive else owner.shape == blob.shape
+        if not same:
+            raise LayerError(f"{self.source}: cannot share param '{name}' between layers "
+                             f"'{owner_layer}' {tuple(owner.shape)} and '{layer_name}' "
+                             f"{tuple(blob.shape)}: shapes differ")
+
+    def _detach_mask(self, layer: Layer, lp: caffe_pb2.LayerParameter,
+                     force_backward: bool) -> tuple[bool, ...]:
+        pd = list(lp.propagate_down)
+        if pd and len(pd) != len(lp.bottom):
+            raise LayerError(f"{self.source}: layer '{lp.name}' has {len(pd)} propagate_down "
+                             f"values for {len(lp.bottom)} bottoms")
+        return tuple((j in layer.no_grad_bottoms) or (bool(pd) and not pd[j])
+                     for j in range(len(lp.bottom)))
+
+    def _mark_releases(self) -> None:
+        """Record where each blob is used for the last time, so ``forward`` can drop it."""
+        keep = set(self.output_names) | set(self.loss_weights)
+        last_use: dict[str, int] = {}
+        for pos, step in enumerate(self._plan):
+            for b in step.bottoms:
+                last_use[b] = pos
+        for pos, step in enumerate(self._plan):
+            step.release = tuple(b for b in set(step.bottoms)
+                                 if last_use[b] == pos and b not in keep
+                                 and b not in step.tops)
+
+    # -- running ----------------------------------------------------------------------
+    def run(self, inputs: Mapping[str, torch.Tensor], start: int = 0, end: int | None = None,
+            blobs: dict[str, torch.Tensor] | None = None, keep_all: bool = True,
+            record: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Run layers ``start..end`` (inclusive) and return the blob dict.
+
+        ``blobs`` supplies blobs computed earlier (for partial runs); ``inputs`` feeds the
+        Input layers' tops. With ``keep_all=False`` intermediate blobs are dropped after
+        their last use, which the training path uses to save memory. ``record`` receives
+        the first tensor bound to each blob name (an in-place blob's diff in Caffe is the
+        gradient of that first value).
+        """
+        blobs = {} if blobs is None else blobs
+        end = len(self._plan) - 1 if end is None else end
+        for pos in range(start, end + 1):
+            step = self._plan[pos]
+            layer = self.layers[step.index]
+            if layer.type == "Input":
+                for t in step.tops:
+                    if t not in inputs:
+                        raise KeyError(f"{self.source}: input blob '{t}' was not fed "
+                                       f"(inputs are {', '.join(self.input_names)})")
+                    blobs[t] = inputs[t]
+                continue
+            args = []
+            for name, cut in zip(step.bottoms, step.detach):
+                try:
+                    t = blobs[name]
+                except KeyError:
+                    raise KeyError(f"{self.source}: blob '{name}' needed by layer "
+                                   f"'{layer.name}' has not been computed") from None
+                args.append(t.detach() if cut else t)
+            if layer.full_precision and any(t.dtype in _REDUCED for t in args):
+                out = _in_float32(layer, args)
+            else:
+                out = layer(*args)
+            if not isinstance(out, (tuple, list)):
+                out = (out,)
+            for t, value in zip(step.tops, out):
+                blobs[t] = value
+                if record is not None and t not in record:
+                    record[t] = value
+            if not keep_all:
+                for b in step.release:
+                    blobs.pop(b, None)
+        return blobs
+
+    def seek_data(self, batch: int) -> None:
+        """Point every data layer at batch ``batch`` (absolute, so calling twice is harmless):
+        a resumed run reads what an uninterrupted one would have."""
+        for layer in self.layers:
+            seek = getattr(layer, "seek", None)
+            if seek is not None:
+                seek(batch)
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feed the Input blobs by name; return the output blobs (those no layer consumes)."""
+        blobs = self.run(inputs, keep_all=False)
+        return {name: blobs[name] for name in self.output_names}
+
+    def forward_loss(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward: (total weighted loss, output blobs). The training step uses this."""
+        blobs = self.run(inputs, keep_all=False)
+        return self.loss(blobs), {name: blobs[name] for name in self.output_names}
+
+    def loss(self, blobs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Caffe's net loss: Σ over loss tops of loss_weight · sum(top)."""
+        total = None
+        for name, w in self.loss_weights.items():
+            term = blobs[name].sum() * w
+            total = term if total is None else total + term
+        if total is None:
+            device = next((p.device for p in self.parameters()), torch.device("cpu"))
+            return torch.zeros((), device=device)
+        return total
+
+    def infer_shapes(self, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+        """Every blob's shape for these Input shapes (Caffe's Reshape pass)."""
+        shapes = {n: tuple(s) for n, s in input_shapes.items()}
+        for step in self._plan:
+            layer = self.layers[step.index]
+            if layer.type == "Input":
+                continue
+            tops = layer.top_shapes([shapes[b] for b in step.bottoms])
+            shapes.update({t: tuple(int(d) for d in s) for t, s in zip(step.tops, tops)})
+        return shapes
+
+    def share_trained_layers_with(self, other: "NetModule") -> None:
+        """Point this net's layer blobs at ``other``'s, matched by layer name (no copy).
+
+        Caffe's ShareTrainedLayersWith: test nets see the train net's current weights and
+        BatchNorm statistics. Shapes must agree.
+        """
+        theirs = dict(other.named_layers())
+        for name, layer in self.named_layers():
+            source = theirs.get(name)
+            if source is None or not len(layer.blobs):
+                continue
+            if len(source.blobs) != len(layer.blobs):
+                raise LayerError(f"cannot share layer '{name}': {len(source.blobs)} blobs vs "
+                                 f"{len(layer.blobs)}")
+            for i, p in enumerate(source.blobs):
+                if p.shape != layer.blobs[i].shape:
+                    raise LayerError(f"cannot share param {i} of layer '{name}': shape "
+                                     f"{tuple(p.shape)} vs {tuple(layer.blobs[i].shape)}")
+                layer.blobs[i] = p
+
+    def layer_index(self, name: str) -> int:
+        try:
+            return self.layer_names.index(name)
+        except ValueError:
+            raise KeyError(f"{self.source}: no layer named '{name}'") from None
+
+    def named_layers(self) -> Iterable[tuple[str, Layer]]:
+        return zip(self.layer_names, self.layers)
+
+
+def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,
+              stages: Sequence[str] = (), source: str = "<net>",
+              state: caffe_pb2.NetState | None = None) -> NetModule:
+    """Upgrade, filter for (phase, level, stages), insert Splits, and instantiate."""
+    param = caffe_pb2.NetParameter()
+    param.CopyFrom(net_param)
+    upgrade_net(param, source)
+    if state is None:
+        state = make_state(phase, level, stages,
+                           base=param.state if param.HasField("state") else None)
+    filtered = insert_splits(filter_net(param, state, source), source)
+    return NetModule(filtered, state.phase, source)
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _in_float32(layer, args: list[torch.Tensor]):
+    """Run a ``full_precision`` layer outside autocast on float32 copies of reduced bottoms
+    (autocast would otherwise keep a loss or an accuracy in bf16: 3 significant digits)."""
+    args = [t.float() if t.dtype in _REDUCED else t for t in args]
+    with torch.autocast(args[0].device.type, enabled=False):
+        return layer(*args)

@@ -1,0 +1,133 @@
+"""Snapshot files: ``<prefix>_iter_N.caffemodel`` and ``.solverstate`` (or their ``.h5`` forms).
+
+A solverstate is Caffe's ``SolverState`` message: ``iter`` (updates done), ``learned_net``
+(the caffemodel path written with it, as given, so usually relative to the working directory
+of the run), ``history`` (one BlobProto per history blob, ``shape`` + float ``data``) and
+``current_step``. The HDF5 form has datasets ``iter``, ``learned_net``, ``current_step`` and a
+group ``history`` with datasets ``0``, ``1``, … (sgd_solver.cpp SnapshotSolverStateToHDF5).
+Every file is written to a temporary name and renamed, so a killed run never leaves a torn one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from caffe_compat.formats.atomic import atomic_path
+from caffe_compat.engine import weights
+from caffe_compat.formats.blob_io import blobproto_to_array, read_proto, write_proto_atomic
+from caffe_compat.engine.weights import tensor_to_blobproto
+from caffe_compat.proto import caffe_pb2
+
+BINARYPROTO = caffe_pb2.SolverParameter.BINARYPROTO
+HDF5 = caffe_pb2.SolverParameter.HDF5
+
+
+class SnapshotError(ValueError):
+    """A solverstate that cannot be read or does not fit the solver."""
+
+
+@dataclass
+class SolverStateData:
+    iter: int = 0
+    learned_net: str = ""
+    history: list[np.ndarray] = field(default_factory=list)
+    current_step: int = 0
+
+
+def snapshot_filename(prefix: str, iteration: int, extension: str) -> str:
+    """Caffe's SnapshotFilename: ``prefix + "_iter_" + iter + extension`` (no zero padding)."""
+    return f"{prefix}_iter_{int(iteration)}{extension}"
+
+
+def model_extension(fmt: int) -> str:
+    return ".caffemodel.h5" if fmt == HDF5 else ".caffemodel"
+
+
+def state_extension(fmt: int) -> str:
+    return ".solverstate.h5" if fmt == HDF5 else ".solverstate"
+
+
+def write_model(module, path: str, write_diff: bool = False) -> None:
+    """The caffemodel (``.h5`` path → Caffe's HDF5 layout), written atomically."""
+    weights.save(module, path, write_diff)
+
+
+def write_state(path: str, state: SolverStateData, history: list[torch.Tensor]) -> None:
+    """Write a solverstate (HDF5 when ``path`` ends in ``.h5``) atomically."""
+    if path.endswith(".h5"):
+        _write_state_h5(path, state, history)
+        return
+    msg = caffe_pb2.SolverState(iter=int(state.iter), learned_net=state.learned_net,
+                                current_step=int(state.current_step))
+    msg.history.extend(tensor_to_blobproto(h) for h in history)
+    write_proto_atomic(path, msg)
+
+
+def _write_state_h5(path: str, state: SolverStateData, history: list[torch.Tensor]) -> None:
+    import h5py
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("iter", data=np.array([state.iter], np.int32))
+        f.create_dataset("learned_net", data=np.bytes_(state.learned_net.encode()))
+        f.create_dataset("current_step", data=np.array([state.current_step], np.int32))
+        group = f.create_group("history")
+        for i, h in enumerate(history):
+            group.create_dataset(str(i), data=h.detach().to("cpu", torch.float32).numpy())
+
+
+def read_state(path: str) -> SolverStateData:
+    """Read a solverstate written by Caffe or by us (``.h5`` → HDF5)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such solverstate file")
+    if path.endswith(".h5"):
+        return _read_state_h5(path)
+    msg = read_proto(path, caffe_pb2.SolverState)
+    try:
+        history = [blobproto_to_array(b).astype(np.float32, copy=False) for b in msg.history]
+    except ValueError as exc:
+        raise SnapshotError(f"{path}: bad history blob: {exc}") from None
+    return SolverStateData(msg.iter, msg.learned_net, history, msg.current_step)
+
+
+def _read_state_h5(path: str) -> SolverStateData:
+    import h5py
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise SnapshotError(f"cannot open HDF5 solverstate '{path}': {exc}") from None
+    with f:
+        for key in ("iter", "history"):
+            if key not in f:
+                raise SnapshotError(f"{path}: no '{key}' in this HDF5 file; not a Caffe "
+                                    "solverstate")
+        learned = ""
+        if "learned_net" in f:
+            raw = f["learned_net"][()]
+            learned = raw.decode() if isinstance(raw, bytes) else str(raw)
+        step = int(np.asarray(f["current_step"]).reshape(-1)[0]) if "current_step" in f else 0
+        group = f["history"]
+        history = [np.asarray(group[str(i)], np.float32) for i in range(len(group))]
+        return SolverStateData(int(np.asarray(f["iter"]).reshape(-1)[0]), learned, history, step)
+
+
+def resolve_learned_net(learned_net: str, state_path: str) -> str:
+    """Where the caffemodel a solverstate names lives.
+
+    Caffe stores the path as written (relative to the working directory of the run that
+    wrote it). Tried in order: the absolute path; relative to the solverstate's folder;
+    relative to the current directory; the bare file name in the solverstate's folder (a
+    snapshot folder that was moved or copied).
+    """
+    if os.path.isabs(learned_net):
+        candidates = [learned_net]
+    else:
+        folder = os.path.dirname(os.path.abspath(state_path))
+        candidates = [os.path.join(folder, learned_net), os.path.abspath(learned_net),
+                      os.path.join(folder, os.path.basename(learned_net))]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise FileNotFoundError(f"{state_path}: learned_net '{learned_net}' not found (tried "
+                            f"{', '.join(dict.fromkeys(candidates))})")

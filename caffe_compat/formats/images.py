@@ -1,0 +1,63 @@
+"""Reading, resizing and encoding images as Caffe's ``io.cpp`` does (OpenCV, BGR, uint8)."""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+from caffe_compat.formats.errors import DataError
+
+
+def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True,
+               where: str | None = None, base: str = "") -> np.ndarray:
+    """Caffe's ReadImageToCVMat: imread as BGR (or grey), bilinear resize when both sizes > 0.
+
+    Returns H×W×3 or H×W uint8. ``where`` ("list.txt:5") prefixes the error message; a
+    relative ``path`` is read from folder ``base`` when given (messages show it as given).
+    """
+    prefix = f"{where}: " if where else ""
+    full = os.path.join(base, path) if base else path
+    if not os.path.isfile(full):          # checked first: OpenCV would also print a warning
+        raise DataError(f"{prefix}image '{path}' does not exist")
+    img = cv2.imread(full, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise DataError(f"{prefix}image '{path}' could not be decoded (corrupt or not an image)")
+    if height > 0 and width > 0:
+        img = cv2.resize(img, (width, height))
+    return img
+
+
+def hwc_to_chw(img: np.ndarray) -> np.ndarray:
+    """An OpenCV image (H×W or H×W×C) as planar C×H×W, the Datum layout."""
+    if img.ndim == 2:
+        return img[np.newaxis]
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def decode_image(data: bytes, force_color: bool = False, force_gray: bool = False) -> np.ndarray:
+    """Decode encoded Datum bytes to C×H×W: native channels unless forced (Caffe's rules)."""
+    if force_color and force_gray:
+        raise DataError("force_color and force_gray cannot both be set")
+    flag = (cv2.IMREAD_COLOR if force_color else
+            cv2.IMREAD_GRAYSCALE if force_gray else cv2.IMREAD_UNCHANGED)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    if img is None:
+        raise DataError("encoded record could not be decoded as an image")
+    if img.dtype != np.uint8:
+        raise DataError(f"encoded record decodes to {img.dtype} pixels; Caffe needs 8-bit images")
+    return hwc_to_chw(img)
+
+
+def file_extension(path: str) -> str:
+    """The lower-case text after the last '.', or the whole path when there is none (Caffe)."""
+    dot = path.rfind(".")
+    return (path[dot + 1:] if dot >= 0 else path).lower()
+
+
+def encode_image(img: np.ndarray, encode_type: str) -> bytes:
+    """cv::imencode of an H×W(×C) image as ``encode_type`` ("png", "jpg", ...)."""
+    ok, buf = cv2.imencode("." + encode_type, img)
+    if not ok:
+        raise DataError(f"OpenCV cannot encode images as '{encode_type}'")
+    return buf.tobytes()
