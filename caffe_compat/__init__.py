@@ -11,8 +11,9 @@ from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.pycaffe import Blob, Net
 from caffe_compat.pycaffe import PythonLayer as Layer
 from caffe_compat.engine.rng import set_seed as set_random_seed
-from caffe_compat.engine.solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,
-                                 RMSPropSolver, SGDSolver, Solver, get_solver)
+from caffe_compat.pycaffe_solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver,
+                                         NesterovSolver, RMSPropSolver, SGDSolver, Solver,
+                                         get_solver)
 
 __version__ = "0.1.0"
 

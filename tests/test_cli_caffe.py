@@ -11,7 +11,7 @@ import torch
 
 import caffe_compat as caffe
 from caffe_compat.commands import device as devices
-from caffe_compat.commands.progress import TrainProgress, images_per_iteration
+from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import SignalHandler
 from caffe_compat.commands.time_cmd import benchmark
 from caffe_compat.engine.mode import DeviceError
@@ -215,7 +215,7 @@ def test_progress_bar_and_log_lines_do_not_interleave(tmp_path, monkeypatch):
     (tmp_path / "snap").mkdir()
     solver = caffe.get_solver(str(write_solver(tmp_path, max_iter=6, test_interval=3,
                                                display=1, snapshot=0)))
-    assert images_per_iteration(solver) == 4
+    assert solver.images_per_iter == 4
     out = io.StringIO()
     with TrainProgress(6, enabled=True, file=out).attach(solver) as bar:
         solver.solve()
@@ -225,7 +225,7 @@ def test_progress_bar_and_log_lines_do_not_interleave(tmp_path, monkeypatch):
     for line in re.findall(r"[^\n]*Iteration \d+, lr = [^\n]*", text):
         assert GLOG_LINE.match(line.split("\r")[-1]), repr(line)
     assert "6/6" in text
-    assert glog._echo is None                     # close() restored the plain stderr copy
+    assert glog.echo() is None                     # close() restored the plain stderr copy
 
 
 def test_progress_bar_off_when_not_a_terminal():

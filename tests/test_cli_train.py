@@ -22,6 +22,7 @@ from caffe_compat.commands import train as train_cli
 from caffe_compat.commands.logparse import parse_log
 from caffe_compat.data.db import DBWriter
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.engine.solver.events import IterationDone
 from caffe_compat.engine.weights import read_net_weights
 from tool_utils import load_tool
 
@@ -219,12 +220,12 @@ def _with_hook(monkeypatch, hook):
     class Hooked(base):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            self.iteration_hooks.append(hook)
+            self.subscribe(hook, IterationDone)
     monkeypatch.setattr(train_cli, "Solver", Hooked)
 
 
 def test_sigint_snapshots_and_stops(workdir, capsys, monkeypatch):
-    _with_hook(monkeypatch, _SignalAt(signal.SIGINT, 3))
+    _with_hook(monkeypatch, _SignalAt(signal.SIGINT, 4))
     solver = write_solver(workdir, snapshot=0)
     previous = signal.getsignal(signal.SIGINT)
     assert run_train(["--solver", str(solver), "--no-plot"]) == 0
@@ -237,7 +238,7 @@ def test_sigint_snapshots_and_stops(workdir, capsys, monkeypatch):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
 def test_sighup_snapshots_and_continues(workdir, capsys, monkeypatch):
-    _with_hook(monkeypatch, _SignalAt(signal.SIGHUP, 3))
+    _with_hook(monkeypatch, _SignalAt(signal.SIGHUP, 4))
     solver = write_solver(workdir, snapshot=0, max_iter=8, test_interval=4)
     assert run_train(["--solver", str(solver), "--no-plot"]) == 0
     assert (workdir / "snap/run_iter_4.solverstate").is_file()   # the requested snapshot

@@ -77,7 +77,7 @@ def test_train_cli_runs_data_parallel_cpu_processes(tmp_path, lmdb_path, capsys)
     add_arguments(ap)
     assert main(ap.parse_args(["--solver", solver, "--cpu-procs", "2", "--no-plot"])) == 0
     snaps = sorted(p.name for p in (tmp_path / "snap").iterdir())
-    assert snaps == ["tiny.log", "tiny_iter_3.caffemodel", "tiny_iter_3.solverstate",
+    assert snaps == ["tiny.log", "tiny.metrics.jsonl", "tiny_iter_3.caffemodel", "tiny_iter_3.solverstate",
                      "tiny_iter_6.caffemodel", "tiny_iter_6.solverstate"]
     log = (tmp_path / "snap" / "tiny.log").read_text()
     assert "Data-parallel training over 2 processes" in log

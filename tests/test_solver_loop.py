@@ -12,7 +12,7 @@ import caffe_compat as caffe
 from caffe_compat.engine.layers import base as layer_base
 from caffe_compat.engine.layers.base import Layer
 from caffe_compat.proto import caffe_pb2
-from caffe_compat.engine.solver import NonFiniteLossError
+from caffe_compat.engine.solver import IterationDone, NonFiniteLossError
 from caffe_compat.formats import glog
 from caffe_compat.engine.solver.params import resolve_snapshot_prefix
 from caffe_compat.engine.solver.snapshot import read_state, snapshot_filename, tensor_to_blobproto
@@ -130,7 +130,7 @@ def test_average_loss_ring_buffer():
     solver = _solver(BASE + "average_loss: 3\n")
     rng = np.random.default_rng(1)
     losses = []
-    solver.iteration_hooks.append(lambda s: losses.append(s.loss))
+    solver.subscribe(lambda event: losses.append(event.loss), IterationDone)
     inputs = [(rng.uniform(0.5, 2, (4, 3)), rng.integers(0, 3, 4)) for _ in range(7)]
     seen = []
 
@@ -260,7 +260,7 @@ def test_action_request_snapshot_and_stop():
     rng = np.random.default_rng(0)
     solver.add_callback(on_start=lambda: _feed(solver, rng))
     actions = iter(["none", "snapshot", "stop"])
-    solver.action_request = lambda: next(actions, "none")
+    solver.add_action_source(lambda: next(actions, "none"))
     solver.solve()
     assert solver.iter == 3 and solver.requested_early_exit
     assert Path("act_iter_2.caffemodel").exists() and Path("act_iter_3.caffemodel").exists()

@@ -14,13 +14,13 @@ import signal
 import threading
 
 from caffe_compat.formats import glog
-from caffe_compat.engine.solver.base import NONE, SNAPSHOT, STOP
+from caffe_compat.engine.solver.events import NONE, SNAPSHOT, STOP
 
 EFFECTS = (STOP, SNAPSHOT, NONE)
 
 
 class SignalHandler:
-    """Install with ``with SignalHandler(...) as h: solver.action_request = h.action``."""
+    """Install with ``with SignalHandler(...) as h: solver.add_action_source(h.action)``."""
 
     def __init__(self, sigint_effect: str = STOP, sighup_effect: str = SNAPSHOT):
         for flag, effect in (("sigint_effect", sigint_effect), ("sighup_effect", sighup_effect)):

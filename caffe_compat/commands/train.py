@@ -1,8 +1,9 @@
 """``caffe train``: train from a solver prototxt, with Caffe's flags.
 
-    tools/train.py --solver S [--weights W[,W2]] [--snapshot S.solverstate] [--gpu 0|0,1|all]
-                   [--iterations N] [--precision fp32|bf16|fp16] [--allow-cpu]
-                   [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
+    caffe train --solver S [--weights W[,W2]] [--snapshot S.solverstate] [--gpu 0|0,1|all]
+                [--iterations N] [--precision fp32|bf16|fp16] [--allow-cpu]
+                [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
+                [--tensorboard DIR] [--cpu-procs N]
 
 Paths inside the solver (``net``, ``snapshot_prefix``) and the nets (data ``source``) are read
 relative to the working directory, as Caffe does (a ``net`` path is also looked up beside the
@@ -10,26 +11,26 @@ solver file). Files written, all next to the snapshots:
 
 - ``<snapshot_prefix>_iter_N.caffemodel`` / ``.solverstate`` (Caffe's names and formats);
 - ``<snapshot_prefix>.log``: the glog lines (also on stderr), in Caffe's format so Caffe's
-  ``parse_log.py`` / ``parse_log.sh`` and ``tools/parse_log.py`` read it. A fresh run
-  replaces it; a run resumed with ``--snapshot`` appends to it;
-- ``<snapshot_prefix>.png``: training loss and test accuracy/loss, drawn from that log.
+  ``parse_log.py`` / ``parse_log.sh`` and ``tools/parse_log.py`` read it; appended to, so a
+  resumed run continues the log of the run it resumes and nothing is ever truncated;
+- ``<snapshot_prefix>.metrics.jsonl``: one JSON line per iteration and per test;
+- ``<snapshot_prefix>.png``: the training curves, redrawn at every test.
 
 The folder of ``snapshot_prefix`` is created if missing (Caffe would refuse to start).
-``--snapshot`` restores the iteration, weights and history; data layers restart at their
-first batch, as in Caffe, so a resume is bit-identical to an uninterrupted run only when
-their batches do not depend on the position (no random crop/mirror, epochs aligned with the
-snapshot interval). Several GPUs are refused here; data parallelism lives in
-``caffe_compat.engine.distributed``.
+``--snapshot`` restores the iteration, weights and history, and data layers continue at the
+batch an uninterrupted run would read next, so a resumed run is bit-identical to one that was
+never stopped. ``--gpu 0,1`` / ``all`` and ``--cpu-procs N`` train data-parallel over
+torch.distributed (``caffe_compat.engine.distributed``); under ``torchrun`` each process joins
+the group from the environment. The command drives the solver engine's one training loop and
+observes it through its events (progress bar, metrics, plot, TensorBoard).
 At the end it prints the last snapshot, the final test outputs, the log and the plot.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import functools
 import os
-import socket
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -38,11 +39,12 @@ import torch
 from caffe_compat.engine import distributed
 from caffe_compat.commands import device as devices
 from caffe_compat.commands.common import CliError, add_debug_flag, one_line
-from caffe_compat.commands.logparse import parse_log
+from caffe_compat.commands.observers import LivePlot, MetricsFile, SnapshotRecord, TensorBoard
 from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import EFFECTS, SignalHandler
 from caffe_compat.formats import glog
 from caffe_compat.engine.solver.base import NonFiniteLossError, Solver
+from caffe_compat.engine.solver.events import TestDone
 from caffe_compat.engine.solver.params import read_solver_param
 
 
@@ -78,7 +80,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--log", metavar="FILE",
                     help="write the log here instead of <snapshot_prefix>.log")
     ap.add_argument("--no-plot", "--no_plot", dest="plot", action="store_false",
-                    help="do not draw <snapshot_prefix>.png at the end")
+                    help="do not draw <snapshot_prefix>.png (redrawn at every test)")
+    ap.add_argument("--metrics", metavar="FILE",
+                    help="JSON lines per iteration and test (default <log name>.metrics.jsonl)")
+    ap.add_argument("--tensorboard", metavar="DIR",
+                    help="also write TensorBoard scalars (every train/test output, lr, "
+                         "images/s) and weight histograms at each snapshot into DIR")
     ap.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                     help="the tqdm progress bar: on a terminal only (auto, default), always, "
                          "or never")
@@ -96,6 +103,7 @@ class TrainResult:
     plot_path: str | None = None
     snapshots: list[tuple[str, str]] = field(default_factory=list)   # (model, solverstate)
     stopped_early: bool = False
+    tests: object = None          # the last test event of each test net
 
 
 def log_path_for(prefix: str) -> str:
@@ -133,16 +141,9 @@ def _solver_param(args: argparse.Namespace):
     return param
 
 
-def _open_log(path: str, append: bool):
-    """Start the log file with glog's header, then let glog append every line to it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    now = datetime.datetime.now()
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        f.write(f"Log file created at: {now:%Y/%m/%d %H:%M:%S}\n"
-                f"Running on machine: {socket.gethostname()}\n"
-                "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid file:line] msg\n")
-    return glog.add_log_file(path)
+def _open_log(path: str):
+    """Append glog's header, then every line of the run, to ``path`` (never truncated)."""
+    return glog.add_log_file(path, header=True)
 
 
 def train(args: argparse.Namespace, out=None) -> TrainResult:
@@ -180,7 +181,7 @@ def _train_member(args, param, choice, out) -> TrainResult | None:
     if prefix_dir:
         os.makedirs(prefix_dir, exist_ok=True)
     log_path = args.log or log_path_for(param.snapshot_prefix)
-    log_file = _open_log(log_path, append=bool(args.snapshot))
+    log_file = _open_log(log_path)
     if distributed.world_size() > 1:
         glog.info(f"Data-parallel training over {distributed.world_size()} processes: each "
                   f"runs batch_size per iteration and the gradients are averaged", "caffe.cpp:204")
@@ -188,7 +189,8 @@ def _train_member(args, param, choice, out) -> TrainResult | None:
         return _train(args, param, choice, log_path, out)
     except Exception as exc:
         if not isinstance(exc, NonFiniteLossError):     # the solver has logged that one
-            log_file.write(glog.format_line(one_line(exc), "caffe.cpp:250", "E"))
+            log_file.stream.write(glog.format_line(one_line(exc), "caffe.cpp:250", "E"))
+            log_file.flush()
         raise
     finally:
         glog.remove_log_file(log_file)
@@ -200,13 +202,6 @@ def _train(args, param, choice, log_path: str, out) -> TrainResult:
         param.device_id = choice.ids[0]
     solver = Solver(param, source=args.solver)
     result = TrainResult(solver, log_path)
-    original_snapshot = solver.snapshot
-
-    def snapshot():          # remember what was written, for the summary
-        paths = original_snapshot()
-        result.snapshots.append(paths)
-        return paths
-    solver.snapshot = snapshot
     if solver.train_module.input_names:
         glog.warning(f"the train net has Input blobs ({', '.join(solver.train_module.input_names)}"
                      ") and nothing feeds them from the command line: they stay 0. Use data "
@@ -216,41 +211,58 @@ def _train(args, param, choice, log_path: str, out) -> TrainResult:
         solver.restore(args.snapshot)
     glog.info("Starting Optimization", "caffe.cpp:232")
     show = {"auto": None, "always": True, "never": False}[args.progress]
+    observers = _observers(args, solver, log_path)
     try:
         with SignalHandler(args.sigint_effect, args.sighup_effect) as signals, \
                 TrainProgress(param.max_iter, enabled=show).attach(solver), \
                 devices.autocast(choice):
-            solver.action_request = signals.action
+            solver.add_action_source(signals.action)
             solver.solve()
     finally:
-        _close_data_layers(solver)
+        for observer in observers.values():
+            observer.close()
+        solver.close()
+    result.snapshots = observers["snapshots"].snapshots
     result.stopped_early = solver.requested_early_exit
+    result.tests = observers["tests"]
     glog.info("Optimization Done.", "caffe.cpp:243")
     if log_path is None:             # a non-root member of a data-parallel group
         return result
-    if args.plot:
-        result.plot_path = _plot(log_path)
+    plot = observers.get("plot")
+    if plot is not None:
+        result.plot_path = plot.drawn or plot.draw()
     _summary(result, out)
     return result
 
 
-def _close_data_layers(solver: Solver) -> None:
-    """Stop prefetch threads and release the databases (a LevelDB admits one opener)."""
-    for module in [solver.train_module, *solver.test_modules]:
-        for layer in module.layers:
-            close = getattr(layer, "close", None)
-            if callable(close):
-                close()
+class _LastTests:
+    """The last TestDone of each test net (for the summary)."""
+
+    def __init__(self, solver):
+        self.last: dict[int, TestDone] = {}
+        self._solver = solver
+        solver.subscribe(self.on_event, TestDone)
+
+    def on_event(self, event: TestDone) -> None:
+        self.last[event.net_id] = event
+
+    def close(self) -> None:
+        self._solver.events.unsubscribe(self.on_event)
 
 
-def _plot(log_path: str) -> str | None:
-    from caffe_compat.commands.plot import plot_log
-    png = os.path.splitext(log_path)[0] + ".png"
-    try:
-        return plot_log(log_path, png)
-    except Exception as exc:  # noqa: BLE001 - a failed plot must not fail a finished training
-        glog.warning(f"could not draw {png}: {one_line(exc)}", "caffe.cpp:245")
-        return None
+def _observers(args, solver: Solver, log_path: str | None) -> dict:
+    """What watches this run: snapshots and tests always; metrics, plot, TensorBoard on the
+    root process only."""
+    found = {"snapshots": SnapshotRecord().attach(solver), "tests": _LastTests(solver)}
+    if log_path is None:
+        return found
+    stem = os.path.splitext(log_path)[0]
+    found["metrics"] = MetricsFile(args.metrics or stem + ".metrics.jsonl").attach(solver)
+    if args.plot:
+        found["plot"] = LivePlot(stem + ".png", os.path.basename(log_path)).attach(solver)
+    if args.tensorboard:
+        found["tensorboard"] = TensorBoard(args.tensorboard).attach(solver)
+    return found
 
 
 def _summary(result: TrainResult, out) -> None:
@@ -263,13 +275,12 @@ def _summary(result: TrainResult, out) -> None:
         lines += [f"Snapshot:     {model}", f"Solver state: {state}"]
     else:
         lines.append("Snapshot:     none written (snapshot: 0 and snapshot_after_train: false)")
-    data = parse_log(result.log_path) if os.path.isfile(result.log_path) else None
-    nets = data.test_nets() if data else []
-    for net in nets:
-        row = [r for r in data.test if r.net == net][-1]
-        outputs = ", ".join(f"{k} = {v:g}" for k, v in row.outputs.items())
-        lines.append(f"Test net #{net} (iteration {row.iter}): {outputs or 'no outputs'}")
-    if not nets:
+    tests = result.tests.last if result.tests is not None else {}
+    for net, event in sorted(tests.items()):
+        outputs = ", ".join(f"{name} = {v:g}" for name, values in event.scores.items()
+                            for v in values)
+        lines.append(f"Test net #{net} (iteration {event.iter}): {outputs or 'no outputs'}")
+    if not tests:
         lines.append("Test:         no test net ran" if solver.test_modules else
                      "Test:         the solver has no test nets")
     lines.append(f"Log:          {result.log_path}")

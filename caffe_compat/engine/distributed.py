@@ -37,11 +37,11 @@ def attach(solver) -> None:
     if world_size() == 1:
         return
     with torch.no_grad():
-        for p in solver._params:
+        for p in solver.learnable_tensors:
             dist.broadcast(p.data, src=0)
 
     def average_gradients() -> None:
-        diffs = solver._diffs()                 # zero-filled where a param got no gradient
+        diffs = solver.param_diffs()                # zero-filled where a param got no gradient
         flat = torch.cat([d.reshape(-1) for d in diffs])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(world_size())

@@ -92,10 +92,23 @@ def copy_from(module, path: str) -> list[str]:
                     "instead, rename the layer.")
             with torch.no_grad():
                 target.copy_(torch.from_numpy(values.reshape(tshape)).to(target.dtype))
-    if skipped:
-        log.info("%s: ignoring %d layer(s) the net does not have: %s", path, len(skipped),
-                 ", ".join(skipped))
+    _report_copy(module, path, skipped, {name for name, blobs in layers if blobs})
     return skipped
+
+
+def _report_copy(module, path: str, skipped: list[str], sources: set[str]) -> None:
+    """Caffe's "Ignoring source layer" lines, and a warning for layers left untouched."""
+    for name in skipped:
+        log.info("Ignoring source layer %s", name)
+    missing = [name for name, layer in module.named_layers()
+               if len(layer.blobs) and name not in sources]
+    if missing and len(missing) == sum(1 for _, l in module.named_layers() if len(l.blobs)):
+        log.warning("%s: none of the layers of net '%s' is in this weights file, so every "
+                    "parameter keeps its initial value (is it the caffemodel of another net?). "
+                    "The file has: %s", path, module.name, ", ".join(sorted(sources)) or "nothing")
+    elif missing:
+        log.warning("%s: %d layer(s) with parameters are not in the weights file and keep their "
+                    "initial values: %s", path, len(missing), ", ".join(missing))
 
 
 def _is_legacy(blob: caffe_pb2.BlobProto) -> bool:

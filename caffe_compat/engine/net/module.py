@@ -266,9 +266,13 @@ class NetModule(nn.Module):
         blobs = self.run(inputs, keep_all=False)
         return {name: blobs[name] for name in self.output_names}
 
-    def forward_loss(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward: (total weighted loss, output blobs). The training step uses this."""
-        blobs = self.run(inputs, keep_all=False)
+    def forward_loss(self, keep_all: bool = False, **inputs: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward: (total weighted loss, output blobs — every blob with ``keep_all``).
+        The training step uses this."""
+        blobs = self.run(inputs, keep_all=keep_all)
+        if keep_all:
+            return self.loss(blobs), blobs
         return self.loss(blobs), {name: blobs[name] for name in self.output_names}
 
     def loss(self, blobs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The solver loop (Caffe's ``Solver::Step``/``Solve`` and ``SGDSolver::ApplyUpdate``).
+"""The one training loop (Caffe's ``Solver::Step``/``Solve``), on tensors only.
 
 One iteration, as in solver.cpp:
   1. clear the param diffs;
@@ -6,22 +6,20 @@ One iteration, as in solver.cpp:
      test_initialization)``;
   3. ``iter_size`` × forward+backward, diffs accumulating; loss = mean over the passes;
   4. smooth the loss (``average_loss``), display;
-  5. ApplyUpdate: rate from the lr policy; clip the raw accumulated diffs; then per param:
-     normalise by iter_size, regularise (L2/L1 with weight_decay·decay_mult), turn the diff
-     into the update with the type's rule (rate·lr_mult), ``w ← w − update``; ``iter += 1``;
+  5. ApplyUpdate (``update.py``): clip, normalise, regularise, rule, ``w ← w − update``;
+     ``iter += 1``;
   6. snapshot when ``snapshot > 0 and iter % snapshot == 0``.
 
-Parameters whose (lr_mult, decay_mult) agree are updated together with ``torch._foreach``
-ops, in place; the train net runs on tensors (Input blobs are taken from the pycaffe host
-arrays with ``torch.from_numpy``, no copy on the CPU). The update rule of each solver type
-lives in ``updates.py``; ``api.py`` has pycaffe's ``get_solver`` and typed classes.
+Observers (commands, progress bar, metrics, plots, experiments) subscribe to the events of
+``events.py``; nothing else runs this loop. Input blobs come from ``feed(net_index)``: the
+engine keeps one zero-filled tensor per Input blob, and the pycaffe ``Solver`` (one layer up)
+feeds them from its ``net.blobs`` instead.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -30,46 +28,32 @@ from google.protobuf import text_format
 
 from caffe_compat.engine import distributed, mode, rng, weights
 from caffe_compat.engine.net.module import NetModule, build_net
-from caffe_compat.proto import caffe_pb2
-from caffe_compat.pycaffe import Net
+from caffe_compat.engine.solver import testing
+from caffe_compat.engine.solver.diagnostics import NonFiniteLossError, fail_non_finite
+from caffe_compat.engine.solver.events import (NONE, SNAPSHOT, STOP, EventBus, IterationDone,
+                                               RunFinished, RunStarted, SnapshotWritten)
+from caffe_compat.engine.solver.lr_policy import learning_rate
+from caffe_compat.engine.solver.params import (SolverParamError, read_solver_param,
+                                               test_net_specs, train_net_spec,
+                                               upgrade_solver_param, validate)
+from caffe_compat.engine.solver.snapshot import (HDF5, SnapshotError, SolverStateData,
+                                                 model_extension, read_state,
+                                                 resolve_learned_net, snapshot_filename,
+                                                 state_extension, write_model, write_state)
+from caffe_compat.engine.solver.update import ParamUpdater, f32
 from caffe_compat.formats import glog
 from caffe_compat.formats.glog import num
-from caffe_compat.engine.solver.lr_policy import learning_rate
-from caffe_compat.engine.solver.params import (SolverParamError, read_solver_param, test_net_specs,
-                                        train_net_spec, upgrade_solver_param, validate)
-from caffe_compat.engine.solver.snapshot import (HDF5, SnapshotError, SolverStateData, model_extension,
-                                          read_state, resolve_learned_net, snapshot_filename,
-                                          state_extension, write_model, write_state)
-from caffe_compat.engine.solver.updates import UpdateRule, rule_class
+from caffe_compat.proto import caffe_pb2
 
-# Caffe's SolverAction: what an action_request callback (signal handlers) may ask for.
-NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the iteration and layer."""
-
-
-@dataclass
-class _Group:
-    """Learnable params sharing (lr_mult, decay_mult): updated by one set of foreach ops."""
-    index: list[int]
-    lr_mult: float
-    decay_mult: float
-    weights: list[torch.Tensor]
-    history: list[list[torch.Tensor]]   # [k][j]: k-th history of the group's j-th param
-
-
-def _f32(x: float) -> float:
-    return float(np.float32(x))
+__all__ = ["Solver", "NonFiniteLossError", "NONE", "STOP", "SNAPSHOT"]
 
 
 class Solver:
-    """A Caffe solver over NetModules; ``solver.net``/``test_nets`` are pycaffe ``Net`` views.
+    """A Caffe solver over NetModules: ``train_module``, ``test_modules``, ``events``.
 
-    Build from a solver prototxt path or a SolverParameter. Subclasses in ``api.py``
-    (``SGDSolver``, ``AdamSolver``, ...) set ``solver_type`` to force the update rule, as
-    pycaffe's typed constructors do; otherwise the file's ``type`` decides.
+    Build from a solver prototxt path or a SolverParameter. Subclasses set ``solver_type``
+    to force the update rule, as pycaffe's typed constructors do; otherwise the file's
+    ``type`` decides.
     """
 
     solver_type: str | None = None
@@ -86,8 +70,8 @@ class Solver:
         self.loss = math.nan          # the last iteration's loss (mean over iter_size)
         self._losses: list[float] = []
         self.requested_early_exit = False
-        self.action_request: Callable[[], str] | None = None   # SIGINT/SIGHUP handlers
-        self.iteration_hooks: list[Callable[["Solver"], None]] = []
+        self.events = EventBus()
+        self.keep_all_blobs = False   # True: blobs_ready() gets every blob, not the outputs
         self._callbacks: list[tuple[Callable | None, Callable | None]] = []
         self._check_snapshot_writable()
         if self.param.random_seed >= 0:
@@ -96,15 +80,11 @@ class Solver:
         self.train_module = self._init_train_net()
         self.test_modules = self._init_test_nets()
         self._load_weights_field()
-        self.net = Net.from_module(self.train_module)
-        self.test_nets = [Net.from_module(m) for m in self.test_modules]
+        self.modules = [self.train_module, *self.test_modules]
+        self.input_tensors = [self._zero_inputs(m) for m in self.modules]
         self.mean_scores: list[list[float]] = [[] for _ in self.test_modules]
-        self.rule: UpdateRule = rule_class(self.param.type)(self.param)
-        self._params = [lp.tensor for lp in self.train_module.learnable_params]
-        self.history = [torch.zeros_like(p, memory_format=torch.contiguous_format)
-                        for _ in range(self.rule.num_histories) for p in self._params]
-        self._groups = self._make_groups()
-        self._zero_diffs: dict[int, torch.Tensor] = {}
+        self.updater = ParamUpdater(self.param, self.train_module)
+        self.images_per_iter = _images_per_iteration(self.train_module, self.param.iter_size)
         distributed.attach(self)
         glog.info("Solver scaffolding done.", "solver.cpp:63")
 
@@ -167,64 +147,106 @@ class Solver:
                 for module in [self.train_module, *self.test_modules]:
                     weights.copy_from(module, path)
 
-    def _make_groups(self) -> list[_Group]:
-        by_key: dict[tuple[float, float], list[int]] = {}
-        for i, lp in enumerate(self.train_module.learnable_params):
-            by_key.setdefault((lp.lr_mult, lp.decay_mult), []).append(i)
-        n = len(self._params)
-        return [_Group(idx, lr, dm, [self._params[i] for i in idx],
-                       [[self.history[k * n + i] for i in idx]
-                        for k in range(self.rule.num_histories)])
-                for (lr, dm), idx in by_key.items()]
+    def _zero_inputs(self, module: NetModule) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros(module.blob_shapes[name], device=self.device)
+                for name in module.input_names}
 
-    # -- pycaffe surface -------------------------------------------------------------
+    # -- what observers and subclasses use -------------------------------------------
+    @property
+    def history(self) -> list[torch.Tensor]:
+        return self.updater.history
+
+    @property
+    def rule(self):
+        """The update rule of the solver's type (``updates.py``)."""
+        return self.updater.rule
+
+    @property
+    def learnable_tensors(self) -> list[torch.Tensor]:
+        return self.updater.params
+
+    def param_diffs(self) -> list[torch.Tensor]:
+        """Each learnable param's diff tensor (zeros where no gradient arrived)."""
+        return self.updater.diffs()
+
+    def subscribe(self, fn, *kinds):
+        """Call ``fn(event)`` for every event (or only those of the given classes)."""
+        return self.events.subscribe(fn, *kinds)
+
+    def add_action_source(self, fn: Callable[[], str]) -> None:
+        """``fn()`` is asked after every iteration: NONE, SNAPSHOT or STOP."""
+        self.events.add_action_source(fn)
+
     def add_callback(self, on_start: Callable[[], None] | None = None,
                      on_gradients_ready: Callable[[], None] | None = None) -> None:
         """pycaffe's ``solver.add_callback(on_start, on_gradients_ready)``."""
         self._callbacks.append((on_start, on_gradients_ready))
 
+    def feed(self, net_index: int) -> dict[str, torch.Tensor]:
+        """The Input blobs of net ``net_index`` (0 = train, 1.. = test nets)."""
+        return self.input_tensors[net_index]
+
+    def blobs_ready(self, net_index: int, blobs: Mapping[str, torch.Tensor]) -> None:
+        """Called with the last forward's output blobs at the end of step() and test()."""
+
+    # -- the loop --------------------------------------------------------------------
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (Caffe's Step), testing and snapshotting on schedule."""
         start_iter, stop_iter = self.iter, self.iter + int(iters)
-        average_loss = self.param.average_loss
         self._losses = []
         self.smoothed_loss = 0.0
         self._timer, self._iterations_last = time.perf_counter(), self.iter
+        self.events.emit(RunStarted(self.iter, stop_iter, self.images_per_iter))
         outputs = None
         while self.iter < stop_iter:
-            self._clear_param_diffs()
+            self.updater.clear_diffs()
             if self._test_due():
                 self.test_all()
                 if self.requested_early_exit:
                     break
-            for on_start, _ in self._callbacks:
-                if on_start:
-                    on_start()
-            display = self.param.display > 0 and self.iter % self.param.display == 0
-            feed = self._feed(self.net)
-            loss, outputs = self._forward_backward(feed)
-            self.loss = loss
-            if not math.isfinite(loss):
-                self._fail_non_finite(loss, feed)
-            self._update_smoothed_loss(loss, start_iter, average_loss)
-            if display:
-                self._display(outputs)
-            for _, on_ready in self._callbacks:
-                if on_ready:
-                    on_ready()
-            self.apply_update(display)
-            self.iter += 1
-            request = self._requested_action()
+            started = time.perf_counter()
+            outputs = self._iterate(start_iter)
+            self._emit_iteration(outputs, time.perf_counter() - started)
+            request = self.events.requested_action()
             if (self.param.snapshot > 0 and self.iter % self.param.snapshot == 0) or \
                     request == SNAPSHOT:
                 self.snapshot()
-            for hook in self.iteration_hooks:
-                hook(self)
             if request == STOP:
                 self.requested_early_exit = True
                 break
         if outputs is not None:
-            self._store_outputs(self.net, outputs)
+            self.blobs_ready(0, outputs)
+
+    def _iterate(self, start_iter: int) -> dict[str, torch.Tensor]:
+        """Steps 3-5 of one iteration; returns the train net's output blobs."""
+        for on_start, _ in self._callbacks:
+            if on_start:
+                on_start()
+        display = self.param.display > 0 and self.iter % self.param.display == 0
+        feed = self.feed(0)
+        loss, outputs = self._forward_backward(feed)
+        self.loss = loss
+        if not math.isfinite(loss):
+            fail_non_finite(self, loss, feed)
+        self._update_smoothed_loss(loss, start_iter, self.param.average_loss)
+        if display:
+            self._display(outputs)
+        for _, on_ready in self._callbacks:
+            if on_ready:
+                on_ready()
+        self.apply_update(display)
+        self.iter += 1
+        return outputs
+
+    def _emit_iteration(self, outputs: Mapping[str, torch.Tensor], seconds: float) -> None:
+        if not self.events.wants(IterationDone):
+            return
+        values = {name: outputs[name].detach().float().reshape(-1).tolist()
+                  for name in self.train_module.output_names if name in outputs}
+        self.events.emit(IterationDone(self.iter, self.loss, self.smoothed_loss,
+                                       self.learning_rate, values,
+                                       dict(self.train_module.loss_weights), seconds,
+                                       self.images_per_iter))
 
     def solve(self, resume_file: str | None = None) -> None:
         """Caffe's Solve: optional restore, Step to max_iter, final snapshot/display/test."""
@@ -241,21 +263,18 @@ class Solver:
             self.snapshot()
         if self.requested_early_exit:
             glog.info("Optimization stopped early.", "solver.cpp:306")
+            self.events.emit(RunFinished(self.iter, True))
             return
         if p.display > 0 and self.iter % p.display == 0:
             with torch.no_grad():
-                loss, outputs = self.train_module.forward_loss(**self._feed(self.net))
+                loss, outputs = self.train_module.forward_loss(**self.feed(0))
             self._update_smoothed_loss(float(loss), start_iter, p.average_loss)
-            self._store_outputs(self.net, outputs)
+            self.blobs_ready(0, outputs)
             glog.info(f"Iteration {self.iter}, loss = {num(self.smoothed_loss)}", "solver.cpp:320")
         if p.test_interval > 0 and self.iter % p.test_interval == 0 and distributed.is_root():
             self.test_all()
         glog.info("Optimization Done.", "solver.cpp:325")
-
-    # -- one iteration ---------------------------------------------------------------
-    def _clear_param_diffs(self) -> None:
-        for p in self._params:
-            p.grad = None    # autograd writes fresh diffs; the first pass needs no zero fill
+        self.events.emit(RunFinished(self.iter, self.requested_early_exit))
 
     def _test_due(self) -> bool:
         p = self.param
@@ -263,35 +282,27 @@ class Solver:
             (self.iter > 0 or p.test_initialization) and bool(self.test_modules) and \
             distributed.is_root()
 
-    def _feed(self, net: Net) -> dict[str, torch.Tensor]:
-        """The Input blobs' host arrays as tensors (shared memory on the CPU)."""
-        out = {}
-        for name in net.module.input_names:
-            t = torch.from_numpy(net.blobs[name].data)
-            out[name] = t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
-        return out
-
     def _forward_backward(self, feed: Mapping[str, torch.Tensor]
                           ) -> tuple[float, dict[str, torch.Tensor]]:
         total, outputs = None, {}
         for _ in range(self.param.iter_size):
-            loss, outputs = self.train_module.forward_loss(**feed)
+            loss, outputs = self.train_module.forward_loss(self.keep_all_blobs, **feed)
             if loss.requires_grad:
                 loss.backward()
             loss = loss.detach()
             total = loss if total is None else total + loss
-        return _f32(float(total) / self.param.iter_size), outputs
+        return f32(float(total) / self.param.iter_size), outputs
 
     def _update_smoothed_loss(self, loss: float, start_iter: int, average_loss: int) -> None:
         """Caffe's UpdateSmoothedLoss: running mean until full, then a ring buffer."""
         if len(self._losses) < average_loss:
             self._losses.append(loss)
             size = len(self._losses)
-            self.smoothed_loss = _f32((self.smoothed_loss * (size - 1) + loss) / size)
+            self.smoothed_loss = f32((self.smoothed_loss * (size - 1) + loss) / size)
         else:
             idx = (self.iter - start_iter) % average_loss
-            self.smoothed_loss = _f32(self.smoothed_loss
-                                      + (loss - self._losses[idx]) / average_loss)
+            self.smoothed_loss = f32(self.smoothed_loss
+                                     + (loss - self._losses[idx]) / average_loss)
             self._losses[idx] = loss
 
     def _display(self, outputs: Mapping[str, torch.Tensor]) -> None:
@@ -303,14 +314,7 @@ class Solver:
         self._timer, self._iterations_last = time.perf_counter(), self.iter
         scores = [(name, v) for name in self.train_module.output_names
                   for v in outputs[name].detach().float().reshape(-1).tolist()]
-        self._log_scores("Train", scores, self.train_module, "solver.cpp:259")
-
-    @staticmethod
-    def _log_scores(which: str, scores, module: NetModule, where: str) -> None:
-        for k, (name, value) in enumerate(scores):
-            w = module.loss_weights.get(name, 0.0)
-            suffix = f" (* {num(w)} = {num(_f32(w * value))} loss)" if w else ""
-            glog.info(f"    {which} net output #{k}: {name} = {num(value)}{suffix}", where)
+        testing.log_scores("Train", scores, self.train_module, "solver.cpp:259")
 
     def apply_update(self, display: bool = False) -> None:
         """SGDSolver::ApplyUpdate on the current diffs: clip, normalise, regularise, update."""
@@ -320,55 +324,7 @@ class Solver:
         self.learning_rate = rate
         if display:
             glog.info(f"Iteration {self.iter}, lr = {num(rate)}", "sgd_solver.cpp:106")
-        with torch.no_grad():
-            diffs = self._diffs()
-            self._clip(diffs)
-            if self.param.iter_size > 1:
-                torch._foreach_mul_(diffs, _f32(1.0 / self.param.iter_size))
-            for g in self._groups:
-                gd = [diffs[i] for i in g.index]
-                self._regularize(gd, g)
-                self.rule.compute(gd, g.history, _f32(rate * g.lr_mult), self.iter)
-                if g.lr_mult != 0:      # lr 0 makes every rule's update exactly 0
-                    torch._foreach_sub_(g.weights, gd)
-
-    def _diffs(self) -> list[torch.Tensor]:
-        """Each learnable param's diff; params without a gradient (lr_mult 0) get zeros."""
-        out = []
-        for i, p in enumerate(self._params):
-            g = p.grad
-            if g is None:
-                g = self._zero_diffs.get(i)
-                if g is None or g.shape != p.shape:
-                    g = self._zero_diffs[i] = torch.zeros_like(p)
-                else:
-                    g.zero_()
-                p.grad = g
-            out.append(g)
-        return out
-
-    def _clip(self, diffs: list[torch.Tensor]) -> None:
-        clip = _f32(self.param.clip_gradients)
-        if clip < 0 or not diffs:
-            return
-        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs))))
-        if norm > clip:
-            scale = _f32(clip / norm)
-            glog.info(f"Gradient clipping: scaling down gradients (L2 norm {num(norm)} > "
-                      f"{num(clip)}) by scale factor {num(scale)}", "sgd_solver.cpp:92")
-            torch._foreach_mul_(diffs, scale)
-
-    def _regularize(self, diffs: list[torch.Tensor], g: _Group) -> None:
-        decay = _f32(_f32(self.param.weight_decay) * g.decay_mult)
-        if not decay:
-            return
-        if self.param.regularization_type == "L2":
-            torch._foreach_add_(diffs, g.weights, alpha=decay)
-        else:   # L1 (validated at load)
-            torch._foreach_add_(diffs, torch._foreach_sign(g.weights), alpha=decay)
-
-    def _requested_action(self) -> str:
-        return self.action_request() if self.action_request is not None else NONE
+        self.updater.apply(rate, self.iter)
 
     # -- testing ---------------------------------------------------------------------
     def test_all(self) -> None:
@@ -379,48 +335,7 @@ class Solver:
 
     def test(self, test_net_id: int = 0) -> list[float]:
         """Caffe's Test: ``test_iter`` forwards; each output element averaged over them."""
-        glog.info(f"Iteration {self.iter}, Testing net (#{test_net_id})", "solver.cpp:346")
-        module, net = self.test_modules[test_net_id], self.test_nets[test_net_id]
-        module.share_trained_layers_with(self.train_module)
-        n_iter = self.param.test_iter[test_net_id]
-        sums, loss, outputs = None, None, None
-        with torch.no_grad():
-            for _ in range(n_iter):
-                request = self._requested_action()
-                while request != NONE:
-                    if request == SNAPSHOT:
-                        self.snapshot()
-                    elif request == STOP:
-                        self.requested_early_exit = True
-                    request = self._requested_action()
-                if self.requested_early_exit:
-                    break
-                iter_loss, outputs = module.forward_loss(**self._feed(net))
-                flat = [outputs[n].detach().float().reshape(-1) for n in module.output_names]
-                flat = torch.cat(flat) if flat else torch.zeros(0, device=self.device)
-                sums = flat.clone() if sums is None else sums.add_(flat)
-                if self.param.test_compute_loss:
-                    loss = iter_loss if loss is None else loss + iter_loss
-        if self.requested_early_exit:
-            glog.info("Test interrupted.", "solver.cpp:394")
-            return []
-        if outputs is not None:
-            self._store_outputs(net, outputs)
-        if self.param.test_compute_loss and loss is not None:
-            glog.info(f"Test loss: {num(_f32(float(loss) / n_iter))}", "solver.cpp:398")
-        means = [] if sums is None else (sums / n_iter).tolist()
-        names = [n for n in module.output_names for _ in range(outputs[n].numel())] \
-            if outputs is not None else []
-        self._log_scores("Test", list(zip(names, means)), module, "solver.cpp:413")
-        self.mean_scores[test_net_id] = means
-        return means
-
-    @staticmethod
-    def _store_outputs(net: Net, outputs: Mapping[str, torch.Tensor]) -> None:
-        """Copy the output blobs into the pycaffe net's host blobs (loss, accuracy, ...)."""
-        for name, t in outputs.items():
-            if name in net.blobs:
-                net.blobs[name]._store(t)
+        return testing.run_test(self, test_net_id)
 
     # -- snapshots -------------------------------------------------------------------
     def snapshot_filename(self, extension: str) -> str:
@@ -442,6 +357,7 @@ class Solver:
         glog.info(f"Snapshotting solver state to {kind} {state_path}", "sgd_solver.cpp:273")
         state = SolverStateData(self.iter, model, [], self.current_step)
         self._write(state_path, lambda: write_state(state_path, state, self.history))
+        self.events.emit(SnapshotWritten(self.iter, model, state_path))
         return model, state_path
 
     def _write(self, path: str, writer: Callable[[], None]) -> None:
@@ -456,17 +372,7 @@ class Solver:
         """Load a solverstate (Caffe's or ours; ``.h5`` → HDF5) and its learned_net."""
         state_file = os.fspath(state_file)
         state = read_state(state_file)
-        if len(state.history) != len(self.history):
-            raise SnapshotError(
-                f"{state_file}: Incorrect length of history blobs: the file has "
-                f"{len(state.history)}, a {self.param.type} solver for this net needs "
-                f"{len(self.history)} ({self.rule.num_histories} per learnable param)")
-        n = len(self._params)
-        for k, (h, arr) in enumerate(zip(self.history, state.history)):
-            if arr.size != h.numel():
-                lp = self.train_module.learnable_params[k % n]
-                raise SnapshotError(f"{state_file}: history blob {k} ({lp.name}) has shape "
-                                    f"{arr.shape}, the net's param has {tuple(h.shape)}")
+        self._check_history(state, state_file)
         if state.learned_net:
             weights.copy_from(self.train_module, resolve_learned_net(state.learned_net, state_file))
         with torch.no_grad():
@@ -476,6 +382,19 @@ class Solver:
         self.current_step = int(state.current_step)
         self._seek_data()
         glog.info("SGDSolver: restoring history", "sgd_solver.cpp:296")
+
+    def _check_history(self, state: SolverStateData, state_file: str) -> None:
+        if len(state.history) != len(self.history):
+            raise SnapshotError(
+                f"{state_file}: Incorrect length of history blobs: the file has "
+                f"{len(state.history)}, a {self.param.type} solver for this net needs "
+                f"{len(self.history)} ({self.updater.rule.num_histories} per learnable param)")
+        n = len(self.learnable_tensors)
+        for k, (h, arr) in enumerate(zip(self.history, state.history)):
+            if arr.size != h.numel():
+                lp = self.train_module.learnable_params[k % n]
+                raise SnapshotError(f"{state_file}: history blob {k} ({lp.name}) has shape "
+                                    f"{arr.shape}, the net's param has {tuple(h.shape)}")
 
     def _seek_data(self) -> None:
         """Point data layers at the batches an uninterrupted run would read next.
@@ -494,34 +413,19 @@ class Solver:
             for module, n in zip(self.test_modules, p.test_iter):
                 module.seek_data(rounds * n)
 
-    # -- non-finite loss ---------------------------------------------------------------
-    def _fail_non_finite(self, loss: float, feed: Mapping[str, torch.Tensor]) -> None:
-        """Snapshot the state before this update, find the first non-finite layer, stop."""
-        msg = f"Iteration {self.iter}: the training loss is {num(loss)}"
-        bad = [lp.name for lp in self.train_module.learnable_params
-               if not bool(torch.isfinite(lp.tensor).all())]
-        model, state = self.snapshot()
-        where = self._first_non_finite_output(feed)
-        msg += f"; {where}. Wrote a snapshot of the last state before this update: {model}, {state}"
-        if bad:
-            msg += f" (already non-finite in it: {', '.join(bad)})"
-        msg += ". Lower base_lr, set clip_gradients, or check the input data."
-        glog.error(msg, "solver.cpp:230")
-        raise NonFiniteLossError(msg)
+    def close(self) -> None:
+        """Stop prefetch threads and release the databases (a LevelDB admits one opener)."""
+        for module in self.modules:
+            for layer in module.layers:
+                close = getattr(layer, "close", None)
+                if callable(close):
+                    close()
 
-    def _first_non_finite_output(self, feed: Mapping[str, torch.Tensor]) -> str:
-        m = self.train_module
-        blobs: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for i, name in enumerate(m.layer_names):
-                try:
-                    m.run(feed, i, i, blobs=blobs)
-                except Exception as exc:   # diagnostics must not hide the real error
-                    return f"re-running the forward pass failed at layer '{name}': {exc}"
-                for top in m.top_names[name]:
-                    t = blobs.get(top)
-                    if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        return (f"the first non-finite output is top '{top}' of layer '{name}' "
-                                f"({m.layers[i].type})")
-        return ("a diagnostic forward pass found every layer output finite (the value "
-                "depends on the batch, or arose in the backward pass)")
+
+def _images_per_iteration(module: NetModule, iter_size: int) -> int:
+    """Batch size of the train net's first source blob (Data/Input/...) × iter_size."""
+    for name in module.layer_names:
+        if not module.bottom_names[name] and module.top_names[name]:
+            shape = module.blob_shapes.get(module.top_names[name][0]) or (1,)
+            return int(shape[0] if shape else 1) * iter_size
+    return iter_size
