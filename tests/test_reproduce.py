@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.reproduce import plots, protocol, tables
+from experiments.reproduce import plots, protocol, runs, tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def test_every_model_folder_fits_the_protocol(model, tmp_path_factory):
 
 def test_interrupted_run_resumes_bit_for_bit(tiny_model, tmp_path):
     work = tmp_path / "work"
-    ref, how = protocol.run_once(tiny_model, 1, 3, work, tmp_path / "ref.json")
+    ref, how = runs.run_once(tiny_model, 1, 3, work, tmp_path / "ref.json")
     assert how == "trained" and len(ref["records"]) == 3
 
     def kill_after_epoch_2(rec):
@@ -204,12 +204,12 @@ def test_interrupted_run_resumes_bit_for_bit(tiny_model, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        protocol.run_once(tiny_model, 1, 3, work, tmp_path / "b.json", on_epoch=kill_after_epoch_2)
+        runs.run_once(tiny_model, 1, 3, work, tmp_path / "b.json", on_epoch=kill_after_epoch_2)
     assert not (tmp_path / "b.json").exists()
-    again, how = protocol.run_once(tiny_model, 1, 3, work, tmp_path / "b.json")
+    again, how = runs.run_once(tiny_model, 1, 3, work, tmp_path / "b.json")
     assert how == "resumed" and again["resumed_at_epoch"] == 2
     assert _strip(again) == _strip(ref)
-    assert protocol.run_once(tiny_model, 1, 3, work, tmp_path / "b.json")[1] == "done"
+    assert runs.run_once(tiny_model, 1, 3, work, tmp_path / "b.json")[1] == "done"
 
 
 def test_killed_reproduction_continues(tiny_model, tmp_path, monkeypatch, capsys):
@@ -217,20 +217,20 @@ def test_killed_reproduction_continues(tiny_model, tmp_path, monkeypatch, capsys
     args = ["--models", str(tiny_model), "--runs", "2", "--epochs", "3", "--threads", "1"]
     assert tool.main(args + ["--out", str(tmp_path / "ref")]) == 0
     calls = {"n": 0}
-    real_test = protocol._test
+    real_record = runs.EpochRecorder._record
 
-    def dies_in_run_2(solver):          # seed 0: tests 1-3; seed 1: killed in epoch 2
+    def dies_in_run_2(self, event):     # seed 0: tests 1-3; seed 1: killed in epoch 2's test
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_test(solver)
+        return real_record(self, event)
 
-    monkeypatch.setattr(protocol, "_test", dies_in_run_2)
+    monkeypatch.setattr(runs.EpochRecorder, "_record", dies_in_run_2)
     out = tmp_path / "out"
     assert tool.main(args + ["--out", str(out)]) == 130
     assert (out / "records" / "tiny_64" / "seed0.json").is_file()
     assert not (out / "records" / "tiny_64" / "seed1.json").exists()
-    monkeypatch.setattr(protocol, "_test", real_test)
+    monkeypatch.setattr(runs.EpochRecorder, "_record", real_record)
     capsys.readouterr()
     assert tool.main(args + ["--out", str(out)]) == 0
     said = capsys.readouterr().out

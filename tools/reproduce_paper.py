@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from experiments.reproduce.protocol import ProtocolError, run_once, write_json
+    from experiments.reproduce.protocol import ProtocolError, write_json
+    from experiments.reproduce.runs import run_once
     from caffe_compat.engine.solver import NonFiniteLossError
     from caffe_compat.formats import glog
     if args.threads:
