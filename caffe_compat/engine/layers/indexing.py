@@ -96,7 +96,7 @@ class Filter(Layer):
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
         self.no_grad_bottoms = (len(bottom_shapes) - 1,)
-        if len(param.top) != len(bottom_shapes) - 1:
+        if param.top and len(param.top) != len(bottom_shapes) - 1:
             raise self.error(f"needs one top per filtered bottom ({len(bottom_shapes) - 1}), "
                              f"got {len(param.top)}")
 

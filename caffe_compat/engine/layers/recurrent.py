@@ -104,7 +104,7 @@ class _Recurrent(Layer):
             raise self.error(f"takes {2 + exposed} or {3 + exposed} bottoms (x, cont, "
                              f"[static input]{', initial states' if exposed else ''}), got "
                              f"{n_bottoms}")
-        if len(param.top) != 1 + exposed:
+        if param.top and len(param.top) != 1 + exposed:
             raise self.error(f"takes {1 + exposed} top(s) with expose_hidden "
                              f"{str(self.expose).lower()}, got {len(param.top)}")
         self.static = n_bottoms > 2 + exposed
