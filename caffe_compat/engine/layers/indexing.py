@@ -99,6 +99,7 @@ class Filter(Layer):
         if param.top and len(param.top) != len(bottom_shapes) - 1:
             raise self.error(f"needs one top per filtered bottom ({len(bottom_shapes) - 1}), "
                              f"got {len(param.top)}")
+        self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         selector = tuple(bottom_shapes[-1])
