@@ -109,7 +109,7 @@ class _Recurrent(Layer):
                              f"{str(self.expose).lower()}, got {len(param.top)}")
         self.static = n_bottoms > 2 + exposed
         self.no_grad_bottoms = (1,) + tuple(range(2 + self.static, n_bottoms))
-        x, cont = tuple(bottom_shapes[0]), tuple(bottom_shapes[1])
+        x = tuple(bottom_shapes[0])
         self.input_dim = math.prod(x[2:])
         self.static_dim = math.prod(bottom_shapes[2][1:]) if self.static else 0
         self._fillers = (rp.weight_filler if rp.HasField("weight_filler") else None,

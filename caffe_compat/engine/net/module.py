@@ -345,6 +345,10 @@ class NetModule(nn.Module):
         except ValueError:
             raise KeyError(f"{self.source}: no layer named '{name}'") from None
 
+    def layer_tops(self, index: int) -> list[str]:
+        """Top blob names of the layer at ``index`` (unambiguous where names repeat)."""
+        return list(self._plan[index].tops)
+
     def layer_by_name(self, name: str) -> Layer:
         """The last layer called ``name``, as Caffe's layer_by_name (layer_names_index_)."""
         for layer_name, layer in reversed(list(self.named_layers())):

@@ -518,7 +518,7 @@ class Solver:
                     m.run(feed, i, i, blobs=blobs)
                 except Exception as exc:   # diagnostics must not hide the real error
                     return f"re-running the forward pass failed at layer '{name}': {exc}"
-                for top in m.top_names[name]:
+                for top in m.layer_tops(i):
                     t = blobs.get(top)
                     if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                         return (f"the first non-finite output is top '{top}' of layer '{name}' "
