@@ -214,3 +214,19 @@ def test_reshape_errors():
     text = 'name: "c" type: "Convolution" bottom: "a" bottom: "b" top: "c" convolution_param { num_output: 2 kernel_size: 1 }'
     with pytest.raises(LayerError, match="as many tops as bottoms"):
         make_layer(text, [(1, 3, 5, 5), (1, 3, 5, 5)])
+
+
+def test_im2col_times_weights_is_the_convolution():
+    """Caffe's convolution is W · im2col(x): check Im2col's column order against Convolution."""
+    from layer_utils import make_layer
+    spec = "kernel_h: 2 kernel_w: 3 stride: 2 pad: 1 dilation: 2"
+    conv = make_layer(f'name: "c" type: "Convolution" convolution_param {{ num_output: 4 '
+                      f'{spec} bias_term: false weight_filler {{ type: "gaussian" }} }}',
+                      [(2, 3, 7, 6)])
+    i2c = make_layer(f'name: "i" type: "Im2col" convolution_param {{ {spec} }}', [(2, 3, 7, 6)])
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    cols = i2c.double()(x)                                       # (N, C*kh*kw, oh, ow)
+    assert tuple(cols.shape) == i2c.top_shapes([(2, 3, 7, 6)])[0]
+    w = conv.double().blobs[0].detach().reshape(4, -1)
+    via_cols = torch.einsum("ok,nkhw->nohw", w, cols)
+    torch.testing.assert_close(via_cols, conv(x).detach())

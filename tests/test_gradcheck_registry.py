@@ -93,6 +93,34 @@ EXAMPLES = {
     "Swish": (filled("Swish"), lambda: [rand(2, 3, 2, 2)], caffe.TEST),
     "TanH": (filled("TanH"), lambda: [rand(2, 3, 2, 2)], caffe.TEST),
     "Tile": (filled("Tile", "tile_param { axis: 1 tiles: 3 }"), lambda: [rand(2, 2, 2)], caffe.TEST),
+    "BatchReindex": (filled("BatchReindex"),
+                     lambda: [rand(4, 3), torch.tensor([3., 0., 3., 1., 2.])], caffe.TEST),
+    "ContrastiveLoss": (filled("ContrastiveLoss",  # legacy: Caffe's gradient is the exact one
+                               "contrastive_loss_param { margin: 4 legacy_version: true }"),
+                        lambda: [rand(6, 3), rand(6, 3), torch.tensor([1., 0., 0., 1., 0., 0.])],
+                        caffe.TEST),
+    "Embed": (filled("Embed", f"embed_param {{ num_output: 3 input_dim: 5 {GAUSS} }}"),
+              lambda: [torch.tensor([[4., 0., 4.], [1., 2., 0.]])], caffe.TEST),
+    "Filter": (filled("Filter", 'top: "a" top: "b"'),
+               lambda: [rand(5, 3), rand(5, 2, 2), torch.tensor([1., 0., 1., 1., 0.])],
+               caffe.TEST),
+    "Im2col": (filled("Im2col", "convolution_param { kernel_h: 2 kernel_w: 3 stride: 2 pad: 1 "
+                      "dilation: 1 }"), lambda: [rand(2, 2, 5, 4)], caffe.TEST),
+    "LSTM": (filled("LSTM", f"recurrent_param {{ num_output: 3 {GAUSS} }}"),   # static input
+             lambda: [rand(4, 2, 3), torch.tensor([[0., 0.], [1., 1.], [0., 1.], [1., 1.]]),
+                      rand(2, 2)], caffe.TEST),
+    "LSTMUnit": (filled("LSTMUnit", 'top: "c" top: "h"'),
+                 lambda: [rand(1, 3, 2), rand(1, 3, 8), torch.tensor([[1., 0., 1.]])], caffe.TEST),
+    "MVN": (filled("MVN"), lambda: [rand(2, 3, 3, 2)], caffe.TEST),
+    "MultinomialLogisticLoss": (filled("MultinomialLogisticLoss"),
+                                lambda: [torch.softmax(rand(5, 4), 1), labels(5, 4)], caffe.TEST),
+    "Parameter": (filled("Parameter", "parameter_param { shape { dim: 2 dim: 3 } }"),
+                  lambda: [], caffe.TEST),
+    "RNN": (filled("RNN", f"recurrent_param {{ num_output: 3 {GAUSS} }}"),     # static input
+            lambda: [rand(3, 2, 2), torch.tensor([[0., 0.], [1., 0.], [1., 1.]]), rand(2, 3)],
+            caffe.TEST),
+    "SPP": (filled("SPP", "spp_param { pyramid_height: 2 pool: MAX }"),
+            lambda: [rand(2, 2, 5, 7)], caffe.TEST),
     "Python": (filled("Python", 'top: "t" python_param { module: "pylayer_examples" '
                       'layer: "ScaleLayer" param_str: "2.5" }'), lambda: [rand(2, 3)], caffe.TEST),
 }
@@ -108,6 +136,7 @@ NO_BACKWARD = {
     "Data": "a source layer", "ImageData": "a source layer", "HDF5Data": "a source layer",
     "MemoryData": "a source layer",
     "LandmarkHeatmap": "renders targets from labels; no gradient",
+    "WindowData": "a source layer", "HDF5Output": "a sink: writes its bottoms to a file",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

@@ -216,3 +216,16 @@ def test_scale_bias_errors(text, shapes, match):
     with pytest.raises(LayerError, match=match) as err:
         make_layer(f'name: "bad" {text}', shapes)
     assert "layer 'bad'" in str(err.value)
+
+
+def test_mvn_divides_by_std_plus_eps():
+    """Caffe MVN: (x - mean) / (sqrt(E[(x - mean)^2]) + eps), per (n, c) or per n."""
+    from layer_utils import make_layer
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    layer = make_layer('name: "m" type: "MVN" mvn_param { eps: 0.5 }', [(2, 3, 4, 5)])
+    c = x - x.mean(dim=(2, 3), keepdim=True)
+    expected = c / (c.pow(2).mean(dim=(2, 3), keepdim=True).sqrt() + 0.5)
+    torch.testing.assert_close(layer(x), expected)
+    across = make_layer('name: "m" type: "MVN" mvn_param { across_channels: true '
+                        'normalize_variance: false }', [(2, 3, 4, 5)])
+    torch.testing.assert_close(across(x), x - x.mean(dim=(1, 2, 3), keepdim=True))

@@ -250,3 +250,21 @@ def test_max_in_bfloat16_matches_float32(k, s, p, ceil, hw):
     empty = mask32 == -1
     np.testing.assert_array_equal(y16.float()[~empty].numpy(), y32[~empty].numpy())
     assert (y16.float()[empty] == float(torch.finfo(torch.bfloat16).min)).all()
+
+
+def test_spp_levels_by_hand():
+    """SPP on 7×9, pyramid_height 3: levels of 1, 2×2 and 4×4 bins (kernel ceil(H/b), pad
+    (kernel·b − H + 1)//2); pyramid_height 1 keeps the 4-D (N, C, 1, 1) top."""
+    from layer_utils import make_layer
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    spp = make_layer('name: "s" type: "SPP" spp_param { pyramid_height: 3 pool: MAX }',
+                     [(2, 3, 7, 9)])
+    out = spp(x)
+    assert tuple(out.shape) == (2, 3 * (1 + 4 + 16))
+    torch.testing.assert_close(out[:, :3], x.amax(dim=(2, 3)))
+    # level 1: kernel (4, 5), pad (1, 1): bin (0, 0) covers rows 0..2 and columns 0..3
+    torch.testing.assert_close(out[:, 3:3 + 12].reshape(2, 3, 2, 2)[:, :, 0, 0],
+                               x[:, :, 0:3, 0:4].amax(dim=(2, 3)))
+    one = make_layer('name: "s" type: "SPP" spp_param { pyramid_height: 1 pool: AVE }',
+                     [(2, 3, 7, 9)])
+    torch.testing.assert_close(one(x), x.mean(dim=(2, 3), keepdim=True))

@@ -1,7 +1,8 @@
 """The data pipeline: image lists, Datum databases, the DataTransformer, means, landmarks.
 
 The layers that use it live in ``caffe_compat.data.layers`` (Data, ImageData, HDF5Data,
-MemoryData) and ``caffe_compat.data.landmark_layer`` (LandmarkHeatmap); the command-line tools
+MemoryData), ``window_data`` (WindowData), ``hdf5_output`` (HDF5Output) and
+``caffe_compat.data.landmark_layer`` (LandmarkHeatmap); the command-line tools
 in ``tools/`` (convert_imageset.py, compute_mean.py, make_split.py, ...) are thin wrappers
 around ``caffe_compat.data.convert``.
 """

@@ -511,3 +511,8 @@ class MemoryData(_DataLayer):
         n, p = self.batch_size, self._pos
         self._pos = (p + n) % len(self._data)
         return self._tops((self._data[p:p + n], self._labels[p:p + n]))
+
+
+# Data-family layers kept in their own modules register on import with this one.
+from caffe_compat.data import hdf5_output as _hdf5_output  # noqa: E402,F401
+from caffe_compat.data import window_data as _window_data  # noqa: E402,F401

@@ -62,13 +62,17 @@ def copy_from(module, path: str) -> list[str]:
 
     Returns the names of source layers that were skipped because the net lacks them.
     """
+    # Where a name repeats in the net, Caffe copies a binary caffemodel's layer into the
+    # first layer of that name and an HDF5 file's into the last (layer_names_index_).
+    named = list(module.named_layers())
     if path.endswith(".h5"):
         layers = _read_h5_layers(path)
+        ours = dict(named)
     else:
         net = read_net_weights(path)
         layers = [(name, [(blob_shape(b), _blob_values(b), _is_legacy(b)) for b in blobs])
                   for name, blobs in _source_layers(net)]
-    ours = dict(module.named_layers())
+        ours = dict(reversed(named))
     skipped = []
     for name, blobs in layers:
         layer = ours.get(name)

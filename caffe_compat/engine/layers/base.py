@@ -37,6 +37,8 @@ class Layer(nn.Module):
         num_bottoms: (min, max) bottoms accepted; max None means unbounded.
         num_tops: (min, max) tops produced; max None means unbounded.
         is_loss: top 0 gets loss_weight 1 unless the prototxt says otherwise.
+        auto_top: the net adds anonymous tops up to ``num_tops[0]`` when the prototxt
+            names fewer (Caffe's AutoTopBlobs; true for every LossLayer).
         no_grad_bottoms: bottom indices that never receive a gradient (labels);
             Caffe's AllowForceBackward returns false for them.
         full_precision: under bf16/fp16 autocast the net runs this layer in float32 on
@@ -48,6 +50,7 @@ class Layer(nn.Module):
     num_bottoms: tuple[int, int | None] = (1, 1)
     num_tops: tuple[int, int | None] = (1, 1)
     is_loss: bool = False
+    auto_top: bool = False
     no_grad_bottoms: tuple[int, ...] = ()
     full_precision: bool = False
 

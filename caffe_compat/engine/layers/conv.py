@@ -206,3 +206,47 @@ class Deconvolution(_BaseConvolution):
                                          None if bias is None else bias.to(x.dtype),
                                          stride=self.stride, padding=self.pad,
                                          dilation=self.dilation, groups=self.group)
+
+
+@register
+class Im2col(Convolution):
+    """Caffe Im2col: the column buffer a Convolution multiplies, as a top (no weights).
+
+    Top ``(..., C*kh*kw, out_h, out_w)``; column ``c*kh*kw + i*kw + j`` holds input channel
+    ``c`` at kernel offset ``(i, j)``, which is ``F.unfold``'s order. 2-D only here.
+    """
+
+    type = "Im2col"
+    num_bottoms = (1, 1)
+    num_tops = (1, 1)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        Layer.__init__(self, param, bottom_shapes, phase)
+        cp = param.convolution_param
+        shape0 = tuple(bottom_shapes[0])
+        self.axis = canonical_axis(self, cp.axis, len(shape0))
+        self.num_spatial = len(shape0) - self.axis - 1
+        if self.num_spatial != 2:
+            raise self.error(f"only 2-D im2col is supported (bottom {list(shape0)} has "
+                             f"{self.num_spatial} spatial axes after axis {self.axis})")
+        self.kernel = self._spatial("kernel", list(cp.kernel_size), cp.HasField("kernel_h"),
+                                    cp.HasField("kernel_w"), cp.kernel_h, cp.kernel_w, None)
+        self.stride = self._spatial("stride", list(cp.stride), cp.HasField("stride_h"),
+                                    cp.HasField("stride_w"), cp.stride_h, cp.stride_w, 1)
+        self.pad = self._spatial("pad", list(cp.pad), cp.HasField("pad_h"), cp.HasField("pad_w"),
+                                 cp.pad_h, cp.pad_w, 0)
+        self.dilation = self._spatial("dilation", list(cp.dilation), False, False, 0, 0, 1)
+        if min(self.kernel + self.stride + self.dilation) < 1:
+            raise self.error("kernel_size, stride and dilation must be positive")
+        self.channels = shape0[self.axis]
+        self.num_output = self.channels * math.prod(self.kernel)
+        self.group, self.bias_term = 1, False
+        self.top_shapes(bottom_shapes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:self.axis]
+        xb = x.reshape(math.prod(lead), *x.shape[self.axis:])
+        cols = F.unfold(xb, self.kernel, dilation=self.dilation, padding=self.pad,
+                        stride=self.stride)                        # (N, C*kh*kw, L)
+        out = [self._out_size(xb.shape[2 + i], i) for i in range(2)]
+        return cols.reshape(*lead, self.num_output, *out)

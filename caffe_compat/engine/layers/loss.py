@@ -77,6 +77,7 @@ class _LossLayer(Layer):
     num_bottoms = (2, 2)
     num_tops = (1, 1)
     is_loss = True
+    auto_top = True
     no_grad_bottoms = (1,)
     full_precision = True
 

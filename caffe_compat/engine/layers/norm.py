@@ -207,3 +207,46 @@ class Bias(_Broadcast):
 
     def forward(self, x: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
         return x + self._view(bias[0] if self.bias_from_bottom else self.blobs[0], x)
+
+
+class _MVNFunction(torch.autograd.Function):
+    """MVN with variance normalisation and Caffe's backward (``mvn_layer.cpp``):
+    ``dx = (dy - mean(dy) - y * mean(y * dy)) / (std + eps)``, which leaves eps out of the
+    ``y`` term where the exact derivative would keep it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float):        # x: (num, dim)
+        centred = x - x.mean(dim=1, keepdim=True)
+        denom = (centred * centred).mean(dim=1, keepdim=True).sqrt() + eps
+        y = centred / denom
+        ctx.save_for_backward(y, denom)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        y, denom = ctx.saved_tensors
+        dx = dy - dy.mean(dim=1, keepdim=True) - y * (y * dy).mean(dim=1, keepdim=True)
+        return dx / denom, None
+
+
+@register
+class MVN(Layer):
+    """Caffe MVN: subtract the mean and, by default, divide by ``std + eps`` (not
+    ``sqrt(var + eps)``), per (n, c) or, with ``across_channels``, per n."""
+
+    type = "MVN"
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        mp = param.mvn_param
+        self.normalize_variance = mp.normalize_variance
+        self.across_channels = mp.across_channels
+        self.eps = float(mp.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Caffe's num: shape[0] across channels, else shape[0] * shape[1] (legacy 4-D view).
+        num = x.shape[0] if self.across_channels or x.dim() < 2 else x.shape[0] * x.shape[1]
+        flat = x.reshape(num, -1)
+        if self.normalize_variance:
+            return _MVNFunction.apply(flat, self.eps).reshape(x.shape)
+        return (flat - flat.mean(dim=1, keepdim=True)).reshape(x.shape)

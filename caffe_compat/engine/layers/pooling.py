@@ -198,3 +198,61 @@ class Pooling(Layer):
         kernel = "global" if self.global_pooling else list(self.kernel)
         return (f"name={self.name!r}, {kind}, kernel={kernel}, stride={list(self.stride)}, "
                 f"pad={list(self.pad)}, round_mode={'CEIL' if self.ceil else 'FLOOR'}")
+
+
+@register
+class SPP(Layer):
+    """Caffe SPP (``spp_layer.cpp``): spatial pyramid pooling, levels flattened and concatenated.
+
+    Level ``l`` has ``b = 2**l`` bins per axis: a Caffe Pooling with kernel ``ceil(H / b)``,
+    stride = kernel and pad ``(kernel * b - H + 1) // 2`` (same for W). With
+    ``pyramid_height: 1`` the top is that one pooling's ``(N, C, 1, 1)``; otherwise it is
+    ``(N, C * sum(b**2))``.
+    """
+
+    type = "SPP"
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        sp = param.spp_param
+        self.height = sp.pyramid_height
+        self.pool = sp.pool
+        if self.height < 1:
+            raise self.error("spp_param.pyramid_height must be at least 1")
+        if self.pool not in (MAX, AVE):
+            raise self.error("pool: STOCHASTIC is not supported here; use MAX or AVE")
+        self._levels: dict[tuple[int, int], list[Pooling]] = {}
+        self.top_shapes(bottom_shapes)
+
+    def _poolings(self, h: int, w: int) -> list["Pooling"]:
+        """One Caffe Pooling per pyramid level for an ``h``×``w`` input (cached per size)."""
+        if (h, w) not in self._levels:
+            from caffe_compat.proto import caffe_pb2
+            levels = []
+            for level in range(self.height):
+                bins = 2 ** level
+                kh, kw = math.ceil(h / bins), math.ceil(w / bins)
+                lp = caffe_pb2.LayerParameter(name=f"{self.name}/level{level}", type="Pooling")
+                pp = lp.pooling_param
+                pp.pool = self.pool
+                pp.kernel_h, pp.kernel_w, pp.stride_h, pp.stride_w = kh, kw, kh, kw
+                pp.pad_h, pp.pad_w = (kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2
+                levels.append(Pooling(lp, [(1, 1, h, w)], self.phase))
+            self._levels[(h, w)] = levels
+        return self._levels[(h, w)]
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        shape = tuple(bottom_shapes[0])
+        if len(shape) != 4 or min(shape[2:]) <= 0:
+            raise self.error(f"bottom must be (num, channels, height, width) with a non-empty "
+                             f"image, got {list(shape)}")
+        levels = [p.top_shapes([shape])[0] for p in self._poolings(shape[2], shape[3])]
+        if self.height == 1:
+            return [levels[0]]
+        return [(shape[0], sum(math.prod(s[1:]) for s in levels))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = self._poolings(x.shape[2], x.shape[3])
+        if self.height == 1:
+            return levels[0](x)
+        return torch.cat([p(x).flatten(1) for p in levels], dim=1)

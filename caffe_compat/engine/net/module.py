@@ -20,6 +20,7 @@ from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, in
 from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
 
+AUTO_TOP = "(automatic)"   # Caffe's name for a top the prototxt leaves out (AppendTop)
 
 @dataclass
 class LearnableParam:
@@ -58,6 +59,7 @@ class NetModule(nn.Module):
         self.bottom_names: dict[str, list[str]] = {}
         self.top_names: dict[str, list[str]] = {}
         self._plan: list[_Step] = []
+        self._anonymous: set[str] = set()     # AutoTopBlobs tops: not outputs, not readable
         self._build(net_param)
 
     # -- construction -----------------------------------------------------------------
@@ -67,21 +69,22 @@ class NetModule(nn.Module):
         available: list[str] = []
         owners: dict[str, tuple[nn.Parameter, caffe_pb2.ParamSpec, str]] = {}
         force_backward = net.force_backward
+        # Layer names may repeat, as in Caffe: both layers run, and a lookup by name
+        # (net.params, top_names, layer_by_name) finds the later one.
         for index, lp in enumerate(net.layer):
-            if lp.name in self.layer_names:
-                raise NetDefinitionError(f"{self.source}: duplicate layer name '{lp.name}'")
             cls = layer_class(lp.type)
-            self._check_counts(cls, lp)
+            tops = self._auto_tops(cls, lp)
+            self._check_counts(cls, lp, tops)
             bottom_shapes = []
             for j, b in enumerate(lp.bottom):
-                if b not in self.blob_shapes:
+                if b not in self.blob_shapes or b in self._anonymous:
                     raise NetDefinitionError(f"{self.source}: Unknown bottom blob '{b}' (layer "
                                              f"'{lp.name}', bottom index {j})")
                 bottom_shapes.append(self.blob_shapes[b])
                 consumed.add(b)
                 if b in available:
                     available.remove(b)
-            for j, t in enumerate(lp.top):
+            for j, t in enumerate(tops):
                 in_place = j < len(lp.bottom) and lp.bottom[j] == t
                 if t in produced_by and not in_place:
                     raise NetDefinitionError(
@@ -95,45 +98,65 @@ class NetModule(nn.Module):
                 raise
             except (ValueError, TypeError, IndexError, RuntimeError) as exc:
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}): {exc}") from exc
-            if len(top_shapes) != len(lp.top):
+            if len(top_shapes) != len(tops):
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) produces "
-                                 f"{len(top_shapes)} tops but {len(lp.top)} are named")
-            for t, shape in zip(lp.top, top_shapes):
+                                 f"{len(top_shapes)} tops but {len(tops)} are named")
+            for t, shape in zip(tops, top_shapes):
                 produced_by[t] = lp.name
                 self.blob_shapes[t] = tuple(int(d) for d in shape)
-                if t not in available:
+                if t not in available and t not in self._anonymous:
                     available.append(t)
             if lp.type == "Input":
                 self.input_names.extend(lp.top)
-            self._set_loss_weights(layer, lp)
+            self._set_loss_weights(layer, lp, tops)
             self._set_params(layer, lp, owners, force_backward)
             detach = self._detach_mask(layer, lp, force_backward)
             self.layers.append(layer)
             self.layer_names.append(lp.name)
             self.bottom_names[lp.name] = list(lp.bottom)
-            self.top_names[lp.name] = list(lp.top)
-            self._plan.append(_Step(index, tuple(lp.bottom), tuple(lp.top), detach))
+            self.top_names[lp.name] = list(tops)
+            self._plan.append(_Step(index, tuple(lp.bottom), tuple(tops), detach))
         self.output_names = sorted(available)   # Caffe keeps them in a std::set
         self._mark_releases()
 
-    def _check_counts(self, cls: type[Layer], lp: caffe_pb2.LayerParameter) -> None:
+    def _auto_tops(self, cls: type[Layer], lp: caffe_pb2.LayerParameter) -> list[str]:
+        """The layer's tops, completed with anonymous ones where the class sets ``auto_top``.
+
+        Caffe (net.cpp, AutoTopBlobs) gives such a layer (every LossLayer) unnamed tops up to
+        its minimum count, all called ``(automatic)``: they hold the loss but are no net
+        output and no later layer can read them. Blob names here must be unique, so a second
+        anonymous blob in the same net is ``(automatic)_1`` (in Caffe it would share the name).
+        """
+        tops = list(lp.top)
+        if not cls.auto_top:
+            return tops
+        while len(tops) < cls.num_tops[0]:
+            name = AUTO_TOP if AUTO_TOP not in self._anonymous else \
+                f"{AUTO_TOP}_{len(self._anonymous)}"
+            self._anonymous.add(name)
+            tops.append(name)
+        return tops
+
+    def _check_counts(self, cls: type[Layer], lp: caffe_pb2.LayerParameter,
+                      tops: Sequence[str]) -> None:
         for what, names, (lo, hi) in (("bottom", lp.bottom, cls.num_bottoms),
-                                      ("top", lp.top, cls.num_tops)):
+                                      ("top", tops, cls.num_tops)):
             n = len(names)
             if n < lo or (hi is not None and n > hi):
                 want = f"{lo}" if hi == lo else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) takes {want} "
                                  f"{what} blob(s), got {n}")
 
-    def _set_loss_weights(self, layer: Layer, lp: caffe_pb2.LayerParameter) -> None:
+    def _set_loss_weights(self, layer: Layer, lp: caffe_pb2.LayerParameter,
+                          tops: Sequence[str]) -> None:
         weights = list(lp.loss_weight)
-        if weights and len(weights) != len(lp.top):
+        if weights and len(weights) != len(tops):
             raise LayerError(f"{self.source}: layer '{lp.name}' has {len(weights)} loss_weight "
-                             f"values for {len(lp.top)} tops; give one per top")
+                             f"values for {len(tops)} tops; give one per top")
         if not weights and layer.is_loss:
-            weights = [1.0] + [0.0] * (len(lp.top) - 1)
+            weights = [1.0] + [0.0] * (len(tops) - 1)
             layer.param.loss_weight.extend(weights)   # saved in caffemodels, as Caffe does
-        for top, w in zip(lp.top, weights):
+        for top, w in zip(tops, weights):
             if w:
                 self.loss_weights[top] = float(w)
 
@@ -301,12 +324,14 @@ class NetModule(nn.Module):
         """Point this net's layer blobs at ``other``'s, matched by layer name (no copy).
 
         Caffe's ShareTrainedLayersWith: test nets see the train net's current weights and
-        BatchNorm statistics. Shapes must agree.
+        BatchNorm statistics. Shapes must agree. As in Caffe, each source layer goes to the
+        first layer of its name here (a repeated source name shares into it again).
         """
-        theirs = dict(other.named_layers())
-        for name, layer in self.named_layers():
-            source = theirs.get(name)
-            if source is None or not len(layer.blobs):
+        for name, source in other.named_layers():
+            if name not in self.layer_names:
+                continue
+            layer = self.layers[self.layer_names.index(name)]
+            if not len(layer.blobs) and not len(source.blobs):
                 continue
             if len(source.blobs) != len(layer.blobs):
                 raise LayerError(f"cannot share layer '{name}': {len(source.blobs)} blobs vs "
@@ -318,10 +343,22 @@ class NetModule(nn.Module):
                 layer.blobs[i] = p
 
     def layer_index(self, name: str) -> int:
+        """Position of the first layer called ``name`` (pycaffe's ``_layer_names.index``)."""
         try:
             return self.layer_names.index(name)
         except ValueError:
             raise KeyError(f"{self.source}: no layer named '{name}'") from None
+
+    def layer_tops(self, index: int) -> list[str]:
+        """Top blob names of the layer at ``index`` (unambiguous where names repeat)."""
+        return list(self._plan[index].tops)
+
+    def layer_by_name(self, name: str) -> Layer:
+        """The last layer called ``name``, as Caffe's layer_by_name (layer_names_index_)."""
+        for layer_name, layer in reversed(list(self.named_layers())):
+            if layer_name == name:
+                return layer
+        raise KeyError(f"{self.source}: no layer named '{name}'")
 
     def named_layers(self) -> Iterable[tuple[str, Layer]]:
         return zip(self.layer_names, self.layers)

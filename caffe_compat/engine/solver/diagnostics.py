@@ -37,7 +37,7 @@ def first_non_finite_output(module, feed: Mapping[str, torch.Tensor]) -> str:
                 module.run(feed, i, i, blobs=blobs)
             except Exception as exc:   # diagnostics must not hide the real error
                 return f"re-running the forward pass failed at layer '{name}': {exc}"
-            for top in module.top_names[name]:
+            for top in module.layer_tops(i):
                 t = blobs.get(top)
                 if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     return (f"the first non-finite output is top '{top}' of layer '{name}' "

@@ -1,0 +1,101 @@
+"""BVLC loss layers beyond ``loss.py``: ContrastiveLoss and MultinomialLogisticLoss.
+
+Both reproduce Caffe's backward where it is not the derivative of its forward (the
+``1e-4`` in ContrastiveLoss' distance, the clamped probability in MultinomialLogisticLoss):
+the forward value is computed as usual and the gradient enters through a linear surrogate
+``g·(x - x.detach())``, which adds 0 to the value and exactly ``g`` to the gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from caffe_compat.engine.layers.base import Shape, register
+from caffe_compat.engine.layers.loss import LOG_THRESHOLD, _check_labels, _LossLayer
+
+
+def _with_gradient(value: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``value`` (no gradient of its own) whose gradient w.r.t. ``x`` is ``grad``."""
+    return value.detach() + (grad.detach() * (x - x.detach())).sum()
+
+
+@register
+class ContrastiveLoss(_LossLayer):
+    """Caffe ContrastiveLoss over pairs (a, b) with similarity y (bottom 2)::
+
+        loss = 1/(2N) Σ [ y d² + (1 - y) max(margin - d, 0)² ],  d = ‖a - b‖
+        legacy_version: the dissimilar term is max(margin - d², 0)
+
+    Caffe's gradient for a dissimilar pair (non-legacy) is ``-(margin-d)/(d + 1e-4) (a-b)/N``.
+    """
+
+    type = "ContrastiveLoss"
+    num_bottoms = (3, 3)
+    no_grad_bottoms = (2,)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        cp = param.contrastive_loss_param
+        self.margin, self.legacy = float(cp.margin), cp.legacy_version
+        self.top_shapes(bottom_shapes)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        a, b, y = (tuple(s) for s in bottom_shapes)
+        if a != b or len(a) < 2 or math.prod(a[2:]) != 1:
+            raise self.error(f"bottoms 0 and 1 must both be (N, C[, 1, 1]); got {list(a)} and "
+                             f"{list(b)}")
+        if math.prod(y) != a[0]:
+            raise self.error(f"bottom 2 (similarity) needs {a[0]} values, got shape {list(y)}")
+        return [()]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = a.shape[0]
+        diff = (a - b).reshape(n, -1)
+        dist_sq = (diff * diff).sum(1)
+        similar = y.detach().reshape(-1).long() != 0       # static_cast<int>(y) != 0
+        with torch.no_grad():
+            if self.legacy:
+                mdist = self.margin - dist_sq
+                dissimilar = mdist.clamp(min=0)
+                coeff = torch.full_like(dist_sq, -1.0)
+            else:
+                dist = dist_sq.sqrt()
+                mdist = self.margin - dist
+                dissimilar = mdist.clamp(min=0) ** 2
+                coeff = -mdist / (dist + 1e-4)
+            per_pair = torch.where(similar, dist_sq, dissimilar)
+            coeff = torch.where(similar, torch.ones_like(coeff),
+                                torch.where(mdist > 0, coeff, torch.zeros_like(coeff)))
+        loss = per_pair.sum() / n / 2
+        return _with_gradient(loss, diff, coeff[:, None] * diff / n)
+
+
+@register
+class MultinomialLogisticLoss(_LossLayer):
+    """``-1/N Σ log(max(p[n, label_n], 1e-20))`` on probabilities (N, C, ...) flattened per
+    sample; Caffe's gradient at the label is ``-1 / (N max(p, 1e-20))``, also where clamped."""
+
+    type = "MultinomialLogisticLoss"
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        self.top_shapes(bottom_shapes)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        self._check_first_dim(bottom_shapes)
+        if math.prod(bottom_shapes[1][1:]) != 1:
+            raise self.error(f"bottom 1 (labels) must hold one label per sample, got shape "
+                             f"{list(bottom_shapes[1])}")
+        return [()]
+
+    def forward(self, prob: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        n = prob.shape[0]
+        flat = prob.reshape(n, -1)
+        lab = label.detach().reshape(-1).long()
+        _check_labels(self, lab, None, flat.shape[1])
+        picked = flat.gather(1, lab[:, None]).reshape(-1)
+        clamped = picked.detach().clamp(min=LOG_THRESHOLD)
+        loss = -torch.log(clamped).sum() / n
+        return _with_gradient(loss, picked, -1.0 / (n * clamped))
