@@ -21,7 +21,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import sys
 from pathlib import Path
@@ -33,47 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from caffe_compat.commands.tool_args import fail, repo_root, shown  # noqa: E402
 from caffe_compat.data.convert import progress  # noqa: E402
 from experiments.defaults import CLASSES  # noqa: E402
+from experiments.fashion_mnist import load, rel_name  # noqa: E402
 from caffe_compat.formats.errors import DataError  # noqa: E402
 
 DEFAULT_IDX = "/usr/share/datasets/fashion-mnist"
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally .gz) as a uint8 array."""
-    for candidate in (path, path.with_name(path.name + ".gz")):
-        if candidate.is_file():
-            opener = gzip.open if candidate.suffix == ".gz" else open
-            with opener(candidate, "rb") as f:
-                raw = f.read()
-            break
-    else:
-        raise DataError(f"{path}(.gz): IDX file does not exist (apt-get install "
-                        "dataset-fashion-mnist, or pass --idx-dir)")
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: truncated IDX file")
-    return data.reshape(dims)
-
-
-def load(idx_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images_name, labels_name = FILES[split]
-    images = read_idx(idx_dir / images_name)
-    labels = read_idx(idx_dir / labels_name)
-    if len(images) != len(labels):
-        raise DataError(f"{idx_dir}: {len(images)} {split} images but {len(labels)} labels")
-    return images, labels
-
-
-def rel_name(index: int, label: int, prefix: str = "") -> str:
-    return f"{prefix}{CLASSES[label]}/{index:05d}.png"
-
-
 def write_pngs(images, labels, out: Path, indices, prefix: str = "") -> list[tuple[str, int]]:
     import cv2
     written = []

@@ -72,6 +72,10 @@ class Solver:
         self.requested_early_exit = False
         self.events = EventBus()
         self.keep_all_blobs = False   # True: blobs_ready() gets every blob, not the outputs
+        # True: each test reads its net's data from the first batch (Caffe's test nets go on
+        # reading where the last test stopped; with test_iter below one epoch that means each
+        # test sees other images)
+        self.test_from_first_batch = False
         self._callbacks: list[tuple[Callable | None, Callable | None]] = []
         self._check_snapshot_writable()
         if self.param.random_seed >= 0:

@@ -90,7 +90,7 @@ class EventBus:
         return fn
 
     def unsubscribe(self, fn: Subscriber) -> None:
-        self._subscribers = [(f, k) for f, k in self._subscribers if f is not fn]
+        self._subscribers = [(f, k) for f, k in self._subscribers if f != fn]
 
     def emit(self, event: Event) -> None:
         for fn, kinds in list(self._subscribers):
@@ -105,7 +105,7 @@ class EventBus:
         self._action_sources.append(fn)
 
     def remove_action_source(self, fn: Callable[[], str]) -> None:
-        self._action_sources = [f for f in self._action_sources if f is not fn]
+        self._action_sources = [f for f in self._action_sources if f != fn]
 
     def requested_action(self) -> str:
         """STOP wins over SNAPSHOT; every source is asked (each may consume its request)."""

@@ -39,6 +39,8 @@ def run_test(solver, test_net_id: int) -> list[float]:
     started = time.perf_counter()
     module = solver.test_modules[test_net_id]
     module.share_trained_layers_with(solver.train_module)
+    if solver.test_from_first_batch:
+        module.seek_data(0)
     n_iter = solver.param.test_iter[test_net_id]
     sums, loss, outputs = None, None, None
     with torch.no_grad():

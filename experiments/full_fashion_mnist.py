@@ -1,0 +1,304 @@
+"""Scale benchmark: vgg16_landmark_64 on the full Fashion-MNIST (60,000 train / 10,000 test).
+
+1. Builds the LMDBs once (kept): all 70,000 IDX images resized to --size × --size (default
+   72, for the net's 64×64 crops; grey, or --color for 3 channels) with 8 silhouette landmarks
+   per record, and the training-set mean — under data/fmnist_full_lmdb_<size>[_color]/.
+2. Trains with --solver (default models/vgg16_landmark_64/solver_full.prototxt), the
+   train_val's Data layers pointed at those LMDBs in memory, train batch --batch-size.
+   --max-iter shortens the run (the solver's poly schedule then decays over the shorter run);
+   --minutes stops training at a wall-clock budget whatever the schedule says. Every
+   --test-every epochs it tests on the --test-images first test images; snapshots follow
+   the solver file's `snapshot`, and `--resume` continues from one (the curves so far are
+   kept in --work/curve.json).
+3. Tests on the --test-images first test images (default all 10,000) and writes a report
+   (--report, default results/fmnist_full.md, the same numbers as JSON and the curves as a
+   PNG beside it): test accuracy, wall times, measured training images/s and what longer
+   schedules would cost at that speed. The final snapshot goes to --work (default
+   runs/fmnist_full).
+
+Published anchors (Fashion-MNIST README benchmark): VGG16 93.5%, ResNet-18 94.9%.
+
+Examples:
+  python tools/full_fashion_mnist.py --max-iter 600 --threads 1      # ~8 min of fp32 training
+  python tools/full_fashion_mnist.py --precision bf16 --threads 2     # the 25 epochs, ~1.6 h
+  python tools/full_fashion_mnist.py --resume \
+      runs/fmnist_full/vgg16_landmark_64_iter_1874.solverstate
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from caffe_compat.engine.solver.events import (NONE, STOP, IterationDone, SnapshotWritten,
+                                               TestDone)
+from experiments.reproduce.protocol import NEVER
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEFAULT_IDX = "/usr/share/datasets/fashion-mnist"
+TARGET = 0.945
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--idx-dir", default=DEFAULT_IDX, help=f"IDX files (default {DEFAULT_IDX})")
+    ap.add_argument("--size", type=int, default=72, help="stored side (default 72; must be >= "
+                    "the net's crop_size)")
+    ap.add_argument("--color", action="store_true", help="3-channel records (default grey: "
+                    "Fashion-MNIST is grey, three equal channels only cost time)")
+    ap.add_argument("--db", default=None, help="LMDB folder (default data/fmnist_full_lmdb_SIZE)")
+    ap.add_argument("--solver", default=str(REPO / "models/vgg16_landmark_64/solver_full.prototxt"),
+                    help="solver prototxt (default models/vgg16_landmark_64/solver_full.prototxt)")
+    ap.add_argument("--batch-size", type=int, default=64, help="train batch (default 64)")
+    ap.add_argument("--test-batch", type=int, default=100, help="test batch (default 100)")
+    ap.add_argument("--test-images", type=int, default=10000,
+                    help="test on the first N test images (default all 10,000)")
+    ap.add_argument("--max-iter", type=int, default=None, help="override the solver's max_iter")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="stop training after this many minutes of training")
+    ap.add_argument("--test-every", type=float, default=1.0,
+                    help="test during training every this many epochs (default 1; 0: only "
+                    "at the end)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="fp32 (default, what Caffe computes) or bf16 autocast of the forward "
+                    "passes (weights, gradients and the solver stay fp32)")
+    ap.add_argument("--resume", default=None, help="solverstate to continue from")
+    ap.add_argument("--work", default=str(REPO / "runs" / "fmnist_full"),
+                    help="snapshots and train.log (default runs/fmnist_full)")
+    ap.add_argument("--report", default=str(REPO / "results" / "fmnist_full.md"),
+                    help="markdown report (default results/fmnist_full.md; JSON beside it)")
+    args = ap.parse_args(argv)
+    for name in ("idx_dir", "db", "solver", "resume", "work", "report"):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    return args
+
+
+# ------------------------------------------------------------------------------- data
+
+
+# ----------------------------------------------------------------------------- solver
+
+
+def record_count(db: Path) -> int:
+    from caffe_compat.data.db import open_db
+    with open_db(db) as reader:
+        return len(reader)
+
+
+def solver_param(args, db: Path, n_train: int, n_test: int):
+    from caffe_compat.formats.blob_io import read_text_proto
+    from caffe_compat.proto import caffe_pb2
+    from experiments.reproduce.protocol import TRAIN, SplitData, rewrite_sources
+    from caffe_compat.engine.solver.params import read_solver_param
+    sp = read_solver_param(args.solver)
+    # the net path as `caffe train` run from the checkout reads it, else beside the solver
+    net_path = next((os.fspath(p) for p in (REPO / sp.net, Path(args.solver).parent / sp.net)
+                     if p.is_file()), None)
+    if net_path is None:
+        raise SystemExit(f"error: {args.solver}: net file '{sp.net}' not found")
+    if args.test_images > n_test:
+        raise SystemExit(f"error: --test-images {args.test_images}: {db / 'test'} holds only "
+                         f"{n_test} records")
+    net = read_text_proto(net_path, caffe_pb2.NetParameter)
+    rewrite_sources(net, SplitData(db / "train", db / "test", db / "mean.binaryproto",
+                                   n_train, n_test), net_path)
+    for lp in net.layer:
+        if lp.type == "Data":
+            train = any(r.phase == TRAIN for r in lp.include)
+            lp.data_param.batch_size = args.batch_size if train else args.test_batch
+    sp.ClearField("net")
+    sp.net_param.CopyFrom(net)
+    if args.max_iter:
+        sp.max_iter = args.max_iter
+    del sp.test_iter[:]
+    sp.test_iter.append(math.ceil(args.test_images / args.test_batch))
+    sp.test_interval = NEVER          # this script tests on its own --test-every schedule
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    sp.snapshot_prefix = os.fspath(Path(args.work) / "vgg16_landmark_64")
+    return sp, net_path
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+class Curve:
+    """Per-iteration train losses and the tests so far, kept in --work/curve.json so that a
+    resumed run reports the whole schedule. Saved at every snapshot and every test."""
+
+    def __init__(self, path: Path, start_iter: int):
+        self.path = path
+        self.train_loss: list[float] = []
+        self.tests: list[dict] = []
+        if start_iter and path.is_file():     # resuming: keep what led to that snapshot
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            self.train_loss = saved["train_loss"][:start_iter]
+            self.tests = [t for t in saved["tests"] if t["iter"] <= start_iter]
+        # killed between a snapshot and the curve's save: those iterations' losses are lost
+        self.train_loss += [math.nan] * (start_iter - len(self.train_loss))
+
+    def save(self) -> None:
+        from experiments.reproduce.protocol import write_json
+        write_json(self.path, {"train_loss": self.train_loss, "tests": self.tests})
+
+
+def test_once(solver, loss_top: str, acc_top: str) -> dict:
+    """One test over the first --test-images images (Caffe's test net would go on reading
+    where the last test stopped: with fewer than all, each test would see other images)."""
+    solver.test_modules[0].seek_data(0)
+    start = time.perf_counter()
+    means = dict(zip(solver.test_modules[0].output_names, solver.test(0)))
+    return {"iter": solver.iter, "accuracy": means[acc_top], "loss": means[loss_top],
+            "seconds": time.perf_counter() - start}
+
+
+class RunWatcher:
+    """Observes the solver: train losses and tests into the curve, a tqdm bar, the
+    wall-clock budget (an action source asking the loop to stop)."""
+
+    def __init__(self, solver, curve: "Curve", tops: tuple[str, str], epoch_iters: float,
+                 budget_seconds: float):
+        from tqdm import tqdm
+        self.solver, self.curve, self.tops, self.epoch_iters = solver, curve, tops, epoch_iters
+        self.budget, self.train_seconds, self.test_seconds = budget_seconds, 0.0, 0.0
+        self.bar = tqdm(total=solver.param.max_iter, initial=solver.iter, unit="iter",
+                        dynamic_ncols=True, disable=not sys.stderr.isatty())
+        solver.subscribe(self.on_event, IterationDone, TestDone, SnapshotWritten)
+        solver.add_action_source(self.over_budget)
+
+    def close(self) -> None:
+        self.solver.events.unsubscribe(self.on_event)
+        self.solver.events.remove_action_source(self.over_budget)
+        self.bar.close()
+
+    def over_budget(self) -> str:
+        return STOP if self.train_seconds >= self.budget else NONE
+
+    def on_event(self, event) -> None:
+        if isinstance(event, IterationDone):
+            self.train_seconds += event.seconds
+            self.curve.train_loss.append(event.outputs[self.tops[0]][0])
+            self.bar.update(event.iter - self.bar.n)
+            if event.iter % 10 == 0:
+                self.bar.set_postfix(loss=f"{np.nanmean(self.curve.train_loss[-50:]):.3f}",
+                                     lr=f"{event.lr:.2g}")
+        elif isinstance(event, TestDone) and event.net_id == 0:
+            self.test_seconds += event.seconds
+            point = {"iter": event.iter, "accuracy": event.scalar(self.tops[1]),
+                     "loss": event.scalar(self.tops[0]), "seconds": event.seconds}
+            self.curve.tests.append(point)
+            self.curve.save()
+            self.bar.write(f"iteration {event.iter} (epoch {event.iter / self.epoch_iters:.1f})"
+                           f": test accuracy {point['accuracy'] * 100:.2f}%, "
+                           f"loss {point['loss']:.3f}")
+        elif isinstance(event, SnapshotWritten):
+            self.curve.save()
+
+
+def train(solver, args, tops: tuple[str, str], curve: "Curve", epoch_iters: float) -> dict:
+    """The engine's loop to max_iter (or the --minutes budget), testing every --test-every
+    epochs on the first --test-images images, snapshotting on the solver file's schedule."""
+    budget = args.minutes * 60 if args.minutes is not None else math.inf
+    test_every = max(1, round(args.test_every * epoch_iters)) if args.test_every > 0 else 0
+    solver.param.test_interval = test_every if test_every else NEVER
+    solver.param.test_initialization = False
+    solver.test_from_first_batch = True
+    start_iter = solver.iter
+    watcher = RunWatcher(solver, curve, tops, epoch_iters, budget)
+    try:
+        if budget > 0:
+            solver.step(solver.param.max_iter - solver.iter)
+    finally:
+        watcher.close()
+    solver.requested_early_exit = False      # the budget's stop must not cancel the last test
+    seconds, iters = watcher.train_seconds, solver.iter - start_iter
+    images = iters * args.batch_size * solver.param.iter_size
+    return {"iterations": iters, "start_iter": start_iter, "seconds": seconds,
+            "test_seconds": watcher.test_seconds, "images": images,
+            "images_per_second": images / seconds if seconds else None,
+            "stopped_by_budget": solver.iter < solver.param.max_iter}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import platform
+
+    import torch
+
+    from caffe_compat.engine.solver.base import Solver
+    from caffe_compat.commands import device as devices
+    from experiments.reproduce import scale_report
+    from experiments.reproduce.protocol import atomic_write_text, output_of, solver_summary_line
+    from caffe_compat.formats import glog
+    from caffe_compat.engine.solver.params import read_solver_param
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python tools/full_fashion_mnist.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    db = Path(args.db) if args.db else REPO / "data" / (
+        f"fmnist_full_lmdb_{args.size}" + ("_color" if args.color else ""))
+    from experiments.fashion_mnist import build_lmdbs
+    build_seconds = build_lmdbs(Path(args.idx_dir), db, args.size, args.color)
+    n_train, n_test = record_count(db / "train"), record_count(db / "test")
+    file_max_iter = read_solver_param(args.solver).max_iter
+    sp, net_path = solver_param(args, db, n_train, n_test)
+    glog.set_stderr(False)
+    log = glog.add_log_file(os.fspath(Path(args.work) / "train.log"))
+    solver = Solver(sp)
+    if args.resume:
+        solver.restore(args.resume)
+    tops = (output_of(sp.net_param, "SoftmaxWithLoss", net_path),
+            output_of(sp.net_param, "Accuracy", net_path))
+    curve = Curve(Path(args.work) / "curve.json", solver.iter)
+    epoch_iters = n_train / (args.batch_size * sp.iter_size)
+    result = {"command": command.strip(), "threads": torch.get_num_threads(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "build_seconds": build_seconds, "schedule_iterations": file_max_iter,
+              "n_train": n_train, "n_test": n_test, "precision": args.precision}
+    with devices.autocast(devices.DeviceChoice("cpu", [], args.precision)):
+        result["train"] = train(solver, args, tops, curve, epoch_iters)
+        model, _ = solver.snapshot()
+        final = test_once(solver, *tops)
+    glog.remove_log_file(log)
+    curve.tests = [t for t in curve.tests if t["iter"] != final["iter"]] + [final]
+    curve.save()
+    result["test"] = final | {"images": sp.test_iter[0] * args.test_batch}
+    result["tests"] = curve.tests
+    result["total_iterations"] = solver.iter
+    losses = curve.train_loss
+    result["train_loss_last50"] = float(np.nanmean(losses[-50:])) if losses else math.nan
+    result["loss_curve"] = [float(np.nanmean(c)) for c in np.array_split(losses, 10) if len(c)]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.machine())
+    result["machine"] = (f"{cpu}, {os.cpu_count()} cores, CPU only; torch {torch.__version__}, "
+                         f"{'float32' if args.precision == 'fp32' else 'bf16 autocast'}, "
+                         f"{torch.get_num_threads()} thread(s)")
+    result["solver"] = solver_summary_line(sp)
+    result["load"] = os.getloadavg()[0]
+    report_path = Path(args.report)
+    text = scale_report.markdown(result, args.batch_size, os.path.relpath(args.solver, REPO),
+                                 size=args.size, color=args.color, target=TARGET,
+                                 plot_name=report_path.with_suffix(".png").name)
+    scale_report.plot(curve.train_loss, curve.tests, epoch_iters, TARGET,
+                      report_path.with_suffix(".png"))
+    atomic_write_text(report_path, text)
+    atomic_write_text(report_path.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    print(text)
+    print(f"snapshot: {model}\nwrote {report_path}, {report_path.with_suffix('.json')} and "
+          f"{report_path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
