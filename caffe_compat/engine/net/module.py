@@ -7,7 +7,9 @@ weighted loss tops (Caffe: Σ w·sum(top)). Backward is autograd.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -40,6 +42,16 @@ class _Step:
     release: tuple[str, ...] = field(default=())  # blobs last used here (freed in fast path)
 
 
+def _line_of(source: str, layer_name: str) -> str:
+    """":<line>" of the layer's ``name:`` in the prototxt file ``source``, or "" if unknown."""
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return ""
+    match = re.search(r'\bname\s*:\s*"' + re.escape(layer_name) + '"', text)
+    return f":{text.count(chr(10), 0, match.start()) + 1}" if match else ""
+
+
 class NetModule(nn.Module):
     """A Caffe net as a torch module. Build with ``NetModule.from_param`` or ``build_net``."""
 
@@ -70,7 +82,11 @@ class NetModule(nn.Module):
         for index, lp in enumerate(net.layer):
             if lp.name in self.layer_names:
                 raise NetDefinitionError(f"{self.source}: duplicate layer name '{lp.name}'")
-            cls = layer_class(lp.type)
+            try:
+                cls = layer_class(lp.type)
+            except LayerError as exc:
+                raise LayerError(f"{self.source}{_line_of(self.source, lp.name)}: layer "
+                                 f"'{lp.name}': {exc}") from None
             self._check_counts(cls, lp)
             bottom_shapes = []
             for j, b in enumerate(lp.bottom):
