@@ -124,8 +124,15 @@ def layer_types() -> list[str]:
 
 
 def layer_family(cls: type[Layer]) -> str:
-    """``cls.family``, or the last part of its module's name."""
-    return cls.family or cls.__module__.rsplit(".", 1)[-1]
+    """``cls.family``, or its module's name: ``neuron`` for ``.../layers/neuron.py``,
+    ``data`` for ``data/layers.py``, ``python`` for ``python_layer.py``."""
+    if cls.family:
+        return cls.family
+    parts = cls.__module__.split(".")
+    name = parts[-1]
+    if name in ("layers", "layer") and len(parts) > 1:
+        name = parts[-2]
+    return name[:-len("_layer")] if name.endswith("_layer") else name
 
 
 def unknown_type_message(type_name: str) -> str:

@@ -222,7 +222,7 @@ class ConvolutionDepthwise(Convolution):
 
     type = "ConvolutionDepthwise"
     family = "conv"
-    origin = "MobileNet/ShuffleNet Caffe forks (e.g. farmingyard/ShuffleNet)"
+    origin = "the MobileNet and ShuffleNet forks"
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         cp = param.convolution_param

@@ -334,7 +334,7 @@ class ReLU6(_Neuron):
     """MobileNet-v2 forks' ReLU6: ``y = min(max(x, 0) + negative_slope * min(x, 0), 6)``."""
 
     type = "ReLU6"
-    origin = "MobileNet-v2 Caffe ports"
+    origin = "the MobileNet-v2 ports"
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

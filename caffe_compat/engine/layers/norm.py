@@ -224,7 +224,7 @@ class BN(Layer):
     """
 
     type = "BN"
-    origin = "alexgkendall/caffe-segnet (SegNet)"
+    origin = "alexgkendall/caffe-segnet"
     num_tops = (1, 3)
     EPS = 1e-9
 

@@ -243,7 +243,7 @@ class ROIPooling(Layer):
     """
 
     type = "ROIPooling"
-    origin = "rbgirshick/caffe-fast-rcnn (Fast R-CNN)"
+    origin = "rbgirshick/caffe-fast-rcnn"
     num_bottoms = (2, 2)
     no_grad_bottoms = (1,)
 

@@ -21,7 +21,7 @@ import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
 
-SEGNET = "alexgkendall/caffe-segnet (SegNet)"
+SEGNET = "alexgkendall/caffe-segnet"
 
 
 class _Unpool(torch.autograd.Function):
@@ -111,7 +111,7 @@ class Interp(Layer):
     """PSPNet/DeepLab bilinear interpolation (align corners) with their output-size rules."""
 
     type = "Interp"
-    origin = "hszhao/PSPNet, DeepLab v2"
+    origin = "hszhao/PSPNet and DeepLab v2"
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

@@ -27,7 +27,7 @@ from caffe_compat.engine.fillers import fill
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.proto import caffe_pb2
 
-SSD = "weiliu89/caffe (SSD)"
+SSD = "weiliu89/caffe branch ssd"
 
 
 def _legacy_chw(shape: Shape) -> tuple[int, int, int]:
