@@ -511,3 +511,7 @@ class MemoryData(_DataLayer):
         n, p = self.batch_size, self._pos
         self._pos = (p + n) % len(self._data)
         return self._tops((self._data[p:p + n], self._labels[p:p + n]))
+
+
+# SegNet's DenseImageData builds on _DataLayer; importing it here registers it with the rest.
+from caffe_compat.data import dense_image_data as _dense_image_data  # noqa: E402,F401
