@@ -195,3 +195,70 @@ def test_ssd_head(tmp_path):
     assert len(ours) >= 4, "the head should detect something"
     key = lambda rows: rows[np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))]   # noqa: E731
     np.testing.assert_allclose(key(theirs), key(ours), **TOL)
+
+
+# -- fork layers OpenCV's importer lacks: the whole net against numpy float64 ----------------
+from test_forks import _interp_reference, _roi_reference  # noqa: E402  (float64 references)
+
+
+def _ours(tmp_path, text, feeds):
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('name: "fork_net"\n' + text)
+    net = caffe.Net(str(proto), caffe.TEST)
+    for name, value in feeds.items():
+        net.blobs[name].data[...] = value
+    net.forward()
+    return net
+
+
+def _conv1x1(x, w, b):
+    return np.einsum("oc,nchw->nohw", w.reshape(w.shape[0], -1), x) + b.reshape(1, -1, 1, 1)
+
+
+def test_segnet_encoder_decoder_bn_upsample(tmp_path):
+    text = (inp("data", 2, 3, 6, 8) + conv("c", "data", 4, 1)
+            + 'layer { name: "bn" type: "BN" bottom: "c" top: "c" bn_param { scale_filler { type: "gaussian" mean: 1 } shift_filler { type: "gaussian" } } }\n'
+            + relu("r", "c")
+            + 'layer { name: "pool" type: "Pooling" bottom: "c" top: "pool" top: "mask" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+            + 'layer { name: "up" type: "Upsample" bottom: "pool" bottom: "mask" top: "up" upsample_param { scale: 2 } }\n')
+    x = image(2, 3, 6, 8)
+    net = _ours(tmp_path, text, {"data": x})
+    p = {k: [b.data.astype(np.float64) for b in v] for k, v in net.params.items()}
+    c = _conv1x1(x.astype(np.float64), *p["c"])
+    mean = c.mean(axis=(0, 2, 3), keepdims=True)
+    var = (c ** 2).mean(axis=(0, 2, 3), keepdims=True) - mean ** 2
+    c = np.maximum(p["bn"][0] * (c - mean) / np.sqrt(var + 1e-9) + p["bn"][1], 0)
+    windows = c.reshape(2, 4, 3, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 4, 3, 4, 4)
+    up = np.zeros_like(c)
+    best = windows.argmax(axis=-1)
+    for n, ch, i, j in np.ndindex(2, 4, 3, 4):
+        dy, dx = divmod(best[n, ch, i, j], 2)
+        up[n, ch, 2 * i + dy, 2 * j + dx] = windows[n, ch, i, j].max()
+    np.testing.assert_allclose(net.blobs["up"].data, up, **TOL)
+
+
+def test_pspnet_pyramid_interp(tmp_path):
+    text = (inp("data", 1, 3, 9, 9)
+            + 'layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { pool: AVE kernel_size: 3 stride: 3 } }\n'
+            + conv("c", "p", 2, 1)
+            + 'layer { name: "i" type: "Interp" bottom: "c" top: "i" interp_param { height: 9 width: 9 } }\n'
+            + 'layer { name: "cat" type: "Concat" bottom: "data" bottom: "i" top: "cat" }\n')
+    x = image(1, 3, 9, 9)
+    net = _ours(tmp_path, text, {"data": x})
+    w, b = (blob.data.astype(np.float64) for blob in net.params["c"])
+    pooled = x.astype(np.float64).reshape(1, 3, 3, 3, 3, 3).mean(axis=(3, 5))
+    expected = np.concatenate([x, _interp_reference(_conv1x1(pooled, w, b), 9, 9)], axis=1)
+    np.testing.assert_allclose(net.blobs["cat"].data, expected, **TOL)
+
+
+def test_fast_rcnn_roi_head_and_senet_axpy(tmp_path):
+    text = (inp("data", 1, 2, 8, 8) + inp("rois", 2, 5)
+            + 'layer { name: "roi" type: "ROIPooling" bottom: "data" bottom: "rois" top: "roi" roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: 0.5 } }\n'
+            + 'layer { name: "gap" type: "Pooling" bottom: "roi" top: "gap" pooling_param { pool: AVE global_pooling: true } }\n'
+            + 'layer { name: "gate" type: "Sigmoid" bottom: "gap" top: "gate" }\n'
+            + 'layer { name: "se" type: "Axpy" bottom: "gate" bottom: "roi" bottom: "roi" top: "se" }\n')
+    x, rois = image(1, 2, 8, 8), np.array([[0, 0, 0, 9, 9], [0, 4, 2, 15, 13]], np.float32)
+    net = _ours(tmp_path, text, {"data": x, "rois": rois})
+    roi = _roi_reference(x.astype(np.float64), rois.astype(np.float64), 2, 2, 0.5)
+    gate = 1 / (1 + np.exp(-roi.mean(axis=(2, 3), keepdims=True)))
+    np.testing.assert_allclose(net.blobs["se"].data, gate * roi + roi, **TOL)

@@ -70,7 +70,7 @@ def enclosing_layer(text: str, line: int, column: int | None = None) -> str | No
     lines = text.splitlines()[:line]
     if lines and column is not None:
         lines[-1] = lines[-1][:max(column - 1, 0)]
-    depth_stack: list[int] = []          # start offsets of open layer blocks
+    depth_stack: list[int] = []          # brace depths of the open layer blocks
     depth = 0
     names: dict[int, str] = {}
     prefix = "\n".join(lines)
