@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import caffe_compat as caffe
+from caffe_compat.commands.layer_table import builtin_layers   # the package's own, not plug-ins
 from layer_utils import gradcheck_layer, make_layer
 
 g = torch.Generator().manual_seed(0)
@@ -123,6 +124,33 @@ EXAMPLES = {
             lambda: [rand(2, 2, 5, 7)], caffe.TEST),
     "Python": (filled("Python", 'top: "t" python_param { module: "pylayer_examples" '
                       'layer: "ScaleLayer" param_str: "2.5" }'), lambda: [rand(2, 3)], caffe.TEST),
+    # Fork layers (docs/forks.md).
+    "ReLU6": (filled("ReLU6", "relu6_param { negative_slope: 0.1 }"),
+              lambda: [away_from_zero(2, 3, 2, 2) * 4], caffe.TEST),
+    # SSD's backward is the exact gradient only with a shared scale (per-channel: goldens).
+    "Normalize": (filled("Normalize", 'norm_param { across_spatial: false channel_shared: true '
+                         'scale_filler { type: "gaussian" mean: 2 } }'),
+                  lambda: [rand(2, 3, 2, 2)], caffe.TEST),
+    "Permute": (filled("Permute", "permute_param { order: 0 order: 3 order: 1 }"),
+                lambda: [rand(2, 3, 2, 4)], caffe.TEST),
+    "BN": (filled("BN", 'bn_param { scale_filler { type: "gaussian" } '
+                  'shift_filler { type: "gaussian" } }'), lambda: [rand(4, 3, 2, 2)], caffe.TRAIN),
+    "Upsample": (filled("Upsample", "upsample_param { upsample_h: 4 upsample_w: 4 }"),
+                 lambda: [rand(1, 2, 2, 2),
+                          torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(2)])
+                          .view(1, 2, 2, 2).double()], caffe.TEST),
+    "ROIPooling": (filled("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 3 "
+                          "spatial_scale: 0.5 }"),
+                   lambda: [rand(2, 2, 5, 6), torch.tensor([[0, 0, 0, 9, 7], [1, 2, 4, 11, 9.]],
+                                                           dtype=torch.float64)], caffe.TEST),
+    "Axpy": (filled("Axpy"), lambda: [rand(2, 3), rand(2, 3, 2, 2), rand(2, 3, 2, 2)], caffe.TEST),
+    "ShuffleChannel": (filled("ShuffleChannel", "shuffle_channel_param { group: 3 }"),
+                       lambda: [rand(2, 6, 2, 1)], caffe.TEST),
+    "ConvolutionDepthwise": (filled("ConvolutionDepthwise", "convolution_param { kernel_size: 3 "
+                                    f"pad: 1 stride: 2 {GAUSS} }}"),
+                             lambda: [rand(2, 3, 5, 4)], caffe.TEST),
+    "Interp": (filled("Interp", "interp_param { height: 5 width: 7 pad_beg: -1 }"),
+               lambda: [rand(1, 2, 4, 5)], caffe.TEST),
 }
 
 # Types with no backward pass in Caffe, and why.
@@ -137,6 +165,9 @@ NO_BACKWARD = {
     "MemoryData": "a source layer",
     "LandmarkHeatmap": "renders targets from labels; no gradient",
     "WindowData": "a source layer", "HDF5Output": "a sink: writes its bottoms to a file",
+    "PriorBox": "constant boxes from the bottoms' shapes; SSD's backward does nothing",
+    "DetectionOutput": "NMS output; SSD has no backward",
+    "DenseImageData": "a source layer",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by
@@ -144,7 +175,7 @@ NO_BACKWARD = {
 
 
 def test_every_registered_type_is_covered():
-    missing = [t for t in caffe.layer_types() if t not in EXAMPLES and t not in NO_BACKWARD]
+    missing = [t for t in builtin_layers() if t not in EXAMPLES and t not in NO_BACKWARD]
     assert not missing, f"add a gradient-check example for: {missing}"
 
 

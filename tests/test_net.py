@@ -18,8 +18,30 @@ def net_from(tmp_path, text, phase=caffe.TEST, **kw):
 
 
 def test_unknown_layer_type_lists_known_types(tmp_path):
-    with pytest.raises(LayerError, match=r"Unknown layer type: Foo \(known types: .*Convolution"):
+    with pytest.raises(LayerError, match=r"net.prototxt:2: layer 'f': Unknown layer type: Foo "
+                       r"\(no supported fork defines it\); known types: .*Convolution"):
         net_from(tmp_path, INPUT + 'layer { name: "f" type: "Foo" bottom: "data" top: "f" }')
+
+
+def test_unknown_layer_type_suggests_close_names_and_names_forks(tmp_path):
+    with pytest.raises(LayerError, match=r"Unknown layer type: Convolutoin \(no supported fork "
+                       r"defines it\); did you mean Convolution"):
+        net_from(tmp_path, INPUT + 'layer { name: "c" type: "Convolutoin" bottom: "data" top: "c" }')
+    with pytest.raises(LayerError, match=r"layer 'm': Unknown layer type: MultiBoxLoss \(defined "
+                       r"by weiliu89/caffe \(SSD\), which this project does not implement\)"):
+        net_from(tmp_path, INPUT + 'layer { name: "m" type: "MultiBoxLoss" bottom: "data" }')
+
+
+def test_unknown_field_names_file_line_layer_and_fork(tmp_path):
+    text = INPUT + ('layer {\n  name: "loss"\n  type: "SoftmaxWithLoss"\n'
+                    '  smooth_l1_loss_param { sigma: 3 }\n}\n')
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'loss': caffe.LayerParameter "
+                       r"has no field 'smooth_l1_loss_param' \(defined by rbgirshick/caffe-fast-rcnn"):
+        net_from(tmp_path, text)
+    text = INPUT + 'layer { name: "p" type: "Pooling" bottom: "data" pooling_param { kernel: 2 } }'
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:2:\d+: layer 'p': caffe.PoolingParameter "
+                       r"has no field 'kernel' \(no supported fork defines it\)"):
+        net_from(tmp_path, text)
 
 
 def test_missing_bottom_names_layer_blob_and_index(tmp_path):

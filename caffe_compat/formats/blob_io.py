@@ -16,6 +16,7 @@ from google.protobuf import message as _message
 from google.protobuf import text_format
 
 from caffe_compat.formats.atomic import write_bytes
+from caffe_compat.formats.forks import enclosing_layer, explain_unknown_field
 from caffe_compat.proto import caffe_pb2
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -221,8 +222,20 @@ def read_text_proto(path_or_text: Union[str, bytes, "os.PathLike[str]"],
         reason = str(exc)
         if line is not None and " : " in reason:  # drop protobuf's own "line:col : " prefix
             reason = reason.split(" : ", 1)[1]
+        reason = _explain(reason, text, line, col)
         raise ProtoTextError(filename, line, col, reason) from None
     return msg
+
+
+def _explain(reason: str, text: str, line: int | None, col: int | None) -> str:
+    """Name the layer and say whether a known fork defines an unknown field."""
+    unknown = explain_unknown_field(reason)
+    if unknown is None:
+        return reason
+    message, field, origin = unknown
+    layer = enclosing_layer(text, line, col) if line is not None else None
+    where = f"layer '{layer}': " if layer else ""
+    return f"{where}{message} has no field '{field}' ({origin})"
 
 
 __all__: Sequence[str] = [

@@ -13,10 +13,13 @@ never keep its own reference.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from caffe_compat.formats.forks import FORK_TYPES
 
 Shape = tuple[int, ...]
 
@@ -44,6 +47,10 @@ class Layer(nn.Module):
         full_precision: under bf16/fp16 autocast the net runs this layer in float32 on
             float32 copies of its bottoms (losses, accuracies, softmax and batch
             statistics would lose digits or saturate in 8 mantissa bits).
+        family: the group the README's layer table lists it under; "" means the name of
+            the module that defines the class (``neuron`` for engine/layers/neuron.py).
+        origin: where the type comes from: "BVLC" or the fork that defined it
+            ("weiliu89/caffe (SSD)"); a user's plug-in may name itself.
     """
 
     type: str = ""
@@ -53,6 +60,8 @@ class Layer(nn.Module):
     auto_top: bool = False
     no_grad_bottoms: tuple[int, ...] = ()
     full_precision: bool = False
+    family: str = ""
+    origin: str = "BVLC"
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         """Build from ``param`` (a caffe_pb2.LayerParameter) for bottoms of these shapes.
@@ -93,10 +102,19 @@ class Layer(nn.Module):
 
 
 def register(cls: type[Layer]) -> type[Layer]:
-    """Class decorator: register ``cls`` under ``cls.type``. Duplicates are an error."""
+    """Class decorator: register ``cls`` under ``cls.type``.
+
+    This is also the plug-in API (README "Your own layers"): a user's own module defines a
+    ``Layer`` subclass and decorates it. Registering a second class under a taken type is an
+    error; re-running the same module (same module and class name) replaces the entry.
+    """
     if not cls.type:
         raise TypeError(f"{cls.__name__} has no Caffe type string")
-    if cls.type in _REGISTRY:
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"{cls!r} is not a subclass of caffe_compat.engine.layers.Layer")
+    old = _REGISTRY.get(cls.type)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__,
+                                                                   cls.__qualname__):
         raise TypeError(f"layer type '{cls.type}' registered twice "
                         f"({_REGISTRY[cls.type].__name__} and {cls.__name__})")
     _REGISTRY[cls.type] = cls
@@ -108,9 +126,38 @@ def layer_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def layer_family(cls: type[Layer]) -> str:
+    """``cls.family``, or its module's name: ``neuron`` for ``.../layers/neuron.py``,
+    ``data`` for ``data/layers.py``, ``python`` for ``python_layer.py``."""
+    if cls.family:
+        return cls.family
+    parts = cls.__module__.split(".")
+    name = parts[-1]
+    if name in ("layers", "layer") and len(parts) > 1:
+        name = parts[-2]
+    return name[:-len("_layer")] if name.endswith("_layer") else name
+
+
+def unknown_type_message(type_name: str) -> str:
+    """Why ``type_name`` is not available: close registered names, or the fork that has it."""
+    message = f"Unknown layer type: {type_name}"
+    fork = FORK_TYPES.get(type_name)
+    if fork:
+        message += f" (defined by {fork}, which this project does not implement)"
+    else:
+        message += " (no supported fork defines it)"
+    close = difflib.get_close_matches(type_name, layer_types(), n=3, cutoff=0.6)
+    lower = [t for t in layer_types() if t.lower() == type_name.lower() and t not in close]
+    close = lower + close
+    if close:
+        message += f"; did you mean {' or '.join(close)}?"
+    else:
+        message += f"; known types: {', '.join(layer_types())}"
+    return message
+
+
 def layer_class(type_name: str) -> type[Layer]:
     try:
         return _REGISTRY[type_name]
     except KeyError:
-        raise LayerError(f"Unknown layer type: {type_name} "
-                         f"(known types: {', '.join(layer_types())})") from None
+        raise LayerError(unknown_type_message(type_name)) from None

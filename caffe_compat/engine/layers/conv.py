@@ -9,6 +9,7 @@ same weights into the matching top; that is supported too.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from caffe_compat.engine.fillers import FillerError, fill
 from caffe_compat.engine.layers.base import Layer, Shape, register
 
+log = logging.getLogger(__name__)
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -209,6 +211,7 @@ class Deconvolution(_BaseConvolution):
 
 
 @register
+<<<<<<< HEAD
 class Im2col(Convolution):
     """Caffe Im2col: the column buffer a Convolution multiplies, as a top (no weights).
 
@@ -250,3 +253,30 @@ class Im2col(Convolution):
                         stride=self.stride)                        # (N, C*kh*kw, L)
         out = [self._out_size(xb.shape[2 + i], i) for i in range(2)]
         return cols.reshape(*lead, self.num_output, *out)
+=======
+class ConvolutionDepthwise(Convolution):
+    """The MobileNet/ShuffleNet forks' ConvolutionDepthwise: one filter per input channel.
+
+    It reads ``convolution_param`` and equals a Convolution with ``group`` and ``num_output``
+    both set to the bottom's channel count: weights ``[C, 1, kh, kw]``, bias ``[C]``, floor
+    output sizes. As in those forks, ``num_output`` and ``group`` are not consulted (a
+    different ``num_output`` is reported and ignored).
+    """
+
+    type = "ConvolutionDepthwise"
+    family = "conv"
+    origin = "the MobileNet and ShuffleNet forks"
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        cp = param.convolution_param
+        shape0 = tuple(bottom_shapes[0])
+        channels = shape0[cp.axis] if len(shape0) > abs(cp.axis) else 0
+        if cp.HasField("num_output") and cp.num_output != channels:
+            log.warning("layer '%s' (ConvolutionDepthwise): num_output %d ignored; the output "
+                        "has the input's %d channels", param.name, cp.num_output, channels)
+        depthwise = type(param)()
+        depthwise.CopyFrom(param)
+        depthwise.convolution_param.num_output = channels
+        depthwise.convolution_param.group = channels
+        super().__init__(depthwise, bottom_shapes, phase)
+>>>>>>> forks

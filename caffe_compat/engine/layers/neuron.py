@@ -1,5 +1,5 @@
 """Element-wise ("neuron") layers: ReLU, PReLU, Sigmoid, TanH, AbsVal, Power, Exp, Log,
-BNLL, ELU, Dropout, Threshold, Clip, Swish.
+BNLL, ELU, Dropout, Threshold, Clip, Swish, and the forks' ReLU6.
 
 Every layer here keeps the bottom's shape (the base ``top_shapes``) and never writes into
 its bottom: the builder implements Caffe's in-place tops by rebinding names, so an
@@ -311,3 +311,34 @@ class Swish(_Neuron):
         if self.beta == 1.0:
             return F.silu(x)
         return x * torch.sigmoid(x * self.beta)
+
+
+class _ReLU6Function(torch.autograd.Function):
+    """The patches' gradient: ``dy * ((0 < x < 6) + slope * (x <= 0))``; none above 6."""
+
+    @staticmethod
+    def forward(ctx, x, slope: float):
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return torch.clamp(torch.clamp(x, min=0) + slope * torch.clamp(x, max=0), max=6.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        mask = ((x > 0) & (x < 6)).to(dy.dtype) + ctx.slope * (x <= 0).to(dy.dtype)
+        return dy * mask, None
+
+
+@register
+class ReLU6(_Neuron):
+    """MobileNet-v2 forks' ReLU6: ``y = min(max(x, 0) + negative_slope * min(x, 0), 6)``."""
+
+    type = "ReLU6"
+    origin = "the MobileNet-v2 ports"
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        self.negative_slope = float(param.relu6_param.negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReLU6Function.apply(x, self.negative_slope)

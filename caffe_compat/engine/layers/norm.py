@@ -1,4 +1,4 @@
-"""Normalisation and affine layers: BatchNorm, Scale, Bias.
+"""Normalisation and affine layers: BatchNorm, Scale, Bias, and SegNet's BN.
 
 Caffe splits a BatchNorm with affine parameters into ``BatchNorm`` (statistics only) followed
 by ``Scale`` with ``bias_term: true``.
@@ -209,6 +209,7 @@ class Bias(_Broadcast):
         return x + self._view(bias[0] if self.bias_from_bottom else self.blobs[0], x)
 
 
+<<<<<<< HEAD
 class _MVNFunction(torch.autograd.Function):
     """MVN with variance normalisation and Caffe's backward (``mvn_layer.cpp``):
     ``dx = (dy - mean(dy) - y * mean(y * dy)) / (std + eps)``, which leaves eps out of the
@@ -250,3 +251,54 @@ class MVN(Layer):
         if self.normalize_variance:
             return _MVNFunction.apply(flat, self.eps).reshape(x.shape)
         return (flat - flat.mean(dim=1, keepdim=True)).reshape(x.shape)
+=======
+@register
+class BN(Layer):
+    """SegNet's BN (alexgkendall/caffe-segnet ``bn_layer.cpp``): normalisation plus its own
+    scale and shift, blobs ``scale [1, C, 1, 1]`` and ``shift [1, C, 1, 1]``.
+
+    ``bn_mode: LEARN`` (the default, in both phases) normalises with this batch's statistics
+    over N, H, W: mean ``E[x]``, variance ``E[x²] - E[x]²`` (that float32 form), ``eps`` 1e-9
+    added before the square root, then ``scale * x̂ + shift``; optional tops 1 and 2 are the
+    batch mean and variance ``[1, C, 1, 1]``. ``bn_mode: INFERENCE`` is ``scale * x + shift``
+    only: SegNet's ``compute_bn_statistics.py`` folds the population statistics into the two
+    blobs. Fillers default to Caffe's constant 0, so prototxts set ``scale_filler``.
+    Backward is autograd, the exact gradient of this forward (as SegNet's is).
+    """
+
+    type = "BN"
+    origin = "alexgkendall/caffe-segnet"
+    num_tops = (1, 3)
+    EPS = 1e-9
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.bn_param
+        shape = tuple(bottom_shapes[0])
+        if len(shape) < 2:
+            raise self.error(f"the bottom needs a channel axis, got shape {list(shape)}")
+        self.learn = p.bn_mode == caffe_pb2.BNParameter.LEARN
+        if len(param.top) > 1 and not self.learn:
+            raise self.error("the batch mean/variance tops exist only with bn_mode: LEARN")
+        channels = shape[1]
+        self.add_blob(fill(p.scale_filler, (1, channels, 1, 1)))
+        self.add_blob(fill(p.shift_filler, (1, channels, 1, 1)))
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        stats = (1, bottom_shapes[0][1], 1, 1)
+        return [tuple(bottom_shapes[0])] + [stats] * (len(self.param.top) - 1)
+
+    def forward(self, x: torch.Tensor):
+        scale, shift = self.blobs[0], self.blobs[1]
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        scale, shift = scale.reshape(1, -1, 1), shift.reshape(1, -1, 1)
+        if not self.learn:
+            return (flat * scale + shift).reshape(x.shape)
+        mean = flat.mean(dim=2, keepdim=True).mean(dim=0, keepdim=True)
+        mean_sq = flat.square().mean(dim=2, keepdim=True).mean(dim=0, keepdim=True)
+        var = mean_sq - mean.square()
+        out = ((flat - mean) / torch.sqrt(var + self.EPS) * scale + shift).reshape(x.shape)
+        extras = (mean.reshape(1, -1, 1, 1), var.reshape(1, -1, 1, 1))
+        tops = (out,) + extras[:len(self.param.top) - 1]
+        return tops if len(tops) > 1 else out
+>>>>>>> forks

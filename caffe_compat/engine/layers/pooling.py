@@ -1,6 +1,7 @@
 """Pooling (``pooling_layer.cpp``): MAX and AVE over 4-D ``(N, C, H, W)`` bottoms.
 
-Caffe's output size per spatial axis (``round_mode`` CEIL by default, FLOOR uses floor)::
+Caffe's output size per spatial axis (``round_mode`` CEIL by default, FLOOR uses floor; the
+DenseNet/ResNeXt ports' ``ceil_mode: false`` is FLOOR too)::
 
     out = ceil((H + 2p - k) / s) + 1
     if (pad_h or pad_w) and (out - 1) * s >= H + p:  out -= 1     # only when padded
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -107,7 +109,11 @@ class Pooling(Layer):
             for axis, p, k in zip("hw", self.pad, self.kernel):
                 if p >= k:
                     raise self.error(f"pad_{axis} ({p}) must be smaller than kernel_{axis} ({k})")
-        self.ceil = pp.round_mode == CEIL
+        # BVLC's round_mode and the DenseNet/ResNeXt ports' ceil_mode say the same thing.
+        if pp.HasField("ceil_mode") and pp.HasField("round_mode") and \
+                pp.ceil_mode != (pp.round_mode == CEIL):
+            raise self.error("round_mode and ceil_mode disagree; give one of them")
+        self.ceil = pp.round_mode == CEIL and pp.ceil_mode
         self.top_shapes(bottom_shapes)
 
     # -- shapes ---------------------------------------------------------------------------
@@ -200,6 +206,7 @@ class Pooling(Layer):
                 f"pad={list(self.pad)}, round_mode={'CEIL' if self.ceil else 'FLOOR'}")
 
 
+<<<<<<< HEAD
 @register
 class SPP(Layer):
     """Caffe SPP (``spp_layer.cpp``): spatial pyramid pooling, levels flattened and concatenated.
@@ -256,3 +263,102 @@ class SPP(Layer):
         if self.height == 1:
             return levels[0](x)
         return torch.cat([p(x).flatten(1) for p in levels], dim=1)
+=======
+class _ROIMax(torch.autograd.Function):
+    """Gather the chosen elements; the gradient goes back to them only (empty bins: none)."""
+
+    @staticmethod
+    def forward(ctx, x, batch, flat_index, valid):
+        n, c = x.shape[0], x.shape[1]
+        plane = x.reshape(n, c, -1)[batch]                         # [R, C, H*W]
+        out = plane.gather(2, flat_index.clamp(min=0).flatten(2)).view(flat_index.shape)
+        out = torch.where(valid, out, torch.zeros_like(out))
+        ctx.save_for_backward(batch, flat_index, valid)
+        ctx.x_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        batch, flat_index, valid = ctx.saved_tensors
+        n, c = ctx.x_shape[0], ctx.x_shape[1]
+        dx = torch.zeros(n, c, ctx.x_shape[2] * ctx.x_shape[3], dtype=dy.dtype, device=dy.device)
+        src = torch.where(valid, dy, torch.zeros_like(dy)).flatten(2)
+        target = (batch.view(-1, 1, 1) * c + torch.arange(c, device=dy.device).view(1, -1, 1))
+        target = target * dx.shape[2] + flat_index.clamp(min=0).flatten(2)
+        dx.view(-1).index_add_(0, target.reshape(-1), src.reshape(-1))
+        return dx.view(ctx.x_shape), None, None, None
+
+
+@register
+class ROIPooling(Layer):
+    """rbgirshick/caffe-fast-rcnn's ROIPooling: each region ``[batch, x1, y1, x2, y2]`` (image
+    coordinates) max-pooled into ``pooled_h × pooled_w`` bins; top ``[R, C, ph, pw]``.
+
+    Corners are ``round(coord · spatial_scale)`` (half away from zero); the region is at least
+    1×1; bin ``i`` covers ``[floor(i·size/pooled), ceil((i+1)·size/pooled))`` (float32
+    ``size/pooled``) shifted by the start and clipped to the map. An empty bin gives 0. Ties
+    go to the first element in row-major order (Caffe's strict ``>``).
+    """
+
+    type = "ROIPooling"
+    origin = "rbgirshick/caffe-fast-rcnn"
+    num_bottoms = (2, 2)
+    no_grad_bottoms = (1,)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.roi_pooling_param
+        self.pooled = (int(p.pooled_h), int(p.pooled_w))
+        if min(self.pooled) <= 0:
+            raise self.error("pooled_h and pooled_w must be positive")
+        self.spatial_scale = np.float32(p.spatial_scale)
+        self.top_shapes(bottom_shapes)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        x, rois = (tuple(s) for s in bottom_shapes)
+        if len(x) != 4 or int(np.prod(rois[1:])) != 5:
+            raise self.error(f"needs a 4-D map and [R, 5] regions, got {list(x)} and {list(rois)}")
+        return [(rois[0], x[1], *self.pooled)]
+
+    def _bins(self, rois: np.ndarray, hw: tuple[int, int], batch_size: int):
+        """Per region and bin, the element with the largest value is chosen later; here the
+        window bounds [R, P, 2] per axis and the batch index per region."""
+        batch = rois[:, 0].astype(np.int64)
+        if batch.size and (batch.min() < 0 or batch.max() >= batch_size):
+            raise self.error(f"region batch index {int(batch.max())} is outside the batch "
+                             f"of {batch_size}")
+        scaled = (rois[:, 1:5] * self.spatial_scale).astype(np.float32)
+        corners = (np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))).astype(np.int64)
+        bounds = []
+        for axis, (lo, hi) in enumerate(((1, 3), (0, 2))):       # rows use y, columns x
+            start = corners[:, lo]
+            size = np.maximum(corners[:, hi] - start + 1, 1)
+            pooled = self.pooled[axis]
+            bin_size = size.astype(np.float32) / np.float32(pooled)
+            i = np.arange(pooled, dtype=np.float32)
+            b0 = np.floor(i[None] * bin_size[:, None]).astype(np.int64) + start[:, None]
+            b1 = np.ceil((i[None] + 1) * bin_size[:, None]).astype(np.int64) + start[:, None]
+            bounds.append((np.clip(b0, 0, hw[axis]), np.clip(b1, 0, hw[axis])))
+        return batch, bounds
+
+    def forward(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        roi_np = rois.detach().to("cpu", torch.float32).numpy().reshape(-1, 5)
+        batch, ((h0, h1), (w0, w1)) = self._bins(roi_np, (h, w), n)
+        ph, pw = self.pooled
+        index = torch.full((len(roi_np), c, ph, pw), -1, dtype=torch.long)
+        data = x.detach().to("cpu")
+        for r in range(len(roi_np)):
+            for i in range(ph):
+                for j in range(pw):
+                    if h1[r, i] <= h0[r, i] or w1[r, j] <= w0[r, j]:
+                        continue
+                    window = data[batch[r], :, h0[r, i]:h1[r, i], w0[r, j]:w1[r, j]]
+                    best = window.reshape(c, -1).argmax(dim=1)     # first maximum
+                    ww = w1[r, j] - w0[r, j]
+                    index[r, :, i, j] = (h0[r, i] + best // ww) * w + w0[r, j] + best % ww
+        index = index.to(x.device)
+        valid = index >= 0
+        batch_t = torch.from_numpy(batch).to(x.device)
+        return _ROIMax.apply(x, batch_t, index, valid)
+>>>>>>> forks

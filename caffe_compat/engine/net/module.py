@@ -7,7 +7,9 @@ weighted loss tops (Caffe: Σ w·sum(top)). Backward is autograd.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -41,6 +43,16 @@ class _Step:
     release: tuple[str, ...] = field(default=())  # blobs last used here (freed in fast path)
 
 
+def _line_of(source: str, layer_name: str) -> str:
+    """":<line>" of the layer's ``name:`` in the prototxt file ``source``, or "" if unknown."""
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return ""
+    match = re.search(r'\bname\s*:\s*"' + re.escape(layer_name) + '"', text)
+    return f":{text.count(chr(10), 0, match.start()) + 1}" if match else ""
+
+
 class NetModule(nn.Module):
     """A Caffe net as a torch module. Build with ``NetModule.from_param`` or ``build_net``."""
 
@@ -72,7 +84,11 @@ class NetModule(nn.Module):
         # Layer names may repeat, as in Caffe: both layers run, and a lookup by name
         # (net.params, top_names, layer_by_name) finds the later one.
         for index, lp in enumerate(net.layer):
-            cls = layer_class(lp.type)
+            try:
+                cls = layer_class(lp.type)
+            except LayerError as exc:
+                raise LayerError(f"{self.source}{_line_of(self.source, lp.name)}: layer "
+                                 f"'{lp.name}': {exc}") from None
             tops = self._auto_tops(cls, lp)
             self._check_counts(cls, lp, tops)
             bottom_shapes = []

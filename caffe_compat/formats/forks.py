@@ -1,0 +1,93 @@
+"""What the popular Caffe forks define that this project does not implement.
+
+Used to explain errors: a prototxt field or layer type listed here is reported as "defined by
+<fork>, not supported", anything else as defined by no supported fork. The fork layers this
+project does implement are in caffe.proto and the layer registry (docs/forks.md); this file
+lists only the ones still missing, so it never claims support that is absent.
+"""
+from __future__ import annotations
+
+import re
+
+_SSD = "weiliu89/caffe (SSD)"
+_FRCNN = "rbgirshick/caffe-fast-rcnn (Fast/Faster R-CNN)"
+_RFCN = "daijifeng001/caffe-rfcn (R-FCN)"
+_YOLO = "the YOLO ports of Caffe"
+_DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2)"
+_FACE = "ydwen/caffe-face (center loss)"
+
+# LayerParameter fields (by name) that forks add and this project lacks.
+FORK_FIELDS: dict[str, str] = {
+    "annotated_data_param": _SSD,
+    "multibox_loss_param": _SSD,
+    "detection_evaluate_param": _SSD,
+    "video_data_param": _SSD,
+    "smooth_l1_loss_param": _FRCNN,
+    "psroi_pooling_param": _RFCN,
+    "reorg_param": _YOLO,
+    "region_param": _YOLO,
+    "yolo_v3_loss_param": _YOLO,
+    "seg_accuracy_param": _DEEPLAB,
+    "image_seg_data_param": _DEEPLAB,
+    "mat_read_param": _DEEPLAB,
+    "center_loss_param": _FACE,
+}
+
+# Layer types that forks register and this project lacks.
+FORK_TYPES: dict[str, str] = {
+    "AnnotatedData": _SSD,
+    "MultiBoxLoss": _SSD,
+    "DetectionEvaluate": _SSD,
+    "VideoData": _SSD,
+    "SmoothL1Loss": _FRCNN,
+    "PSROIPooling": _RFCN,
+    "Reorg": _YOLO,
+    "Region": _YOLO,
+    "Yolov3DetectionOutput": _YOLO,
+    "SegAccuracy": _DEEPLAB,
+    "ImageSegData": _DEEPLAB,
+    "MatRead": _DEEPLAB,
+    "CenterLoss": _FACE,
+}
+
+_NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')
+
+
+def explain_unknown_field(reason: str) -> tuple[str, str, str] | None:
+    """For protobuf's "has no field named" reason: (message type, field, who defines it)."""
+    match = _NO_FIELD.search(reason)
+    if match is None:
+        return None
+    message, field = match.group(1), match.group(2)
+    fork = FORK_FIELDS.get(field)
+    origin = (f"defined by {fork}, which this project does not implement" if fork
+              else "no supported fork defines it")
+    return message, field, origin
+
+
+def enclosing_layer(text: str, line: int, column: int | None = None) -> str | None:
+    """The ``name`` of the ``layer``/``layers`` block open at 1-based ``line``/``column``."""
+    lines = text.splitlines()[:line]
+    if lines and column is not None:
+        lines[-1] = lines[-1][:max(column - 1, 0)]
+    depth_stack: list[int] = []          # brace depths of the open layer blocks
+    depth = 0
+    names: dict[int, str] = {}
+    prefix = "\n".join(lines)
+    for match in re.finditer(r'\blayers?\s*\{|[{}]|\bname\s*:\s*"([^"]*)"', prefix):
+        token = match.group(0)
+        if token.startswith("layer"):
+            depth += 1
+            depth_stack.append(depth)
+        elif token == "{":
+            depth += 1
+        elif token == "}":
+            if depth_stack and depth_stack[-1] == depth:
+                names.pop(depth_stack.pop(), None)
+            depth -= 1
+        elif depth_stack and depth == depth_stack[-1]:
+            names[depth] = match.group(1)
+    for open_depth in reversed(depth_stack):
+        if open_depth in names:
+            return names[open_depth]
+    return "(unnamed)" if depth_stack else None
