@@ -513,11 +513,10 @@ class MemoryData(_DataLayer):
         return self._tops((self._data[p:p + n], self._labels[p:p + n]))
 
 
-<<<<<<< HEAD
 # Data-family layers kept in their own modules register on import with this one.
 from caffe_compat.data import hdf5_output as _hdf5_output  # noqa: E402,F401
 from caffe_compat.data import window_data as _window_data  # noqa: E402,F401
-=======
+
+
 # SegNet's DenseImageData builds on _DataLayer; importing it here registers it with the rest.
 from caffe_compat.data import dense_image_data as _dense_image_data  # noqa: E402,F401
->>>>>>> forks

@@ -211,7 +211,6 @@ class Deconvolution(_BaseConvolution):
 
 
 @register
-<<<<<<< HEAD
 class Im2col(Convolution):
     """Caffe Im2col: the column buffer a Convolution multiplies, as a top (no weights).
 
@@ -253,7 +252,8 @@ class Im2col(Convolution):
                         stride=self.stride)                        # (N, C*kh*kw, L)
         out = [self._out_size(xb.shape[2 + i], i) for i in range(2)]
         return cols.reshape(*lead, self.num_output, *out)
-=======
+
+
 class ConvolutionDepthwise(Convolution):
     """The MobileNet/ShuffleNet forks' ConvolutionDepthwise: one filter per input channel.
 
@@ -279,4 +279,3 @@ class ConvolutionDepthwise(Convolution):
         depthwise.convolution_param.num_output = channels
         depthwise.convolution_param.group = channels
         super().__init__(depthwise, bottom_shapes, phase)
->>>>>>> forks

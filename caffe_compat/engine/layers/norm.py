@@ -209,7 +209,6 @@ class Bias(_Broadcast):
         return x + self._view(bias[0] if self.bias_from_bottom else self.blobs[0], x)
 
 
-<<<<<<< HEAD
 class _MVNFunction(torch.autograd.Function):
     """MVN with variance normalisation and Caffe's backward (``mvn_layer.cpp``):
     ``dx = (dy - mean(dy) - y * mean(y * dy)) / (std + eps)``, which leaves eps out of the
@@ -251,7 +250,8 @@ class MVN(Layer):
         if self.normalize_variance:
             return _MVNFunction.apply(flat, self.eps).reshape(x.shape)
         return (flat - flat.mean(dim=1, keepdim=True)).reshape(x.shape)
-=======
+
+
 @register
 class BN(Layer):
     """SegNet's BN (alexgkendall/caffe-segnet ``bn_layer.cpp``): normalisation plus its own
@@ -301,4 +301,3 @@ class BN(Layer):
         extras = (mean.reshape(1, -1, 1, 1), var.reshape(1, -1, 1, 1))
         tops = (out,) + extras[:len(self.param.top) - 1]
         return tops if len(tops) > 1 else out
->>>>>>> forks

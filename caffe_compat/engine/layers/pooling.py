@@ -206,7 +206,6 @@ class Pooling(Layer):
                 f"pad={list(self.pad)}, round_mode={'CEIL' if self.ceil else 'FLOOR'}")
 
 
-<<<<<<< HEAD
 @register
 class SPP(Layer):
     """Caffe SPP (``spp_layer.cpp``): spatial pyramid pooling, levels flattened and concatenated.
@@ -263,7 +262,8 @@ class SPP(Layer):
         if self.height == 1:
             return levels[0](x)
         return torch.cat([p(x).flatten(1) for p in levels], dim=1)
-=======
+
+
 class _ROIMax(torch.autograd.Function):
     """Gather the chosen elements; the gradient goes back to them only (empty bins: none)."""
 
@@ -361,4 +361,3 @@ class ROIPooling(Layer):
         valid = index >= 0
         batch_t = torch.from_numpy(batch).to(x.device)
         return _ROIMax.apply(x, batch_t, index, valid)
->>>>>>> forks
