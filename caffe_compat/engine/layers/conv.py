@@ -254,6 +254,7 @@ class Im2col(Convolution):
         return cols.reshape(*lead, self.num_output, *out)
 
 
+@register
 class ConvolutionDepthwise(Convolution):
     """The MobileNet/ShuffleNet forks' ConvolutionDepthwise: one filter per input channel.
 
