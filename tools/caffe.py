@@ -1,83 +1,19 @@
 #!/usr/bin/env python3
-"""The ``caffe`` command-line brew: train, test, time and device_query, with Caffe's flags.
-
-  python tools/caffe.py train --solver S.prototxt [--weights W | --snapshot S.solverstate]
-                              [--gpu 0] [--iterations N]
-  python tools/caffe.py test --model M.prototxt --weights W.caffemodel [--iterations 50]
-  python tools/caffe.py time --model M.prototxt [--iterations 50]
-  python tools/caffe.py device_query [--gpu 0|all]
-
-test prints each batch's outputs and their means (with Caffe's "(* w = ... loss)"); time
-prints the average forward and backward milliseconds of every layer, then the forward,
-backward and forward-backward averages. `caffe.py COMMAND --help` lists each command's flags.
-Caffe's spellings work too (-model M, --iterations=10).
-"""
+"""Caffe's ``caffe`` tool from the checkout (train / test / time / device_query): the same
+program as the installed ``caffe`` command. ``python tools/caffe.py --help`` lists them."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.commands import device as devices  # noqa: E402
-from caffe_compat.commands import test_cmd, time_cmd, train as train_cmd  # noqa: E402
-from caffe_compat.commands.common import add_debug_flag, caffe_argv, run  # noqa: E402
-from caffe_compat.formats import glog  # noqa: E402
-
-COMMANDS = {
-    "train": (train_cmd, "train or fine-tune a model from a solver prototxt"),
-    "test": (test_cmd, "score a model: per-batch and mean outputs over --iterations batches"),
-    "time": (time_cmd, "benchmark a model: per-layer forward/backward execution time"),
-}
-
-
-def _device_query_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--gpu", default="all", metavar="0|0,1|all",
-                    help="the CUDA devices to describe (default all)")
-    add_debug_flag(ap)
-
-
-def _device_query(args: argparse.Namespace) -> int:
-    ids = devices.parse_gpu_flag(args.gpu)
-    for line in devices.device_query(ids):
-        glog.info(line, "common.cpp:211")
-    return 0
-
-
-def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and each command's own parser."""
-    ap = argparse.ArgumentParser(prog="caffe.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    commands = {}
-    for name, (module, text) in COMMANDS.items():
-        p = commands[name] = sub.add_parser(name, help=text, description=(module.__doc__ or text),
-                                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(func=module.main)
-    p = commands["device_query"] = sub.add_parser(
-        "device_query", help="show the CUDA devices' properties",
-        description="Show the properties of the CUDA devices PyTorch sees, or say why there "
-                    "are none (exit status 1).")
-    _device_query_args(p)
-    p.set_defaults(func=_device_query)
-    return ap, commands
+from caffe_compat.commands.caffe_main import COMMANDS, parser  # noqa: E402,F401
+from caffe_compat.commands.caffe_main import main as _main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap, commands = parser()
-    if argv[:1] in (["-h"], ["--help"]):
-        ap.print_help()
-        return 0
-    if not argv or argv[0] not in commands:
-        ap.print_usage(sys.stderr)
-        what = f"unknown command '{argv[0]}'" if argv else "no command given"
-        print(f"caffe.py: error: {what} (known: {', '.join(commands)})", file=sys.stderr)
-        return 1
-    args = ap.parse_args([argv[0]] + caffe_argv(argv[1:], commands[argv[0]]))
-    return run(args.func, args, f"caffe.py {argv[0]}")
+    return _main(argv, prog="caffe.py")
 
 
 if __name__ == "__main__":

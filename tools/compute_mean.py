@@ -1,75 +1,24 @@
 #!/usr/bin/env python3
-"""Compute the mean image of a database (or image list) — Caffe's compute_image_mean.
-
-Usage:
-  compute_mean.py [FLAGS] INPUT_DB [OUTPUT_FILE]
-Sums every record in database order in float32 and divides by the count, exactly as Caffe
-(so the file equals Caffe's byte for byte), and writes a binary BlobProto with the legacy
-num=1, channels, height, width fields — the mean_file of a transform_param. Encoded records
-are decoded with their native channels. Prints the per-channel means ("mean_value channel
-[c]: v"), usable as mean_value instead of a file. Without OUTPUT_FILE nothing is written.
-INPUT may also be a Caffe image list file: the images are read as the ImageData layer
-would (--root_folder, --gray, --resize_height/--resize_width).
-
-With no arguments: the mean of each default training set, written next to it where
-models/*/train_val.prototxt expect it:
-  data/fashion50_lmdb/train      -> data/fashion50_lmdb/mean.binaryproto
-  data/fashion50_lmdb_256/train  -> data/fashion50_lmdb_256/mean.binaryproto
-(and any other data/fashion50_lmdb_<N> already built); the split lists and databases are
-built first with their defaults if missing.
-"""
+"""compute_image_mean from the checkout: the installed ``compute_image_mean`` command, plus this repository's
+no-argument mode (build the default data set the models read). ``--help`` lists the flags."""
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.commands.tool_args import fail, gflags_argv, repo_root, say, shown  # noqa: E402
-from caffe_compat.formats.errors import DataError  # noqa: E402
-
-BOOL_FLAGS = {"gray"}
-FLAGS = BOOL_FLAGS | {"backend", "root_folder", "resize_height", "resize_width"}
+from caffe_compat.commands.tool_args import fail, repo_root, say  # noqa: E402,F401
+from caffe_compat.commands.compute_image_mean import main as _main  # noqa: E402
+from caffe_compat.commands.compute_image_mean import *  # noqa: E402,F401,F403
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(description=__doc__, usage="%(prog)s [FLAGS] INPUT_DB "
-                                 "[OUTPUT_FILE]", formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", nargs="?", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("output", nargs="?", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--backend", default="lmdb", choices=("lmdb", "leveldb"),
-                    help="the backend {lmdb, leveldb} of INPUT_DB (default lmdb)")
-    ap.add_argument("--root_folder", default="", help="list input: prefix of each path")
-    ap.add_argument("--gray", action="store_true", help="list input: read images as grey")
-    ap.add_argument("--resize_height", type=int, default=0, help="list input: resize height")
-    ap.add_argument("--resize_width", type=int, default=0, help="list input: resize width")
-    args = ap.parse_args(gflags_argv(argv, FLAGS, BOOL_FLAGS))
-    from caffe_compat.formats.blob_io import write_blobproto
-    from caffe_compat.data.convert import channel_means, compute_mean
-    try:
-        if args.input is None:
-            return default_means(repo_root(__file__))
-        source, output, backend = args.input, args.output, args.backend
-        if not os.path.exists(source):
-            raise DataError(f"{source}: input database or list does not exist")
-        mean = compute_mean(source, backend if os.path.isdir(source) else None,
-                            root_folder=args.root_folder, gray=args.gray,
-                            resize_height=args.resize_height, resize_width=args.resize_width)
-    except DataError as exc:
-        return fail(str(exc))
-    if output:
-        write_blobproto(output, mean)
-        print(f"wrote {shown(output)} ({'×'.join(map(str, mean.shape))} mean of {shown(source)})")
-    print(f"Number of channels: {mean.shape[0]}")
-    for c, value in enumerate(channel_means(mean)):
-        print(f"mean_value channel [{c}]: {value:g}")
-    return 0
+    return _main(argv, defaults=default_means)
 
 
-def default_means(repo: Path) -> int:
+def default_means(args) -> int:
+    repo = repo_root(__file__)
     from experiments.defaults import (DEFAULT_SIZES, DefaultPaths, build_dbs,
                                             build_mean, existing_sizes)
     for size in sorted(set(DEFAULT_SIZES) | set(existing_sizes(repo))):

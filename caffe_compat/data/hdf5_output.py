@@ -27,6 +27,7 @@ def legacy_shape(shape: Shape) -> tuple[int, int, int, int]:
 @register
 class HDF5Output(Layer):
     type = "HDF5Output"
+    family = "data"
     num_bottoms = (2, 2)
     num_tops = (0, 0)
 

@@ -118,6 +118,7 @@ class WindowData(_DataLayer):
     """Tops: data ``(batch_size, 3, crop_size, crop_size)`` and label ``(batch_size,)``."""
 
     type = "WindowData"
+    family = "data"
     num_tops = (2, 2)
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
