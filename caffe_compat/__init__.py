@@ -3,6 +3,7 @@
 Use it like pycaffe: ``import caffe_compat as caffe``.
 """
 from caffe_compat import io, proto
+from caffe_compat.net_spec import NetSpec, layers, params, to_proto
 from caffe_compat.data import landmark_layer as _landmark_layer  # noqa: F401  (registers)
 from caffe_compat.data import layers as _data_layers  # noqa: F401  (registers Data, ImageData, ...)
 from caffe_compat.engine.layers.base import TEST, TRAIN, layer_types, register
