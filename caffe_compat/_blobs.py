@@ -47,8 +47,8 @@ class Blob:
         return int(self._data.size)
 
     def _legacy(self, i: int) -> int:
-        shape = (1,) * (4 - len(self.shape)) + self.shape if len(self.shape) < 4 else self.shape
-        return int(shape[i])
+        # Caffe's LegacyShape: axes past the blob's own read as 1 ((N, C) is N x C x 1 x 1)
+        return int(self.shape[i]) if i < len(self.shape) else 1
 
     num = property(lambda self: self._legacy(0))
     channels = property(lambda self: self._legacy(1))
