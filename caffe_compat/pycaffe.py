@@ -242,7 +242,7 @@ class Net:
         weights.save_h5(self.module, os.fspath(path))
 
     def load_hdf5(self, path) -> None:
-        weights.copy_from(self.module, os.fspath(path))
+        weights.copy_from(self.module, os.fspath(path), hdf5=True)
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s parameter storage for every layer of the same name (no copy)."""
