@@ -15,36 +15,52 @@ import torch
 
 
 class Blob:
-    """An activation blob: ``data`` and ``diff`` are float32 numpy arrays of one shape."""
+    """An activation blob: ``data`` and ``diff`` are float32 numpy arrays of one shape.
+
+    The arrays are stable: one array per blob (until its shape changes), refreshed in place.
+    On the CPU each forward/backward copies the new values in at once, as Caffe's CPU
+    memory would hold them. On a GPU the new values stay on the device (``_pending``) and
+    are copied to the host array only when ``data``/``diff`` is read, as Caffe's
+    SyncedMemory does (an array fetched earlier sees them after the next read), and a
+    later layer reading the blob takes the device tensor directly: no host round trip.
+    """
 
     def __init__(self, shape: Iterable[int]):
         shape = tuple(int(d) for d in shape)
         self._data = np.zeros(shape, np.float32)
         self._diff = np.zeros(shape, np.float32)
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def _synced(self, which: str) -> np.ndarray:
+        tensor = self._pending.pop(which, None)
+        if tensor is not None:
+            self._store_now(tensor, which)
+        return getattr(self, which)
 
     @property
     def data(self) -> np.ndarray:
-        return self._data
+        return self._synced("_data")
 
     @data.setter
     def data(self, value) -> None:
-        self._data[...] = value
+        self._synced("_data")[...] = value
 
     @property
     def diff(self) -> np.ndarray:
-        return self._diff
+        return self._synced("_diff")
 
     @diff.setter
     def diff(self, value) -> None:
-        self._diff[...] = value
+        self._synced("_diff")[...] = value
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self._data.shape
+        pending = self._pending.get("_data")
+        return tuple(pending.shape) if pending is not None else self._data.shape
 
     @property
     def count(self) -> int:
-        return int(self._data.size)
+        return int(np.prod(self.shape, dtype=np.int64))
 
     def _legacy(self, i: int) -> int:
         # Caffe's LegacyShape: axes past the blob's own read as 1 ((N, C) is N x C x 1 x 1)
@@ -59,6 +75,7 @@ class Blob:
         """Give the blob a new shape (values are kept when the count is unchanged)."""
         shape = tuple(int(d) for d in (shape[0] if len(shape) == 1 and
                                        not isinstance(shape[0], int) else shape))
+        self._synced("_data"), self._synced("_diff")
         if shape == self.shape:
             return
         if int(np.prod(shape)) == self.count:
@@ -68,13 +85,30 @@ class Blob:
             self._data = np.zeros(shape, np.float32)
             self._diff = np.zeros(shape, np.float32)
 
-    def _store(self, tensor: torch.Tensor, which: str = "_data") -> None:
+    def _store(self, tensor: torch.Tensor, which: str = "_data", lazy: bool = False) -> None:
+        """New values from the engine; ``lazy`` keeps them on their device until read."""
+        if lazy:
+            self._pending[which] = tensor.detach()
+        else:
+            self._pending.pop(which, None)
+            self._store_now(tensor, which)
+
+    def _tensor(self, which: str, device: torch.device) -> torch.Tensor:
+        """The values as a tensor on ``device``: the pending one if it lives there, else a
+        copy of the host array (so later writes to the array do not alias it)."""
+        pending = self._pending.get(which)
+        if pending is not None and pending.device == device:
+            return pending
+        host = self._synced(which)
+        return torch.from_numpy(np.array(host, dtype=np.float32)).to(device)
+
+    def _store_now(self, tensor: torch.Tensor, which: str) -> None:
         value = tensor.detach().to("cpu", torch.float32).numpy()
         current = getattr(self, which)
         if current.shape != value.shape:
             other = "_diff" if which == "_data" else "_data"
             setattr(self, which, value.copy())
-            if getattr(self, other).shape != value.shape:
+            if getattr(self, other).shape != value.shape and other not in self._pending:
                 setattr(self, other, np.zeros(value.shape, np.float32))
         else:
             np.copyto(current, value)

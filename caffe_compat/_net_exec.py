@@ -8,12 +8,16 @@ graph is kept (``LayerTrace``), so ``backward`` runs one layer at a time from th
 blobs' *diffs*: diffs set by hand on any top are used, ``start``/``end`` bound the range,
 bottom diffs are overwritten and parameter diffs accumulate, as in Caffe. A layer with no
 recorded forward (backward before any forward) is re-run from the blobs' current data.
+
+On a GPU, results stay on the device (``Blob._pending``) until Python reads them, and a
+layer reading a blob takes that device tensor: a forward copies nothing to the host that
+nobody looks at (Caffe's SyncedMemory). On the CPU every result is copied into the blob's
+stable host array at once, so arrays fetched earlier always show the latest values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -83,8 +87,9 @@ def backward_plan(module) -> BackwardPlan:
     return BackwardPlan(layer_need, bottom_need)
 
 
-def _host(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, dtype=np.float32)).to(device)
+def _lazy(net, device: torch.device) -> bool:
+    """Keep results on the device until read (GPU; ``net._lazy_host`` forces it for tests)."""
+    return getattr(net, "_lazy_host", False) or device.type != "cpu"
 
 
 def _bottom_leaves(net, pos: int, made: dict, device) -> tuple[dict, list]:
@@ -95,7 +100,7 @@ def _bottom_leaves(net, pos: int, made: dict, device) -> tuple[dict, list]:
     leaves: list = []
     for b, need in zip(bottoms, needs):
         if b not in local:
-            src = made[b] if b in made else _host(net.blobs[b].data, device)
+            src = made[b] if b in made else net.blobs[b]._tensor("_data", device)
             local[b] = src.detach()
         if need:
             local[b].requires_grad_(True)
@@ -110,7 +115,7 @@ def run_layer(net, pos: int, made: dict, device, store: bool) -> LayerTrace:
     layer = m.layers[pos]
     tops = m.top_names[name]
     if layer.type == "Input":   # Caffe's Input layer computes nothing: the blobs are the input
-        values = [_host(net.blobs[t].data, device) for t in tops]
+        values = [net.blobs[t]._tensor("_data", device) for t in tops]
         made.update(zip(tops, values))
         return LayerTrace([], values)
     local, leaves = _bottom_leaves(net, pos, made, device)
@@ -120,10 +125,11 @@ def run_layer(net, pos: int, made: dict, device, store: bool) -> LayerTrace:
     keep = [not again for again in getattr(layer, "refill", ())]
     for j, kept in enumerate(keep):       # constant DummyData tops keep what the blob holds
         if kept:
-            values[j] = _host(net.blobs[tops[j]].data, device)
+            values[j] = net.blobs[tops[j]]._tensor("_data", device)
     if store:
+        lazy = _lazy(net, device)
         for t, v in zip(tops, values):
-            net.blobs[t]._store(v)
+            net.blobs[t]._store(v, lazy=lazy)
             made[t] = v
     return LayerTrace(leaves, values)
 
@@ -151,14 +157,16 @@ def backward_range(net, start: int, end: int, device) -> None:
         for t, value in zip(tops, trace.tops):
             if value.requires_grad:
                 outs.append(value)
-                grads.append(_host(net.blobs[t].diff, device).reshape(value.shape))
+                grads.append(net.blobs[t]._tensor("_diff", device).reshape(value.shape))
         if outs:
             torch.autograd.backward(outs, grads, retain_graph=True)
         diffs = [None if leaf is None else leaf.grad for leaf in trace.leaves]
         for leaf in trace.leaves:
             if leaf is not None:
                 leaf.grad = None
+        lazy = _lazy(net, device)
         for j, (b, g) in enumerate(zip(bottoms, diffs)):
             if net._plan.bottom[pos][j]:
-                net.blobs[b]._store(g if g is not None else torch.zeros(net.blobs[b].shape),
-                                    "_diff")
+                if g is None:
+                    g = torch.zeros(net.blobs[b].shape, device=device)
+                net.blobs[b]._store(g, "_diff", lazy=lazy)

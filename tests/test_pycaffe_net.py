@@ -214,3 +214,31 @@ def test_levels(tmp_path, level, blobs):
     (tmp_path / "l.prototxt").write_text(text)
     net = caffe.Net(str(tmp_path / "l.prototxt"), caffe.TEST, level=level)
     assert [b for b in net.blobs if "data" not in b] == blobs
+
+
+def test_device_style_lazy_blobs_match_eager_ones(net_file):
+    """The GPU path (results stay on the device until read) forced on the CPU: the same
+    values as the eager path, and blobs nobody read were never copied to the host."""
+    results = []
+    for lazy in (False, True):
+        caffe.set_random_seed(5)
+        n = caffe.Net(net_file, caffe.TRAIN)
+        n._lazy_host = lazy
+        n.blobs["label"].data[...] = np.arange(5).reshape(5, 1, 1, 1) % NUM_OUTPUT
+        n.forward()
+        if lazy:
+            assert "_data" in n.blobs["conv"]._pending and "_data" in n.blobs["ip_blob"]._pending
+            held = n.blobs["conv"].data                  # read: copied now, pending cleared
+            assert not n.blobs["conv"]._pending
+        n.backward()
+        results.append(({k: b.data.copy() for k, b in n.blobs.items()},
+                        {k: b.diff.copy() for k, b in n.blobs.items()},
+                        {k: [p.diff.copy() for p in ps] for k, ps in n.params.items()}))
+    (d0, g0, p0), (d1, g1, p1) = results
+    for name in d0:
+        np.testing.assert_array_equal(d0[name], d1[name])
+        np.testing.assert_array_equal(g0[name], g1[name])
+    for name in p0:
+        for a, b in zip(p0[name], p1[name]):
+            np.testing.assert_array_equal(a, b)
+    assert held is not None
