@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all setup clean
+.PHONY: train test test-all setup clean graphviz
 
 setup: $(STAMP)
 
@@ -14,7 +14,18 @@ $(STAMP): setup.cfg setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	$(MAKE) --no-print-directory graphviz
 	touch $(STAMP)
+
+# caffe.draw renders through Graphviz's `dot`. Installed with apt where we are root (CI);
+# elsewhere a note says what to install (everything else works without it).
+graphviz:
+	@if command -v dot >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q graphviz >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q graphviz >/dev/null) || \
+	  echo "note: could not install graphviz; caffe.draw needs it (apt-get install graphviz)"; \
+	else echo "note: Graphviz 'dot' is missing; caffe.draw needs it (apt-get install graphviz)"; fi
 
 train: $(STAMP)
 	$(PY) tools/train_default.py

@@ -6,43 +6,88 @@ import numpy as np
 
 from caffe_compat.formats.blob_io import (array_to_blobproto, array_to_datum, blobproto_to_array,
                                   datum_to_array)
+from caffe_compat.proto import caffe_pb2
 
 __all__ = ["blobproto_to_array", "array_to_blobproto", "datum_to_array", "array_to_datum",
+           "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist",
            "load_image", "resize_image", "oversample", "Transformer"]
+
+# skimage's rgb2gray weights (pycaffe loads with skimage.io.imread(as_grey=True))
+_GRAY = np.array([0.2125, 0.7154, 0.0721], np.float32)
+
+
+def arraylist_to_blobprotovector_str(arraylist) -> bytes:
+    """Serialize a list of arrays as one BlobProtoVector message."""
+    vec = caffe_pb2.BlobProtoVector()
+    vec.blobs.extend(array_to_blobproto(np.asarray(a)) for a in arraylist)
+    return vec.SerializeToString()
+
+
+def blobprotovector_str_to_arraylist(data: bytes) -> list:
+    """Parse a serialized BlobProtoVector back into a list of arrays."""
+    vec = caffe_pb2.BlobProtoVector()
+    vec.ParseFromString(data)
+    return [blobproto_to_array(b) for b in vec.blobs]
 
 
 def load_image(filename: str, color: bool = True) -> np.ndarray:
-    """Load an image as float32 RGB in [0, 1], shape (H, W, 3), or (H, W, 1) when not color."""
-    flag = cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE
-    img = cv2.imread(filename, flag)
+    """Load an image as float32 in [0, 1]: (H, W, 3) RGB, or (H, W, 1) with ``color=False``.
+
+    As pycaffe: a grayscale file is tiled to 3 channels when ``color``, an alpha channel is
+    dropped, 16-bit files scale by 1/65535, and a color file read with ``color=False`` is
+    converted with skimage's luminance weights.
+    """
+    img = cv2.imread(filename, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise IOError(f"cannot read image '{filename}' (missing or not an image)")
-    img = img.astype(np.float32) / 255.0
-    if color:
-        return img[:, :, ::-1].copy()        # OpenCV gives BGR; pycaffe's loader gives RGB
-    return img[:, :, np.newaxis]
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    img = img.astype(np.float32) / scale
+    if img.ndim == 3:
+        img = img[:, :, 2::-1] if img.shape[2] >= 3 else img[:, :, :1]   # BGR(A) -> RGB
+        if not color and img.shape[2] == 3:
+            img = img @ _GRAY
+    if img.ndim == 2:
+        img = img[:, :, np.newaxis]
+    if color and img.shape[2] == 1:
+        img = np.tile(img, (1, 1, 3))
+    return np.ascontiguousarray(img, dtype=np.float32)
 
 
 def resize_image(im: np.ndarray, new_dims, interp_order: int = 1) -> np.ndarray:
-    """Resize an (H, W, K) image to ``new_dims`` = (height, width), bilinear by default."""
+    """Resize an (H, W, K) image to ``new_dims`` = (height, width); a constant image stays
+    constant exactly (pycaffe's special case). Interpolation is OpenCV's (nearest for
+    order 0, bilinear otherwise); pycaffe's skimage resize differs at sub-pixel level."""
     h, w = int(new_dims[0]), int(new_dims[1])
+    im = np.asarray(im, dtype=np.float32)
+    lo, hi = (float(im.min()), float(im.max())) if im.size else (0.0, 0.0)
+    if im.size and lo == hi:
+        return np.full((h, w, im.shape[-1]), lo, np.float32)
     interp = cv2.INTER_NEAREST if interp_order == 0 else cv2.INTER_LINEAR
-    out = cv2.resize(im.astype(np.float32), (w, h), interpolation=interp)
-    return out.reshape(h, w, -1) if out.ndim == 2 else out
+    channels = [cv2.resize(np.ascontiguousarray(im[:, :, i:i + 512]), (w, h),
+                           interpolation=interp).reshape(h, w, -1)
+                for i in range(0, im.shape[-1], 512)]            # OpenCV: <= 512 channels
+    return np.concatenate(channels, axis=2).astype(np.float32)
 
 
 def oversample(images, crop_dims) -> np.ndarray:
-    """Ten crops per image: four corners and centre, plus their mirrors (pycaffe's order)."""
+    """Ten crops per image: the four corners and the centre, then the same five mirrored
+    (pycaffe's order; the centre crop starts at int(centre - crop / 2))."""
+    im_shape = np.array(images[0].shape)
     crop_dims = np.array(crop_dims)
-    out = []
+    center = im_shape[:2] / 2.0
+    boxes = [(i, j, i + crop_dims[0], j + crop_dims[1])
+             for i in (0, im_shape[0] - crop_dims[0]) for j in (0, im_shape[1] - crop_dims[1])]
+    boxes.append(tuple(np.concatenate([center - crop_dims / 2.0,
+                                       center + crop_dims / 2.0]).astype(int)))
+    crops = np.empty((10 * len(images), crop_dims[0], crop_dims[1], im_shape[-1]), np.float32)
+    ix = 0
     for im in images:
-        h, w = im.shape[:2]
-        ch, cw = crop_dims
-        starts = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw),
-                  ((h - ch) // 2, (w - cw) // 2)]
-        crops = [im[y:y + ch, x:x + cw] for y, x in starts]
-        out.extend(crops + [c[:, ::-1] for c in crops])
-    return np.asarray(out, dtype=np.float32)
+        for mirror in (False, True):
+            for y0, x0, y1, x1 in boxes:
+                crop = im[y0:y1, x0:x1, :]
+                crops[ix] = crop[:, ::-1, :] if mirror else crop
+                ix += 1
+    return crops
 
 
 class Transformer:
@@ -83,17 +128,28 @@ class Transformer:
         self.input_scale[name] = scale
 
     def set_mean(self, name, mean) -> None:
-        """Mean as (K,) per channel or (K, H, W) per pixel, in the net's channel order."""
+        """Mean as (K,) per channel, or (K, H, W) / (H, W) per pixel. A per-pixel mean of
+        another size is resized to the input's (pycaffe's rule: a 3x256x256 ImageNet
+        mean serves a 227x227 input), keeping its value range."""
         self._check(name)
         mean = np.asarray(mean, dtype=np.float32)
+        in_shape = tuple(self.inputs[name][1:])
         if mean.ndim == 1:
-            if mean.shape[0] != self.inputs[name][1]:
-                raise ValueError("mean channels do not match the input's channels")
+            if mean.shape[0] != in_shape[0]:
+                raise ValueError(f"mean has {mean.shape[0]} channels, input '{name}' has "
+                                 f"{in_shape[0]}")
             mean = mean[:, np.newaxis, np.newaxis]
-        elif mean.shape[0] != self.inputs[name][1] or \
-                mean.shape[1:] != tuple(self.inputs[name][2:]):
-            raise ValueError(f"mean shape {mean.shape} does not match input shape "
-                             f"{self.inputs[name][1:]}")
+        else:
+            if mean.ndim == 2:
+                mean = mean[np.newaxis]
+            if mean.ndim != 3:
+                raise ValueError(f"mean shape {mean.shape} invalid: give (K,), (H, W) or "
+                                 "(K, H, W)")
+            if mean.shape != in_shape:
+                lo, hi = float(mean.min()), float(mean.max())
+                unit = (mean - lo) / (hi - lo) if hi > lo else np.zeros_like(mean)
+                mean = resize_image(unit.transpose(1, 2, 0), in_shape[1:]).transpose(2, 0, 1)
+                mean = mean * (hi - lo) + lo
         self.mean[name] = mean
 
     def preprocess(self, name, data) -> np.ndarray:

@@ -1,174 +1,26 @@
-"""pycaffe's ``caffe.Net``, ``Blob`` and ``Layer`` surface over a NetModule.
+"""pycaffe's ``caffe.Net`` and ``caffe.Layer`` over a NetModule.
 
-Blob values live in host numpy arrays (float32, writable) like Caffe's CPU memory; on the
-CPU, parameter arrays are views of the parameter tensors, so writing ``net.params[l][0].data``
-changes the model at once. On a GPU the host copies are pushed to the device before each
-forward/backward and refreshed after it (Caffe's SyncedMemory, done per call).
+Blobs are in ``caffe_compat._blobs``; forward/backward run layer by layer
+(``caffe_compat._net_exec``) so that ``start``/``end``, hand-set data and diffs, and
+backward before forward behave as in Caffe. ``forward_all``/``forward_backward_all`` batch
+arbitrary-length inputs with pycaffe's padding rule.
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Iterable
+from itertools import zip_longest
 
 import numpy as np
 import torch
 
+from caffe_compat._blobs import Blob, LayerView, ParamBlob
+from caffe_compat._net_exec import backward_plan, backward_range, forward_range
 from caffe_compat.engine import mode, weights
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.layers.base import TEST, TRAIN
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
-
-
-class Blob:
-    """An activation blob: ``data`` and ``diff`` are float32 numpy arrays of one shape."""
-
-    def __init__(self, shape: Iterable[int]):
-        shape = tuple(int(d) for d in shape)
-        self._data = np.zeros(shape, np.float32)
-        self._diff = np.zeros(shape, np.float32)
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._data
-
-    @data.setter
-    def data(self, value) -> None:
-        self._data[...] = value
-
-    @property
-    def diff(self) -> np.ndarray:
-        return self._diff
-
-    @diff.setter
-    def diff(self, value) -> None:
-        self._diff[...] = value
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._data.shape
-
-    @property
-    def count(self) -> int:
-        return int(self._data.size)
-
-    def _legacy(self, i: int) -> int:
-        shape = (1,) * (4 - len(self.shape)) + self.shape if len(self.shape) < 4 else self.shape
-        return int(shape[i])
-
-    num = property(lambda self: self._legacy(0))
-    channels = property(lambda self: self._legacy(1))
-    height = property(lambda self: self._legacy(2))
-    width = property(lambda self: self._legacy(3))
-
-    def reshape(self, *shape: int) -> None:
-        """Give the blob a new shape (values are kept when the count is unchanged)."""
-        shape = tuple(int(d) for d in (shape[0] if len(shape) == 1 and
-                                       not isinstance(shape[0], int) else shape))
-        if shape == self.shape:
-            return
-        if int(np.prod(shape)) == self.count:
-            self._data = self._data.reshape(shape)
-            self._diff = self._diff.reshape(shape)
-        else:
-            self._data = np.zeros(shape, np.float32)
-            self._diff = np.zeros(shape, np.float32)
-
-    def _store(self, tensor: torch.Tensor, which: str = "_data") -> None:
-        value = tensor.detach().to("cpu", torch.float32).numpy()
-        current = getattr(self, which)
-        if current.shape != value.shape:
-            other = "_diff" if which == "_data" else "_data"
-            setattr(self, which, value.copy())
-            if getattr(self, other).shape != value.shape:
-                setattr(self, other, np.zeros(value.shape, np.float32))
-        else:
-            np.copyto(current, value)
-
-    def __repr__(self) -> str:
-        return f"Blob(shape={self.shape})"
-
-
-class ParamBlob:
-    """A parameter blob; ``data``/``diff`` are views of the parameter tensor and its grad."""
-
-    def __init__(self, param: torch.nn.Parameter):
-        self.param = param
-        self._host: dict[str, np.ndarray] = {}     # host mirrors when the param is not on CPU
-
-    def _view(self, which: str) -> np.ndarray:
-        p = self.param
-        if which == "diff" and p.grad is None:
-            p.grad = torch.zeros_like(p)
-        t = p.data if which == "data" else p.grad
-        if t.device.type == "cpu" and t.dtype == torch.float32:
-            return t.numpy()
-        host = self._host.get(which)
-        if host is None or host.shape != tuple(t.shape):
-            host = np.empty(tuple(t.shape), np.float32)
-            self._host[which] = host
-        np.copyto(host, t.detach().to("cpu", torch.float32).numpy())
-        return host
-
-    def _push(self) -> None:
-        """Copy host mirrors (GPU mode) back to the device tensors."""
-        for which, host in self._host.items():
-            t = self.param.data if which == "data" else self.param.grad
-            if t is not None:
-                t.copy_(torch.from_numpy(host))
-        self._host.clear()
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._view("data")
-
-    @data.setter
-    def data(self, value) -> None:
-        self._view("data")[...] = value
-
-    @property
-    def diff(self) -> np.ndarray:
-        return self._view("diff")
-
-    @diff.setter
-    def diff(self, value) -> None:
-        self._view("diff")[...] = value
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.param.shape)
-
-    @property
-    def count(self) -> int:
-        return self.param.numel()
-
-    num = property(lambda self: Blob._legacy(self, 0))
-    channels = property(lambda self: Blob._legacy(self, 1))
-    height = property(lambda self: Blob._legacy(self, 2))
-    width = property(lambda self: Blob._legacy(self, 3))
-
-    def reshape(self, *shape: int) -> None:
-        raise ValueError("parameter blobs cannot be reshaped; edit the layer definition")
-
-    def __repr__(self) -> str:
-        return f"ParamBlob(shape={self.shape})"
-
-
-class LayerView:
-    """``net.layers[i]``: the layer's ``type``, ``name`` and parameter ``blobs``."""
-
-    def __init__(self, name: str, layer):
-        self.name = name
-        self.layer = layer
-        self.type = layer.type
-
-    @property
-    def blobs(self) -> list[ParamBlob]:
-        return [ParamBlob(p) for p in self.layer.blobs]
-
-    def __repr__(self) -> str:
-        return f"<{self.type} layer '{self.name}'>"
 
 
 def _phase_value(value) -> int:
@@ -214,8 +66,12 @@ class Net:
             (name, Blob(shape)) for name, shape in module.blob_shapes.items())
         for name, w in module.loss_weights.items():
             self.blobs[name].diff[...] = w        # Caffe seeds loss tops' diffs at setup
-        self._graph: dict[str, torch.Tensor] = {}
-        self._first: dict[str, torch.Tensor] = {}
+        for name, layer in module.named_layers():  # DummyData's constant tops: filled once
+            for j, again in enumerate(getattr(layer, "refill", ())):
+                if not again:
+                    self.blobs[module.top_names[name][j]]._store(layer._once[j])
+        self._plan = backward_plan(module)
+        self._traces: dict = {}
 
     # -- pycaffe attributes -----------------------------------------------------------
     @property
@@ -244,6 +100,14 @@ class Net:
         return OrderedDict((n, list(self.module.bottom_names[n])) for n in self.module.layer_names)
 
     @property
+    def layer_dict(self) -> "OrderedDict[str, LayerView]":
+        return OrderedDict(zip(self._layer_names, self.layers))
+
+    @property
+    def blob_loss_weights(self) -> "OrderedDict[str, float]":
+        return OrderedDict((n, self.module.loss_weights.get(n, 0.0)) for n in self.blobs)
+
+    @property
     def _layer_names(self) -> list[str]:
         return list(self.module.layer_names)
 
@@ -267,75 +131,94 @@ class Net:
                 for p in layer.blobs:
                     ParamBlob(p)._push()
 
-    def forward(self, blobs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
-        """Run the net (optionally layers ``start``..``end``); returns the output blobs' data."""
-        for name, value in kwargs.items():
-            if name not in self.blobs:
-                raise KeyError(f"forward(): '{name}' is not a blob of this net")
+    def _layer_range(self, first, last, default_first: int, default_last: int):
+        names = self._layer_names
+        for name in (first, last):
+            if name is not None and name not in names:
+                raise KeyError(f"no layer named '{name}' in net '{self.module.name}'")
+        return (names.index(first) if first is not None else default_first,
+                names.index(last) if last is not None else default_last)
+
+    def _set_arrays(self, what: str, names: list[str], values: dict) -> None:
+        if set(values) != set(names):
+            raise ValueError(f"{what} arguments {sorted(values)} do not match the net's "
+                             f"{'inputs' if what == 'Input blob' else 'outputs'} {sorted(names)}")
+        for name, value in values.items():
             value = np.asarray(value)
-            if value.shape != self.blobs[name].shape:
-                raise ValueError(f"forward(): input '{name}' has shape {value.shape}, the blob "
-                                 f"has {self.blobs[name].shape}; call blob.reshape first")
-            self.blobs[name].data[...] = value
-        m = self.module
-        start_i = m.layer_index(start) if start is not None else 0
-        end_i = m.layer_index(end) if end is not None else len(m.layers) - 1
+            blob = self.blobs[name]
+            if value.shape[:1] != blob.shape[:1]:
+                raise ValueError(f"{what} '{name}' has shape {value.shape}: not batch sized "
+                                 f"(the blob has {blob.shape}; call blob.reshape first)")
+            target = blob.data if what == "Input blob" else blob.diff
+            target[...] = value
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
+        """Run layers ``start``..``end`` (names, inclusive); returns the outputs' data (or
+        ``end``'s tops) plus ``blobs``. Keywords feed every input blob (pycaffe's rule)."""
+        start_i, end_i = self._layer_range(start, end, 0, len(self.module.layers) - 1)
+        wanted = set(self.top_names[end] if end is not None else self.outputs) | set(blobs or ())
+        if kwargs:
+            self._set_arrays("Input blob", self.inputs, kwargs)
         self._push_params()
-        dev = self._device()
-        grad = bool(m.net_param.force_backward)
-        inputs = {}
-        for name in m.input_names:
-            t = torch.from_numpy(self.blobs[name].data.copy()).to(dev)
-            inputs[name] = t.requires_grad_(grad)
-        seed = {}
-        if start_i > 0:
-            for name, blob in self.blobs.items():
-                t = torch.from_numpy(blob.data.copy()).to(dev)
-                seed[name] = t.requires_grad_(grad)
-        first: dict[str, torch.Tensor] = dict(seed)
-        first.update(inputs)
-        result = m.run(inputs, start_i, end_i, blobs=dict(seed), keep_all=True, record=first)
-        for name, t in result.items():
-            if name in self.blobs:
-                self.blobs[name]._store(t)
-        for t in first.values():
-            if t.requires_grad and not t.is_leaf:
-                t.retain_grad()
-        self._graph, self._first = result, first
-        out_names = list(m.top_names[m.layer_names[end_i]]) if end is not None else self.outputs
-        out_names += [b for b in (blobs or []) if b not in out_names]
-        return {name: self.blobs[name].data for name in out_names}
+        forward_range(self, start_i, end_i, self._device())
+        return {name: self.blobs[name].data for name in wanted}
 
     def backward(self, diffs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
-        """Backpropagate from the output blobs' diffs (loss tops start at their loss_weight).
-
-        Parameter diffs accumulate over calls, as in Caffe, until ``clear_param_diffs``.
-        """
-        if not self._graph:
-            raise RuntimeError("backward() needs a forward() first")
-        for name, value in kwargs.items():
-            if name not in self.outputs:
-                raise KeyError(f"backward(): '{name}' is not an output blob of this net")
-            self.blobs[name].diff[...] = value
-        dev = self._device()
-        seeds = list(self.outputs) + [n for n in self.module.loss_weights if n not in self.outputs]
-        tensors, grads = [], []
-        for name in seeds:
-            t = self._graph.get(name)
-            if t is not None and t.requires_grad:
-                tensors.append(t)
-                grads.append(torch.from_numpy(self.blobs[name].diff.copy()).to(dev).reshape(t.shape))
-        for t in self._first.values():
-            if t.requires_grad:
-                t.grad = None
+        """Run layers ``start`` down to ``end`` backward from the blobs' diffs (loss tops hold
+        their loss_weight; any top diff set by hand is used); returns the inputs' diffs (or
+        ``end``'s bottoms') plus ``diffs``. Parameter diffs accumulate until
+        ``clear_param_diffs``, as in Caffe."""
+        start_i, end_i = self._layer_range(start, end, len(self.module.layers) - 1, 0)
+        wanted = set(self.bottom_names[end] if end is not None else self.inputs) | \
+            set(diffs or ())
+        if kwargs:
+            self._set_arrays("Top diff", self.outputs, kwargs)
         self._push_params()
-        if tensors:
-            torch.autograd.backward(tensors, grads, retain_graph=True)
-        for name, t in self._first.items():
-            if t.grad is not None and name in self.blobs:
-                self.blobs[name]._store(t.grad, "_diff")
-        names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
-        return {name: self.blobs[name].diff for name in names}
+        backward_range(self, start_i, end_i, self._device())
+        return {name: self.blobs[name].diff for name in wanted}
+
+    def _batch(self, blobs: dict):
+        """Split equal-length arrays into batches of the net's batch size; the last batch is
+        zero-padded (pycaffe's ``_Net_batch``)."""
+        num = len(next(iter(blobs.values())))
+        batch_size = next(iter(self.blobs.values())).shape[0]
+        for i in range(0, num - num % batch_size, batch_size):
+            yield {name: blobs[name][i:i + batch_size] for name in blobs}
+        remainder = num % batch_size
+        if remainder:
+            padded = {}
+            for name, value in blobs.items():
+                value = np.asarray(value)
+                pad = np.zeros((batch_size - remainder,) + value.shape[1:])
+                padded[name] = np.concatenate([value[-remainder:], pad])
+            yield padded
+
+    def forward_all(self, blobs=None, **kwargs) -> dict[str, np.ndarray]:
+        """``forward`` over inputs of any length, in batches; padding is dropped."""
+        outs = {name: [] for name in set(self.outputs + list(blobs or []))}
+        for batch in self._batch(kwargs):
+            for name, value in self.forward(blobs=blobs, **batch).items():
+                outs[name].extend(value.copy())
+        result = {name: np.asarray(v) for name, v in outs.items()}
+        return _drop_padding(result, kwargs)
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
+        """Batched forward then backward; keywords name inputs (forward) and outputs
+        (backward). Returns (blobs dict, diffs dict) without padding."""
+        outs = {name: [] for name in set(self.outputs + list(blobs or []))}
+        grads = {name: [] for name in set(self.inputs + list(diffs or []))}
+        fwd = self._batch({n: kwargs[n] for n in self.inputs if n in kwargs}) \
+            if any(n in kwargs for n in self.inputs) else iter(())
+        bwd = self._batch({n: kwargs[n] for n in self.outputs if n in kwargs}) \
+            if any(n in kwargs for n in self.outputs) else iter(())
+        for fb, bb in zip_longest(fwd, bwd, fillvalue={}):
+            for name, value in self.forward(blobs=blobs, **fb).items():
+                outs[name].extend(value.copy())
+            for name, value in self.backward(diffs=diffs, **bb).items():
+                grads[name].extend(value.copy())
+        all_outs = _drop_padding({n: np.asarray(v) for n, v in outs.items()}, kwargs)
+        all_diffs = _drop_padding({n: np.asarray(v) for n, v in grads.items()}, kwargs)
+        return all_outs, all_diffs
 
     def clear_param_diffs(self) -> None:
         for p in self.module.parameters():
@@ -359,7 +242,7 @@ class Net:
         weights.save_h5(self.module, os.fspath(path))
 
     def load_hdf5(self, path) -> None:
-        weights.copy_from(self.module, os.fspath(path))
+        weights.copy_from(self.module, os.fspath(path), hdf5=True)
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s parameter storage for every layer of the same name (no copy)."""
@@ -367,6 +250,17 @@ class Net:
 
     def __repr__(self) -> str:
         return f"<caffe_compat.Net '{self.module.name}' phase={'TRAIN' if self.phase == 0 else 'TEST'}>"
+
+
+def _drop_padding(arrays: dict, kwargs: dict) -> dict:
+    """Cut the zero-padded tail ``_batch`` added (pycaffe compares the first output's length
+    with the first keyword's)."""
+    if not arrays or not kwargs:
+        return arrays
+    pad = len(next(iter(arrays.values()))) - len(next(iter(kwargs.values())))
+    if pad > 0:
+        return {name: value[:-pad] for name, value in arrays.items()}
+    return arrays
 
 
 class PythonLayer:

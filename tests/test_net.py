@@ -110,7 +110,9 @@ layer { name: "r" type: "ReLU" bottom: "ip" top: "r" }
 
 
 def test_shared_params_are_one_tensor_and_grads_add(tmp_path):
-    text = INPUT + '''
+    # force_backward: without a loss Caffe's Net::Init marks every layer "does not need
+    # backward computation" and backward computes nothing
+    text = "force_backward: true\n" + INPUT + '''
 layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" param { name: "w" }
         inner_product_param { num_output: 2 bias_term: false weight_filler { type: "gaussian" } } }
 layer { name: "b" type: "InnerProduct" bottom: "data" top: "b" param { name: "w" }

@@ -53,7 +53,7 @@ def test_forward_kwargs_and_start_end():
     again = net.forward(data=x, blobs=["conv"])
     np.testing.assert_array_equal(again["out"], full)
     assert "conv" in again
-    with pytest.raises(ValueError, match="input 'data' has shape"):
+    with pytest.raises(ValueError, match="'data' has shape"):
         net.forward(data=np.zeros((1, 3, 6, 6)))
 
 

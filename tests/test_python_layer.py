@@ -96,18 +96,32 @@ def test_pyblob_interface():
     ('name: "py" type: "Python" top: "t" python_param { module: "no_such_module_xyz" layer: "L" }',
      "cannot import python_param.module 'no_such_module_xyz'"),
     (_python("NoSuchLayer"), "has no class 'NoSuchLayer'"),
-    (_python("FailingSetupLayer", "oops"), "raised in setup: Exception: bad param_str: oops"),
     ('name: "py" type: "Python" top: "t"', "needs both 'module' and 'layer'"),
 ])
-def test_errors(text, message):
+def test_definition_errors(text, message):
     with pytest.raises(LayerError, match=message):
         make_layer(text, [(2,)])
 
 
-def test_forward_errors_name_the_layer():
+def _notes(exc) -> str:
+    return " ".join(getattr(exc, "__notes__", []))
+
+
+def test_user_setup_exception_reaches_the_caller_unchanged():
+    with pytest.raises(Exception) as info:
+        make_layer(_python("FailingSetupLayer", "oops"), [(2,)])
+    assert type(info.value) is Exception and str(info.value) == "bad param_str: oops"
+    if hasattr(info.value, "add_note"):
+        assert "setup of Python layer 'py'" in _notes(info.value)
+
+
+def test_user_forward_exception_reaches_the_caller_unchanged():
     layer = make_layer(_python("EuclideanLossLayer"), [(2, 3), (2, 3)])
-    with pytest.raises(LayerError, match="layer 'py'.*raised in reshape.*same dimension"):
+    with pytest.raises(Exception, match="same dimension") as info:
         layer(torch.zeros(2, 3), torch.zeros(2, 4))
+    assert not isinstance(info.value, LayerError)
+    if hasattr(info.value, "add_note"):
+        assert "reshape of Python layer 'py'" in _notes(info.value)
 
 
 def test_subclass_of_caffe_layer_runs_in_a_net(tmp_path, monkeypatch):

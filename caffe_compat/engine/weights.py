@@ -57,15 +57,29 @@ def _source_layers(net: caffe_pb2.NetParameter) -> list[tuple[str, list[caffe_pb
            [(l.name, list(l.blobs)) for l in net.layers]
 
 
-def copy_from(module, path: str) -> list[str]:
-    """Copy weights from ``path`` (.caffemodel or .caffemodel.h5) into ``module`` by layer name.
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
-    Returns the names of source layers that were skipped because the net lacks them.
+
+def is_hdf5(path: str) -> bool:
+    """True when the file starts with HDF5's signature (Caffe's H5Fis_hdf5 test)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == _HDF5_SIGNATURE
+    except OSError:
+        return path.endswith(".h5")
+
+
+def copy_from(module, path: str, hdf5: bool | None = None) -> list[str]:
+    """Copy weights from ``path`` (binary .caffemodel or HDF5) into ``module`` by layer name.
+
+    HDF5 is recognised by its file signature, as Caffe's CopyTrainedLayersFrom does;
+    ``hdf5=True`` forces it (pycaffe's ``load_hdf5``). Returns the names of source layers
+    that were skipped because the net lacks them.
     """
     # Where a name repeats in the net, Caffe copies a binary caffemodel's layer into the
     # first layer of that name and an HDF5 file's into the last (layer_names_index_).
     named = list(module.named_layers())
-    if path.endswith(".h5"):
+    if hdf5 if hdf5 is not None else is_hdf5(path):
         layers = _read_h5_layers(path)
         ours = dict(named)
     else:

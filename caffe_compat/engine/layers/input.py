@@ -46,8 +46,9 @@ class DummyData(Layer):
     """Tops filled by ``data_filler`` (one for all tops or one per top; default constant 0).
 
     Shapes come from ``shape`` (once or once per top) or the old ``num``/``channels``/
-    ``height``/``width`` fields (each once or once per top). Every forward draws fresh values,
-    as Caffe does for non-constant fillers (a constant filler gives the same values anyway).
+    ``height``/``width`` fields (each once or once per top). As in Caffe (``refill_``), a top
+    with a constant filler is filled once at setup and then left alone (pycaffe users write
+    labels into it); the others get fresh draws every forward. ``refill[i]`` says which.
     Draws use torch's RNG, so values match Caffe's in distribution, not bit for bit.
     """
 
@@ -69,8 +70,8 @@ class DummyData(Layer):
         self.shapes = self._shapes(p, n)
         # Tracks the module's device and dtype (``.to()``/``.double()``), as there are no bottoms.
         self.register_buffer("_like", torch.zeros(0), persistent=False)
-        for f, s in zip(self.fillers, self.shapes):
-            fill(f, s)  # raise filler errors (bad type, sparse, ...) at construction
+        self.refill = tuple(f is not None and f.type != "constant" for f in self.fillers)
+        self._once = [fill(f, s) for f, s in zip(self.fillers, self.shapes)]  # raises filler errors
 
     def _shapes(self, p, n: int) -> list[Shape]:
         legacy = ("num", "channels", "height", "width")
@@ -92,4 +93,6 @@ class DummyData(Layer):
         return list(self.shapes)
 
     def forward(self):
-        return pack([fill(f, s).to(self._like) for f, s in zip(self.fillers, self.shapes)])
+        tops = [fill(f, s) if again else once
+                for f, s, again, once in zip(self.fillers, self.shapes, self.refill, self._once)]
+        return pack([t.to(self._like) for t in tops])

@@ -5,6 +5,11 @@ set on the object, then ``setup(bottom, top)`` and ``reshape(bottom, top)`` run 
 construction. Each forward calls ``reshape`` then ``forward(bottom, top)``; backward calls
 ``backward(top, propagate_down, bottom)``. The blobs handed to the user code are
 ``_PyBlob``s holding numpy arrays (float32, or float64 when the layer runs in double).
+
+Exceptions raised by the user code reach the caller unchanged (same type and message, as
+from pycaffe); a note naming the layer and the step is attached where Python supports it.
+The user object's ``self.blobs`` is a ``_BlobVec`` over this layer's parameter blobs, so
+``self.blobs.add_blob(*shape)`` makes a learnable blob that caffemodels save and load.
 """
 from __future__ import annotations
 
@@ -79,6 +84,72 @@ class _PyBlob:
         return f"_PyBlob(shape={list(self.shape)})"
 
 
+class _ParamView:
+    """``self.blobs[i]`` of a user layer: numpy views of the engine's parameter ``i``.
+
+    It reads ``owner[i]`` on every access, so a parameter replaced by sharing
+    (``Net.share_with``) is seen at once.
+    """
+
+    def __init__(self, owner: torch.nn.ParameterList, index: int):
+        self._owner, self._index = owner, index
+
+    def _param(self) -> torch.nn.Parameter:
+        return self._owner[self._index]
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._param().data.numpy()
+
+    @property
+    def diff(self) -> np.ndarray:
+        p = self._param()
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        return p.grad.numpy()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._param().shape)
+
+    @property
+    def count(self) -> int:
+        return self._param().numel()
+
+    def reshape(self, *shape: int) -> None:
+        shape = tuple(int(s) for s in shape)
+        if shape != self.shape:
+            self._owner[self._index] = torch.nn.Parameter(torch.zeros(shape))
+
+    def __repr__(self) -> str:
+        return f"_ParamView(shape={list(self.shape)})"
+
+
+class _BlobVec:
+    """pycaffe's BlobVec for ``caffe.Layer.blobs``: indexable, ``len``, ``add_blob(*shape)``."""
+
+    def __init__(self, owner: torch.nn.ParameterList):
+        self._owner = owner
+
+    def add_blob(self, *shape: int) -> None:
+        """Append a zero-filled learnable blob of this shape (pycaffe's ``add_blob``)."""
+        dims = tuple(int(s) for s in shape)
+        self._owner.append(torch.nn.Parameter(torch.zeros(dims, dtype=torch.float32)))
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __getitem__(self, index: int) -> _ParamView:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"blob index {index} out of range ({len(self)} blobs)")
+        return _ParamView(self._owner, index % len(self))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 class _PythonFunction(torch.autograd.Function):
     """Runs the user's forward in numpy, and its backward (if any) for the gradient."""
 
@@ -125,8 +196,9 @@ def _instantiate(cls, param):
 class Python(Layer):
     """A layer implemented by user Python code (see the module docstring).
 
-    A user class without ``backward`` gives zero gradients. Learnable blobs of Python layers
-    (pycaffe's ``self.blobs``) are not supported.
+    A user class without ``backward`` gives zero gradients. Blobs the user adds with
+    ``self.blobs.add_blob`` are this layer's parameter blobs; the user's ``backward`` writes
+    their diffs directly, as in Caffe.
     """
 
     type = "Python"
@@ -145,6 +217,7 @@ class Python(Layer):
         self.py = self._call(lambda: _instantiate(cls, param), "creating the layer")
         self.py.param_str = p.param_str
         self.py.phase = int(phase)
+        self.py.blobs = _BlobVec(self.blobs)
         self.num_outputs = len(param.top)
         self._bottoms = [_PyBlob(s) for s in bottom_shapes]
         self._tops = [_PyBlob() for _ in range(self.num_outputs)]
@@ -157,8 +230,11 @@ class Python(Layer):
     def _call(self, fn, what: str):
         try:
             return fn()
-        except Exception as exc:  # re-raised with the layer's name and the step that failed
-            raise self.error(f"python layer raised in {what}: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # unchanged for the caller, as pycaffe; a note names the layer
+            exc.caffe_python_layer = self.name
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"(raised in {what} of Python layer '{self.name}')")
+            raise
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         shapes = [tuple(s) for s in bottom_shapes]

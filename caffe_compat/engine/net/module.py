@@ -113,6 +113,8 @@ class NetModule(nn.Module):
             except LayerError:
                 raise
             except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+                if hasattr(exc, "caffe_python_layer"):
+                    raise          # user code of a Python layer: unchanged, as pycaffe
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}): {exc}") from exc
             if len(top_shapes) != len(tops):
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) produces "

@@ -1,0 +1,109 @@
+"""caffe.io as pycaffe's test_io.py checks it, plus the Transformer's set_mean rule (a
+3x256x256 mean for a 227 input), load_image's channel handling and oversample's crops."""
+import cv2
+import numpy as np
+import pytest
+
+import caffe
+
+
+def test_blobproto_round_trip_and_legacy_shape():
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    blob = caffe.io.array_to_blobproto(arr)
+    np.testing.assert_array_equal(caffe.io.blobproto_to_array(blob), arr)
+    legacy = caffe.proto.caffe_pb2.BlobProto(num=1, channels=2, height=3, width=4)
+    legacy.data.extend(range(24))
+    assert caffe.io.blobproto_to_array(legacy).shape == (1, 2, 3, 4)
+
+
+def test_blobprotovector_str_round_trip():
+    arrays = [np.random.RandomState(0).rand(2, 3).astype(np.float32), np.ones((4,), np.float32)]
+    data = caffe.io.arraylist_to_blobprotovector_str(arrays)
+    assert isinstance(data, bytes)
+    back = caffe.io.blobprotovector_str_to_arraylist(data)
+    assert [b.shape for b in back] == [(2, 3), (4,)]
+    for a, b in zip(arrays, back):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_datum_round_trip_uint8_and_float():
+    u8 = np.random.RandomState(1).randint(0, 255, (3, 4, 5)).astype(np.uint8)
+    datum = caffe.io.array_to_datum(u8, label=7)
+    assert datum.label == 7 and len(datum.data) == u8.size
+    np.testing.assert_array_equal(caffe.io.datum_to_array(datum), u8)
+    f = np.random.RandomState(2).rand(1, 2, 2)
+    np.testing.assert_allclose(caffe.io.datum_to_array(caffe.io.array_to_datum(f)), f, rtol=1e-6)
+    with pytest.raises(ValueError):
+        caffe.io.array_to_datum(np.zeros((2, 2)))
+
+
+def _transformer(shape=(1, 3, 227, 227)):
+    return caffe.io.Transformer({"data": shape})
+
+
+def test_set_mean_resizes_a_larger_pixel_mean_like_pycaffe():
+    t = _transformer()
+    mean = np.random.RandomState(3).uniform(90, 130, (3, 256, 256)).astype(np.float32)
+    t.set_mean("data", mean)
+    assert t.mean["data"].shape == (3, 227, 227)
+    assert mean.min() - 1e-3 <= t.mean["data"].min() <= t.mean["data"].max() <= mean.max() + 1e-3
+    flat = np.full((3, 256, 256), 104.0, np.float32)
+    t.set_mean("data", flat)
+    assert (t.mean["data"] == 104.0).all()
+    t.set_mean("data", np.array([104, 117, 123]))
+    assert t.mean["data"].shape == (3, 1, 1)
+    with pytest.raises(ValueError, match="channels"):
+        t.set_mean("data", np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="invalid"):
+        t.set_mean("data", np.zeros((1, 3, 4, 4)))
+
+
+def test_preprocess_order_and_deprocess_inverse():
+    t = _transformer((1, 3, 4, 5))
+    t.set_transpose("data", (2, 0, 1))
+    t.set_channel_swap("data", (2, 1, 0))
+    t.set_raw_scale("data", 255)
+    t.set_mean("data", np.array([10.0, 20.0, 30.0]))
+    t.set_input_scale("data", 0.5)
+    img = np.random.RandomState(4).rand(4, 5, 3).astype(np.float32)
+    out = t.preprocess("data", img)
+    expected = (img.transpose(2, 0, 1)[[2, 1, 0]] * 255 - np.array([10, 20, 30])[:, None, None]) * 0.5
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    np.testing.assert_allclose(t.deprocess("data", out), img, rtol=1e-5, atol=1e-6)
+
+
+def test_load_image_channels(tmp_path):
+    rgb = np.random.RandomState(5).randint(0, 255, (6, 7, 3)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "c.png"), rgb[:, :, ::-1])
+    img = caffe.io.load_image(str(tmp_path / "c.png"))
+    assert img.shape == (6, 7, 3) and img.dtype == np.float32
+    np.testing.assert_allclose(img, rgb / 255.0, atol=1e-6)
+    gray = caffe.io.load_image(str(tmp_path / "c.png"), color=False)
+    np.testing.assert_allclose(gray[:, :, 0], (rgb / 255.0) @ [0.2125, 0.7154, 0.0721], atol=1e-5)
+    cv2.imwrite(str(tmp_path / "g.png"), rgb[:, :, 0])
+    tiled = caffe.io.load_image(str(tmp_path / "g.png"))
+    assert tiled.shape == (6, 7, 3) and (tiled[:, :, 0] == tiled[:, :, 2]).all()
+    rgba = np.dstack([rgb[:, :, ::-1], np.full((6, 7), 9, np.uint8)])
+    cv2.imwrite(str(tmp_path / "a.png"), rgba)
+    np.testing.assert_allclose(caffe.io.load_image(str(tmp_path / "a.png")), rgb / 255.0,
+                               atol=1e-6)
+
+
+def test_resize_image_shapes_and_constant():
+    im = np.random.RandomState(6).rand(10, 8, 3).astype(np.float32)
+    assert caffe.io.resize_image(im, (5, 4)).shape == (5, 4, 3)
+    assert caffe.io.resize_image(np.random.rand(6, 6, 7), (3, 3)).shape == (3, 3, 7)
+    const = caffe.io.resize_image(np.full((4, 4, 1), 0.25, np.float32), (9, 9))
+    assert const.shape == (9, 9, 1) and (const == 0.25).all()
+
+
+def test_oversample_crops_and_mirrors():
+    im = np.arange(2 * 9 * 9 * 1, dtype=np.float32).reshape(2, 9, 9, 1)
+    crops = caffe.io.oversample(list(im), (6, 6))
+    assert crops.shape == (20, 6, 6, 1)
+    a = im[0]
+    expected = [a[:6, :6], a[:6, 3:], a[3:, :6], a[3:, 3:], a[1:7, 1:7]]   # int(4.5 - 3) = 1
+    for k, e in enumerate(expected):
+        np.testing.assert_array_equal(crops[k], e)
+        np.testing.assert_array_equal(crops[5 + k], e[:, ::-1])
+    np.testing.assert_array_equal(crops[10], im[1][:6, :6])
