@@ -52,13 +52,13 @@ def backward_plan(module) -> BackwardPlan:
     layers = list(module.layers)
     blob_need: dict[str, bool] = {}
     layer_need, bottom_need, cuts = [], [], []
-    for name, layer in zip(names, layers):
-        bottoms = module.bottom_names[name]
+    for index, (name, layer) in enumerate(zip(names, layers)):
+        bottoms = module.layer_bottoms(index)
         cut = _cut_bottoms(layer, len(bottoms))
         need_b = [blob_need.get(b, False) and not c for b, c in zip(bottoms, cut)]
         need = any(blob_need.get(b, False) for b in bottoms) or \
             any(p.requires_grad for p in layer.blobs)
-        for t in module.top_names[name]:
+        for t in module.layer_tops(index):
             blob_need[t] = need
         layer_need.append(need)
         bottom_need.append(need_b)
@@ -66,7 +66,7 @@ def backward_plan(module) -> BackwardPlan:
     under_loss: set[str] = set()
     skip: set[str] = set()
     for i in range(len(names) - 1, -1, -1):
-        tops = module.top_names[names[i]]
+        tops = module.layer_tops(i)
         contributes = any(t in module.loss_weights or t in under_loss for t in tops)
         skip_down = all(t in skip for t in tops)
         if layer_need[i] and skip_down and tops:
@@ -74,7 +74,7 @@ def backward_plan(module) -> BackwardPlan:
             bottom_need[i] = [False] * len(bottom_need[i])
         if not contributes:
             layer_need[i] = False
-        for j, b in enumerate(module.bottom_names[names[i]]):
+        for j, b in enumerate(module.layer_bottoms(i)):
             if contributes:
                 under_loss.add(b)
             else:
@@ -94,7 +94,7 @@ def _lazy(net, device: torch.device) -> bool:
 
 def _bottom_leaves(net, pos: int, made: dict, device) -> tuple[dict, list]:
     m = net.module
-    bottoms = m.bottom_names[m.layer_names[pos]]
+    bottoms = m.layer_bottoms(pos)
     needs = net._plan.bottom[pos]
     local: dict[str, torch.Tensor] = {}
     leaves: list = []
@@ -113,7 +113,7 @@ def run_layer(net, pos: int, made: dict, device, store: bool) -> LayerTrace:
     m = net.module
     name = m.layer_names[pos]
     layer = m.layers[pos]
-    tops = m.top_names[name]
+    tops = m.layer_tops(pos)
     if layer.type == "Input":   # Caffe's Input layer computes nothing: the blobs are the input
         values = [net.blobs[t]._tensor("_data", device) for t in tops]
         made.update(zip(tops, values))
@@ -147,7 +147,7 @@ def backward_range(net, start: int, end: int, device) -> None:
         if not net._plan.layer[pos]:
             continue
         name = m.layer_names[pos]
-        bottoms, tops = m.bottom_names[name], m.top_names[name]
+        bottoms, tops = m.layer_bottoms(pos), m.layer_tops(pos)
         if not bottoms and not m.layers[pos].blobs:
             continue                      # a source layer: nothing to compute
         trace = net._traces.get(pos)

@@ -66,10 +66,10 @@ class Net:
             (name, Blob(shape)) for name, shape in module.blob_shapes.items())
         for name, w in module.loss_weights.items():
             self.blobs[name].diff[...] = w        # Caffe seeds loss tops' diffs at setup
-        for name, layer in module.named_layers():  # DummyData's constant tops: filled once
+        for index, layer in enumerate(module.layers):  # DummyData's constant tops: filled once
             for j, again in enumerate(getattr(layer, "refill", ())):
                 if not again:
-                    self.blobs[module.top_names[name][j]]._store(layer._once[j])
+                    self.blobs[module.layer_tops(index)[j]]._store(layer._once[j])
         self._plan = backward_plan(module)
         self._traces: dict = {}
 

@@ -16,7 +16,7 @@ from tool_utils import load_tool
 def _glog_to_stderr(monkeypatch):
     """Caffe's log lines on stderr, whatever earlier tests left (some tools turn it off)."""
     from caffe_compat.formats import glog
-    previous = glog._stderr
+    previous = glog.stderr_enabled()
     glog.set_stderr(True)
     monkeypatch.setenv("GLOG_minloglevel", "0")
     yield

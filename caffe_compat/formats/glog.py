@@ -182,3 +182,8 @@ def set_echo(writer: Callable[[str], None] | None) -> None:
 
 def echo() -> Callable[[str], None] | None:
     return _terminal.echo
+
+
+def stderr_enabled() -> bool:
+    """Whether the terminal copy of the log is on (``set_stderr``)."""
+    return _terminal.enabled

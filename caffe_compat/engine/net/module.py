@@ -367,6 +367,10 @@ class NetModule(nn.Module):
         except ValueError:
             raise KeyError(f"{self.source}: no layer named '{name}'") from None
 
+    def layer_bottoms(self, index: int) -> list[str]:
+        """The bottoms of layer ``index`` (by position: names may repeat)."""
+        return list(self._plan[index].bottoms)
+
     def layer_tops(self, index: int) -> list[str]:
         """Top blob names of the layer at ``index`` (unambiguous where names repeat)."""
         return list(self._plan[index].tops)
