@@ -119,3 +119,11 @@ def test_source_files_stay_small():
     big = [f"{p.relative_to(PACKAGE.parent)} ({n} lines)" for p, _ in _all_modules()
            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450]
     assert not big, "split these files: " + ", ".join(big)
+
+
+def test_every_package_folder_is_a_regular_package():
+    """setuptools' find_packages skips folders without __init__.py: an install would lack them."""
+    missing = [str(d.relative_to(PACKAGE.parent)) for d in PACKAGE.rglob("*")
+               if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))
+               and not (d / "__init__.py").is_file()]
+    assert not missing, f"add __init__.py to: {missing}"

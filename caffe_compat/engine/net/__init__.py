@@ -1,0 +1,2 @@
+"""Net assembly: prototxt filtering, wiring and upgrades (``assemble``, ``upgrade``) and the
+built ``NetModule`` (``module``)."""
