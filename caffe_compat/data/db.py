@@ -10,12 +10,14 @@ place on ``close()``, so an interrupted conversion never leaves a half-written d
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
 from typing import Iterator
 
 from caffe_compat.formats.atomic import commit_temporary, discard_temporary, temporary_name
+from caffe_compat.data.db_guard import probe
 from caffe_compat.formats.errors import DataError
 
 BACKENDS = ("lmdb", "leveldb")
@@ -55,6 +57,7 @@ class _Handle:
         self.path, self.backend, self.refs = path, backend, 0
         self._keys: list[bytes] | None = None
         self._lock = threading.Lock()
+        probe(path, backend)       # a corrupt database fails here, in a child, not in us
         if backend == "lmdb":
             import lmdb
             try:
@@ -70,7 +73,7 @@ class _Handle:
                 raise DataError(f"{path}: cannot open LevelDB ({exc})") from None
 
     def keys(self) -> list[bytes]:
-        with self._lock:
+        with self._lock, library_errors(self.path, self.backend):
             if self._keys is None:
                 if self.backend == "lmdb":
                     with self.env.begin() as txn:
@@ -81,6 +84,19 @@ class _Handle:
 
     def close(self) -> None:
         self.env.close()
+
+
+@contextlib.contextmanager
+def library_errors(path: str, backend: str, what: str = ""):
+    """Turn lmdb's and plyvel's own exceptions into one DataError line naming the database."""
+    import lmdb
+    import plyvel
+    try:
+        yield
+    except (lmdb.Error, plyvel.Error) as exc:
+        where = f" ({what})" if what else ""
+        reason = " ".join(str(exc).split())[:300]
+        raise DataError(f"{path}: cannot read the {backend} database{where}: {reason}") from None
 
 
 _HANDLES: dict[tuple[str, str], _Handle] = {}
@@ -101,16 +117,18 @@ class DBReader:
 
     def __len__(self) -> int:
         if self.backend == "lmdb" and self._handle._keys is None:
-            return self._handle.env.stat()["entries"]
+            with library_errors(self.path, self.backend):
+                return self._handle.env.stat()["entries"]
         return len(self.keys())
 
     def get_many(self, keys) -> list[bytes]:
         """The values of ``keys`` (one read transaction). A missing key is a DataError."""
-        if self.backend == "lmdb":
-            with self._handle.env.begin(buffers=False) as txn:
-                values = [txn.get(k) for k in keys]
-        else:
-            values = [self._handle.env.get(k) for k in keys]
+        with library_errors(self.path, self.backend):
+            if self.backend == "lmdb":
+                with self._handle.env.begin(buffers=False) as txn:
+                    values = [txn.get(k) for k in keys]
+            else:
+                values = [self._handle.env.get(k) for k in keys]
         for k, v in zip(keys, values):
             if v is None:
                 raise DataError(f"{self.path}: key {k!r} disappeared from the database")
@@ -121,11 +139,12 @@ class DBReader:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Stream (key, value) pairs in key order without loading the key list."""
-        if self.backend == "lmdb":
-            with self._handle.env.begin(buffers=False) as txn:
-                yield from txn.cursor()
-        else:
-            yield from self._handle.env.iterator()
+        with library_errors(self.path, self.backend):
+            if self.backend == "lmdb":
+                with self._handle.env.begin(buffers=False) as txn:
+                    yield from txn.cursor()
+            else:
+                yield from self._handle.env.iterator()
 
     def first(self) -> tuple[bytes, bytes]:
         """The first record; DataError when the database is empty."""

@@ -6,6 +6,8 @@ layer and both shapes. V1 files (``layers`` with legacy 4-D blob dims) load too.
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 import logging
 
 import numpy as np
@@ -18,7 +20,7 @@ from caffe_compat.proto import caffe_pb2
 log = logging.getLogger(__name__)
 
 
-class WeightsError(ValueError):
+class WeightsError(CaffeCompatError):
     pass
 
 
@@ -90,6 +92,7 @@ def copy_from(module, path: str) -> list[str]:
                     f"shape is {shape} ({int(np.prod(shape))} values); target shape is {tshape} "
                     f"({target.numel()}). To learn this layer's parameters from scratch "
                     "instead, rename the layer.")
+            _check_values(path, name, i, shape, values)
             with torch.no_grad():
                 target.copy_(torch.from_numpy(values.reshape(tshape)).to(target.dtype))
     if skipped:
@@ -98,24 +101,38 @@ def copy_from(module, path: str) -> list[str]:
     return skipped
 
 
+def _check_values(path: str, layer: str, index: int, shape, values: np.ndarray) -> None:
+    """A blob whose value count differs from its shape (or whose shape has a negative dim)
+    is a corrupt file, not a reshape error deep in numpy."""
+    if any(int(d) < 0 for d in shape):
+        raise WeightsError(f"{path}: param {index} of layer '{layer}' has a negative "
+                           f"dimension in shape {list(shape)}")
+    expected = int(np.prod(shape, dtype=object)) if len(shape) else 1
+    if values.size != expected:
+        raise WeightsError(f"{path}: param {index} of layer '{layer}' has {values.size} values "
+                           f"but shape {list(shape)} needs {expected}")
+
+
 def _is_legacy(blob: caffe_pb2.BlobProto) -> bool:
     return any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
 
 
 def _read_h5_layers(path: str):
+    """Caffe's /data/<layer>/<i> datasets; every declared shape checked before reading."""
     import h5py
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise WeightsError(f"cannot open HDF5 weights '{path}': {exc}") from None
-    with f:
-        if "data" not in f:
+    from caffe_compat.formats.hdf5 import dataset, open_hdf5, read_dataset
+    with open_hdf5(path, "HDF5 caffemodel") as f:
+        group = f.get("data")
+        if not isinstance(group, h5py.Group):
             raise WeightsError(f"'{path}' has no 'data' group; not a Caffe HDF5 caffemodel")
-        group = f["data"]
         out = []
         for name in group:
             blobs = group[name]
-            arrays = [np.asarray(blobs[str(i)]) for i in range(len(blobs))]
+            if not isinstance(blobs, h5py.Group):
+                raise WeightsError(f"{path}: /data/{name} is not a group of blobs")
+            arrays = [read_dataset(dataset(blobs, str(i), f"{path}: /data/{name}"),
+                                   f"{path}: /data/{name}/{i}")
+                      for i in range(len(blobs))]
             out.append((name, [(a.shape, a, False) for a in arrays]))
         return out
 

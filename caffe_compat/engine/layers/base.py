@@ -13,6 +13,8 @@ never keep its own reference.
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 from typing import Sequence
 
 import torch
@@ -25,7 +27,7 @@ TRAIN, TEST = 0, 1
 _REGISTRY: dict[str, type["Layer"]] = {}
 
 
-class LayerError(ValueError):
+class LayerError(CaffeCompatError):
     """A problem with one layer's definition; the message names the layer."""
 
 

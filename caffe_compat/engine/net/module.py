@@ -19,6 +19,8 @@ from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, in
                                        make_state)
 from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.formats.budget import check_shape
+from caffe_compat.formats.errors import ResourceError
 
 
 @dataclass
@@ -99,6 +101,7 @@ class NetModule(nn.Module):
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) produces "
                                  f"{len(top_shapes)} tops but {len(lp.top)} are named")
             for t, shape in zip(lp.top, top_shapes):
+                _check_top_size(self.source, lp, t, shape)
                 produced_by[t] = lp.name
                 self.blob_shapes[t] = tuple(int(d) for d in shape)
                 if t not in available:
@@ -321,6 +324,15 @@ class NetModule(nn.Module):
 
     def named_layers(self) -> Iterable[tuple[str, Layer]]:
         return zip(self.layer_names, self.layers)
+
+
+def _check_top_size(source: str, lp, top: str, shape) -> None:
+    """A negative dim or a top larger than the memory budget is an error at build time,
+    before anything is allocated (``Input { dim: 2147483647 }`` would ask for 144 GiB)."""
+    try:
+        check_shape(shape, f"{source}: layer '{lp.name}' ({lp.type}) top '{top}'")
+    except ResourceError as exc:
+        raise LayerError(str(exc)) from None
 
 
 def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,

@@ -467,6 +467,10 @@ class Solver:
                 lp = self.train_module.learnable_params[k % n]
                 raise SnapshotError(f"{state_file}: history blob {k} ({lp.name}) has shape "
                                     f"{arr.shape}, the net's param has {tuple(h.shape)}")
+        steps = len(self.param.stepvalue)
+        if self.param.lr_policy == "multistep" and state.current_step > steps:
+            raise SnapshotError(f"{state_file}: current_step is {state.current_step} but the "
+                                f"solver's multistep policy has {steps} stepvalues")
         if state.learned_net:
             weights.copy_from(self.train_module, resolve_learned_net(state.learned_net, state_file))
         with torch.no_grad():
