@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from caffe_compat.commands.tool_args import fail, gflags_argv, repo_root, say, shown  # noqa: E402
-from caffe_compat.formats.errors import DataError  # noqa: E402
+from caffe_compat.formats.errors import CaffeCompatError as DataError  # noqa: E402
 
 BOOL_FLAGS = {"gray"}
 FLAGS = BOOL_FLAGS | {"backend", "root_folder", "resize_height", "resize_width"}
@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         return fail(str(exc))
     if output:
-        write_blobproto(output, mean)
+        if os.path.isdir(output):
+            return fail(f"{output}: is a directory; OUTPUT_FILE must name a file")
+        try:
+            write_blobproto(output, mean)
+        except OSError as exc:   # missing folder, read-only filesystem, full disk
+            return fail(f"{output}: cannot write the mean file ({exc.strerror or exc})")
         print(f"wrote {shown(output)} ({'×'.join(map(str, mean.shape))} mean of {shown(source)})")
     print(f"Number of channels: {mean.shape[0]}")
     for c, value in enumerate(channel_means(mean)):

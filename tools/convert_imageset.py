@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from caffe_compat.commands.tool_args import fail, gflags_argv, repo_root, say, shown  # noqa: E402
-from caffe_compat.formats.errors import DataError  # noqa: E402
+from caffe_compat.formats.errors import CaffeCompatError as DataError  # noqa: E402
 
 BOOL_FLAGS = {"gray", "shuffle", "check_size", "encoded"}
 FLAGS = BOOL_FLAGS | {"backend", "resize_width", "resize_height", "encode_type", "landmarks",

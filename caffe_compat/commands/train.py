@@ -10,8 +10,8 @@ solver file). Files written, all next to the snapshots:
 
 - ``<snapshot_prefix>_iter_N.caffemodel`` / ``.solverstate`` (Caffe's names and formats);
 - ``<snapshot_prefix>.log``: the glog lines (also on stderr), in Caffe's format so Caffe's
-  ``parse_log.py`` / ``parse_log.sh`` and ``tools/parse_log.py`` read it. A fresh run
-  replaces it; a run resumed with ``--snapshot`` appends to it;
+  ``parse_log.py`` / ``parse_log.sh`` and ``tools/parse_log.py`` read it. Every run appends
+  to it (an existing log is never truncated);
 - ``<snapshot_prefix>.png``: training loss and test accuracy/loss, drawn from that log.
 
 The folder of ``snapshot_prefix`` is created if missing (Caffe would refuse to start).
@@ -39,6 +39,7 @@ from caffe_compat.engine import distributed
 from caffe_compat.commands import device as devices
 from caffe_compat.commands.common import CliError, add_debug_flag, one_line
 from caffe_compat.commands.logparse import parse_log
+from caffe_compat.commands.train_checks import prepare_train_args
 from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import EFFECTS, SignalHandler
 from caffe_compat.formats import glog
@@ -55,7 +56,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "Not with --snapshot")
     ap.add_argument("--snapshot", metavar="S.solverstate",
                     help="resume training from this .solverstate (or .solverstate.h5): "
-                         "iteration, solver history and the weights it names")
+                         "iteration, solver history and the weights it names; 'auto': the "
+                         "newest complete snapshot under snapshot_prefix (none: start fresh)")
     ap.add_argument("--gpu", metavar="0|0,1|all",
                     help="train on these CUDA devices (default: CPU, unless the solver sets "
                          "solver_mode: GPU)")
@@ -138,7 +140,7 @@ def _open_log(path: str, append: bool):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     now = datetime.datetime.now()
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") as f:   # never truncate a log (issue 12)
         f.write(f"Log file created at: {now:%Y/%m/%d %H:%M:%S}\n"
                 f"Running on machine: {socket.gethostname()}\n"
                 "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid file:line] msg\n")
@@ -147,6 +149,7 @@ def _open_log(path: str, append: bool):
 
 def train(args: argparse.Namespace, out=None) -> TrainResult:
     """Run ``caffe train`` for parsed ``args``; errors propagate (``common.run`` prints them)."""
+    args = prepare_train_args(args)     # issue 12 hook: --cpu-procs check, --snapshot auto
     _check_args(args)
     param = _solver_param(args)
     choice = devices.select(args.gpu, param, args.allow_cpu, args.precision)

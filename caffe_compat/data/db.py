@@ -216,20 +216,36 @@ class DBWriter:
             raise DataError(f"{os.fspath(path)}: already exists (remove it or choose another "
                             "name)")
         if not self.path.parent.is_dir():
-            raise DataError(f"{self.path.parent}: folder for the database does not exist")
+            raise DataError(f"{self.path.parent}: folder for the database does not exist or is not a folder")
         self.tmp = temporary_name(self.path)
         self.overwrite = overwrite
         self._pending: list[tuple[bytes, bytes]] = []
         self.count = 0
-        if self.backend == "lmdb":
-            import lmdb
-            self._map_size = 1 << 24
-            self._env = lmdb.open(os.fspath(self.tmp), map_size=self._map_size, subdir=True)
-        else:
-            import plyvel
-            self.tmp.mkdir()
-            self._env = plyvel.DB(os.fspath(self.tmp), create_if_missing=True,
-                                  error_if_exists=False, write_buffer_size=64 << 20)
+        self._env = None
+        with self._write_errors():
+            if self.backend == "lmdb":
+                import lmdb
+                self._map_size = 1 << 24
+                self._env = lmdb.open(os.fspath(self.tmp), map_size=self._map_size, subdir=True)
+            else:
+                import plyvel
+                self.tmp.mkdir()
+                self._env = plyvel.DB(os.fspath(self.tmp), create_if_missing=True,
+                                      error_if_exists=False, write_buffer_size=64 << 20)
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """A failed write (read-only folder, full disk) removes the temporary database and
+        becomes one DataError line naming the database."""
+        import lmdb
+        import plyvel
+        try:
+            yield
+        except (lmdb.Error, plyvel.Error, OSError) as exc:
+            self.abort()
+            reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
+            raise DataError(f"{os.fspath(self.path)}: cannot write the {self.backend} "
+                            f"database ({reason}); nothing was left behind") from None
 
     def put(self, key: bytes | str, value: bytes) -> None:
         if isinstance(key, str):
@@ -243,6 +259,10 @@ class DBWriter:
         """Write the pending records in one transaction (LMDB grows its map as Caffe does)."""
         if not self._pending:
             return
+        with self._write_errors():
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
         if self.backend == "lmdb":
             import lmdb
             while True:
@@ -263,13 +283,17 @@ class DBWriter:
     def close(self) -> None:
         """Commit, close and move the finished database to its final name."""
         self.commit()
-        self._env.close()
-        commit_temporary(self.tmp, self.path, is_dir=True)
+        with self._write_errors():
+            self._env.close()
+            commit_temporary(self.tmp, self.path, is_dir=True)
 
     def abort(self) -> None:
         """Throw the partial database away."""
         try:
-            self._env.close()
+            if self._env is not None:
+                self._env.close()
+        except Exception:   # a failing environment must not keep the temporary alive
+            pass
         finally:
             discard_temporary(self.tmp)
 

@@ -61,8 +61,20 @@ def file_extension(path: str) -> str:
     return (path[dot + 1:] if dot >= 0 else path).lower()
 
 
+def can_encode(encode_type: str) -> bool:
+    """Whether OpenCV has a writer for ``encode_type`` ("png", "jpg", ...)."""
+    if not encode_type.isascii() or not encode_type.isalnum():
+        return False
+    try:
+        return bool(cv2.haveImageWriter("x." + encode_type))
+    except cv2.error:
+        return False
+
+
 def encode_image(img: np.ndarray, encode_type: str) -> bytes:
     """cv::imencode of an H×W(×C) image as ``encode_type`` ("png", "jpg", ...)."""
+    if not can_encode(encode_type):
+        raise DataError(f"OpenCV cannot encode images as '{encode_type}'")
     ok, buf = cv2.imencode("." + encode_type, img)
     if not ok:
         raise DataError(f"OpenCV cannot encode images as '{encode_type}'")

@@ -19,6 +19,7 @@ from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, in
                                        make_state)
 from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.engine.layers.python_trust import allow_python_layers as python_layers_policy
 from caffe_compat.formats.budget import check_shape
 from caffe_compat.formats.errors import ResourceError
 
@@ -337,8 +338,12 @@ def _check_top_size(source: str, lp, top: str, shape) -> None:
 
 def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,
               stages: Sequence[str] = (), source: str = "<net>",
-              state: caffe_pb2.NetState | None = None) -> NetModule:
-    """Upgrade, filter for (phase, level, stages), insert Splits, and instantiate."""
+              state: caffe_pb2.NetState | None = None,
+              allow_python_layers: bool | None = None) -> NetModule:
+    """Upgrade, filter for (phase, level, stages), insert Splits, and instantiate.
+
+    ``allow_python_layers=False`` refuses ``type: "Python"`` layers (untrusted prototxt);
+    None follows $CAFFE_COMPAT_PYTHON_LAYERS (see engine/layers/python_trust.py)."""
     param = caffe_pb2.NetParameter()
     param.CopyFrom(net_param)
     upgrade_net(param, source)
@@ -346,7 +351,8 @@ def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,
         state = make_state(phase, level, stages,
                            base=param.state if param.HasField("state") else None)
     filtered = insert_splits(filter_net(param, state, source), source)
-    return NetModule(filtered, state.phase, source)
+    with python_layers_policy(allow_python_layers):
+        return NetModule(filtered, state.phase, source)
 
 
 _REDUCED = (torch.bfloat16, torch.float16)

@@ -151,3 +151,51 @@ def resolve_learned_net(learned_net: str, state_path: str) -> str:
             return c
     raise FileNotFoundError(f"{state_path}: learned_net '{learned_net}' not found (tried "
                             f"{', '.join(dict.fromkeys(candidates))})")
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+_STATE_SUFFIXES = (".solverstate", ".solverstate.h5")
+
+
+def _snapshot_candidates(prefix: str) -> list[tuple[int, str, str]]:
+    """(iteration, solverstate, caffemodel) for every state under ``prefix``, newest first."""
+    folder = os.path.dirname(prefix) or "."
+    stem = os.path.basename(prefix) + "_iter_"
+    found = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        if not name.startswith(stem):
+            continue
+        for suffix in _STATE_SUFFIXES:
+            number = name[len(stem):-len(suffix)] if name.endswith(suffix) else ""
+            if number.isascii() and number.isdigit():
+                model_ext = ".caffemodel.h5" if suffix.endswith(".h5") else ".caffemodel"
+                found.append((int(number), os.path.join(folder, name),
+                              snapshot_filename(prefix, int(number), model_ext)))
+    return sorted(found, reverse=True)
+
+
+def latest_snapshot(prefix: str) -> str | None:
+    """The newest COMPLETE snapshot under ``prefix``: its solverstate path, or None.
+
+    Complete means the solverstate reads and passes its checks and the caffemodel it names
+    exists. Writers are atomic, so a killed run leaves at worst a caffemodel without its
+    solverstate (the model is written first) — that iteration is skipped, as is one whose
+    state does not read; the next older pair is used.
+    """
+    for _, state_path, _model in _snapshot_candidates(prefix):
+        try:
+            state = read_state(state_path)
+            if state.learned_net:
+                resolve_learned_net(state.learned_net, state_path)
+            elif not os.path.isfile(_model):
+                continue
+        except (OSError, ValueError):
+            continue
+        return state_path
+    return None
