@@ -73,7 +73,10 @@ class NetModule(nn.Module):
         for index, lp in enumerate(net.layer):
             if lp.name in self.layer_names:
                 raise NetDefinitionError(f"{self.source}: duplicate layer name '{lp.name}'")
-            cls = layer_class(lp.type)
+            try:
+                cls = layer_class(lp.type)
+            except LayerError as exc:     # name the file and the layer, not just the type
+                raise LayerError(f"{self.source}: layer '{lp.name}': {exc}") from None
             self._check_counts(cls, lp)
             bottom_shapes = []
             for j, b in enumerate(lp.bottom):

@@ -100,7 +100,10 @@ def _read_state_proto(path: str) -> SolverStateData:
         history = [blobproto_to_array(b).astype(np.float32, copy=False) for b in msg.history]
     except ValueError as exc:
         raise SnapshotError(f"{path}: bad history blob: {exc}") from None
-    return SolverStateData(msg.iter, msg.learned_net, history, msg.current_step)
+    learned = msg.learned_net
+    if isinstance(learned, bytes):   # proto2 hands back bytes when the string is not UTF-8
+        raise SnapshotError(f"{path}: learned_net is not UTF-8 text")
+    return SolverStateData(msg.iter, learned, history, msg.current_step)
 
 
 def _read_state_h5(path: str) -> SolverStateData:
