@@ -98,6 +98,8 @@ def worker(folder: str) -> None:
     import logging
     logging.disable(logging.CRITICAL)
     from fuzz_seeds import READERS
+    import caffe_compat  # noqa: F401  (torch and the readers load before the clock starts)
+    import caffe_compat.engine.solver.api  # noqa: F401
     os.chdir(folder)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -126,7 +128,7 @@ class Pool:
                                       self.folder], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, env=env)
-        self._answer(timeout=120)
+        self._answer(timeout=300)
 
     def _answer(self, timeout: float) -> dict | None:
         import selectors
