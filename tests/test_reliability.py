@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -56,6 +57,19 @@ def test_meta_page_fields_are_checked(tmp_path):
     (db / "data.mdb").write_bytes(bytes(raw))
     with pytest.raises(DataError, match="page size 3000"):
         check_lmdb_meta(db)
+
+
+@pytest.mark.parametrize("name", ["inplace_corruption_sigabrt.mdb",
+                                  "inplace_corruption_sigbus.mdb"])
+def test_in_place_corruption_that_kills_liblmdb_is_caught_in_the_child(tmp_path, name):
+    """Reproducers from the fuzz corpus: walked by a plain cursor, liblmdb aborts (SIGABRT)
+    or faults (SIGBUS) on them; here this process survives with one line naming the
+    database (the child's walk dies, or liblmdb reports the corruption first)."""
+    corpus = Path(__file__).resolve().parent / "fuzz_corpus" / "data_mdb" / name
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "data.mdb").write_bytes(corpus.read_bytes())
+    with pytest.raises(DataError, match="db: corrupt lmdb database"):
+        open_db(tmp_path / "db")
 
 
 def test_a_reader_killed_by_a_signal_becomes_a_clean_error(tmp_path, monkeypatch):
