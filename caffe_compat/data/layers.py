@@ -369,6 +369,9 @@ def _hdf5_files(source: str) -> list[str]:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise DataError(f"{source}: HDF5 source list does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:   # a directory, unreadable, not text
+        raise DataError(f"{source}: cannot read the HDF5 source list "
+                        f"({getattr(exc, 'strerror', None) or 'not UTF-8 text'})") from None
     files = []
     base = os.path.dirname(source)
     for number, line in enumerate(lines, start=1):

@@ -54,9 +54,14 @@ def read_net_weights(path: str) -> caffe_pb2.NetParameter:
     return net
 
 
+def _text(name) -> str:
+    """A layer name as text (proto2 hands back bytes when a name is not UTF-8)."""
+    return name.decode("utf-8", errors="replace") if isinstance(name, bytes) else name
+
+
 def _source_layers(net: caffe_pb2.NetParameter) -> list[tuple[str, list[caffe_pb2.BlobProto]]]:
-    return [(l.name, list(l.blobs)) for l in net.layer] + \
-           [(l.name, list(l.blobs)) for l in net.layers]
+    return [(_text(l.name), list(l.blobs)) for l in net.layer] + \
+           [(_text(l.name), list(l.blobs)) for l in net.layers]
 
 
 def copy_from(module, path: str) -> list[str]:

@@ -99,8 +99,11 @@ class NetModule(nn.Module):
                 top_shapes = layer.top_shapes(bottom_shapes)
             except LayerError:
                 raise
-            except (ValueError, TypeError, IndexError, RuntimeError) as exc:
-                raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}): {exc}") from exc
+            except (ValueError, TypeError, IndexError, RuntimeError, OverflowError,
+                    MemoryError) as exc:   # torch's messages run to many lines: keep the first
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}): "
+                                 f"{reason}") from exc
             if len(top_shapes) != len(lp.top):
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) produces "
                                  f"{len(top_shapes)} tops but {len(lp.top)} are named")

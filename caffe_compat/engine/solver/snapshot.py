@@ -31,6 +31,11 @@ class SnapshotError(CaffeCompatError):
     """A solverstate that cannot be read or does not fit the solver."""
 
 
+class LearnedNetMissing(SnapshotError, FileNotFoundError):
+    """The caffemodel a solverstate names is not there (both a SnapshotError and, as before,
+    a FileNotFoundError)."""
+
+
 @dataclass
 class SolverStateData:
     iter: int = 0
@@ -152,7 +157,7 @@ def resolve_learned_net(learned_net: str, state_path: str) -> str:
     for c in candidates:
         if os.path.isfile(c):
             return c
-    raise FileNotFoundError(f"{state_path}: learned_net '{learned_net}' not found (tried "
+    raise LearnedNetMissing(f"{state_path}: learned_net '{learned_net}' not found (tried "
                             f"{', '.join(dict.fromkeys(candidates))})")
 
 
