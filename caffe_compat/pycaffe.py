@@ -19,6 +19,7 @@ from caffe_compat._net_exec import backward_plan, backward_range, forward_range
 from caffe_compat.engine import mode, weights
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.layers.base import TEST, TRAIN
+from caffe_compat.engine.layers.python_trust import PythonLayerBase
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
 
@@ -38,7 +39,8 @@ class Net:
     """``caffe.Net(prototxt, phase)``, ``caffe.Net(prototxt, weights, phase)`` or keywords."""
 
     def __init__(self, network_file, *args, phase=None, weights=None, level: int = 0,
-                 stages=None, net_param: caffe_pb2.NetParameter | None = None):
+                 stages=None, net_param: caffe_pb2.NetParameter | None = None,
+                 allow_python_layers: bool | None = None):
         if len(args) == 1:
             phase = args[0] if phase is None else phase
         elif len(args) == 2:
@@ -49,7 +51,8 @@ class Net:
             raise TypeError("Net needs a phase: caffe.Net(prototxt, caffe.TEST)")
         source = os.fspath(network_file) if network_file is not None else "<net_param>"
         param = net_param if net_param is not None else read_net_prototxt(source)
-        module = build_net(param, _phase_value(phase), level, stages or (), source=source)
+        module = build_net(param, _phase_value(phase), level, stages or (), source=source,
+                           allow_python_layers=allow_python_layers)
         self._init_from_module(module.to(mode.device()))
         if weights:
             self.copy_from(weights)
@@ -263,7 +266,7 @@ def _drop_padding(arrays: dict, kwargs: dict) -> dict:
     return arrays
 
 
-class PythonLayer:
+class PythonLayer(PythonLayerBase):
     """pycaffe's ``caffe.Layer``: the base class of user layers for ``type: "Python"``.
 
     Subclasses define ``setup``, ``reshape``, ``forward(bottom, top)`` and optionally

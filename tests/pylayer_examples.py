@@ -1,11 +1,13 @@
 """Example Python layers for tests/test_python_layer.py, written the way pycaffe layers are.
 
-Real ones subclass ``caffe.Layer``; these are plain classes, which the Python layer accepts too.
+Like real ones, they subclass ``caffe.Layer`` (the Python layer accepts nothing else).
 """
 import numpy as np
 
+import caffe_compat as caffe
 
-class ScaleLayer:
+
+class ScaleLayer(caffe.Layer):
     """top = bottom * float(param_str)."""
 
     def setup(self, bottom, top):
@@ -24,7 +26,7 @@ class ScaleLayer:
             bottom[0].diff[...] = top[0].diff * self.scale
 
 
-class EuclideanLossLayer:
+class EuclideanLossLayer(caffe.Layer):
     """sum((a - b)^2) / (2 N), like Caffe's examples/pycaffe/layers/pyloss.py (scaled by the
     top diff, so any loss weight works)."""
 
@@ -49,7 +51,7 @@ class EuclideanLossLayer:
                 bottom[i].diff[...] = sign * top[0].diff[0] * self.diff / bottom[i].num
 
 
-class NoBackwardLayer:
+class NoBackwardLayer(caffe.Layer):
     """top = 2 * bottom, with no backward: gradients are zero."""
 
     def setup(self, bottom, top):
@@ -62,7 +64,7 @@ class NoBackwardLayer:
         top[0].data[...] = 2 * bottom[0].data
 
 
-class PhaseDataLayer:
+class PhaseDataLayer(caffe.Layer):
     """A data layer (no bottoms): top 0 of shape param_str ("2,3") filled with the phase + 1,
     top 1 counting the forwards."""
 
@@ -86,15 +88,12 @@ class PhaseDataLayer:
         pass
 
 
-class FailingSetupLayer:
+class FailingSetupLayer(caffe.Layer):
     def setup(self, bottom, top):
         raise Exception("bad param_str: " + self.param_str)
 
     def reshape(self, bottom, top):
         pass
-
-
-import caffe_compat as caffe
 
 
 class DoubleLayer(caffe.Layer):

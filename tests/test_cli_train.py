@@ -65,8 +65,10 @@ layer { name: "accuracy" type: "Accuracy" bottom: "ip1" bottom: "label" top: "ac
 SLOW_LAYER = '''
 import time
 
+import caffe_compat as caffe
 
-class SlowIdentity:
+
+class SlowIdentity(caffe.Layer):
     """top = bottom, after sleeping float(param_str) seconds (keeps a run alive to be killed)."""
 
     def setup(self, bottom, top):

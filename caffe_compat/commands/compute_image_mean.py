@@ -25,7 +25,7 @@ import sys
 
 
 from caffe_compat.commands.tool_args import fail, gflags_argv, shown
-from caffe_compat.formats.errors import DataError
+from caffe_compat.formats.errors import CaffeCompatError as DataError
 
 BOOL_FLAGS = {"gray"}
 FLAGS = BOOL_FLAGS | {"backend", "root_folder", "resize_height", "resize_width"}
@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None, defaults=None) -> int:
     except DataError as exc:
         return fail(str(exc))
     if output:
-        write_blobproto(output, mean)
+        if os.path.isdir(output):
+            return fail(f"{output}: is a directory; OUTPUT_FILE must name a file")
+        try:
+            write_blobproto(output, mean)
+        except OSError as exc:   # missing folder, read-only filesystem, full disk
+            return fail(f"{output}: cannot write the mean file ({exc.strerror or exc})")
         print(f"wrote {shown(output)} ({'×'.join(map(str, mean.shape))} mean of {shown(source)})")
     print(f"Number of channels: {mean.shape[0]}")
     for c, value in enumerate(channel_means(mean)):

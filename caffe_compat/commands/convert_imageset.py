@@ -31,7 +31,7 @@ import sys
 
 
 from caffe_compat.commands.tool_args import fail, gflags_argv, shown
-from caffe_compat.formats.errors import DataError
+from caffe_compat.formats.errors import CaffeCompatError as DataError
 
 BOOL_FLAGS = {"gray", "shuffle", "check_size", "encoded"}
 FLAGS = BOOL_FLAGS | {"backend", "resize_width", "resize_height", "encode_type", "landmarks",

@@ -40,6 +40,7 @@ from caffe_compat.engine import distributed
 from caffe_compat.commands import device as devices
 from caffe_compat.commands.common import CliError, add_debug_flag, one_line
 from caffe_compat.commands.observers import LivePlot, MetricsFile, SnapshotRecord, TensorBoard
+from caffe_compat.commands.train_checks import prepare_train_args
 from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import EFFECTS, SignalHandler
 from caffe_compat.formats import glog
@@ -57,7 +58,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "Not with --snapshot")
     ap.add_argument("--snapshot", metavar="S.solverstate",
                     help="resume training from this .solverstate (or .solverstate.h5): "
-                         "iteration, solver history and the weights it names")
+                         "iteration, solver history and the weights it names; 'auto': the "
+                         "newest complete snapshot under snapshot_prefix (none: start fresh)")
     ap.add_argument("--gpu", metavar="0|0,1|all",
                     help="train on these CUDA devices (default: CPU, unless the solver sets "
                          "solver_mode: GPU)")
@@ -148,6 +150,7 @@ def _open_log(path: str):
 
 def train(args: argparse.Namespace, out=None) -> TrainResult:
     """Run ``caffe train`` for parsed ``args``; errors propagate (``common.run`` prints them)."""
+    args = prepare_train_args(args)     # issue 12 hook: --cpu-procs check, --snapshot auto
     _check_args(args)
     param = _solver_param(args)
     choice = devices.select(args.gpu, param, args.allow_cpu, args.precision)

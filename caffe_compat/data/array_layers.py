@@ -14,6 +14,7 @@ import torch
 from caffe_compat.data.layers import _EPOCH_STREAM, _DataLayer
 from caffe_compat.engine.layers.base import Shape, register
 from caffe_compat.formats.errors import DataError
+from caffe_compat.formats.hdf5 import check_dataset, dataset, open_hdf5, read_dataset
 
 
 @register
@@ -54,6 +55,9 @@ def _hdf5_files(source: str) -> list[str]:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise DataError(f"{source}: HDF5 source list does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:   # a directory, unreadable, not text
+        raise DataError(f"{source}: cannot read the HDF5 source list "
+                        f"({getattr(exc, 'strerror', None) or 'not UTF-8 text'})") from None
     files = []
     base = os.path.dirname(source)
     for number, line in enumerate(lines, start=1):
@@ -71,22 +75,18 @@ def _hdf5_files(source: str) -> list[str]:
 
 def _hdf5_layout(files, tops):
     """Rows per file and the per-row shape of every top's dataset (checked across files)."""
-    import h5py
     rows, shapes = [], None
     for path in files:
-        try:
-            f = h5py.File(path, "r")
-        except OSError as exc:
-            raise DataError(f"{path}: not an HDF5 file ({exc})") from None
-        with f:
+        with open_hdf5(path, "HDF5 data file") as f:
             missing = [t for t in tops if t not in f]
             if missing:
                 raise DataError(f"{path}: no dataset named '{missing[0]}' (datasets: "
                                 f"{', '.join(f.keys())})")
-            n = {f[t].shape[0] if f[t].ndim else 0 for t in tops}
+            found = [check_dataset(dataset(f, t, path), f"{path}: dataset '{t}'") for t in tops]
+            n = {s[0] if s else 0 for s in found}
             if len(n) != 1:
                 raise DataError(f"{path}: datasets {', '.join(tops)} differ in row count")
-            file_shapes = [tuple(f[t].shape[1:]) for t in tops]
+            file_shapes = [tuple(s[1:]) for s in found]
         if shapes is not None and file_shapes != shapes:
             raise DataError(f"{path}: dataset shapes {file_shapes} differ from {files[0]}'s "
                             f"{shapes}")
@@ -109,11 +109,11 @@ class _HDF5Batches:
         self._lock = threading.Lock()
 
     def _load(self, path):
-        import h5py
         with self._lock:
             if path not in self._cache:
-                with h5py.File(path, "r") as f:
-                    arrays = [np.asarray(f[t][()], dtype=np.float32) for t in self.tops]
+                with open_hdf5(path, "HDF5 data file") as f:
+                    arrays = [read_dataset(dataset(f, t, path), f"{path}: dataset '{t}'")
+                              for t in self.tops]
                 if len(self._cache) >= 2:           # keep the current and the previous file
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[path] = arrays

@@ -92,6 +92,7 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
     unreadable images are reported and skipped but still use up their index. The database
     appears at ``db_name`` only when complete; DataError if no image could be written.
     """
+    _check_convert_options(resize_height, resize_width, encode_type)
     entries = read_image_list(list_file)
     if shuffle:
         order = np.random.default_rng(seed).permutation(len(entries))
@@ -131,6 +132,16 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
             raise DataError(f"{list_file}: no image could be read; database '{db_name}' "
                             "not written")
     return report
+
+
+def _check_convert_options(resize_height: int, resize_width: int, encode_type: str) -> None:
+    """Options Caffe would silently misuse are refused before anything is written."""
+    for name, value in (("resize_height", resize_height), ("resize_width", resize_width)):
+        if value < 0:
+            raise DataError(f"--{name} must be >= 0 (0: keep the image size), got {value}")
+    if encode_type and not images.can_encode(encode_type):
+        raise DataError(f"--encode_type '{encode_type}': OpenCV has no encoder for it (try "
+                        "png or jpg)")
 
 
 # ---------------------------------------------------------------------------- mean

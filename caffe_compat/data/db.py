@@ -10,12 +10,14 @@ place on ``close()``, so an interrupted conversion never leaves a half-written d
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
 from typing import Iterator
 
 from caffe_compat.formats.atomic import commit_temporary, discard_temporary, temporary_name
+from caffe_compat.data.db_guard import probe
 from caffe_compat.formats.errors import DataError
 
 BACKENDS = ("lmdb", "leveldb")
@@ -55,6 +57,7 @@ class _Handle:
         self.path, self.backend, self.refs = path, backend, 0
         self._keys: list[bytes] | None = None
         self._lock = threading.Lock()
+        probe(path, backend)       # a corrupt database fails here, in a child, not in us
         if backend == "lmdb":
             import lmdb
             try:
@@ -70,7 +73,7 @@ class _Handle:
                 raise DataError(f"{path}: cannot open LevelDB ({exc})") from None
 
     def keys(self) -> list[bytes]:
-        with self._lock:
+        with self._lock, library_errors(self.path, self.backend):
             if self._keys is None:
                 if self.backend == "lmdb":
                     with self.env.begin() as txn:
@@ -81,6 +84,19 @@ class _Handle:
 
     def close(self) -> None:
         self.env.close()
+
+
+@contextlib.contextmanager
+def library_errors(path: str, backend: str, what: str = ""):
+    """Turn lmdb's and plyvel's own exceptions into one DataError line naming the database."""
+    import lmdb
+    import plyvel
+    try:
+        yield
+    except (lmdb.Error, plyvel.Error) as exc:
+        where = f" ({what})" if what else ""
+        reason = " ".join(str(exc).split())[:300]
+        raise DataError(f"{path}: cannot read the {backend} database{where}: {reason}") from None
 
 
 _HANDLES: dict[tuple[str, str], _Handle] = {}
@@ -101,16 +117,18 @@ class DBReader:
 
     def __len__(self) -> int:
         if self.backend == "lmdb" and self._handle._keys is None:
-            return self._handle.env.stat()["entries"]
+            with library_errors(self.path, self.backend):
+                return self._handle.env.stat()["entries"]
         return len(self.keys())
 
     def get_many(self, keys) -> list[bytes]:
         """The values of ``keys`` (one read transaction). A missing key is a DataError."""
-        if self.backend == "lmdb":
-            with self._handle.env.begin(buffers=False) as txn:
-                values = [txn.get(k) for k in keys]
-        else:
-            values = [self._handle.env.get(k) for k in keys]
+        with library_errors(self.path, self.backend):
+            if self.backend == "lmdb":
+                with self._handle.env.begin(buffers=False) as txn:
+                    values = [txn.get(k) for k in keys]
+            else:
+                values = [self._handle.env.get(k) for k in keys]
         for k, v in zip(keys, values):
             if v is None:
                 raise DataError(f"{self.path}: key {k!r} disappeared from the database")
@@ -121,11 +139,12 @@ class DBReader:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Stream (key, value) pairs in key order without loading the key list."""
-        if self.backend == "lmdb":
-            with self._handle.env.begin(buffers=False) as txn:
-                yield from txn.cursor()
-        else:
-            yield from self._handle.env.iterator()
+        with library_errors(self.path, self.backend):
+            if self.backend == "lmdb":
+                with self._handle.env.begin(buffers=False) as txn:
+                    yield from txn.cursor()
+            else:
+                yield from self._handle.env.iterator()
 
     def first(self) -> tuple[bytes, bytes]:
         """The first record; DataError when the database is empty."""
@@ -197,20 +216,36 @@ class DBWriter:
             raise DataError(f"{os.fspath(path)}: already exists (remove it or choose another "
                             "name)")
         if not self.path.parent.is_dir():
-            raise DataError(f"{self.path.parent}: folder for the database does not exist")
+            raise DataError(f"{self.path.parent}: folder for the database does not exist or is not a folder")
         self.tmp = temporary_name(self.path)
         self.overwrite = overwrite
         self._pending: list[tuple[bytes, bytes]] = []
         self.count = 0
-        if self.backend == "lmdb":
-            import lmdb
-            self._map_size = 1 << 24
-            self._env = lmdb.open(os.fspath(self.tmp), map_size=self._map_size, subdir=True)
-        else:
-            import plyvel
-            self.tmp.mkdir()
-            self._env = plyvel.DB(os.fspath(self.tmp), create_if_missing=True,
-                                  error_if_exists=False, write_buffer_size=64 << 20)
+        self._env = None
+        with self._write_errors():
+            if self.backend == "lmdb":
+                import lmdb
+                self._map_size = 1 << 24
+                self._env = lmdb.open(os.fspath(self.tmp), map_size=self._map_size, subdir=True)
+            else:
+                import plyvel
+                self.tmp.mkdir()
+                self._env = plyvel.DB(os.fspath(self.tmp), create_if_missing=True,
+                                      error_if_exists=False, write_buffer_size=64 << 20)
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """A failed write (read-only folder, full disk) removes the temporary database and
+        becomes one DataError line naming the database."""
+        import lmdb
+        import plyvel
+        try:
+            yield
+        except (lmdb.Error, plyvel.Error, OSError) as exc:
+            self.abort()
+            reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
+            raise DataError(f"{os.fspath(self.path)}: cannot write the {self.backend} "
+                            f"database ({reason}); nothing was left behind") from None
 
     def put(self, key: bytes | str, value: bytes) -> None:
         if isinstance(key, str):
@@ -224,6 +259,10 @@ class DBWriter:
         """Write the pending records in one transaction (LMDB grows its map as Caffe does)."""
         if not self._pending:
             return
+        with self._write_errors():
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
         if self.backend == "lmdb":
             import lmdb
             while True:
@@ -244,13 +283,17 @@ class DBWriter:
     def close(self) -> None:
         """Commit, close and move the finished database to its final name."""
         self.commit()
-        self._env.close()
-        commit_temporary(self.tmp, self.path, is_dir=True)
+        with self._write_errors():
+            self._env.close()
+            commit_temporary(self.tmp, self.path, is_dir=True)
 
     def abort(self) -> None:
         """Throw the partial database away."""
         try:
-            self._env.close()
+            if self._env is not None:
+                self._env.close()
+        except Exception:   # a failing environment must not keep the temporary alive
+            pass
         finally:
             discard_temporary(self.tmp)
 

@@ -40,12 +40,24 @@ def read_image_list(list_file: str | os.PathLike) -> list[ListEntry]:
         path, sep, label = line.rpartition(" ")
         if not sep or not path:
             raise DataError(f"{name}:{number}: expected 'relative/path label', got {line!r}")
-        try:
-            value = int(label)
-        except ValueError:
-            raise DataError(f"{name}:{number}: label {label!r} is not an integer") from None
+        value = parse_label(label, f"{name}:{number}")
         entries.append(ListEntry(path, value, number))
     return entries
+
+
+_INT32 = (-(1 << 31), (1 << 31) - 1)   # Datum.label is an int32
+
+
+def parse_label(text: str, where: str) -> int:
+    """An ASCII decimal integer that fits Datum.label (int32); ``int()`` alone would also take
+    "1_0", "+5" or non-ASCII digits such as "٣"."""
+    digits = text[1:] if text[:1] == "-" else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise DataError(f"{where}: label {text!r} is not an integer")
+    value = int(text)
+    if not _INT32[0] <= value <= _INT32[1]:
+        raise DataError(f"{where}: label {value} does not fit a 32-bit integer (Datum.label)")
+    return value
 
 
 def write_image_list(list_file: str | os.PathLike, items) -> None:

@@ -23,6 +23,7 @@ import torch
 from caffe_compat.formats.datum import decode_datum
 from caffe_compat.data.db import open_db
 from caffe_compat.formats.errors import DataError
+from caffe_compat.formats.hdf5 import check_dataset, dataset, open_hdf5, read_dataset
 from caffe_compat.data.image_list import read_image_list
 from caffe_compat.formats.images import hwc_to_chw, read_image
 from caffe_compat.data.landmarks import NUM_LANDMARKS, read_landmarks, resize_landmarks

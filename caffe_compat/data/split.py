@@ -89,11 +89,18 @@ def make_split(root, out_dir=None, train_per_class: int = 40, test_per_class: in
     """Write train.txt, test.txt and labels.txt for the class folders under ``root``."""
     root = Path(root)
     out = Path(out_dir) if out_dir is not None else root
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:   # a file in the way, a read-only filesystem
+        raise DataError(f"{out}: cannot create the output folder "
+                        f"({exc.strerror or exc})") from None
     classes, files = find_classes(root, labels_file)
     train, test = split_classes(classes, files, train_per_class, test_per_class, seed)
     paths = {"train": out / "train.txt", "test": out / "test.txt", "labels": out / "labels.txt"}
-    write_image_list(paths["train"], train)
-    write_image_list(paths["test"], test)
-    write_text(paths["labels"], "".join(f"{c}\n" for c in classes))
+    try:
+        write_image_list(paths["train"], train)
+        write_image_list(paths["test"], test)
+        write_text(paths["labels"], "".join(f"{c}\n" for c in classes))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write the split lists ({exc.strerror or exc})") from None
     return paths

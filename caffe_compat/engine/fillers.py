@@ -10,6 +10,8 @@ Fan sizes follow Caffe, from the stored blob shape (no swap for Deconvolution):
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 import math
 from typing import Callable, Sequence
 
@@ -21,7 +23,7 @@ __all__ = ["FillerError", "fill", "filler_types"]
 FAN_IN, FAN_OUT, AVERAGE = 0, 1, 2
 
 
-class FillerError(ValueError):
+class FillerError(CaffeCompatError):
     """A FillerParameter that Caffe would reject; the message says what to change."""
 
 

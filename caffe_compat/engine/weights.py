@@ -6,6 +6,8 @@ layer and both shapes. V1 files (``layers`` with legacy 4-D blob dims) load too.
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 import logging
 
 import numpy as np
@@ -18,7 +20,7 @@ from caffe_compat.proto import caffe_pb2
 log = logging.getLogger(__name__)
 
 
-class WeightsError(ValueError):
+class WeightsError(CaffeCompatError):
     pass
 
 
@@ -52,9 +54,14 @@ def read_net_weights(path: str) -> caffe_pb2.NetParameter:
     return net
 
 
+def _text(name) -> str:
+    """A layer name as text (proto2 hands back bytes when a name is not UTF-8)."""
+    return name.decode("utf-8", errors="replace") if isinstance(name, bytes) else name
+
+
 def _source_layers(net: caffe_pb2.NetParameter) -> list[tuple[str, list[caffe_pb2.BlobProto]]]:
-    return [(l.name, list(l.blobs)) for l in net.layer] + \
-           [(l.name, list(l.blobs)) for l in net.layers]
+    return [(_text(l.name), list(l.blobs)) for l in net.layer] + \
+           [(_text(l.name), list(l.blobs)) for l in net.layers]
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -108,6 +115,7 @@ def copy_from(module, path: str, hdf5: bool | None = None) -> list[str]:
                     f"shape is {shape} ({int(np.prod(shape))} values); target shape is {tshape} "
                     f"({target.numel()}). To learn this layer's parameters from scratch "
                     "instead, rename the layer.")
+            _check_values(path, name, i, shape, values)
             with torch.no_grad():
                 target.copy_(torch.from_numpy(values.reshape(tshape)).to(target.dtype))
     _report_copy(module, path, skipped, {name for name, blobs in layers if blobs})
@@ -129,24 +137,38 @@ def _report_copy(module, path: str, skipped: list[str], sources: set[str]) -> No
                     "initial values: %s", path, len(missing), ", ".join(missing))
 
 
+def _check_values(path: str, layer: str, index: int, shape, values: np.ndarray) -> None:
+    """A blob whose value count differs from its shape (or whose shape has a negative dim)
+    is a corrupt file, not a reshape error deep in numpy."""
+    if any(int(d) < 0 for d in shape):
+        raise WeightsError(f"{path}: param {index} of layer '{layer}' has a negative "
+                           f"dimension in shape {list(shape)}")
+    expected = int(np.prod(shape, dtype=object)) if len(shape) else 1
+    if values.size != expected:
+        raise WeightsError(f"{path}: param {index} of layer '{layer}' has {values.size} values "
+                           f"but shape {list(shape)} needs {expected}")
+
+
 def _is_legacy(blob: caffe_pb2.BlobProto) -> bool:
     return any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
 
 
 def _read_h5_layers(path: str):
+    """Caffe's /data/<layer>/<i> datasets; every declared shape checked before reading."""
     import h5py
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise WeightsError(f"cannot open HDF5 weights '{path}': {exc}") from None
-    with f:
-        if "data" not in f:
+    from caffe_compat.formats.hdf5 import dataset, open_hdf5, read_dataset
+    with open_hdf5(path, "HDF5 caffemodel") as f:
+        group = f.get("data")
+        if not isinstance(group, h5py.Group):
             raise WeightsError(f"'{path}' has no 'data' group; not a Caffe HDF5 caffemodel")
-        group = f["data"]
         out = []
         for name in group:
             blobs = group[name]
-            arrays = [np.asarray(blobs[str(i)]) for i in range(len(blobs))]
+            if not isinstance(blobs, h5py.Group):
+                raise WeightsError(f"{path}: /data/{name} is not a group of blobs")
+            arrays = [read_dataset(dataset(blobs, str(i), f"{path}: /data/{name}"),
+                                   f"{path}: /data/{name}/{i}")
+                      for i in range(len(blobs))]
             out.append((name, [(a.shape, a, False) for a in arrays]))
         return out
 

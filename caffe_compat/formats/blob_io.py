@@ -7,6 +7,9 @@ The array conversions follow pycaffe's `caffe.io` and Caffe's `Blob::FromProto`:
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Sequence, TypeVar, Union
@@ -25,7 +28,7 @@ M = TypeVar("M", bound=_message.Message)
 _LEGACY_DIMS = ("num", "channels", "height", "width")
 
 
-class ProtoError(ValueError):
+class ProtoError(CaffeCompatError):
     """A file exists but does not hold the expected protobuf message."""
 
 
@@ -56,7 +59,9 @@ def blobproto_to_array(blob: caffe_pb2.BlobProto, return_diff: bool = False) -> 
     else:
         values = np.asarray(blob.diff if return_diff else blob.data, dtype=np.float32)
     shape = blob_shape(blob)
-    if values.size != int(np.prod(shape, dtype=np.int64)):
+    if any(d < 0 for d in shape):
+        raise ProtoError(f"BlobProto has a negative dimension in shape {shape}")
+    if values.size != math.prod(shape):
         what = "diff" if return_diff else "data"
         raise ProtoError(f"BlobProto has {values.size} {what} values but shape {shape}")
     return values.reshape(shape)
@@ -86,7 +91,16 @@ def _legacy_blobproto(arr: np.ndarray) -> caffe_pb2.BlobProto:
 
 def read_blobproto(path: PathLike) -> np.ndarray:
     """The array stored in a binary BlobProto file (e.g. a mean.binaryproto)."""
-    return blobproto_to_array(read_proto(path, caffe_pb2.BlobProto))
+    try:
+        return blobproto_to_array(read_proto(path, caffe_pb2.BlobProto))
+    except ProtoError as exc:
+        raise _naming(path, exc) from None
+
+
+def _naming(path: PathLike, exc: ProtoError) -> ProtoError:
+    """``exc`` with the file's name in front, unless it already names it."""
+    name = os.fspath(path)
+    return exc if str(exc).startswith(name) else ProtoError(f"{name}: {exc}")
 
 
 def write_blobproto(path: PathLike, arr: np.ndarray, legacy_4d: bool = True) -> None:
@@ -103,7 +117,10 @@ def write_blobproto(path: PathLike, arr: np.ndarray, legacy_4d: bool = True) -> 
 def read_blobproto_vector(path: PathLike) -> list[np.ndarray]:
     """The arrays stored in a binary BlobProtoVector file."""
     vec = read_proto(path, caffe_pb2.BlobProtoVector)
-    return [blobproto_to_array(b) for b in vec.blobs]
+    try:
+        return [blobproto_to_array(b) for b in vec.blobs]
+    except ProtoError as exc:
+        raise _naming(path, exc) from None
 
 
 def write_blobproto_vector(path: PathLike, arrays: Iterable[np.ndarray]) -> None:
@@ -123,15 +140,20 @@ def datum_to_array(datum: caffe_pb2.Datum) -> np.ndarray:
     one channel) and transposed from H×W×C to C×H×W.
     """
     if datum.encoded:
-        import cv2  # imported lazily: only encoded records need OpenCV
-
-        img = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ProtoError("encoded Datum could not be decoded as an image")
-        return img[np.newaxis] if img.ndim == 2 else np.ascontiguousarray(img.transpose(2, 0, 1))
+        from caffe_compat.formats.errors import DataError
+        from caffe_compat.formats.images import decode_image  # lazily: OpenCV only when needed
+        try:
+            return decode_image(datum.data)
+        except DataError as exc:
+            raise ProtoError(f"encoded Datum: {exc}") from None
     shape = (datum.channels, datum.height, datum.width)
+    size = math.prod(shape)
     if len(datum.data):
+        if len(datum.data) != size:
+            raise ProtoError(f"Datum has {len(datum.data)} bytes of data for shape {shape}")
         return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape).copy()
+    if len(datum.float_data) != size:
+        raise ProtoError(f"Datum has {len(datum.float_data)} float_data values for shape {shape}")
     return np.asarray(datum.float_data, dtype=np.float32).reshape(shape)
 
 
@@ -169,6 +191,8 @@ def read_proto(path: PathLike, message: Union[M, type[M]]) -> M:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{os.fspath(path)}: no such file") from None
+    except OSError as exc:   # a directory, no permission, an I/O error
+        raise ProtoError(f"{os.fspath(path)}: cannot read ({exc.strerror or exc})") from None
     try:
         msg.ParseFromString(data)
     except _message.DecodeError as exc:
@@ -212,6 +236,9 @@ def read_text_proto(path_or_text: Union[str, bytes, "os.PathLike[str]"],
             raise FileNotFoundError(f"{filename}: no such file") from None
         except UnicodeDecodeError as exc:
             raise ProtoTextError(filename, None, None, f"not UTF-8 text ({exc})") from None
+        except OSError as exc:   # a directory, no permission, an I/O error
+            raise ProtoTextError(filename, None, None,
+                                 f"cannot read ({exc.strerror or exc})") from None
     else:
         filename = filename or "<string>"
         text = path_or_text.decode("utf-8") if isinstance(path_or_text, bytes) else path_or_text

@@ -29,6 +29,8 @@ def decode_datum(value: bytes, force_color: bool = False, force_gray: bool = Fal
             extra = floats
         else:
             shape = (datum.channels, datum.height, datum.width)
+            if min(shape) < 0:
+                raise DataError(f"negative dimension in shape {'×'.join(map(str, shape))}")
             size = shape[0] * shape[1] * shape[2]
             if len(datum.data):
                 if len(datum.data) != size:

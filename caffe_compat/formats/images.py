@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 
 from caffe_compat.formats.errors import DataError
+from caffe_compat.formats.image_header import check_encoded_size
 
 
 def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True,
@@ -41,7 +42,12 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
         raise DataError("force_color and force_gray cannot both be set")
     flag = (cv2.IMREAD_COLOR if force_color else
             cv2.IMREAD_GRAYSCALE if force_gray else cv2.IMREAD_UNCHANGED)
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    check_encoded_size(data)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    except cv2.error as exc:
+        reason = " ".join(str(exc).split())[-160:]
+        raise DataError(f"encoded record could not be decoded as an image ({reason})") from None
     if img is None:
         raise DataError("encoded record could not be decoded as an image")
     if img.dtype != np.uint8:
@@ -55,8 +61,20 @@ def file_extension(path: str) -> str:
     return (path[dot + 1:] if dot >= 0 else path).lower()
 
 
+def can_encode(encode_type: str) -> bool:
+    """Whether OpenCV has a writer for ``encode_type`` ("png", "jpg", ...)."""
+    if not encode_type.isascii() or not encode_type.isalnum():
+        return False
+    try:
+        return bool(cv2.haveImageWriter("x." + encode_type))
+    except cv2.error:
+        return False
+
+
 def encode_image(img: np.ndarray, encode_type: str) -> bytes:
     """cv::imencode of an H×W(×C) image as ``encode_type`` ("png", "jpg", ...)."""
+    if not can_encode(encode_type):
+        raise DataError(f"OpenCV cannot encode images as '{encode_type}'")
     ok, buf = cv2.imencode("." + encode_type, img)
     if not ok:
         raise DataError(f"OpenCV cannot encode images as '{encode_type}'")

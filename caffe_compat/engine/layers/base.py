@@ -17,6 +17,8 @@ import difflib
 from typing import Sequence
 
 import torch
+
+from caffe_compat.formats.errors import CaffeCompatError
 from torch import nn
 
 from caffe_compat.formats.forks import FORK_TYPES
@@ -28,7 +30,7 @@ TRAIN, TEST = 0, 1
 _REGISTRY: dict[str, type["Layer"]] = {}
 
 
-class LayerError(ValueError):
+class LayerError(CaffeCompatError):
     """A problem with one layer's definition; the message names the layer."""
 
 

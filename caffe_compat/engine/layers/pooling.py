@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.formats.budget import check_shape
+from caffe_compat.formats.errors import ResourceError
 
 MAX, AVE, STOCHASTIC = 0, 1, 2
 CEIL, FLOOR = 0, 1
@@ -155,6 +157,12 @@ class Pooling(Layer):
         last window (a negative right pad crops rows no window reaches). (N, C, Hp, Wp)"""
         right = [(out[i] - 1) * self.stride[i] + k[i] - self.pad[i] - x.shape[2 + i]
                  for i in range(2)]
+        padded = (*x.shape[:2], x.shape[2] + self.pad[0] + right[0],
+                  x.shape[3] + self.pad[1] + right[1])
+        try:  # a huge stride with ceil rounding pads by about one stride (stride: 100000)
+            check_shape(padded, "padded input", x.element_size())
+        except ResourceError as exc:
+            raise self.error(str(exc)) from None
         return F.pad(x, (self.pad[1], right[1], self.pad[0], right[0]), value=value)
 
     def _ave(self, x: torch.Tensor, k, out, fused: bool) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.common import pack
+from caffe_compat.engine.layers.python_trust import not_a_layer_class, refusal
 
 
 class _PyBlob:
@@ -210,10 +211,14 @@ class Python(Layer):
         p = param.python_param
         if not p.module or not p.layer:
             raise self.error("python_param needs both 'module' and 'layer'")
+        if refusal(p.module):                                   # trust model: python_trust
+            raise self.error(refusal(p.module))
         module = _import(self, p.module)
         cls = getattr(module, p.layer, None)
         if cls is None:
             raise self.error(f"module '{p.module}' has no class '{p.layer}'")
+        if not_a_layer_class(p.module, p.layer, cls):           # never call a mere callable
+            raise self.error(not_a_layer_class(p.module, p.layer, cls))
         self.py = self._call(lambda: _instantiate(cls, param), "creating the layer")
         self.py.param_str = p.param_str
         self.py.phase = int(phase)

@@ -5,10 +5,12 @@ names, and therefore caffemodels and ``net.blobs``, are the ones Caffe would pro
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 from caffe_compat.proto import caffe_pb2
 
 
-class NetDefinitionError(ValueError):
+class NetDefinitionError(CaffeCompatError):
     """A structural problem in a network definition; the message names the layer/blob."""
 
 

@@ -21,6 +21,9 @@ from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, in
                                        make_state)
 from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.engine.layers.python_trust import allow_python_layers as python_layers_policy
+from caffe_compat.formats.budget import check_shape
+from caffe_compat.formats.errors import ResourceError
 
 AUTO_TOP = "(automatic)"   # Caffe's name for a top the prototxt leaves out (AppendTop)
 
@@ -112,14 +115,18 @@ class NetModule(nn.Module):
                 top_shapes = layer.top_shapes(bottom_shapes)
             except LayerError:
                 raise
-            except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+            except (ValueError, TypeError, IndexError, RuntimeError, OverflowError,
+                    MemoryError) as exc:   # torch's messages run to many lines: keep the first
                 if hasattr(exc, "caffe_python_layer"):
                     raise          # user code of a Python layer: unchanged, as pycaffe
-                raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}): {exc}") from exc
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}): "
+                                 f"{reason}") from exc
             if len(top_shapes) != len(tops):
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) produces "
                                  f"{len(top_shapes)} tops but {len(tops)} are named")
             for t, shape in zip(tops, top_shapes):
+                _check_top_size(self.source, lp, t, shape)
                 produced_by[t] = lp.name
                 self.blob_shapes[t] = tuple(int(d) for d in shape)
                 if t not in available and t not in self._anonymous:
@@ -386,10 +393,23 @@ class NetModule(nn.Module):
         return zip(self.layer_names, self.layers)
 
 
+def _check_top_size(source: str, lp, top: str, shape) -> None:
+    """A negative dim or a top larger than the memory budget is an error at build time,
+    before anything is allocated (``Input { dim: 2147483647 }`` would ask for 144 GiB)."""
+    try:
+        check_shape(shape, f"{source}: layer '{lp.name}' ({lp.type}) top '{top}'")
+    except ResourceError as exc:
+        raise LayerError(str(exc)) from None
+
+
 def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,
               stages: Sequence[str] = (), source: str = "<net>",
-              state: caffe_pb2.NetState | None = None) -> NetModule:
-    """Upgrade, filter for (phase, level, stages), insert Splits, and instantiate."""
+              state: caffe_pb2.NetState | None = None,
+              allow_python_layers: bool | None = None) -> NetModule:
+    """Upgrade, filter for (phase, level, stages), insert Splits, and instantiate.
+
+    ``allow_python_layers=False`` refuses ``type: "Python"`` layers (untrusted prototxt);
+    None follows $CAFFE_COMPAT_PYTHON_LAYERS (see engine/layers/python_trust.py)."""
     param = caffe_pb2.NetParameter()
     param.CopyFrom(net_param)
     upgrade_net(param, source)
@@ -397,7 +417,8 @@ def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,
         state = make_state(phase, level, stages,
                            base=param.state if param.HasField("state") else None)
     filtered = insert_splits(filter_net(param, state, source), source)
-    return NetModule(filtered, state.phase, source)
+    with python_layers_policy(allow_python_layers):
+        return NetModule(filtered, state.phase, source)
 
 
 _REDUCED = (torch.bfloat16, torch.float16)

@@ -7,6 +7,8 @@ three ``param {}`` entries (dropped: the layer pins its statistics to lr_mult 0 
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 import logging
 
 from caffe_compat.proto import caffe_pb2
@@ -37,7 +39,7 @@ _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 _DATA_PARAMS = ("data_param", "image_data_param", "window_data_param")
 
 
-class UpgradeError(ValueError):
+class UpgradeError(CaffeCompatError):
     pass
 
 

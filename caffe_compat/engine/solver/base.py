@@ -377,6 +377,10 @@ class Solver:
         state_file = os.fspath(state_file)
         state = read_state(state_file)
         self._check_history(state, state_file)
+        steps = len(self.param.stepvalue)
+        if self.param.lr_policy == "multistep" and state.current_step > steps:
+            raise SnapshotError(f"{state_file}: current_step is {state.current_step} but the "
+                                f"solver's multistep policy has {steps} stepvalues")
         if state.learned_net:
             weights.copy_from(self.train_module, resolve_learned_net(state.learned_net, state_file))
         with torch.no_grad():

@@ -1,6 +1,8 @@
 """Caffe's learning-rate schedule (``SGDSolver::GetLearningRate``), one function for all policies."""
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 import math
 from typing import Callable
 
@@ -11,7 +13,7 @@ from caffe_compat.proto import caffe_pb2
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
 
-class LRPolicyError(ValueError):
+class LRPolicyError(CaffeCompatError):
     """An unknown ``lr_policy`` or a policy whose parameters are out of range."""
 
 

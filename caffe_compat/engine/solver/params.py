@@ -8,6 +8,8 @@ Solver::InitTrainNet / InitTestNets choose them.
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 import os
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ _LEGACY_TYPES = {caffe_pb2.SolverParameter.SGD: "SGD",
                  caffe_pb2.SolverParameter.ADAM: "Adam"}
 
 
-class SolverParamError(ValueError):
+class SolverParamError(CaffeCompatError):
     """A solver file whose settings Caffe would reject; the message names the file."""
 
 
@@ -99,6 +101,31 @@ def validate(param: caffe_pb2.SolverParameter, source: str = "<solver>") -> None
                                f"{param.regularization_type} (known: L1, L2)")
     _count_train_nets(param, source)
     _count_test_nets(param, source)
+    _check_numbers(param, source)
+
+
+_FINITE_FIELDS = ("base_lr", "momentum", "momentum2", "weight_decay", "gamma", "power", "delta",
+                  "rms_decay", "clip_gradients")
+_COUNT_FIELDS = ("max_iter", "display", "snapshot", "test_interval", "stepsize")
+
+
+def _check_numbers(param: caffe_pb2.SolverParameter, source: str) -> None:
+    """Values that would fail later, mid-run, as ZeroDivisionError/OverflowError/TypeError."""
+    for name in _FINITE_FIELDS:
+        value = getattr(param, name)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SolverParamError(f"{source}: {name} must be a finite number (got {value})")
+    for name in _COUNT_FIELDS:
+        if getattr(param, name) < 0:
+            raise SolverParamError(f"{source}: {name} must be >= 0 (got {getattr(param, name)})")
+    if param.type == "Adam":
+        for name in ("momentum", "momentum2"):
+            if not 0 <= getattr(param, name) < 1:
+                raise SolverParamError(f"{source}: Adam needs 0 <= {name} < 1 (got "
+                                       f"{getattr(param, name)}); its bias correction divides "
+                                       f"by 1 - {name}^t")
+    if "\0" in param.snapshot_prefix:
+        raise SolverParamError(f"{source}: snapshot_prefix contains a NUL byte")
 
 
 def _count_train_nets(param, source) -> None:

@@ -9,6 +9,8 @@ Every file is written to a temporary name and renamed, so a killed run never lea
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 import os
 from dataclasses import dataclass, field
 
@@ -25,8 +27,13 @@ BINARYPROTO = caffe_pb2.SolverParameter.BINARYPROTO
 HDF5 = caffe_pb2.SolverParameter.HDF5
 
 
-class SnapshotError(ValueError):
+class SnapshotError(CaffeCompatError):
     """A solverstate that cannot be read or does not fit the solver."""
+
+
+class LearnedNetMissing(SnapshotError, FileNotFoundError):
+    """The caffemodel a solverstate names is not there (both a SnapshotError and, as before,
+    a FileNotFoundError)."""
 
 
 @dataclass
@@ -78,38 +85,59 @@ def _write_state_h5(path: str, state: SolverStateData, history: list[torch.Tenso
 
 
 def read_state(path: str) -> SolverStateData:
-    """Read a solverstate written by Caffe or by us (``.h5`` → HDF5)."""
+    """Read a solverstate written by Caffe or by us (``.h5`` → HDF5); its counters checked."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such solverstate file")
-    if path.endswith(".h5"):
-        return _read_state_h5(path)
+    state = _read_state_h5(path) if path.endswith(".h5") else _read_state_proto(path)
+    if state.iter < 0:
+        raise SnapshotError(f"{path}: iter is {state.iter}; a solverstate counts iterations "
+                            "done, from 0")
+    if state.current_step < 0:
+        raise SnapshotError(f"{path}: current_step is {state.current_step}; it must be >= 0")
+    if "\0" in state.learned_net:
+        raise SnapshotError(f"{path}: learned_net contains a NUL byte")
+    return state
+
+
+def _read_state_proto(path: str) -> SolverStateData:
     msg = read_proto(path, caffe_pb2.SolverState)
     try:
         history = [blobproto_to_array(b).astype(np.float32, copy=False) for b in msg.history]
     except ValueError as exc:
         raise SnapshotError(f"{path}: bad history blob: {exc}") from None
-    return SolverStateData(msg.iter, msg.learned_net, history, msg.current_step)
+    learned = msg.learned_net
+    if isinstance(learned, bytes):   # proto2 hands back bytes when the string is not UTF-8
+        raise SnapshotError(f"{path}: learned_net is not UTF-8 text")
+    return SolverStateData(msg.iter, learned, history, msg.current_step)
 
 
 def _read_state_h5(path: str) -> SolverStateData:
     import h5py
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise SnapshotError(f"cannot open HDF5 solverstate '{path}': {exc}") from None
-    with f:
+    from caffe_compat.formats.hdf5 import dataset, open_hdf5, read_dataset
+    with open_hdf5(path, "HDF5 solverstate") as f:
         for key in ("iter", "history"):
             if key not in f:
                 raise SnapshotError(f"{path}: no '{key}' in this HDF5 file; not a Caffe "
                                     "solverstate")
         learned = ""
         if "learned_net" in f:
-            raw = f["learned_net"][()]
-            learned = raw.decode() if isinstance(raw, bytes) else str(raw)
-        step = int(np.asarray(f["current_step"]).reshape(-1)[0]) if "current_step" in f else 0
+            raw = dataset(f, "learned_net", path)[()]
+            learned = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        step = _h5_int(f, "current_step", path) if "current_step" in f else 0
         group = f["history"]
-        history = [np.asarray(group[str(i)], np.float32) for i in range(len(group))]
-        return SolverStateData(int(np.asarray(f["iter"]).reshape(-1)[0]), learned, history, step)
+        if not isinstance(group, h5py.Group):
+            raise SnapshotError(f"{path}: 'history' is not a group")
+        history = [read_dataset(dataset(group, str(i), f"{path}: history"),
+                                f"{path}: history/{i}") for i in range(len(group))]
+        return SolverStateData(_h5_int(f, "iter", path), learned, history, step)
+
+
+def _h5_int(f, name: str, path: str) -> int:
+    from caffe_compat.formats.hdf5 import dataset, read_dataset
+    values = read_dataset(dataset(f, name, path), f"{path}: {name}", np.float64).reshape(-1)
+    if values.size != 1 or not np.isfinite(values[0]) or values[0] != int(values[0]):
+        raise SnapshotError(f"{path}: '{name}' must hold one integer")
+    return int(values[0])
 
 
 def resolve_learned_net(learned_net: str, state_path: str) -> str:
@@ -129,5 +157,53 @@ def resolve_learned_net(learned_net: str, state_path: str) -> str:
     for c in candidates:
         if os.path.isfile(c):
             return c
-    raise FileNotFoundError(f"{state_path}: learned_net '{learned_net}' not found (tried "
+    raise LearnedNetMissing(f"{state_path}: learned_net '{learned_net}' not found (tried "
                             f"{', '.join(dict.fromkeys(candidates))})")
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+_STATE_SUFFIXES = (".solverstate", ".solverstate.h5")
+
+
+def _snapshot_candidates(prefix: str) -> list[tuple[int, str, str]]:
+    """(iteration, solverstate, caffemodel) for every state under ``prefix``, newest first."""
+    folder = os.path.dirname(prefix) or "."
+    stem = os.path.basename(prefix) + "_iter_"
+    found = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        if not name.startswith(stem):
+            continue
+        for suffix in _STATE_SUFFIXES:
+            number = name[len(stem):-len(suffix)] if name.endswith(suffix) else ""
+            if number.isascii() and number.isdigit():
+                model_ext = ".caffemodel.h5" if suffix.endswith(".h5") else ".caffemodel"
+                found.append((int(number), os.path.join(folder, name),
+                              snapshot_filename(prefix, int(number), model_ext)))
+    return sorted(found, reverse=True)
+
+
+def latest_snapshot(prefix: str) -> str | None:
+    """The newest COMPLETE snapshot under ``prefix``: its solverstate path, or None.
+
+    Complete means the solverstate reads and passes its checks and the caffemodel it names
+    exists. Writers are atomic, so a killed run leaves at worst a caffemodel without its
+    solverstate (the model is written first) — that iteration is skipped, as is one whose
+    state does not read; the next older pair is used.
+    """
+    for _, state_path, _model in _snapshot_candidates(prefix):
+        try:
+            state = read_state(state_path)
+            if state.learned_net:
+                resolve_learned_net(state.learned_net, state_path)
+            elif not os.path.isfile(_model):
+                continue
+        except (OSError, ValueError):
+            continue
+        return state_path
+    return None

@@ -23,6 +23,8 @@ the old rate stays baked into V, as in Caffe.
 """
 from __future__ import annotations
 
+from caffe_compat.formats.errors import CaffeCompatError
+
 import math
 from typing import Sequence
 
@@ -36,7 +38,7 @@ Tensors = list[torch.Tensor]
 _RULES: dict[str, type["UpdateRule"]] = {}
 
 
-class SolverTypeError(ValueError):
+class SolverTypeError(CaffeCompatError):
     """An unknown solver type, or parameters the type does not allow."""
 
 

@@ -1,0 +1,122 @@
+"""Image sizes read from encoded headers, so that a decode cannot ask for more memory than
+the bytes present justify (a flipped bit in a 572-byte PNG's header asked OpenCV for 2.3 GB).
+
+``check_encoded_size(data)`` reads width × height × channels from the header of a PNG, JPEG,
+BMP, GIF, WebP or binary PNM image and raises DataError when the header is truncated, a
+dimension is zero, the decoded image exceeds the memory budget, or — for PNG, whose deflate
+stream cannot expand more than about 1032:1 — the pixels cannot come from the bytes given.
+Other formats are refused: their size cannot be checked before OpenCV allocates.
+"""
+from __future__ import annotations
+
+import re
+import struct
+
+from caffe_compat.formats.budget import human, memory_budget
+from caffe_compat.formats.errors import DataError
+
+DEFLATE_MAX_RATIO = 1032          # zlib's worst-case expansion of a deflate stream
+MAX_PIXELS = 1 << 30              # OpenCV's own default limit (CV_IO_MAX_IMAGE_PIXELS)
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _png(data: bytes):
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise DataError("encoded PNG is truncated before its IHDR header")
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(colour, 4)
+    raw = height * (1 + (width * channels * max(depth, 8) + 7) // 8)
+    if raw > DEFLATE_MAX_RATIO * len(data) + 4096:
+        raise DataError(f"encoded PNG header declares {width}×{height} pixels, more than its "
+                        f"{len(data)} bytes can hold")
+    return width, height, channels
+
+
+def _jpeg(data: bytes):
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise DataError("encoded JPEG has a malformed marker before its frame header")
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker in _JPEG_SOF:
+            if pos + 10 > len(data):
+                break
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return width, height, max(1, data[pos + 9])
+        if length < 2:
+            break
+        pos += 2 + length
+    raise DataError("encoded JPEG has no frame header (truncated or corrupt)")
+
+
+def _bmp(data: bytes):
+    if len(data) < 26:
+        raise DataError("encoded BMP is truncated before its header")
+    width, height = struct.unpack("<ii", data[18:26])
+    return abs(width), abs(height), 4
+
+
+def _gif(data: bytes):
+    if len(data) < 10:
+        raise DataError("encoded GIF is truncated before its header")
+    width, height = struct.unpack("<HH", data[6:10])
+    return width, height, 4
+
+
+def _webp(data: bytes):
+    kind = data[12:16]
+    if kind == b"VP8X" and len(data) >= 30:
+        return (int.from_bytes(data[24:27], "little") + 1,
+                int.from_bytes(data[27:30], "little") + 1, 4)
+    if kind == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, 4
+    if kind == b"VP8 " and len(data) >= 30:
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF, 3
+    raise DataError("encoded WebP is truncated or has an unknown chunk")
+
+
+def _pnm(data: bytes):
+    head = re.findall(rb"\d+", re.sub(rb"#[^\n]*", b"", data[2:512]))
+    if len(head) < 3:
+        raise DataError("encoded PNM has a malformed header")
+    width, height, maxval = (int(h) for h in head[:3])
+    return width, height, (3 if data[1:2] == b"6" else 1) * (2 if maxval > 255 else 1)
+
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", _png), (b"\xff\xd8", _jpeg), (b"BM", _bmp),
+               (b"GIF8", _gif), (b"P5", _pnm), (b"P6", _pnm))
+
+
+def image_size(data: bytes) -> tuple[int, int, int]:
+    """(width, height, channels) from an encoded image's header; DataError if unknown."""
+    data = bytes(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp(data)
+    for signature, reader in _SIGNATURES:
+        if data.startswith(signature):
+            return reader(data)
+    raise DataError("encoded record is not a PNG, JPEG, BMP, GIF, WebP or PNM image (other "
+                    "formats are refused: their size cannot be checked before decoding)")
+
+
+def check_encoded_size(data: bytes) -> None:
+    """DataError unless decoding ``data`` allocates a sane, budgeted amount of memory."""
+    width, height, channels = image_size(data)
+    if width <= 0 or height <= 0:
+        raise DataError(f"encoded image header declares an empty {width}×{height} image")
+    if width * height > MAX_PIXELS:
+        raise DataError(f"encoded image header declares {width}×{height} pixels, more than "
+                        f"OpenCV decodes ({MAX_PIXELS})")
+    nbytes = width * height * channels * 2    # decode buffer plus the C×H×W copy
+    if nbytes > memory_budget():
+        raise DataError(f"encoded image {width}×{height} needs {human(nbytes)} to decode, more "
+                        "than the memory budget (CAFFE_COMPAT_MEMORY_BUDGET)")
