@@ -99,7 +99,7 @@ def worker(folder: str) -> None:
     logging.disable(logging.CRITICAL)
     from fuzz_seeds import READERS
     import caffe_compat  # noqa: F401  (torch and the readers load before the clock starts)
-    import caffe_compat.engine.solver.api  # noqa: F401
+    import caffe_compat.pycaffe_solver  # noqa: F401
     os.chdir(folder)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -169,7 +169,7 @@ def read_caffemodel(path, folder):
 
 
 def read_solverstate(path, folder):
-    from caffe_compat.engine.solver.api import get_solver
+    from caffe_compat.pycaffe_solver import get_solver
     solver = get_solver(os.path.join(folder, "solver.prototxt"))
     solver.restore(path)
     solver.step(1)

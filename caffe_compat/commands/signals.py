@@ -2,7 +2,7 @@
 
 ``caffe train --sigint_effect stop|snapshot|none --sighup_effect stop|snapshot|none``
 (defaults ``stop`` and ``snapshot``). The handlers only set a flag; the solver polls
-``action()`` (its ``action_request``) after each iteration and between test batches, then
+``action()`` (an action source, ``solver.add_action_source``) after each iteration and between test batches, then
 snapshots and/or stops at that safe point. A stopped ``solve()`` still writes the final
 snapshot (``snapshot_after_train``), so Ctrl-C leaves a resumable ``.solverstate``.
 
