@@ -34,3 +34,15 @@ def pytest_sessionfinish(session, exitstatus):
     if _digest() != session.config._goldens_digest:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print("\nERROR: a test modified tests/goldens (open databases on a copy)")
+
+
+@pytest.fixture(autouse=True)
+def _glog_to_stderr(monkeypatch):
+    """Caffe's log lines on stderr for every test, whatever a tool run in-process before it
+    switched off (scripts such as reproduce_paper turn the terminal copy off for their run)."""
+    from caffe_compat.formats import glog
+    previous = glog.stderr_enabled()
+    glog.set_stderr(True)
+    monkeypatch.setenv("GLOG_minloglevel", "0")
+    yield
+    glog.set_stderr(previous)

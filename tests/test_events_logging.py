@@ -12,8 +12,9 @@ import pytest
 
 import caffe_compat as caffe
 from caffe_compat.engine.solver.base import Solver
+from caffe_compat.engine.solver import events
 from caffe_compat.engine.solver.events import (NONE, STOP, EventBus, IterationDone, RunFinished,
-                                               RunStarted, SnapshotWritten, TestDone)
+                                               RunStarted)
 from caffe_compat.formats import atomic
 from tool_utils import load_tool
 
@@ -58,7 +59,7 @@ def test_events_carry_values_and_an_action_source_stops_the_loop(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     solver = Solver(str(_solver_file(tmp_path)))
     tests, iters = [], []
-    solver.subscribe(tests.append, TestDone)
+    solver.subscribe(tests.append, events.TestDone)
     solver.subscribe(iters.append, IterationDone)
     solver.add_action_source(lambda: STOP if solver.iter >= 4 else NONE)
     solver.solve()

@@ -6,16 +6,6 @@ import pytest
 
 import caffe
 
-@pytest.fixture(autouse=True)
-def _glog_to_stderr(monkeypatch):
-    """Caffe's log lines on stderr, whatever earlier tests left (some tools turn it off)."""
-    from caffe_compat.formats import glog
-    previous = glog.stderr_enabled()
-    glog.set_stderr(True)
-    monkeypatch.setenv("GLOG_minloglevel", "0")
-    yield
-    glog.set_stderr(previous)
-
 
 DEPLOY = """input: 'data' input_shape { dim: 4 dim: 3 dim: 6 dim: 6 }
 layer { name: 'gap' type: 'Pooling' bottom: 'data' top: 'gap' pooling_param { pool: AVE global_pooling: true } }

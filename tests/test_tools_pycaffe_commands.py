@@ -12,15 +12,6 @@ from caffe_compat.formats.blob_io import datum_to_array, write_blobproto
 from caffe_compat.proto import caffe_pb2
 from tool_utils import load_tool
 
-@pytest.fixture(autouse=True)
-def _glog_to_stderr(monkeypatch):
-    """Caffe's log lines on stderr, whatever earlier tests left (some tools turn it off)."""
-    from caffe_compat.formats import glog
-    previous = glog.stderr_enabled()
-    glog.set_stderr(True)
-    monkeypatch.setenv("GLOG_minloglevel", "0")
-    yield
-    glog.set_stderr(previous)
 
 
 DEPLOY = """input: 'data' input_shape { dim: 2 dim: 3 dim: 6 dim: 6 }

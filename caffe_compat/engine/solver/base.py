@@ -22,13 +22,12 @@ import os
 import time
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
 from google.protobuf import text_format
 
 from caffe_compat.engine import distributed, mode, rng, weights
 from caffe_compat.engine.net.module import NetModule, build_net
-from caffe_compat.engine.solver import testing
+from caffe_compat.engine.solver import resume, testing
 from caffe_compat.engine.solver.diagnostics import NonFiniteLossError, fail_non_finite
 from caffe_compat.engine.solver.events import (NONE, SNAPSHOT, STOP, EventBus, IterationDone,
                                                RunFinished, RunStarted, SnapshotWritten)
@@ -37,8 +36,7 @@ from caffe_compat.engine.solver.params import (SolverParamError, read_solver_par
                                                test_net_specs, train_net_spec,
                                                upgrade_solver_param, validate)
 from caffe_compat.engine.solver.snapshot import (HDF5, SnapshotError, SolverStateData,
-                                                 model_extension, read_state,
-                                                 resolve_learned_net, snapshot_filename,
+                                                 model_extension, snapshot_filename,
                                                  state_extension, write_model, write_state)
 from caffe_compat.engine.solver.update import ParamUpdater, f32
 from caffe_compat.formats import glog
@@ -373,53 +371,9 @@ class Solver:
                                 f"'{self.param.snapshot_prefix}' exists and is writeable") from None
 
     def restore(self, state_file: str) -> None:
-        """Load a solverstate (Caffe's or ours; ``.h5`` → HDF5) and its learned_net."""
-        state_file = os.fspath(state_file)
-        state = read_state(state_file)
-        self._check_history(state, state_file)
-        steps = len(self.param.stepvalue)
-        if self.param.lr_policy == "multistep" and state.current_step > steps:
-            raise SnapshotError(f"{state_file}: current_step is {state.current_step} but the "
-                                f"solver's multistep policy has {steps} stepvalues")
-        if state.learned_net:
-            weights.copy_from(self.train_module, resolve_learned_net(state.learned_net, state_file))
-        with torch.no_grad():
-            for h, arr in zip(self.history, state.history):
-                h.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(h.shape))
-        self.iter = int(state.iter)
-        self.current_step = int(state.current_step)
-        self._seek_data()
-        glog.info("SGDSolver: restoring history", "sgd_solver.cpp:296")
-
-    def _check_history(self, state: SolverStateData, state_file: str) -> None:
-        if len(state.history) != len(self.history):
-            raise SnapshotError(
-                f"{state_file}: Incorrect length of history blobs: the file has "
-                f"{len(state.history)}, a {self.param.type} solver for this net needs "
-                f"{len(self.history)} ({self.updater.rule.num_histories} per learnable param)")
-        n = len(self.learnable_tensors)
-        for k, (h, arr) in enumerate(zip(self.history, state.history)):
-            if arr.size != h.numel():
-                lp = self.train_module.learnable_params[k % n]
-                raise SnapshotError(f"{state_file}: history blob {k} ({lp.name}) has shape "
-                                    f"{arr.shape}, the net's param has {tuple(h.shape)}")
-
-    def _seek_data(self) -> None:
-        """Point data layers at the batches an uninterrupted run would read next.
-
-        Batch k's content (and its crop/mirror draws) is a function of k alone, so a run
-        resumed at iteration N continues bit-for-bit: the train net has read N·iter_size
-        batches, each test net test_iter batches per test round held before N. (Caffe
-        restarts its readers at the first record instead.)
-        """
-        p = self.param
-        self.train_module.seek_data(self.iter * p.iter_size)
-        if p.test_interval > 0:
-            rounds = (self.iter + p.test_interval - 1) // p.test_interval
-            if not p.test_initialization and self.iter > 0:
-                rounds -= 1
-            for module, n in zip(self.test_modules, p.test_iter):
-                module.seek_data(rounds * n)
+        """Load a solverstate (Caffe's or ours; ``.h5`` → HDF5) and its learned_net; data
+        layers then continue where an uninterrupted run would read (``resume.py``)."""
+        resume.restore(self, os.fspath(state_file))
 
     def close(self) -> None:
         """Stop prefetch threads and release the databases (a LevelDB admits one opener)."""
