@@ -8,12 +8,14 @@ Examples (run from the repository root; the solver's paths are relative to it):
   python tools/train.py --solver S.prototxt --gpu 0 --precision bf16
 
 Writes <snapshot_prefix>_iter_N.caffemodel/.solverstate, the log <snapshot_prefix>.log (glog
-format, also on stderr; read it with tools/parse_log.py or Caffe's parse_log.py) and the plot
-<snapshot_prefix>.png, and prints them with the final test outputs at the end.
-A run resumed with --snapshot appends to the same log. Ctrl-C snapshots and stops (resume with
---snapshot); SIGHUP snapshots and continues. A resume restores the iteration, the weights and
-the solver history exactly; data layers start again from their first batch, as in Caffe.
-Several GPUs (--gpu 0,1) are not supported by this command yet.
+format, also on stderr; read it with tools/parse_log.py or Caffe's parse_log.py; every run
+appends to it), <snapshot_prefix>.metrics.jsonl and the plot <snapshot_prefix>.png (redrawn at
+every test), and prints them with the final test outputs at the end. Ctrl-C snapshots and
+stops (resume with --snapshot, or --snapshot auto for the newest complete snapshot); SIGHUP
+snapshots and continues. A resume restores the iteration, the weights and the solver history,
+and data layers continue at the batch an uninterrupted run would read, so the resumed run is
+bit-identical to one never stopped. --gpu 0,1 / all and --cpu-procs N train data-parallel
+(torch.distributed). The installed `caffe train` is the same command.
 Caffe's spellings work too: -solver S, --weights=W. Errors are one line; --debug adds the
 traceback.
 """
