@@ -26,6 +26,7 @@ that wins is per net and per machine, so the benchmark suite measures it.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -270,7 +271,9 @@ def frozen_for_inference(fused: FusedNet, example_inputs: Sequence[torch.Tensor]
 
     Raises RuntimeError naming the net when it cannot be traced (a Python layer, say)."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shapes are fixed
+            warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(fused.eval(), tuple(example_inputs), check_trace=False)
             frozen = torch.jit.freeze(traced)
             return torch.jit.optimize_for_inference(frozen)
