@@ -4,7 +4,7 @@ import torch
 
 from caffe_compat.engine.layers.base import TEST, TRAIN
 from caffe_compat.engine.net.fuse import (FoldedLinear, InferenceCache, frozen_for_inference,
-                                          fused_for_inference)
+                                          fusable, fused_for_inference)
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
@@ -193,6 +193,20 @@ def test_missing_input_is_named():
 
 def test_train_phase_batchnorm_stays():
     net = build(resnet_style(), phase=TRAIN)
+    assert not fusable(net) and fusable(build(resnet_style()))
     fused = fused_for_inference(net)
     assert all(op.fn.type != "BatchNorm" or not op.fn.use_global_stats
                for op in fused.ops if op.fn is not None and hasattr(op.fn, "type"))
+
+
+@pytest.mark.parametrize("text", [resnet_style(), vgg_style()])
+def test_channels_last_fused_equals_unfused(text):
+    net = build(text)
+    x = torch.randn(*net.blob_shapes["data"])
+    fused = fused_for_inference(net, channels_last=True)
+    convs = [op.fn for op in fused.ops if isinstance(op.fn, FoldedLinear) and op.fn.weight.dim() == 4]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert net.layers[net.layer_index("conv1" if "conv1" in net.layer_names else "conv0")
+                      ].blobs[0].is_contiguous()            # the original keeps NCHW
+    with torch.no_grad():
+        assert_close(fused.outputs(data=x), net(data=x))

@@ -91,13 +91,8 @@ def build_candidates(name: str, prototxt: Path, batch: int, size: int | None, wo
     cands["module"] = lambda: net(data=x)[out_name]
     cands["fused"] = lambda: fused.outputs(data=x)[out_name]
     if "fused_cl" not in skip:
-        fused_cl = fused_for_inference(net)
-        for op in fused_cl.ops:
-            fn = op.fn
-            if hasattr(fn, "weight") and fn.weight is not None and fn.weight.dim() == 4:
-                fn.weight.data = fn.weight.data.contiguous(memory_format=torch.channels_last)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        cands["fused_cl"] = lambda: fused_cl(x_cl)[0]
+        fused_cl = fused_for_inference(net, channels_last=True)
+        cands["fused_cl"] = lambda: fused_cl(x)[0]
     _add_frozen(cands, notes, fused, x, skip)
     if "pycaffe" not in skip:
         pnet = pycaffe.Net(str(deploy), str(caffemodel), TEST)

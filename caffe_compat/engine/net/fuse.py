@@ -154,7 +154,19 @@ class FusedNet(nn.Module):
             op.release = tuple(b for b in set(op.bottoms)
                                if last[b] == pos and b not in keep and b not in op.tops)
 
+    channels_last = False
+
+    def use_channels_last(self) -> None:
+        """NHWC weights for this net's own 2-D convolutions, NHWC 4-D inputs."""
+        self.channels_last = True
+        for op in self.ops:
+            if isinstance(op.fn, FoldedLinear) and op.fn.weight.dim() == 4:
+                op.fn.weight.data = op.fn.weight.data.contiguous(memory_format=torch.channels_last)
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.channels_last:
+            inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4
+                           else t for t in inputs)
         blobs = dict(zip(self.input_names, inputs))
         for op in self.ops:
             args = [blobs[b] for b in op.bottoms]
@@ -180,9 +192,13 @@ class FusedNet(nn.Module):
         return dict(zip(self.output_names, values))
 
 
-def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = True
-                        ) -> FusedNet:
-    """A FusedNet computing ``module``'s outputs (see the module docstring)."""
+def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = True,
+                        channels_last: bool = False) -> FusedNet:
+    """A FusedNet computing ``module``'s outputs (see the module docstring).
+
+    ``channels_last``: every 2-D convolution gets its own NHWC copy of its weights and 4-D
+    inputs are fed NHWC, so oneDNN runs every convolution in its blocked layout (PyTorch
+    otherwise sends batch-1 1x1 convolutions to its slow im2col path)."""
     plan = module._plan
     consumers = _consumers(module)
     absorbed: set[int] = set()
@@ -202,8 +218,14 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
             if op is not None:
                 ops.append(op)
                 continue
+        if channels_last and channels is not None and layer.type == "Convolution":
+            ops.append(_Op(FoldedLinear(layer, None, None, None), step.bottoms, step.tops))
+            continue
         ops.append(_Op(layer, step.bottoms, step.tops, layer.full_precision))
-    return FusedNet(module, ops)
+    fused = FusedNet(module, ops)
+    if channels_last:
+        fused.use_channels_last()
+    return fused
 
 
 def _consumers(module: NetModule) -> dict[tuple[int, str], list[int]]:
