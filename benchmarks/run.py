@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from suite import inference, machine, report, training  # noqa: E402
 
+errors: list[str] = []   # per-net failures, reported instead of aborting the suite
 NETS = ["alexnet", "googlenet", "vgg16", "resnet50", "squeezenet1_1", "mobilenet_v1"]
 
 
@@ -75,8 +76,12 @@ def run_inference(args, nets: list[str]) -> list[dict]:
     out = []
     for net in nets:
         print(f"inference: {net}", file=sys.stderr, flush=True)
-        out.append(inference.bench_net(net, HERE / "nets" / f"{net}.prototxt", args.batch,
-                                       args.size, args.iters, args.rounds, set(_split(args.skip))))
+        try:
+            out.append(inference.bench_net(net, HERE / "nets" / f"{net}.prototxt", args.batch,
+                                           args.size, args.iters, args.rounds,
+                                           set(_split(args.skip))))
+        except Exception as exc:  # noqa: BLE001 - one broken net must not lose the others
+            errors.append(f"inference {net}: {type(exc).__name__}: {exc}")
     return out
 
 
@@ -85,9 +90,13 @@ def run_training(args, nets: list[str], peak: float | None) -> list[dict]:
     for net in nets:
         print(f"training: {net}", file=sys.stderr, flush=True)
         prototxt = HERE / "nets" / f"{net}.prototxt"
-        result = training.bench_training(
-            net, prototxt, args.train_batch, args.train_size, args.iters, args.rounds,
-            _split(args.precisions), _split(args.layouts), ["prototxt", "hand"], peak)
+        try:
+            result = training.bench_training(
+                net, prototxt, args.train_batch, args.train_size, args.iters, args.rounds,
+                _split(args.precisions), _split(args.layouts), ["prototxt", "hand"], peak)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"training {net}: {type(exc).__name__}: {exc}")
+            continue
         if args.memory:
             for impl in ("prototxt", "hand"):
                 key = f"{impl}/nchw/fp32"
@@ -121,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     results["training"] = run_training(args, _split(args.train_nets),
                                        results["machine"]["peak_fp32_gflops"])
     results["machine"]["load_average_end"] = os.getloadavg()
+    results["errors"] = errors
     stem = args.stem or datetime.date.today().isoformat()
     md, js = report.write(results, Path(args.out), stem)
     print(md.read_text())
     print(f"wrote {md} and {js}", file=sys.stderr)
-    return 0
+    for line in errors:
+        print(f"run.py: error: {line}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

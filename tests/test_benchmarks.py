@@ -63,3 +63,12 @@ def test_peak_flops_estimate():
     assert flops_per_cycle({"avx512f", "avx2", "fma"}, "GenuineIntel")[0] == 64
     assert flops_per_cycle({"avx512f"}, "AuthenticAMD")[0] == 32
     assert flops_per_cycle(set(), "")[0] == 16
+
+
+@pytest.mark.parametrize("name", ["resnet50", "googlenet"])
+def test_training_variant_builds_away_from_224(name):
+    from suite.training import train_param
+    param = train_param(NETS / f"{name}.prototxt", 2, 64)
+    net = build_net(param, 0, source=name)
+    assert net.loss_weights == {"loss": 1.0} and net.input_names == ["data", "label"]
+    assert "prob" not in net.layer_names

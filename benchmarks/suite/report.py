@@ -101,6 +101,8 @@ def write(results: dict, folder: Path, stem: str) -> tuple[Path, Path]:
         md += training_table(results["training"]) + [""]
         md.append("Caffe references are issue 13's `caffe time` figures on a 2-core Intel Xeon, "
                   "not measured here.")
+    if results.get("errors"):
+        md += ["## Errors", ""] + [f"- {e}" for e in results["errors"]] + [""]
     md_path, json_path = folder / f"{stem}.md", folder / f"{stem}.json"
     write_text(md_path, "\n".join(md) + "\n")
     write_text(json_path, json.dumps(results, indent=1, default=str) + "\n")

@@ -40,8 +40,8 @@ def train_param(prototxt: Path, batch: int, size: int) -> caffe_pb2.NetParameter
     for lp in param.layer:
         pp = lp.pooling_param
         if lp.type == "Pooling" and size != NATIVE and pp.pool == pp.AVE and \
-                list(pp.kernel_size) == [7]:
-            del pp.kernel_size[:]
+                pp.kernel_size == 7:
+            pp.ClearField("kernel_size")
             pp.global_pooling = True
     label = param.layer.add(name="label", type="Input", top=["label"])
     label.input_param.shape.add().dim.append(batch)
