@@ -7,7 +7,8 @@ uses CUDA when PyTorch sees it; otherwise it fails and says why, unless ``--allo
 in which case it warns and computes on the CPU.
 
 ``--precision fp32|bf16|fp16`` (default fp32, what Caffe computes) runs forward passes under
-``torch.autocast``; bf16 also works on the CPU. fp16 is autocast without loss scaling (Caffe has
+``torch.autocast``; bf16 also works on the CPU. ``auto`` picks bf16/fp16 only where the
+hardware has it natively and a short probe shows it faster (``engine.precision``). fp16 is autocast without loss scaling (Caffe has
 none), so tiny gradients can underflow: prefer bf16.
 """
 from __future__ import annotations
@@ -18,10 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from caffe_compat.engine import mode
+from caffe_compat.engine import precision as precision_choice
 from caffe_compat.engine.mode import DeviceError
 from caffe_compat.formats import glog
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"                     # resolved per machine by engine.precision
+PRECISION_CHOICES = [*PRECISIONS, AUTO]
 
 
 @dataclass
@@ -73,10 +77,21 @@ def requested_gpu_flag(gpu_flag: str | None, solver_param=None) -> tuple[str | N
 
 def select(gpu_flag: str | None, solver_param=None, allow_cpu: bool = False,
            precision: str = "fp32") -> DeviceChoice:
-    """Resolve the device request (see the module docstring); raises DeviceError on failure."""
-    if precision not in PRECISIONS:
+    """Resolve the device request (see the module docstring); raises DeviceError on failure.
+    ``precision`` 'auto' becomes what ``engine.precision.decide_precision`` picks there."""
+    if precision not in PRECISIONS and precision != AUTO:
         raise DeviceError(f"--precision '{precision}': known precisions are "
-                          f"{', '.join(PRECISIONS)}")
+                          f"{', '.join(PRECISION_CHOICES)}")
+    choice = _select_device(gpu_flag, solver_param, allow_cpu, precision)
+    if choice.precision == AUTO:
+        decision = precision_choice.decide_precision(choice.device)
+        glog.info(f"--precision auto: {decision.reason}", "caffe.cpp:214")
+        choice.precision = decision.precision
+    return choice
+
+
+def _select_device(gpu_flag: str | None, solver_param, allow_cpu: bool,
+                   precision: str) -> DeviceChoice:
     flag, origin = requested_gpu_flag(gpu_flag, solver_param)
     if flag is None:
         return DeviceChoice("cpu", [], precision)
@@ -168,5 +183,5 @@ def device_query(ids: list[int] | str | None = None) -> list[str]:
     return lines
 
 
-__all__ = ["DeviceChoice", "DeviceError", "PRECISIONS", "parse_gpu_flag", "select", "apply",
+__all__ = ["DeviceChoice", "DeviceError", "PRECISIONS", "PRECISION_CHOICES", "AUTO", "parse_gpu_flag", "select", "apply",
            "autocast", "device_query", "requested_gpu_flag"]

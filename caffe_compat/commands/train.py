@@ -1,7 +1,7 @@
 """``caffe train``: train from a solver prototxt, with Caffe's flags.
 
-    caffe train --solver S [--weights W[,W2]] [--snapshot S.solverstate] [--gpu 0|0,1|all]
-                [--iterations N] [--precision fp32|bf16|fp16] [--allow-cpu]
+    caffe train --solver S [--weights W[,W2]] [--snapshot S.solverstate|auto] [--gpu 0|0,1|all]
+                [--iterations N] [--precision fp32|bf16|fp16|auto] [--compile] [--allow-cpu]
                 [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
                 [--tensorboard DIR] [--cpu-procs N]
 
@@ -44,6 +44,7 @@ from caffe_compat.commands.train_checks import prepare_train_args
 from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import EFFECTS, SignalHandler
 from caffe_compat.formats import glog
+from caffe_compat.engine.acceleration import compile_for_training
 from caffe_compat.engine.solver.base import NonFiniteLossError, Solver
 from caffe_compat.engine.solver.events import TestDone
 from caffe_compat.engine.solver.params import read_solver_param
@@ -69,8 +70,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the train net's NetState level (default 0)")
     ap.add_argument("--stage", default="",
                     help="comma-separated NetState stages of the train net")
-    ap.add_argument("--precision", choices=list(devices.PRECISIONS), default="fp32",
-                    help="fp32 (default; what Caffe computes), or bf16/fp16 autocast")
+    ap.add_argument("--precision", choices=devices.PRECISION_CHOICES, default="fp32",
+                    help="fp32 (default; what Caffe computes), bf16/fp16 autocast, or auto "
+                         "(bf16/fp16 only where a probe shows it faster on this machine)")
     ap.add_argument("--allow-cpu", "--allow_cpu", dest="allow_cpu", action="store_true",
                     help="if a GPU is asked for but CUDA is unavailable, warn and use the CPU "
                          "instead of failing")
@@ -94,6 +96,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cpu-procs", "--cpu_procs", dest="cpu_procs", type=int, default=1,
                     metavar="N", help="data-parallel training over N CPU processes (gloo); the "
                                       "same code path as --gpu 0,1, for machines without GPUs")
+    # -- performance hooks (issue 13; logic in caffe_compat/engine/acceleration.py) --------
+    ap.add_argument("--compile", action="store_true",
+                    help="run the train net through torch.compile (falls back to eager PyTorch "
+                         "with a warning if compilation fails)")
     add_debug_flag(ap)
 
 
@@ -204,6 +210,8 @@ def _train(args, param, choice, log_path: str, out) -> TrainResult:
     if choice.ids:
         param.device_id = choice.ids[0]
     solver = Solver(param, source=args.solver)
+    if getattr(args, "compile", False):          # performance hook (issue 13)
+        compile_for_training(solver.train_module, warn=lambda m: glog.warning(m, "caffe.cpp:231"))
     result = TrainResult(solver, log_path)
     if solver.train_module.input_names:
         glog.warning(f"the train net has Input blobs ({', '.join(solver.train_module.input_names)}"

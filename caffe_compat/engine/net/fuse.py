@@ -1,0 +1,344 @@
+"""Inference fusion: a TEST-phase NetModule rewritten to compute its outputs with fewer ops.
+
+``fused_for_inference(module)`` returns a new ``FusedNet`` and leaves ``module`` untouched:
+
+- a Convolution or InnerProduct followed by any chain of BatchNorm (global statistics),
+  Scale and Bias (learned per-channel operands) becomes one convolution whose weights and
+  bias carry the affine map: for output channel c, ``y = a_c * (W_c * x + b_c) + s_c``
+  folds to ``W'_c = a_c W_c`` and ``b'_c = a_c b_c + s_c`` (computed in float64);
+- a ReLU after it runs in place on the convolution's fresh output (no second tensor);
+- TEST-phase Dropout and Split are aliases (no op at all);
+- every other layer runs as the original layer object (same parameters).
+
+A chain is only folded when each intermediate value has exactly one consumer (Caffe's
+Split insertion guarantees fan-out shows up as a Split) and is not an output, so the fused
+net's outputs are the original's. Intermediate blobs are not kept: use the NetModule itself
+(``run``) when every blob is wanted.
+
+Folded weights are a snapshot. ``InferenceCache`` re-fuses when a parameter tensor of the
+original changes (torch's in-place version counter, bumped by ``copy_``/``weights.copy_from``
+and the solver's updates); writes that bypass torch (a numpy view's ``a[...] = v``) must call
+``InferenceCache.invalidate()``.
+
+``frozen_for_inference(fused, inputs)`` additionally traces, freezes and runs
+``torch.jit.optimize_for_inference`` (oneDNN weight prepacking, conv+ReLU fusion); whether
+that wins is per net and per machine, so the benchmark suite measures it.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caffe_compat.engine.layers.base import TEST, Layer
+from caffe_compat.engine.net.module import _REDUCED, NetModule, _in_float32
+
+_AFFINE = ("BatchNorm", "Scale", "Bias")
+
+
+@dataclass
+class _Op:
+    """One step of the fused plan: ``fn`` (None = alias top to bottom) on named blobs."""
+    fn: Callable | None
+    bottoms: tuple[str, ...]
+    tops: tuple[str, ...]
+    full_precision: bool = False
+    release: tuple[str, ...] = ()
+
+
+class FoldedLinear(nn.Module):
+    """A Convolution or InnerProduct with a folded per-output-channel affine map and an
+    optional fused (leaky) ReLU. Weights are copies: the original layer is not touched."""
+
+    def __init__(self, layer: Layer, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                 slope: float | None):
+        super().__init__()
+        self.kind = layer.type
+        self.layer_name = layer.name
+        self.slope = slope
+        weight, bias = layer.blobs[0].detach(), (layer.blobs[1].detach() if layer.bias_term
+                                                 else None)
+        if scale is not None:
+            weight, bias = _fold(weight, bias, scale, shift,
+                                 out_axis=1 if getattr(layer, "transpose", False) else 0)
+        self.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+        if self.kind == "Convolution":
+            self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[layer.num_spatial]
+            self.conv_args = dict(stride=layer.stride, padding=layer.pad,
+                                  dilation=layer.dilation, groups=layer.group)
+        else:
+            self.transpose, self.K, self.num_output = layer.transpose, layer.K, layer.num_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kind == "Convolution":
+            y = self.conv(x, w, b, **self.conv_args)
+        else:
+            y = F.linear(x.reshape(x.shape[0], self.K), w.t() if self.transpose else w, b)
+        if self.slope is None:
+            return y
+        return F.relu_(y) if self.slope == 0.0 else F.leaky_relu_(y, self.slope)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} {self.layer_name!r}, relu={self.slope is not None}"
+
+
+def _fold(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+          shift: torch.Tensor, out_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale * (W x + b) + shift`` as one ``W' x + b'`` (scale/shift per output channel)."""
+    view = [1] * weight.dim()
+    view[out_axis] = -1
+    w = (weight.double() * scale.reshape(view)).to(weight.dtype)
+    b = shift if bias is None else bias.double() * scale + shift
+    return w, b.to(weight.dtype)
+
+
+def _affine_of(layer: Layer, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a, s) with ``layer(x) = a * x + s`` per channel of axis 1, or None if not foldable."""
+    blobs = [b.detach().double() for b in layer.blobs]
+    if layer.type == "BatchNorm":
+        if not layer.use_global_stats or layer.channels != channels:
+            return None
+        mean_sum, var_sum, factor = blobs
+        inv = 0.0 if float(factor[0]) == 0 else 1.0 / float(factor[0])
+        a = 1.0 / torch.sqrt(var_sum * inv + layer.eps)
+        return a, -mean_sum * inv * a
+    from_bottom = layer.scale_from_bottom if layer.type == "Scale" else layer.bias_from_bottom
+    if from_bottom or layer.axis != 1 or tuple(blobs[0].shape) != (channels,):
+        return None
+    if layer.type == "Bias":
+        return torch.ones(channels, dtype=torch.float64), blobs[0]
+    shift = blobs[-1] if layer.bias_term else torch.zeros(channels, dtype=torch.float64)
+    return blobs[0], shift
+
+
+def _is_alias(layer: Layer) -> bool:
+    return layer.type == "Split" or (layer.type == "Dropout" and layer.phase == TEST)
+
+
+def _foldable_head(layer: Layer, module: NetModule, top: str) -> int | None:
+    """Output channels of a Convolution/InnerProduct whose affine map can be folded."""
+    if layer.type == "Convolution" and len(layer.param.bottom) == 1 and layer.axis == 1:
+        return layer.num_output
+    if layer.type == "InnerProduct" and layer.axis == 1 and len(module.blob_shapes[top]) == 2:
+        return layer.num_output
+    return None
+
+
+class FusedNet(nn.Module):
+    """The fused plan of a NetModule: ``forward(*inputs)`` (in ``input_names`` order) returns
+    the output tensors in ``output_names`` order; ``outputs(**inputs)`` returns a dict."""
+
+    def __init__(self, module: NetModule, ops: list[_Op]):
+        super().__init__()
+        self.name = module.name
+        self.input_names = list(module.input_names)
+        self.output_names = list(module.output_names)
+        self.ops = ops
+        self.steps = nn.ModuleList(op.fn for op in ops if isinstance(op.fn, nn.Module))
+        self._mark_releases()
+
+    def _mark_releases(self) -> None:
+        last: dict[str, int] = {}
+        for pos, op in enumerate(self.ops):
+            for b in op.bottoms:
+                last[b] = pos
+        keep = set(self.output_names)
+        for pos, op in enumerate(self.ops):
+            op.release = tuple(b for b in set(op.bottoms)
+                               if last[b] == pos and b not in keep and b not in op.tops)
+
+    channels_last = False
+
+    def use_channels_last(self) -> None:
+        """NHWC weights for this net's own 2-D convolutions, NHWC 4-D inputs."""
+        self.channels_last = True
+        for op in self.ops:
+            if isinstance(op.fn, FoldedLinear) and op.fn.weight.dim() == 4:
+                op.fn.weight.data = op.fn.weight.data.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.channels_last:
+            inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4
+                           else t for t in inputs)
+        blobs = dict(zip(self.input_names, inputs))
+        for op in self.ops:
+            args = [blobs[b] for b in op.bottoms]
+            if op.fn is None:
+                out = args if len(op.tops) == 1 else args * len(op.tops)
+            elif op.full_precision and any(t.dtype in _REDUCED for t in args):
+                out = _in_float32(op.fn, args)
+            else:
+                out = op.fn(*args)
+            if not isinstance(out, (tuple, list)):
+                out = (out,)
+            for t, value in zip(op.tops, out):
+                blobs[t] = value
+            for b in op.release:
+                del blobs[b]
+        return tuple(blobs[name] for name in self.output_names)
+
+    def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise KeyError(f"{self.name}: input blob(s) {', '.join(missing)} were not fed")
+        values = self(*(inputs[n] for n in self.input_names))
+        return dict(zip(self.output_names, values))
+
+
+def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = True,
+                        channels_last: bool = False) -> FusedNet:
+    """A FusedNet computing ``module``'s outputs (see the module docstring).
+
+    ``channels_last``: every 2-D convolution gets its own NHWC copy of its weights and 4-D
+    inputs are fed NHWC, so oneDNN runs every convolution in its blocked layout (PyTorch
+    otherwise sends batch-1 1x1 convolutions to its slow im2col path)."""
+    plan = module._plan
+    consumers = _consumers(module)
+    absorbed: set[int] = set()
+    ops: list[_Op] = []
+    for pos, step in enumerate(plan):
+        if pos in absorbed:
+            continue
+        layer = module.layers[step.index]
+        if layer.type == "Input":
+            continue
+        if _is_alias(layer):
+            ops.append(_Op(None, step.bottoms, step.tops))
+            continue
+        channels = _foldable_head(layer, module, step.tops[0]) if fold or fuse_relu else None
+        if channels is not None:
+            op = _fold_chain(module, pos, channels, consumers, absorbed, fold, fuse_relu)
+            if op is not None:
+                ops.append(op)
+                continue
+        if channels_last and channels is not None and layer.type == "Convolution":
+            ops.append(_Op(FoldedLinear(layer, None, None, None), step.bottoms, step.tops))
+            continue
+        ops.append(_Op(layer, step.bottoms, step.tops, layer.full_precision))
+    fused = FusedNet(module, ops)
+    if channels_last:
+        fused.use_channels_last()
+    return fused
+
+
+def _consumers(module: NetModule) -> dict[tuple[int, str], list[int]]:
+    """For each blob version (producing plan position, name): the positions reading it.
+    Output and loss blobs get a pseudo-consumer (-1) so they are never folded away."""
+    current: dict[str, int] = {}
+    readers: dict[tuple[int, str], list[int]] = {}
+    for pos, step in enumerate(module._plan):
+        for b in step.bottoms:
+            readers.setdefault((current[b], b), []).append(pos)
+        for t in step.tops:
+            current[t] = pos
+            readers.setdefault((pos, t), [])
+    for name in set(module.output_names) | set(module.loss_weights):
+        readers[(current[name], name)].append(-1)
+    return readers
+
+
+def _fold_chain(module: NetModule, pos: int, channels: int, consumers, absorbed: set[int],
+                fold: bool, fuse_relu: bool) -> _Op | None:
+    """Absorb the affine layers (and a final ReLU) that solely consume ``pos``'s top."""
+    plan = module._plan
+    head = module.layers[plan[pos].index]
+    scale = shift = None
+    slope = None
+    chain: list[int] = []
+    producer, name = pos, plan[pos].tops[0]
+    while True:
+        readers = consumers[(producer, name)]
+        if len(readers) != 1 or readers[0] < 0:
+            break
+        nxt = readers[0]
+        layer = module.layers[plan[nxt].index]
+        if len(plan[nxt].bottoms) != 1 or not _name_free(plan, pos, nxt, plan[nxt].tops[0], chain):
+            break
+        if layer.type in _AFFINE and fold:
+            affine = _affine_of(layer, channels)
+            if affine is None:
+                break
+            a, s = affine
+            scale, shift = (a, s) if scale is None else (scale * a, shift * a + s)
+        elif layer.type == "ReLU" and fuse_relu:
+            slope = layer.negative_slope
+        else:
+            break
+        chain.append(nxt)
+        producer, name = nxt, plan[nxt].tops[0]
+        if slope is not None:
+            break
+    if not chain:
+        return None
+    absorbed.update(chain)
+    return _Op(FoldedLinear(head, scale, shift, slope), plan[pos].bottoms, (name,))
+
+
+def _name_free(plan, start: int, end: int, name: str, chain: list[int]) -> bool:
+    """No step strictly between ``start`` and ``end``, outside the chain, reads or writes
+    ``name`` (the fused op writes it early, at ``start``)."""
+    return all(name not in plan[p].bottoms and name not in plan[p].tops
+               for p in range(start + 1, end) if p not in chain)
+
+
+def frozen_for_inference(fused: FusedNet, example_inputs: Sequence[torch.Tensor]):
+    """``fused`` traced, frozen and optimized by TorchScript for these input shapes.
+
+    Raises RuntimeError naming the net when it cannot be traced (a Python layer, say)."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shapes are fixed
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(fused.eval(), tuple(example_inputs), check_trace=False)
+            frozen = torch.jit.freeze(traced)
+            return torch.jit.optimize_for_inference(frozen)
+    except Exception as exc:   # noqa: BLE001 - tracing errors come in many types
+        raise RuntimeError(f"net '{fused.name}' cannot be frozen with TorchScript: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                           ) from exc
+
+
+def _param_versions(module: NetModule) -> tuple:
+    return tuple((id(p), p._version) for layer in module.layers for p in layer.blobs)
+
+
+class InferenceCache:
+    """The fast path for an outputs-only forward of a TEST net (the pycaffe hook).
+
+    ``outputs(**inputs)`` runs a FusedNet under ``no_grad``, re-fusing whenever a parameter
+    of ``module`` was replaced or modified in place since the last fusion."""
+
+    def __init__(self, module: NetModule):
+        self.module = module
+        self._fused: FusedNet | None = None
+        self._versions: tuple = ()
+
+    def invalidate(self) -> None:
+        self._fused = None
+
+    @property
+    def fused(self) -> FusedNet:
+        versions = _param_versions(self.module)
+        if self._fused is None or versions != self._versions:
+            self._fused, self._versions = fused_for_inference(self.module), versions
+        return self._fused
+
+    def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.fused.outputs(**inputs)
+
+
+def fusable(module: NetModule) -> bool:
+    """True when ``module`` is a TEST net whose outputs a FusedNet may compute."""
+    return module.phase == TEST
+
+
+__all__ = ["FusedNet", "FoldedLinear", "InferenceCache", "fused_for_inference",
+           "frozen_for_inference", "fusable"]
