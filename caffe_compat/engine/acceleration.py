@@ -47,13 +47,13 @@ class CompiledForward:
     def active(self) -> bool:
         return self.compiled is not None
 
-    def __call__(self, **inputs: torch.Tensor):
+    def __call__(self, keep_all: bool = False, **inputs: torch.Tensor):
         if self.compiled is not None:
             try:
-                return self.compiled(**inputs)
+                return self.compiled(keep_all, **inputs)
             except Exception as exc:  # noqa: BLE001 - dynamo/inductor errors vary by version
                 self._fail(exc)
-        return self.eager(**inputs)
+        return self.eager(keep_all, **inputs)
 
 
 def _root_cause(exc: BaseException) -> str:
