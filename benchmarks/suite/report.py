@@ -66,8 +66,8 @@ def training_table(results: list[dict]) -> list[str]:
             mem = v.get("peak_rss_bytes")
             cell_ref = ""
             if ref and key == "prototxt/nchw/fp32":
-                cell_ref = f"Caffe {ref.get('range', _ms(ref['ms']) + ' ms')}: " \
-                           f"{ref['ms'] / v['ms']:.2f}x slower"
+                cell_ref = f"Caffe {ref.get('range', _ms(ref['ms']) + ' ms')} (issue 13); " \
+                           f"Caffe ms / this ms = {ref['ms'] / v['ms']:.2f}"
             frac = v.get("fraction_of_peak")
             mark = " **best**" if v["ms"] == best else ""
             lines.append(f"| {r['net']}, {r['batch']}@{r['size']} | {key}{mark} | {_ms(v['ms'])} "
@@ -101,6 +101,8 @@ def write(results: dict, folder: Path, stem: str) -> tuple[Path, Path]:
         md += training_table(results["training"]) + [""]
         md.append("Caffe references are issue 13's `caffe time` figures on a 2-core Intel Xeon, "
                   "not measured here.")
+    for note in results.get("notes", []):
+        md += [f"Note: {note}", ""]
     if results.get("errors"):
         md += ["## Errors", ""] + [f"- {e}" for e in results["errors"]] + [""]
     md_path, json_path = folder / f"{stem}.md", folder / f"{stem}.json"

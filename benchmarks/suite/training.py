@@ -114,7 +114,20 @@ def memory_child(spec: dict) -> None:
     step = _step(loss_of, module, x, y, None)
     for _ in range(2):
         step()
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"peak_rss_bytes": _peak_rss()}))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory. VmHWM is per address space, so it starts afresh
+    at exec; getrusage's ru_maxrss would carry the parent's peak from before the fork."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_memory(run_py: Path, spec: dict, timeout: int = 1200) -> int | None:
