@@ -222,7 +222,7 @@ def _normalised_max(maps: np.ndarray) -> np.ndarray:
     return (top - top.min()) / max(float(top.max() - top.min()), 1e-12)
 
 
-def write_figure(ev: Evaluation, path: str | Path, count: int = 6, title: str = "") -> Path:
+def write_figure(ev: Evaluation, path: str | Path, count: int = 4, title: str = "") -> Path:
     """Rows of (input with target ○ and predicted × landmarks, predicted, target heatmaps)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -256,7 +256,7 @@ def write_figure(ev: Evaluation, path: str | Path, count: int = 6, title: str = 
     fig.suptitle(f"{title}\nerror {r.net_px:.2f} px (mean-position baseline "
                  f"{r.baseline_px:.2f} px)".strip(), fontsize=9)
     fig.tight_layout()
-    out = save_figure(fig, path, dpi=100)
+    out = save_figure(fig, path, dpi=80)
     plt.close(fig)
     return out
 
@@ -275,7 +275,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="transform_param scale of the training net (default: %(default)s)")
     ap.add_argument("--blob", default="heatmaps", help="the heatmap blob (default: %(default)s)")
     ap.add_argument("--png", help="write predicted vs target heatmaps of a few test images here")
-    ap.add_argument("--count", type=int, default=6, help="test images in the PNG (default 6)")
+    ap.add_argument("--count", type=int, default=4, help="test images in the PNG (default 4)")
+    ap.add_argument("--title", help="the PNG's title (default: the weights' file name)")
     ap.add_argument("--json", help="also write the report as JSON here")
 
 
@@ -290,7 +291,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
                   args.mean_file or None, args.scale, args.blob)
     print(format_report(ev.report))
     if args.png:
-        print(f"wrote {write_figure(ev, args.png, args.count, Path(args.weights).name)}")
+        title = args.title or Path(args.weights).name
+        print(f"wrote {write_figure(ev, args.png, args.count, title)}")
     if args.json:
         write_text(args.json, json.dumps(asdict(ev.report), indent=2) + "\n")
         print(f"wrote {args.json}")
