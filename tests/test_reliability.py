@@ -287,3 +287,12 @@ def test_every_project_error_is_a_caffe_compat_error():
     for cls in (DataError, ResourceError, LayerError, WeightsError, SnapshotError,
                 SolverParamError, NetDefinitionError, ProtoError):
         assert issubclass(cls, CaffeCompatError)
+
+
+def test_png_chunk_longer_than_the_record_is_refused_before_decoding():
+    """A mutated chunk length (4 GiB) kept libpng's reader busy for seconds (a fuzz 'hang');
+    the header walk refuses it first, naming the chunk."""
+    from caffe_compat.formats.datum import decode_datum
+    data = (Path(__file__).parent / "fuzz_corpus" / "datum" / "png_chunk_length_4gib.bin").read_bytes()
+    with pytest.raises(DataError, match=r"chunk IDAT at byte 33 declares 4294967167 bytes"):
+        decode_datum(data, where="record 7")

@@ -24,12 +24,28 @@ def _png(data: bytes):
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise DataError("encoded PNG is truncated before its IHDR header")
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    _png_chunks_fit(data)
     channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(colour, 4)
     raw = height * (1 + (width * channels * max(depth, 8) + 7) // 8)
     if raw > DEFLATE_MAX_RATIO * len(data) + 4096:
         raise DataError(f"encoded PNG header declares {width}×{height} pixels, more than its "
                         f"{len(data)} bytes can hold")
     return width, height, channels
+
+
+def _png_chunks_fit(data: bytes) -> None:
+    """Every chunk's declared length must fit in the bytes present: a mutated length (up to
+    4 GiB) makes libpng's buffered reader spin for seconds before it gives up."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if length > len(data) - pos - 12:
+            name = kind.decode("latin-1") if kind.isalpha() else repr(kind)
+            raise DataError(f"encoded PNG is truncated: chunk {name} at byte {pos} declares "
+                            f"{length} bytes, {max(len(data) - pos - 12, 0)} remain")
+        if kind == b"IEND":
+            return
+        pos += 12 + length
 
 
 def _jpeg(data: bytes):
