@@ -131,15 +131,22 @@ def plot_curves(curves: Curves, out_png: str, title: str | None = None) -> str:
         for j, name in enumerate(names):
             _draw_quantity(ax, curves, name, palette[(k + j) % len(palette)])
         # the weighted total differs from the main loss only when auxiliary losses exist
+        handles, labels = ax.get_legend_handles_labels()
         if label == "loss" and curves.smoothed_loss and (has_aux or not names):
+            # the weighted total has its own scale (auxiliary losses add to it): right axis
+            total_ax = ax.twinx() if names else ax
             xs, ys = zip(*curves.smoothed_loss)
-            ax.plot(xs, ys, color="0.45", linewidth=1.0, linestyle=":",
-                    label="weighted total (train, smoothed)")
+            line, = total_ax.plot(xs, ys, color="0.45", linewidth=1.0, linestyle=":",
+                                  label="weighted total (train, smoothed; right axis)"
+                                  if names else "weighted total (train, smoothed)")
+            if names:
+                total_ax.set_ylabel("weighted total", color="0.45")
+            handles, labels = handles + [line], labels + [line.get_label()]
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
-                      frameon=False)
+        if handles:
+            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.08, 1.0),
+                      fontsize="small", frameon=False)
     axes[-1].set_xlabel("iteration")
     if title:
         axes[0].set_title(title)
