@@ -16,15 +16,14 @@ import statistics
 import time
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.proto import caffe_pb2
+from suite.hand import VGG16, HandVGG16  # benchmarks/ is on sys.path when run as a script
 
 CAFFE_MS = {(8, 224): 5490.0, (32, 32): 766.0}
-CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+CFG = VGG16    # the hand-written reference and the prototxt share one layer list
 
 
 def vgg16_prototxt(batch: int, size: int, classes: int) -> str:
@@ -56,28 +55,6 @@ def vgg16_prototxt(batch: int, size: int, classes: int) -> str:
                  f'inner_product_param {{ num_output: {classes} weight_filler {{ type: "gaussian" std: 0.01 }} }} }}')
     lines.append('layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc8" bottom: "label" top: "loss" }')
     return "\n".join(lines)
-
-
-class HandVGG16(nn.Module):
-    """The reference: VGG16 as a PyTorch user would write it."""
-
-    def __init__(self, size: int, classes: int):
-        super().__init__()
-        layers, c = [], 3
-        for v in CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
-                c = v
-        self.features = nn.Sequential(*layers)
-        side = size // 32
-        self.classifier = nn.Sequential(
-            nn.Linear(512 * side * side, 4096), nn.ReLU(inplace=True), nn.Dropout(),
-            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(4096, classes))
-
-    def forward(self, x, label):
-        return F.cross_entropy(self.classifier(torch.flatten(self.features(x), 1)), label.long())
 
 
 def time_steps(step, iters: int) -> float:
