@@ -66,6 +66,17 @@ class SnapshotRecord(Observer):
         self.snapshots.append((event.model, event.state))
 
 
+class LastTests(Observer):
+    """The last TestDone of each test net (for a run's summary)."""
+    kinds = (TestDone,)
+
+    def __init__(self):
+        self.last: dict[int, TestDone] = {}
+
+    def on_event(self, event: TestDone) -> None:
+        self.last[event.net_id] = event
+
+
 class MetricsFile(Observer):
     """One JSON object per line: every iteration and every test (``kind`` says which).
 

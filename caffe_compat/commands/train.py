@@ -39,14 +39,14 @@ import torch
 from caffe_compat.engine import distributed
 from caffe_compat.commands import device as devices
 from caffe_compat.commands.common import CliError, add_debug_flag, one_line
-from caffe_compat.commands.observers import LivePlot, MetricsFile, SnapshotRecord, TensorBoard
+from caffe_compat.commands.observers import (LastTests, LivePlot, MetricsFile, SnapshotRecord,
+                                             TensorBoard)
 from caffe_compat.commands.train_checks import prepare_train_args
 from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import EFFECTS, SignalHandler
 from caffe_compat.formats import glog
 from caffe_compat.engine.acceleration import compile_for_training
 from caffe_compat.engine.solver.base import NonFiniteLossError, Solver
-from caffe_compat.engine.solver.events import TestDone
 from caffe_compat.engine.solver.params import read_solver_param
 
 
@@ -246,25 +246,10 @@ def _train(args, param, choice, log_path: str, out) -> TrainResult:
     return result
 
 
-class _LastTests:
-    """The last TestDone of each test net (for the summary)."""
-
-    def __init__(self, solver):
-        self.last: dict[int, TestDone] = {}
-        self._solver = solver
-        solver.subscribe(self.on_event, TestDone)
-
-    def on_event(self, event: TestDone) -> None:
-        self.last[event.net_id] = event
-
-    def close(self) -> None:
-        self._solver.events.unsubscribe(self.on_event)
-
-
 def _observers(args, solver: Solver, log_path: str | None) -> dict:
     """What watches this run: snapshots and tests always; metrics, plot, TensorBoard on the
     root process only."""
-    found = {"snapshots": SnapshotRecord().attach(solver), "tests": _LastTests(solver)}
+    found = {"snapshots": SnapshotRecord().attach(solver), "tests": LastTests().attach(solver)}
     if log_path is None:
         return found
     stem = os.path.splitext(log_path)[0]
