@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import caffe_compat
+from test_pycaffe_classifier import PYCAFFE_NAMES   # pycaffe's `caffe` namespace, one list
 
 PACKAGE = Path(caffe_compat.__file__).parent
 
@@ -16,12 +17,6 @@ PACKAGE = Path(caffe_compat.__file__).parent
 LAYERS = {"proto": 0, "formats": 0, "engine": 1, "data": 2, "commands": 4}
 SURFACE = 3           # every other top-level module: pycaffe's names and their helpers
 
-PYCAFFE_NAMES = (
-    "Net Solver SGDSolver NesterovSolver AdaGradSolver RMSPropSolver AdaDeltaSolver AdamSolver "
-    "get_solver layers params NetSpec to_proto io proto draw net_spec coord_map classifier "
-    "detector Classifier Detector pycaffe Layer TRAIN TEST set_mode_cpu set_mode_gpu set_device "
-    "set_random_seed layer_type_list init_log log NCCL Timer has_nccl solver_count "
-    "set_solver_count solver_rank set_solver_rank set_multiprocess").split()
 # top-level modules allowed to carry a pycaffe name: they ARE that pycaffe module
 PYCAFFE_MODULES = {"io", "proto", "draw", "net_spec", "coord_map", "classifier", "detector",
                    "pycaffe"}
@@ -102,9 +97,7 @@ def test_no_implementation_module_takes_a_pycaffe_name():
     assert not taken, f"top-level modules shadowing pycaffe names: {taken}"
 
 
-@pytest.mark.parametrize("name", ["Net", "SGDSolver", "AdamSolver", "get_solver", "io",
-                                  "proto", "Layer", "TRAIN", "TEST", "set_mode_cpu",
-                                  "set_mode_gpu", "set_device", "set_random_seed"])
+@pytest.mark.parametrize("name", PYCAFFE_NAMES)
 def test_pycaffe_names_mean_what_pycaffe_means(name):
     assert hasattr(caffe_compat, name)
 
