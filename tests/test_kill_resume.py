@@ -28,32 +28,14 @@ NET = """name: "killme"
 layer { name: "data" type: "Data" top: "data" top: "label"
   transform_param { scale: 0.00390625 } data_param { source: "db" backend: LMDB batch_size: 4 } }
 layer { name: "slow" type: "Python" bottom: "data" top: "slowed"
-  python_param { module: "kill_slow_layer" layer: "Slow" param_str: "0.05" } }
+  python_param { module: "kill_slow_layer" layer: "SlowIdentity" param_str: "0.05" } }
 layer { name: "ip1" type: "InnerProduct" bottom: "slowed" top: "ip1"
   inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" }
 """
-SLOW_LAYER = '''import time
+# the layer that keeps a run alive long enough to be killed: test_cli_train's
+from test_cli_train import SLOW_LAYER  # noqa: E402
 
-import caffe_compat as caffe
-
-
-class Slow(caffe.Layer):
-    """top = bottom, after sleeping float(param_str) seconds: a run long enough to kill."""
-
-    def setup(self, bottom, top):
-        self.delay = float(self.param_str)
-
-    def reshape(self, bottom, top):
-        top[0].reshape(*bottom[0].data.shape)
-
-    def forward(self, bottom, top):
-        time.sleep(self.delay)
-        top[0].data[...] = bottom[0].data
-
-    def backward(self, top, propagate_down, bottom):
-        bottom[0].diff[...] = top[0].diff
-'''
 MAX_ITER = 24
 
 
