@@ -13,6 +13,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from caffe_compat._net_fast import note_numpy_view
+
 
 class Blob:
     """An activation blob: ``data`` and ``diff`` are float32 numpy arrays of one shape.
@@ -30,8 +32,11 @@ class Blob:
         self._data = np.zeros(shape, np.float32)
         self._diff = np.zeros(shape, np.float32)
         self._pending: dict[str, torch.Tensor] = {}
+        self._refresh = None      # set while the net's fast forward left this blob stale
 
     def _synced(self, which: str) -> np.ndarray:
+        if self._refresh is not None:
+            self._refresh()
         tensor = self._pending.pop(which, None)
         if tensor is not None:
             self._store_now(tensor, which)
@@ -55,6 +60,8 @@ class Blob:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self._refresh is not None:
+            self._refresh()
         pending = self._pending.get("_data")
         return tuple(pending.shape) if pending is not None else self._data.shape
 
@@ -130,7 +137,10 @@ class ParamBlob:
             p.grad = torch.zeros_like(p)
         t = p.data if which == "data" else p.grad
         if t.device.type == "cpu" and t.dtype == torch.float32:
-            return t.numpy()
+            view = t.numpy()
+            if which == "data":        # writes through it bypass torch's version counter
+                note_numpy_view(p, view)
+            return view
         host = self._host.get(which)
         if host is None or host.shape != tuple(t.shape):
             host = np.empty(tuple(t.shape), np.float32)

@@ -16,6 +16,7 @@ import torch
 
 from caffe_compat._blobs import Blob, LayerView, ParamBlob
 from caffe_compat._net_exec import backward_plan, backward_range, forward_range
+from caffe_compat._net_fast import FastForward, eligible
 from caffe_compat.engine import mode, weights
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.layers.base import TEST, TRAIN
@@ -75,6 +76,7 @@ class Net:
                     self.blobs[module.layer_tops(index)[j]]._store(layer._once[j])
         self._plan = backward_plan(module)
         self._traces: dict = {}
+        self._fast = FastForward(self) if eligible(self) else None
 
     # -- pycaffe attributes -----------------------------------------------------------
     @property
@@ -163,8 +165,18 @@ class Net:
         if kwargs:
             self._set_arrays("Input blob", self.inputs, kwargs)
         self._push_params()
-        forward_range(self, start_i, end_i, self._device())
+        if self._fast is not None and not blobs and start is None and end is None:
+            self._fast.run()          # outputs only; the other blobs fill in when read
+        else:
+            self._fresh_blobs(needed=start_i > 0)   # from layer 0 everything is recomputed
+            forward_range(self, start_i, end_i, self._device())
         return {name: self.blobs[name].data for name in wanted}
+
+    def _fresh_blobs(self, needed: bool = True) -> None:
+        """Blobs a fast forward left stale get their values (``needed``: they are read next)
+        or are marked fresh (a full forward is about to overwrite them)."""
+        if self._fast is not None:
+            self._fast.materialize() if needed else self._fast.forget()
 
     def backward(self, diffs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
         """Run layers ``start`` down to ``end`` backward from the blobs' diffs (loss tops hold
@@ -174,6 +186,7 @@ class Net:
         start_i, end_i = self._layer_range(start, end, len(self.module.layers) - 1, 0)
         wanted = set(self.bottom_names[end] if end is not None else self.inputs) | \
             set(diffs or ())
+        self._fresh_blobs()
         if kwargs:
             self._set_arrays("Top diff", self.outputs, kwargs)
         self._push_params()

@@ -49,8 +49,14 @@ def rel_name(index: int, label: int, prefix: str = "") -> str:
     return f"{prefix}{CLASSES[label]}/{index:05d}.png"
 
 
-def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool) -> float:
-    """Train/test LMDBs with landmarks and the train mean; returns seconds (0 if present)."""
+def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool,
+                exclude_train: frozenset[int] = frozenset()) -> float:
+    """Train/test LMDBs with landmarks and the train mean; returns seconds (0 if present).
+
+    ``exclude_train``: training-set indices left out of the train LMDB (the images of
+    data/fashion50, for pretraining that never sees a fine-tuning image). Record keys keep
+    each image's IDX index, so what went in can be checked afterwards.
+    """
     import cv2
 
     from caffe_compat.formats.blob_io import write_blobproto
@@ -64,9 +70,10 @@ def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool) -> float:
     db.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
         images, labels = load(idx_dir, split)
+        keep = [n for n in range(len(images)) if split != "train" or n not in exclude_train]
         with DBWriter(db / split, "lmdb", overwrite=True) as out:
-            for n, (img, label) in enumerate(progress(zip(images, labels), total=len(images),
-                                                      desc=split)):
+            for n in progress(keep, total=len(keep), desc=split):
+                img, label = images[n], labels[n]
                 lm = resize_landmarks(silhouette_landmarks(img), img.shape, (size, size))
                 big = cv2.resize(img, (size, size))        # bilinear, as convert_imageset
                 chw = np.repeat(big[None], 3, axis=0) if color else big[None]
@@ -75,7 +82,7 @@ def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool) -> float:
                 datum.float_data.extend(lm.ravel().tolist())
                 out.put(f"{n:08d}_{rel_name(n, int(label), split + '/')}",
                         datum.SerializeToString())
-        print(f"wrote {db / split} ({len(images)} records, {chw.shape[0]}×{size}×{size}, "
+        print(f"wrote {db / split} ({len(keep)} records, {chw.shape[0]}×{size}×{size}, "
               "landmarks)")
     write_blobproto(db / "mean.binaryproto", compute_mean(os.fspath(db / "train")))
     return time.perf_counter() - start

@@ -57,14 +57,19 @@ def test_builds(path, cheap_fillers):
         net = build_net(param, TEST, source=path)
         assert net.output_names == ["prob"] and net.blob_shapes["prob"] == (1, 10)
         return
+    classifier = "fc8_fashion50" if "_finetune" in path else "fc8"   # renamed to re-learn it
     for phase in (TRAIN, TEST):
         net = build_net(analysis.data_as_input(param), phase, source=path)
-        assert net.blob_shapes["fc8"][1] == 10
+        assert net.blob_shapes[classifier][1] == 10
         assert "loss" in net.loss_weights
         assert ("accuracy" in net.output_names) == (phase == TEST)
         if "landmarks" in net.blob_shapes:
             assert net.blob_shapes["heatmaps"] == net.blob_shapes["heatmap_target"]
-            assert "landmark_loss" in net.loss_weights
+            if path.endswith("_lw0/train_val.prototxt"):   # the ablation: output, weight 0
+                assert "landmark_loss" in net.output_names
+                assert "landmark_loss" not in net.loss_weights
+            else:
+                assert "landmark_loss" in net.loss_weights
 
 
 @pytest.mark.parametrize("model", MODELS, ids=_id)

@@ -150,6 +150,47 @@ def test_records_csv_and_figures(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_family_of_fine_tuned_folders():
+    assert tables.family("vgg16_landmark_64") == "vgg16_landmark"
+    assert tables.family("vgg16_landmark_64_finetune") == "vgg16_landmark"
+    assert tables.family("vgg16_landmark_64_finetune_lw0") == "vgg16_landmark_lw0"
+    assert tables.family("alexnet_64_finetune") == "alexnet"
+
+
+def test_confidence_interval_closed_form():
+    mean, lo, hi = tables.confidence_interval([0.1, 0.3])   # std 0.1414, t(1) = 12.706
+    assert mean == pytest.approx(0.2)
+    assert hi - mean == pytest.approx(12.706 * 0.1 * 2 ** 0.5 / 2 ** 0.5)
+    assert mean - lo == pytest.approx(hi - mean)
+    assert tables.confidence_interval([0.5])[1] != tables.confidence_interval([0.5])[1]  # nan
+
+
+def test_paired_table_lists_every_pair_run():
+    def runs(model, offset):
+        return [synthetic(model, s, acc_offset=offset + 0.01 * s * s, acc_step=0.0)
+                for s in range(4)]
+    records = {"vgg16_landmark_64_finetune": runs("vgg16_landmark_64_finetune", 0.05),
+               "alexnet_64_finetune": runs("alexnet_64_finetune", 0.0),
+               "vgg16_landmark_64_finetune_lw0": runs("vgg16_landmark_64_finetune_lw0", 0.05)}
+    text = tables.table1_markdown(records)
+    # landmark − AlexNet: 5 points on every split (the per-seed offsets cancel), CI collapses
+    assert "| vgg16_landmark_64_finetune − alexnet_64_finetune | 4 | +5.0 [+5.0, +5.0] |" in text
+    assert "| vgg16_landmark_64_finetune − vgg16_landmark_64_finetune_lw0 | 4 | +0.0" in text
+    assert "− vgg16_64" not in text                       # that pair was not run
+    assert "Landmark supervision (loss_weight 0.005 vs 0): " in text
+
+
+def test_solver_weights_are_used_and_a_missing_one_names_the_fix(tiny_model, tmp_path):
+    solver = tiny_model / "solver.prototxt"
+    solver.write_text(TINY_SOLVER + 'weights: "pre.caffemodel"\n')
+    with pytest.raises(protocol.ProtocolError, match="tools/pretrain.py"):
+        protocol.plan_run(tiny_model, 0, 1, tmp_path / "work")
+    (tiny_model / "pre.caffemodel").write_bytes(b"")       # beside the solver file
+    plan = protocol.plan_run(tiny_model, 0, 1, tmp_path / "work")
+    assert list(plan.solver_param.weights) == [str((tiny_model / "pre.caffemodel").resolve())]
+    assert plan.key["weights"] == "pre.caffemodel"
+
+
 def test_load_records_by_model_and_seed(tmp_path):
     for s in (1, 0):
         protocol.write_json(tmp_path / "records" / "a_64" / f"seed{s}.json", synthetic("a_64", s))
@@ -187,7 +228,11 @@ MODELS_WITH_SOLVER = sorted(p.parent.name for p in REPO.glob("models/*/solver.pr
 @pytest.mark.parametrize("model", MODELS_WITH_SOLVER)
 def test_every_model_folder_fits_the_protocol(model, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
-    plan = protocol.plan_run(REPO / "models" / model, 0, 1, work)
+    weights = None
+    if "_finetune" in model:          # names a pretrained caffemodel CI does not have
+        weights = work / "pretrained.caffemodel"
+        weights.write_bytes(b"")
+    plan = protocol.plan_run(REPO / "models" / model, 0, 1, work, weights)
     assert plan.iters_per_epoch * plan.solver_param.iter_size * min(
         lp.data_param.batch_size for lp in plan.solver_param.net_param.layer
         if lp.type == "Data") >= 1

@@ -225,15 +225,36 @@ def plan_run(model_dir: Path, seed: int, epochs: int, work: Path, weights: str |
     sp.test_interval, sp.test_initialization = NEVER, False
     sp.display, sp.snapshot, sp.snapshot_after_train = 0, 0, False
     sp.random_seed = seed
+    chosen = [Path(weights).resolve()] if weights else solver_weights(sp, solver_path)
     del sp.weights[:]
-    if weights:
-        sp.weights.append(os.fspath(Path(weights).resolve()))
+    sp.weights.extend(os.fspath(w) for w in chosen)
     key = {"model": model_dir.name, "seed": seed, "epochs": epochs,
            "solver_sha1": _sha1(solver_path), "net_sha1": _sha1(net_path),
-           "stored_size": size, "weights": os.path.basename(weights) if weights else None}
+           "stored_size": size, "weights": ",".join(w.name for w in chosen) or None}
     return RunPlan(model_dir.name, seed, epochs, sp, iters_per_epoch, test_iter, data,
                    output_of(net, "SoftmaxWithLoss", os.fspath(net_path)),
                    output_of(net, "Accuracy", os.fspath(net_path)), key)
+
+
+def solver_weights(sp: caffe_pb2.SolverParameter, solver_path: Path,
+                   must_exist: bool = True) -> list[Path]:
+    """The caffemodels a solver's ``weights:`` names (comma lists allowed), as absolute paths.
+
+    Relative paths are read as ``caffe train`` run from the checkout reads them, falling back
+    to the solver file's folder.
+    """
+    repo = Path(__file__).resolve().parents[2]
+    found = []
+    for entry in (w for field in sp.weights for w in field.split(",") if w):
+        tried = [Path(entry)] if os.path.isabs(entry) else \
+            [repo / entry, Path(solver_path).resolve().parent / entry]
+        hit = next((t for t in tried if t.is_file()), None)
+        if hit is None and must_exist:
+            raise ProtocolError(f"{solver_path}: weights '{entry}' not found (a pretrained "
+                                "caffemodel: make it with tools/pretrain.py, or run "
+                                "tools/reproduce_paper.py --pretrained)")
+        found.append((hit or tried[0]).resolve())
+    return found
 
 
 def solver_summary_line(sp: caffe_pb2.SolverParameter) -> str:

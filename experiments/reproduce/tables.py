@@ -34,8 +34,28 @@ AVERAGE_WINDOW = 10     # "average accuracy": mean over the last 10 epochs (our 
 
 
 def family(model: str) -> str:
-    """The paper's net a model folder implements: vgg16_landmark_64 → vgg16_landmark."""
-    return re.sub(r"_\d+$", "", model)
+    """The paper's net a model folder implements: vgg16_landmark_64 → vgg16_landmark.
+
+    Fine-tuned folders map to the same family (vgg16_landmark_64_finetune → vgg16_landmark);
+    a variant suffix after it is kept (…_finetune_lw0 → vgg16_landmark_lw0)."""
+    return re.sub(r"_\d+(?=_|$)", "", model.replace("_finetune", ""))
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+       2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def confidence_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and the 95% t interval (lo, hi) of paired differences (nan bounds below 2)."""
+    arr = np.asarray(diffs, dtype=np.float64)
+    mean = float(arr.mean())
+    if len(arr) < 2:
+        return mean, math.nan, math.nan
+    t = T95[min(len(arr) - 1, len(T95)) - 1] if len(arr) <= 31 else 1.96
+    half = t * float(arr.std(ddof=1)) / math.sqrt(len(arr))
+    return mean, mean - half, mean + half
 
 
 def load_records(folder: str | Path, models: list[str] | None = None) -> dict[str, list[dict]]:
@@ -148,7 +168,8 @@ def verdict(diffs: list[float], ours: str, theirs: str) -> str:
 def comparison_markdown(records: dict[str, list[dict]]) -> str:
     """The paper's headline figures beside ours: vgg16_landmark, AlexNet, the difference."""
     by_family = {family(m): m for m in records}
-    land, alex, plain = (by_family.get(f) for f in ("vgg16_landmark", "alexnet", "vgg16"))
+    land, alex, plain, lw0 = (by_family.get(f) for f in ("vgg16_landmark", "alexnet", "vgg16",
+                                                          "vgg16_landmark_lw0"))
     paper = PAPER["vgg16_landmark"]
     rows = [("", "paper (their data, 10 runs, 50 epochs)", "ours")]
 
@@ -171,6 +192,9 @@ def comparison_markdown(records: dict[str, list[dict]]) -> str:
                  acc(alex, average_accuracy)))
     rows.append(("vgg16 (no landmark branch, the ablation): last epoch", "not reported",
                  acc(plain, final_accuracy)))
+    if lw0:
+        rows.append(("vgg16_landmark with landmark loss_weight 0 (ablation): last epoch",
+                     "not reported", acc(lw0, final_accuracy)))
     diff_paper = (paper["average_accuracy"] - PAPER["alexnet"]["final_accuracy"]) * 100
     diff_final = (paper["test_accuracy"][-1] - PAPER["alexnet"]["final_accuracy"]) * 100
     stats = (("last epoch", final_accuracy),
@@ -189,7 +213,8 @@ def comparison_markdown(records: dict[str, list[dict]]) -> str:
     lines = [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.insert(1, "|---|---|---|")
     out = "\n".join(lines)
-    for other, prefix in ((alex, ""), (plain, "Ablation: ")):
+    for other, prefix in ((alex, ""), (plain, "Ablation: "),
+                          (lw0, "Landmark supervision (loss_weight 0.005 vs 0): ")):
         if land and other:
             out += "\n\n" + prefix + verdict(paired_difference(records[land], records[other]),
                                               land, other)
@@ -199,6 +224,28 @@ def comparison_markdown(records: dict[str, list[dict]]) -> str:
                 out += (f" Over the mean of the last {AVERAGE_WINDOW} epochs: {mean * 100:+.1f} "
                         f"points (2 standard errors = {2 * std / math.sqrt(len(avg)) * 100:.1f}).")
     return out
+
+
+PAIRS = (("vgg16_landmark", "alexnet"), ("vgg16_landmark", "vgg16"),
+         ("vgg16_landmark", "vgg16_landmark_lw0"))
+
+
+def paired_table(records: dict[str, list[dict]]) -> str:
+    """Paired differences (same split seed) with 95% confidence intervals, per pair run."""
+    by_family = {family(m): m for m in records}
+    lines = ["| difference (points) | n | last epoch: mean [95% CI] | "
+             f"mean of the last {AVERAGE_WINDOW} epochs: mean [95% CI] |", "|---|---|---|---|"]
+    for a, b in PAIRS:
+        if a not in by_family or b not in by_family:
+            continue
+        cells = []
+        for stat in (final_accuracy, average_accuracy):
+            d = paired_difference(records[by_family[a]], records[by_family[b]], stat)
+            mean, lo, hi = confidence_interval(d) if d else (math.nan,) * 3
+            cells.append(f"{mean * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+                         if not math.isnan(lo) else f"{mean * 100:+.1f}")
+        lines.append(f"| {by_family[a]} − {by_family[b]} | {len(d)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _n_runs(n: int) -> str:
@@ -222,6 +269,12 @@ def table1_markdown(records: dict[str, list[dict]], header: str = "") -> str:
                      f"{np.mean([r['seconds'] for r in runs]):.0f} s.\n" if speed else "")
     parts.append("## vgg16_landmark vs AlexNet, the paper's figures beside ours\n")
     parts.append(comparison_markdown(records) + "\n")
+    pairs = paired_table(records)
+    if pairs:
+        parts.append("## Paired differences (the same 40/10 split for both nets of a pair)\n")
+        parts.append(pairs + "\n\nAn interval that excludes 0 is a difference at the 95% "
+                     "level (Student's t over the splits; the splits, not the test images, "
+                     "are the unit).\n")
     return "\n".join(p for p in parts if p)
 
 

@@ -1,8 +1,10 @@
 """Local response normalisation (``lrn_layer.cpp``) over 4-D ``(N, C, H, W)`` bottoms.
 
 ACROSS_CHANNELS: ``y = x * (k + alpha/n * sum_{|c'-c| <= n//2} x_{c'}^2) ** -beta`` with zero
-padding over channels. ``F.local_response_norm`` computes exactly this (its average over a
-zero-padded window of n channels is the sum divided by n), so it is the fast path.
+padding over channels. The window sum is a product of x² with a banded 0/1 matrix (C×C): one
+GEMM, 1.4–3.6× faster than ``F.local_response_norm``'s avg_pool3d at
+AlexNet's shapes and closer to a float64 reference (benchmarks/NOTES.md). AlexNet's and
+GoogLeNet's beta 0.75 is computed as rsqrt(s)·sqrt(rsqrt(s)), 3× faster than ``pow``.
 
 WITHIN_CHANNEL: Caffe builds it from Power(x^2) -> AVE Pooling(n, pad n//2, stride 1) ->
 Power(shift 1, scale alpha, power -beta) -> product with x. With stride 1 and pad n//2 every
@@ -47,9 +49,29 @@ class LRN(Layer):
                              f"got shape {list(shape)}")
         return [shape]
 
+    def _band(self, x: torch.Tensor) -> torch.Tensor:
+        """The symmetric (C, C) 0/1 matrix summing each channel's window, cached per C/device."""
+        key = (x.shape[1], x.dtype, x.device)
+        cache = self.__dict__.setdefault("_bands", {})
+        if key not in cache:
+            i = torch.arange(x.shape[1], device=x.device)
+            near = (i[:, None] - i[None, :]).abs() <= self.size // 2
+            cache[key] = near.to(x.dtype)
+        return cache[key]
+
+    def _window_sums(self, sq: torch.Tensor) -> torch.Tensor:
+        """Each channel's sum over its n-channel window: one GEMM with the band matrix, in
+        whichever memory layout ``sq`` has (NHWC: a matmul on the channels-last view)."""
+        band = self._band(sq)
+        if sq.is_contiguous() or not sq.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = sq.shape
+            return torch.matmul(band, sq.reshape(n, c, h * w)).view(n, c, h, w)
+        return torch.matmul(sq.permute(0, 2, 3, 1), band).permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.region == ACROSS_CHANNELS:
-            return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+            s = self._window_sums(x * x).mul_(self.alpha / self.size).add_(self.k)
+            return x * negative_power(s, self.beta)
         n = self.size
         # Mean of x^2 over the zero-padded n x n window, divisor always n^2: (N, C, H, W).
         mean_sq = F.avg_pool2d(x * x, n, stride=1, padding=n // 2, count_include_pad=True)
@@ -59,3 +81,13 @@ class LRN(Layer):
         region = "ACROSS_CHANNELS" if self.region == ACROSS_CHANNELS else "WITHIN_CHANNEL"
         return (f"name={self.name!r}, {region}, local_size={self.size}, alpha={self.alpha}, "
                 f"beta={self.beta}, k={self.k}")
+
+
+def negative_power(s: torch.Tensor, beta: float) -> torch.Tensor:
+    """``s ** -beta`` for positive ``s``; the common betas without exp/log."""
+    if beta == 0.75:
+        r = s.rsqrt()
+        return r * r.sqrt()
+    if beta == 0.5:
+        return s.rsqrt()
+    return s.pow(-beta)

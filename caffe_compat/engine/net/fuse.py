@@ -313,10 +313,14 @@ class InferenceCache:
     """The fast path for an outputs-only forward of a TEST net (the pycaffe hook).
 
     ``outputs(**inputs)`` runs a FusedNet under ``no_grad``, re-fusing whenever a parameter
-    of ``module`` was replaced or modified in place since the last fusion."""
+    of ``module`` was replaced or modified in place since the last fusion. The FusedNet is
+    channels_last (NHWC) by default: faster than NCHW on every net of the benchmark suite on
+    the CPUs measured (benchmarks/NOTES.md); a net whose layers refuse NHWC tensors falls back
+    to NCHW for good on its first call."""
 
-    def __init__(self, module: NetModule):
+    def __init__(self, module: NetModule, channels_last: bool = True):
         self.module = module
+        self.channels_last = channels_last
         self._fused: FusedNet | None = None
         self._versions: tuple = ()
 
@@ -327,12 +331,20 @@ class InferenceCache:
     def fused(self) -> FusedNet:
         versions = _param_versions(self.module)
         if self._fused is None or versions != self._versions:
-            self._fused, self._versions = fused_for_inference(self.module), versions
+            self._fused = fused_for_inference(self.module, channels_last=self.channels_last)
+            self._versions = versions
         return self._fused
 
     def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return self.fused.outputs(**inputs)
+            if not self.channels_last:
+                return self.fused.outputs(**inputs)
+            try:
+                return self.fused.outputs(**inputs)
+            except RuntimeError:            # a layer that needs NCHW memory: use that from now
+                self.channels_last = False
+                self.invalidate()
+                return self.fused.outputs(**inputs)
 
 
 def fusable(module: NetModule) -> bool:

@@ -1,0 +1,102 @@
+"""The outputs-only fast path of pycaffe's ``Net.forward()``.
+
+``net.forward()`` with no ``blobs=``/``start``/``end`` on a TEST net fed by Input layers runs
+the fused inference net (BatchNorm/Scale folded into convolutions, in-place ReLUs,
+``engine.net.fuse``) and copies only the outputs to their blobs; nothing else is copied to
+the host. Every other blob is then *stale*: the first read of one (``data``, ``diff``,
+``shape``), a ``backward`` or a partial ``forward`` first re-runs the full layer-by-layer
+forward on the inputs the fast forward used, so every blob reads as Caffe would have left it.
+
+Parameters: the fused net is rebuilt when a parameter tensor changed (``_version``) and, since
+numpy writes through ``net.params[...][i].data`` bypass torch's version counter, whenever such
+an array was handed out since the last fusion or is still held by the caller.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from caffe_compat.engine.net.fuse import InferenceCache, fusable
+
+
+def eligible(net) -> bool:
+    """A net whose plain ``forward()`` may take the fast path (fixed once it is built)."""
+    m = net.module
+    if not fusable(m) or m.net_param.force_backward:
+        return False
+    for index, layer in enumerate(m.layers):
+        if layer.type == "Python":
+            return False                     # user code may read or write any blob
+        if not m.layer_bottoms(index) and layer.type != "Input":
+            return False                     # data/DummyData sources: the full path
+    return True
+
+
+def note_numpy_view(param: torch.nn.Parameter, array) -> None:
+    """Remember that ``array`` (a numpy view of ``param``) was handed to the caller."""
+    refs = [r for r in getattr(param, "_numpy_views", ()) if r() is not None]
+    refs.append(weakref.ref(array))
+    param._numpy_views = refs
+    param._numpy_touch = getattr(param, "_numpy_touch", 0) + 1
+
+
+def _numpy_state(module) -> tuple[tuple, bool]:
+    params = [p for layer in module.layers for p in layer.blobs]
+    touched = tuple(getattr(p, "_numpy_touch", 0) for p in params)
+    held = any(r() is not None for p in params for r in getattr(p, "_numpy_views", ()))
+    return touched, held
+
+
+class FastForward:
+    """One net's fused forward, and the staleness of the blobs it did not write."""
+
+    def __init__(self, net):
+        self.net = net
+        self.cache = InferenceCache(net.module)
+        self._touched: tuple | None = None
+        self._inputs: dict[str, torch.Tensor] | None = None
+
+    @property
+    def stale(self) -> bool:
+        return self._inputs is not None
+
+    def run(self) -> None:
+        net = self.net
+        touched, held = _numpy_state(net.module)
+        if held or touched != self._touched:
+            self.cache.invalidate()
+            self._touched = touched
+        inputs = {n: torch.from_numpy(net.blobs[n].data.copy()) for n in net.inputs}
+        outputs = self.cache.outputs(**inputs)
+        for name in net.outputs:
+            net.blobs[name]._store(outputs[name])
+        self._inputs = inputs
+        net._traces.clear()
+        skip = set(net.inputs) | set(net.outputs)
+        for name, blob in net.blobs.items():
+            if name not in skip:
+                blob._refresh = self.materialize
+
+    def forget(self) -> None:
+        """A full forward follows: the stale blobs will be overwritten, not recomputed."""
+        self._inputs = None
+        for blob in self.net.blobs.values():
+            blob._refresh = None
+
+    def materialize(self) -> None:
+        """Give every blob its value: the full forward on the fast forward's inputs."""
+        from caffe_compat._net_exec import forward_range
+        inputs = self._inputs
+        if inputs is None:
+            return
+        self.forget()
+        net = self.net
+        current = {n: net.blobs[n].data.copy() for n in inputs}
+        for name, value in inputs.items():
+            net.blobs[name].data = value.numpy()
+        try:
+            forward_range(net, 0, len(net.module.layers) - 1, net._device())
+        finally:
+            for name, value in current.items():
+                net.blobs[name].data = value

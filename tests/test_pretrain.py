@@ -1,0 +1,132 @@
+"""The fine-tuned protocol's pretraining data never contains an image of data/fashion50.
+
+Every 40/10 split (train and test images alike) is drawn from data/fashion50, whose files are
+named by their Fashion-MNIST training-set index. The proof has two links: (1) those names are
+the IDX indices — each PNG equals the IDX image at its index (needs the real IDX files, from
+``apt-get install dataset-fashion-mnist``); (2) the pretraining LMDB builder leaves out exactly
+those indices — checked on an IDX set that holds the fashion50 PNGs at their own indices among
+other images, by pixel content, not by key.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from caffe_compat.data.db import open_db
+from caffe_compat.proto import caffe_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import pretrain  # noqa: E402
+from experiments.defaults import CLASSES  # noqa: E402
+from experiments.fashion_mnist import build_lmdbs, load  # noqa: E402
+
+FASHION50 = ROOT / "data" / "fashion50"
+REAL_IDX = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _fashion50_images() -> dict[int, tuple[np.ndarray, int]]:
+    out = {}
+    for png in FASHION50.glob("*/*.png"):
+        out[int(png.stem)] = (cv2.imread(os.fspath(png), cv2.IMREAD_GRAYSCALE),
+                              CLASSES.index(png.parent.name))
+    return out
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_indices_cover_every_fashion50_image():
+    indices = pretrain.fashion50_indices(FASHION50)
+    assert len(indices) == len(list(FASHION50.glob("*/*.png"))) == 500
+
+
+def test_a_misnamed_image_is_refused(tmp_path):
+    (tmp_path / "coat").mkdir()
+    (tmp_path / "coat" / "copy of 12.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="not named <index>.png"):
+        pretrain.fashion50_indices(tmp_path)
+
+
+@pytest.mark.skipif(not (REAL_IDX / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST IDX files not installed (dataset-fashion-mnist)")
+def test_fashion50_names_are_the_idx_indices():
+    images, labels = load(REAL_IDX, "train")
+    for index, (img, label) in _fashion50_images().items():
+        assert np.array_equal(images[index], img), index
+        assert labels[index] == label, index
+
+
+def test_pretraining_lmdb_holds_no_fashion50_image(tmp_path):
+    """Fashion50's PNGs at their indices among random images; none may reach the LMDB."""
+    known = _fashion50_images()
+    total = max(known) + 40
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (total, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, total, dtype=np.uint8)
+    for index, (img, label) in known.items():
+        images[index], labels[index] = img, label
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    _write_idx(idx / "train-images-idx3-ubyte", images)
+    _write_idx(idx / "train-labels-idx1-ubyte", labels)
+    _write_idx(idx / "t10k-images-idx3-ubyte", images[:5])
+    _write_idx(idx / "t10k-labels-idx1-ubyte", labels[:5])
+    db = tmp_path / "db"
+    build_lmdbs(idx, db, 72, color=True, exclude_train=pretrain.fashion50_indices(FASHION50))
+    forbidden = {np.repeat(cv2.resize(img, (72, 72))[None], 3, 0).tobytes()
+                 for img, _ in known.values()}
+    seen = []
+    with open_db(db / "train") as reader:
+        for key, value in reader.items():
+            datum = caffe_pb2.Datum.FromString(value)
+            assert datum.data not in forbidden, key
+            seen.append(pretrain.record_index(key))
+    assert sorted(seen) == sorted(set(range(total)) - set(known))
+    assert len(seen) == total - 500
+
+
+def test_finetune_folders_are_what_the_generator_writes(tmp_path):
+    """models/*_finetune*: the base net with fc8 renamed (lr_mult 10/20), solver weights set."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_finetune_models as gen
+    for folder, (base, weight) in gen.FOLDERS.items():
+        base_net = (ROOT / "models" / base / "train_val.prototxt").read_text(encoding="utf-8")
+        ours = (ROOT / "models" / folder / "train_val.prototxt").read_text(encoding="utf-8")
+        assert ours.split("\n", 1)[1] == gen.finetune_net(base_net, weight), folder
+        assert '"fc8"' not in ours and "lr_mult: 10" in ours
+        solver = (ROOT / "models" / folder / "solver.prototxt").read_text(encoding="utf-8")
+        weights = re.search(r'weights: "([^"]+)"', solver).group(1)
+        assert Path(ROOT / weights) == pretrain.pretrained_path(base)
+        assert re.search(r"base_lr: 0.001\b", solver)
+
+
+def test_pretrained_weights_load_into_the_finetune_net_except_the_classifier(tmp_path):
+    import torch
+
+    from caffe_compat.engine import analysis, weights
+    torch.manual_seed(0)
+    pre = analysis.load_net(os.fspath(ROOT / "models/alexnet_64/deploy.prototxt"))
+    path = tmp_path / "pre.caffemodel"
+    weights.save(pre, os.fspath(path))
+    tuned = analysis.load_net(os.fspath(ROOT / "models/alexnet_64_finetune/deploy.prototxt"))
+    fresh = tuned.layers[tuned.layer_index("fc8_fashion50")].blobs[0].detach().clone()
+    weights.copy_from(tuned, os.fspath(path))
+    for name, layer in pre.named_layers():
+        if name == "fc8":
+            continue
+        for a, b in zip(layer.blobs, tuned.layers[tuned.layer_index(name)].blobs):
+            assert torch.equal(a, b), name
+    assert torch.equal(tuned.layers[tuned.layer_index("fc8_fashion50")].blobs[0], fresh)

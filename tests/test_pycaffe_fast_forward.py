@@ -1,0 +1,135 @@
+"""pycaffe's outputs-only fast forward: the fused net's outputs, every other blob on demand.
+
+Each case compares with a second Net built from the same weights whose fast path is off (the
+layer-by-layer path the rest of the pycaffe tests check against Caffe's goldens).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import caffe_compat as caffe
+
+NET = """
+name: "bn"
+input: "data" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
+input: "label" input_shape { dim: 2 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "sc1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+@pytest.fixture
+def nets(tmp_path):
+    """(fast net, reference net with the fast path off), equal weights, BN statistics set."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET)
+    net = caffe.Net(str(path), caffe.TEST)
+    rng = np.random.default_rng(0)
+    net.params["bn1"][0].data[...] = rng.random(4)
+    net.params["bn1"][1].data[...] = rng.random(4) + 0.5
+    net.params["bn1"][2].data[...] = 0.8          # moving-average factor: stats / 0.8
+    net.params["sc1"][0].data[...] = rng.random(4) + 0.5
+    net.params["sc1"][1].data[...] = rng.random(4) - 0.5
+    weights = tmp_path / "w.caffemodel"
+    net.save(str(weights))
+    ref = caffe.Net(str(path), str(weights), caffe.TEST)
+    ref._fast = None
+    return net, ref, rng
+
+
+def _feed(rng):
+    return {"data": rng.random((2, 3, 8, 8)).astype(np.float32),
+            "label": np.array([0, 2], np.float32)}
+
+
+def _outputs(net, feed):
+    return {k: v.copy() for k, v in net.forward(**feed).items()}
+
+
+def test_takes_the_fused_path_and_matches_the_layer_path(nets):
+    net, ref, rng = nets
+    assert net._fast is not None
+    feed = _feed(rng)
+    ours, theirs = _outputs(net, feed), _outputs(ref, feed)
+    assert net.blobs["fc"]._refresh is not None          # not copied: stale until read
+    for name in ("prob", "loss"):
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_intermediate_blobs_read_as_the_full_forward_left_them(nets):
+    net, ref, rng = nets
+    feed = _feed(rng)
+    net.forward(**feed)
+    ref.forward(**feed)
+    net.blobs["data"].data[...] = 0          # changed after the forward: Caffe's blobs keep
+    for name in ("conv1", "fc"):             # what that forward computed
+        np.testing.assert_array_equal(net.blobs[name].data, ref.blobs[name].data)
+    assert net.blobs["conv1"].shape == ref.blobs["conv1"].shape
+    np.testing.assert_array_equal(net.blobs["data"].data, 0)   # the caller's write stays
+
+
+@pytest.mark.parametrize("how", ["temporary", "held"])
+def test_weights_written_through_numpy_reach_the_next_forward(nets, how):
+    net, ref, rng = nets
+    feed = _feed(rng)
+    net.forward(**feed)                               # fused with the old weights
+    if how == "temporary":
+        net.params["sc1"][0].data[...] = 3.0
+        ref.params["sc1"][0].data[...] = 3.0
+    else:
+        held = net.params["bn1"][0].data             # held across a forward, written after
+        net.forward(**feed)
+        held += 2.0
+        ref.params["bn1"][0].data[...] += 2.0
+    np.testing.assert_allclose(_outputs(net, feed)["prob"], _outputs(ref, feed)["prob"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_backward_after_a_fast_forward_sees_the_full_forward(nets):
+    net, ref, rng = nets
+    feed = _feed(rng)
+    for n in (net, ref):
+        n.forward(**feed)
+        n.clear_param_diffs()
+        n.backward()
+    for layer in ("conv1", "fc"):
+        np.testing.assert_allclose(net.params[layer][0].diff, ref.params[layer][0].diff,
+                                   rtol=1e-5, atol=1e-7)
+    assert np.abs(net.params["conv1"][0].diff).sum() > 0
+
+
+def test_partial_forward_after_a_fast_forward_reads_its_blobs(nets):
+    net, ref, rng = nets
+    feed = _feed(rng)
+    net.forward(**feed)
+    ref.forward(**feed)
+    net.blobs["conv1"].data  # noqa: B018 - nothing read yet on ref either way
+    for n in (net, ref):
+        n.forward(start="fc", end="prob")
+    np.testing.assert_allclose(net.blobs["prob"].data, ref.blobs["prob"].data, rtol=1e-6)
+
+
+def test_blobs_argument_takes_the_full_path(nets):
+    net, _, rng = nets
+    out = net.forward(blobs=["conv1"], **_feed(rng))
+    assert net.blobs["fc"]._refresh is None and out["conv1"].shape == (2, 4, 6, 6)
+
+
+def test_nets_with_data_layers_or_python_layers_keep_the_full_path(tmp_path):
+    path = tmp_path / "dummy.prototxt"
+    path.write_text('layer { name: "d" type: "DummyData" top: "x" dummy_data_param {'
+                    ' shape { dim: 1 dim: 2 } data_filler { type: "constant" value: 1 } } }\n'
+                    'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\n')
+    assert caffe.Net(str(path), caffe.TEST)._fast is None
+    trained = tmp_path / "train.prototxt"
+    trained.write_text('input: "x" input_shape { dim: 1 dim: 2 }\n'
+                       'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\n')
+    assert caffe.Net(str(trained), caffe.TRAIN)._fast is None
