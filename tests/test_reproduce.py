@@ -291,6 +291,20 @@ def test_killed_reproduction_continues(tiny_model, tmp_path, monkeypatch, capsys
     assert "## tiny_64: 2 runs × 3 epochs" in table and "| | 1 | 2 | 3 |" in table
 
 
+def test_seed_ranges_fill_one_results_folder(tiny_model, tmp_path):
+    tool = _tool()
+    out = tmp_path / "out"
+    base = ["--models", str(tiny_model), "--epochs", "1", "--threads", "1", "--out", str(out)]
+    assert tool.main(base + ["--runs", "1", "--first-seed", "1"]) == 0
+    assert tool.main(base + ["--runs", "1"]) == 0
+    assert sorted(p.name for p in (out / "records" / "tiny_64").iterdir()) == \
+        ["seed0.json", "seed1.json"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert [("--first-seed" in i["command"], "ended" in i) for i in meta["invocations"]] == \
+        [(True, True), (False, True)]
+    assert "## tiny_64: 2 runs × 1 epochs (split seeds 0, 1)" in (out / "table1.md").read_text()
+
+
 @pytest.mark.slow
 def test_short_reproduction_on_alexnet_64(tmp_path):
     if not (REPO / "models" / "alexnet_64" / "solver.prototxt").is_file():

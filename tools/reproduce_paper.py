@@ -64,6 +64,9 @@ def parse_args(argv):
                          + DEFAULT_MODELS[224])
     ap.add_argument("--runs", type=int, default=10, help="runs per model, seeds 0..R-1 "
                     "(default 10, as the paper)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first..first+runs-1 (default 0): split the runs of one model "
+                         "over processes, each with its own range")
     ap.add_argument("--epochs", type=int, default=50, help="epochs per run (default 50)")
     ap.add_argument("--input-size", type=int, default=64, choices=(64, 224),
                     help="64: the CPU variants (*_64); 224: the faithful 224/227 models "
@@ -206,6 +209,21 @@ def write_outputs(out: Path, models: list[str], meta: dict, suffix: str = "") ->
     return text
 
 
+def record_invocation(meta_path: Path, inv: dict) -> dict:
+    """Add or update ``inv`` in meta.json, re-read first: processes running other seed
+    ranges into the same folder each keep their own entry."""
+    from experiments.reproduce.protocol import write_json
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"invocations": []}
+    same = [i for i, old in enumerate(meta["invocations"])
+            if (old["command"], old["started"]) == (inv["command"], inv["started"])]
+    if same:
+        meta["invocations"][same[0]] = inv
+    else:
+        meta["invocations"].append(inv)
+    write_json(meta_path, meta)
+    return meta
+
+
 def ensure_pretrained(dirs: list[Path], idx_dir: str, say) -> None:
     """Pretrain (tools/pretrain.py's work) every model whose solver names a missing caffemodel
     under runs/pretrain/<base>/."""
@@ -241,12 +259,13 @@ def done_epochs(out: Path, work: Path, model: str, seed: int, epochs: int) -> in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.runs < 1 or args.epochs < 1:
-        raise SystemExit("error: --runs and --epochs must be >= 1")
+    if args.runs < 1 or args.epochs < 1 or args.first_seed < 0:
+        raise SystemExit("error: --runs and --epochs must be >= 1, --first-seed >= 0")
+    seeds = range(args.first_seed, args.first_seed + args.runs)
     import torch
     from tqdm import tqdm
 
-    from experiments.reproduce.protocol import ProtocolError, write_json
+    from experiments.reproduce.protocol import ProtocolError
     from experiments.reproduce.runs import run_once
     from caffe_compat.engine.solver import NonFiniteLossError
     from caffe_compat.formats import glog
@@ -272,11 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python tools/reproduce_paper.py " + " ".join(shlex.quote(a) for a in given)
     inv = {"command": command.strip(), "machine": machine(torch.get_num_threads()),
            "started": datetime.datetime.now().isoformat(timespec="seconds")}
-    meta["invocations"].append(inv)
-    write_json(meta_path, meta)
+    meta = record_invocation(meta_path, inv)
     glog.set_stderr(False)
     total = args.runs * len(dirs) * args.epochs
-    initial = sum(done_epochs(out, work, m, s, args.epochs) for s in range(args.runs)
+    initial = sum(done_epochs(out, work, m, s, args.epochs) for s in seeds
                   for m in models)
     if args.pretrained and not args.weights:
         try:
@@ -287,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                disable=not sys.stderr.isatty())
     say = bar.write if not bar.disable else print
     try:
-        for seed in range(args.runs):
+        for n, seed in enumerate(seeds):
             for d in dirs:
-                bar.set_description(f"run {seed + 1}/{args.runs} {d.name}")
+                bar.set_description(f"run {n + 1}/{args.runs} (seed {seed}) {d.name}")
 
                 def on_epoch(rec, bar=bar):
                     bar.update(1)
@@ -324,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     bar.close()
     inv["ended"] = datetime.datetime.now().isoformat(timespec="seconds")
-    write_json(meta_path, meta)
+    meta = record_invocation(meta_path, inv)
     text = write_outputs(out, models, meta, suffix)
     print(text)
     print(f"wrote {out / f'table1{suffix}.md'}, {out / f'fig1_loss{suffix}.png'}, "
