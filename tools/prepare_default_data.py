@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.commands.tool_args import fail, repo_root, say  # noqa: E402
+from caffe_compat.commands.common import fail, repo_root, say  # noqa: E402
 from caffe_compat.formats.errors import DataError  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffe_compat.commands.tool_args import fail, repo_root, shown  # noqa: E402
+from caffe_compat.commands.common import fail, repo_root, shown  # noqa: E402
 from caffe_compat.data.convert import progress  # noqa: E402
 from experiments.defaults import CLASSES  # noqa: E402
 from experiments.fashion_mnist import load, rel_name  # noqa: E402

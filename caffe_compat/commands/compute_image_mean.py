@@ -24,7 +24,7 @@ import os
 import sys
 
 
-from caffe_compat.commands.tool_args import fail, gflags_argv, shown
+from caffe_compat.commands.common import fail, gflags_argv, shown
 from caffe_compat.formats.errors import CaffeCompatError as DataError
 
 BOOL_FLAGS = {"gray"}
