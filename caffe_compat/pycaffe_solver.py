@@ -44,6 +44,7 @@ class Solver(EngineSolver):
 
     def blobs_ready(self, net_index: int, blobs: Mapping[str, torch.Tensor]) -> None:
         net = self._views[net_index]
+        net._fresh_blobs(needed=False)     # an earlier fast net.forward() is superseded
         inputs = set(net.module.input_names)
         for name, t in blobs.items():
             if name in net.blobs and name not in inputs:

@@ -174,16 +174,13 @@ class Pooling(Layer):
         return total / self._ave_divisor(x.shape[2], x.shape[3], k, out, x)
 
     def _max(self, x: torch.Tensor, k, out, fused: bool, want_mask: bool):
-        if fused and not want_mask:      # no indices: the faster kernel, same values
-            y = F.max_pool2d(x, k, self.stride, self.pad, ceil_mode=self.ceil)
-        elif fused:
+        if fused:
             y, idx = F.max_pool2d(x, k, self.stride, self.pad, ceil_mode=self.ceil,
                                   return_indices=True)
         else:
             # -inf padding never wins, as Caffe clips windows to the image.
             xp = self._explicit_pad(x, k, out, -math.inf)
-            y, idx = F.max_pool2d(xp, k, self.stride, return_indices=want_mask) \
-                if want_mask else (F.max_pool2d(xp, k, self.stride), None)
+            y, idx = F.max_pool2d(xp, k, self.stride, return_indices=True)
             if want_mask:  # padded flat index -> Caffe's in-channel index h*W + w
                 Wp, W = xp.shape[3], x.shape[3]
                 idx = ((torch.div(idx, Wp, rounding_mode="floor") - self.pad[0]) * W
