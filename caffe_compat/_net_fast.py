@@ -30,6 +30,8 @@ def eligible(net) -> bool:
             return False                     # user code may read or write any blob
         if not m.layer_bottoms(index) and layer.type != "Input":
             return False                     # data/DummyData sources: the full path
+        if not m.layer_tops(index):
+            return False                     # sinks (HDF5Output) act on every forward
     return True
 
 

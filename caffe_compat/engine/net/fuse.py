@@ -212,7 +212,8 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
         if _is_alias(layer):
             ops.append(_Op(None, step.bottoms, step.tops))
             continue
-        channels = _foldable_head(layer, module, step.tops[0]) if fold or fuse_relu else None
+        channels = _foldable_head(layer, module, step.tops[0]) \
+            if (fold or fuse_relu) and step.tops else None
         if channels is not None:
             op = _fold_chain(module, pos, channels, consumers, absorbed, fold, fuse_relu)
             if op is not None:
