@@ -133,3 +133,8 @@ def test_nets_with_data_layers_or_python_layers_keep_the_full_path(tmp_path):
     trained.write_text('input: "x" input_shape { dim: 1 dim: 2 }\n'
                        'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\n')
     assert caffe.Net(str(trained), caffe.TRAIN)._fast is None
+    sink = tmp_path / "sink.prototxt"
+    sink.write_text('input: "x" input_shape { dim: 1 dim: 2 }\n'
+                    'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\n'
+                    'layer { name: "s" type: "Silence" bottom: "y" }\n')
+    assert caffe.Net(str(sink), caffe.TEST)._fast is None      # sinks act on every forward
