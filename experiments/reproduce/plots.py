@@ -57,7 +57,8 @@ def plot_accuracy(records: dict[str, list[dict]], path: str | Path) -> Path:
     """Figure 2: test accuracy per model, with the paper's reported points."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    colors = {"vgg16_landmark": "tab:red", "alexnet": "tab:green", "vgg16": "tab:purple"}
+    colors = {"vgg16_landmark": "tab:red", "alexnet": "tab:green", "vgg16": "tab:purple",
+              "vgg16_landmark_lw0": "tab:orange"}
     for i, (model, runs) in enumerate(records.items()):
         _band(ax, runs, "test_accuracy", model, colors.get(family(model), f"C{i}"), 100.0)
     p = PAPER["vgg16_landmark"]
