@@ -59,10 +59,6 @@ class FastForward:
         self._touched: tuple | None = None
         self._inputs: dict[str, torch.Tensor] | None = None
 
-    @property
-    def stale(self) -> bool:
-        return self._inputs is not None
-
     def run(self) -> None:
         net = self.net
         touched, held = _numpy_state(net.module)

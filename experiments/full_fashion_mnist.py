@@ -98,28 +98,18 @@ def record_count(db: Path) -> int:
 
 
 def solver_param(args, db: Path, n_train: int, n_test: int):
-    from caffe_compat.formats.blob_io import read_text_proto
-    from caffe_compat.proto import caffe_pb2
-    from experiments.reproduce.protocol import TRAIN, SplitData, rewrite_sources
+    from experiments.reproduce.protocol import ProtocolError, SplitData, embed_net
     from caffe_compat.engine.solver.params import read_solver_param
     sp = read_solver_param(args.solver)
-    # the net path as `caffe train` run from the checkout reads it, else beside the solver
-    net_path = next((os.fspath(p) for p in (REPO / sp.net, Path(args.solver).parent / sp.net)
-                     if p.is_file()), None)
-    if net_path is None:
-        raise SystemExit(f"error: {args.solver}: net file '{sp.net}' not found")
     if args.test_images > n_test:
         raise SystemExit(f"error: --test-images {args.test_images}: {db / 'test'} holds only "
                          f"{n_test} records")
-    net = read_text_proto(net_path, caffe_pb2.NetParameter)
-    rewrite_sources(net, SplitData(db / "train", db / "test", db / "mean.binaryproto",
-                                   n_train, n_test), net_path)
-    for lp in net.layer:
-        if lp.type == "Data":
-            train = any(r.phase == TRAIN for r in lp.include)
-            lp.data_param.batch_size = args.batch_size if train else args.test_batch
-    sp.ClearField("net")
-    sp.net_param.CopyFrom(net)
+    try:
+        net_path = os.fspath(embed_net(sp, Path(args.solver), SplitData(
+            db / "train", db / "test", db / "mean.binaryproto", n_train, n_test),
+            args.batch_size, args.test_batch))
+    except ProtocolError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if args.max_iter:
         sp.max_iter = args.max_iter
     del sp.test_iter[:]

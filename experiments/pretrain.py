@@ -20,13 +20,12 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-from experiments.reproduce.protocol import (NEVER, TRAIN, SplitData, model_files, output_of,
-                                            rewrite_sources, solver_summary_line, write_json)
+from experiments.reproduce.protocol import (SplitData, embed_net, output_of,
+                                            solver_summary_line, write_json)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IDX = Path("/usr/share/datasets/fashion-mnist")
@@ -75,25 +74,15 @@ def pretrained_path(model: str, work: Path = DEFAULT_WORK) -> Path:
 
 
 def pretrain_solver(model_dir: Path, data: SplitData, work: Path):
-    """The model's solver_pretrain.prototxt with its train_val pointed at ``data``."""
+    """The model's solver_pretrain.prototxt with the net it names pointed at ``data``."""
     from caffe_compat.engine.solver.params import read_solver_param
-    from caffe_compat.formats.blob_io import read_text_proto
-    from caffe_compat.proto import caffe_pb2
     model_dir = Path(model_dir)
     solver_path = model_dir / "solver_pretrain.prototxt"
     if not solver_path.is_file():
         raise SystemExit(f"error: {solver_path}: missing (the pretraining solver of "
                          f"{model_dir.name})")
-    _, net_path = model_files(model_dir)
-    net = read_text_proto(net_path, caffe_pb2.NetParameter)
-    rewrite_sources(net, data, os.fspath(net_path))
-    for lp in net.layer:
-        if lp.type == "Data":
-            train = any(r.phase == TRAIN for r in lp.include)
-            lp.data_param.batch_size = TRAIN_BATCH if train else TEST_BATCH
     sp = read_solver_param(os.fspath(solver_path))
-    sp.ClearField("net")
-    sp.net_param.CopyFrom(net)
+    net_path = embed_net(sp, solver_path, data, TRAIN_BATCH, TEST_BATCH)
     del sp.test_iter[:]
     sp.test_iter.append(math.ceil(data.n_test / TEST_BATCH))
     run_dir = Path(work) / model_dir.name
@@ -162,6 +151,3 @@ def pretrain_summary(model: str, work: Path = DEFAULT_WORK) -> dict | None:
     path = Path(work) / model / "pretrain.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
-
-def remove(model: str, work: Path = DEFAULT_WORK) -> None:
-    shutil.rmtree(Path(work) / model, ignore_errors=True)

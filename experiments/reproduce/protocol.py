@@ -179,14 +179,38 @@ def model_files(model_dir: Path) -> tuple[Path, Path]:
     if not param.HasField("net"):
         raise ProtocolError(f"{solver}: the protocol needs 'net: \"...train_val.prototxt\"' "
                             "(one net with TRAIN and TEST Data layers)")
+    net, tried = resolve_like_caffe(param.net, solver)
+    if net is None:
+        raise ProtocolError(f"{solver}: net file '{param.net}' not found (tried "
+                            f"{' and '.join(map(str, tried))})")
+    return solver, net
+
+
+def resolve_like_caffe(entry: str, solver_path: Path) -> tuple[Path | None, list[Path]]:
+    """A path a solver file names (``net:``, ``weights:``) as ``caffe train`` run from the
+    checkout reads it, falling back to the solver file's folder: (the existing file or None,
+    the candidates tried)."""
     repo = Path(__file__).resolve().parents[2]
-    tried = [Path(param.net)] if os.path.isabs(param.net) else \
-        [repo / param.net, solver.resolve().parent / param.net]
-    for net in tried:
-        if net.is_file():
-            return solver, net.resolve()
-    raise ProtocolError(f"{solver}: net file '{param.net}' not found (tried "
-                        f"{' and '.join(map(str, tried))})")
+    tried = [Path(entry)] if os.path.isabs(entry) else \
+        [repo / entry, Path(solver_path).resolve().parent / entry]
+    return next((t.resolve() for t in tried if t.is_file()), None), tried
+
+
+def embed_net(sp: caffe_pb2.SolverParameter, solver_path: Path, data: SplitData,
+              train_batch: int, test_batch: int) -> Path:
+    """Read the net ``sp`` names, point its Data layers at ``data`` with these batch sizes
+    and put it into ``sp.net_param`` (in memory; the file is untouched). Returns its path."""
+    net_path, _ = resolve_like_caffe(sp.net, solver_path)
+    if net_path is None:
+        raise ProtocolError(f"{solver_path}: net file '{sp.net}' not found")
+    net = read_text_proto(net_path, caffe_pb2.NetParameter)
+    rewrite_sources(net, data, os.fspath(net_path))
+    for lp in net.layer:
+        if lp.type == "Data":
+            lp.data_param.batch_size = train_batch if _phase_of(lp, "") == TRAIN else test_batch
+    sp.ClearField("net")
+    sp.net_param.CopyFrom(net)
+    return net_path
 
 
 @dataclass
@@ -243,12 +267,9 @@ def solver_weights(sp: caffe_pb2.SolverParameter, solver_path: Path,
     Relative paths are read as ``caffe train`` run from the checkout reads them, falling back
     to the solver file's folder.
     """
-    repo = Path(__file__).resolve().parents[2]
     found = []
     for entry in (w for field in sp.weights for w in field.split(",") if w):
-        tried = [Path(entry)] if os.path.isabs(entry) else \
-            [repo / entry, Path(solver_path).resolve().parent / entry]
-        hit = next((t for t in tried if t.is_file()), None)
+        hit, tried = resolve_like_caffe(entry, solver_path)
         if hit is None and must_exist:
             raise ProtocolError(f"{solver_path}: weights '{entry}' not found (a pretrained "
                                 "caffemodel: make it with tools/pretrain.py, or run "

@@ -53,7 +53,8 @@ def confidence_interval(diffs: list[float]) -> tuple[float, float, float]:
     mean = float(arr.mean())
     if len(arr) < 2:
         return mean, math.nan, math.nan
-    t = T95[min(len(arr) - 1, len(T95)) - 1] if len(arr) <= 31 else 1.96
+    dof = len(arr) - 1
+    t = T95[dof - 1] if dof <= len(T95) else 1.96
     half = t * float(arr.std(ddof=1)) / math.sqrt(len(arr))
     return mean, mean - half, mean + half
 

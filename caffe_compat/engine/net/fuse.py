@@ -338,11 +338,11 @@ class InferenceCache:
 
     def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            if not self.channels_last:
-                return self.fused.outputs(**inputs)
             try:
                 return self.fused.outputs(**inputs)
             except RuntimeError:            # a layer that needs NCHW memory: use that from now
+                if not self.channels_last:
+                    raise
                 self.channels_last = False
                 self.invalidate()
                 return self.fused.outputs(**inputs)
