@@ -1,4 +1,4 @@
-"""Scale benchmark: vgg16_landmark_64 on the full Fashion-MNIST (60,000 train / 10,000 test).
+"""Scale benchmark: a model (default vgg16_landmark_64) on the full Fashion-MNIST (60k/10k).
 
 1. Builds the LMDBs once (kept): all 70,000 IDX images resized to --size × --size (default
    72, for the net's 64×64 crops; grey, or --color for 3 channels) with 8 silhouette landmarks
@@ -21,6 +21,9 @@ Published anchors (Fashion-MNIST README benchmark): VGG16 93.5%, ResNet-18 94.9%
 Examples:
   python tools/full_fashion_mnist.py --max-iter 600 --threads 1      # ~8 min of fp32 training
   python tools/full_fashion_mnist.py --precision bf16 --threads 2     # the 25 epochs, ~1.6 h
+  python tools/full_fashion_mnist.py --size 36 --solver \
+      models/vgg16_landmark_32_bn/solver_full.prototxt --work runs/fmnist_full_bn \
+      --report results/fmnist_full_bn.md --test-every 2   # the BatchNorm variant, 20 epochs
   python tools/full_fashion_mnist.py --resume \
       runs/fmnist_full/vgg16_landmark_64_iter_1874.solverstate
 """
@@ -116,7 +119,7 @@ def solver_param(args, db: Path, n_train: int, n_test: int):
     sp.test_iter.append(math.ceil(args.test_images / args.test_batch))
     sp.test_interval = NEVER          # this script tests on its own --test-every schedule
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    sp.snapshot_prefix = os.fspath(Path(args.work) / "vgg16_landmark_64")
+    sp.snapshot_prefix = os.fspath(Path(args.work) / Path(sp.snapshot_prefix).name)
     return sp, net_path
 
 
@@ -124,23 +127,44 @@ def solver_param(args, db: Path, n_train: int, n_test: int):
 
 
 class Curve:
-    """Per-iteration train losses and the tests so far, kept in --work/curve.json so that a
-    resumed run reports the whole schedule. Saved at every snapshot and every test."""
+    """Per-iteration train losses, the tests so far and the training segments (one per
+    invocation: iterations, seconds, threads), kept in --work/curve.json so that a resumed
+    run reports the whole schedule and its whole cost. Saved at every snapshot and test."""
 
     def __init__(self, path: Path, start_iter: int):
         self.path = path
         self.train_loss: list[float] = []
         self.tests: list[dict] = []
+        self.segments: list[dict] = []
         if start_iter and path.is_file():     # resuming: keep what led to that snapshot
             saved = json.loads(path.read_text(encoding="utf-8"))
             self.train_loss = saved["train_loss"][:start_iter]
             self.tests = [t for t in saved["tests"] if t["iter"] <= start_iter]
+            self.segments = [clamp(seg, start_iter) for seg in saved.get("segments", [])
+                             if seg["start"] < start_iter]
         # killed between a snapshot and the curve's save: those iterations' losses are lost
         self.train_loss += [math.nan] * (start_iter - len(self.train_loss))
 
     def save(self) -> None:
         from experiments.reproduce.protocol import write_json
-        write_json(self.path, {"train_loss": self.train_loss, "tests": self.tests})
+        write_json(self.path, {"train_loss": self.train_loss, "tests": self.tests,
+                               "segments": self.segments})
+
+
+def clamp(segment: dict, last_iter: int) -> dict:
+    """A segment cut at the snapshot a resumed run starts from (its time pro rata): what
+    it trained past that snapshot was lost with the killed process."""
+    if segment["end"] <= last_iter:
+        return segment
+    done = (last_iter - segment["start"]) / (segment["end"] - segment["start"])
+    return segment | {"end": last_iter, "seconds": segment["seconds"] * done}
+
+
+def train_crop(net_param) -> int:
+    """The TRAIN Data layer's crop_size (the input side the net sees)."""
+    from caffe_compat.proto import caffe_pb2
+    return next(lp.transform_param.crop_size for lp in net_param.layer
+                if lp.type == "Data" and any(r.phase == caffe_pb2.TRAIN for r in lp.include))
 
 
 def test_once(solver, loss_top: str, acc_top: str) -> dict:
@@ -158,12 +182,16 @@ class RunWatcher:
     wall-clock budget (an action source asking the loop to stop)."""
 
     def __init__(self, solver, curve: "Curve", tops: tuple[str, str], epoch_iters: float,
-                 budget_seconds: float):
+                 budget_seconds: float, command: str):
         from tqdm import tqdm
         self.solver, self.curve, self.tops, self.epoch_iters = solver, curve, tops, epoch_iters
         self.budget, self.train_seconds, self.test_seconds = budget_seconds, 0.0, 0.0
         self.bar = tqdm(total=solver.param.max_iter, initial=solver.iter, unit="iter",
                         dynamic_ncols=True, disable=not sys.stderr.isatty())
+        import torch
+        self.segment = {"start": solver.iter, "end": solver.iter, "seconds": 0.0,
+                        "threads": torch.get_num_threads(), "command": command}
+        curve.segments.append(self.segment)
         solver.subscribe(self.on_event, IterationDone, TestDone, SnapshotWritten)
         solver.add_action_source(self.over_budget)
 
@@ -178,6 +206,7 @@ class RunWatcher:
     def on_event(self, event) -> None:
         if isinstance(event, IterationDone):
             self.train_seconds += event.seconds
+            self.segment["end"], self.segment["seconds"] = event.iter, self.train_seconds
             self.curve.train_loss.append(event.outputs[self.tops[0]][0])
             self.bar.update(event.iter - self.bar.n)
             if event.iter % 10 == 0:
@@ -196,7 +225,8 @@ class RunWatcher:
             self.curve.save()
 
 
-def train(solver, args, tops: tuple[str, str], curve: "Curve", epoch_iters: float) -> dict:
+def train(solver, args, tops: tuple[str, str], curve: "Curve", epoch_iters: float,
+          command: str = "") -> dict:
     """The engine's loop to max_iter (or the --minutes budget), testing every --test-every
     epochs on the first --test-images images, snapshotting on the solver file's schedule."""
     budget = args.minutes * 60 if args.minutes is not None else math.inf
@@ -205,7 +235,7 @@ def train(solver, args, tops: tuple[str, str], curve: "Curve", epoch_iters: floa
     solver.param.test_initialization = False
     solver.test_from_first_batch = True
     start_iter = solver.iter
-    watcher = RunWatcher(solver, curve, tops, epoch_iters, budget)
+    watcher = RunWatcher(solver, curve, tops, epoch_iters, budget, command)
     try:
         if budget > 0:
             solver.step(solver.param.max_iter - solver.iter)
@@ -257,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
               "build_seconds": build_seconds, "schedule_iterations": file_max_iter,
               "n_train": n_train, "n_test": n_test, "precision": args.precision}
     with devices.autocast(devices.DeviceChoice("cpu", [], args.precision)):
-        result["train"] = train(solver, args, tops, curve, epoch_iters)
+        result["train"] = train(solver, args, tops, curve, epoch_iters, command.strip())
         model, _ = solver.snapshot()
         final = test_once(solver, *tops)
     glog.remove_log_file(log)
@@ -266,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     result["test"] = final | {"images": sp.test_iter[0] * args.test_batch}
     result["tests"] = curve.tests
     result["total_iterations"] = solver.iter
+    result["segments"] = curve.segments
+    result["model"] = Path(args.solver).parent.name
+    result["net"] = os.path.relpath(os.path.join(REPO, read_solver_param(args.solver).net), REPO)
+    result["crop"] = train_crop(sp.net_param)
     losses = curve.train_loss
     result["train_loss_last50"] = float(np.nanmean(losses[-50:])) if losses else math.nan
     result["loss_curve"] = [float(np.nanmean(c)) for c in np.array_split(losses, 10) if len(c)]
@@ -281,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                                  size=args.size, color=args.color, target=TARGET,
                                  plot_name=report_path.with_suffix(".png").name)
     scale_report.plot(curve.train_loss, curve.tests, epoch_iters, TARGET,
-                      report_path.with_suffix(".png"))
+                      report_path.with_suffix(".png"), model=result["model"])
     atomic_write_text(report_path, text)
     atomic_write_text(report_path.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
     print(text)

@@ -27,7 +27,9 @@ MODELS = sorted(d for d in glob.glob(os.path.join(ROOT, "models", "*"))
                 if os.path.isfile(os.path.join(d, "train_val.prototxt")))
 NETS = sorted(p for d in MODELS for p in glob.glob(os.path.join(d, "*.prototxt"))
               if not os.path.basename(p).startswith("solver"))   # solver*.prototxt are solvers
-SMALL = [d for d in MODELS if d.endswith("_64")]
+SMALL = [d for d in MODELS if re.search(r"_(32|64)(_bn)?$", d)]
+# the paper's 40/10 protocol models (the full-Fashion-MNIST variant has only solver_full)
+PROTOCOL = [d for d in MODELS if os.path.isfile(os.path.join(d, "solver.prototxt"))]
 TRAIN_IMAGES, TEST_IMAGES = 400, 100
 
 
@@ -171,7 +173,7 @@ def test_alexnet_parameter_count_closed_form(cheap_fillers):
 # ---------------------------------------------------------------------------- solvers, readmes
 
 
-@pytest.mark.parametrize("model", MODELS, ids=_id)
+@pytest.mark.parametrize("model", PROTOCOL, ids=_id)
 def test_solver_follows_the_protocol(model):
     name = os.path.basename(model)
     solver = read_text_proto(os.path.join(model, "solver.prototxt"), caffe_pb2.SolverParameter)
@@ -202,4 +204,17 @@ def test_readme_states_the_built_counts(model, cheap_fillers):
     assert f"{gflops:.3f} GFLOPs" in text, f"readme does not state {gflops:.3f} GFLOPs/image"
     png = re.search(r"\]\(([^)]+\.png)\)", text)
     assert png and os.path.isfile(os.path.join(model, png.group(1))), "drawing missing"
-    assert "TBD by tools/reproduce_paper.py" in text or "reproduce_paper.py" in text
+    assert "reproduce_paper.py" in text or "full_fashion_mnist.py" in text, "no run command"
+
+
+FULL_SOLVERS = sorted(glob.glob(os.path.join(ROOT, "models", "*", "solver_full.prototxt")))
+
+
+@pytest.mark.parametrize("path", FULL_SOLVERS, ids=_id)
+def test_full_fashion_mnist_solver_names_its_own_net(path):
+    """tools/full_fashion_mnist.py embeds the net the solver names: it must be this folder's."""
+    solver = read_text_proto(path, caffe_pb2.SolverParameter)
+    name = os.path.basename(os.path.dirname(path))
+    assert solver.net == f"models/{name}/train_val.prototxt"
+    assert solver.snapshot_prefix.startswith("runs/") and solver.max_iter > 0
+    assert solver.max_iter * 64 % 60000 < 64          # whole epochs of batch 64

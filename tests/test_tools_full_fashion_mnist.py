@@ -82,7 +82,21 @@ def test_resume_keeps_the_curve_and_counts_all_iterations(fake_idx, tmp_path):
     assert result["total_iterations"] == 8
     curve = json.loads((tmp_path / "work" / "curve.json").read_text())
     assert len(curve["train_loss"]) == 8            # 4 kept from before the snapshot + 4 new
-    assert "resumed at iteration 4" in (tmp_path / "report.md").read_text()
+    # the cost of the whole run: the 5-iteration invocation counts up to its snapshot
+    # at 4 (the iteration after it was lost), then the resumed 4 iterations
+    spans = [(s["start"], s["end"], s["threads"]) for s in result["segments"]]
+    assert spans == [(0, 4, 1), (4, 8, 1)]
+    report = (tmp_path / "report.md").read_text()
+    assert "resumed at iteration 4" in report and "core-hours" in report
+    assert "iterations 0–4:" in report and "iterations 4–8:" in report
+    assert "Commands, in order" in report and report.count("--max-iter 5") == 1
+
+
+def test_a_segment_past_the_resumed_snapshot_counts_pro_rata():
+    tool = load_tool("full_fashion_mnist")
+    seg = {"start": 100, "end": 300, "seconds": 50.0, "threads": 2}
+    assert tool.clamp(seg, 200) == seg | {"end": 200, "seconds": 25.0}
+    assert tool.clamp(seg, 300) == seg
 
 
 def test_more_test_images_than_the_database_holds(fake_idx, tmp_path):

@@ -26,25 +26,32 @@ def markdown(result: dict, batch: int, solver_file: str, *, size: int, color: bo
     resumed = f", resumed at iteration {r['start_iter']}" if r["start_iter"] else ""
     stored = "colour" if color else "grey (1 channel; the net infers conv1/proj1 input channels)"
     reached = t["accuracy"] >= target
+    model, crop = result.get("model", "vgg16_landmark_64"), result.get("crop", 64)
+    net = result.get("net", "models/vgg16_landmark_64/train_val.prototxt")
+    commands = [s["command"] for s in result.get("segments", []) if s.get("command")]
+    if len(commands) < 2:
+        commands = [result["command"]]
     lines = [
-        "# Scale benchmark: vgg16_landmark_64 on the full Fashion-MNIST", "",
-        "Command:", "", f"    {result['command']}", "",
+        f"# Scale benchmark: {model} on the full Fashion-MNIST", "",
+        "Command:" if len(commands) == 1 else "Commands, in order (each resumes the one before):",
+        "", *(f"    {c}" for c in commands), "",
         f"- Machine: {result['machine']}; 1-minute load average at the end "
         f"{result['load']:.1f} (other work on the same cores slows the measured speed).",
         f"- Data: all {n_train:,} training / {t['images']:,} test images (IDX files of "
         f"`dataset-fashion-mnist`), stored {size}×{size} {stored} with 8 silhouette landmarks "
-        "per record; random 64×64 crops + mirror for training, centre crop for testing; mean "
-        f"file of the training set. LMDB build: {result['build_seconds']:.0f} s "
+        f"per record; random {crop}×{crop} crops + mirror for training, centre crop for "
+        "testing; mean file of the training set."
+        f" LMDB build: {result['build_seconds']:.0f} s "
         f"({'built now' if result['build_seconds'] else 'reused'}).",
-        f"- Net and solver: `models/vgg16_landmark_64/train_val.prototxt` (sources rewritten in "
-        f"memory), `{solver_file}`: {result['solver']}; from scratch.",
+        f"- Net and solver: `{net}` (sources rewritten in memory), `{solver_file}`: "
+        f"{result['solver']}; from scratch.",
         "",
         "## Measured", "",
         "| | |", "|---|---|",
         f"| training | {result['total_iterations']} iterations × batch {batch} = "
         f"{total_images:,} images = {epochs:.2f} epochs{resumed}"
         f"{' (stopped by the --minutes budget)' if r['stopped_by_budget'] else ''} |",
-        f"| training wall time (this invocation, tests excluded) | {r['seconds'] / 60:.1f} min |",
+        *cost_rows(result.get("segments"), r),
         f"| training speed | {f'{ips:.1f} images/s' if ips else 'not measured (no training)'} |",
         f"| train loss (SoftmaxWithLoss, mean of the last 50 iterations) | "
         f"{result['train_loss_last50']:.3f} |",
@@ -82,6 +89,19 @@ def markdown(result: dict, batch: int, solver_file: str, *, size: int, color: bo
     return "\n".join(lines) + "\n"
 
 
+def cost_rows(segments: list[dict] | None, this_run: dict) -> list[str]:
+    """Training wall time and core-hours (wall × threads) over every invocation of the run."""
+    if not segments:
+        return [f"| training wall time (this invocation, tests excluded) | "
+                f"{this_run['seconds'] / 60:.1f} min |"]
+    wall = sum(s["seconds"] for s in segments)
+    cores = sum(s["seconds"] * s["threads"] for s in segments)
+    parts = "; ".join(f"iterations {s['start']}–{s['end']}: {s['seconds'] / 60:.1f} min at "
+                      f"{s['threads']} thread(s)" for s in segments)
+    return [f"| training wall time (tests excluded) | {wall / 60:.1f} min ({parts}) |",
+            f"| training CPU time (wall × threads) | {cores / 3600:.2f} core-hours |"]
+
+
 def _smooth(values: list[float], window: int) -> np.ndarray:
     """Trailing moving average over the finite values (NaN marks a lost iteration; the first
     points average what exists so far)."""
@@ -96,7 +116,7 @@ def _smooth(values: list[float], window: int) -> np.ndarray:
 
 
 def plot(train_loss: list[float], tests: list[dict], epoch_iters: float, target: float,
-         path: str | Path) -> Path:
+         path: str | Path, model: str = "vgg16_landmark_64") -> Path:
     """Two panels against epochs: smoothed train loss; test accuracy with the target."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -113,7 +133,7 @@ def plot(train_loss: list[float], tests: list[dict], epoch_iters: float, target:
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
     right.plot(test_x, [p["accuracy"] * 100 for p in tests], "o-", color="tab:green", ms=3,
-               label="vgg16_landmark_64 test accuracy")
+               label=f"{model} test accuracy")
     right.axhline(target * 100, color="tab:red", ls="--", lw=1, label=f"target {target:.1%}")
     right.axhline(VGG16_PUBLISHED * 100, color="grey", ls=":", lw=1,
                   label=f"VGG16, published {VGG16_PUBLISHED:.1%}")
