@@ -106,11 +106,7 @@ def readme_text(deploy: Path) -> str:
     """The folder's readme: what changed, counts (as test_models checks) and how to run it."""
     sys.path.insert(0, str(REPO))
     from caffe_compat.engine import analysis
-    from caffe_compat.engine.layers.base import TEST
-    from caffe_compat.engine.net.module import build_net
-    from caffe_compat.formats.blob_io import read_text_proto
-    from caffe_compat.proto import caffe_pb2
-    net = build_net(read_text_proto(deploy, caffe_pb2.NetParameter), TEST)
+    net = analysis.load_net(str(deploy))             # TEST phase, as test_models counts
     params, gflops = analysis.param_count(net), 2 * analysis.total_macs(net) / 1e9
     return f"""# {TARGET}: models/{SOURCE} with BatchNorm, at 32×32, for the full Fashion-MNIST
 

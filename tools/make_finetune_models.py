@@ -61,11 +61,7 @@ def readme_text(folder: str, base: str, landmark_weight: float | None, deploy: P
     """The folder's readme: recipe, counts (as test_models checks) and how to run it."""
     sys.path.insert(0, str(REPO))
     from caffe_compat.engine import analysis
-    from caffe_compat.engine.layers.base import TEST
-    from caffe_compat.engine.net.module import build_net
-    from caffe_compat.formats.blob_io import read_text_proto
-    from caffe_compat.proto import caffe_pb2
-    net = build_net(read_text_proto(deploy, caffe_pb2.NetParameter), TEST)
+    net = analysis.load_net(str(deploy))             # TEST phase, as test_models counts
     params, gflops = analysis.param_count(net), 2 * analysis.total_macs(net) / 1e9
     ablation = ("\n**Ablation**: the landmark EuclideanLoss has loss_weight 0, so the heatmap "
                 "branch and its attention stay in the net but get no landmark supervision while "

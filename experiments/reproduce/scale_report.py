@@ -28,8 +28,8 @@ def markdown(result: dict, batch: int, solver_file: str, *, size: int, color: bo
     reached = t["accuracy"] >= target
     model, crop = result.get("model", "vgg16_landmark_64"), result.get("crop", 64)
     net = result.get("net", "models/vgg16_landmark_64/train_val.prototxt")
-    commands = [s["command"] for s in result.get("segments", []) if s.get("command")]
-    if len(commands) < 2:
+    commands = [s.get("command") for s in result.get("segments", [])]
+    if len(commands) < 2 or not all(commands):      # one invocation, or some not recorded
         commands = [result["command"]]
     lines = [
         f"# Scale benchmark: {model} on the full Fashion-MNIST", "",
