@@ -43,8 +43,7 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
     param._numpy_touch = getattr(param, "_numpy_touch", 0) + 1
 
 
-def _numpy_state(module) -> tuple[tuple, bool]:
-    params = [p for layer in module.layers for p in layer.blobs]
+def _numpy_state(params: list[torch.Tensor]) -> tuple[tuple, bool]:
     touched = tuple(getattr(p, "_numpy_touch", 0) for p in params)
     held = any(r() is not None for p in params for r in getattr(p, "_numpy_views", ()))
     return touched, held
@@ -61,12 +60,13 @@ class FastForward:
 
     def run(self) -> None:
         net = self.net
-        touched, held = _numpy_state(net.module)
+        params = self.cache.parameters()
+        touched, held = _numpy_state(params)
         if held or touched != self._touched:
             self.cache.invalidate()
             self._touched = touched
-        inputs = {n: torch.from_numpy(net.blobs[n].data.copy()) for n in net.inputs}
-        outputs = self.cache.outputs(**inputs)
+        inputs = {n: self._snapshot(net.blobs[n].data) for n in net.inputs}
+        outputs = self.cache.outputs(params, **inputs)
         for name in net.outputs:
             net.blobs[name]._store(outputs[name])
         self._inputs = inputs
@@ -75,6 +75,14 @@ class FastForward:
         for name, blob in net.blobs.items():
             if name not in skip:
                 blob._refresh = self.materialize
+
+    def _snapshot(self, array) -> torch.Tensor:
+        """A private copy of an input blob, made straight in the layout the fused net runs
+        (NHWC for 4-D inputs of a channels_last net: one copy instead of two)."""
+        t = torch.from_numpy(array)
+        layout = torch.channels_last if self.cache.channels_last and t.dim() == 4 \
+            else torch.contiguous_format
+        return torch.empty_like(t, memory_format=layout).copy_(t)
 
     def forget(self) -> None:
         """A full forward follows: the stale blobs will be overwritten, not recomputed."""
@@ -92,7 +100,7 @@ class FastForward:
         net = self.net
         current = {n: net.blobs[n].data.copy() for n in inputs}
         for name, value in inputs.items():
-            net.blobs[name].data = value.numpy()
+            net.blobs[name].data = value.contiguous().numpy()
         try:
             forward_range(net, 0, len(net.module.layers) - 1, net._device())
         finally:

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from caffe_compat.engine.layers.base import TEST, TRAIN
-from caffe_compat.engine.net.fuse import (FoldedLinear, InferenceCache, frozen_for_inference,
-                                          fusable, fused_for_inference)
+from caffe_compat.engine.net.fuse import (FoldedLinear, InferenceCache, InPlaceReLU,
+                                          frozen_for_inference, fusable, fused_for_inference)
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
@@ -110,9 +110,30 @@ def test_fused_outputs_equal_unfused(text, folded):
 def test_resnet_fusion_drops_the_affine_layers():
     fused = fused_for_inference(build(resnet_style()))
     names = [op.fn.name for op in fused.ops if op.fn is not None and
-             not isinstance(op.fn, FoldedLinear)]
-    assert not [n for n in names if n.startswith(("bn", "scale", "bias", "relu_conv", "lrelu"))]
-    assert "relu_sum" in names and "sum" in names     # Eltwise's ReLU has no conv to join
+             not isinstance(op.fn, (FoldedLinear, InPlaceReLU))]
+    assert not [n for n in names if n.startswith(("bn", "scale", "bias", "relu", "lrelu"))]
+    assert "sum" in names
+    # Eltwise's ReLU has no conv to join: it runs in place on the sum, which nothing else reads
+    assert [op.fn.layer_name for op in fused.ops if isinstance(op.fn, InPlaceReLU)] == ["relu_sum"]
+
+
+def test_relu_stays_out_of_place_when_its_input_is_read_elsewhere():
+    # s feeds the ReLU and the second Eltwise: an in-place ReLU would change s2.
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 '
+            'dim: 5 dim: 5 } } }\n' + _conv("a", "data", 3) + _conv("b", "data", 3) +
+            'layer { name: "s" type: "Eltwise" bottom: "a" bottom: "b" top: "s" }\n'
+            'layer { name: "r" type: "ReLU" bottom: "s" top: "r" }\n'
+            'layer { name: "s2" type: "Eltwise" bottom: "s" bottom: "r" top: "s2" }\n'
+            'layer { name: "p" type: "Pooling" bottom: "s2" top: "p" '
+            'pooling_param { pool: MAX kernel_size: 2 stride: 1 } }\n'
+            'layer { name: "r2" type: "ReLU" bottom: "p" top: "p" '
+            'relu_param { negative_slope: 0.2 } }\n')
+    net = build(text)
+    fused = fused_for_inference(net)
+    assert [op.fn.layer_name for op in fused.ops if isinstance(op.fn, InPlaceReLU)] == ["r2"]
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        assert_close(fused.outputs(data=x), net(data=x))
 
 
 def test_original_net_untouched_and_exposes_every_blob():
@@ -156,7 +177,7 @@ def test_batch_statistics_are_not_folded():
     net = build(text)
     fused = fused_for_inference(net)
     assert "bn_b1" in [op.fn.name for op in fused.ops if isinstance(op.fn, torch.nn.Module)
-                       and not isinstance(op.fn, FoldedLinear)]
+                       and not isinstance(op.fn, (FoldedLinear, InPlaceReLU))]
 
 
 def test_inference_cache_refuses_stale_weights():

@@ -6,7 +6,8 @@
   Scale and Bias (learned per-channel operands) becomes one convolution whose weights and
   bias carry the affine map: for output channel c, ``y = a_c * (W_c * x + b_c) + s_c``
   folds to ``W'_c = a_c W_c`` and ``b'_c = a_c b_c + s_c`` (computed in float64);
-- a ReLU after it runs in place on the convolution's fresh output (no second tensor);
+- a ReLU after it runs in place on the convolution's fresh output (no second tensor), and so
+  does a ReLU that alone reads the new tensor of an Eltwise, Concat or Pooling;
 - TEST-phase Dropout and Split are aliases (no op at all);
 - every other layer runs as the original layer object (same parameters).
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caffe_compat.engine.layers.base import TEST, Layer
+from caffe_compat.engine.net import winograd
 from caffe_compat.engine.net.module import _REDUCED, NetModule, _in_float32
 
 _AFFINE = ("BatchNorm", "Scale", "Bias")
@@ -48,6 +50,11 @@ class _Op:
     tops: tuple[str, ...]
     full_precision: bool = False
     release: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # Modules are called through ``forward``: nn.Module.__call__'s hook checks cost more
+        # than a small layer on a batch-1 forward, and nobody hooks a fused plan.
+        self.call = self.fn.forward if isinstance(self.fn, nn.Module) else self.fn
 
 
 class FoldedLinear(nn.Module):
@@ -75,15 +82,32 @@ class FoldedLinear(nn.Module):
             self.transpose, self.K, self.num_output = layer.transpose, layer.K, layer.num_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w, b = w.to(x.dtype), (None if b is None else b.to(x.dtype))
         if self.kind == "Convolution":
-            y = self.conv(x, w, b, **self.conv_args)
+            if self._winograd_ok(x):
+                y = winograd.conv3x3(x, self._winograd_weight(), b, self.conv_args["padding"])
+            else:
+                y = self.conv(x, w, b, **self.conv_args)
         else:
             y = F.linear(x.reshape(x.shape[0], self.K), w.t() if self.transpose else w, b)
         if self.slope is None:
             return y
         return F.relu_(y) if self.slope == 0.0 else F.leaky_relu_(y, self.slope)
+
+    _winograd_u: torch.Tensor | None = None
+
+    def _winograd_ok(self, x: torch.Tensor) -> bool:
+        a = self.conv_args
+        return x.dim() == 4 and winograd.eligible(self.weight, a["stride"], a["dilation"],
+                                                  a["groups"], x)
+
+    def _winograd_weight(self) -> torch.Tensor:
+        """The transformed weights, made on first use (4x the memory of the weights)."""
+        if self._winograd_u is None:
+            self._winograd_u = winograd.weight_transform(self.weight)
+        return self._winograd_u
 
     def extra_repr(self) -> str:
         return f"{self.kind} {self.layer_name!r}, relu={self.slope is not None}"
@@ -116,6 +140,43 @@ def _affine_of(layer: Layer, channels: int) -> tuple[torch.Tensor, torch.Tensor]
         return torch.ones(channels, dtype=torch.float64), blobs[0]
     shift = blobs[-1] if layer.bias_term else torch.zeros(channels, dtype=torch.float64)
     return blobs[0], shift
+
+
+# Layers whose output is always a new tensor (never a view of a bottom) given >= 2 bottoms
+# (Pooling: one); a ReLU that is the sole reader of such an output may run in place.
+_FRESH = {"Eltwise": 2, "Concat": 2, "Pooling": 1}
+
+
+class InPlaceReLU(nn.Module):
+    """A (leaky) ReLU layer run in place on a tensor no other op reads."""
+
+    def __init__(self, layer: Layer):
+        super().__init__()
+        self.layer_name = layer.name
+        self.slope = layer.negative_slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu_(x) if self.slope == 0.0 else F.leaky_relu_(x, self.slope)
+
+    def extra_repr(self) -> str:
+        return f"ReLU {self.layer_name!r}, slope={self.slope}"
+
+
+def _in_place_relu(module: NetModule, pos: int, consumers, producers: dict[str, int]
+                   ) -> _Op | None:
+    """``pos``'s ReLU as an in-place op when its bottom is a fresh tensor only it reads."""
+    step = module._plan[pos]
+    layer = module.layers[step.index]
+    if layer.type != "ReLU" or len(step.bottoms) != 1:
+        return None
+    source = producers.get(step.bottoms[0])
+    if source is None or consumers[(source, step.bottoms[0])] != [pos]:
+        return None
+    producer = module._plan[source]
+    needed = _FRESH.get(module.layers[producer.index].type)
+    if needed is None or len(producer.bottoms) < needed:
+        return None
+    return _Op(InPlaceReLU(layer), step.bottoms, step.tops)
 
 
 def _is_alias(layer: Layer) -> bool:
@@ -175,7 +236,7 @@ class FusedNet(nn.Module):
             elif op.full_precision and any(t.dtype in _REDUCED for t in args):
                 out = _in_float32(op.fn, args)
             else:
-                out = op.fn(*args)
+                out = op.call(*args)
             if not isinstance(out, (tuple, list)):
                 out = (out,)
             for t, value in zip(op.tops, out):
@@ -203,7 +264,11 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
     consumers = _consumers(module)
     absorbed: set[int] = set()
     ops: list[_Op] = []
+    producers: dict[str, int] = {}
     for pos, step in enumerate(plan):
+        relu = _in_place_relu(module, pos, consumers, producers) \
+            if fuse_relu and pos not in absorbed else None
+        producers.update({t: pos for t in step.tops})
         if pos in absorbed:
             continue
         layer = module.layers[step.index]
@@ -211,6 +276,9 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
             continue
         if _is_alias(layer):
             ops.append(_Op(None, step.bottoms, step.tops))
+            continue
+        if relu is not None:
+            ops.append(relu)
             continue
         channels = _foldable_head(layer, module, step.tops[0]) \
             if (fold or fuse_relu) and step.tops else None
@@ -306,8 +374,22 @@ def frozen_for_inference(fused: FusedNet, example_inputs: Sequence[torch.Tensor]
                            ) from exc
 
 
-def _param_versions(module: NetModule) -> tuple:
-    return tuple((id(p), p._version) for layer in module.layers for p in layer.blobs)
+class ParameterWatch:
+    """Lists a net's parameter tensors fast enough to check on every batch-1 forward.
+
+    Holds each layer's ParameterList dict (mutated in place when a blob is shared or
+    replaced): reading those is ~20x cheaper than iterating ``layer.blobs``, which goes
+    through ``getattr`` per layer and per item (1 ms per forward on GoogLeNet)."""
+
+    def __init__(self, module: NetModule):
+        self._dicts = [layer.blobs._parameters for layer in module.layers]
+
+    def __call__(self) -> list[torch.Tensor]:
+        return [p for d in self._dicts for p in d.values()]
+
+
+def _param_versions(params: list[torch.Tensor]) -> tuple:
+    return tuple((id(p), p._version) for p in params)
 
 
 class InferenceCache:
@@ -322,6 +404,7 @@ class InferenceCache:
     def __init__(self, module: NetModule, channels_last: bool = True):
         self.module = module
         self.channels_last = channels_last
+        self.parameters = ParameterWatch(module)
         self._fused: FusedNet | None = None
         self._versions: tuple = ()
 
@@ -330,22 +413,30 @@ class InferenceCache:
 
     @property
     def fused(self) -> FusedNet:
-        versions = _param_versions(self.module)
+        return self.fused_for(self.parameters())
+
+    def fused_for(self, params: list[torch.Tensor]) -> FusedNet:
+        """The FusedNet, re-fused if ``params`` (``self.parameters()``) changed."""
+        versions = _param_versions(params)
         if self._fused is None or versions != self._versions:
             self._fused = fused_for_inference(self.module, channels_last=self.channels_last)
             self._versions = versions
         return self._fused
 
-    def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def outputs(self, params: list[torch.Tensor] | None = None,
+                **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs for ``inputs``; ``params`` saves re-listing the parameters when the
+        caller already holds ``self.parameters()`` from this call."""
+        params = self.parameters() if params is None else params
         with torch.no_grad():
             try:
-                return self.fused.outputs(**inputs)
+                return self.fused_for(params).outputs(**inputs)
             except RuntimeError:            # a layer that needs NCHW memory: use that from now
                 if not self.channels_last:
                     raise
                 self.channels_last = False
                 self.invalidate()
-                return self.fused.outputs(**inputs)
+                return self.fused_for(params).outputs(**inputs)
 
 
 def fusable(module: NetModule) -> bool:
@@ -353,5 +444,5 @@ def fusable(module: NetModule) -> bool:
     return module.phase == TEST
 
 
-__all__ = ["FusedNet", "FoldedLinear", "InferenceCache", "fused_for_inference",
-           "frozen_for_inference", "fusable"]
+__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InferenceCache", "fused_for_inference",
+           "frozen_for_inference", "fusable", "ParameterWatch"]
