@@ -1,7 +1,8 @@
 """Inference at a fixed batch: the same random weights through every way of running a net.
 
 Candidates (all fp32, same threads): ``module`` (NetModule.forward), ``fused``
-(engine.net.fuse), ``fused_cl`` (fused, channels_last weights and input), ``frozen``
+(engine.net.fuse), ``fused_cl`` (fused, channels_last weights and input; ``fused_cl_direct``
+the same with $CAFFE_COMPAT_WINOGRAD=off, the Winograd lever's baseline), ``frozen``
 (fused + torch.jit freeze/optimize_for_inference), ``pycaffe`` (caffe_compat.Net.forward
 with the input written to its blob), ``torchscript`` and ``onnxruntime`` (the files
 tools/export.py writes, run by torch and by onnxruntime) and ``opencv`` (cv2.dnn reading the
@@ -9,6 +10,7 @@ same prototxt and caffemodel). Each output is compared with ``module``'s (max ab
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -93,6 +95,8 @@ def build_candidates(name: str, prototxt: Path, batch: int, size: int | None, wo
     if "fused_cl" not in skip:
         fused_cl = fused_for_inference(net, channels_last=True)
         cands["fused_cl"] = lambda: fused_cl(x)[0]
+        if "fused_cl_direct" not in skip:
+            cands["fused_cl_direct"] = _without_winograd(lambda: fused_cl(x)[0])
     _add_frozen(cands, notes, fused, x, skip)
     if "pycaffe" not in skip:
         pnet = pycaffe.Net(str(deploy), str(caffemodel), TEST)
@@ -108,6 +112,21 @@ def build_candidates(name: str, prototxt: Path, batch: int, size: int | None, wo
         except Exception as exc:  # noqa: BLE001 - report, don't abort the suite
             notes["opencv"] = f"failed: {str(exc).splitlines()[0][:200]}"
     return cands, notes, net
+
+
+def _without_winograd(run):
+    """``run`` with every convolution on the direct kernel (the Winograd lever's baseline)."""
+    def direct():
+        before = os.environ.get("CAFFE_COMPAT_WINOGRAD")
+        os.environ["CAFFE_COMPAT_WINOGRAD"] = "off"
+        try:
+            return run()
+        finally:
+            if before is None:
+                del os.environ["CAFFE_COMPAT_WINOGRAD"]
+            else:
+                os.environ["CAFFE_COMPAT_WINOGRAD"] = before
+    return direct
 
 
 def _add_frozen(cands, notes, fused, x, skip) -> None:

@@ -13,8 +13,8 @@ CAFFE_REFERENCE = {
     ("vgg16", 8, 224): {"ms": 6092.0, "peak_memory_gb": 2.45},
     ("vgg16", 32, 32): {"ms": 844.0, "range": "829-859 ms"},
 }
-INFERENCE_ORDER = ["module", "fused", "fused_cl", "frozen", "pycaffe", "torchscript",
-                   "onnxruntime", "opencv"]
+INFERENCE_ORDER = ["module", "fused", "fused_cl", "fused_cl_direct", "frozen", "pycaffe",
+                   "torchscript", "onnxruntime", "opencv"]
 OURS = ("module", "fused", "fused_cl", "frozen")
 
 
@@ -29,8 +29,9 @@ def _best_ours(cands: dict) -> tuple[str, float] | None:
 
 def inference_table(results: list[dict]) -> list[str]:
     present = [k for k in INFERENCE_ORDER if any(k in r["candidates"] for r in results)]
-    lines = ["| net (batch) | " + " | ".join(present) + " | best ours vs OpenCV | pycaffe / module |",
-             "|---" * (len(present) + 3) + "|"]
+    lines = ["| net (batch) | " + " | ".join(present) +
+             " | best ours vs OpenCV | pycaffe / module | pycaffe / best ours |",
+             "|---" * (len(present) + 4) + "|"]
     ratios = []
     for r in results:
         c = r["candidates"]
@@ -41,8 +42,9 @@ def inference_table(results: list[dict]) -> list[str]:
             ratios.append(ratio)
             vs = f"{ratio:.2f}x ({best[0]})"
         overhead = (f"{c['pycaffe']['ms'] / c['module']['ms']:.2f}" if "pycaffe" in c else "")
+        vs_best = (f"{c['pycaffe']['ms'] / best[1]:.2f}" if "pycaffe" in c and best else "")
         lines.append(f"| {r['net']} ({r['batch']}) | " + " | ".join(cells) +
-                     f" | {vs} | {overhead} |")
+                     f" | {vs} | {overhead} | {vs_best} |")
     if ratios:
         geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
         lines.append(f"\nGeometric mean, best caffe-compat path vs OpenCV DNN: **{geo:.2f}x**.")

@@ -86,8 +86,9 @@ class FoldedLinear(nn.Module):
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), (None if b is None else b.to(x.dtype))
         if self.kind == "Convolution":
-            if self._winograd_ok(x):
-                y = winograd.conv3x3(x, self._winograd_weight(), b, self.conv_args["padding"])
+            tile = self._winograd_tile(x)
+            if tile:
+                y = winograd.conv3x3(x, self._winograd_weight(tile), b, self.conv_args["padding"])
             else:
                 y = self.conv(x, w, b, **self.conv_args)
         else:
@@ -96,18 +97,21 @@ class FoldedLinear(nn.Module):
             return y
         return F.relu_(y) if self.slope == 0.0 else F.leaky_relu_(y, self.slope)
 
-    _winograd_u: torch.Tensor | None = None
+    _winograd_u: dict | None = None
 
-    def _winograd_ok(self, x: torch.Tensor) -> bool:
+    def _winograd_tile(self, x: torch.Tensor) -> int:
         a = self.conv_args
-        return x.dim() == 4 and winograd.eligible(self.weight, a["stride"], a["dilation"],
-                                                  a["groups"], x)
+        if x.dim() != 4:
+            return 0
+        return winograd.tile_for(self.weight, a["stride"], a["dilation"], a["groups"], x)
 
-    def _winograd_weight(self) -> torch.Tensor:
-        """The transformed weights, made on first use (4x the memory of the weights)."""
+    def _winograd_weight(self, tile: int) -> torch.Tensor:
+        """The transformed weights for ``tile``, made on first use (4x the weights' memory)."""
         if self._winograd_u is None:
-            self._winograd_u = winograd.weight_transform(self.weight)
-        return self._winograd_u
+            self._winograd_u = {}
+        if tile not in self._winograd_u:
+            self._winograd_u[tile] = winograd.weight_transform(self.weight, tile)
+        return self._winograd_u[tile]
 
     def extra_repr(self) -> str:
         return f"{self.kind} {self.layer_name!r}, relu={self.slope is not None}"
