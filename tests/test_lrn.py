@@ -48,8 +48,10 @@ def across_scale(x: torch.Tensor, n: int, alpha: float, k: float) -> torch.Tenso
 
 @pytest.mark.parametrize("n,alpha,beta,k", [(1, 1.0, 0.75, 1.0), (3, 0.3, 0.5, 2.0),
                                              (5, 2.0, 0.75, 1.0), (9, 1e-2, 1.5, 0.5)])
-def test_across_channels_formula_and_caffe_backward(n, alpha, beta, k):
-    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_across_channels_formula_and_caffe_backward(n, alpha, beta, k, layout):
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_()
     layer = make_layer(lrn_text(n, alpha, beta, k), [tuple(x.shape)]).double()
     y = layer(x)
     scale = across_scale(x.detach(), n, alpha, k)
