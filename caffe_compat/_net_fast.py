@@ -66,7 +66,7 @@ class FastForward:
             self.cache.invalidate()
             self._touched = touched
         inputs = {n: self._snapshot(net.blobs[n].data) for n in net.inputs}
-        outputs = self.cache.outputs(params, **inputs)
+        outputs = self.cache.outputs_for(params, inputs)
         for name in net.outputs:
             net.blobs[name]._store(outputs[name])
         self._inputs = inputs

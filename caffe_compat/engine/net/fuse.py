@@ -322,11 +322,12 @@ class InferenceCache:
             self._versions = versions
         return self._fused
 
-    def outputs(self, params: list[torch.Tensor] | None = None,
-                **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The outputs for ``inputs``; ``params`` saves re-listing the parameters when the
-        caller already holds ``self.parameters()`` from this call."""
-        params = self.parameters() if params is None else params
+    def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.outputs_for(self.parameters(), inputs)
+
+    def outputs_for(self, params: list[torch.Tensor], inputs: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+        """``outputs(**inputs)`` for a caller that already holds ``self.parameters()``."""
         with torch.no_grad():
             try:
                 return self.fused_for(params).outputs(**inputs)
