@@ -104,7 +104,7 @@ def weight_transform(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
     # u[a, b] = sum_kl G[a, k] G[b, l] w[k, l]: one GEMM with kron(G, G) over all channel
     # pairs, taken (c_in, c_out)-major so the result needs no transpose. A broadcast
     # ``g @ w @ g.T`` in float64 took 0.5 s for one 512x512 layer (a million 6x3 products);
-    # this takes ~30 ms, and rounds 9-term sums once more than float64 would (~1e-7).
+    # this takes ~50 ms, and rounds 9-term sums once more than float64 would (~1e-7).
     pairs = weight.detach().permute(1, 0, 2, 3).reshape(c_in * c_out, 9)
     kron = torch.from_numpy(np.kron(g, g)).to(weight.dtype)
     return torch.mm(kron, pairs.t()).view(-1, c_in, c_out)               # (span^2, c_in, c_out)
