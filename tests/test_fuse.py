@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from caffe_compat.engine.layers.base import TEST, TRAIN
-from caffe_compat.engine.net.fuse import (FoldedLinear, InferenceCache, InPlaceReLU,
+from caffe_compat.engine.net.fuse import (FoldedLinear, InferenceCache, InPlaceReLU, InPlaceSum,
                                           frozen_for_inference, fusable, fused_for_inference)
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.formats.blob_io import read_text_proto
@@ -110,11 +110,30 @@ def test_fused_outputs_equal_unfused(text, folded):
 def test_resnet_fusion_drops_the_affine_layers():
     fused = fused_for_inference(build(resnet_style()))
     names = [op.fn.name for op in fused.ops if op.fn is not None and
-             not isinstance(op.fn, (FoldedLinear, InPlaceReLU))]
+             not isinstance(op.fn, (FoldedLinear, InPlaceReLU, InPlaceSum))]
     assert not [n for n in names if n.startswith(("bn", "scale", "bias", "relu", "lrelu"))]
-    assert "sum" in names
+    assert "sum" not in names        # the residual sum accumulates into a folded conv output
+    assert [op.fn.layer_name for op in fused.ops if isinstance(op.fn, InPlaceSum)] == ["sum"]
     # Eltwise's ReLU has no conv to join: it runs in place on the sum, which nothing else reads
     assert [op.fn.layer_name for op in fused.ops if isinstance(op.fn, InPlaceReLU)] == ["relu_sum"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sum_stays_out_of_place_when_its_input_is_read_later(channels_last):
+    # c (a folded conv) is read by s and again by t after s: accumulating s into c would
+    # change t; d is read once, so s may accumulate into it (two bottoms: either one).
+    text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 '
+            'dim: 5 dim: 5 } } }\n' + _conv("c", "data", 3) + _bn_scale("c", "c", False) +
+            _conv("d", "data", 3) + _bn_scale("d", "d", False) +
+            'layer { name: "s" type: "Eltwise" bottom: "c" bottom: "d" top: "s" }\n'
+            'layer { name: "t" type: "Eltwise" bottom: "c" bottom: "s" top: "t" }\n')
+    net = build(text)
+    fused = fused_for_inference(net, channels_last=channels_last)
+    sums = {op.fn.layer_name: op.fn.into for op in fused.ops if isinstance(op.fn, InPlaceSum)}
+    assert sums == {"s": 1}
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        assert_close(fused.outputs(data=x), net(data=x))
 
 
 def test_relu_stays_out_of_place_when_its_input_is_read_elsewhere():
@@ -177,7 +196,7 @@ def test_batch_statistics_are_not_folded():
     net = build(text)
     fused = fused_for_inference(net)
     assert "bn_b1" in [op.fn.name for op in fused.ops if isinstance(op.fn, torch.nn.Module)
-                       and not isinstance(op.fn, (FoldedLinear, InPlaceReLU))]
+                       and not isinstance(op.fn, (FoldedLinear, InPlaceReLU, InPlaceSum))]
 
 
 def test_inference_cache_refuses_stale_weights():

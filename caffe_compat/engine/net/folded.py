@@ -3,7 +3,7 @@
 ``FoldedLinear``: a Convolution or InnerProduct whose weights carry the per-channel affine
 map of the BatchNorm/Scale/Bias layers after it, with an optional fused (leaky) ReLU; mid-sized
 3x3 convolutions run as Winograd (engine/net/winograd.py). ``InPlaceReLU``: a ReLU on a
-tensor nothing else reads.
+tensor nothing else reads. ``InPlaceSum``: an Eltwise SUM accumulated into such a tensor.
 """
 from __future__ import annotations
 
@@ -117,3 +117,25 @@ class InPlaceReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ReLU {self.layer_name!r}, slope={self.slope}"
+
+
+class InPlaceSum(nn.Module):
+    """An Eltwise SUM (every coeff 1) accumulated into its bottom ``into``, a fresh tensor
+    nothing else reads: no new tensor, one memory pass fewer. Bottom 0 first, then the
+    others in order, so the rounding is the layer's (for two bottoms a + b is b + a)."""
+
+    def __init__(self, layer: Layer, into: int):
+        super().__init__()
+        self.layer_name = layer.name
+        self.into = into
+
+    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor:
+        acc = bottoms[self.into]
+        for i, b in enumerate(bottoms):
+            if i != self.into:
+                acc.add_(b)
+        return acc
+
+    def extra_repr(self) -> str:
+        return f"Eltwise SUM {self.layer_name!r} into bottom {self.into}"
+

@@ -7,7 +7,8 @@
   bias carry the affine map: for output channel c, ``y = a_c * (W_c * x + b_c) + s_c``
   folds to ``W'_c = a_c W_c`` and ``b'_c = a_c b_c + s_c`` (computed in float64);
 - a ReLU after it runs in place on the convolution's fresh output (no second tensor), and so
-  does a ReLU that alone reads the new tensor of an Eltwise, Concat or Pooling;
+  does a ReLU that alone reads the new tensor of an Eltwise, Concat or Pooling; an Eltwise
+  SUM accumulates into such a convolution output when nothing else reads it;
 - TEST-phase Dropout and Split are aliases (no op at all);
 - every other layer runs as the original layer object (same parameters).
 
@@ -35,8 +36,9 @@ import torch
 from torch import nn
 
 from caffe_compat.engine.layers.base import TEST, Layer
-from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, affine_of
+from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum, affine_of
 from caffe_compat.engine.net.module import _REDUCED, NetModule, _in_float32
+from caffe_compat.proto import caffe_pb2
 
 _AFFINE = ("BatchNorm", "Scale", "Bias")
 
@@ -190,10 +192,56 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
             ops.append(_Op(FoldedLinear(layer, None, None, None), step.bottoms, step.tops))
             continue
         ops.append(_Op(layer, step.bottoms, step.tops, layer.full_precision))
+    if fuse_relu:
+        _sum_in_place(ops, set(module.output_names) | set(module.loss_weights))
     fused = FusedNet(module, ops)
     if channels_last:
         fused.use_channels_last()
     return fused
+
+
+def _sum_in_place(ops: list[_Op], kept: set[str]) -> None:
+    """Eltwise SUMs (coeffs 1) of the plan accumulate into a bottom that a FoldedLinear just
+    made and nothing else reads (ResNet's residual sums: the branch's last convolution).
+
+    Reads are counted on the fused plan itself, per written version; an alias op (Split,
+    Dropout) counts as a reader, so a tensor seen under two names is never written."""
+    writer: dict[str, int] = {}
+    reads: dict[tuple[int, str], int] = {}
+    for pos, op in enumerate(ops):
+        for b in op.bottoms:
+            key = (writer.get(b, -1), b)
+            reads[key] = reads.get(key, 0) + 1
+        for t in op.tops:
+            writer[t] = pos
+    for name in kept:
+        key = (writer.get(name, -1), name)
+        reads[key] = reads.get(key, 0) + 1
+    writer.clear()
+    for pos, op in enumerate(ops):
+        into = _sum_target(ops, op, writer, reads)
+        if into is not None:
+            ops[pos] = _Op(InPlaceSum(op.fn, into), op.bottoms, op.tops)
+        for t in op.tops:
+            writer[t] = pos
+
+
+def _sum_target(ops: list[_Op], op: _Op, writer: dict[str, int],
+                reads: dict[tuple[int, str], int]) -> int | None:
+    layer = op.fn
+    if getattr(layer, "type", None) != "Eltwise" or len(op.bottoms) < 2:
+        return None
+    if layer.operation != caffe_pb2.EltwiseParameter.SUM or set(layer.coeff) != {1.0} \
+            or len(set(op.bottoms)) != len(op.bottoms):
+        return None
+    # bottom 0 keeps the layer's order of additions; any bottom will do for two
+    for i in ((0, 1) if len(op.bottoms) == 2 else (0,)):
+        name = op.bottoms[i]
+        source = writer.get(name)
+        if source is not None and isinstance(ops[source].fn, FoldedLinear) \
+                and reads.get((source, name)) == 1:
+            return i
+    return None
 
 
 def _consumers(module: NetModule) -> dict[tuple[int, str], list[int]]:
@@ -344,5 +392,5 @@ def fusable(module: NetModule) -> bool:
     return module.phase == TEST
 
 
-__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InferenceCache", "fused_for_inference",
+__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InPlaceSum", "InferenceCache", "fused_for_inference",
            "frozen_for_inference", "fusable", "ParameterWatch"]
