@@ -36,6 +36,7 @@ class FoldedLinear(nn.Module):
             self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[layer.num_spatial]
             self.conv_args = dict(stride=layer.stride, padding=layer.pad,
                                   dilation=layer.dilation, groups=layer.group)
+            self._winograd_u: dict[int, torch.Tensor] = {}     # tile side -> G w G^T
         else:
             self.transpose, self.K, self.num_output = layer.transpose, layer.K, layer.num_output
 
@@ -55,18 +56,12 @@ class FoldedLinear(nn.Module):
             return y
         return F.relu_(y) if self.slope == 0.0 else F.leaky_relu_(y, self.slope)
 
-    _winograd_u: dict | None = None
-
     def _winograd_tile(self, x: torch.Tensor) -> int:
         a = self.conv_args
-        if x.dim() != 4:
-            return 0
         return winograd.tile_for(self.weight, a["stride"], a["dilation"], a["groups"], x)
 
     def _winograd_weight(self, tile: int) -> torch.Tensor:
         """The transformed weights for ``tile``, made on first use (4x the weights' memory)."""
-        if self._winograd_u is None:
-            self._winograd_u = {}
         if tile not in self._winograd_u:
             self._winograd_u[tile] = winograd.weight_transform(self.weight, tile)
         return self._winograd_u[tile]

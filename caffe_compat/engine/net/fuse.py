@@ -63,23 +63,6 @@ class _Op:
 _FRESH = {"Eltwise": 2, "Concat": 2, "Pooling": 1}
 
 
-def _in_place_relu(module: NetModule, pos: int, consumers, producers: dict[str, int]
-                   ) -> _Op | None:
-    """``pos``'s ReLU as an in-place op when its bottom is a fresh tensor only it reads."""
-    step = module._plan[pos]
-    layer = module.layers[step.index]
-    if layer.type != "ReLU" or len(step.bottoms) != 1:
-        return None
-    source = producers.get(step.bottoms[0])
-    if source is None or consumers[(source, step.bottoms[0])] != [pos]:
-        return None
-    producer = module._plan[source]
-    needed = _FRESH.get(module.layers[producer.index].type)
-    if needed is None or len(producer.bottoms) < needed:
-        return None
-    return _Op(InPlaceReLU(layer), step.bottoms, step.tops)
-
-
 def _is_alias(layer: Layer) -> bool:
     return layer.type == "Split" or (layer.type == "Dropout" and layer.phase == TEST)
 
@@ -165,11 +148,7 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
     consumers = _consumers(module)
     absorbed: set[int] = set()
     ops: list[_Op] = []
-    producers: dict[str, int] = {}
     for pos, step in enumerate(plan):
-        relu = _in_place_relu(module, pos, consumers, producers) \
-            if fuse_relu and pos not in absorbed else None
-        producers.update({t: pos for t in step.tops})
         if pos in absorbed:
             continue
         layer = module.layers[step.index]
@@ -177,9 +156,6 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
             continue
         if _is_alias(layer):
             ops.append(_Op(None, step.bottoms, step.tops))
-            continue
-        if relu is not None:
-            ops.append(relu)
             continue
         channels = _foldable_head(layer, module, step.tops[0]) \
             if (fold or fuse_relu) and step.tops else None
@@ -193,16 +169,18 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
             continue
         ops.append(_Op(layer, step.bottoms, step.tops, layer.full_precision))
     if fuse_relu:
-        _sum_in_place(ops, set(module.output_names) | set(module.loss_weights))
+        _in_place(ops, set(module.output_names) | set(module.loss_weights))
     fused = FusedNet(module, ops)
     if channels_last:
         fused.use_channels_last()
     return fused
 
 
-def _sum_in_place(ops: list[_Op], kept: set[str]) -> None:
-    """Eltwise SUMs (coeffs 1) of the plan accumulate into a bottom that a FoldedLinear just
-    made and nothing else reads (ResNet's residual sums: the branch's last convolution).
+def _in_place(ops: list[_Op], kept: set[str]) -> None:
+    """Ops of the plan that may reuse a bottom's memory: a ReLU reading the new tensor of an
+    Eltwise, Concat or Pooling, and an Eltwise SUM (coeffs 1) with a bottom that a
+    FoldedLinear just made (ResNet's residual sums: the branch's last convolution), when
+    nothing else reads that tensor.
 
     Reads are counted on the fused plan itself, per written version; an alias op (Split,
     Dropout) counts as a reader, so a tensor seen under two names is never written."""
@@ -218,28 +196,44 @@ def _sum_in_place(ops: list[_Op], kept: set[str]) -> None:
         key = (writer.get(name, -1), name)
         reads[key] = reads.get(key, 0) + 1
     writer.clear()
+
+    def sole(name: str) -> _Op | None:
+        """The op that wrote ``name``, if the op being looked at is its only reader."""
+        source = writer.get(name)
+        return None if source is None or reads.get((source, name)) != 1 else ops[source]
+
     for pos, op in enumerate(ops):
-        into = _sum_target(ops, op, writer, reads)
-        if into is not None:
-            ops[pos] = _Op(InPlaceSum(op.fn, into), op.bottoms, op.tops)
+        kind = getattr(op.fn, "type", None)
+        if kind == "ReLU" and len(op.bottoms) == 1 and _fresh(sole(op.bottoms[0])):
+            ops[pos] = _Op(InPlaceReLU(op.fn), op.bottoms, op.tops)
+        elif kind == "Eltwise":
+            into = _sum_target(op, sole)
+            if into is not None:
+                ops[pos] = _Op(InPlaceSum(op.fn, into), op.bottoms, op.tops)
         for t in op.tops:
             writer[t] = pos
 
 
-def _sum_target(ops: list[_Op], op: _Op, writer: dict[str, int],
-                reads: dict[tuple[int, str], int]) -> int | None:
+def _fresh(op: _Op | None) -> bool:
+    """``op`` returns a new tensor of an Eltwise, Concat or Pooling (see ``_FRESH``)."""
+    if op is None:
+        return False
+    if isinstance(op.fn, InPlaceSum):
+        return True                      # an Eltwise that reuses a tensor only it read
+    needed = _FRESH.get(getattr(op.fn, "type", None))
+    return needed is not None and len(op.bottoms) >= needed
+
+
+def _sum_target(op: _Op, sole) -> int | None:
+    """The bottom an Eltwise SUM may accumulate into (``sole(name)``: the writer of that
+    bottom when this op is its only reader), or None."""
     layer = op.fn
-    if getattr(layer, "type", None) != "Eltwise" or len(op.bottoms) < 2:
-        return None
-    if layer.operation != caffe_pb2.EltwiseParameter.SUM or set(layer.coeff) != {1.0} \
-            or len(set(op.bottoms)) != len(op.bottoms):
+    if len(op.bottoms) < 2 or layer.operation != caffe_pb2.EltwiseParameter.SUM \
+            or set(layer.coeff) != {1.0} or len(set(op.bottoms)) != len(op.bottoms):
         return None
     # bottom 0 keeps the layer's order of additions; any bottom will do for two
     for i in ((0, 1) if len(op.bottoms) == 2 else (0,)):
-        name = op.bottoms[i]
-        source = writer.get(name)
-        if source is not None and isinstance(ops[source].fn, FoldedLinear) \
-                and reads.get((source, name)) == 1:
+        if isinstance(getattr(sole(op.bottoms[i]), "fn", None), FoldedLinear):
             return i
     return None
 
