@@ -1,7 +1,8 @@
 """``caffe train``: train from a solver prototxt, with Caffe's flags.
 
     caffe train --solver S [--weights W[,W2]] [--snapshot S.solverstate|auto] [--gpu 0|0,1|all]
-                [--iterations N] [--precision fp32|bf16|fp16|auto] [--compile] [--allow-cpu]
+                [--iterations N] [--precision fp32|bf16|fp16|auto]
+                [--layout nchw|nhwc|auto] [--compile] [--allow-cpu]
                 [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
                 [--tensorboard DIR] [--cpu-procs N]
 
@@ -46,6 +47,8 @@ from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import EFFECTS, SignalHandler
 from caffe_compat.formats import glog
 from caffe_compat.engine.acceleration import compile_for_training
+from caffe_compat.engine.layout import AUTO as AUTO_LAYOUT, LAYOUT_CHOICES, apply_layout, \
+    decide_layout
 from caffe_compat.engine.solver.base import NonFiniteLossError, Solver
 from caffe_compat.engine.solver.params import read_solver_param
 
@@ -73,6 +76,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--precision", choices=devices.PRECISION_CHOICES, default="fp32",
                     help="fp32 (default; what Caffe computes), bf16/fp16 autocast, or auto "
                          "(bf16/fp16 only where a probe shows it faster on this machine)")
+    ap.add_argument("--layout", choices=LAYOUT_CHOICES, default="nchw",
+                    help="memory layout of the convolutions: nchw (default, Caffe's), nhwc "
+                         "(channels-last strides; blobs keep their NCHW shapes), or auto "
+                         "(nhwc where a probe at the run's precision shows it faster)")
     ap.add_argument("--allow-cpu", "--allow_cpu", dest="allow_cpu", action="store_true",
                     help="if a GPU is asked for but CUDA is unavailable, warn and use the CPU "
                          "instead of failing")
@@ -149,6 +156,18 @@ def _solver_param(args: argparse.Namespace):
     return param
 
 
+def _use_layout(layout: str, solver: Solver, precision: str) -> None:
+    """Store the nets' convolution weights in ``--layout`` (test nets share them)."""
+    if layout == AUTO_LAYOUT:
+        decision = decide_layout(solver.device, precision)
+        glog.info(f"--layout auto: {decision.reason}", "caffe.cpp:215")
+        layout = decision.layout
+    if layout != "nchw":
+        count = apply_layout(solver.train_module, layout)
+        glog.info(f"Layout {layout}: {count} weight blobs stored channels-last (blob shapes "
+                  "stay NCHW)", "caffe.cpp:216")
+
+
 def _open_log(path: str):
     """Append glog's header, then every line of the run, to ``path`` (never truncated)."""
     return glog.add_log_file(path, header=True)
@@ -210,6 +229,7 @@ def _train(args, param, choice, log_path: str, out) -> TrainResult:
     if choice.ids:
         param.device_id = choice.ids[0]
     solver = Solver(param, source=args.solver)
+    _use_layout(getattr(args, "layout", "nchw"), solver, choice.precision)
     if getattr(args, "compile", False):          # performance hook (issue 13)
         compile_for_training(solver.train_module, warn=lambda m: glog.warning(m, "caffe.cpp:231"))
     result = TrainResult(solver, log_path)

@@ -70,9 +70,9 @@ def _probe_step(device: torch.device, dtype: torch.dtype | None, size: int = 28)
     return step
 
 
-def probe_speedup(device: torch.device, precision: str, repeats: int = 3) -> float:
-    """fp32 time / ``precision`` time of the probe, alternating the two (best of ``repeats``)."""
-    steps = {"fp32": _probe_step(device, None), precision: _probe_step(device, DTYPES[precision])}
+def best_times(steps: dict[str, Callable[[], None]], repeats: int = 3) -> dict[str, float]:
+    """Best wall time of each step, one warm-up call each, then ``repeats`` alternating rounds
+    (alternation makes a busy neighbour slow every candidate alike)."""
     best = {k: float("inf") for k in steps}
     for step in steps.values():
         step()                                   # warm-up: kernels, caches, allocator
@@ -81,6 +81,13 @@ def probe_speedup(device: torch.device, precision: str, repeats: int = 3) -> flo
             t0 = time.perf_counter()
             step()
             best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def probe_speedup(device: torch.device, precision: str, repeats: int = 3) -> float:
+    """fp32 time / ``precision`` time of the probe, alternating the two (best of ``repeats``)."""
+    best = best_times({"fp32": _probe_step(device, None),
+                       precision: _probe_step(device, DTYPES[precision])}, repeats)
     return best["fp32"] / best[precision]
 
 
@@ -115,5 +122,5 @@ def choose_precision(device: torch.device | str, **kwargs) -> str:
     return decide_precision(device, **kwargs).precision
 
 
-__all__ = ["PrecisionDecision", "cpu_flags", "candidates", "probe_speedup",
+__all__ = ["PrecisionDecision", "cpu_flags", "candidates", "best_times", "probe_speedup",
            "decide_precision", "choose_precision"]
