@@ -319,3 +319,18 @@ def test_short_reproduction_on_alexnet_64(tmp_path):
     assert "## alexnet_64: 2 runs × 5 epochs" in table and "| | 1 | 2 | 3 | 4 | 5 |" in table
     for name in ("fig1_loss.png", "fig2_accuracy.png", "records.csv"):
         assert (out / name).stat().st_size > 0
+
+
+def test_invocations_started_in_one_second_stay_apart(tmp_path):
+    tool = _tool()
+    meta = tmp_path / "meta.json"
+    first = {"command": "python tools/reproduce_paper.py", "started": "2026-12-02T13:10:44"}
+    tool.record_invocation(meta, {**first, "id": "a"})
+    tool.record_invocation(meta, {**first, "id": "b"})            # a resume, same second
+    tool.record_invocation(meta, {**first, "id": "a", "ended": "2026-12-02T13:10:50"})
+    entries = json.loads(meta.read_text())["invocations"]
+    assert [(e["id"], "ended" in e) for e in entries] == [("a", True), ("b", False)]
+    old = tmp_path / "old.json"                                   # written before ids
+    tool.record_invocation(old, first)
+    tool.record_invocation(old, {**first, "ended": "x"})
+    assert json.loads(old.read_text())["invocations"] == [{**first, "ended": "x"}]

@@ -44,6 +44,7 @@ import platform
 import shlex
 import sys
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -209,13 +210,21 @@ def write_outputs(out: Path, models: list[str], meta: dict, suffix: str = "") ->
     return text
 
 
+def _same_invocation(old: dict, inv: dict) -> bool:
+    """Entries carry a per-process id: two runs of one command started in the same second (a
+    kill and its resume, on a fast machine) are two invocations. Entries written before ids
+    existed match on command and start time."""
+    if "id" in old or "id" in inv:
+        return old.get("id") == inv.get("id")
+    return (old["command"], old["started"]) == (inv["command"], inv["started"])
+
+
 def record_invocation(meta_path: Path, inv: dict) -> dict:
     """Add or update ``inv`` in meta.json, re-read first: processes running other seed
     ranges into the same folder each keep their own entry."""
     from experiments.reproduce.protocol import write_json
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"invocations": []}
-    same = [i for i, old in enumerate(meta["invocations"])
-            if (old["command"], old["started"]) == (inv["command"], inv["started"])]
+    same = [i for i, old in enumerate(meta["invocations"]) if _same_invocation(old, inv)]
     if same:
         meta["invocations"][same[0]] = inv
     else:
@@ -290,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = "python tools/reproduce_paper.py " + " ".join(shlex.quote(a) for a in given)
     inv = {"command": command.strip(), "machine": machine(torch.get_num_threads()),
-           "started": datetime.datetime.now().isoformat(timespec="seconds")}
+           "started": datetime.datetime.now().isoformat(timespec="seconds"),
+           "id": uuid.uuid4().hex}
     meta = record_invocation(meta_path, inv)
     glog.set_stderr(False)
     total = args.runs * len(dirs) * args.epochs
