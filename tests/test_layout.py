@@ -13,7 +13,7 @@ from caffe_compat.engine.layers.base import TRAIN
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
-from test_cli_train import run_train, weights_of, write_solver
+from test_cli_train import run_train, weights_of, workdir, write_solver  # noqa: F401
 
 # Random data each iteration (DummyData refills gaussian fillers on every forward, from the
 # solver's seed), two 3x3 convolutions with pooling between them: every kernel whose layout
@@ -37,12 +37,6 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: 
 layer { name: "accuracy" type: "Accuracy" bottom: "ip1" bottom: "label" top: "accuracy"
   include { phase: TEST } }
 """
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def _train(workdir, prefix: str, *flags: str, net: str = CONV_NET, **solver) -> dict:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe_compat.engine.acceleration import to_channels_last, to_contiguous
-from caffe_compat.engine.precision import DTYPES, best_times
+from caffe_compat.engine.precision import DTYPES, autocast_step, best_times
 
 LAYOUTS = ("nchw", "nhwc")
 AUTO = "auto"
@@ -43,16 +43,10 @@ def _probe_step(device: torch.device, precision: str, channels_last: bool,
     w1, w2 = (torch.randn(channels, channels, 3, 3, generator=gen) * 0.05 for _ in range(2))
     x, w1, w2 = (t.to(device).contiguous(memory_format=fmt).requires_grad_()
                  for t in (x, w1, w2))
-    dtype = DTYPES.get(precision)
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            y = F.conv2d(F.relu(F.conv2d(x, w1, padding=1)), w2, padding=1)
-            loss = y.float().square().mean()
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return step
+    def loss():
+        return F.conv2d(F.relu(F.conv2d(x, w1, padding=1)), w2, padding=1).float().square().mean()
+    return autocast_step(device, DTYPES.get(precision), loss)
 
 
 def probe_layout_speedup(device: torch.device, precision: str = "fp32",

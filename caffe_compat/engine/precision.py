@@ -53,6 +53,19 @@ def candidates(device: torch.device, flags: set[str] | None = None) -> list[str]
     return []
 
 
+def autocast_step(device: torch.device, dtype: torch.dtype | None,
+                  loss_of: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """A probe step: ``loss_of()`` under autocast at ``dtype`` (None: plain fp32), backward,
+    and a CUDA sync so that the wall time covers the kernels."""
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_of()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return step
+
+
 def _probe_step(device: torch.device, dtype: torch.dtype | None, size: int = 28):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 64, size, size, generator=gen).to(device).requires_grad_()
@@ -60,14 +73,8 @@ def _probe_step(device: torch.device, dtype: torch.dtype | None, size: int = 28)
     a = torch.randn(256, 1024, generator=gen).to(device).requires_grad_()
     b = (torch.randn(1024, 512, generator=gen) * 0.03).to(device).requires_grad_()
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.conv2d(x, w, padding=1).float().square().mean() + \
-                (a @ b).float().square().mean()
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return step
+    return autocast_step(device, dtype, lambda: F.conv2d(x, w, padding=1).float().square().mean()
+                         + (a @ b).float().square().mean())
 
 
 def best_times(steps: dict[str, Callable[[], None]], repeats: int = 3) -> dict[str, float]:
@@ -122,5 +129,5 @@ def choose_precision(device: torch.device | str, **kwargs) -> str:
     return decide_precision(device, **kwargs).precision
 
 
-__all__ = ["PrecisionDecision", "cpu_flags", "candidates", "best_times", "probe_speedup",
+__all__ = ["PrecisionDecision", "cpu_flags", "candidates", "autocast_step", "best_times", "probe_speedup",
            "decide_precision", "choose_precision"]
