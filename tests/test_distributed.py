@@ -82,3 +82,16 @@ def test_train_cli_runs_data_parallel_cpu_processes(tmp_path, lmdb_path, capsys)
     log = (tmp_path / "snap" / "tiny.log").read_text()
     assert "Data-parallel training over 2 processes" in log
     assert log.count("Iteration 5 (") == 1            # only the root logs its iterations
+
+
+def _decide(rank: int, out: str) -> None:
+    from caffe_compat.engine import distributed
+    got = distributed.decided_by_root(lambda: {"layout": "nhwc" if rank == 0 else "nchw"})
+    Path(out, f"{rank}.txt").write_text(got["layout"])
+
+
+def test_probe_decisions_are_the_roots_in_every_process(tmp_path):
+    """--precision/--layout auto time a probe; each rank timing its own could split the group."""
+    from caffe_compat.engine import distributed
+    distributed.launch(functools.partial(_decide, out=str(tmp_path)), [None, None])
+    assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == ["nhwc", "nhwc"]

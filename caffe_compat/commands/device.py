@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from caffe_compat.engine import mode
+from caffe_compat.engine import distributed, mode
 from caffe_compat.engine import precision as precision_choice
 from caffe_compat.engine.mode import DeviceError
 from caffe_compat.formats import glog
@@ -84,8 +84,10 @@ def select(gpu_flag: str | None, solver_param=None, allow_cpu: bool = False,
                           f"{', '.join(PRECISION_CHOICES)}")
     choice = _select_device(gpu_flag, solver_param, allow_cpu, precision)
     if choice.precision == AUTO:
-        decision = precision_choice.decide_precision(choice.device)
-        glog.info(f"--precision auto: {decision.reason}", "caffe.cpp:214")
+        decision = distributed.decided_by_root(
+            lambda: precision_choice.decide_precision(choice.device))
+        if distributed.is_root():
+            glog.info(f"--precision auto: {decision.reason}", "caffe.cpp:214")
         choice.precision = decision.precision
     return choice
 

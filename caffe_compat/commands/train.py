@@ -159,7 +159,7 @@ def _solver_param(args: argparse.Namespace):
 def _use_layout(layout: str, solver: Solver, precision: str) -> None:
     """Store the nets' convolution weights in ``--layout`` (test nets share them)."""
     if layout == AUTO_LAYOUT:
-        decision = decide_layout(solver.device, precision)
+        decision = distributed.decided_by_root(lambda: decide_layout(solver.device, precision))
         glog.info(f"--layout auto: {decision.reason}", "caffe.cpp:215")
         layout = decision.layout
     if layout != "nchw":
@@ -178,8 +178,9 @@ def train(args: argparse.Namespace, out=None) -> TrainResult:
     args = prepare_train_args(args)     # issue 12 hook: --cpu-procs check, --snapshot auto
     _check_args(args)
     param = _solver_param(args)
+    joined = distributed.init_from_env()       # started by torchrun: one process per device
     choice = devices.select(args.gpu, param, args.allow_cpu, args.precision)
-    if distributed.init_from_env():             # started by torchrun: one process per device
+    if joined:
         if choice.kind == "cuda":
             choice = replace(choice, ids=[torch.cuda.current_device()])
         return _train_member(args, param, choice, out)

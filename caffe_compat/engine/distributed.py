@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,21 @@ def world_size() -> int:
 
 def is_root() -> bool:
     return rank() == 0
+
+
+T = TypeVar("T")
+
+
+def decided_by_root(decide: Callable[[], T]) -> T:
+    """``decide()`` run by the root alone, its result handed to every process of the group.
+
+    Choices made by timing a probe (``--precision auto``, ``--layout auto``) could differ
+    from process to process on a busy machine; the group must run one configuration."""
+    if world_size() == 1:
+        return decide()
+    box = [decide() if is_root() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def attach(solver) -> None:

@@ -153,6 +153,9 @@ class _BaseConvolution(Layer):
         bias = self.blobs[1] if self.bias_term else None
         tops = []
         for x in bottoms:
+            if self.axis == 1:               # the usual case: no views (see InPlaceReLU)
+                tops.append(self._conv(x, weight, bias))
+                continue
             lead = x.shape[:self.axis]
             # Axes before the channel axis are all batch axes: (prod(lead), C, *spatial).
             xb = x.reshape(math.prod(lead), *x.shape[self.axis:])

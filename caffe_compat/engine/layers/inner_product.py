@@ -61,6 +61,8 @@ class InnerProduct(Layer):
         b = self.blobs[1].to(x.dtype) if self.bias_term else None
         # (M, K) with M = prod(shape[:axis]) -> (M, N) -> shape[:axis] + (N,)
         y = F.linear(x.reshape(math.prod(x.shape[:self.axis]), self.K), w, b)
+        if self.axis == 1:
+            return y                         # already (N, num_output): no view on top
         return y.reshape(*x.shape[:self.axis], self.num_output)
 
     def extra_repr(self) -> str:

@@ -97,13 +97,18 @@ class BatchNorm(Layer):
             mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
             unbiased_var = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
             y = F.batch_norm(x, mean, unbiased_var, training=True, momentum=1.0, eps=self.eps)
+        self.accumulate(mean, unbiased_var)
+        return y
+
+    def accumulate(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """Fold one batch's mean and unbiased variance into the running sums (Caffe's
+        ``s <- lambda*s + 1`` and likewise for each sum)."""
         lam = self.moving_average_fraction
         with torch.no_grad():
             mean_sum, var_sum, factor = self.blobs
             factor.mul_(lam).add_(1.0)
             mean_sum.mul_(lam).add_(mean.to(mean_sum.dtype))
             var_sum.mul_(lam).add_(unbiased_var.to(var_sum.dtype))
-        return y
 
 
 def _canonical_axis(layer: Layer, axis: int, ndim: int) -> int:

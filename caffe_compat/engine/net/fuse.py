@@ -37,7 +37,8 @@ from torch import nn
 
 from caffe_compat.engine.layers.base import TEST, Layer
 from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum, affine_of
-from caffe_compat.engine.net.module import _REDUCED, NetModule, _in_float32
+from caffe_compat.engine.net.module import _REDUCED, NetModule, _in_float32, _mark_releases
+from caffe_compat.engine.net.train_fuse import name_free, plan_readers
 from caffe_compat.proto import caffe_pb2
 
 _AFFINE = ("BatchNorm", "Scale", "Bias")
@@ -87,17 +88,7 @@ class FusedNet(nn.Module):
         self.output_names = list(module.output_names)
         self.ops = ops
         self.steps = nn.ModuleList(op.fn for op in ops if isinstance(op.fn, nn.Module))
-        self._mark_releases()
-
-    def _mark_releases(self) -> None:
-        last: dict[str, int] = {}
-        for pos, op in enumerate(self.ops):
-            for b in op.bottoms:
-                last[b] = pos
-        keep = set(self.output_names)
-        for pos, op in enumerate(self.ops):
-            op.release = tuple(b for b in set(op.bottoms)
-                               if last[b] == pos and b not in keep and b not in op.tops)
+        _mark_releases(self.ops, set(self.output_names))
 
     channels_last = False
 
@@ -145,7 +136,7 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
     inputs are fed NHWC, so oneDNN runs every convolution in its blocked layout (PyTorch
     otherwise sends batch-1 1x1 convolutions to its slow im2col path)."""
     plan = module._plan
-    consumers = _consumers(module)
+    consumers = plan_readers(module)
     absorbed: set[int] = set()
     ops: list[_Op] = []
     for pos, step in enumerate(plan):
@@ -238,22 +229,6 @@ def _sum_target(op: _Op, sole) -> int | None:
     return None
 
 
-def _consumers(module: NetModule) -> dict[tuple[int, str], list[int]]:
-    """For each blob version (producing plan position, name): the positions reading it.
-    Output and loss blobs get a pseudo-consumer (-1) so they are never folded away."""
-    current: dict[str, int] = {}
-    readers: dict[tuple[int, str], list[int]] = {}
-    for pos, step in enumerate(module._plan):
-        for b in step.bottoms:
-            readers.setdefault((current[b], b), []).append(pos)
-        for t in step.tops:
-            current[t] = pos
-            readers.setdefault((pos, t), [])
-    for name in set(module.output_names) | set(module.loss_weights):
-        readers[(current[name], name)].append(-1)
-    return readers
-
-
 def _fold_chain(module: NetModule, pos: int, channels: int, consumers, absorbed: set[int],
                 fold: bool, fuse_relu: bool) -> _Op | None:
     """Absorb the affine layers (and a final ReLU) that solely consume ``pos``'s top."""
@@ -269,7 +244,7 @@ def _fold_chain(module: NetModule, pos: int, channels: int, consumers, absorbed:
             break
         nxt = readers[0]
         layer = module.layers[plan[nxt].index]
-        if len(plan[nxt].bottoms) != 1 or not _name_free(plan, pos, nxt, plan[nxt].tops[0], chain):
+        if len(plan[nxt].bottoms) != 1 or not name_free(plan, pos, nxt, plan[nxt].tops[0], chain):
             break
         if layer.type in _AFFINE and fold:
             affine = affine_of(layer, channels)
@@ -289,13 +264,6 @@ def _fold_chain(module: NetModule, pos: int, channels: int, consumers, absorbed:
         return None
     absorbed.update(chain)
     return _Op(FoldedLinear(head, scale, shift, slope), plan[pos].bottoms, (name,))
-
-
-def _name_free(plan, start: int, end: int, name: str, chain: list[int]) -> bool:
-    """No step strictly between ``start`` and ``end``, outside the chain, reads or writes
-    ``name`` (the fused op writes it early, at ``start``)."""
-    return all(name not in plan[p].bottoms and name not in plan[p].tops
-               for p in range(start + 1, end) if p not in chain)
 
 
 def frozen_for_inference(fused: FusedNet, example_inputs: Sequence[torch.Tensor]):

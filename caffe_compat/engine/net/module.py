@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ import caffe_compat.engine.layers.all  # noqa: F401  (registers every built-in l
 from caffe_compat.engine.layers.base import Layer, LayerError, Shape, layer_class
 from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, insert_splits,
                                        make_state)
+from caffe_compat.engine.net.train_fuse import lean_plan
 from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.engine.layers.python_trust import allow_python_layers as python_layers_policy
@@ -44,6 +45,7 @@ class _Step:
     tops: tuple[str, ...]
     detach: tuple[bool, ...]             # per bottom: cut the gradient (propagate_down / labels)
     release: tuple[str, ...] = field(default=())  # blobs last used here (freed in fast path)
+    call: Callable | None = None         # the lean plan's replacement for the layer (fusions)
 
 
 def _line_of(source: str, layer_name: str) -> str:
@@ -142,7 +144,18 @@ class NetModule(nn.Module):
             self.top_names[lp.name] = list(tops)
             self._plan.append(_Step(index, tuple(lp.bottom), tuple(tops), detach))
         self.output_names = sorted(available)   # Caffe keeps them in a std::set
-        self._mark_releases()
+        _mark_releases(self._plan, self._kept())
+        self._lean: list[_Step] | None = None     # built on the first lean run
+
+    def _kept(self) -> set[str]:
+        return set(self.output_names) | set(self.loss_weights)
+
+    def lean_plan(self) -> list[_Step]:
+        """The plan lean runs follow (see engine/net/train_fuse.py), built once."""
+        if self._lean is None:
+            self._lean = lean_plan(self)
+            _mark_releases(self._lean, self._kept())
+        return self._lean
 
     def _auto_tops(self, cls: type[Layer], lp: caffe_pb2.LayerParameter) -> list[str]:
         """The layer's tops, completed with anonymous ones where the class sets ``auto_top``.
@@ -242,18 +255,6 @@ class NetModule(nn.Module):
         return tuple((j in layer.no_grad_bottoms) or (bool(pd) and not pd[j])
                      for j in range(len(lp.bottom)))
 
-    def _mark_releases(self) -> None:
-        """Record where each blob is used for the last time, so ``forward`` can drop it."""
-        keep = set(self.output_names) | set(self.loss_weights)
-        last_use: dict[str, int] = {}
-        for pos, step in enumerate(self._plan):
-            for b in step.bottoms:
-                last_use[b] = pos
-        for pos, step in enumerate(self._plan):
-            step.release = tuple(b for b in set(step.bottoms)
-                                 if last_use[b] == pos and b not in keep
-                                 and b not in step.tops)
-
     # -- running ----------------------------------------------------------------------
     def run(self, inputs: Mapping[str, torch.Tensor], start: int = 0, end: int | None = None,
             blobs: dict[str, torch.Tensor] | None = None, keep_all: bool = True,
@@ -266,10 +267,12 @@ class NetModule(nn.Module):
         the first tensor bound to each blob name (an in-place blob's diff in Caffe is the
         gradient of that first value).
         """
+        lean = not keep_all and record is None and not blobs and start == 0 and end is None
+        plan = self.lean_plan() if lean else self._plan
         blobs = {} if blobs is None else blobs
-        end = len(self._plan) - 1 if end is None else end
+        end = len(plan) - 1 if end is None else end
         for pos in range(start, end + 1):
-            step = self._plan[pos]
+            step = plan[pos]
             layer = self.layers[step.index]
             if layer.type == "Input":
                 for t in step.tops:
@@ -286,10 +289,11 @@ class NetModule(nn.Module):
                     raise KeyError(f"{self.source}: blob '{name}' needed by layer "
                                    f"'{layer.name}' has not been computed") from None
                 args.append(t.detach() if cut else t)
-            if layer.full_precision and any(t.dtype in _REDUCED for t in args):
-                out = _in_float32(layer, args)
+            call = step.call or layer
+            if getattr(call, "full_precision", False) and any(t.dtype in _REDUCED for t in args):
+                out = _in_float32(call, args)
             else:
-                out = layer(*args)
+                out = call(*args)
             if not isinstance(out, (tuple, list)):
                 out = (out,)
             for t, value in zip(step.tops, out):
@@ -391,6 +395,17 @@ class NetModule(nn.Module):
 
     def named_layers(self) -> Iterable[tuple[str, Layer]]:
         return zip(self.layer_names, self.layers)
+
+
+def _mark_releases(plan: list[_Step], keep: set[str]) -> None:
+    """Record where each blob is used for the last time, so a lean run can drop it."""
+    last_use: dict[str, int] = {}
+    for pos, step in enumerate(plan):
+        for b in step.bottoms:
+            last_use[b] = pos
+    for pos, step in enumerate(plan):
+        step.release = tuple(b for b in set(step.bottoms)
+                             if last_use[b] == pos and b not in keep and b not in step.tops)
 
 
 def _check_top_size(source: str, lp, top: str, shape) -> None:
