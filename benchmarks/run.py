@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
+from caffe_compat.engine.allocator import ALLOCATORS, use_allocator  # noqa: E402
 from suite import inference, machine, report, training  # noqa: E402
 
 errors: list[str] = []   # per-net failures, reported instead of aborting the suite
@@ -54,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (best counts)")
     ap.add_argument("--skip", default="", help="inference paths to leave out, e.g. onnxruntime")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--allocator", choices=ALLOCATORS, default="system",
+                    help="malloc setting for this process and its memory processes, as "
+                         "caffe train --allocator (reuse: keep freed memory mapped)")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the peak-memory processes")
     ap.add_argument("--out", default=str(HERE.parent / "results" / "bench"))
@@ -102,7 +106,8 @@ def run_training(args, nets: list[str], peak: float | None) -> list[dict]:
                 key = f"{impl}/nchw/fp32"
                 if key in result["configs"]:
                     spec = {"net": net, "prototxt": str(prototxt), "batch": args.train_batch,
-                            "size": args.train_size, "impl": impl, "threads": args.threads}
+                            "size": args.train_size, "impl": impl, "threads": args.threads,
+                            "allocator": args.allocator}
                     result["configs"][key]["peak_rss_bytes"] = training.peak_memory(
                         HERE / "run.py", spec)
         out.append(result)
@@ -111,10 +116,13 @@ def run_training(args, nets: list[str], peak: float | None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    child = json.loads(args.memory_child) if args.memory_child else None
+    # before any tensor of the suite; a memory process takes its parent's setting
+    allocator = use_allocator(child.get("allocator", "system") if child else args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_child:
-        training.memory_child(json.loads(args.memory_child))
+    if child:
+        training.memory_child(child)
         return 0
     if args.quick:
         _apply_quick(args)
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py: error: unknown net(s) {', '.join(unknown)} (known: {', '.join(NETS)})",
               file=sys.stderr)
         return 2
-    results = {"machine": machine.describe(),
+    results = {"machine": {**machine.describe(), "allocator": allocator.line},
                "command": "python benchmarks/run.py " + " ".join(argv or sys.argv[1:]),
                "date": datetime.datetime.now().isoformat(timespec="seconds")}
     results["inference"] = run_inference(args, _split(args.nets))

@@ -90,7 +90,8 @@ def write(results: dict, folder: Path, stem: str) -> tuple[Path, Path]:
           f"{m['torch']}, {m['threads']} threads, Python {m['python']}. Load average "
           f"{m['load_average_start']} at the start, {m.get('load_average_end')} at the end "
           "(the CPU is shared with other work: every table alternates its candidates "
-          "within one process, so load affects them alike).", "",
+          "within one process, so load affects them alike). "
+          f"{m.get('allocator', 'Allocator system')}.", "",
           f"fp32 peak estimate: {m['peak_how']} = "
           f"{m['peak_fp32_gflops'] and round(m['peak_fp32_gflops'], 1)} GFLOP/s "
           f"(clock from {m['clock_source']}).", "",

@@ -103,7 +103,8 @@ def bench_training(net: str, prototxt: Path, batch: int, size: int, iters: int, 
 
 
 def memory_child(spec: dict) -> None:
-    """Run in a fresh process: two steps of one config, then print the process's peak RSS."""
+    """Run in a fresh process: two steps of one config, then print the process's peak RSS.
+    (run.py has applied ``spec["allocator"]`` to this process before calling.)"""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     models = _models(spec["net"], Path(spec["prototxt"]), spec["batch"], spec["size"],

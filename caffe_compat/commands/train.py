@@ -2,7 +2,7 @@
 
     caffe train --solver S [--weights W[,W2]] [--snapshot S.solverstate|auto] [--gpu 0|0,1|all]
                 [--iterations N] [--precision fp32|bf16|fp16|auto]
-                [--layout nchw|nhwc|auto] [--compile] [--allow-cpu]
+                [--layout nchw|nhwc|auto] [--allocator system|reuse] [--compile] [--allow-cpu]
                 [--sigint_effect stop|snapshot|none] [--sighup_effect stop|snapshot|none]
                 [--tensorboard DIR] [--cpu-procs N]
 
@@ -47,6 +47,7 @@ from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import EFFECTS, SignalHandler
 from caffe_compat.formats import glog
 from caffe_compat.engine.acceleration import compile_for_training
+from caffe_compat.engine.allocator import ALLOCATORS, use_allocator
 from caffe_compat.engine.layout import AUTO as AUTO_LAYOUT, LAYOUT_CHOICES, apply_layout, \
     decide_layout
 from caffe_compat.engine.solver.base import NonFiniteLossError, Solver
@@ -80,6 +81,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="memory layout of the convolutions: nchw (default, Caffe's), nhwc "
                          "(channels-last strides; blobs keep their NCHW shapes), or auto "
                          "(nhwc where a probe at the run's precision shows it faster)")
+    ap.add_argument("--allocator", choices=ALLOCATORS, default="system",
+                    help="system (default): malloc as it is; reuse: keep freed memory mapped "
+                         "so each step reuses the last one's pages (fewer page faults, faster "
+                         "where they are costly, e.g. VMs; higher peak memory). glibc only")
     ap.add_argument("--allow-cpu", "--allow_cpu", dest="allow_cpu", action="store_true",
                     help="if a GPU is asked for but CUDA is unavailable, warn and use the CPU "
                          "instead of failing")
@@ -226,6 +231,9 @@ def _train_member(args, param, choice, out) -> TrainResult | None:
 
 
 def _train(args, param, choice, log_path: str, out) -> TrainResult:
+    allocator = use_allocator(getattr(args, "allocator", "system"))   # before any tensor
+    if allocator.name != "system":
+        (glog.info if allocator.applied else glog.warning)(allocator.line, "caffe.cpp:212")
     devices.apply(choice)
     if choice.ids:
         param.device_id = choice.ids[0]
