@@ -85,13 +85,21 @@ def test_train_cli_runs_data_parallel_cpu_processes(tmp_path, lmdb_path, capsys)
 
 
 def _decide(rank: int, out: str) -> None:
+    import torch
     from caffe_compat.engine import distributed
     got = distributed.decided_by_root(lambda: {"layout": "nhwc" if rank == 0 else "nchw"})
-    Path(out, f"{rank}.txt").write_text(got["layout"])
+    Path(out, f"{rank}.txt").write_text(f"{got['layout']} {torch.get_num_threads()}")
 
 
-def test_probe_decisions_are_the_roots_in_every_process(tmp_path):
-    """--precision/--layout auto time a probe; each rank timing its own could split the group."""
+def test_workers_agree_on_probe_decisions_and_share_the_threads(tmp_path):
+    """--precision/--layout auto time a probe; each rank timing its own could split the group.
+    And N processes on one machine share its threads (N full pools oversubscribe the cores)."""
+    import torch
     from caffe_compat.engine import distributed
-    distributed.launch(functools.partial(_decide, out=str(tmp_path)), [None, None])
-    assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == ["nhwc", "nhwc"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        distributed.launch(functools.partial(_decide, out=str(tmp_path)), [None, None])
+    finally:
+        torch.set_num_threads(before)
+    assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == ["nhwc 2", "nhwc 2"]

@@ -218,7 +218,8 @@ def _train_member(args, param, choice, out) -> TrainResult | None:
     log_file = _open_log(log_path)
     if distributed.world_size() > 1:
         glog.info(f"Data-parallel training over {distributed.world_size()} processes: each "
-                  f"runs batch_size per iteration and the gradients are averaged", "caffe.cpp:204")
+                  f"runs batch_size per iteration with {torch.get_num_threads()} CPU thread(s) "
+                  "and the gradients are averaged", "caffe.cpp:204")
     try:
         return _train(args, param, choice, log_path, out)
     except Exception as exc:
