@@ -227,3 +227,15 @@ def test_relu_after_convolution_is_in_place_without_view_history():
     before = view.detach().clone()
     InPlaceReLU(dict(net.named_layers())["r"])(view)
     assert torch.equal(view.detach(), before)      # the guard made a new tensor instead
+
+
+def test_lean_plan_traces_as_one_graph_for_compile():
+    """--compile traces the lean plan: a graph break inside a layer (an eager-only check in
+    the in-place ReLU once did this) makes dynamo compile every layer's forward apart and
+    hit its recompile limit, slower than eager."""
+    text = training_net().split('layer { name: "label"')[0]       # Input-fed, no loss
+    net = build(text)
+    x = torch.randn(*net.blob_shapes["data"])
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(net.forward)(data=x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

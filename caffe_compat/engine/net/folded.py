@@ -108,9 +108,10 @@ class InPlaceReLU(nn.Module):
         self.slope = layer.negative_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and x._is_view():
+        if x.requires_grad and not torch.compiler.is_compiling() and x._is_view():
             # Autograd would rewrite the view's history through its base (CopySlices): a
             # zero-filled base gradient and strided copies, slower than a new tensor.
+            # (A compiled graph is functionalised instead; the check would break it.)
             return F.relu(x) if self.slope == 0.0 else F.leaky_relu(x, self.slope)
         return F.relu_(x) if self.slope == 0.0 else F.leaky_relu_(x, self.slope)
 

@@ -145,7 +145,8 @@ class NetModule(nn.Module):
             self._plan.append(_Step(index, tuple(lp.bottom), tuple(tops), detach))
         self.output_names = sorted(available)   # Caffe keeps them in a std::set
         _mark_releases(self._plan, self._kept())
-        self._lean: list[_Step] | None = None     # built on the first lean run
+        self._lean: list[_Step] | None = None
+        self.lean_plan()          # now, not on the first run: torch.compile traces that run
 
     def _kept(self) -> set[str]:
         return set(self.output_names) | set(self.loss_weights)
