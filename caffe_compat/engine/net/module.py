@@ -3,7 +3,9 @@
 Building is a short chain of pure steps (upgrade → filter by NetState → insert Splits →
 instantiate layers and wire blobs). ``forward(**inputs)`` returns the output blobs as a
 dict of tensors; ``run`` exposes every blob for the pycaffe wrapper; ``loss`` sums the
-weighted loss tops (Caffe: Σ w·sum(top)). Backward is autograd.
+weighted loss tops (Caffe: Σ w·sum(top)). Backward is autograd. Runs that keep no
+intermediate blob (``forward``, the solver's step) follow a lean plan of the same layers
+(BatchNorm + Scale fused, in-place ReLUs: engine/net/train_fuse.py).
 """
 from __future__ import annotations
 
@@ -144,18 +146,14 @@ class NetModule(nn.Module):
             self.top_names[lp.name] = list(tops)
             self._plan.append(_Step(index, tuple(lp.bottom), tuple(tops), detach))
         self.output_names = sorted(available)   # Caffe keeps them in a std::set
-        _mark_releases(self._plan, self._kept())
-        self._lean: list[_Step] | None = None
-        self.lean_plan()          # now, not on the first run: torch.compile traces that run
-
-    def _kept(self) -> set[str]:
-        return set(self.output_names) | set(self.loss_weights)
+        kept = set(self.output_names) | set(self.loss_weights)
+        _mark_releases(self._plan, kept)
+        # Built now, not on the first run: torch.compile traces that run (--compile).
+        self._lean = lean_plan(self)
+        _mark_releases(self._lean, kept)
 
     def lean_plan(self) -> list[_Step]:
-        """The plan lean runs follow (see engine/net/train_fuse.py), built once."""
-        if self._lean is None:
-            self._lean = lean_plan(self)
-            _mark_releases(self._lean, self._kept())
+        """The plan of full runs that keep no intermediate blob (engine/net/train_fuse.py)."""
         return self._lean
 
     def _auto_tops(self, cls: type[Layer], lp: caffe_pb2.LayerParameter) -> list[str]:
@@ -264,7 +262,8 @@ class NetModule(nn.Module):
 
         ``blobs`` supplies blobs computed earlier (for partial runs); ``inputs`` feeds the
         Input layers' tops. With ``keep_all=False`` intermediate blobs are dropped after
-        their last use, which the training path uses to save memory. ``record`` receives
+        their last use, which the training path uses to save memory; a whole run with
+        ``keep_all=False`` (no ``blobs``, no ``record``) follows the lean plan. ``record`` receives
         the first tensor bound to each blob name (an in-place blob's diff in Caffe is the
         gradient of that first value).
         """
