@@ -239,3 +239,41 @@ def test_lean_plan_traces_as_one_graph_for_compile():
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(net.forward)(data=x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+SOLVER_NET = """name: "bn_solver"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_pycaffe_step_runs_lean_until_its_last_iteration(tmp_path):
+    """solver.step(n) exposes the blobs of its last iteration only, so the others take the
+    lean plan; weights, statistics and those blobs equal n calls of step(1)."""
+    (tmp_path / "net.prototxt").write_text(SOLVER_NET)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1 momentum: 0.9 lr_policy: "fixed"\n'
+        'max_iter: 10 display: 0 snapshot: 0 random_seed: 11\n')
+    # one after the other: DummyData draws from the generator the solver seeds
+    a = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    a.step(4)
+    b = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    for _ in range(4):
+        b.step(1)
+    for name in a.net.params:
+        for i, blob in enumerate(a.net.params[name]):
+            np.testing.assert_allclose(blob.data, b.net.params[name][i].data, rtol=1e-5,
+                                       atol=1e-6, err_msg=f"{name}/{i}")
+    for name in ("conv", "fc", "loss"):
+        np.testing.assert_allclose(a.net.blobs[name].data, b.net.blobs[name].data,
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    assert (a.net.blobs["conv"].data >= 0).all() and a.net.blobs["conv"].data.any()

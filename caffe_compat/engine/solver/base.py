@@ -207,7 +207,7 @@ class Solver:
                 if self.requested_early_exit:
                     break
             started = time.perf_counter()
-            outputs = self._iterate(start_iter)
+            outputs = self._iterate(start_iter, last=self.iter + 1 == stop_iter)
             self._emit_iteration(outputs, time.perf_counter() - started)
             request = self.events.requested_action()
             if (self.param.snapshot > 0 and self.iter % self.param.snapshot == 0) or \
@@ -219,14 +219,16 @@ class Solver:
         if outputs is not None:
             self.blobs_ready(0, outputs)
 
-    def _iterate(self, start_iter: int) -> dict[str, torch.Tensor]:
-        """Steps 3-5 of one iteration; returns the train net's output blobs."""
+    def _iterate(self, start_iter: int, last: bool = True) -> dict[str, torch.Tensor]:
+        """Steps 3-5 of one iteration; returns the train net's output blobs (every blob with
+        ``keep_all_blobs``, on the ``last`` iteration of a step only: blobs_ready() reads
+        that one, and the others run the lean plan)."""
         for on_start, _ in self._callbacks:
             if on_start:
                 on_start()
         display = self.param.display > 0 and self.iter % self.param.display == 0
         feed = self.feed(0)
-        loss, outputs = self._forward_backward(feed)
+        loss, outputs = self._forward_backward(feed, self.keep_all_blobs and last)
         self.loss = loss
         if not math.isfinite(loss):
             fail_non_finite(self, loss, feed)
@@ -284,11 +286,12 @@ class Solver:
             (self.iter > 0 or p.test_initialization) and bool(self.test_modules) and \
             distributed.is_root()
 
-    def _forward_backward(self, feed: Mapping[str, torch.Tensor]
+    def _forward_backward(self, feed: Mapping[str, torch.Tensor], keep_all: bool = False
                           ) -> tuple[float, dict[str, torch.Tensor]]:
         total, outputs = None, {}
-        for _ in range(self.param.iter_size):
-            loss, outputs = self.train_module.forward_loss(self.keep_all_blobs, **feed)
+        for i in range(self.param.iter_size):
+            last = i == self.param.iter_size - 1
+            loss, outputs = self.train_module.forward_loss(keep_all and last, **feed)
             if loss.requires_grad:
                 loss.backward()
             loss = loss.detach()

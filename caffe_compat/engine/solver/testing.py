@@ -44,12 +44,12 @@ def run_test(solver, test_net_id: int) -> list[float]:
     n_iter = solver.param.test_iter[test_net_id]
     sums, loss, outputs = None, None, None
     with torch.no_grad():
-        for _ in range(n_iter):
+        for i in range(n_iter):
             _handle_requests(solver)
             if solver.requested_early_exit:
                 break
-            iter_loss, outputs = module.forward_loss(solver.keep_all_blobs,
-                                                       **solver.feed(test_net_id + 1))
+            keep_all = solver.keep_all_blobs and i == n_iter - 1   # what blobs_ready() reads
+            iter_loss, outputs = module.forward_loss(keep_all, **solver.feed(test_net_id + 1))
             flat = [outputs[n].detach().float().reshape(-1) for n in module.output_names]
             flat = torch.cat(flat) if flat else torch.zeros(0, device=solver.device)
             sums = flat.clone() if sums is None else sums.add_(flat)
