@@ -160,6 +160,27 @@ def clamp(segment: dict, last_iter: int) -> dict:
     return segment | {"end": last_iter, "seconds": segment["seconds"] * done}
 
 
+def deploy_for_records(deploy: Path, channels: int, out: Path) -> Path:
+    """``deploy`` with its input's channel axis set to the records' (1 grey, 3 colour), at
+    ``out``: the model folder's deploy declares 3 channels, and a net trained here on grey
+    records has conv1 weights for 1, which that deploy cannot load."""
+    from google.protobuf import text_format
+
+    from caffe_compat.formats.blob_io import read_text_proto
+    from caffe_compat.proto import caffe_pb2
+    from experiments.reproduce.protocol import atomic_write_text
+    net = read_text_proto(deploy.read_text(encoding="utf-8"), caffe_pb2.NetParameter)
+    shapes = [lp.input_param.shape[0] for lp in net.layer
+              if lp.type == "Input" and lp.input_param.shape] or list(net.input_shape)
+    if not shapes or len(shapes[0].dim) < 2:
+        raise ValueError(f"{deploy}: no Input blob with a channel axis to set")
+    shapes[0].dim[1] = channels
+    header = (f"# {os.path.relpath(deploy, REPO)} with {channels} input channel(s), for the "
+              "snapshots of tools/full_fashion_mnist.py\n")
+    atomic_write_text(out, header + text_format.MessageToString(net))
+    return out
+
+
 def train_crop(net_param) -> int:
     """The TRAIN Data layer's crop_size (the input side the net sees)."""
     from caffe_compat.proto import caffe_pb2
@@ -319,7 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(report_path, text)
     atomic_write_text(report_path.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
     print(text)
-    print(f"snapshot: {model}\nwrote {report_path}, {report_path.with_suffix('.json')} and "
+    deploy = Path(net_path).parent / "deploy.prototxt"       # beside the train net
+    if deploy.is_file():
+        written = deploy_for_records(deploy, 3 if args.color else 1,
+                                     Path(args.work) / "deploy.prototxt")
+        deploy_line = f"deploy: {written}"
+    else:
+        deploy_line = f"deploy: none written ({deploy} does not exist)"
+    print(f"snapshot: {model}\n{deploy_line}\nwrote {report_path}, {report_path.with_suffix('.json')} and "
           f"{report_path.with_suffix('.png')}")
     return 0
 

@@ -57,8 +57,18 @@ def test_builds_trains_tests_and_reports(fake_idx, tmp_path, capsys):
     assert f"all {N_TRAIN} training / {N_TEST} test images" in text
     assert "bf16 autocast" in text and "94.5% target: not reached" in text
     assert (tmp_path / "report.png").stat().st_size > 10_000
-    assert (tmp_path / "work" / "vgg16_landmark_64_iter_12.caffemodel").is_file()
+    weights = tmp_path / "work" / "vgg16_landmark_64_iter_12.caffemodel"
+    assert weights.is_file()
     assert "snapshot:" in capsys.readouterr().out
+    # the grey records' snapshot loads into the deploy written beside it (the model folder's
+    # deploy declares 3 channels) and classifies a grey image
+    import caffe_compat as caffe
+    net = caffe.Net(str(tmp_path / "work" / "deploy.prototxt"), str(weights), caffe.TEST)
+    assert net.blobs["data"].data.shape[:2] == (1, 1)
+    assert net.params["conv1_1"][0].data.shape[1] == 1
+    net.blobs["data"].data[...] = image[:, 4:68, 4:68]
+    prob = next(v for k, v in net.forward().items() if v.size == 10)
+    assert np.isclose(prob.sum(), 1, atol=1e-4)
 
 
 def test_resume_keeps_the_curve_and_counts_all_iterations(fake_idx, tmp_path):
