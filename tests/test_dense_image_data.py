@@ -68,3 +68,33 @@ def test_resize_keeps_label_ids_and_errors_name_the_list_line(tmp_path):
     (tmp_path / "list.txt").write_text("img0.png missing.png\n")
     with pytest.raises(LayerError, match=r"list.txt:1: image 'missing.png' does not exist"):
         _net(tmp_path, "batch_size: 1")
+
+
+def test_mean_file_is_subtracted_from_the_image_before_the_crop(tmp_path):
+    from caffe_compat.formats.blob_io import write_blobproto
+    images, labels = _write_pairs(tmp_path)
+    mean = np.random.default_rng(1).uniform(0, 255, size=(3, 6, 8)).astype(np.float32)
+    write_blobproto(tmp_path / "mean.binaryproto", mean)
+    net = _net(tmp_path, "batch_size: 3 crop_height: 4 crop_width: 5",
+               f'transform_param {{ scale: 0.25 mean_file: "{tmp_path / "mean.binaryproto"}" }}')
+    net.forward()
+    label = net.blobs["label"].data[:, 0]
+    for i, img in enumerate(images):                 # find each crop's window from its label
+        full = (img.transpose(2, 0, 1) - mean) * 0.25
+        hits = [(y, x) for y in range(3) for x in range(4)
+                if np.array_equal(labels[i][y:y + 4, x:x + 5], label[i])]
+        assert any(np.allclose(net.blobs["data"].data[i], full[:, y:y + 4, x:x + 5], rtol=1e-5)
+                   for y, x in hits), i
+    assert np.abs(net.blobs["data"].data).max() > 1   # a real image minus a real mean
+
+
+def test_mean_file_of_another_size_or_with_mean_value_is_refused(tmp_path):
+    from caffe_compat.formats.blob_io import write_blobproto
+    _write_pairs(tmp_path)
+    write_blobproto(tmp_path / "mean.binaryproto", np.zeros((3, 5, 8), np.float32))
+    with pytest.raises(LayerError, match=r"mean is 3×5×8 but the images are 3×6×8"):
+        _net(tmp_path, "batch_size: 1",
+             f'transform_param {{ mean_file: "{tmp_path / "mean.binaryproto"}" }}')
+    with pytest.raises(LayerError, match="mean_file and mean_value"):
+        _net(tmp_path, "batch_size: 1",
+             f'transform_param {{ mean_file: "{tmp_path / "mean.binaryproto"}" mean_value: 1 }}')

@@ -6,11 +6,13 @@ as colour (``is_color``) or grey, the label image always as grey; ``new_height``
 resize both (bilinear for the image, nearest for labels, so class ids survive). With
 ``mirror`` a random half of the pairs are flipped left-right, and ``crop_height``/
 ``crop_width`` take the same random window of both, in either phase, as SegNet does. The image
-then goes through ``transform_param`` ``mean_value``/``scale``; labels keep their raw values.
+then goes through ``transform_param``: ``mean_file`` (a C×H×W mean of the image as read, so
+subtracted before any crop) or ``mean_value``, then ``scale``, as SegNet's data transformer
+does; labels keep their raw values.
 Lines are read in order (reshuffled each epoch with ``shuffle``); ``rand_skip`` skips a random
 number of lines at the start. Tops: data ``[N, C, H, W]`` and label ``[N, 1, H, W]``.
 SegNet refuses ``transform_param`` crop_size/mirror (they would treat the two images
-differently); so does this layer, and a ``mean_file`` is refused as well.
+differently); so does this layer.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import cv2
 import numpy as np
 
 from caffe_compat.data.layers import _DataLayer
+from caffe_compat.data.transformer import load_mean_file
 from caffe_compat.engine.layers.base import Shape, register
 from caffe_compat.formats.errors import DataError
 from caffe_compat.formats.images import hwc_to_chw, read_image
@@ -56,9 +59,11 @@ class DenseImageData(_DataLayer):
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
         p, tp = param.dense_image_data_param, param.transform_param
-        if tp.crop_size or tp.mirror or tp.mean_file:
-            raise self.error("transform_param crop_size, mirror and mean_file are not supported "
-                             "here (use dense_image_data_param crop_height/crop_width/mirror)")
+        if tp.crop_size or tp.mirror:
+            raise self.error("transform_param crop_size and mirror are not supported here (use "
+                             "dense_image_data_param crop_height/crop_width/mirror)")
+        if tp.mean_file and len(tp.mean_value):
+            raise self.error("cannot specify mean_file and mean_value at the same time")
         if p.batch_size <= 0:
             raise self.error("dense_image_data_param.batch_size must be positive")
         if (p.new_height > 0) != (p.new_width > 0) or (p.crop_height > 0) != (p.crop_width > 0):
@@ -66,7 +71,10 @@ class DenseImageData(_DataLayer):
         self.p = p
         self.scale = float(tp.scale)
         self.mean = np.asarray(list(tp.mean_value), dtype=np.float32)
+        self.mean_image = None
         try:
+            if tp.mean_file:
+                self.mean_image = load_mean_file(tp.mean_file)
             self.pairs = read_pair_list(p.source)
             self._rng = self._seq(0, 0)
             self.order = list(range(len(self.pairs)))
@@ -77,6 +85,9 @@ class DenseImageData(_DataLayer):
         except DataError as exc:
             raise self._wrap(exc) from None
         c, h, w = first[0].shape
+        if self.mean_image is not None and self.mean_image.shape != (c, h, w):
+            raise self.error(f"{tp.mean_file}: mean is {'×'.join(map(str, self.mean_image.shape))}"
+                             f" but the images are {c}×{h}×{w} (after new_height/new_width)")
         if p.crop_height:
             h, w = p.crop_height, p.crop_width
         if self.mean.size not in (0, 1, c):
@@ -103,6 +114,11 @@ class DenseImageData(_DataLayer):
                 self._rng.shuffle(self.order)
         img, lab = self._load(self.order[self.pos])
         self.pos += 1
+        if self.mean_image is not None:
+            if img.shape != self.mean_image.shape:
+                raise DataError(f"image is {'×'.join(map(str, img.shape))}, the mean "
+                                f"{'×'.join(map(str, self.mean_image.shape))}")
+            img = img - self.mean_image
         if self.p.mirror and self._rng.integers(2):
             img, lab = img[:, :, ::-1], lab[:, :, ::-1]
         if self.p.crop_height:
