@@ -277,3 +277,4 @@ def test_pycaffe_step_runs_lean_until_its_last_iteration(tmp_path):
         np.testing.assert_allclose(a.net.blobs[name].data, b.net.blobs[name].data,
                                    rtol=1e-5, atol=1e-6, err_msg=name)
     assert (a.net.blobs["conv"].data >= 0).all() and a.net.blobs["conv"].data.any()
+

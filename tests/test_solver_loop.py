@@ -425,3 +425,24 @@ def test_weights_field_loads_every_net():
     second = _solver(BASE + f'test_iter: 1\ntest_interval: 5\nweights: "{model}"\n', "s2.prototxt")
     for net in (second.net, second.test_nets[0]):
         np.testing.assert_array_equal(net.params["ip"][0].data, first.net.params["ip"][0].data)
+
+
+def test_pycaffe_solver_allocates_no_engine_input_tensors(tmp_path):
+    """pycaffe feeds Input blobs from its own arrays; the engine's zero tensors for them
+    (a 154 MB data blob at 256x3x224x224) are made only when the engine feeds the net."""
+    text = ('layer { name: "data" type: "Input" top: "data" '
+            'input_param { shape { dim: 64 dim: 3 dim: 32 dim: 32 } } }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+            'inner_product_param { num_output: 2 } }\n'
+            'layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "ip" top: "l" }\n')
+    (tmp_path / "net.prototxt").write_text(text)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1 lr_policy: "fixed"\n'
+        'max_iter: 2 display: 0 snapshot: 0\n')
+    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    solver.step(1)
+    assert solver.input_tensors == [None]
+    from caffe_compat.engine.solver.base import Solver as EngineSolver
+    engine = EngineSolver(str(tmp_path / "solver.prototxt"))
+    engine.step(1)
+    assert engine.input_tensors[0]["data"].shape == (64, 3, 32, 32)

@@ -83,7 +83,8 @@ class Solver:
         self.test_modules = self._init_test_nets()
         self._load_weights_field()
         self.modules = [self.train_module, *self.test_modules]
-        self.input_tensors = [self._zero_inputs(m) for m in self.modules]
+        # Zero Input blobs, made on first use: pycaffe's solver feeds its own arrays instead.
+        self.input_tensors: list[dict[str, torch.Tensor] | None] = [None] * len(self.modules)
         self.mean_scores: list[list[float]] = [[] for _ in self.test_modules]
         self.updater = ParamUpdater(self.param, self.train_module)
         self.images_per_iter = _images_per_iteration(self.train_module, self.param.iter_size)
@@ -186,6 +187,8 @@ class Solver:
 
     def feed(self, net_index: int) -> dict[str, torch.Tensor]:
         """The Input blobs of net ``net_index`` (0 = train, 1.. = test nets)."""
+        if self.input_tensors[net_index] is None:
+            self.input_tensors[net_index] = self._zero_inputs(self.modules[net_index])
         return self.input_tensors[net_index]
 
     def blobs_ready(self, net_index: int, blobs: Mapping[str, torch.Tensor]) -> None:
