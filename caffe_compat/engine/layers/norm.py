@@ -29,7 +29,10 @@ class BatchNorm(Layer):
     """
 
     type = "BatchNorm"
-    full_precision = True
+    # Under bf16/fp16 autocast the input stays reduced while the statistics are computed and
+    # kept in float32 (torch's mixed-precision batch norm; float32 buffers below), as
+    # nn.BatchNorm2d runs under autocast: no float32 copy of every activation.
+    full_precision = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         # Caffe masks the statistics from the solver by appending a ParamSpec with lr_mult 0
@@ -77,8 +80,8 @@ class BatchNorm(Layer):
         with torch.no_grad():
             # 1/s, or 0 when no statistics were accumulated (Caffe's rule); stays on device.
             inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
-            mean = (mean_sum * inv).to(x.dtype)  # (C,)
-            var = (var_sum * inv).to(x.dtype)    # (C,)
+            mean = (mean_sum * inv).to(stats_dtype(x))  # (C,)
+            var = (var_sum * inv).to(stats_dtype(x))    # (C,)
         return F.batch_norm(x, mean, var, training=False, eps=self.eps)
 
     def _batch_stats(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +97,8 @@ class BatchNorm(Layer):
             # variance into these buffers, exactly the terms Caffe adds to its running sums;
             # the normalisation itself uses the biased variance, as Caffe does, and autograd
             # through it is Caffe's batch-statistics backward.
-            mean = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-            unbiased_var = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            mean = torch.zeros(x.shape[1], dtype=stats_dtype(x), device=x.device)
+            unbiased_var = torch.ones(x.shape[1], dtype=stats_dtype(x), device=x.device)
             y = F.batch_norm(x, mean, unbiased_var, training=True, momentum=1.0, eps=self.eps)
         self.accumulate(mean, unbiased_var)
         return y
@@ -109,6 +112,11 @@ class BatchNorm(Layer):
             factor.mul_(lam).add_(1.0)
             mean_sum.mul_(lam).add_(mean.to(mean_sum.dtype))
             var_sum.mul_(lam).add_(unbiased_var.to(var_sum.dtype))
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 statistics for a bf16/fp16 input, the input's own dtype otherwise."""
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
 
 def _canonical_axis(layer: Layer, axis: int, ndim: int) -> int:

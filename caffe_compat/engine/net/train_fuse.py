@@ -5,10 +5,9 @@ that keep no intermediate blob (the solver's training step, a test pass, ``forwa
   runs as one ``F.batch_norm`` with the Scale's gamma and beta as its affine weights. The
   arithmetic is Caffe's: ``gamma * (x - mu) / sqrt(var + eps) + beta`` with the same batch
   (or global) statistics, and the statistics blobs are updated exactly as BatchNorm's
-  forward does. Apart it costs a second activation tensor saved for the Scale's backward,
-  two more passes over memory, and, under bf16/fp16 autocast, float32 copies (BatchNorm
-  alone runs in float32 there); fused it reads the reduced input directly, accumulating its
-  statistics in float32 into float32 buffers, as ``nn.BatchNorm2d`` does under autocast.
+  forward does. Apart it costs a second activation tensor saved for the Scale's backward
+  and two more passes over memory (and, under bf16/fp16 autocast, a float32 Scale output:
+  its gamma is float32).
 - A Split hands its bottom on as each top (no views, no op).
 - A ReLU that alone reads the new tensor of a Convolution, InnerProduct, BatchNorm, Scale,
   Bias or Eltwise SUM rectifies it in place. None of those saves its output for backward (each keeps
@@ -28,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from caffe_compat.engine.layers.base import Layer
+from caffe_compat.engine.layers.norm import stats_dtype
 from caffe_compat.engine.net.folded import InPlaceReLU
 from caffe_compat.proto import caffe_pb2
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 # Layers whose single top is a new tensor that their backward does not need.
 _OUTPUT_NOT_SAVED = {"Convolution", "Deconvolution", "ConvolutionDepthwise", "InnerProduct",
                      "BatchNorm", "Scale", "Bias"}
-_REDUCED = (torch.bfloat16, torch.float16)
 
 
 class BatchNormScale:
@@ -68,7 +67,7 @@ class BatchNormScale:
         # Float32 buffers, even for a bf16/fp16 input: torch's mixed-precision batch norm
         # then computes and returns the statistics in float32. momentum=1 writes the batch
         # mean and the unbiased variance, the terms Caffe adds to its running sums.
-        stats = torch.float32 if x.dtype in _REDUCED else x.dtype
+        stats = stats_dtype(x)
         mean = torch.zeros(x.shape[1], dtype=stats, device=x.device)
         unbiased_var = torch.ones(x.shape[1], dtype=stats, device=x.device)
         y = F.batch_norm(x, mean, unbiased_var, gamma.to(stats),
