@@ -17,6 +17,7 @@ from caffe_compat.engine.net.module import build_net
 from caffe_compat.engine.net.train_fuse import Alias, BatchNormScale
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
+from test_cli_train import DUMMY_NET, write_solver
 from test_fuse import _conv, resnet_style
 
 GOLDENS = Path(__file__).parent / "goldens" / "layers"
@@ -241,40 +242,34 @@ def test_lean_plan_traces_as_one_graph_for_compile():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-SOLVER_NET = """name: "bn_solver"
-layer { name: "data" type: "DummyData" top: "data" top: "label"
-  dummy_data_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } shape { dim: 4 }
-    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
-layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
-  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
-layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
-layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
-layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
-layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
-  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
-"""
+# test_cli_train's DummyData net on random data, with BatchNorm + Scale before its ReLU
+SOLVER_NET = DUMMY_NET.replace(
+    'data_filler { type: "constant" value: 0.5 }', 'data_filler { type: "gaussian" std: 1 }'
+).replace('layer { name: "relu1"',
+          'layer { name: "bn" type: "BatchNorm" bottom: "conv1" top: "conv1" }\n'
+          'layer { name: "scale" type: "Scale" bottom: "conv1" top: "conv1" '
+          'scale_param { bias_term: true } }\nlayer { name: "relu1"')
 
 
 def test_pycaffe_step_runs_lean_until_its_last_iteration(tmp_path):
     """solver.step(n) exposes the blobs of its last iteration only, so the others take the
     lean plan; weights, statistics and those blobs equal n calls of step(1)."""
-    (tmp_path / "net.prototxt").write_text(SOLVER_NET)
-    (tmp_path / "solver.prototxt").write_text(
-        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1 momentum: 0.9 lr_policy: "fixed"\n'
-        'max_iter: 10 display: 0 snapshot: 0 random_seed: 11\n')
+    solver = write_solver(tmp_path, SOLVER_NET, net=f'"{tmp_path / "net.prototxt"}"',
+                          test_iter=None, test_interval=None, lr_policy='"fixed"',
+                          display=0, snapshot=0, random_seed=11)
     # one after the other: DummyData draws from the generator the solver seeds
-    a = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    a = caffe.get_solver(str(solver))
     a.step(4)
-    b = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    b = caffe.get_solver(str(solver))
     for _ in range(4):
         b.step(1)
     for name in a.net.params:
         for i, blob in enumerate(a.net.params[name]):
             np.testing.assert_allclose(blob.data, b.net.params[name][i].data, rtol=1e-5,
                                        atol=1e-6, err_msg=f"{name}/{i}")
-    for name in ("conv", "fc", "loss"):
+    for name in ("conv1", "ip1", "loss"):
         np.testing.assert_allclose(a.net.blobs[name].data, b.net.blobs[name].data,
                                    rtol=1e-5, atol=1e-6, err_msg=name)
-    assert (a.net.blobs["conv"].data >= 0).all() and a.net.blobs["conv"].data.any()
+    assert (a.net.blobs["conv1"].data >= 0).all() and a.net.blobs["conv1"].data.any()
+    assert _kinds(a.net.module)["bn"] == "fused"
 

@@ -435,14 +435,13 @@ def test_pycaffe_solver_allocates_no_engine_input_tensors(tmp_path):
             'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
             'inner_product_param { num_output: 2 } }\n'
             'layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "ip" top: "l" }\n')
-    (tmp_path / "net.prototxt").write_text(text)
-    (tmp_path / "solver.prototxt").write_text(
-        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.1 lr_policy: "fixed"\n'
-        'max_iter: 2 display: 0 snapshot: 0\n')
-    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    from test_cli_train import write_solver
+    path = write_solver(tmp_path, text, net=f'"{tmp_path / "net.prototxt"}"', test_iter=None,
+                        test_interval=None, display=0, snapshot=0)
+    solver = caffe.get_solver(str(path))
     solver.step(1)
     assert solver.input_tensors == [None]
     from caffe_compat.engine.solver.base import Solver as EngineSolver
-    engine = EngineSolver(str(tmp_path / "solver.prototxt"))
+    engine = EngineSolver(str(path))
     engine.step(1)
     assert engine.input_tensors[0]["data"].shape == (64, 3, 32, 32)
