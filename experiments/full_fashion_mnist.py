@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         deploy_line = f"deploy: {written}"
     else:
         deploy_line = f"deploy: none written ({deploy} does not exist)"
-    print(f"snapshot: {model}\n{deploy_line}\nwrote {report_path}, {report_path.with_suffix('.json')} and "
-          f"{report_path.with_suffix('.png')}")
+    print(f"snapshot: {model}\n{deploy_line}\nwrote {report_path}, "
+          f"{report_path.with_suffix('.json')} and {report_path.with_suffix('.png')}")
     return 0
 
 

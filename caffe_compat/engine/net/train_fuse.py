@@ -10,9 +10,9 @@ that keep no intermediate blob (the solver's training step, a test pass, ``forwa
   its gamma is float32).
 - A Split hands its bottom on as each top (no views, no op).
 - A ReLU that alone reads the new tensor of a Convolution, InnerProduct, BatchNorm, Scale,
-  Bias or Eltwise SUM rectifies it in place. None of those saves its output for backward (each keeps
-  its input, weights or nothing), so autograd's version check never trips; the ReLU's own
-  backward needs only its output, which is the same tensor.
+  Bias or Eltwise SUM rectifies it in place. None of those saves its output for backward
+  (each keeps its input, weights or nothing), so autograd's version check never trips; the
+  ReLU's own backward needs only its output, which is the same tensor.
 
 Nothing here changes what the blobs hold that a caller sees: a lean run returns only the
 outputs (and losses), which no fusion touches. Runs that expose every blob (pycaffe,
