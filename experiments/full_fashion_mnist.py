@@ -169,7 +169,7 @@ def deploy_for_records(deploy: Path, channels: int, out: Path) -> Path:
     from caffe_compat.formats.blob_io import read_text_proto
     from caffe_compat.proto import caffe_pb2
     from experiments.reproduce.protocol import atomic_write_text
-    net = read_text_proto(deploy.read_text(encoding="utf-8"), caffe_pb2.NetParameter)
+    net = read_text_proto(deploy, caffe_pb2.NetParameter)
     shapes = [lp.input_param.shape[0] for lp in net.layer
               if lp.type == "Input" and lp.input_param.shape] or list(net.input_shape)
     if not shapes or len(shapes[0].dim) < 2:

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from caffe_compat.data.layers import _DataLayer
-from caffe_compat.data.transformer import load_mean_file
+from caffe_compat.data.transformer import _dims, load_mean_file
 from caffe_compat.engine.layers.base import Shape, register
 from caffe_compat.formats.errors import DataError
 from caffe_compat.formats.images import hwc_to_chw, read_image
@@ -86,8 +86,8 @@ class DenseImageData(_DataLayer):
             raise self._wrap(exc) from None
         c, h, w = first[0].shape
         if self.mean_image is not None and self.mean_image.shape != (c, h, w):
-            raise self.error(f"{tp.mean_file}: mean is {'×'.join(map(str, self.mean_image.shape))}"
-                             f" but the images are {c}×{h}×{w} (after new_height/new_width)")
+            raise self.error(f"{tp.mean_file}: mean is {_dims(self.mean_image.shape)} but the "
+                             f"images are {c}×{h}×{w} (after new_height/new_width)")
         if p.crop_height:
             h, w = p.crop_height, p.crop_width
         if self.mean.size not in (0, 1, c):
@@ -116,8 +116,9 @@ class DenseImageData(_DataLayer):
         self.pos += 1
         if self.mean_image is not None:
             if img.shape != self.mean_image.shape:
-                raise DataError(f"image is {'×'.join(map(str, img.shape))}, the mean "
-                                f"{'×'.join(map(str, self.mean_image.shape))}")
+                where = self.pairs[self.order[self.pos - 1]][2]
+                raise DataError(f"{where}: image is {_dims(img.shape)}, the mean_file's mean "
+                                f"{_dims(self.mean_image.shape)}")
             img = img - self.mean_image
         if self.p.mirror and self._rng.integers(2):
             img, lab = img[:, :, ::-1], lab[:, :, ::-1]

@@ -23,6 +23,10 @@ from torch import nn
 
 from caffe_compat.formats.forks import FORK_TYPES
 
+# The autocast dtypes: what a ``full_precision`` layer is shielded from, and what BatchNorm
+# keeps float32 statistics for.
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
 Shape = tuple[int, ...]
 
 TRAIN, TEST = 0, 1

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe_compat.engine.fillers import fill
-from caffe_compat.engine.layers.base import TEST, Layer, Shape, register
+from caffe_compat.engine.layers.base import REDUCED_DTYPES, TEST, Layer, Shape, register
 from caffe_compat.proto import caffe_pb2
 
 
@@ -69,22 +69,27 @@ class BatchNorm(Layer):
         if xc.shape[1] != self.channels:
             raise self.error(f"bottom has {xc.shape[1]} channels, the layer was built for "
                              f"{self.channels}")
-        if self.use_global_stats:
-            y = self._global_stats(xc)
-        else:
-            y = self._batch_stats(xc)
-        return y.reshape(x.shape)
+        return self.normalize(xc).reshape(x.shape)
 
-    def _global_stats(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (N, C, *) normalised as this layer does, then ``* weight + bias`` per
+        channel when given (a following Scale layer's gamma and beta, in one op)."""
+        affine = [None if t is None else t.to(stats_dtype(x)) for t in (weight, bias)]
+        if self.use_global_stats:
+            return self._global_stats(x, *affine)
+        return self._batch_stats(x, *affine)
+
+    def _global_stats(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
         mean_sum, var_sum, factor = (b.detach() for b in self.blobs)
         with torch.no_grad():
             # 1/s, or 0 when no statistics were accumulated (Caffe's rule); stays on device.
             inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
             mean = (mean_sum * inv).to(stats_dtype(x))  # (C,)
             var = (var_sum * inv).to(stats_dtype(x))    # (C,)
-        return F.batch_norm(x, mean, var, training=False, eps=self.eps)
+        return F.batch_norm(x, mean, var, weight, bias, training=False, eps=self.eps)
 
-    def _batch_stats(self, x: torch.Tensor) -> torch.Tensor:
+    def _batch_stats(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
         m = x.numel() // x.shape[1]
         if m == 1:
             # One value per channel: mean = x and var = 0, so y = x - x = 0 with a zero
@@ -92,18 +97,25 @@ class BatchNorm(Layer):
             mean = x.detach().reshape(-1)
             unbiased_var = torch.zeros_like(mean)  # Caffe's bias correction is 1 for m == 1
             y = x - x
+            channel = (1, -1) + (1,) * (x.dim() - 2)
+            if weight is not None:
+                y = y * weight.view(channel)
+            if bias is not None:
+                y = y + bias.view(channel)
         else:
             # momentum=1 makes F.batch_norm write the batch mean and the unbiased (m/(m-1))
             # variance into these buffers, exactly the terms Caffe adds to its running sums;
             # the normalisation itself uses the biased variance, as Caffe does, and autograd
-            # through it is Caffe's batch-statistics backward.
+            # through it is Caffe's batch-statistics backward. Float32 buffers for a bf16/fp16
+            # input: torch's mixed-precision batch norm then keeps the statistics in float32.
             mean = torch.zeros(x.shape[1], dtype=stats_dtype(x), device=x.device)
             unbiased_var = torch.ones(x.shape[1], dtype=stats_dtype(x), device=x.device)
-            y = F.batch_norm(x, mean, unbiased_var, training=True, momentum=1.0, eps=self.eps)
-        self.accumulate(mean, unbiased_var)
+            y = F.batch_norm(x, mean, unbiased_var, weight, bias, training=True, momentum=1.0,
+                             eps=self.eps)
+        self._accumulate(mean, unbiased_var)
         return y
 
-    def accumulate(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    def _accumulate(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         """Fold one batch's mean and unbiased variance into the running sums (Caffe's
         ``s <- lambda*s + 1`` and likewise for each sum)."""
         lam = self.moving_average_fraction
@@ -116,7 +128,7 @@ class BatchNorm(Layer):
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 statistics for a bf16/fp16 input, the input's own dtype otherwise."""
-    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    return torch.float32 if x.dtype in REDUCED_DTYPES else x.dtype
 
 
 def _canonical_axis(layer: Layer, axis: int, ndim: int) -> int:

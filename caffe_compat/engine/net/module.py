@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import caffe_compat.engine.layers.all  # noqa: F401  (registers every built-in layer type)
-from caffe_compat.engine.layers.base import Layer, LayerError, Shape, layer_class
+from caffe_compat.engine.layers.base import (REDUCED_DTYPES, Layer, LayerError, Shape,
+                                             layer_class)
 from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, insert_splits,
                                        make_state)
 from caffe_compat.engine.net.train_fuse import lean_plan
@@ -436,7 +437,7 @@ def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,
         return NetModule(filtered, state.phase, source)
 
 
-_REDUCED = (torch.bfloat16, torch.float16)
+_REDUCED = REDUCED_DTYPES
 
 
 def _in_float32(layer, args: list[torch.Tensor]):

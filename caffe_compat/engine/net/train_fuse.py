@@ -24,10 +24,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn import functional as F
 
 from caffe_compat.engine.layers.base import Layer
-from caffe_compat.engine.layers.norm import stats_dtype
 from caffe_compat.engine.net.folded import InPlaceReLU
 from caffe_compat.proto import caffe_pb2
 
@@ -53,28 +51,10 @@ class BatchNormScale:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         bn, scale = self.batch_norm, self.scale
-        gamma = scale.blobs[0]
-        beta = scale.blobs[-1] if scale.bias_term else None
-        m = x.numel() // x.shape[1]
-        if x.dim() < 2 or x.shape[1] != bn.channels or (m == 1 and not bn.use_global_stats):
+        if x.dim() < 2 or x.shape[1] != bn.channels:
             return scale(bn(x))           # the layers themselves report or handle these
-        if bn.use_global_stats:
-            with torch.no_grad():
-                mean_sum, var_sum, factor = (b.detach() for b in bn.blobs)
-                inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
-                mean, var = mean_sum * inv, var_sum * inv
-            return F.batch_norm(x, mean, var, gamma, beta, training=False, eps=bn.eps)
-        # Float32 buffers, even for a bf16/fp16 input: torch's mixed-precision batch norm
-        # then computes and returns the statistics in float32. momentum=1 writes the batch
-        # mean and the unbiased variance, the terms Caffe adds to its running sums.
-        stats = stats_dtype(x)
-        mean = torch.zeros(x.shape[1], dtype=stats, device=x.device)
-        unbiased_var = torch.ones(x.shape[1], dtype=stats, device=x.device)
-        y = F.batch_norm(x, mean, unbiased_var, gamma.to(stats),
-                         None if beta is None else beta.to(stats),
-                         training=True, momentum=1.0, eps=bn.eps)
-        bn.accumulate(mean, unbiased_var)
-        return y
+        beta = scale.blobs[-1] if scale.bias_term else None
+        return bn.normalize(x, scale.blobs[0], beta)
 
 
 class Alias:
