@@ -341,12 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(report_path.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
     print(text)
     deploy = Path(net_path).parent / "deploy.prototxt"       # beside the train net
-    if deploy.is_file():
+    try:      # the snapshot and report are written: a bad deploy must not fail the run
         written = deploy_for_records(deploy, 3 if args.color else 1,
                                      Path(args.work) / "deploy.prototxt")
         deploy_line = f"deploy: {written}"
-    else:
-        deploy_line = f"deploy: none written ({deploy} does not exist)"
+    except (OSError, ValueError) as exc:     # a missing file, a parse error, no Input
+        deploy_line = f"deploy: none written ({exc})"
     print(f"snapshot: {model}\n{deploy_line}\nwrote {report_path}, "
           f"{report_path.with_suffix('.json')} and {report_path.with_suffix('.png')}")
     return 0
