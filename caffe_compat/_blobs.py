@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from caffe_compat._net_fast import note_numpy_view
+from caffe_compat.formats.budget import check_shape
 
 
 class Blob:
@@ -27,8 +28,9 @@ class Blob:
     later layer reading the blob takes the device tensor directly: no host round trip.
     """
 
-    def __init__(self, shape: Iterable[int]):
+    def __init__(self, shape: Iterable[int], name: str = ""):
         shape = tuple(int(d) for d in shape)
+        self.name = name                # for messages: "blob 'data'"
         self._data = np.zeros(shape, np.float32)
         self._diff = np.zeros(shape, np.float32)
         self._pending: dict[str, torch.Tensor] = {}
@@ -80,8 +82,10 @@ class Blob:
 
     def reshape(self, *shape: int) -> None:
         """Give the blob a new shape (values are kept when the count is unchanged)."""
-        shape = tuple(int(d) for d in (shape[0] if len(shape) == 1 and
-                                       not isinstance(shape[0], int) else shape))
+        if len(shape) == 1 and isinstance(shape[0], Iterable) and not isinstance(shape[0], str):
+            shape = tuple(shape[0])
+        shape = check_shape(shape, f"blob '{self.name}'" if self.name else "blob",
+                            itemsize=8, allow_empty=False)   # data + diff, before numpy allocates
         self._synced("_data"), self._synced("_diff")
         if shape == self.shape:
             return

@@ -1,11 +1,14 @@
 """pycaffe's ``caffe.io``: blob/datum conversion, image loading and the input Transformer."""
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 
 from caffe_compat.formats.blob_io import (array_to_blobproto, array_to_datum, blobproto_to_array,
                                   datum_to_array)
+from caffe_compat.formats.images import imread_checked
 from caffe_compat.proto import caffe_pb2
 
 __all__ = ["blobproto_to_array", "array_to_blobproto", "datum_to_array", "array_to_datum",
@@ -37,7 +40,9 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
     dropped, 16-bit files scale by 1/65535, and a color file read with ``color=False`` is
     converted with skimage's luminance weights.
     """
-    img = cv2.imread(filename, cv2.IMREAD_UNCHANGED)
+    if not os.path.isfile(filename):
+        raise IOError(f"cannot read image '{filename}' (missing or not a file)")
+    img = imread_checked(filename, cv2.IMREAD_UNCHANGED, f"image '{filename}'")  # size first
     if img is None:
         raise IOError(f"cannot read image '{filename}' (missing or not an image)")
     scale = 65535.0 if img.dtype == np.uint16 else 255.0

@@ -67,7 +67,7 @@ class Net:
     def _init_from_module(self, module: NetModule) -> None:
         self.module = module
         self.blobs: "OrderedDict[str, Blob]" = OrderedDict(
-            (name, Blob(shape)) for name, shape in module.blob_shapes.items())
+            (name, Blob(shape, name)) for name, shape in module.blob_shapes.items())
         for name, w in module.loss_weights.items():
             self.blobs[name].diff[...] = w        # Caffe seeds loss tops' diffs at setup
         for index, layer in enumerate(module.layers):  # DummyData's constant tops: filled once

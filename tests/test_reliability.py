@@ -219,10 +219,12 @@ def _python_net(tmp_path, module, layer):
     return str(path)
 
 
-@pytest.mark.parametrize("module,layer", [("os", "abort"), ("sys", "exit"), ("os", "getcwd"),
-                                          ("collections", "OrderedDict")])
-def test_python_layer_must_be_a_layer_class(tmp_path, module, layer):
-    with pytest.raises(LayerError, match="not a layer class"):
+@pytest.mark.parametrize("module,layer,reason", [
+    ("os", "abort", "standard-library module"), ("sys", "exit", "standard-library module"),
+    ("collections", "OrderedDict", "standard-library module"),
+    ("numpy", "zeros", "not a layer class"), ("numpy", "ndarray", "not a layer class")])
+def test_python_layer_must_be_a_layer_class(tmp_path, module, layer, reason):
+    with pytest.raises(LayerError, match=reason):
         caffe.Net(_python_net(tmp_path, module, layer), caffe.TEST)
 
 

@@ -112,6 +112,11 @@ _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", _png), (b"\xff\xd8", _jpeg), (b"BM", _bmp)
                (b"GIF8", _gif), (b"P5", _pnm), (b"P6", _pnm))
 
 
+def _has_known_signature(head: bytes) -> bool:
+    return (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or \
+        any(head.startswith(signature) for signature, _ in _SIGNATURES)
+
+
 def image_size(data: bytes) -> tuple[int, int, int]:
     """(width, height, channels) from an encoded image's header; DataError if unknown."""
     data = bytes(data)
@@ -124,9 +129,17 @@ def image_size(data: bytes) -> tuple[int, int, int]:
                     "formats are refused: their size cannot be checked before decoding)")
 
 
-def check_encoded_size(data: bytes) -> None:
-    """DataError unless decoding ``data`` allocates a sane, budgeted amount of memory."""
-    width, height, channels = image_size(data)
+def check_encoded_size(data: bytes, unknown_ok: bool = False) -> None:
+    """DataError unless decoding ``data`` allocates a sane, budgeted amount of memory.
+
+    ``unknown_ok`` lets a format without a header reader here pass (image files: TIFF and
+    the like are OpenCV's to refuse, under its own pixel limit)."""
+    try:
+        width, height, channels = image_size(data)
+    except DataError:
+        if unknown_ok and not _has_known_signature(bytes(data[:12])):
+            return
+        raise
     if width <= 0 or height <= 0:
         raise DataError(f"encoded image header declares an empty {width}×{height} image")
     if width * height > MAX_PIXELS:
