@@ -36,13 +36,15 @@ class TrainProgress(Observer):
     kinds = (RunStarted, IterationDone, TestDone)
 
     def __init__(self, total: int, initial: int = 0, enabled: bool | None = None,
-                 file: TextIO | None = None, smoothing: float = 0.1):
+                 file: TextIO | None = None, smoothing: float = 0.1, clock=time.monotonic):
         self.file = file or sys.stderr
         self.enabled = self.file.isatty() if enabled is None else enabled
         self.total, self.initial = total, initial
         self.smoothing = smoothing
         self.bar = None
-        self.pace = Pace(total)
+        self.pace = Pace(total, clock)
+        self._rate: float | None = None    # images/s, smoothed over wall-clock spans
+        self._since = (0.0, 0)             # (time, iteration) of the last bar update
         self.every = 0            # log a progress line every this many iterations (no bar)
         self._accuracy: float | None = None
 
@@ -50,8 +52,7 @@ class TrainProgress(Observer):
         if self.enabled:
             from tqdm import tqdm
             self.bar = tqdm(total=self.total, initial=solver.iter, file=self.file, unit="it",
-                            dynamic_ncols=True, leave=True, desc="train",
-                            smoothing=self.smoothing)
+                            dynamic_ncols=True, leave=True, desc="train")
             glog.set_echo(self._write)
         else:
             display = getattr(getattr(solver, "param", None), "display", 0)
@@ -69,6 +70,7 @@ class TrainProgress(Observer):
             return
         if isinstance(event, RunStarted):
             self.pace.start(event.iter, event.images_per_iter)
+            self._since = (self.pace.clock(), event.iter)
             if self.bar is not None:
                 self.bar.update(event.iter - self.bar.n)
             return
@@ -81,9 +83,14 @@ class TrainProgress(Observer):
         info = {"loss": f"{event.smoothed_loss:.4g}"}
         if self._accuracy is not None:
             info["acc"] = f"{self._accuracy:.4g}"
-        rate = self.bar.format_dict.get("rate")      # tqdm's smoothed iterations/s
-        if rate:
-            info["img/s"] = f"{rate * self.pace.images_per_iter:.1f}"
+        now, (then, last_iter) = self.pace.clock(), self._since
+        if now > then:         # wall clock, not the iteration's own compute time
+            rate = (event.iter - last_iter) * self.pace.images_per_iter / (now - then)
+            self._rate = rate if self._rate is None else \
+                self.smoothing * rate + (1 - self.smoothing) * self._rate
+            self._since = (now, event.iter)
+        if self._rate is not None:
+            info["img/s"] = f"{self._rate:.1f}"
         self.bar.set_postfix(info, refresh=False)
         self.bar.update(event.iter - self.bar.n)
 

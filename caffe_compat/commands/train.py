@@ -220,15 +220,18 @@ def _train_member(args, param, choice, out) -> TrainResult | None:
     prefix_dir = os.path.dirname(param.snapshot_prefix)
     if prefix_dir:
         os.makedirs(prefix_dir, exist_ok=True)
-    with PrefixLock(param.snapshot_prefix):     # a second run over the prefix is refused
-        return _train_root(args, param, choice, out)
+    notes: list[str] = []        # said once the log is open
+    with PrefixLock(param.snapshot_prefix, warn=notes.append):   # a second run is refused
+        return _train_root(args, param, choice, out, notes)
 
 
-def _train_root(args, param, choice, out) -> TrainResult:
+def _train_root(args, param, choice, out, notes: list[str]) -> TrainResult:
     """The root process's run, holding the prefix: log, clean-up, train, report."""
     log_path = args.log or log_path_for(param.snapshot_prefix)
     earlier_run = os.path.isfile(log_path) and os.path.getsize(log_path) > 0
     log_file = _open_log(log_path)
+    for note in notes:
+        glog.warning(note, "caffe.cpp:202")
     if earlier_run and not args.snapshot:
         glog.info(f"{log_path} holds an earlier run: a new run starts here (it resumes no "
                   "snapshot); parse_log and plot_log keep the runs apart", "caffe.cpp:203")

@@ -154,7 +154,7 @@ def process_alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):    # gone, or no pid at all
         return False
     except PermissionError:
         return True

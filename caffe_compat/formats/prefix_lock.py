@@ -82,10 +82,11 @@ def _is_stale(owner: dict[str, str], path: Path) -> bool:
 class PrefixLock:
     """Hold the lock of ``prefix`` (``acquire``/``release`` or a ``with`` block)."""
 
-    def __init__(self, prefix: str, command: str = "caffe train"):
+    def __init__(self, prefix: str, command: str = "caffe train", warn=None):
         self.path = lock_path_for(prefix)
         self.prefix = prefix
         self.command = command
+        self.warn = warn or log.warning      # where "taking over a stale lock" is said
         self.held = False
 
     def acquire(self) -> "PrefixLock":
@@ -105,8 +106,8 @@ class PrefixLock:
                     "logs and replace each other's snapshots. Wait for it, stop it, or give "
                     "this run another snapshot_prefix (delete the lock file only if that run "
                     "is gone)")
-            log.warning("taking over %s: its run (%s) is no longer running", self.path,
-                        _describe(owner))
+            self.warn(f"taking over {self.path}: its run ({_describe(owner)}) is no longer "
+                      "running")
             try:
                 self.path.unlink()
             except FileNotFoundError:
