@@ -81,11 +81,18 @@ class Blob:
     width = property(lambda self: self._legacy(3))
 
     def reshape(self, *shape: int) -> None:
-        """Give the blob a new shape (values are kept when the count is unchanged)."""
+        """Give the blob a new shape (values are kept when the count is unchanged).
+
+        ResourceError naming the blob for a shape that is not whole numbers, has a negative
+        or zero dim or more than 32 axes, or exceeds the memory budget."""
         if len(shape) == 1 and isinstance(shape[0], Iterable) and not isinstance(shape[0], str):
             shape = tuple(shape[0])
+        self._reshape(shape, allow_empty=False)
+
+    def _reshape(self, shape, allow_empty: bool = True) -> None:
+        """``reshape`` for the net's own shape pass (a layer may produce an empty top)."""
         shape = check_shape(shape, f"blob '{self.name}'" if self.name else "blob",
-                            itemsize=8, allow_empty=False)   # data + diff, before numpy allocates
+                            itemsize=8, allow_empty=allow_empty)  # data + diff, before numpy
         self._synced("_data"), self._synced("_diff")
         if shape == self.shape:
             return

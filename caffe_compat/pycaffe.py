@@ -245,7 +245,7 @@ class Net:
         """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape)."""
         shapes = self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
         for name, shape in shapes.items():
-            self.blobs[name].reshape(*shape)
+            self.blobs[name]._reshape(shape)     # budgeted; names the blob
 
     # -- weights ----------------------------------------------------------------------
     def copy_from(self, path) -> None:

@@ -147,6 +147,17 @@ def test_blob_reshape_refuses_bad_shapes_naming_the_blob(tmp_path, shape, messag
     assert net.blobs["data"].data.shape == (2, 3, 8, 8)
 
 
+def test_net_reshape_budgets_every_blob_it_resizes(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAFFE_COMPAT_MEMORY_BUDGET", "64M")
+    net = _net(tmp_path, 'input: "data" input_shape { dim: 1 dim: 1 dim: 8 dim: 8 }\n'
+               'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+               'convolution_param { num_output: 256 kernel_size: 1 } }')
+    net.blobs["data"].reshape(1, 1, 1000, 1000)          # 8 MB with its diff: fine
+    with pytest.raises(ResourceError, match=r"^blob 'conv': shape \[1, 256, 1000, 1000\] "
+                                            r"needs 1.9 GiB"):
+        net.reshape()
+
+
 def test_concat_of_many_copies_of_one_bottom_builds_and_runs(tmp_path):
     """The build once removed each Split top from a list (quadratic: 100k copies took
     minutes); benchmarks/concat_build.py times it. Here: the result is right."""

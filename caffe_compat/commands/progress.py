@@ -32,7 +32,8 @@ def accuracy_of(event: TestDone) -> float | None:
 
 
 class TrainProgress(Observer):
-    """``attach(solver)`` subscribes to its events and routes the log through tqdm."""
+    """``attach(solver)`` subscribes to its events: a bar (the log routed through tqdm) when
+    ``enabled`` (default: on a terminal), progress lines in the log otherwise."""
     kinds = (RunStarted, IterationDone, TestDone)
 
     def __init__(self, total: int, initial: int = 0, enabled: bool | None = None,
@@ -43,7 +44,7 @@ class TrainProgress(Observer):
         self.smoothing = smoothing
         self.bar = None
         self.pace = Pace(total, clock)
-        self._rate: float | None = None    # images/s, smoothed over wall-clock spans
+        self._per_iter: float | None = None   # wall-clock seconds per iteration, smoothed
         self._since = (0.0, 0)             # (time, iteration) of the last bar update
         self.every = 0            # log a progress line every this many iterations (no bar)
         self._accuracy: float | None = None
@@ -84,13 +85,13 @@ class TrainProgress(Observer):
         if self._accuracy is not None:
             info["acc"] = f"{self._accuracy:.4g}"
         now, (then, last_iter) = self.pace.clock(), self._since
-        if now > then:         # wall clock, not the iteration's own compute time
-            rate = (event.iter - last_iter) * self.pace.images_per_iter / (now - then)
-            self._rate = rate if self._rate is None else \
-                self.smoothing * rate + (1 - self.smoothing) * self._rate
+        if now > then and event.iter > last_iter:   # wall clock, tests and snapshots included
+            per_iter = (now - then) / (event.iter - last_iter)
+            self._per_iter = per_iter if self._per_iter is None else \
+                self.smoothing * per_iter + (1 - self.smoothing) * self._per_iter
             self._since = (now, event.iter)
-        if self._rate is not None:
-            info["img/s"] = f"{self._rate:.1f}"
+        if self._per_iter:             # time is averaged, not rates (a mean of rates runs high)
+            info["img/s"] = f"{self.pace.images_per_iter / self._per_iter:.1f}"
         self.bar.set_postfix(info, refresh=False)
         self.bar.update(event.iter - self.bar.n)
 

@@ -72,12 +72,14 @@ def _valid_name(name: str) -> bool:
 
 def _standard_library(spec) -> bool:
     """Whether the module that ``spec`` locates is built in, frozen or in the stdlib folder."""
-    origin = spec.origin or ""
-    if origin in ("built-in", "frozen") or not spec.has_location:
+    if spec.origin in ("built-in", "frozen"):
         return True
-    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
-    path = os.path.realpath(origin)
-    return path.startswith(stdlib + os.sep) and "site-packages" not in path.split(os.sep)
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"]) + os.sep
+    # a namespace package (a folder without __init__.py) has locations but no origin
+    paths = [spec.origin] if spec.origin else list(spec.submodule_search_locations or [])
+    return bool(paths) and all(
+        os.path.realpath(path).startswith(stdlib) and
+        "site-packages" not in os.path.realpath(path).split(os.sep) for path in paths)
 
 
 def unimportable(module_name: str, layer_name: str) -> str | None:
