@@ -184,6 +184,12 @@ def test_progress_lines_in_the_log_without_a_terminal(workdir, capsys):
     assert lines[-1].endswith("ETA 0:00:00")
 
 
+def test_images_per_iteration_is_batch_times_iter_size(workdir):
+    import caffe_compat as caffe
+    solver = caffe.get_solver(str(write_solver(workdir, iter_size=3, snapshot=0)))
+    assert solver.images_per_iter == 4 * 3           # DummyData batch 4, iter_size 3
+
+
 def test_pace_counts_images_as_iterations_times_batch_times_iter_size():
     ticks = iter([0.0, 100.0, 102.0, 106.0])
     pace = Pace(100, clock=lambda: next(ticks))
