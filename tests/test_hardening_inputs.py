@@ -67,6 +67,22 @@ def test_png_header_bigger_than_opencv_allows_is_a_clean_error(tmp_path):
         caffe.io.load_image(str(path))
 
 
+def test_tiff_headers_are_read_too(tmp_path, monkeypatch):
+    path = tmp_path / "small.tif"
+    cv2.imwrite(str(path), np.full((30, 40, 3), 9, np.uint8))
+    assert read_image(str(path)).shape == (30, 40, 3)
+    raw = bytearray(path.read_bytes())
+    ifd = struct.unpack("<I", raw[4:8])[0]
+    for pos in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", raw[ifd:ifd + 2])[0], 12):
+        tag, kind = struct.unpack("<HH", raw[pos:pos + 4])
+        if tag in (256, 257):                      # width and length: 20000 each
+            raw[pos + 2:pos + 12] = struct.pack("<HII", 4, 1, 20000)
+    path.write_bytes(bytes(raw))
+    monkeypatch.setenv("CAFFE_COMPAT_MEMORY_BUDGET", "64M")
+    with pytest.raises(DataError, match=r"small.tif': image 20000×20000 needs .* memory budget"):
+        read_image(str(path))
+
+
 def test_image_list_names_the_line_and_file_of_an_oversized_image(tmp_path, big_png):
     (tmp_path / "list.txt").write_text(f"{big_png.name} 0\n")
     text = ('layer { name: "data" type: "ImageData" top: "data" top: "label" image_data_param '

@@ -155,7 +155,7 @@ def test_png_header_bigger_than_its_bytes_is_refused_before_decoding():
     with pytest.raises(DataError, match="more than its"):
         check_encoded_size(bytes(png))
     with pytest.raises(DataError, match="not a PNG, JPEG"):
-        check_encoded_size(b"II*\x00" + bytes(40))          # TIFF: size not checkable
+        check_encoded_size(b"\x00\x00\x01\x00" + bytes(40))  # ICO: size not checkable
 
 
 def test_hdf5_dataset_declaring_more_than_the_file_holds(tmp_path):
