@@ -47,8 +47,12 @@ def imread_checked(path: str, flag: int, label: str) -> np.ndarray | None:
     try:
         return cv2.imread(path, flag)
     except cv2.error as exc:
-        reason = " ".join(str(exc).split())[-160:]
-        raise DataError(f"{label} could not be decoded ({reason})") from None
+        raise DataError(f"{label} could not be decoded ({_opencv_reason(exc)})") from None
+
+
+def _opencv_reason(exc: Exception) -> str:
+    """The end of OpenCV's multi-line message, on one line (where it says what failed)."""
+    return " ".join(str(exc).split())[-160:]
 
 
 def hwc_to_chw(img: np.ndarray) -> np.ndarray:
@@ -68,8 +72,8 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
     try:
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     except cv2.error as exc:
-        reason = " ".join(str(exc).split())[-160:]
-        raise DataError(f"encoded record could not be decoded as an image ({reason})") from None
+        raise DataError("encoded record could not be decoded as an image "
+                        f"({_opencv_reason(exc)})") from None
     if img is None:
         raise DataError("encoded record could not be decoded as an image")
     if img.dtype != np.uint8:
