@@ -178,11 +178,9 @@ class SoftmaxWithLoss(_SoftmaxLoss):
         super().__init__(param, bottom_shapes, phase)
         self.normalization = _normalization(self, _Loss.VALID)
         lp = param.loss_param
-        self.class_weights = None
-        if lp.weight_by_label_freqs:
-            self.register_buffer("class_weights", torch.tensor(list(lp.class_weighting),
-                                                               dtype=torch.float32),
-                                 persistent=False)
+        weights = torch.tensor(list(lp.class_weighting), dtype=torch.float32) \
+            if lp.weight_by_label_freqs else None
+        self.register_buffer("class_weights", weights, persistent=False)
         self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
