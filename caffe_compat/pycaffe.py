@@ -17,12 +17,16 @@ import torch
 from caffe_compat._blobs import Blob, LayerView, ParamBlob
 from caffe_compat._net_exec import backward_plan, backward_range, forward_range
 from caffe_compat._net_fast import FastForward, eligible
+from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.layers.base import TEST, TRAIN
 from caffe_compat.engine.layers.python_trust import PythonLayerBase
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
+
+
+_CALLBACK_TIMES = ("before_forward", "after_forward", "before_backward", "after_backward")
 
 
 def _phase_value(value) -> int:
@@ -76,6 +80,7 @@ class Net:
                     self.blobs[module.layer_tops(index)[j]]._store(layer._once[j])
         self._plan = backward_plan(module)
         self._traces: dict = {}
+        self._layer_callbacks: dict[str, list] = {w: [] for w in _CALLBACK_TIMES}
         self._fast = FastForward(self) if eligible(self) else None
 
     # -- pycaffe attributes -----------------------------------------------------------
@@ -123,6 +128,28 @@ class Net:
     @property
     def phase(self) -> int:
         return self.module.phase
+
+    # -- per-layer callbacks (Caffe's Net::add_before_forward ...) -----------------------
+    def before_forward(self, fn) -> None:
+        """``fn(layer_index)`` before each layer's forward."""
+        self._layer_callbacks["before_forward"].append(fn)
+
+    def after_forward(self, fn) -> None:
+        self._layer_callbacks["after_forward"].append(fn)
+
+    def before_backward(self, fn) -> None:
+        self._layer_callbacks["before_backward"].append(fn)
+
+    def after_backward(self, fn) -> None:
+        """``fn(layer_index)`` after each layer's backward. A ``caffe.NCCL`` given here (train.py
+        with ``layer_wise_reduce``) averages the gradients once the backward is done."""
+        if isinstance(fn, NCCL):
+            fn.attach()
+            return
+        self._layer_callbacks["after_backward"].append(fn)
+
+    def has_layer_callbacks(self) -> bool:
+        return any(self._layer_callbacks.values())
 
     # -- running ----------------------------------------------------------------------
     def _device(self) -> torch.device:

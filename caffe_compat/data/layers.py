@@ -190,7 +190,7 @@ class Data(_DataLayer):
                                                                  self.num_top == 3),
                              self._seed, dp.source)
         if phase == TRAIN:
-            produce.stride = (distributed.world_size(), distributed.rank())
+            produce.stride = (distributed.solver_count(), distributed.solver_rank())
         self._start(produce, dp.prefetch, on_exit=db.close)
 
     @staticmethod
