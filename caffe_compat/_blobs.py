@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from caffe_compat._net_fast import note_numpy_view
+from caffe_compat.engine.layers.blob_vectors import BlobVec
 
 
 class Blob:
@@ -201,8 +202,13 @@ class LayerView:
         self.type = layer.type
 
     @property
-    def blobs(self) -> list[ParamBlob]:
-        return [ParamBlob(p) for p in self.layer.blobs]
+    def blobs(self) -> BlobVec:
+        return param_blobs(self.layer)
 
     def __repr__(self) -> str:
         return f"<{self.type} layer '{self.name}'>"
+
+
+def param_blobs(layer) -> BlobVec:
+    """``layer``'s parameter blobs as pycaffe's BlobVec of ParamBlob views."""
+    return BlobVec(layer.blobs, lambda params, i: ParamBlob(params[i]))

@@ -1,6 +1,8 @@
 """pycaffe's ``caffe.io``: blob/datum conversion, image loading and the input Transformer."""
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 
@@ -30,16 +32,18 @@ def blobprotovector_str_to_arraylist(data: bytes) -> list:
     return [blobproto_to_array(b) for b in vec.blobs]
 
 
-def load_image(filename: str, color: bool = True) -> np.ndarray:
+def load_image(filename, color: bool = True) -> np.ndarray:
     """Load an image as float32 in [0, 1]: (H, W, 3) RGB, or (H, W, 1) with ``color=False``.
 
-    As pycaffe: a grayscale file is tiled to 3 channels when ``color``, an alpha channel is
-    dropped, 16-bit files scale by 1/65535, and a color file read with ``color=False`` is
-    converted with skimage's luminance weights.
+    ``filename`` is a path or, as skimage's imread takes, an open binary file object
+    (open_nsfw hands it a BytesIO of a re-encoded JPEG). As pycaffe: a grayscale file is
+    tiled to 3 channels when ``color``, an alpha channel is dropped, 16-bit files scale by
+    1/65535, and a color file read with ``color=False`` is converted with skimage's
+    luminance weights.
     """
-    img = cv2.imread(filename, cv2.IMREAD_UNCHANGED)
+    img, name = _read_encoded(filename)
     if img is None:
-        raise IOError(f"cannot read image '{filename}' (missing or not an image)")
+        raise IOError(f"cannot read image '{name}' (missing or not an image)")
     scale = 65535.0 if img.dtype == np.uint16 else 255.0
     img = img.astype(np.float32) / scale
     if img.ndim == 3:
@@ -53,20 +57,47 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
+def _read_encoded(source):
+    """(decoded array or None, name for messages) from a path or a binary file object."""
+    if hasattr(source, "read"):
+        data = source.read()
+        if isinstance(data, str):      # a text buffer: Python 2 scripts' StringIO habits
+            data = data.encode("latin-1")
+        name = getattr(source, "name", type(source).__name__)
+        buffer = np.frombuffer(bytes(data), np.uint8)
+        return (cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None), name
+    name = os.fspath(source)
+    return cv2.imread(name, cv2.IMREAD_UNCHANGED), name
+
+
 def resize_image(im: np.ndarray, new_dims, interp_order: int = 1) -> np.ndarray:
-    """Resize an (H, W, K) image to ``new_dims`` = (height, width); a constant image stays
-    constant exactly (pycaffe's special case). Interpolation is OpenCV's (nearest for
-    order 0, bilinear otherwise); pycaffe's skimage resize differs at sub-pixel level."""
+    """Resize an (H, W, K) image to ``new_dims`` = (height, width) as pycaffe does.
+
+    One or three channels: scaled to [0, 1], resized by skimage's ``resize(..., order,
+    mode='constant')`` rules -- a Gaussian of sigma (factor - 1) / 2 per axis first when
+    shrinking (skimage's anti-aliasing), then a spline zoom on pixel areas, clipped to [0, 1]
+    -- and scaled back. A constant image stays exactly constant. Other channel counts:
+    scipy's plain ``zoom``, as pycaffe. Both run on scipy.ndimage, the code skimage calls.
+    """
+    from scipy import ndimage
     h, w = int(new_dims[0]), int(new_dims[1])
-    im = np.asarray(im, dtype=np.float32)
-    lo, hi = (float(im.min()), float(im.max())) if im.size else (0.0, 0.0)
-    if im.size and lo == hi:
+    im = np.asarray(im, dtype=np.float32) if np.asarray(im).dtype != np.float64 else \
+        np.asarray(im)
+    if im.shape[-1] not in (1, 3):
+        scale = tuple(np.array((h, w), dtype=float) / np.array(im.shape[:2]))
+        return ndimage.zoom(im, scale + (1,), order=interp_order).astype(np.float32)
+    lo, hi = im.min(), im.max()
+    if not hi > lo:
         return np.full((h, w, im.shape[-1]), lo, np.float32)
-    interp = cv2.INTER_NEAREST if interp_order == 0 else cv2.INTER_LINEAR
-    channels = [cv2.resize(np.ascontiguousarray(im[:, :, i:i + 512]), (w, h),
-                           interpolation=interp).reshape(h, w, -1)
-                for i in range(0, im.shape[-1], 512)]            # OpenCV: <= 512 channels
-    return np.concatenate(channels, axis=2).astype(np.float32)
+    std = (im - lo) / (hi - lo)
+    factors = np.divide(std.shape, (h, w, std.shape[-1]))
+    if np.any(factors > 1):
+        std = ndimage.gaussian_filter(std, np.maximum(0, (factors - 1) / 2), cval=0,
+                                      mode="grid-constant")
+    out = ndimage.zoom(std, 1 / factors, order=interp_order, mode="grid-constant", cval=0,
+                       grid_mode=True)
+    np.clip(out, 0, 1, out=out)
+    return (out * (hi - lo) + lo).astype(np.float32)
 
 
 def oversample(images, crop_dims) -> np.ndarray:

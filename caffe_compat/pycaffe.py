@@ -14,13 +14,14 @@ from itertools import zip_longest
 import numpy as np
 import torch
 
-from caffe_compat._blobs import Blob, LayerView, ParamBlob
+from caffe_compat._blobs import Blob, LayerView, ParamBlob, param_blobs
 from caffe_compat._net_exec import backward_plan, backward_range, forward_range
 from caffe_compat._net_fast import FastForward, eligible
 from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.layers.base import TEST, TRAIN
+from caffe_compat.engine.layers.blob_vectors import BlobVec, IntVec, LayerVec, StringVec
 from caffe_compat.engine.layers.python_trust import PythonLayerBase
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
@@ -85,13 +86,14 @@ class Net:
 
     # -- pycaffe attributes -----------------------------------------------------------
     @property
-    def params(self) -> "OrderedDict[str, list[ParamBlob]]":
-        return OrderedDict((name, [ParamBlob(p) for p in layer.blobs])
+    def params(self) -> "OrderedDict[str, BlobVec]":
+        """Layer name -> its parameter blobs, as pycaffe's ``caffe._caffe.BlobVec``."""
+        return OrderedDict((name, param_blobs(layer))
                            for name, layer in self.module.named_layers() if len(layer.blobs))
 
     @property
-    def layers(self) -> list[LayerView]:
-        return [LayerView(n, l) for n, l in self.module.named_layers()]
+    def layers(self) -> LayerVec:
+        return LayerVec(LayerView(n, l) for n, l in self.module.named_layers())
 
     @property
     def inputs(self) -> list[str]:
@@ -118,12 +120,22 @@ class Net:
         return OrderedDict((n, self.module.loss_weights.get(n, 0.0)) for n in self.blobs)
 
     @property
-    def _layer_names(self) -> list[str]:
-        return list(self.module.layer_names)
+    def _layer_names(self) -> StringVec:
+        return StringVec(self.module.layer_names)
 
     @property
-    def _blob_names(self) -> list[str]:
-        return list(self.blobs)
+    def _blob_names(self) -> StringVec:
+        return StringVec(self.blobs)
+
+    @property
+    def _inputs(self) -> IntVec:
+        names = list(self.blobs)
+        return IntVec(names.index(n) for n in self.inputs)
+
+    @property
+    def _outputs(self) -> IntVec:
+        names = list(self.blobs)
+        return IntVec(names.index(n) for n in self.outputs)
 
     @property
     def phase(self) -> int:

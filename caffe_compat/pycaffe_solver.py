@@ -22,6 +22,7 @@ from caffe_compat.engine.solver.base import Solver as EngineSolver
 from caffe_compat.proto import caffe_pb2
 from caffe_compat._net_exec import backward_range, forward_range
 from caffe_compat._runtime import NCCL
+from caffe_compat.engine.layers.blob_vectors import NetVec
 from caffe_compat.pycaffe import Net
 
 
@@ -33,7 +34,7 @@ class Solver(EngineSolver):
         super().__init__(param, source)
         self.keep_all_blobs = True
         self.net = Net.from_module(self.train_module)
-        self.test_nets = [Net.from_module(m) for m in self.test_modules]
+        self.test_nets = NetVec(Net.from_module(m) for m in self.test_modules)
         self._views = [self.net, *self.test_nets]
 
     def feed(self, net_index: int) -> dict[str, torch.Tensor]:

@@ -63,7 +63,7 @@ PYCAFFE_NAMES = (
     "get_solver layers params NetSpec to_proto io proto draw net_spec coord_map classifier "
     "detector Classifier Detector pycaffe Layer TRAIN TEST set_mode_cpu set_mode_gpu set_device "
     "set_random_seed layer_type_list init_log log NCCL Timer has_nccl solver_count "
-    "set_solver_count solver_rank set_solver_rank set_multiprocess").split()
+    "set_solver_count solver_rank set_solver_rank set_multiprocess _caffe").split()
 
 
 def test_every_pycaffe_name_and_submodule():
