@@ -14,7 +14,7 @@ from itertools import zip_longest
 import numpy as np
 import torch
 
-from caffe_compat._blobs import Blob, LayerView, ParamBlob, param_blobs
+from caffe_compat._blobs import Blob, LayerView, flush_host_mirrors, param_blobs
 from caffe_compat._net_exec import backward_plan, backward_range, forward_range
 from caffe_compat._net_fast import FastForward, eligible
 from caffe_compat._runtime import NCCL
@@ -170,10 +170,8 @@ class Net:
         return mode.device()
 
     def _push_params(self) -> None:
-        if self._device().type != "cpu":
-            for layer in self.module.layers:
-                for p in layer.blobs:
-                    ParamBlob(p)._push()
+        """Edits made through ``net.params`` host mirrors (GPU, double) reach the tensors."""
+        flush_host_mirrors()
 
     def _layer_range(self, first, last, default_first: int, default_last: int):
         names = self._layer_names
@@ -288,19 +286,25 @@ class Net:
 
     # -- weights ----------------------------------------------------------------------
     def copy_from(self, path) -> None:
+        self._push_params()
         weights.copy_from(self.module, os.fspath(path))
 
     def save(self, path) -> None:
+        self._push_params()
         weights.save(self.module, os.fspath(path))
 
     def save_hdf5(self, path) -> None:
+        self._push_params()
         weights.save_h5(self.module, os.fspath(path))
 
     def load_hdf5(self, path) -> None:
+        self._push_params()
         weights.copy_from(self.module, os.fspath(path), hdf5=True)
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s parameter storage for every layer of the same name (no copy)."""
+        self._push_params()
+        other._push_params()
         self.module.share_trained_layers_with(other.module)
 
     def __repr__(self) -> str:

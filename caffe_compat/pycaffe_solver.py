@@ -20,6 +20,7 @@ import torch
 
 from caffe_compat.engine.solver.base import Solver as EngineSolver
 from caffe_compat.proto import caffe_pb2
+from caffe_compat._blobs import flush_host_mirrors
 from caffe_compat._net_exec import backward_range, forward_range
 from caffe_compat._runtime import NCCL
 from caffe_compat.engine.layers.blob_vectors import NetVec
@@ -53,6 +54,35 @@ class Solver(EngineSolver):
         for name, t in blobs.items():
             if name in net.blobs and name not in inputs:
                 net.blobs[name]._store(t)
+
+    # Host mirrors of edited weights (GPU / double: ``_blobs.ParamBlob``) reach the tensors
+    # before the engine uses them, and are re-read after it changed them.
+    def step(self, iters: int) -> None:
+        flush_host_mirrors()
+        super().step(iters)
+        flush_host_mirrors()
+
+    def solve(self, resume_file: str | None = None) -> None:
+        flush_host_mirrors()
+        super().solve(resume_file)
+        flush_host_mirrors()
+
+    def test(self, test_net_id: int = 0) -> list[float]:
+        flush_host_mirrors()
+        return super().test(test_net_id)
+
+    def snapshot(self):
+        flush_host_mirrors()
+        return super().snapshot()
+
+    def restore(self, state_file: str) -> None:
+        flush_host_mirrors()
+        super().restore(state_file)
+
+    def apply_update(self, display: bool = False) -> None:
+        flush_host_mirrors()
+        super().apply_update(display)
+        flush_host_mirrors()
 
     def add_callback(self, on_start=None, on_gradients_ready=None) -> None:
         """``add_callback(on_start, on_gradients_ready)``, or ``add_callback(nccl)`` with an
