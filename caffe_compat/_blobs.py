@@ -228,7 +228,7 @@ def flush_host_mirrors() -> None:
             continue
         mirrors = p.__dict__.pop("_caffe_host", None)
         for which, (host, as_read) in (mirrors or {}).items():
-            t = p.data if which == "data" else p.grad
+            t = p if which == "data" else p.grad    # the parameter itself: its _version moves,
             if t is not None and not np.array_equal(host, as_read, equal_nan=True):
-                with torch.no_grad():
+                with torch.no_grad():                # so a cached fused net is rebuilt
                     t.copy_(torch.from_numpy(host).to(t.device, t.dtype))

@@ -268,3 +268,15 @@ def test_writes_through_params_reach_a_double_net_as_on_a_gpu(tmp_path):
         net.module.layers[1].blobs[0].add_(1)   # ... the engine changes the weights ...
     net.forward(data=np.ones((1, 2)))           # ... and the clean mirror is not written back
     np.testing.assert_array_equal(net.params["ip"][0].data, seen + 1)
+
+
+def test_an_edited_double_weight_reaches_the_fused_forward(tmp_path):
+    path = tmp_path / "ip.prototxt"
+    path.write_text('input: "data" input_shape { dim: 1 dim: 2 }\n'
+                    'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                    'inner_product_param { num_output: 1 bias_term: false } }\n')
+    net = caffe.Net(str(path), caffe.TEST)
+    net.module.double()
+    for value in (1.0, 2.0):
+        net.params["ip"][0].data[...] = value
+        np.testing.assert_array_equal(net.forward(data=np.ones((1, 2)))["ip"], [[2 * value]])
