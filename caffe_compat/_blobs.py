@@ -205,6 +205,14 @@ class LayerView:
     def blobs(self) -> BlobVec:
         return param_blobs(self.layer)
 
+    def __getattr__(self, name: str):
+        # pycaffe's net.layers[i] of a Python layer IS the user's object: py-faster-rcnn calls
+        # solver.net.layers[0].set_roidb(roidb) on its data layer
+        user = self.__dict__["layer"].__dict__.get("py")
+        if user is not None and not name.startswith("__"):
+            return getattr(user, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
     def __repr__(self) -> str:
         return f"<{self.type} layer '{self.name}'>"
 

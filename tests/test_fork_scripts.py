@@ -201,6 +201,10 @@ class TopScoresLayer(caffe.Layer):
 
     def backward(self, top, propagate_down, bottom):
         pass
+
+    def set_roidb(self, roidb):
+        """Called on net.layers[i] by the training script, as py-faster-rcnn's trainer does."""
+        self._roidb = roidb
 '''
 
 
@@ -219,6 +223,8 @@ def test_fast_rcnn_style_python_layer(tmp_path, monkeypatch, phase, keep):
     np.testing.assert_array_equal(out, scores[[1, 3, 2][:keep]] * 2)
     layer = net.layer_dict["top"].layer.py
     assert layer.param_str == layer.param_str_ and layer.phase == phase
+    net.layers[list(net._layer_names).index("top")].set_roidb(["image-1"])
+    assert layer._roidb == ["image-1"]
     assert repr(layer.phase) == ("TRAIN", "TEST")[phase] and type(layer.phase) is caffe._caffe.Phase
 
 
