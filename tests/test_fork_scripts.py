@@ -75,6 +75,13 @@ def test_ssd_style_netspec_writes_and_reparses_every_field(tmp_path):
                              caffe_pb2.SolverParameter()).ap_version == "11point"
 
 
+def test_ssd_plateau_policy_is_named_not_guessed():
+    from caffe_compat.engine.solver.lr_policy import LRPolicyError, learning_rate
+    param = caffe_pb2.SolverParameter(base_lr=0.1, lr_policy="plateau", plateau_winsize=[100])
+    with pytest.raises(LRPolicyError, match=r"'plateau' is weiliu89/caffe's \(SSD\)"):
+        learning_rate(param, 0, 0)
+
+
 def test_building_ssd_training_layers_names_the_fork(tmp_path):
     """The layers parse, and building one says plainly that it is not implemented."""
     path = tmp_path / "train.prototxt"
