@@ -95,7 +95,7 @@ class NCCL:
 
     @staticmethod
     def new_uid() -> bytes:
-        """A group id to hand to every process's ``NCCL(solver, uid)``."""
+        """A group id (a local TCP rendezvous) to hand to every process's ``NCCL(solver, uid)``."""
         return distributed.new_group_id()
 
     def bcast(self) -> None:

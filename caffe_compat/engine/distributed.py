@@ -12,9 +12,7 @@ The backend is NCCL on GPUs and gloo on the CPU; multi-machine runs go through
 from __future__ import annotations
 
 import os
-import secrets
 import socket
-import tempfile
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -105,10 +103,9 @@ def average_gradients(solver) -> None:
 
 
 def new_group_id() -> bytes:
-    """A rendezvous for processes of this machine (pycaffe's ``NCCL.new_uid()``): a fresh
-    file store path, so no port can be taken between choosing and binding it."""
-    name = os.path.join(tempfile.gettempdir(), f"caffe_compat_group_{secrets.token_hex(8)}")
-    return f"file://{name}".encode()
+    """A rendezvous for processes of this machine (pycaffe's ``NCCL.new_uid()``): a free
+    local TCP port, bound by process 0 when the group forms (nothing is left on disk)."""
+    return f"tcp://127.0.0.1:{_free_port()}".encode()
 
 
 def join_group(group_id: bytes | str, rank_: int, count: int, on_gpu: bool) -> None:
