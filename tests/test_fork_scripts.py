@@ -127,7 +127,8 @@ layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
 BN_LAYERS = """
 layer { name: "conv1/bn" type: "BatchNorm" bottom: "conv1" top: "conv1"
         batch_norm_param { use_global_stats: true eps: 1e-5 } }
-layer { name: "conv1/scale" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "conv1/scale" type: "Scale" bottom: "conv1" top: "conv1"
+        scale_param { bias_term: true } }
 """
 MERGED = BN_NET.replace("bias_term: false", "bias_term: true") % ""
 

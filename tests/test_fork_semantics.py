@@ -177,7 +177,8 @@ def test_image_data_new_dim_resizes_the_shorter_side(tmp_path, monkeypatch, bicu
     (tmp_path / "list.txt").write_text("tall.png 4\n")
     flag = "bicubic: true" if bicubic else ""
     layer = make_layer('name: "data" type: "ImageData" top: "data" top: "label" '
-                       f'image_data_param {{ source: "list.txt" batch_size: 1 new_dim: 12 {flag} }}',
+                       'image_data_param { source: "list.txt" batch_size: 1 new_dim: 12 '
+                       f'{flag} }}',
                        [], TEST)
     data, label = layer()
     # shorter side 30 -> 12, the other round(12/30 * 50) = 20

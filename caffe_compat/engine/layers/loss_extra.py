@@ -107,7 +107,7 @@ class MultinomialLogisticLoss(_LossLayer):
 class SmoothL1Loss(_LossLayer):
     """rbgirshick/caffe-fast-rcnn's box regression loss over ``d = w_in · (pred - target)``::
 
-        loss = Σ w_out · f(d) / N,   f(d) = 0.5 (σ d)²  if |d| < 1/σ²,  |d| - 0.5/σ² otherwise
+        loss = Σ w_out · f(d) / N,  f(d) = 0.5 (σ d)² if |d| < 1/σ², else |d| - 0.5/σ²
 
     with the optional inside/outside weights as bottoms 2 and 3 (both or neither) and N the
     batch size (bottom 0's first axis). The fork's backward is the exact derivative, so
