@@ -39,15 +39,29 @@ def imread_checked(path: str, flag: int, label: str) -> np.ndarray | None:
     try:
         check_bytes(os.path.getsize(path), label, "the file")
         with open(path, "rb") as f:
-            check_encoded_size(f.read(), unknown_ok=True)
+            _check_header(f.read(), label)
     except OSError as exc:
         raise DataError(f"{label} cannot be read ({exc.strerror or exc})") from None
-    except CaffeCompatError as exc:
-        raise DataError(with_context(str(exc).replace("encoded ", "", 1), label)) from None
     try:
         return cv2.imread(path, flag)
     except cv2.error as exc:
         raise DataError(f"{label} could not be decoded ({_opencv_reason(exc)})") from None
+
+
+def imdecode_checked(data: bytes, flag: int, label: str) -> np.ndarray | None:
+    """``cv2.imdecode`` of an image file's bytes, checked as ``imread_checked`` checks."""
+    _check_header(data, label)
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as exc:
+        raise DataError(f"{label} could not be decoded ({_opencv_reason(exc)})") from None
+
+
+def _check_header(data: bytes, label: str) -> None:
+    try:
+        check_encoded_size(data, unknown_ok=True)
+    except CaffeCompatError as exc:
+        raise DataError(with_context(str(exc).replace("encoded ", "", 1), label)) from None
 
 
 def _opencv_reason(exc: Exception) -> str:
