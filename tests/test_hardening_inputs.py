@@ -56,6 +56,8 @@ def test_image_file_over_the_budget_is_refused_before_decoding(big_png):
         read_image(str(big_png), where="list.txt:3")
     with pytest.raises(DataError, match=r"image '.*big.png'.*memory budget"):
         caffe.io.load_image(str(big_png))
+    with open(big_png, "rb") as f, pytest.raises(DataError, match=r"big.png'.*memory budget"):
+        caffe.io.load_image(f)                           # a file object, as open_nsfw passes
 
 
 def test_png_header_bigger_than_opencv_allows_is_a_clean_error(tmp_path):
