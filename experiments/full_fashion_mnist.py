@@ -73,9 +73,13 @@ def parse_args(argv):
                     help="test during training every this many epochs (default 1; 0: only "
                     "at the end)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                    help="fp32 (default, what Caffe computes) or bf16 autocast of the forward "
-                    "passes (weights, gradients and the solver stay fp32)")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                    help="fp32 (default, what Caffe computes), bf16 autocast of the forward "
+                    "passes (weights, gradients and the solver stay fp32), or auto: bf16 "
+                    "where this CPU has it natively and a short probe shows it faster")
+    ap.add_argument("--layout", choices=("nchw", "nhwc", "auto"), default="nchw",
+                    help="the convolutions' memory layout (default nchw; auto: nhwc where a "
+                    "short probe at the chosen precision shows it faster)")
     ap.add_argument("--resume", default=None, help="solverstate to continue from")
     ap.add_argument("--work", default=str(REPO / "runs" / "fmnist_full"),
                     help="snapshots and train.log (default runs/fmnist_full)")
@@ -246,6 +250,20 @@ class RunWatcher:
             self.curve.save()
 
 
+def use_layout(solver, layout: str, precision: str) -> tuple[str, str]:
+    """Store the train net's convolution weights in ``layout`` (``auto``: what a short probe
+    at ``precision`` picks); returns the layout and why."""
+    from caffe_compat.engine.layout import AUTO, apply_layout, decide_layout
+    reason = f"{layout}: --layout {layout}"
+    if layout == AUTO:
+        decision = decide_layout(solver.device, precision)
+        layout, reason = decision.layout, decision.reason
+    apply_layout(solver.train_module, layout)
+    from caffe_compat.formats import glog
+    glog.info(f"--layout {reason}", "full_fashion_mnist.py")
+    return layout, reason
+
+
 def train(solver, args, tops: tuple[str, str], curve: "Curve", epoch_iters: float,
           command: str = "") -> dict:
     """The engine's loop to max_iter (or the --minutes budget), testing every --test-every
@@ -296,9 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     sp, net_path = solver_param(args, db, n_train, n_test)
     glog.set_stderr(False)
     log = glog.add_log_file(os.fspath(Path(args.work) / "train.log"))
+    choice = devices.select(None, None, allow_cpu=True, precision=args.precision)
     solver = Solver(sp)
     if args.resume:
         solver.restore(args.resume)
+    layout, layout_reason = use_layout(solver, args.layout, choice.precision)
     tops = (output_of(sp.net_param, "SoftmaxWithLoss", net_path),
             output_of(sp.net_param, "Accuracy", net_path))
     curve = Curve(Path(args.work) / "curve.json", solver.iter)
@@ -306,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command.strip(), "threads": torch.get_num_threads(),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "build_seconds": build_seconds, "schedule_iterations": file_max_iter,
-              "n_train": n_train, "n_test": n_test, "precision": args.precision}
-    with devices.autocast(devices.DeviceChoice("cpu", [], args.precision)):
+              "n_train": n_train, "n_test": n_test, "precision": choice.precision,
+              "precision_flag": args.precision, "layout": layout,
+              "layout_reason": layout_reason}
+    with devices.autocast(choice):
         result["train"] = train(solver, args, tops, curve, epoch_iters, command.strip())
         model, _ = solver.snapshot()
         final = test_once(solver, *tops)
@@ -327,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.machine())
     result["machine"] = (f"{cpu}, {os.cpu_count()} cores, CPU only; torch {torch.__version__}, "
-                         f"{'float32' if args.precision == 'fp32' else 'bf16 autocast'}, "
+                         f"{'float32' if choice.precision == 'fp32' else 'bf16 autocast'} "
+                         f"(--precision {args.precision}), {layout} layout, "
                          f"{torch.get_num_threads()} thread(s)")
     result["solver"] = solver_summary_line(sp)
     result["load"] = os.getloadavg()[0]

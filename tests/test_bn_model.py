@@ -54,3 +54,22 @@ def test_input_is_32_and_heatmap_targets_follow_it():
     assert (target.height, target.width) == (32, 32)
     shape = next(lp for lp in _layers("deploy.prototxt") if lp.type == "Input").input_param.shape
     assert list(shape[0].dim)[2:] == [32, 32]
+
+
+def test_wide_folder_is_the_generators_output_with_twice_the_trunk_width():
+    src, base = ROOT / "models" / gen.SOURCE, ROOT / "models" / gen.TARGET
+    wide = ROOT / "models" / gen.target_name(2)
+    for name, deploy in (("train_val.prototxt", False), ("deploy.prototxt", True)):
+        expected = gen.bn_net((src / name).read_text(encoding="utf-8"), deploy, width=2)
+        assert (wide / name).read_text(encoding="utf-8") == expected, name
+        one, two = (read_text_proto(d / name, caffe_pb2.NetParameter).layer for d in (base, wide))
+        assert [lp.name for lp in one] == [lp.name for lp in two]
+        for a, b in zip(one, two):
+            trunk = a.type == "Convolution" and gen.TRUNK_CONV.fullmatch(a.name)
+            assert b.convolution_param.num_output == a.convolution_param.num_output * \
+                (2 if trunk else 1), a.name
+            if a.type == "Tile":      # the attention map over pool3's (doubled) channels
+                assert b.tile_param.tiles == a.tile_param.tiles * 2
+    solver = (wide / "solver_full.prototxt").read_text(encoding="utf-8")
+    assert f'net: "models/{gen.target_name(2)}/train_val.prototxt"' in solver
+    assert f"max_iter: {gen.WIDE_EPOCHS * 60000 // 64}" in solver

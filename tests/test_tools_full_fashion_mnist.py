@@ -140,3 +140,33 @@ def test_every_test_reads_the_same_first_images(fake_idx, tmp_path):
     solver = caffe_compat.get_solver(sp)
     first, second = (tool.test_once(solver, "loss", "accuracy") for _ in range(2))
     assert first["loss"] == second["loss"]        # images 0-9 both times, not 0-9 then 10-19
+
+
+def test_precision_auto_and_layout_are_resolved_and_reported(fake_idx, tmp_path):
+    import torch
+
+    from caffe_compat.engine.precision import candidates
+    assert run_tool(fake_idx, tmp_path, "--max-iter", "2", "--test-every", "0",
+                    "--precision", "auto", "--layout", "nhwc") == 0
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert result["precision_flag"] == "auto" and result["layout"] == "nhwc"
+    assert result["precision"] in ("fp32", "bf16")
+    if not candidates(torch.device("cpu")):       # no native bf16: auto keeps fp32
+        assert result["precision"] == "fp32"
+    words = "float32" if result["precision"] == "fp32" else "bf16 autocast"
+    assert f"{words} (--precision auto), nhwc layout" in result["machine"]
+
+
+def test_layout_nhwc_stores_convolution_weights_channels_last():
+    import types
+
+    import torch
+
+    from experiments.full_fashion_mnist import use_layout
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(4, 2))
+    solver = types.SimpleNamespace(train_module=module, device=torch.device("cpu"))
+    assert use_layout(solver, "nhwc", "fp32") == ("nhwc", "nhwc: --layout nhwc")
+    weight = module[0].weight
+    assert weight.shape == (8, 3, 3, 3) and not weight.is_contiguous()
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert use_layout(solver, "nchw", "fp32")[0] == "nchw" and weight.is_contiguous()
