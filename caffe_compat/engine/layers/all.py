@@ -1,9 +1,5 @@
-"""Import every layer family module in this package so each registers its types."""
-import importlib
-import pkgutil
+"""Kept for code that imports it: importing this module registers every built-in layer type
+(the list is ``builtin.MODULES``)."""
+from caffe_compat.engine.layers import builtin
 
-import caffe_compat.engine.layers as _pkg
-
-for _info in pkgutil.iter_modules(_pkg.__path__):
-    if _info.name not in ("base", "all"):
-        importlib.import_module(f"{_pkg.__name__}.{_info.name}")
+builtin.load()

@@ -32,6 +32,17 @@ Shape = tuple[int, ...]
 TRAIN, TEST = 0, 1
 
 _REGISTRY: dict[str, type["Layer"]] = {}
+_BUILTINS_LOADED = False
+
+
+def _registry() -> dict[str, type["Layer"]]:
+    """The registry, with the built-in types loaded on first use (``builtin.MODULES``)."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from caffe_compat.engine.layers import builtin
+        builtin.load()
+    return _REGISTRY
 
 
 class LayerError(CaffeCompatError):
@@ -129,7 +140,7 @@ def register(cls: type[Layer]) -> type[Layer]:
 
 def layer_types() -> list[str]:
     """Every registered Caffe type string, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(_registry())
 
 
 def layer_family(cls: type[Layer]) -> str:
@@ -164,6 +175,6 @@ def unknown_type_message(type_name: str) -> str:
 
 def layer_class(type_name: str) -> type[Layer]:
     try:
-        return _REGISTRY[type_name]
+        return _registry()[type_name]
     except KeyError:
         raise LayerError(unknown_type_message(type_name)) from None
