@@ -26,9 +26,9 @@ def eligible(net) -> bool:
     if not fusable(m) or m.net_param.force_backward:
         return False
     for index, layer in enumerate(m.layers):
-        if layer.type == "Python":
+        if layer.runs_user_code:
             return False                     # user code may read or write any blob
-        if not m.layer_bottoms(index) and layer.type != "Input":
+        if not m.layer_bottoms(index) and not layer.feeds_input:
             return False                     # data/DummyData sources: the full path
         if not m.layer_tops(index):
             return False                     # sinks (HDF5Output) act on every forward

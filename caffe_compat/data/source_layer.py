@@ -31,6 +31,7 @@ class _DataLayer(Layer):
     """Shared plumbing: tops on the module's device/dtype, seeding, prefetch lifetime."""
 
     num_bottoms = (0, 0)
+    is_source = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

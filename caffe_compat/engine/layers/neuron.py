@@ -49,6 +49,9 @@ class ReLU(_Neuron):
             return F.relu(x)
         return F.leaky_relu(x, self.negative_slope)
 
+    def rectifier_slope(self) -> float | None:
+        return self.negative_slope
+
 
 @register
 class PReLU(_Neuron):
@@ -257,6 +260,9 @@ class Dropout(_Neuron):
         if self.phase != TRAIN or self.ratio == 0.0:
             return x
         return F.dropout(x, self.ratio, training=True)
+
+    def aliases_bottom(self) -> bool:
+        return self.phase != TRAIN
 
 
 @register
