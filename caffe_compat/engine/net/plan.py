@@ -52,17 +52,6 @@ class Hooks(Protocol):
         ...
 
 
-def call_step(step: Step, args: list[torch.Tensor]) -> tuple:
-    """Run one step on its bottom tensors; returns its tops as a tuple."""
-    if step.call is None:
-        return tuple(args) * len(step.tops)
-    if step.full_precision and any(t.dtype in REDUCED_DTYPES for t in args):
-        out = _in_float32(step.call, args)
-    else:
-        out = step.call(*args)
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
 def execute(plan: Sequence[Step], blobs: dict[str, torch.Tensor],
             inputs: Mapping[str, torch.Tensor] | None = None, start: int = 0,
             end: int | None = None, keep_all: bool = True,
@@ -92,7 +81,6 @@ def execute(plan: Sequence[Step], blobs: dict[str, torch.Tensor],
                 args = [t.detach() if cut else t for t, cut in zip(args, step.detach)]
             if hooks is not None:
                 args = hooks.before(step, args)
-            # call_step, inlined: this loop runs every layer of every batch-1 forward
             if step.call is None:
                 outs = tuple(args) * len(step.tops)
             else:

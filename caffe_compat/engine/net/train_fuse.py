@@ -53,9 +53,6 @@ class NormalizeAffine:
         return self.norm.forward_affine(x, gamma, beta)
 
 
-BatchNormScale = NormalizeAffine     # the name tests and notes use for ResNet's pair
-
-
 def plan_readers(plan: list[Step], kept: set[str]) -> dict[tuple[int, str], list[int]]:
     """For each blob version (producing plan position, name): the positions reading it.
     Blobs in ``kept`` (outputs, losses) get a pseudo-reader (-1) so they are never fused."""
