@@ -252,3 +252,17 @@ def test_no_layer_type_string_in_the_execution_files(name):
 
 def test_the_type_string_check_can_fail():
     assert {"Input", "Convolution"} <= _string_constants(PACKAGE / "engine/analysis.py")
+
+
+def test_forward_hooks_on_a_layer_fire_in_the_nets_own_plans(tmp_path):
+    """NetModule is a torch module: a user's forward hook on a layer sees every layer-by-layer
+    and lean run (only the fused plan, which is not the layers, calls forward directly)."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(PLUGIN_NET)
+    module = caffe.Net(str(path), caffe.TEST).module
+    seen = []
+    module.layer_by_name("conv").register_forward_hook(lambda *_: seen.append(1))
+    x = torch.randn(2, 3, 6, 6)
+    module.run({"x": x})
+    module.forward(x=x)
+    assert len(seen) == 2

@@ -153,7 +153,7 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
     plan = list(module.plan())
     for rewrite in inference_pipeline(fold, fuse_relu, channels_last):
         plan = rewrite(plan, module)
-    plan = [replace(step) for step in plan]        # this net's own releases
+    plan = [replace(step, direct=True) for step in plan]   # own releases; no module hooks
     fused = FusedNet(module, plan)
     if channels_last:
         fused.use_channels_last()

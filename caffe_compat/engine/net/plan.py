@@ -33,13 +33,16 @@ class Step:
     full_precision: bool = False         # float32 under autocast (the layer's declaration)
     feed: bool = False                   # an Input layer: its tops come from the caller
     name: str = ""                       # the layer's name, for messages
+    direct: bool = False                 # call a module's forward, skipping its hooks
     call: Callable | None = field(init=False, repr=False, compare=False)
     cuts: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        # Modules are called through ``forward``: nn.Module.__call__'s hook checks cost more
-        # than a small layer on a batch-1 forward, and nobody hooks a plan's steps.
-        self.call = self.fn.forward if isinstance(self.fn, nn.Module) else self.fn
+        # A fused plan calls modules through ``forward``: nn.Module.__call__'s hook checks
+        # cost more than a small layer on a batch-1 forward. Plans that run the net's own
+        # layers keep __call__, so a user's forward hooks on a layer still fire.
+        direct = self.direct and isinstance(self.fn, nn.Module)
+        self.call = self.fn.forward if direct else self.fn
         self.cuts = any(self.detach)
 
 
