@@ -20,6 +20,7 @@ _LAZY = {
     "coord_map": ("caffe_compat.coord_map", None),
     "classifier": ("caffe_compat.classifier", None),
     "detector": ("caffe_compat.detector", None),
+    "_caffe": ("caffe_compat._caffe", None),    # caffe._caffe: the extension's names
     "draw": ("caffe_compat.draw", None),         # needs pydot and Graphviz
     "TRAIN": ("caffe_compat.engine.layers.base", "TRAIN"),
     "TEST": ("caffe_compat.engine.layers.base", "TEST"),

@@ -266,3 +266,13 @@ def test_forward_hooks_on_a_layer_fire_in_the_nets_own_plans(tmp_path):
     module.run({"x": x})
     module.forward(x=x)
     assert len(seen) == 2
+
+
+def test_every_module_defining_layers_is_on_the_registration_list():
+    """A family module missing from builtin.MODULES would register only when something
+    happened to import it."""
+    from caffe_compat.engine.layers.builtin import MODULES
+    defining = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)
+                for p in PACKAGE.rglob("*.py")
+                if any(line.strip() == "@register" for line in p.read_text().splitlines())}
+    assert defining - set(MODULES) == set(), sorted(defining - set(MODULES))

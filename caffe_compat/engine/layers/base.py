@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from caffe_compat.formats.errors import CaffeCompatError
+from caffe_compat.formats.errors import CaffeCompatError, with_context
 from torch import nn
 
 from caffe_compat.formats.forks import FORK_TYPES
@@ -68,6 +68,8 @@ class Layer(nn.Module):
             the module that defines the class (``neuron`` for engine/layers/neuron.py).
         origin: where the type comes from: "BVLC" or the fork that defined it
             ("weiliu89/caffe (SSD)"); a user's plug-in may name itself.
+        is_alias: every top is its bottom unchanged (Split; Dropout at TEST): fused plans
+            give the tops the bottom's tensor and run nothing. May be set per instance.
     """
 
     type: str = ""
@@ -79,6 +81,7 @@ class Layer(nn.Module):
     full_precision: bool = False
     family: str = ""
     origin: str = "BVLC"
+    is_alias: bool = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         """Build from ``param`` (a caffe_pb2.LayerParameter) for bottoms of these shapes.
@@ -95,7 +98,7 @@ class Layer(nn.Module):
 
     # -- helpers for subclasses -------------------------------------------------
     def error(self, message: str) -> LayerError:
-        return LayerError(f"layer '{self.name}' ({self.type}): {message}")
+        return LayerError(with_context(message, f"layer '{self.name}' ({self.type})"))
 
     def add_blob(self, data: torch.Tensor, learnable: bool = True) -> nn.Parameter:
         """Append a parameter blob (float32). Non-learnable blobs (BatchNorm stats) get no grad."""
@@ -120,10 +123,6 @@ class Layer(nn.Module):
     feeds_input: bool = False     # its tops are the caller's inputs (Input): nothing computed
     is_source: bool = False       # makes its tops from outside the net (Input, data layers)
     runs_user_code: bool = False  # may read or write any blob (Python): no outputs-only path
-
-    def aliases_bottom(self) -> bool:
-        """Every top is bottom 0, unchanged (a Split; a Dropout outside TRAIN)."""
-        return False
 
     def output_not_saved(self, num_bottoms: int) -> bool:
         """The single top is a new tensor that this layer's backward does not keep (its

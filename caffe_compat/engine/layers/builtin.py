@@ -22,6 +22,7 @@ MODULES = (
     "caffe_compat.engine.layers.pooling",
     "caffe_compat.engine.layers.loss",
     "caffe_compat.engine.layers.loss_extra",
+    "caffe_compat.engine.layers.accuracy",
     "caffe_compat.engine.layers.indexing",
     "caffe_compat.engine.layers.selection",
     "caffe_compat.engine.layers.resize",

@@ -250,6 +250,7 @@ class Split(Layer):
     type = "Split"
     num_bottoms = (1, 1)
     num_tops = (1, None)
+    is_alias = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -261,9 +262,6 @@ class Split(Layer):
     def forward(self, x: torch.Tensor):
         # Distinct view nodes, so each top's gradient can be retained separately.
         return pack([x.view_as(x) for _ in range(self.num_outputs)])
-
-    def aliases_bottom(self) -> bool:
-        return True
 
 
 # ---------------------------------------------------------------------------- Flatten / Reshape

@@ -9,8 +9,8 @@ pass, ``forward()``). Each pass is ``plan -> plan`` and asks the layers what the
   ``gamma * (x - mu) / sqrt(var + eps) + beta`` with the same statistics, updated exactly as
   the normalisation alone updates them. Apart it costs a second activation tensor saved for
   the Scale's backward and two more passes over memory.
-- ``alias_copies``: a layer that ``aliases_bottom`` (Split; Dropout outside TRAIN) hands its
-  bottom on as each top (no views, no op).
+- ``alias_copies``: a layer that ``is_alias`` (Split; a Dropout that leaves its input
+  unchanged) hands its bottom on as each top (no views, no op).
 - ``rectify_in_place``: a rectifier (``rectifier_slope`` >= 0) that alone reads the new tensor
   of a layer whose ``output_not_saved`` rectifies it in place; autograd's version check never
   trips (the writer's backward does not keep its output), and the ReLU's own backward needs
@@ -109,7 +109,7 @@ def alias_copies(plan: list[Step], module: "NetModule") -> list[Step]:
     out = []
     for step in plan:
         layer = plain_layer(module, step)
-        if layer is not None and layer.aliases_bottom() and len(step.bottoms) == 1:
+        if layer is not None and layer.is_alias and len(step.bottoms) == 1:
             step = replace(step, fn=None, full_precision=False)
         out.append(step)
     return out
