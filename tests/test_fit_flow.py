@@ -162,3 +162,14 @@ def test_sigint_stops_with_a_snapshot_and_resume_finishes(run, tmp_path, monkeyp
     record = json.loads((out / "fit.json").read_text())
     assert record["status"] == "done" and record["iterations"] == 10
     assert "Resuming from" in (out / "train.log").read_text()
+
+
+def test_score_of_the_val_list_equals_the_training_test(run, capsys, tmp_path):
+    """The bundle scores the validation list exactly as the TEST net did at the last test."""
+    out = run["dir"]
+    assert caffe("score", "--bundle", out / "bundle", out / "dataset/val.txt", "--json",
+                 "--out", tmp_path / "s") == 0
+    summary = json.loads(capsys.readouterr().out)
+    record = json.loads((out / "fit.json").read_text())
+    assert summary["images"] == 6
+    assert summary["accuracy"] == pytest.approx(record["val_accuracy"], abs=1e-6)

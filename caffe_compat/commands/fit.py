@@ -332,6 +332,21 @@ def _finish(out: Path, args, facts: dict, result, started: float) -> dict:
     return _record(out, status="done", weights=os.fspath(Path(weights).resolve()), **fields)
 
 
+def fit_args(source, out, model: str, **options) -> argparse.Namespace:
+    """The parsed arguments of ``caffe fit SOURCE --model MODEL --out OUT`` plus ``options``
+    given by their dest names (epochs=10, precision="bf16", resume=True, ...), for callers
+    in Python: ``fit(fit_args("photos", "runs/x", "alexnet_64", epochs=10))``."""
+    ap = argparse.ArgumentParser(prog="caffe fit")
+    add_arguments(ap)
+    args = ap.parse_args([os.fspath(source), "--model", model, "--out", os.fspath(out)])
+    unknown = set(options) - set(vars(args))
+    if unknown:
+        raise CliError(f"caffe fit has no option(s) {', '.join(sorted(unknown))}")
+    for name, value in options.items():
+        setattr(args, name, value)
+    return args
+
+
 def main(args: argparse.Namespace) -> int:
     args.command = shlex.join(["caffe", "fit"] + sys.argv[2:]) if len(sys.argv) > 2 else None
     record = fit(args)
@@ -344,4 +359,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "fit", "prepare", "plan", "model_files", "main"]
+__all__ = ["add_arguments", "fit", "fit_args", "prepare", "plan", "model_files", "main"]
