@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 
 import numpy as np
@@ -162,6 +163,11 @@ def test_sigint_stops_with_a_snapshot_and_resume_finishes(run, tmp_path, monkeyp
     record = json.loads((out / "fit.json").read_text())
     assert record["status"] == "done" and record["iterations"] == 10
     assert "Resuming from" in (out / "train.log").read_text()
+    shutil.rmtree(out / "bundle")
+    assert caffe(*argv, "--resume", "--epochs", 2) == 0        # nothing left to train
+    record = json.loads((out / "fit.json").read_text())
+    assert record["status"] == "done" and record["weights"].endswith("fit_iter_10.caffemodel")
+    assert (out / "bundle/weights.caffemodel").is_file()
 
 
 def test_score_of_the_val_list_equals_the_training_test(run, capsys, tmp_path):

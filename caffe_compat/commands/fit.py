@@ -256,6 +256,13 @@ def _train(out: Path, args, resume: bool):
     return train_cmd.train(ap.parse_args(argv))
 
 
+def _final_weights(out: Path, result) -> str | None:
+    """A resumed run that had already reached max_iter writes no snapshot: its weights are
+    the snapshot of that iteration."""
+    path = out / "snapshots" / f"fit_iter_{result.solver.iter}.caffemodel"
+    return os.fspath(path) if path.is_file() else None
+
+
 def _val_accuracy(result) -> float | None:
     last = result.tests.last.get(0) if result.tests is not None else None
     if last is None or "accuracy" not in last.scores:
@@ -313,11 +320,11 @@ def _finish(out: Path, args, facts: dict, result, started: float) -> dict:
     """After training: fit.json, and the bundle when the run completed."""
     fields = {"iterations": result.solver.iter, "seconds": round(time.time() - started, 1),
               "val_accuracy": _val_accuracy(result)}
-    if result.stopped_early or not result.snapshots:
+    weights = result.snapshots[-1][0] if result.snapshots else _final_weights(out, result)
+    if result.stopped_early or weights is None:
         return _record(out, status="stopped", **fields,
                        resume=f"caffe fit {shlex.quote(args.source)} --model "
                               f"{shlex.quote(args.model)} --out {shlex.quote(args.out)} --resume")
-    weights = result.snapshots[-1][0]
     summary = facts["summary"]
     net = read_text_proto(os.fspath(out / "train_val.prototxt"), caffe_pb2.NetParameter)
     mean = os.fspath(Path(facts["dataset"]) / summary["files"]["mean"])
@@ -327,6 +334,7 @@ def _finish(out: Path, args, facts: dict, result, started: float) -> dict:
                  stored=(summary.get("channels", 3), *summary["resize"]),
                  mean_file=mean if uses_mean else None,
                  info={"val_accuracy": fields["val_accuracy"], "dataset": summary,
+                       "model": args.model,
                        "name": Path(args.out).name, "command": getattr(args, "command", None)
                        or "caffe fit"})
     return _record(out, status="done", weights=os.fspath(Path(weights).resolve()), **fields)
