@@ -179,3 +179,16 @@ def test_score_of_the_val_list_equals_the_training_test(run, capsys, tmp_path):
     record = json.loads((out / "fit.json").read_text())
     assert summary["images"] == 6
     assert summary["accuracy"] == pytest.approx(record["val_accuracy"], abs=1e-6)
+
+
+def test_classify_a_labelled_list_reports_accuracy(run, capsys, tmp_path):
+    images = sorted(run["held"].glob("*/*.png"))
+    listing = tmp_path / "held.txt"
+    listing.write_text("".join(f"{p} {['bag', 'sandal', 'trouser'].index(p.parent.name)}\n"
+                               for p in images))
+    clf = Classifier.from_bundle(run["dir"] / "bundle")
+    hits = int(np.sum(clf.probabilities(images).argmax(1) ==
+                      [["bag", "sandal", "trouser"].index(p.parent.name) for p in images]))
+    assert classify_cmd.main([str(listing), "--bundle", str(run["dir"] / "bundle")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        f"accuracy {hits / 12:.4f} ({hits}/12 listed labels)"
