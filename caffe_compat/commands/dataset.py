@@ -90,8 +90,9 @@ def scan_folder(folder: Path, progress=None, exclude: Path | None = None):
             skipped.append({"path": rel, "reason": f"not an image file ('{path.suffix}')"})
         else:
             candidates.append(rel)
+    from caffe_compat.data.convert import progress as bar
     files: dict[str, list[str]] = {}
-    for done, rel in enumerate(candidates, 1):
+    for done, rel in enumerate(bar(candidates, total=len(candidates), desc="check images"), 1):
         try:
             images.read_image(os.fspath(folder / rel))
             files.setdefault(rel.split("/")[0], []).append(rel)
