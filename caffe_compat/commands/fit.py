@@ -4,7 +4,8 @@ classifier bundle, through the same solver loop as ``caffe train``.
     caffe fit FOLDER|DATASET --model NAME|TRAIN_VAL.prototxt --out DIR [--epochs N]
               [--precision auto|fp32|bf16|fp16] [--weights W.caffemodel] [--resume]
               [--resize H W] [--val-percent P | --per-class 40/10] [--seed S]
-              [--batch-size N] [--base-lr LR] [--gpu 0]
+              [--batch-size N] [--base-lr LR] [--solver-type SGD|Adam|...]
+              [--threads N|auto] [--gpu 0]
 
 NAME is a folder of models/ (alexnet_64, vgg16_64, ...) or a train_val prototxt with Data
 layers. DIR receives:
