@@ -78,6 +78,9 @@ def test_top_k_on_paths_and_arrays(run):
     from caffe_compat import io as caffe_io
     assert np.allclose(clf.predict([caffe_io.load_image(str(path))])[0],
                        clf.probabilities([path])[0])                     # pycaffe's input
+    from caffe_compat.commands.bundle import top_k
+    assert top_k(run["dir"] / "bundle", path, k=2) == top[:2]           # the cached helper
+    assert top_k(run["dir"] / "bundle", str(path), k=3) == top
 
 
 def test_score_json_and_files(run, capsys, tmp_path):

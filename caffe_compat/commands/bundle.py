@@ -170,6 +170,23 @@ def bundle_from_solver(solver: str, weights: str, out, labels_file: str | None =
                         info=info)
 
 
+_LOADED: dict = {}
+
+
+def top_k(bundle, image, k: int = 5) -> list[tuple[str, float]]:
+    """[(label, probability), ...] for one image file or OpenCV uint8 array, the ``k`` most
+    probable first. The bundle's classifier is loaded once and kept while its weights file
+    is unchanged (for a server answering one image at a time)."""
+    from caffe_compat.classifier import Classifier
+    from caffe_compat.data.bundle import bundle_files
+    weights = bundle_files(bundle)["weights"]
+    key = (os.fspath(Path(bundle).resolve()), weights.stat().st_mtime_ns)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = Classifier.from_bundle(bundle)
+    return _LOADED[key].top_k(image, k)
+
+
 def main(args: argparse.Namespace) -> int:
     bundle_from_solver(args.solver, args.weights, args.out, args.labels)
     say(f"wrote {os.path.abspath(args.out)}: {DEPLOY}, {WEIGHTS}, {LABELS}, {PREPROCESS}, "
@@ -177,5 +194,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "write_bundle", "bundle_from_solver", "preprocess_spec",
+__all__ = ["add_arguments", "write_bundle", "top_k", "bundle_from_solver", "preprocess_spec",
            "model_card", "main"]
