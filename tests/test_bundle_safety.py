@@ -224,3 +224,23 @@ def test_threads_choice(monkeypatch):
     assert choose_threads("auto") == 2
     with pytest.raises(CliError, match="--threads 0"):
         choose_threads("0")
+
+
+def test_fit_a_user_prototxt_keeps_its_preprocessing(trained, tmp_path):
+    """A train_val of the user's (mean_value, no crop, no solver beside it) is pointed at the
+    new data and keeps its own mean; the bundle records exactly that."""
+    model = tmp_path / "mine" / "train_val.prototxt"
+    model.parent.mkdir()
+    model.write_text(NET.format(train="elsewhere/train", val="elsewhere/val"))
+    out = tmp_path / "run"
+    assert caffe("fit", trained["photos"], "--model", model, "--out", out, "--epochs", 1,
+                 "--resize", 20, 24, "--val-percent", 50, "--progress", "never") == 0
+    spec = json.loads((out / "bundle/preprocess.json").read_text())
+    assert spec["mean_values"] == [100, 110, 120] and spec["mean_file"] is None
+    assert spec["input_shape"] == [1, 3, 20, 24] and not (out / "bundle/mean.binaryproto").exists()
+    from caffe_compat.formats.blob_io import read_text_proto
+    solver = read_text_proto(str(out / "solver.prototxt"), caffe_pb2.SolverParameter)
+    record = json.loads((out / "fit.json").read_text())
+    assert (solver.base_lr, solver.momentum) == (pytest.approx(0.01), pytest.approx(0.9))
+    assert solver.max_iter == record["plan"]["max_iter"] == record["iterations"]
+    assert record["status"] == "done" and record["plan"]["train_batch"] == 4

@@ -97,7 +97,8 @@ def set_classes(net: caffe_pb2.NetParameter, classes: int, source: str,
 def point_data(net: caffe_pb2.NetParameter, sources: dict[int, str], backend: str,
                mean_file: str | None, batch: dict[int, int], source: str) -> None:
     """Read phase p's images from ``sources[p]`` (a Data layer's database) with
-    ``batch[p]`` per batch; a mean_file in the model is replaced by ``mean_file``."""
+    ``batch[p]`` per batch; a mean_file in the model is replaced by ``mean_file`` (a model
+    without one keeps its mean_value or no mean)."""
     layers = data_layers(net, source)
     for phase, layer in ((0, layers.train), (1, layers.test)):
         if layer is None:
@@ -110,7 +111,7 @@ def point_data(net: caffe_pb2.NetParameter, sources: dict[int, str], backend: st
                                     else caffe_pb2.DataParameter.LEVELDB)
         layer.data_param.batch_size = batch[phase]
         transform = layer.transform_param
-        if transform.HasField("mean_file") or (mean_file and not len(transform.mean_value)):
+        if transform.HasField("mean_file"):      # the model's own preprocessing, new data
             if mean_file:
                 transform.mean_file = mean_file
             else:
