@@ -50,6 +50,7 @@ def test_fit_writes_the_run_folder(run):
     assert any("accuracy" in json.dumps(m) for m in metrics)
     card = (out / "bundle/README.md").read_text()
     assert "bag, sandal, trouser" in card and f"{record['val_accuracy']:.4f}" in card
+    assert record["command"].startswith("caffe fit ") and "--model alexnet_64" in card
 
 
 def test_bundle_blobs_equal_the_test_data_layer(run):

@@ -14,6 +14,7 @@ Caffe's spellings work too (-model M, --iterations=10).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None, prog: str = "caffe") -> int:
         print(f"{prog}: error: {what} (known: {', '.join(commands)})", file=sys.stderr)
         return 1
     args = ap.parse_args([argv[0]] + caffe_argv(argv[1:], commands[argv[0]]))
+    args.command_line = shlex.join(["caffe"] + argv)     # for records (dataset.json, fit.json)
     return run(args.func, args, f"{prog} {argv[0]}")
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 from pathlib import Path
 
 from caffe_compat.commands.common import CliError, add_debug_flag, say
@@ -236,7 +235,7 @@ def report(summary: dict, out) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    command = shlex.join(["caffe", "dataset"] + sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = getattr(args, "command_line", None)
     summary = build_dataset(args.folder, args.out, resize=args.resize,
                             val_percent=args.val_percent, per_class=args.per_class,
                             seed=args.seed, backend=args.backend, command=command)

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -387,7 +386,7 @@ def fit_args(source, out, model: str, **options) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    args.command = shlex.join(["caffe", "fit"] + sys.argv[2:]) if len(sys.argv) > 2 else None
+    args.command = getattr(args, "command_line", None)
     record = fit(args)
     if record["status"] != "done":
         say(f"stopped at iteration {record['iterations']}; continue with: {record['resume']}")
