@@ -98,12 +98,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def model_files(model: str) -> tuple[Path, Path | None]:
-    """(train_val, solver or None) of a models/ NAME or a prototxt path."""
+    """(train_val, solver or None) of a models/ NAME, a model folder or a prototxt path."""
     path = Path(model)
     if path.is_file():
         solver = path.with_name("solver.prototxt")
         return path, solver if solver.is_file() else None
-    folder = MODELS / model
+    folder = path if (path / "train_val.prototxt").is_file() else MODELS / model
     if (folder / "train_val.prototxt").is_file():
         return folder / "train_val.prototxt", folder / "solver.prototxt"
     known = sorted(p.parent.name for p in MODELS.glob("*/train_val.prototxt"))
