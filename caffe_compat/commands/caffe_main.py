@@ -5,6 +5,8 @@
   python tools/caffe.py test --model M.prototxt --weights W.caffemodel [--iterations 50]
   python tools/caffe.py time --model M.prototxt [--iterations 50]
   python tools/caffe.py device_query [--gpu 0|all]
+  python tools/caffe.py dashboard [--host 127.0.0.1] [--port 8080] [--workdir DIR]
+                                  [--data-root DIR]
 
 test prints each batch's outputs and their means (with Caffe's "(* w = ... loss)"); time
 prints the average forward and backward milliseconds of every layer, then the forward,
@@ -20,12 +22,15 @@ import sys
 from caffe_compat.commands import device as devices
 from caffe_compat.commands import test_cmd, time_cmd, train as train_cmd
 from caffe_compat.commands.common import add_debug_flag, caffe_argv, run
+from caffe_compat.dashboard import cli as dashboard_cli
 from caffe_compat.formats import glog
 
 COMMANDS = {
     "train": (train_cmd, "train or fine-tune a model from a solver prototxt"),
     "test": (test_cmd, "score a model: per-batch and mean outputs over --iterations batches"),
     "time": (time_cmd, "benchmark a model: per-layer forward/backward execution time"),
+    "dashboard": (dashboard_cli, "serve the web dashboard: datasets, training jobs with live "
+                                 "curves, classification"),
 }
 
 

@@ -1,0 +1,115 @@
+"""Datasets: a folder of class sub-folders under the data root, built by ``caffe dataset``.
+
+The record's folder ``<workdir>/datasets/<id>/`` holds the worker's log and ``data/``, which is
+``caffe dataset``'s output (labels.txt, train/val lists and LMDBs, mean.binaryproto,
+contact_sheet.png, dataset.json).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from caffe_compat.dashboard.safety import Refused, check_folder_links, contained
+from caffe_compat.dashboard.settings import Settings
+from caffe_compat.dashboard.store import Store
+from caffe_compat.dashboard.workers import Workers
+from caffe_compat.formats.blob_io import read_blobproto
+
+TABLE = "datasets"
+BACKENDS = ("lmdb", "leveldb")
+
+
+def data_dir(settings: Settings, ident: int) -> Path:
+    return settings.folder(TABLE, ident) / "data"
+
+
+def _options(body: dict) -> dict:
+    """The build options of a request, checked (400 on anything out of range)."""
+    resize = body.get("resize") or [64, 64]
+    try:
+        height, width = (int(v) for v in resize)
+        val_percent = float(body.get("val_percent", 20))
+        seed = int(body.get("seed", 1701))
+    except (TypeError, ValueError):
+        raise Refused(400, "resize must be [height, width]; val_percent and seed numbers") \
+            from None
+    if not (8 <= height <= 1024 and 8 <= width <= 1024):
+        raise Refused(400, f"resize {height}x{width}: each side must be 8..1024")
+    if not 0 < val_percent < 100:
+        raise Refused(400, f"val_percent {val_percent}: must be between 0 and 100")
+    backend = body.get("backend", "lmdb")
+    if backend not in BACKENDS:
+        raise Refused(400, f"backend '{backend}': one of {', '.join(BACKENDS)}")
+    return {"resize": [height, width], "val_percent": val_percent, "seed": seed,
+            "backend": backend}
+
+
+def classes_of(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def create(settings: Settings, store: Store, workers: Workers, body: dict) -> int:
+    """Check the request and start ``caffe dataset`` on it; returns the record's id."""
+    if not isinstance(body.get("folder"), str):
+        raise Refused(400, "give 'folder': a folder of class sub-folders under the data root")
+    folder = contained(settings.data_root, body["folder"], "folder")
+    if not folder.is_dir():
+        raise Refused(400, f"folder '{body['folder']}' is a file, not a folder")
+    check_folder_links(folder, settings.data_root)
+    classes = classes_of(folder)
+    if len(classes) < 2:
+        raise Refused(400, f"folder '{body['folder']}' has {len(classes)} class sub-folder(s); "
+                           "a classifier needs two or more")
+    options = _options(body)
+    options["folder"] = str(folder)
+    name = str(body.get("name") or folder.name)[:100]
+    ident = store.add(TABLE, name, "queued", options)
+    out = data_dir(settings, ident)
+    argv = ["dataset", str(folder), str(out), "--resize", *map(str, options["resize"]),
+            "--val-percent", f"{options['val_percent']:g}", "--seed", str(options["seed"]),
+            "--backend", options["backend"]]
+    workers.run(TABLE, ident, argv, settings.folder(TABLE, ident), on_success="ready",
+                on_exit=lambda table, i: _record_summary(settings, store, i))
+    return ident
+
+
+def _record_summary(settings: Settings, store: Store, ident: int) -> None:
+    summary = data_dir(settings, ident) / "dataset.json"
+    if summary.is_file():
+        try:
+            store.update(TABLE, ident, result=json.loads(summary.read_text()))
+        except (OSError, ValueError) as exc:
+            store.update(TABLE, ident, state="failed", error=f"dataset.json: {exc}")
+
+
+def describe(settings: Settings, store: Store, ident: int) -> dict:
+    record = store.get(TABLE, ident)
+    if record is None:
+        raise Refused(404, f"no dataset {ident}")
+    out = data_dir(settings, ident)
+    record["files"] = sorted(p.name for p in out.glob("*")) if out.is_dir() else []
+    return record
+
+
+def mean_png(settings: Settings, ident: int) -> bytes:
+    """The dataset's mean image (mean.binaryproto, BGR as Caffe stores it) as a PNG."""
+    path = data_dir(settings, ident) / "mean.binaryproto"
+    if not path.is_file():
+        raise Refused(404, f"dataset {ident} has no mean image (yet)")
+    mean = read_blobproto(path).reshape(read_blobproto(path).shape[-3:])
+    image = np.clip(mean.transpose(1, 2, 0), 0, 255).astype(np.uint8)
+    ok, png = cv2.imencode(".png", image)
+    return png.tobytes()
+
+
+def contact_sheet(settings: Settings, ident: int) -> Path:
+    path = data_dir(settings, ident) / "contact_sheet.png"
+    if not path.is_file():
+        raise Refused(404, f"dataset {ident} has no sample sheet (yet)")
+    return path
+
+
+__all__ = ["create", "describe", "mean_png", "contact_sheet", "data_dir", "classes_of"]

@@ -1,0 +1,213 @@
+"""Training jobs: ``caffe fit`` on a ready dataset, its metrics stream, stop and resume.
+
+A job's folder ``<workdir>/jobs/<id>/`` holds the worker's log, an edited prototxt when one was
+pasted, and ``run/``: ``caffe fit --out`` (train_val/solver prototxt, snapshots/ with
+``fit.metrics.jsonl`` and ``fit.png``, train.log, fit.json, bundle/).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from caffe_compat.dashboard import datasets, netinfo
+from caffe_compat.dashboard.safety import Refused
+from caffe_compat.dashboard.settings import Settings
+from caffe_compat.dashboard.store import Store
+from caffe_compat.dashboard.workers import Workers
+from caffe_compat.formats.blob_io import read_text_proto
+from caffe_compat.proto import caffe_pb2
+
+TABLE = "jobs"
+FINISHED = ("done", "failed", "stopped", "interrupted")
+RESUMABLE = ("stopped", "interrupted", "failed")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+def run_dir(settings: Settings, ident: int) -> Path:
+    return settings.folder(TABLE, ident) / "run"
+
+
+def metrics_path(settings: Settings, ident: int) -> Path:
+    return run_dir(settings, ident) / "snapshots" / "fit.metrics.jsonl"
+
+
+def bundle_dir(settings: Settings, ident: int) -> Path:
+    return run_dir(settings, ident) / "bundle"
+
+
+class Jobs:
+    """Create, queue, start, stop and resume jobs of one server."""
+
+    def __init__(self, settings: Settings, store: Store, workers: Workers):
+        self.settings, self.store, self.workers = settings, store, workers
+
+    def create(self, body: dict) -> int:
+        dataset = self._ready_dataset(body.get("dataset"))
+        model = self._model(body)
+        try:
+            epochs = float(body.get("epochs", 10))
+        except (TypeError, ValueError):
+            raise Refused(400, "epochs must be a number") from None
+        if not 0 < epochs <= 10_000:
+            raise Refused(400, f"epochs {epochs:g}: must be in (0, 10000]")
+        precision = body.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise Refused(400, f"precision '{precision}': one of {', '.join(PRECISIONS)}")
+        options = {"dataset": dataset["id"], "epochs": epochs, "precision": precision,
+                   "model": model["name"], "weights": self._weights(body.get("weights"))}
+        ident = self.store.add(TABLE, str(body.get("name") or f"{model['name']} on "
+                                          f"{dataset['name']}")[:100], "queued", options)
+        if model.get("text") is not None:
+            folder = self.settings.folder(TABLE, ident)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "train_val.prototxt").write_text(model["text"], encoding="utf-8")
+        self.start_queued()
+        return ident
+
+    def _ready_dataset(self, ident) -> dict:
+        try:
+            record = self.store.get(datasets.TABLE, int(ident))
+        except (TypeError, ValueError):
+            raise Refused(400, "give 'dataset': the id of a ready dataset") from None
+        if record is None:
+            raise Refused(404, f"no dataset {ident}")
+        if record["state"] != "ready":
+            raise Refused(409, f"dataset {ident} is {record['state']}, not ready")
+        return record
+
+    def _model(self, body: dict) -> dict:
+        """A library model by name, or a pasted prototxt that validates."""
+        text = body.get("prototxt")
+        if text:
+            if len(text.encode()) > self.settings.max_prototxt_bytes:
+                raise Refused(413, f"prototxt over {self.settings.max_prototxt_bytes:,} bytes")
+            check = netinfo.validate(text, allow_python_layers=self.settings.allow_python_layers)
+            if not check.ok:
+                raise Refused(400, "; ".join(p.message for p in check.errors))
+            return {"name": check.name or "custom", "text": text}
+        name = body.get("model")
+        if not isinstance(name, str) or netinfo.model_file(self.settings.models_dir, name) is None:
+            known = ", ".join(m["name"] for m in netinfo.list_models(self.settings.models_dir))
+            raise Refused(400, f"model '{name}': not in {self.settings.models_dir} "
+                               f"(known: {known}); or give 'prototxt'")
+        return {"name": name, "text": None}
+
+    def _weights(self, given) -> str | None:
+        """Fine-tune from a finished job's bundle (``"job:<id>"``) or an uploaded file id."""
+        if not given:
+            return None
+        if isinstance(given, str) and given.startswith("job:"):
+            path = bundle_dir(self.settings, int(given[4:])) / "weights.caffemodel"
+        else:
+            path = self.settings.workdir / "uploads" / Path(str(given)).name
+        if not path.is_file():
+            raise Refused(404, f"weights '{given}': no such caffemodel")
+        return str(path)
+
+    # -- running ----------------------------------------------------------------------------
+    def start_queued(self) -> None:
+        running = len(self.store.all(TABLE, "running"))
+        for record in reversed(self.store.all(TABLE, "queued")):
+            if running >= self.settings.concurrent_jobs:
+                return
+            self._start(record, resume=record["options"].get("resume", False))
+            running += 1
+
+    def _start(self, record: dict, resume: bool) -> None:
+        ident, options = record["id"], record["options"]
+        folder = self.settings.folder(TABLE, ident)
+        pasted = folder / "train_val.prototxt"
+        argv = ["fit", str(datasets.data_dir(self.settings, options["dataset"])),
+                "--model", str(pasted) if pasted.is_file() else options["model"],
+                "--out", str(run_dir(self.settings, ident)),
+                "--epochs", f"{options['epochs']:g}", "--precision", options["precision"]]
+        if options.get("weights") and not resume:
+            argv += ["--weights", options["weights"]]
+        if resume:
+            argv.append("--resume")
+        self.workers.run(TABLE, ident, argv, folder, on_success="done",
+                         on_exit=lambda table, i: self.start_queued())
+
+    def stop(self, ident: int) -> dict:
+        record = self.get(ident)
+        if record["state"] == "queued":
+            self.store.update(TABLE, ident, state="stopped")
+        elif not self.workers.stop(TABLE, ident):
+            raise Refused(409, f"job {ident} is {record['state']}; only a running or queued "
+                               "job can be stopped")
+        return {"id": ident, "stopping": True}
+
+    def resume(self, ident: int) -> dict:
+        record = self.get(ident)
+        if record["state"] not in RESUMABLE:
+            raise Refused(409, f"job {ident} is {record['state']}; only a stopped, interrupted "
+                               "or failed job resumes")
+        options = dict(record["options"], resume=True)
+        self.store.update(TABLE, ident, state="queued", options=options, error=None)
+        self.start_queued()
+        return {"id": ident, "state": self.get(ident)["state"]}
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self, ident: int) -> dict:
+        record = self.store.get(TABLE, ident)
+        if record is None:
+            raise Refused(404, f"no job {ident}")
+        return record
+
+    def describe(self, ident: int) -> dict:
+        record = self.get(ident)
+        points = read_metrics(metrics_path(self.settings, ident))
+        record["progress"] = progress(points, self.max_iter(ident))
+        record["bundle"] = (bundle_dir(self.settings, ident) / "weights.caffemodel").is_file()
+        record["log"] = (run_dir(self.settings, ident) / "train.log").is_file()
+        return record
+
+    def max_iter(self, ident: int) -> int | None:
+        solver = run_dir(self.settings, ident) / "solver.prototxt"
+        try:
+            return read_text_proto(solver, caffe_pb2.SolverParameter).max_iter or None
+        except (OSError, ValueError):
+            return None
+
+
+def read_metrics(path: Path, offset: int = 0) -> list[dict]:
+    """The complete JSON lines of a metrics file from byte ``offset`` (a line still being
+    written is left for the next read)."""
+    points, _ = read_metrics_from(path, offset)
+    return points
+
+
+def read_metrics_from(path: Path, offset: int) -> tuple[list[dict], int]:
+    """(points, the offset after the last complete line)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    points = []
+    for line in data[:end].splitlines():
+        try:
+            points.append(json.loads(line))
+        except ValueError:
+            continue
+    return points, offset + end
+
+
+def progress(points: list[dict], max_iter: int | None) -> dict:
+    """Iteration, throughput and ETA from the train points (the last 20 iterations' pace)."""
+    train = [p for p in points if p.get("kind") == "train"]
+    if not train:
+        return {"iter": 0, "max_iter": max_iter}
+    recent = train[-20:]
+    seconds = [p["seconds"] for p in recent if p.get("seconds")]
+    per_iter = sum(seconds) / len(seconds) if seconds else None
+    last = train[-1]["iter"]
+    eta = (max_iter - last) * per_iter if per_iter and max_iter and max_iter > last else None
+    return {"iter": last, "max_iter": max_iter, "seconds_per_iter": per_iter,
+            "images_per_second": recent[-1].get("images_per_second"), "eta_seconds": eta}
+
+
+__all__ = ["Jobs", "read_metrics", "read_metrics_from", "progress", "run_dir", "metrics_path",
+           "bundle_dir", "FINISHED", "TABLE"]

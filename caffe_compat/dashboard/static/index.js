@@ -1,0 +1,28 @@
+// The start page's two forms: build a dataset, start a training job.
+"use strict";
+
+document.getElementById("new-dataset").addEventListener("submit", async event => {
+  event.preventDefault();
+  const f = event.target;
+  showError(f, null);
+  try {
+    const body = {folder: f.folder.value, resize: [Number(f.height.value), Number(f.width.value)],
+                  val_percent: Number(f.val_percent.value), seed: Number(f.seed.value)};
+    if (f.elements["name"].value) { body.name = f.elements["name"].value; }
+    const created = await api("POST", "/api/datasets", body);
+    location.href = `/datasets/${created.id}`;
+  } catch (err) { showError(f, err); }
+});
+
+document.getElementById("new-job").addEventListener("submit", async event => {
+  event.preventDefault();
+  const f = event.target;
+  showError(f, null);
+  try {
+    const body = {dataset: Number(f.dataset.value), model: f.model.value,
+                  epochs: Number(f.epochs.value), precision: f.precision.value};
+    if (f.weights.value) { body.weights = f.weights.value; }
+    const created = await api("POST", "/api/jobs", body);
+    location.href = `/jobs/${created.id}`;
+  } catch (err) { showError(f, err); }
+});

@@ -1,0 +1,137 @@
+"""Child processes that do the work: ``caffe dataset`` builds and ``caffe fit`` runs.
+
+Training goes through ``caffe fit`` (the solver engine's one loop) in its own process, so a
+crash or a stuck step never takes the server down. A thread per child waits for it and records
+its fate: exit 0 → ``ready``/``done`` (``stopped`` when a stop was asked), else ``failed`` with
+the command's own one-line error. Stop = SIGINT, which ``caffe fit`` answers with a snapshot
+(Caffe's ``--sigint_effect stop``). Training jobs beyond ``concurrent_jobs`` wait ``queued``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import caffe_compat
+from caffe_compat.dashboard.settings import Settings
+from caffe_compat.dashboard.store import Store
+
+CAFFE = [sys.executable, "-m", "caffe_compat.commands.caffe_main"]
+WORKER_LOG = "worker.log"
+
+
+def child_env(settings: Settings) -> dict:
+    """The server's environment, this package first on the path, Python layers per setting."""
+    env = dict(os.environ)
+    package_parent = str(Path(caffe_compat.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    env["CAFFE_COMPAT_PYTHON_LAYERS"] = "allow" if settings.allow_python_layers else "refuse"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def last_error(log: Path) -> str:
+    """The command's one-line error from its log (the last ``error:`` line, else the last)."""
+    try:
+        lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "the worker left no log"
+    errors = [l for l in lines if "error:" in l]
+    return (errors or lines or ["the worker exited without a message"])[-1][-500:]
+
+
+class Workers:
+    """Start, watch, stop and queue the children of one server."""
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self._procs: dict[tuple[str, int], subprocess.Popen] = {}
+        self._stopping: set[int] = set()
+        self._lock = threading.Lock()
+        self._closing = False          # server exit: records say interrupted, not the exit code
+
+    # -- starting ---------------------------------------------------------------------------
+    def run(self, table: str, ident: int, argv: list[str], cwd: Path,
+            on_success: str, on_exit=None) -> None:
+        """Spawn ``caffe <argv>`` for a record; its output goes to ``cwd/worker.log``."""
+        cwd.mkdir(parents=True, exist_ok=True)
+        log = open(cwd / WORKER_LOG, "ab")
+        try:
+            proc = subprocess.Popen(CAFFE + argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=child_env(self.settings),
+                                    start_new_session=True)
+        except OSError as exc:
+            self.store.update(table, ident, state="failed", error=f"could not start: {exc}")
+            return
+        finally:
+            log.close()
+        with self._lock:
+            self._procs[(table, ident)] = proc
+        self.store.update(table, ident, state="running", pid=proc.pid, error=None)
+        threading.Thread(target=self._wait, args=(table, ident, proc, cwd, on_success, on_exit),
+                         daemon=True, name=f"{table}-{ident}").start()
+
+    def _wait(self, table, ident, proc, cwd, on_success, on_exit) -> None:
+        code = proc.wait()
+        with self._lock:
+            self._procs.pop((table, ident), None)
+            stopped = ident in self._stopping and table == "jobs"
+            self._stopping.discard(ident)
+            if self._closing:
+                return
+        if code == 0:
+            self.store.update(table, ident, state="stopped" if stopped else on_success, pid=None)
+        elif stopped and code in (130, -signal.SIGINT):
+            self.store.update(table, ident, state="stopped", pid=None)
+        else:
+            self.store.update(table, ident, state="failed", pid=None,
+                              error=f"exit status {code}: {last_error(cwd / WORKER_LOG)}")
+        if on_exit is not None:
+            on_exit(table, ident)
+
+    # -- stopping ---------------------------------------------------------------------------
+    def running(self, table: str, ident: int) -> bool:
+        with self._lock:
+            return (table, ident) in self._procs
+
+    def stop(self, table: str, ident: int) -> bool:
+        """SIGINT the child (it snapshots, then stops); False if it is not running."""
+        with self._lock:
+            proc = self._procs.get((table, ident))
+            if proc is None:
+                return False
+            self._stopping.add(ident)
+        try:
+            proc.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def shutdown(self, wait: float = 60.0) -> None:
+        """Server exit: every running job is asked to snapshot and stop; those still alive
+        after ``wait`` seconds are killed. Their records read ``interrupted`` (resumable)."""
+        with self._lock:
+            procs = dict(self._procs)
+            self._closing = True
+        for (table, ident), proc in procs.items():
+            self.store.update(table, ident, state="interrupted" if table == "jobs" else "failed",
+                              error="the dashboard stopped while this was running")
+            try:
+                proc.send_signal(signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for (table, ident) in procs:
+            self.store.update(table, ident, pid=None, state="interrupted" if table == "jobs"
+                              else "failed")
+
+
+__all__ = ["Workers", "child_env", "last_error", "CAFFE", "WORKER_LOG"]
