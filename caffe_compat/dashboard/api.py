@@ -27,9 +27,9 @@ def _services(request: Request):
 class DatasetRequest(BaseModel):
     folder: str = Field(description="a folder of class sub-folders, relative to the data root")
     name: str | None = None
-    resize: list[int] | None = Field(None, description="[height, width]; default [64, 64]")
+    resize: list[int] | None = Field(None, description="[height, width]; default [72, 72]")
     val_percent: float = 20
-    seed: int = 1701
+    seed: int = 0
     backend: str = "lmdb"
 
 
@@ -37,7 +37,7 @@ class JobRequest(BaseModel):
     dataset: int
     model: str | None = Field(None, description="a network of models/, e.g. alexnet_64")
     prototxt: str | None = Field(None, description="or a train_val prototxt's text")
-    epochs: float = 10
+    epochs: int = 10
     precision: str = "fp32"
     weights: str | None = Field(None, description="fine-tune from 'job:<id>' (its bundle) or "
                                                   "an uploaded caffemodel's id")

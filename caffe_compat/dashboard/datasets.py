@@ -20,6 +20,7 @@ from caffe_compat.formats.blob_io import read_blobproto
 
 TABLE = "datasets"
 BACKENDS = ("lmdb", "leveldb")
+DEFAULT_RESIZE = (72, 72)          # caffe dataset's: room for a 64x64 crop
 
 
 def data_dir(settings: Settings, ident: int) -> Path:
@@ -28,11 +29,11 @@ def data_dir(settings: Settings, ident: int) -> Path:
 
 def _options(body: dict) -> dict:
     """The build options of a request, checked (400 on anything out of range)."""
-    resize = body.get("resize") or [64, 64]
+    resize = body.get("resize") or list(DEFAULT_RESIZE)
     try:
         height, width = (int(v) for v in resize)
         val_percent = float(body.get("val_percent", 20))
-        seed = int(body.get("seed", 1701))
+        seed = int(body.get("seed", 0))
     except (TypeError, ValueError):
         raise Refused(400, "resize must be [height, width]; val_percent and seed numbers") \
             from None

@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 
 from caffe_compat.dashboard.safety import Refused
+from caffe_compat.formats.errors import DataError
+from caffe_compat.formats.image_header import image_size
 
 _CACHE: dict[tuple[str, float], object] = {}
 _LOCK = threading.Lock()
@@ -19,15 +21,17 @@ MAX_PIXELS = 40_000_000
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """An uploaded file as pycaffe's ``caffe.io.load_image`` gives it: RGB float in [0, 1]."""
-    array = np.frombuffer(data, np.uint8)
-    image = cv2.imdecode(array, cv2.IMREAD_COLOR) if data else None
+    """An uploaded file decoded as the data set's images were: OpenCV's BGR bytes."""
+    try:
+        width, height, _ = image_size(data)      # before OpenCV allocates anything
+    except DataError as exc:
+        raise Refused(400, f"'{name}': {exc}") from None
+    if width * height > MAX_PIXELS:
+        raise Refused(413, f"'{name}' is {width}x{height}; at most {MAX_PIXELS:,} pixels")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise Refused(400, f"'{name}' is not an image OpenCV can read (JPEG, PNG, BMP, ...)")
-    if image.shape[0] * image.shape[1] > MAX_PIXELS:
-        raise Refused(413, f"'{name}' is {image.shape[1]}x{image.shape[0]}; at most "
-                           f"{MAX_PIXELS:,} pixels")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        raise Refused(400, f"'{name}' could not be decoded as an image")
+    return image
 
 
 def classifier_for(bundle: Path):
@@ -44,24 +48,19 @@ def classifier_for(bundle: Path):
         return _CACHE[key]
 
 
-def labels_of(bundle: Path) -> list[str]:
-    path = bundle / "labels.txt"
-    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-
-
 def classify(bundle: Path, images: list[tuple[str, np.ndarray]], top_k: int = 5) -> list[dict]:
-    """Per image: the top-k labels with their probabilities, best first."""
+    """Per image: the top-k labels with their probabilities, best first (the bundle's own
+    preprocessing: resize, mean, centre crop, scale)."""
     classifier = classifier_for(bundle)
-    labels = labels_of(bundle)
     with _LOCK:
-        probabilities = classifier.predict([image for _, image in images], oversample=False)
+        probabilities = classifier.probabilities([image for _, image in images])
     out = []
     for (name, _), probs in zip(images, probabilities):
-        order = np.argsort(-probs)[:max(1, top_k)]
+        order = np.argsort(-probs, kind="stable")[:max(1, top_k)]
         out.append({"image": name, "top": [
-            {"label": labels[i] if i < len(labels) else str(i), "index": int(i),
-             "probability": float(probs[i])} for i in order]})
+            {"label": classifier.labels[i], "index": int(i), "probability": float(probs[i])}
+            for i in order]})
     return out
 
 
-__all__ = ["decode_image", "classify", "classifier_for", "labels_of"]
+__all__ = ["decode_image", "classify", "classifier_for"]

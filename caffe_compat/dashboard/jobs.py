@@ -45,11 +45,11 @@ class Jobs:
         dataset = self._ready_dataset(body.get("dataset"))
         model = self._model(body)
         try:
-            epochs = float(body.get("epochs", 10))
+            epochs = int(body.get("epochs", 10))
         except (TypeError, ValueError):
-            raise Refused(400, "epochs must be a number") from None
-        if not 0 < epochs <= 10_000:
-            raise Refused(400, f"epochs {epochs:g}: must be in (0, 10000]")
+            raise Refused(400, "epochs must be a whole number") from None
+        if not 1 <= epochs <= 10_000:
+            raise Refused(400, f"epochs {epochs}: must be 1..10000")
         precision = body.get("precision", "fp32")
         if precision not in PRECISIONS:
             raise Refused(400, f"precision '{precision}': one of {', '.join(PRECISIONS)}")
@@ -120,7 +120,8 @@ class Jobs:
         argv = ["fit", str(datasets.data_dir(self.settings, options["dataset"])),
                 "--model", str(pasted) if pasted.is_file() else options["model"],
                 "--out", str(run_dir(self.settings, ident)),
-                "--epochs", f"{options['epochs']:g}", "--precision", options["precision"]]
+                "--epochs", str(options["epochs"]), "--precision", options["precision"],
+                "--progress", "never"]
         if options.get("weights") and not resume:
             argv += ["--weights", options["weights"]]
         if resume:

@@ -68,9 +68,9 @@ def model_file(models_dir: Path, name: str, file: str = "train_val.prototxt") ->
 
 def layer_line(text: str, layer: str) -> int | None:
     """The line of ``name: "<layer>"`` in the prototxt (1-based), if written once or more."""
-    pattern = re.compile(r'^\s*name\s*:\s*["\']' + re.escape(layer) + r'["\']')
+    pattern = re.compile(r'(^|[\s{])name\s*:\s*["\']' + re.escape(layer) + r'["\']')
     for number, line in enumerate(text.splitlines(), 1):
-        if pattern.match(line):
+        if pattern.search(line.split("#", 1)[0]):
             return number
     return None
 

@@ -1,0 +1,218 @@
+"""The dashboard's REST API without training: every refusal, the model pages' validation,
+the metrics stream, restart recovery and the token (FastAPI's TestClient, a real SQLite)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the dashboard needs fastapi (pip install -e .)")
+pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (pip install -e .[test])")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from caffe_compat.dashboard.app import create_app  # noqa: E402
+from caffe_compat.dashboard.settings import Settings  # noqa: E402
+from caffe_compat.dashboard.store import Store  # noqa: E402
+from dashboard_utils import image_folder, png_bytes  # noqa: E402
+
+ALEXNET = "alexnet_64"
+
+
+@pytest.fixture
+def env(tmp_path):
+    data = tmp_path / "data"
+    image_folder(data)
+    settings = Settings(workdir=tmp_path / "work", data_root=data)
+    with TestClient(create_app(settings)) as client:
+        yield client, settings, tmp_path
+
+
+def _job_record(settings: Settings, state: str, points=()) -> int:
+    """A job row with a metrics file, as a finished ``caffe fit`` leaves them."""
+    store = Store(settings.database)
+    ident = store.add("jobs", "recorded", state, {"model": ALEXNET, "dataset": 1, "epochs": 1,
+                                                  "precision": "fp32"})
+    store.close()
+    metrics = settings.folder("jobs", ident) / "run" / "snapshots" / "fit.metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("".join(json.dumps(p) + "\n" for p in points))
+    return ident
+
+
+POINTS = [{"kind": "train", "iter": i, "loss": 1.0 / (i + 1), "smoothed_loss": 1.0 / (i + 1),
+           "lr": 0.01, "seconds": 0.5, "images_per_second": 8.0, "outputs": {"loss": 0.5}}
+          for i in range(4)] + [{"kind": "test", "iter": 4, "net": 0, "loss": 0.4,
+                                 "seconds": 0.1, "outputs": {"accuracy": 0.75, "loss": 0.4}}]
+
+
+def test_health_and_openapi_list_every_endpoint(env):
+    client, settings, _ = env
+    assert client.get("/api/health").json()["ok"] is True
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/api/health", "/api/datasets", "/api/datasets/{ident}", "/api/jobs",
+                 "/api/jobs/{ident}", "/api/jobs/{ident}/metrics", "/api/jobs/{ident}/stop",
+                 "/api/jobs/{ident}/classify", "/api/jobs/{ident}/stream",
+                 "/api/models/validate"):
+        assert path in paths, path
+
+
+@pytest.mark.parametrize("folder, status", [("..", 403), ("/etc", 403), ("shapes/../..", 403),
+                                            ("missing", 404), ("shapes/circle/0.png", 400),
+                                            ("shapes/circle", 400), ("", 400)])
+def test_dataset_folders_outside_or_unfit_are_refused(env, folder, status):
+    client, _, _ = env
+    response = client.post("/api/datasets", json={"folder": folder, "name": "x"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    assert client.get("/api/datasets").json() == []          # nothing recorded
+
+
+def test_symlinks_out_of_the_data_root_are_refused(env):
+    client, settings, tmp_path = env
+    outside = image_folder(tmp_path, "outside")
+    os.symlink(outside, settings.data_root / "link")
+    assert client.post("/api/datasets", json={"folder": "link"}).status_code == 403
+    os.symlink(tmp_path / "outside" / "circle" / "0.png",
+               settings.data_root / "shapes" / "square" / "stolen.png")
+    response = client.post("/api/datasets", json={"folder": "shapes"})
+    assert response.status_code == 403 and "square/stolen.png" in response.json()["error"]
+
+
+@pytest.mark.parametrize("body, status", [({"folder": "shapes", "resize": [4, 4]}, 400),
+                                          ({"folder": "shapes", "val_percent": 100}, 400),
+                                          ({"folder": "shapes", "backend": "csv"}, 400),
+                                          ({"name": "no folder"}, 422)])
+def test_dataset_options_are_checked(env, body, status):
+    client, _, _ = env
+    assert client.post("/api/datasets", json=body).status_code == status
+
+
+def test_unknown_records_are_404(env):
+    client, _, _ = env
+    for url in ("/api/datasets/9", "/api/jobs/9", "/api/jobs/9/metrics", "/api/jobs/9/log",
+                "/api/datasets/9/mean.png", "/jobs/9", "/datasets/9"):
+        assert client.get(url).status_code == 404, url
+    assert client.post("/api/jobs/9/stop").status_code == 404
+    assert client.get("/jobs/9").text.count("no job 9") == 1       # an error page, not a trace
+
+
+def test_models_are_listed_read_and_validated_with_line_numbers(env):
+    client, _, _ = env
+    assert ALEXNET in {m["name"] for m in client.get("/api/models").json()}
+    text = client.get(f"/api/models/{ALEXNET}").json()["prototxt"]
+    good = client.post("/api/models/validate", json={"prototxt": text}).json()
+    assert good["ok"] and good["params"] == 710_698       # as models/alexnet_64/readme.md says
+    assert {"name": "conv1", "type": "Convolution", "top": [20, 24, 29, 29], "params": 24 * 3 * 7 * 7 + 24,
+            "flops": 2 * 24 * 29 * 29 * 3 * 7 * 7} in good["layers"]
+    typo = text.replace("kernel_size: 7", "kernel_sise: 7")
+    bad = client.post("/api/models/validate", json={"prototxt": typo}).json()
+    line = typo.splitlines().index("    kernel_sise: 7") + 1
+    assert not bad["ok"] and bad["errors"][0]["line"] == line
+    assert bad["errors"][0]["message"].startswith(f"train_val.prototxt:{line}:5: layer 'conv1'")
+    wired = text.replace('bottom: "norm1"', 'bottom: "nrm1"')
+    errors = client.post("/api/models/validate", json={"prototxt": wired}).json()["errors"]
+    assert "Unknown bottom blob 'nrm1'" in errors[0]["message"]
+    assert errors[0]["line"] == wired.splitlines().index('  name: "pool1"') + 1
+
+
+def test_python_layers_are_refused_unless_allowed(env, tmp_path):
+    client, settings, _ = env
+    text = 'name: "p" layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 }}}' \
+           '\nlayer { name: "py" type: "Python" bottom: "x" top: "y" ' \
+           'python_param { module: "os" layer: "system" } }'
+    errors = client.post("/api/models/validate", json={"prototxt": text}).json()["errors"]
+    assert errors[0]["line"] == 2 and "Python layers are refused" in errors[0]["message"]
+    allowed = Settings(workdir=tmp_path / "w2", data_root=settings.data_root,
+                       allow_python_layers=True)
+    with TestClient(create_app(allowed)) as other:
+        errors = other.post("/api/models/validate", json={"prototxt": text}).json()["errors"]
+        assert "refused by this dashboard" not in errors[0]["message"]     # the class check
+
+
+def test_drawing_is_svg_and_oversized_prototxt_is_refused(env):
+    client, settings, _ = env
+    text = client.get(f"/api/models/{ALEXNET}").json()["prototxt"]
+    svg = client.post("/api/models/draw", json={"prototxt": text})
+    assert svg.status_code == 200 and b"<svg" in svg.content and b"conv1" in svg.content
+    assert client.post("/api/models/draw", json={"prototxt": "layer {"}).status_code == 400
+    huge = "#" * (settings.max_prototxt_bytes + 1)
+    assert client.post("/api/models/validate", json={"prototxt": huge}).status_code == 413
+
+
+def test_job_requests_are_checked(env):
+    client, settings, _ = env
+    assert client.post("/api/jobs", json={"dataset": 1, "model": ALEXNET}).status_code == 404
+    store = Store(settings.database)
+    building = store.add("datasets", "b", "running", {})
+    ready = store.add("datasets", "r", "ready", {})
+    store.close()
+    assert client.post("/api/jobs", json={"dataset": building, "model": ALEXNET}
+                       ).status_code == 409
+    for body in ({"model": "nonet"}, {"model": ALEXNET, "epochs": 0},
+                 {"model": ALEXNET, "precision": "int4"}, {"prototxt": "layer {"},
+                 {"model": ALEXNET, "weights": "job:99"}):
+        response = client.post("/api/jobs", json={"dataset": ready, **body})
+        assert response.status_code in (400, 404), (body, response.text)
+    assert client.get("/api/jobs").json() == []
+
+
+def test_metrics_stream_and_progress_of_a_recorded_job(env):
+    client, settings, _ = env
+    ident = _job_record(settings, "done", POINTS)
+    assert client.get(f"/api/jobs/{ident}/metrics").json() == POINTS
+    record = client.get(f"/api/jobs/{ident}").json()
+    assert record["state"] == "done" and record["progress"]["iter"] == 3
+    assert record["progress"]["images_per_second"] == 8.0
+    with client.stream("GET", f"/api/jobs/{ident}/stream") as stream:
+        text = "".join(stream.iter_text())
+    metric_lines = [l for l in text.splitlines() if l.startswith("data: {\"kind\"")]
+    assert [json.loads(l[6:]) for l in metric_lines] == POINTS
+    assert "event: end" in text
+    page = client.get(f"/jobs/{ident}").text
+    assert "chart-loss" in page and "/static/chart.js" in page
+
+
+def test_stop_resume_and_classify_refusals(env):
+    client, settings, _ = env
+    ident = _job_record(settings, "done", POINTS)
+    assert client.post(f"/api/jobs/{ident}/stop").status_code == 409
+    assert client.post(f"/api/jobs/{ident}/resume").status_code == 409
+    upload = {"image": ("a.png", png_bytes(), "image/png")}
+    assert client.post(f"/api/jobs/{ident}/classify", files=upload).status_code == 409
+    not_image = {"image": ("a.png", b"plain text, not an image", "image/png")}
+    assert client.post(f"/api/jobs/{ident}/classify", files=not_image).status_code == 400
+    big = {"image": ("a.png", b"\x89PNG" + b"0" * settings.max_upload_bytes, "image/png")}
+    assert client.post(f"/api/jobs/{ident}/classify", files=big).status_code == 413
+    assert client.post(f"/api/jobs/{ident}/classify").status_code == 422
+    assert client.get(f"/api/jobs/{ident}/bundle.zip").status_code == 404
+
+
+def test_a_restart_marks_running_work_interrupted(tmp_path):
+    settings = Settings(workdir=tmp_path / "work", data_root=tmp_path)
+    settings.workdir.mkdir()
+    store = Store(settings.database)
+    job = store.add("jobs", "j", "running", {"model": ALEXNET, "dataset": 1, "epochs": 1,
+                                             "precision": "fp32"})
+    building = store.add("datasets", "d", "running", {})
+    store.close()
+    with TestClient(create_app(settings)) as client:
+        record = client.get(f"/api/jobs/{job}").json()
+        assert record["state"] == "interrupted" and "stopped" in record["error"]
+        assert client.get(f"/api/datasets/{building}").json()["state"] == "failed"
+
+
+def test_other_hosts_need_the_token(tmp_path):
+    settings = Settings(workdir=tmp_path / "w", data_root=tmp_path, host="0.0.0.0")
+    assert settings.token                                      # generated
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/api/health").status_code == 401
+        assert client.get("/").status_code == 401
+        assert client.get("/api/health", headers={"Authorization": "Bearer wrong"}
+                          ).status_code == 401
+        assert client.get("/api/health", headers={"Authorization": f"Bearer {settings.token}"}
+                          ).status_code == 200
+        page = client.get(f"/?token={settings.token}")
+        assert page.status_code == 200
+        assert client.get("/api/health").status_code == 200          # the cookie it set
