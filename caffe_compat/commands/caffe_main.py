@@ -82,3 +82,7 @@ def main(argv: list[str] | None = None, prog: str = "caffe") -> int:
     return run(args.func, args, f"{prog} {argv[0]}")
 
 
+
+
+if __name__ == "__main__":      # python -m caffe_compat.commands.caffe_main (the dashboard's workers)
+    sys.exit(main())

@@ -68,7 +68,9 @@ def main(args: argparse.Namespace) -> int:
         url += f"?token={settings.token}"
     print(f"caffe dashboard: {url}  (workdir {settings.workdir}, data root "
           f"{settings.data_root}; Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    # a browser keeps the metrics stream open: give it 5 s, then close it and stop the jobs
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=5)
     return 0
 
 
