@@ -114,7 +114,7 @@ def test_dataset_job_live_curve_and_classify(browser, server, shots, tmp_path):
     Select(browser.find_element(By.NAME, "model")).select_by_value("alexnet_64")
     epochs = browser.find_element(By.NAME, "epochs")
     epochs.clear()
-    epochs.send_keys("8")
+    epochs.send_keys("3")
     browser.find_element(By.CSS_SELECTOR, "#new-job button").click()
     _wait(browser, lambda d: "/jobs/" in d.current_url)
     first = _wait(browser, lambda d: _points(d, "chart-loss"))

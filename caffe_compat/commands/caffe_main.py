@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None, prog: str = "caffe") -> int:
     return run(args.func, args, f"{prog} {argv[0]}")
 
 
-
-
-if __name__ == "__main__":      # python -m caffe_compat.commands.caffe_main (the dashboard's workers)
+# python -m caffe_compat.commands.caffe_main: how the dashboard starts its workers
+if __name__ == "__main__":
     sys.exit(main())

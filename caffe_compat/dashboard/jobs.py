@@ -201,13 +201,14 @@ def progress(points: list[dict], max_iter: int | None) -> dict:
     train = [p for p in points if p.get("kind") == "train"]
     if not train:
         return {"iter": 0, "max_iter": max_iter}
-    recent = train[-20:]
-    seconds = [p["seconds"] for p in recent if p.get("seconds")]
-    per_iter = sum(seconds) / len(seconds) if seconds else None
+    recent = [p for p in train[-20:] if p.get("seconds") and p.get("images_per_second")]
+    seconds = sum(p["seconds"] for p in recent)
+    images = sum(p["seconds"] * p["images_per_second"] for p in recent)
+    per_iter = seconds / len(recent) if recent else None
     last = train[-1]["iter"]
     eta = (max_iter - last) * per_iter if per_iter and max_iter and max_iter > last else None
     return {"iter": last, "max_iter": max_iter, "seconds_per_iter": per_iter,
-            "images_per_second": recent[-1].get("images_per_second"), "eta_seconds": eta}
+            "images_per_second": images / seconds if seconds else None, "eta_seconds": eta}
 
 
 __all__ = ["Jobs", "read_metrics", "read_metrics_from", "progress", "run_dir", "metrics_path",

@@ -53,6 +53,15 @@ class LineChart {
     this.schedule();
   }
 
+  set(name, points) {
+    // Replace a series' points at once (a derived series decided after the fact).
+    if (!this.series.has(name)) {
+      this.series.set(name, {points: [], colour: CHART_COLOURS[this.series.size % CHART_COLOURS.length]});
+    }
+    this.series.get(name).points = points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
+    this.schedule();
+  }
+
   pointCount() {
     let n = 0;
     for (const s of this.series.values()) { n += s.points.length; }

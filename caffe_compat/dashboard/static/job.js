@@ -6,14 +6,18 @@ const FINAL_STATES = ["done", "failed", "stopped", "interrupted"];
 function chartsFor(page) {
   const make = id => new LineChart(page.querySelector(`#${id}`));
   return {loss: make("chart-loss"), accuracy: make("chart-accuracy"), lr: make("chart-lr"),
-          aux: make("chart-aux")};
+          aux: make("chart-aux"), smoothed: [], smoothedDiffers: false};
 }
 
 function plotPoint(charts, p) {
+  // The chart a value goes to follows its name: accuracies, losses, the rest (auxiliary).
   const outputs = p.outputs || {};
   if (p.kind === "train") {
     charts.loss.add("train loss", p.iter, p.loss);
-    charts.loss.add("smoothed", p.iter, p.smoothed_loss);
+    // smoothed = loss when the solver's average_loss is 1: drawn only once it differs
+    charts.smoothed.push([p.iter, p.smoothed_loss]);
+    charts.smoothedDiffers = charts.smoothedDiffers || p.smoothed_loss !== p.loss;
+    if (charts.smoothedDiffers) { charts.loss.set("smoothed", charts.smoothed); }
     charts.lr.add("lr", p.iter, p.lr);
     for (const [name, v] of Object.entries(outputs)) {
       if (name !== "loss") { charts.aux.add(`train ${name}`, p.iter, v); }
@@ -26,6 +30,7 @@ function plotPoint(charts, p) {
       else { charts.aux.add(`${net} ${name}`, p.iter, v); }
     }
   }
+  charts.aux.container.hidden = charts.aux.series.size === 0;
 }
 
 function showState(record) {
@@ -66,7 +71,12 @@ function startJobPage(id) {
   const charts = chartsFor(document);
   let source = null;
   const listen = () => {
-    for (const chart of Object.values(charts)) { chart.series.clear(); chart.schedule(); }
+    for (const chart of [charts.loss, charts.accuracy, charts.lr, charts.aux]) {
+      chart.series.clear();
+      chart.schedule();
+    }
+    charts.smoothed = [];
+    charts.aux.container.hidden = true;
     source = new EventSource(`/api/jobs/${id}/stream`);
     source.addEventListener("metric", e => plotPoint(charts, JSON.parse(e.data)));
     source.addEventListener("state", e => showState(JSON.parse(e.data)));
