@@ -5,7 +5,6 @@ page go to $DASHBOARD_SCREENSHOTS (default: the test's temporary folder)."""
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -13,33 +12,21 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the dashboard needs fastapi (pip install -e .)")
 pytest.importorskip("httpx", reason="the tests talk HTTP with httpx (pip install -e .[test])")
-webdriver = pytest.importorskip("selenium.webdriver",
-                                reason="browser tests need selenium (pip install -e .[test])")
-if not (shutil.which("chromium") and shutil.which("chromedriver")):
-    pytest.skip("browser tests need Debian's chromium and chromium-driver (make setup installs "
-                "them as root; else apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+from caffe_compat.dashboard.launch import (DashboardProcess, chromium_missing,  # noqa: E402
+                                           headless_chromium)
+
+if chromium_missing():
+    pytest.skip(f"browser tests skipped: {chromium_missing()}", allow_module_level=True)
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from caffe_compat.commands.caffe_main import COMMANDS  # noqa: E402
-from dashboard_utils import Server, draw, image_folder  # noqa: E402
-
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--window-size=1360,1000")
-
+from dashboard_utils import draw, image_folder  # noqa: E402
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    driver.set_page_load_timeout(60)
+    driver = headless_chromium()
     yield driver
     driver.quit()
 
@@ -48,7 +35,7 @@ def browser():
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
     image_folder(root / "data", per_class=10)
-    running = Server(root / "work", root / "data")
+    running = DashboardProcess(root / "work", root / "data")
     yield running
     running.stop()
 

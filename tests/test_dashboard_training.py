@@ -9,10 +9,12 @@ import time
 import pytest
 
 pytest.importorskip("fastapi", reason="the dashboard needs fastapi (pip install -e .)")
-pytest.importorskip("httpx", reason="the tests talk HTTP with httpx (pip install -e .[test])")
+httpx = pytest.importorskip("httpx", reason="the tests talk HTTP with httpx (pip install -e "
+                                            ".[test])")
 
 from caffe_compat.commands.caffe_main import COMMANDS  # noqa: E402
-from dashboard_utils import CLASSES, Server, image_folder, png_bytes  # noqa: E402
+from caffe_compat.dashboard.launch import DashboardProcess as Server  # noqa: E402
+from dashboard_utils import CLASSES, image_folder, png_bytes  # noqa: E402
 
 pytestmark = pytest.mark.skipif("fit" not in COMMANDS or "dataset" not in COMMANDS,
                                 reason="the dashboard's workers run caffe dataset and caffe fit "
@@ -23,31 +25,32 @@ def test_dataset_training_classification_and_sigint(tmp_path):
     data = tmp_path / "data"
     image_folder(data, per_class=10)
     server = Server(tmp_path / "work", data)
+    http = httpx.Client(base_url=server.url, timeout=60)
     try:
-        assert server.post("/api/datasets", json={"folder": "/etc", "name": "x"}
+        assert http.post("/api/datasets", json={"folder": "/etc", "name": "x"}
                            ).status_code == 403
-        ident = server.post("/api/datasets", json={"folder": "shapes", "name": "shapes"}
+        ident = http.post("/api/datasets", json={"folder": "shapes", "name": "shapes"}
                             ).json()["id"]
         dataset = server.wait_state("datasets", ident, ("ready", "failed"))
         assert dataset["state"] == "ready", dataset["error"]
         assert dataset["result"]["classes"] == list(CLASSES)
-        assert server.get(f"/api/datasets/{ident}/mean.png").content[:4] == b"\x89PNG"
+        assert http.get(f"/api/datasets/{ident}/mean.png").content[:4] == b"\x89PNG"
 
-        job = server.post("/api/jobs", json={"dataset": ident, "model": "alexnet_64",
+        job = http.post("/api/jobs", json={"dataset": ident, "model": "alexnet_64",
                                              "epochs": 3}).json()["id"]
         counts = []
-        while server.get(f"/api/jobs/{job}").json()["state"] in ("queued", "running"):
-            counts.append(len(server.get(f"/api/jobs/{job}/metrics").json()))
+        while http.get(f"/api/jobs/{job}").json()["state"] in ("queued", "running"):
+            counts.append(len(http.get(f"/api/jobs/{job}/metrics").json()))
             time.sleep(0.5)
-        record = server.get(f"/api/jobs/{job}").json()
+        record = http.get(f"/api/jobs/{job}").json()
         assert record["state"] == "done", record["error"]
         assert len(set(counts)) > 2 and counts == sorted(counts)        # grew while it ran
-        points = server.get(f"/api/jobs/{job}/metrics").json()
+        points = http.get(f"/api/jobs/{job}/metrics").json()
         iters = [p["iter"] for p in points if p["kind"] == "train"]
         assert iters == list(range(1, record["progress"]["max_iter"] + 1))   # every iteration
         assert any(p["kind"] == "test" and "accuracy" in p["outputs"] for p in points)
 
-        answer = server.post(f"/api/jobs/{job}/classify", files=[
+        answer = http.post(f"/api/jobs/{job}/classify", files=[
             ("image", ("c.png", png_bytes("circle"), "image/png")),
             ("image", ("s.png", png_bytes("square"), "image/png"))]).json()
         for result in answer["results"]:
@@ -56,32 +59,33 @@ def test_dataset_training_classification_and_sigint(tmp_path):
             assert abs(sum(t["probability"] for t in top) - 1) < 1e-5
             assert top[0]["probability"] >= top[1]["probability"]
 
-        long_job = server.post("/api/jobs", json={"dataset": ident, "model": "alexnet_64",
+        long_job = http.post("/api/jobs", json={"dataset": ident, "model": "alexnet_64",
                                                   "epochs": 200}).json()["id"]
-        while not [p for p in server.get(f"/api/jobs/{long_job}/metrics").json()
+        while not [p for p in http.get(f"/api/jobs/{long_job}/metrics").json()
                    if p["kind"] == "train"]:
             time.sleep(0.5)
     finally:
         code = server.stop()
     assert code == 0
     restarted = Server(tmp_path / "work", data)
+    http = httpx.Client(base_url=restarted.url, timeout=60)
     try:
-        record = restarted.get(f"/api/jobs/{long_job}").json()
+        record = http.get(f"/api/jobs/{long_job}").json()
         assert record["state"] == "interrupted"
-        snapshots = [p for p in restarted.get(f"/api/jobs/{long_job}/metrics").json()
+        snapshots = [p for p in http.get(f"/api/jobs/{long_job}/metrics").json()
                      if p["kind"] == "snapshot"]
         assert snapshots, "SIGINT left no snapshot to resume from"
-        assert restarted.post(f"/api/jobs/{long_job}/resume").json()["state"] == "running"
+        assert http.post(f"/api/jobs/{long_job}/resume").json()["state"] == "running"
         restarted.wait_state("jobs", long_job, ("running",))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            trains = [p["iter"] for p in restarted.get(f"/api/jobs/{long_job}/metrics").json()
+            trains = [p["iter"] for p in http.get(f"/api/jobs/{long_job}/metrics").json()
                       if p["kind"] == "train"]
             if trains[-1] > snapshots[-1]["iter"]:
                 break
             time.sleep(0.5)
         assert trains[-1] > snapshots[-1]["iter"]          # continued past the snapshot
-        assert restarted.post(f"/api/jobs/{long_job}/stop").json()["stopping"]
+        assert http.post(f"/api/jobs/{long_job}/stop").json()["stopping"]
         assert restarted.wait_state("jobs", long_job, ("stopped", "failed", "done")
                                     )["state"] == "stopped"
     finally:

@@ -73,17 +73,17 @@ def create(settings: Settings, store: Store, workers: Workers, body: dict) -> in
             "--val-percent", f"{options['val_percent']:g}", "--seed", str(options["seed"]),
             "--backend", options["backend"]]
     workers.run(TABLE, ident, argv, settings.folder(TABLE, ident), on_success="ready",
-                on_exit=lambda table, i: _record_summary(settings, store, i))
+                result_of=lambda: _summary(out))
     return ident
 
 
-def _record_summary(settings: Settings, store: Store, ident: int) -> None:
-    summary = data_dir(settings, ident) / "dataset.json"
-    if summary.is_file():
-        try:
-            store.update(TABLE, ident, result=json.loads(summary.read_text()))
-        except (OSError, ValueError) as exc:
-            store.update(TABLE, ident, state="failed", error=f"dataset.json: {exc}")
+def _summary(out: Path) -> dict:
+    """``dataset.json`` of a finished build (ValueError naming it if unreadable)."""
+    path = out / "dataset.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def describe(settings: Settings, store: Store, ident: int) -> dict:

@@ -55,8 +55,12 @@ class Workers:
 
     # -- starting ---------------------------------------------------------------------------
     def run(self, table: str, ident: int, argv: list[str], cwd: Path,
-            on_success: str, on_exit=None) -> None:
-        """Spawn ``caffe <argv>`` for a record; its output goes to ``cwd/worker.log``."""
+            on_success: str, on_exit=None, result_of=None) -> None:
+        """Spawn ``caffe <argv>`` for a record; its output goes to ``cwd/worker.log``.
+
+        On exit 0 the record gets state ``on_success`` together with ``result_of()`` (read
+        before the state changes, so a reader never sees the state without its result; an
+        exception there fails the record); ``on_exit(table, id)`` runs after every exit."""
         cwd.mkdir(parents=True, exist_ok=True)
         log = open(cwd / WORKER_LOG, "ab")
         try:
@@ -71,10 +75,11 @@ class Workers:
         with self._lock:
             self._procs[(table, ident)] = proc
         self.store.update(table, ident, state="running", pid=proc.pid, error=None)
-        threading.Thread(target=self._wait, args=(table, ident, proc, cwd, on_success, on_exit),
+        threading.Thread(target=self._wait,
+                         args=(table, ident, proc, cwd, on_success, on_exit, result_of),
                          daemon=True, name=f"{table}-{ident}").start()
 
-    def _wait(self, table, ident, proc, cwd, on_success, on_exit) -> None:
+    def _wait(self, table, ident, proc, cwd, on_success, on_exit, result_of) -> None:
         code = proc.wait()
         with self._lock:
             self._procs.pop((table, ident), None)
@@ -83,7 +88,13 @@ class Workers:
             if self._closing:
                 return
         if code == 0:
-            self.store.update(table, ident, state="stopped" if stopped else on_success, pid=None)
+            try:
+                result = result_of() if result_of is not None else {}
+            except (OSError, ValueError) as exc:
+                self.store.update(table, ident, state="failed", pid=None, error=str(exc))
+            else:
+                self.store.update(table, ident, state="stopped" if stopped else on_success,
+                                  pid=None, result=result)
         elif stopped and code in (130, -signal.SIGINT):
             self.store.update(table, ident, state="stopped", pid=None)
         else:
