@@ -216,3 +216,21 @@ def test_other_hosts_need_the_token(tmp_path):
         page = client.get(f"/?token={settings.token}")
         assert page.status_code == 200
         assert client.get("/api/health").status_code == 200          # the cookie it set
+
+
+def test_uploaded_weights_are_kept_under_the_workdir_and_named_by_id(env):
+    client, settings, _ = env
+    answer = client.post("/api/uploads", files={"file": ("../../evil.caffemodel", b"\x0a\x00",
+                                                         "application/octet-stream")}).json()
+    stored = settings.workdir / "uploads" / answer["id"]
+    assert stored.read_bytes() == b"\x0a\x00" and answer["bytes"] == 2
+    assert list((settings.workdir / "uploads").iterdir()) == [stored]   # not the given name
+    store = Store(settings.database)
+    ready = store.add("datasets", "r", "ready", {})
+    store.close()
+    for weights in ("../dashboard.sqlite", "nothere.caffemodel", "job:77"):
+        response = client.post("/api/jobs", json={"dataset": ready, "model": ALEXNET,
+                                                  "weights": weights})
+        assert response.status_code == 404, weights
+    assert client.post("/api/jobs", json={"dataset": ready, "model": ALEXNET,
+                                          "weights": "job:x"}).status_code == 400

@@ -6,6 +6,7 @@ starts nothing by itself, and on shutdown asks every running job to snapshot and
 from __future__ import annotations
 
 import contextlib
+import traceback
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from caffe_compat.commands.common import one_line
 from caffe_compat.dashboard import api, pages
 from caffe_compat.dashboard.jobs import Jobs
 from caffe_compat.dashboard.safety import TOKEN_COOKIE, Refused, token_matches
@@ -77,6 +79,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return _error(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        # a bug of ours: one line for the user, the traceback in the server's log
+        glog.error(f"{request.method} {request.url.path}: {traceback.format_exc()}",
+                   "dashboard:app")
+        return _error(request, 500, f"unexpected error: {one_line(exc)}")
 
     return app
 

@@ -97,6 +97,8 @@ class Jobs:
         if not given:
             return None
         if isinstance(given, str) and given.startswith("job:"):
+            if not given[4:].isdigit():
+                raise Refused(400, f"weights '{given}': job:<id> with a job's number")
             path = bundle_dir(self.settings, int(given[4:])) / "weights.caffemodel"
         else:
             path = self.settings.workdir / "uploads" / Path(str(given)).name

@@ -29,9 +29,10 @@ class LineChart {
   constructor(container, options = {}) {
     this.container = container;
     this.width = options.width || 460;
-    this.height = options.height || 260;
+    this.height = options.height || 230;
     this.margin = {left: 56, right: 12, top: 10, bottom: 34};
     this.xLabel = options.xLabel || "iteration";
+    this.fromZero = Boolean(options.fromZero);   // accuracies: 0 at the bottom; losses: fitted
     this.series = new Map();          // name -> {points: [[x, y]], colour}
     this.pending = false;
     this.svg = document.createElementNS(SVG_NS, "svg");
@@ -82,7 +83,10 @@ class LineChart {
     if (!xs.length) { return null; }
     const lo = a => a.reduce((m, v) => Math.min(m, v), Infinity);
     const hi = a => a.reduce((m, v) => Math.max(m, v), -Infinity);
-    return {x0: Math.min(0, lo(xs)), x1: hi(xs), y0: Math.min(0, lo(ys)), y1: hi(ys)};
+    let y0 = lo(ys), y1 = hi(ys);
+    if (this.fromZero) { y0 = Math.min(0, y0); }
+    else { const pad = (y1 - y0) * 0.05 || Math.abs(y1) * 0.05 || 1; y0 -= pad; y1 += pad; }
+    return {x0: Math.min(0, lo(xs)), x1: hi(xs), y0, y1};
   }
 
   element(tag, attributes, text) {

@@ -8,7 +8,7 @@ async function startCompare(ids) {
     location.href = `/compare?jobs=${chosen.join(",")}`;
   });
   const loss = new LineChart(document.getElementById("chart-loss"));
-  const accuracy = new LineChart(document.getElementById("chart-accuracy"));
+  const accuracy = new LineChart(document.getElementById("chart-accuracy"), {fromZero: true});
   const table = document.getElementById("summary");
   for (const id of ids) {
     const points = await api("GET", `/api/jobs/${id}/metrics`);

@@ -4,8 +4,9 @@
 const FINAL_STATES = ["done", "failed", "stopped", "interrupted"];
 
 function chartsFor(page) {
-  const make = id => new LineChart(page.querySelector(`#${id}`));
-  return {loss: make("chart-loss"), accuracy: make("chart-accuracy"), lr: make("chart-lr"),
+  const make = (id, options) => new LineChart(page.querySelector(`#${id}`), options);
+  return {loss: make("chart-loss"), accuracy: make("chart-accuracy", {fromZero: true}),
+          lr: make("chart-lr", {fromZero: true}),
           aux: make("chart-aux"), smoothed: [], smoothedDiffers: false};
 }
 
