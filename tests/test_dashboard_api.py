@@ -234,3 +234,25 @@ def test_uploaded_weights_are_kept_under_the_workdir_and_named_by_id(env):
         assert response.status_code == 404, weights
     assert client.post("/api/jobs", json={"dataset": ready, "model": ALEXNET,
                                           "weights": "job:x"}).status_code == 400
+
+
+def test_solver_fields_give_the_job_its_own_model_files(env):
+    client, settings, _ = env
+    store = Store(settings.database)
+    ready = store.add("datasets", "r", "ready", {})
+    store.close()
+    for solver in ({"type": "Adamm"}, {"momentum": "fast"}, {"lr_policy": "step"},
+                   {"regularization_type": "L3"}):
+        response = client.post("/api/jobs", json={"dataset": ready, "model": ALEXNET,
+                                                  "solver": solver})
+        assert response.status_code == 400 and response.json()["error"], solver
+    job = client.post("/api/jobs", json={"dataset": ready, "model": ALEXNET, "epochs": 1,
+                                         "solver": {"type": "Adam", "base_lr": "0.001"},
+                                         "batch_size": 8}).json()["id"]
+    client.post(f"/api/jobs/{job}/stop")
+    folder = settings.folder("jobs", job)
+    solver = (folder / "solver.prototxt").read_text()
+    assert 'type: "Adam"' in solver and "base_lr: 0.001" in solver
+    assert "momentum: 0.9" in solver                        # the rest is alexnet_64's
+    library = settings.models_dir / ALEXNET / "train_val.prototxt"
+    assert (folder / "train_val.prototxt").read_text() == library.read_text()

@@ -41,6 +41,11 @@ class JobRequest(BaseModel):
     precision: str = "fp32"
     weights: str | None = Field(None, description="fine-tune from 'job:<id>' (its bundle) or "
                                                   "an uploaded caffemodel's id")
+    solver: dict | None = Field(None, description="Caffe solver fields: type, base_lr, "
+                                                  "momentum, momentum2, weight_decay, "
+                                                  "regularization_type, clip_gradients, delta, "
+                                                  "rms_decay")
+    batch_size: int | None = None
     name: str | None = None
 
 

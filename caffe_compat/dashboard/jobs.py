@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from caffe_compat.dashboard import datasets, netinfo
+from caffe_compat.dashboard import datasets, netinfo, solverform
 from caffe_compat.dashboard.safety import Refused
 from caffe_compat.dashboard.settings import Settings
 from caffe_compat.dashboard.store import Store
 from caffe_compat.dashboard.workers import Workers
+from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
 
@@ -53,14 +54,25 @@ class Jobs:
         precision = body.get("precision", "fp32")
         if precision not in PRECISIONS:
             raise Refused(400, f"precision '{precision}': one of {', '.join(PRECISIONS)}")
+        solver = solverform.checked(body.get("solver"))
+        batch = body.get("batch_size")
+        if batch is not None and not (isinstance(batch, int) and 1 <= batch <= 4096):
+            raise Refused(400, f"batch_size {batch}: a whole number 1..4096")
         options = {"dataset": dataset["id"], "epochs": epochs, "precision": precision,
-                   "model": model["name"], "weights": self._weights(body.get("weights"))}
+                   "model": model["name"], "weights": self._weights(body.get("weights")),
+                   "solver": solver, "batch_size": batch}
+        own_solver = solverform.solver_text(model["solver"], solver) if solver else None
         ident = self.store.add(TABLE, str(body.get("name") or f"{model['name']} on "
                                           f"{dataset['name']}")[:100], "queued", options)
-        if model.get("text") is not None:
+        if model["text"] is not None or own_solver is not None:
+            # the job's own model files: caffe fit reads solver.prototxt beside train_val
             folder = self.settings.folder(TABLE, ident)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "train_val.prototxt").write_text(model["text"], encoding="utf-8")
+            write_text(folder / "train_val.prototxt", model["text"] if model["text"] is not None
+                       else netinfo.model_file(self.settings.models_dir, model["name"])
+                       .read_text(encoding="utf-8"))
+            if own_solver is not None:
+                write_text(folder / "solver.prototxt", own_solver)
         self.start_queued()
         return ident
 
@@ -84,13 +96,14 @@ class Jobs:
             check = netinfo.validate(text, allow_python_layers=self.settings.allow_python_layers)
             if not check.ok:
                 raise Refused(400, "; ".join(p.message for p in check.errors))
-            return {"name": check.name or "custom", "text": text}
+            return {"name": check.name or "custom", "text": text, "solver": None}
         name = body.get("model")
         if not isinstance(name, str) or netinfo.model_file(self.settings.models_dir, name) is None:
             known = ", ".join(m["name"] for m in netinfo.list_models(self.settings.models_dir))
             raise Refused(400, f"model '{name}': not in {self.settings.models_dir} "
                                f"(known: {known}); or give 'prototxt'")
-        return {"name": name, "text": None}
+        return {"name": name, "text": None,
+                "solver": netinfo.model_file(self.settings.models_dir, name, "solver.prototxt")}
 
     def _weights(self, given) -> str | None:
         """Fine-tune from a finished job's bundle (``"job:<id>"``) or an uploaded file id."""
@@ -126,6 +139,8 @@ class Jobs:
                 "--progress", "never"]
         if options.get("weights") and not resume:
             argv += ["--weights", options["weights"]]
+        if options.get("batch_size") and not resume:
+            argv += ["--batch-size", str(options["batch_size"])]
         if resume:
             argv.append("--resume")
         self.workers.run(TABLE, ident, argv, folder, on_success="done",

@@ -8,6 +8,7 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from caffe_compat.dashboard import datasets, netinfo
+from caffe_compat.dashboard.solverform import SOLVER_TYPES
 
 router = APIRouter(include_in_schema=False)
 TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
@@ -28,7 +29,7 @@ def home(request: Request):
     return _render("index.html", title="caffe dashboard",
                    datasets=s.store.all(datasets.TABLE), jobs=s.store.all("jobs"),
                    models=netinfo.list_models(s.settings.models_dir),
-                   data_root=s.settings.data_root,
+                   data_root=s.settings.data_root, solver_types=SOLVER_TYPES,
                    folders=_folders(s.settings.data_root))
 
 
@@ -58,7 +59,8 @@ def models_page(request: Request, name: str = "alexnet_64"):
     path = netinfo.model_file(s.settings.models_dir, name)
     return _render("models.html", title="models", models=models, current=name if path else "",
                    text=path.read_text(encoding="utf-8") if path else "",
-                   allow_python=s.settings.allow_python_layers)
+                   allow_python=s.settings.allow_python_layers,
+                   datasets=s.store.all(datasets.TABLE, "ready"))
 
 
 @router.get("/jobs/{ident}", response_class=HTMLResponse)

@@ -22,6 +22,13 @@ document.getElementById("new-job").addEventListener("submit", async event => {
     const body = {dataset: Number(f.dataset.value), model: f.model.value,
                   epochs: Number(f.epochs.value), precision: f.precision.value};
     if (f.weights.value) { body.weights = f.weights.value; }
+    const solver = {};
+    for (const name of ["type", "base_lr", "momentum", "momentum2", "weight_decay",
+                        "clip_gradients", "delta", "rms_decay", "regularization_type"]) {
+      if (f.elements[name].value !== "") { solver[name] = f.elements[name].value; }
+    }
+    if (Object.keys(solver).length) { body.solver = solver; }
+    if (f.batch_size.value) { body.batch_size = Number(f.batch_size.value); }
     const created = await api("POST", "/api/jobs", body);
     location.href = `/jobs/${created.id}`;
   } catch (err) { showError(f, err); }

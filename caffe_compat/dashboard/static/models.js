@@ -75,6 +75,17 @@
     clearTimeout(timer);
     timer = setTimeout(check, 350);
   });
+  document.getElementById("train-this").addEventListener("submit", async event => {
+    event.preventDefault();
+    const f = event.target;
+    showError(f, null);
+    try {
+      const created = await api("POST", "/api/jobs", {dataset: Number(f.dataset.value),
+        prototxt: text.value, epochs: Number(f.epochs.value),
+        name: `${document.getElementById("model-name").textContent} (edited)`});
+      location.href = `/jobs/${created.id}`;
+    } catch (err) { showError(f, err); }
+  });
   text.addEventListener("scroll", () => { gutter.scrollTop = text.scrollTop; });
   phase.addEventListener("change", () => draw(generation));
   renderGutter();
