@@ -102,7 +102,7 @@ class BundleClassifier(Classifier):
         self.input_name = name
         self.output_name = self.preprocess.spec.get("output_blob") or self.outputs[0]
         classes = int(np.prod(self.blobs[self.output_name].data.shape[1:]))
-        self.labels = read_labels_file(files["labels"], classes)
+        self.labels = read_labels_file(files["labels"], classes)[:classes]
         spec = self.preprocess.spec
         mean = self.preprocess.transformer.mean
         self.transformer = configure_transformer(
@@ -121,15 +121,17 @@ class BundleClassifier(Classifier):
     def probabilities(self, images, batch_size: int = 64) -> np.ndarray:
         """(N, classes) for N image files or arrays, ``batch_size`` at a time."""
         images = list(images)
-        chunks = []
-        for start in range(0, len(images), max(1, batch_size)):
-            batch = np.stack([self.blob(i) for i in images[start:start + batch_size]])
-            self.blobs[self.input_name].reshape(*batch.shape)
-            self.reshape()
-            out = self.forward(blobs=[self.output_name], **{self.input_name: batch})
-            chunks.append(np.array(out[self.output_name]).reshape(len(batch), -1))
-        width = len(self.labels) if not chunks else chunks[0].shape[1]
-        return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+        chunks = [self.forward_blobs(np.stack([self.blob(i) for i in
+                                               images[start:start + batch_size]]))
+                  for start in range(0, len(images), max(1, batch_size))]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), np.float32)
+
+    def forward_blobs(self, batch: np.ndarray) -> np.ndarray:
+        """(N, classes) for an N×C×H×W batch of preprocessed blobs."""
+        self.blobs[self.input_name].reshape(*batch.shape)
+        self.reshape()
+        out = self.forward(blobs=[self.output_name], **{self.input_name: batch})
+        return np.array(out[self.output_name]).reshape(len(batch), -1)
 
     def top_k(self, image, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` most probable (label, probability) pairs for one image file or array."""

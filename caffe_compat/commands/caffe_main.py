@@ -20,7 +20,7 @@ import sys
 
 
 from caffe_compat.commands import device as devices
-from caffe_compat.commands import bundle, dataset, fit, test_cmd, time_cmd, train as train_cmd
+from caffe_compat.commands import bundle, dataset, fit, score, test_cmd, time_cmd, train as train_cmd
 from caffe_compat.commands.common import add_debug_flag, caffe_argv, run
 from caffe_compat.dashboard import cli as dashboard_cli
 from caffe_compat.formats import glog
@@ -31,6 +31,7 @@ COMMANDS = {
     "time": (time_cmd, "benchmark a model: per-layer forward/backward execution time"),
     "dataset": (dataset, "a folder of class sub-folders -> split, LMDBs, mean, summary"),
     "fit": (fit, "train a classifier on a folder of class sub-folders, ending in a bundle"),
+    "score": (score, "accuracy, per-class precision/recall and confusion matrix of a bundle"),
     "bundle": (bundle, "a trained model as a bundle folder: deploy, weights, labels, "
                        "preprocessing, model card"),
     "dashboard": (dashboard_cli, "serve the web dashboard: datasets, training jobs with live "

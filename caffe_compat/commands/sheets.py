@@ -28,7 +28,7 @@ def _thumbnail(image: np.ndarray, side: int) -> np.ndarray:
     return tile
 
 
-def _text(canvas: np.ndarray, text: str, x: int, y: int, width: int, scale=0.4) -> None:
+def _text(canvas: np.ndarray, text: str, x: int, y: int, width: int, scale=0.38) -> None:
     """Put ``text`` at baseline (x, y), shortened with '…' to fit ``width`` pixels."""
     font = cv2.FONT_HERSHEY_SIMPLEX
     while text and cv2.getTextSize(text, font, scale, 1)[0][0] > width:
