@@ -256,3 +256,40 @@ def test_solver_fields_give_the_job_its_own_model_files(env):
     assert "momentum: 0.9" in solver                        # the rest is alexnet_64's
     library = settings.models_dir / ALEXNET / "train_val.prototxt"
     assert (folder / "train_val.prototxt").read_text() == library.read_text()
+
+
+def _write_db(path, labels):
+    import numpy as np
+    from caffe_compat.data.db import DBWriter
+    from caffe_compat.formats.blob_io import array_to_datum
+    with DBWriter(path, "lmdb") as db:
+        for i, label in enumerate(labels):
+            image = np.full((3, 12, 10), i, np.uint8)
+            db.put(f"{i:08d}", array_to_datum(image, label).SerializeToString())
+
+
+def test_existing_databases_are_imported_with_their_counts(env):
+    import numpy as np
+    from caffe_compat.formats.blob_io import write_blobproto
+    client, settings, tmp_path = env
+    root = settings.data_root / "dbs"
+    root.mkdir()
+    _write_db(root / "train_lmdb", [0, 1, 1, 2])
+    _write_db(root / "val_lmdb", [2, 0])
+    write_blobproto(root / "mean.binaryproto", np.full((1, 3, 12, 10), 100, np.float32))
+    (root / "labels.txt").write_text("a\nb\nc\n")
+    body = {"train_db": "dbs/train_lmdb", "val_db": "dbs/val_lmdb",
+            "mean": "dbs/mean.binaryproto", "labels": "dbs/labels.txt", "name": "old"}
+    ident = client.post("/api/datasets/import", json=body).json()["id"]
+    record = client.get(f"/api/datasets/{ident}").json()
+    assert record["state"] == "ready" and record["result"]["resize"] == [12, 10]
+    assert record["result"]["counts"] == {"a": {"train": 1, "val": 1},
+                                          "b": {"train": 2, "val": 0},
+                                          "c": {"train": 1, "val": 1}}
+    assert client.get(f"/api/datasets/{ident}/mean.png").content[:4] == b"\x89PNG"
+    assert "dbs/train_lmdb" in client.get(f"/datasets/{ident}").text
+    (root / "two.txt").write_text("a\nb\n")
+    for change, status in (({"train_db": "/tmp"}, 403), ({"labels": "dbs/two.txt"}, 400),
+                           ({"mean": "dbs/none"}, 404), ({"val_db": "dbs/labels.txt"}, 400)):
+        response = client.post("/api/datasets/import", json={**body, **change})
+        assert response.status_code == status, (change, response.text)

@@ -1,7 +1,8 @@
 """The owner's acceptance flow on the real program: ``caffe dashboard`` on loopback builds a
 data set from a folder, trains alexnet_64 through ``caffe fit`` while the metrics grow,
-classifies an uploaded image, refuses a folder outside the data root, stops on SIGINT (a
-running job snapshots and reads ``interrupted``), and a restarted server resumes it."""
+classifies an uploaded image, scores a labelled folder, refuses a folder outside the data
+root, stops on SIGINT (a running job snapshots and reads ``interrupted``), and a restarted
+server resumes it."""
 from __future__ import annotations
 
 import time
@@ -58,6 +59,12 @@ def test_dataset_training_classification_and_sigint(tmp_path):
             assert {t["label"] for t in top} == set(CLASSES)
             assert abs(sum(t["probability"] for t in top) - 1) < 1e-5
             assert top[0]["probability"] >= top[1]["probability"]
+
+        scored = http.post(f"/api/jobs/{job}/score", json={"folder": "shapes"}).json()
+        assert scored["images"] == 20 and sum(map(sum, scored["confusion"])) == 20
+        assert scored["accuracy"] == scored["correct"] / 20
+        assert http.get(scored["files"]["confusion.png"]).content[:4] == b"\x89PNG"
+        assert http.post(f"/api/jobs/{job}/score", json={"folder": "/etc"}).status_code == 403
 
         long_job = http.post("/api/jobs", json={"dataset": ident, "model": "alexnet_64",
                                                   "epochs": 200}).json()["id"]

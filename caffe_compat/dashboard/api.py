@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from caffe_compat.dashboard import datasets, inference, netinfo
+from caffe_compat.dashboard import datasets, importer, inference, netinfo, scoring
 from caffe_compat.dashboard.jobs import (FINISHED, bundle_dir, metrics_path, read_metrics_from,
                                          run_dir)
 from caffe_compat.dashboard.safety import Refused, read_upload
@@ -72,6 +72,22 @@ def list_datasets(request: Request) -> list[dict]:
 def create_dataset(request: Request, body: DatasetRequest) -> dict:
     s = _services(request)
     return {"id": datasets.create(s.settings, s.store, s.workers, body.model_dump())}
+
+
+class ImportRequest(BaseModel):
+    train_db: str = Field(description="an LMDB/LevelDB folder under the data root")
+    val_db: str
+    mean: str = Field(description="its mean.binaryproto")
+    labels: str = Field(description="class names, one a line (line i = label i)")
+    name: str | None = None
+
+
+@router.post("/datasets/import", status_code=201)
+async def import_dataset(request: Request, body: ImportRequest) -> dict:
+    """Existing databases + mean + labels as a ready data set (nothing is copied)."""
+    s = _services(request)
+    return {"id": await asyncio.to_thread(importer.import_databases, s.settings, s.store,
+                                          body.model_dump())}
 
 
 @router.get("/datasets/{ident}")
@@ -250,6 +266,25 @@ async def classify(request: Request, ident: int, image: list[UploadFile] = File(
     results = await asyncio.to_thread(inference.classify, bundle_dir(s.settings, ident),
                                       decoded, top_k)
     return {"job": ident, "results": results}
+
+
+class ScoreRequest(BaseModel):
+    folder: str = Field(description="class sub-folders named as the bundle's labels, relative "
+                                    "to the data root")
+
+
+@router.post("/jobs/{ident}/score")
+async def score_job(request: Request, ident: int, body: ScoreRequest) -> dict:
+    """Accuracy, per-class precision/recall and the confusion matrix on a labelled folder."""
+    s = _services(request)
+    s.jobs.get(ident)
+    return await asyncio.to_thread(scoring.score, s.settings, ident,
+                                   bundle_dir(s.settings, ident), body.folder)
+
+
+@router.get("/jobs/{ident}/scores/{number}/{name}")
+def score_picture(request: Request, ident: int, number: int, name: str) -> FileResponse:
+    return FileResponse(scoring.picture(_services(request).settings, ident, number, name))
 
 
 def _text_file(path) -> Response:

@@ -97,10 +97,15 @@ def describe(settings: Settings, store: Store, ident: int) -> dict:
 
 def mean_png(settings: Settings, ident: int) -> bytes:
     """The dataset's mean image (mean.binaryproto, BGR as Caffe stores it) as a PNG."""
-    path = data_dir(settings, ident) / "mean.binaryproto"
+    out = data_dir(settings, ident)
+    try:
+        path = out / _summary(out)["files"]["mean"]    # an imported one lies elsewhere
+    except (ValueError, KeyError):
+        path = out / "mean.binaryproto"
     if not path.is_file():
         raise Refused(404, f"dataset {ident} has no mean image (yet)")
-    mean = read_blobproto(path).reshape(read_blobproto(path).shape[-3:])
+    mean = read_blobproto(path)
+    mean = mean.reshape(mean.shape[-3:])
     image = np.clip(mean.transpose(1, 2, 0), 0, 255).astype(np.uint8)
     ok, png = cv2.imencode(".png", image)
     return png.tobytes()

@@ -33,3 +33,17 @@ document.getElementById("new-job").addEventListener("submit", async event => {
     location.href = `/jobs/${created.id}`;
   } catch (err) { showError(f, err); }
 });
+
+document.getElementById("import-dataset").addEventListener("submit", async event => {
+  event.preventDefault();
+  const f = event.target;
+  showError(f, null);
+  const body = {};
+  for (const name of ["train_db", "val_db", "mean", "labels", "name"]) {
+    if (f.elements[name].value) { body[name] = f.elements[name].value; }
+  }
+  try {
+    const created = await api("POST", "/api/datasets/import", body);
+    location.href = `/datasets/${created.id}`;
+  } catch (err) { showError(f, err); }
+});

@@ -68,6 +68,30 @@ function renderPredictions(slot, results) {
   }
 }
 
+function renderScore(slot, summary) {
+  slot.replaceChildren();
+  const head = document.createElement("p");
+  head.id = "score-accuracy";
+  head.textContent = `accuracy ${(100 * summary.accuracy).toFixed(2)} % ` +
+                     `(${summary.correct} of ${summary.images} images)`;
+  slot.appendChild(head);
+  const table = document.createElement("table");
+  table.insertRow().innerHTML = "<th>class</th><th>precision</th><th>recall</th><th>images</th>";
+  for (const [name, row] of Object.entries(summary.per_class)) {
+    const cells = table.insertRow();
+    for (const v of [name, row.precision, row.recall, row.support]) {
+      cells.insertCell().textContent = typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : (v ?? "—");
+    }
+  }
+  slot.appendChild(table);
+  for (const url of Object.values(summary.files || {})) {
+    const img = document.createElement("img");
+    img.src = url;
+    img.className = "score-picture";
+    slot.appendChild(img);
+  }
+}
+
 function startJobPage(id) {
   const charts = chartsFor(document);
   let source = null;
@@ -94,6 +118,15 @@ function startJobPage(id) {
       source.close();
       listen();
     } catch (err) { alert(err.message); }
+  });
+  document.getElementById("score").addEventListener("submit", async event => {
+    event.preventDefault();
+    const f = event.target;
+    showError(f, null);
+    try {
+      renderScore(document.getElementById("score-result"),
+                  await api("POST", `/api/jobs/${id}/score`, {folder: f.folder.value}));
+    } catch (err) { showError(f, err); }
   });
   document.getElementById("classify").addEventListener("submit", async event => {
     event.preventDefault();
