@@ -293,3 +293,24 @@ def test_existing_databases_are_imported_with_their_counts(env):
                            ({"mean": "dbs/none"}, 404), ({"val_db": "dbs/labels.txt"}, 400)):
         response = client.post("/api/datasets/import", json={**body, **change})
         assert response.status_code == status, (change, response.text)
+
+
+def test_protocol_summary_is_mean_and_sample_std():
+    from caffe_compat.dashboard.protocols import summary
+    result = summary([0.5, 0.7, 0.9])
+    assert result["n"] == 3 and result["mean"] == pytest.approx(0.7)
+    assert result["std"] == pytest.approx(0.2)             # sqrt(((0.2)^2 * 2) / 2)
+    assert result["text"] == "70.00 ± 20.00 %"
+
+
+def test_protocol_requests_are_checked_before_anything_is_built(env):
+    client, _, _ = env
+    for body in ({"folder": "shapes", "model": ALEXNET, "runs": 1},
+                 {"folder": "shapes", "model": "nonet"},
+                 {"folder": "shapes", "model": ALEXNET, "epochs": 0},
+                 {"folder": "/etc", "model": ALEXNET},
+                 {"folder": "shapes", "model": ALEXNET, "per_class": "forty"}):
+        response = client.post("/api/protocols", json=body)
+        assert 400 <= response.status_code < 500, body
+    assert client.get("/api/datasets").json() == [] and client.get("/api/jobs").json() == []
+    assert client.get("/api/protocols/3").status_code == 404

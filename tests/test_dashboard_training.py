@@ -97,3 +97,28 @@ def test_dataset_training_classification_and_sigint(tmp_path):
                                     )["state"] == "stopped"
     finally:
         restarted.stop()
+
+
+def test_the_paper_protocol_trains_one_run_per_seeded_split(tmp_path):
+    data = tmp_path / "data"
+    image_folder(data, per_class=10)
+    with Server(tmp_path / "work", data) as server:
+        ident = server.call("POST", "/api/protocols", {
+            "folder": "shapes", "model": "alexnet_64", "runs": 2, "epochs": 1,
+            "per_class": "8/2"})["id"]
+        deadline = time.monotonic() + 600
+        while (record := server.call("GET", f"/api/protocols/{ident}"))["state"] == "running":
+            assert time.monotonic() < deadline, record
+            time.sleep(1)
+        assert record["state"] == "done", record["runs"]
+        splits = [server.call("GET", f"/api/datasets/{r['dataset']}")["result"]
+                  for r in record["runs"]]
+        assert [s["seed"] for s in splits] == [0, 1]
+        assert all(s["counts"] == {"circle": {"train": 8, "val": 2},
+                                   "square": {"train": 8, "val": 2}} for s in splits)
+        lists = [(tmp_path / "work" / "datasets" / str(r["dataset"]) / "data" / "val.txt")
+                 .read_text() for r in record["runs"]]
+        assert lists[0] != lists[1]                               # different splits
+        accuracies = [r["val_accuracy"] for r in record["runs"]]
+        assert record["summary"]["n"] == 2
+        assert record["summary"]["mean"] == pytest.approx(sum(accuracies) / 2)

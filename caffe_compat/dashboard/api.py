@@ -11,7 +11,8 @@ from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from caffe_compat.dashboard import datasets, importer, inference, netinfo, scoring
+from caffe_compat.dashboard import (datasets, importer, inference, netinfo, protocols,
+                                    scoring)
 from caffe_compat.dashboard.jobs import (FINISHED, bundle_dir, metrics_path, read_metrics_from,
                                          run_dir)
 from caffe_compat.dashboard.safety import Refused, read_upload
@@ -29,6 +30,8 @@ class DatasetRequest(BaseModel):
     name: str | None = None
     resize: list[int] | None = Field(None, description="[height, width]; default [72, 72]")
     val_percent: float = 20
+    per_class: str | None = Field(None, description="'TRAIN/VAL' images per class (e.g. "
+                                                    "40/10) instead of val_percent")
     seed: int = 0
     backend: str = "lmdb"
 
@@ -266,6 +269,36 @@ async def classify(request: Request, ident: int, image: list[UploadFile] = File(
     results = await asyncio.to_thread(inference.classify, bundle_dir(s.settings, ident),
                                       decoded, top_k)
     return {"job": ident, "results": results}
+
+
+class ProtocolRequest(BaseModel):
+    folder: str = Field(description="class sub-folders under the data root")
+    model: str | None = None
+    prototxt: str | None = None
+    runs: int = Field(5, description="splits, seeds seed .. seed+runs-1")
+    epochs: int = 10
+    per_class: str | None = Field(None, description="e.g. '40/10' (the paper's split)")
+    val_percent: float | None = None
+    resize: list[int] | None = None
+    seed: int = 0
+    name: str | None = None
+
+
+@router.get("/protocols")
+def list_protocols(request: Request) -> list[dict]:
+    s = _services(request)
+    return [protocols.describe(s, r["id"]) for r in s.store.all(protocols.TABLE)]
+
+
+@router.post("/protocols", status_code=201)
+def create_protocol(request: Request, body: ProtocolRequest) -> dict:
+    """The paper's protocol: one run per seeded split; Table 1's mean ± std when done."""
+    return {"id": protocols.create(_services(request), body.model_dump())}
+
+
+@router.get("/protocols/{ident}")
+def get_protocol(request: Request, ident: int) -> dict:
+    return protocols.describe(_services(request), ident)
 
 
 class ScoreRequest(BaseModel):

@@ -7,6 +7,7 @@ contact_sheet.png, dataset.json).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -44,8 +45,11 @@ def _options(body: dict) -> dict:
     backend = body.get("backend", "lmdb")
     if backend not in BACKENDS:
         raise Refused(400, f"backend '{backend}': one of {', '.join(BACKENDS)}")
+    per_class = body.get("per_class")
+    if per_class is not None and not re.fullmatch(r"[1-9]\d*/[1-9]\d*", str(per_class)):
+        raise Refused(400, f"per_class '{per_class}': TRAIN/VAL image counts, e.g. 40/10")
     return {"resize": [height, width], "val_percent": val_percent, "seed": seed,
-            "backend": backend}
+            "backend": backend, "per_class": per_class}
 
 
 def classes_of(folder: Path) -> list[str]:
@@ -69,9 +73,10 @@ def create(settings: Settings, store: Store, workers: Workers, body: dict) -> in
     name = str(body.get("name") or folder.name)[:100]
     ident = store.add(TABLE, name, "queued", options)
     out = data_dir(settings, ident)
+    split = ["--per-class", options["per_class"]] if options["per_class"] else \
+        ["--val-percent", f"{options['val_percent']:g}"]
     argv = ["dataset", str(folder), str(out), "--resize", *map(str, options["resize"]),
-            "--val-percent", f"{options['val_percent']:g}", "--seed", str(options["seed"]),
-            "--backend", options["backend"]]
+            *split, "--seed", str(options["seed"]), "--backend", options["backend"]]
     workers.run(TABLE, ident, argv, settings.folder(TABLE, ident), on_success="ready",
                 result_of=lambda: _summary(out))
     return ident

@@ -7,12 +7,13 @@ pasted, and ``run/``: ``caffe fit --out`` (train_val/solver prototxt, snapshots/
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from caffe_compat.dashboard import datasets, netinfo, solverform
 from caffe_compat.dashboard.safety import Refused
 from caffe_compat.dashboard.settings import Settings
-from caffe_compat.dashboard.store import Store
+from caffe_compat.dashboard.store import RUNNING, Store
 from caffe_compat.dashboard.workers import Workers
 from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.blob_io import read_text_proto
@@ -41,16 +42,15 @@ class Jobs:
 
     def __init__(self, settings: Settings, store: Store, workers: Workers):
         self.settings, self.store, self.workers = settings, store, workers
+        self._starting = threading.Lock()      # one scheduler pass at a time
+        workers.after_exit = self.start_queued  # a finished job or data set frees the way
 
-    def create(self, body: dict) -> int:
-        dataset = self._ready_dataset(body.get("dataset"))
-        model = self._model(body)
-        try:
-            epochs = int(body.get("epochs", 10))
-        except (TypeError, ValueError):
-            raise Refused(400, "epochs must be a whole number") from None
-        if not 1 <= epochs <= 10_000:
-            raise Refused(400, f"epochs {epochs}: must be 1..10000")
+    def create(self, body: dict, dataset_pending: bool = False) -> int:
+        """A queued job; ``dataset_pending``: its data set may still be building (the job
+        waits for it, and fails if the build fails)."""
+        dataset = self._ready_dataset(body.get("dataset"), dataset_pending)
+        model = self.model_of(body)
+        epochs = checked_epochs(body.get("epochs", 10))
         precision = body.get("precision", "fp32")
         if precision not in PRECISIONS:
             raise Refused(400, f"precision '{precision}': one of {', '.join(PRECISIONS)}")
@@ -76,18 +76,18 @@ class Jobs:
         self.start_queued()
         return ident
 
-    def _ready_dataset(self, ident) -> dict:
+    def _ready_dataset(self, ident, pending_ok: bool = False) -> dict:
         try:
             record = self.store.get(datasets.TABLE, int(ident))
         except (TypeError, ValueError):
             raise Refused(400, "give 'dataset': the id of a ready dataset") from None
         if record is None:
             raise Refused(404, f"no dataset {ident}")
-        if record["state"] != "ready":
+        if record["state"] != "ready" and not (pending_ok and record["state"] in RUNNING):
             raise Refused(409, f"dataset {ident} is {record['state']}, not ready")
         return record
 
-    def _model(self, body: dict) -> dict:
+    def model_of(self, body: dict) -> dict:
         """A library model by name, or a pasted prototxt that validates."""
         text = body.get("prototxt")
         if text:
@@ -121,12 +121,22 @@ class Jobs:
 
     # -- running ----------------------------------------------------------------------------
     def start_queued(self) -> None:
-        running = len(self.store.all(TABLE, "running"))
-        for record in reversed(self.store.all(TABLE, "queued")):
-            if running >= self.settings.concurrent_jobs:
-                return
-            self._start(record, resume=record["options"].get("resume", False))
-            running += 1
+        """Start queued jobs, oldest first, while slots are free and their data is ready."""
+        with self._starting:
+            running = len(self.store.all(TABLE, "running"))
+            for record in reversed(self.store.all(TABLE, "queued")):
+                if running >= self.settings.concurrent_jobs:
+                    return
+                dataset = self.store.get(datasets.TABLE, record["options"]["dataset"])
+                if dataset is None or dataset["state"] in ("failed",):
+                    self.store.update(TABLE, record["id"], state="failed",
+                                      error=f"its data set {record['options']['dataset']} "
+                                            "failed to build")
+                    continue
+                if dataset["state"] != "ready":
+                    continue
+                self._start(record, resume=record["options"].get("resume", False))
+                running += 1
 
     def _start(self, record: dict, resume: bool) -> None:
         ident, options = record["id"], record["options"]
@@ -143,8 +153,7 @@ class Jobs:
             argv += ["--batch-size", str(options["batch_size"])]
         if resume:
             argv.append("--resume")
-        self.workers.run(TABLE, ident, argv, folder, on_success="done",
-                         on_exit=lambda table, i: self.start_queued())
+        self.workers.run(TABLE, ident, argv, folder, on_success="done")
 
     def stop(self, ident: int) -> dict:
         record = self.get(ident)
@@ -188,6 +197,16 @@ class Jobs:
             return None
 
 
+def checked_epochs(value) -> int:
+    try:
+        epochs = int(value)
+    except (TypeError, ValueError):
+        raise Refused(400, "epochs must be a whole number") from None
+    if not 1 <= epochs <= 10_000:
+        raise Refused(400, f"epochs {epochs}: must be 1..10000")
+    return epochs
+
+
 def read_metrics(path: Path, offset: int = 0) -> list[dict]:
     """The complete JSON lines of a metrics file from byte ``offset`` (a line still being
     written is left for the next read)."""
@@ -228,5 +247,5 @@ def progress(points: list[dict], max_iter: int | None) -> dict:
             "images_per_second": images / seconds if seconds else None, "eta_seconds": eta}
 
 
-__all__ = ["Jobs", "read_metrics", "read_metrics_from", "progress", "run_dir", "metrics_path",
+__all__ = ["Jobs", "checked_epochs", "read_metrics", "read_metrics_from", "progress", "run_dir", "metrics_path",
            "bundle_dir", "FINISHED", "TABLE"]

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from caffe_compat.dashboard import datasets, netinfo
+from caffe_compat.dashboard import datasets, netinfo, protocols
 from caffe_compat.dashboard.solverform import SOLVER_TYPES
 
 router = APIRouter(include_in_schema=False)
@@ -28,6 +28,8 @@ def home(request: Request):
     s = request.app.state.services
     return _render("index.html", title="caffe dashboard",
                    datasets=s.store.all(datasets.TABLE), jobs=s.store.all("jobs"),
+                   protocols=[protocols.describe(s, r["id"])
+                              for r in s.store.all(protocols.TABLE)],
                    models=netinfo.list_models(s.settings.models_dir),
                    data_root=s.settings.data_root, solver_types=SOLVER_TYPES,
                    folders=_folders(s.settings.data_root))
@@ -68,6 +70,12 @@ def job_page(request: Request, ident: int):
     s = request.app.state.services
     record = s.jobs.describe(ident)
     return _render("job.html", title=f"job {ident}: {record['name']}", job=record)
+
+
+@router.get("/protocols/{ident}", response_class=HTMLResponse)
+def protocol_page(request: Request, ident: int):
+    record = protocols.describe(request.app.state.services, ident)
+    return _render("protocol.html", title=f"protocol {ident}: {record['name']}", p=record)
 
 
 @router.get("/compare", response_class=HTMLResponse)

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-TABLES = ("datasets", "jobs")
+TABLES = ("datasets", "jobs", "protocols")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {table} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

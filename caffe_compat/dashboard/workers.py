@@ -52,15 +52,16 @@ class Workers:
         self._stopping: set[int] = set()
         self._lock = threading.Lock()
         self._closing = False          # server exit: records say interrupted, not the exit code
+        self.after_exit = None         # called after each child's exit (the job queue)
 
     # -- starting ---------------------------------------------------------------------------
     def run(self, table: str, ident: int, argv: list[str], cwd: Path,
-            on_success: str, on_exit=None, result_of=None) -> None:
+            on_success: str, result_of=None) -> None:
         """Spawn ``caffe <argv>`` for a record; its output goes to ``cwd/worker.log``.
 
         On exit 0 the record gets state ``on_success`` together with ``result_of()`` (read
         before the state changes, so a reader never sees the state without its result; an
-        exception there fails the record); ``on_exit(table, id)`` runs after every exit."""
+        exception there fails the record); ``after_exit()`` runs after every exit."""
         cwd.mkdir(parents=True, exist_ok=True)
         log = open(cwd / WORKER_LOG, "ab")
         try:
@@ -76,10 +77,10 @@ class Workers:
             self._procs[(table, ident)] = proc
         self.store.update(table, ident, state="running", pid=proc.pid, error=None)
         threading.Thread(target=self._wait,
-                         args=(table, ident, proc, cwd, on_success, on_exit, result_of),
+                         args=(table, ident, proc, cwd, on_success, result_of),
                          daemon=True, name=f"{table}-{ident}").start()
 
-    def _wait(self, table, ident, proc, cwd, on_success, on_exit, result_of) -> None:
+    def _wait(self, table, ident, proc, cwd, on_success, result_of) -> None:
         code = proc.wait()
         with self._lock:
             self._procs.pop((table, ident), None)
@@ -100,8 +101,8 @@ class Workers:
         else:
             self.store.update(table, ident, state="failed", pid=None,
                               error=f"exit status {code}: {last_error(cwd / WORKER_LOG)}")
-        if on_exit is not None:
-            on_exit(table, ident)
+        if self.after_exit is not None:
+            self.after_exit()
 
     # -- stopping ---------------------------------------------------------------------------
     def running(self, table: str, ident: int) -> bool:

@@ -47,3 +47,16 @@ document.getElementById("import-dataset").addEventListener("submit", async event
     location.href = `/datasets/${created.id}`;
   } catch (err) { showError(f, err); }
 });
+
+document.getElementById("new-protocol").addEventListener("submit", async event => {
+  event.preventDefault();
+  const f = event.target;
+  showError(f, null);
+  const body = {folder: f.folder.value, model: f.model.value, runs: Number(f.runs.value),
+                epochs: Number(f.epochs.value)};
+  if (f.per_class.value) { body.per_class = f.per_class.value; }
+  try {
+    const created = await api("POST", "/api/protocols", body);
+    location.href = `/protocols/${created.id}`;
+  } catch (err) { showError(f, err); }
+});
