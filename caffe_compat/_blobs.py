@@ -8,12 +8,14 @@ the device before each forward/backward (Caffe's SyncedMemory, done per call).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable
 
 import numpy as np
 import torch
 
 from caffe_compat._net_fast import note_numpy_view
+from caffe_compat.engine.layers.blob_vectors import BlobVec
 
 
 class Blob:
@@ -125,11 +127,17 @@ class Blob:
 
 
 class ParamBlob:
-    """A parameter blob; ``data``/``diff`` are views of the parameter tensor and its grad."""
+    """A parameter blob; ``data``/``diff`` are views of the parameter tensor and its grad.
+
+    A float32 CPU parameter is viewed directly. Any other (a GPU or a double parameter) gets
+    a float32 host mirror kept on the parameter itself (``_caffe_host``), so every ParamBlob
+    of it -- ``net.params[name][i]`` makes a new one per access -- sees the same array and
+    the user's writes (FCN's surgery, merge-BN scripts) survive until ``flush_host_mirrors``
+    copies the edited ones to the device, as Caffe's SyncedMemory does before device use.
+    """
 
     def __init__(self, param: torch.nn.Parameter):
         self.param = param
-        self._host: dict[str, np.ndarray] = {}     # host mirrors when the param is not on CPU
 
     def _view(self, which: str) -> np.ndarray:
         p = self.param
@@ -141,20 +149,13 @@ class ParamBlob:
             if which == "data":        # writes through it bypass torch's version counter
                 note_numpy_view(p, view)
             return view
-        host = self._host.get(which)
-        if host is None or host.shape != tuple(t.shape):
-            host = np.empty(tuple(t.shape), np.float32)
-            self._host[which] = host
-        np.copyto(host, t.detach().to("cpu", torch.float32).numpy())
-        return host
-
-    def _push(self) -> None:
-        """Copy host mirrors (GPU mode) back to the device tensors."""
-        for which, host in self._host.items():
-            t = self.param.data if which == "data" else self.param.grad
-            if t is not None:
-                t.copy_(torch.from_numpy(host))
-        self._host.clear()
+        mirrors = p.__dict__.setdefault("_caffe_host", {})
+        _MIRRORED[id(p)] = weakref.ref(p)
+        entry = mirrors.get(which)
+        if entry is None or entry[0].shape != tuple(t.shape):
+            host = t.detach().to("cpu", torch.float32).numpy().copy()
+            entry = mirrors[which] = (host, host.copy())   # (mirror, as read: finds edits)
+        return entry[0]
 
     @property
     def data(self) -> np.ndarray:
@@ -201,8 +202,41 @@ class LayerView:
         self.type = layer.type
 
     @property
-    def blobs(self) -> list[ParamBlob]:
-        return [ParamBlob(p) for p in self.layer.blobs]
+    def blobs(self) -> BlobVec:
+        return param_blobs(self.layer)
+
+    def __getattr__(self, name: str):
+        # pycaffe's net.layers[i] of a Python layer IS the user's object: py-faster-rcnn calls
+        # solver.net.layers[0].set_roidb(roidb) on its data layer
+        user = self.__dict__["layer"].__dict__.get("py")
+        if user is not None and not name.startswith("__"):
+            return getattr(user, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __repr__(self) -> str:
         return f"<{self.type} layer '{self.name}'>"
+
+
+def param_blobs(layer) -> BlobVec:
+    """``layer``'s parameter blobs as pycaffe's BlobVec of ParamBlob views."""
+    return BlobVec(layer.blobs, lambda params, i: ParamBlob(params[i]))
+
+
+# Parameters that hold host mirrors now (id -> weak reference): flushing is free when none do.
+_MIRRORED: dict[int, weakref.ref] = {}
+
+
+def flush_host_mirrors() -> None:
+    """Copy the host mirrors the user edited to their parameters' tensors; drop every mirror
+    (the next read copies the device values again). Run before the engine reads or changes
+    parameters: forward, backward, solver steps, saving, loading."""
+    while _MIRRORED:
+        p = _MIRRORED.popitem()[1]()
+        if p is None:
+            continue
+        mirrors = p.__dict__.pop("_caffe_host", None)
+        for which, (host, as_read) in (mirrors or {}).items():
+            t = p if which == "data" else p.grad    # the parameter itself: its _version moves,
+            if t is not None and not np.array_equal(host, as_read, equal_nan=True):
+                with torch.no_grad():                # so a cached fused net is rebuilt
+                    t.copy_(torch.from_numpy(host).to(t.device, t.dtype))

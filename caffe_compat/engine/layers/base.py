@@ -57,6 +57,8 @@ class Layer(nn.Module):
             the module that defines the class (``neuron`` for engine/layers/neuron.py).
         origin: where the type comes from: "BVLC" or the fork that defined it
             ("weiliu89/caffe (SSD)"); a user's plug-in may name itself.
+        is_alias: every top is its bottom unchanged (Split; Dropout at TEST): fused plans
+            give the tops the bottom's tensor and run nothing. May be set per instance.
     """
 
     type: str = ""
@@ -68,6 +70,7 @@ class Layer(nn.Module):
     full_precision: bool = False
     family: str = ""
     origin: str = "BVLC"
+    is_alias: bool = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         """Build from ``param`` (a caffe_pb2.LayerParameter) for bottoms of these shapes.
