@@ -141,8 +141,10 @@ def test_device_query(capsys):
 
 def test_unknown_and_missing_command(capsys):
     assert caffe_main(["brew"]) == 1
-    assert "unknown command 'brew' (known: train, test, time, device_query)" in \
-        capsys.readouterr().err
+    from caffe_compat.commands.caffe_main import COMMANDS
+    known = ", ".join([*COMMANDS, "device_query"])
+    assert known.startswith("train, test, time, ") and "dashboard" in known
+    assert f"unknown command 'brew' (known: {known})" in capsys.readouterr().err
     assert caffe_main([]) == 1
     assert caffe_main(["--help"]) == 0
 

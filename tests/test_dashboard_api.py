@@ -25,8 +25,13 @@ def env(tmp_path):
     data = tmp_path / "data"
     image_folder(data)
     settings = Settings(workdir=tmp_path / "work", data_root=data)
-    with TestClient(create_app(settings)) as client:
+    with _client(settings) as client:
         yield client, settings, tmp_path
+
+
+def _client(settings: Settings) -> TestClient:
+    """A client addressing the app as a browser on this machine does."""
+    return TestClient(create_app(settings), base_url="http://127.0.0.1:8080")
 
 
 def _job_record(settings: Settings, state: str, points=()) -> int:
@@ -126,7 +131,7 @@ def test_python_layers_are_refused_unless_allowed(env, tmp_path):
     assert errors[0]["line"] == 2 and "Python layers are refused" in errors[0]["message"]
     allowed = Settings(workdir=tmp_path / "w2", data_root=settings.data_root,
                        allow_python_layers=True)
-    with TestClient(create_app(allowed)) as other:
+    with _client(allowed) as other:
         errors = other.post("/api/models/validate", json={"prototxt": text}).json()["errors"]
         assert "refused by this dashboard" not in errors[0]["message"]     # the class check
 
@@ -197,7 +202,7 @@ def test_a_restart_marks_running_work_interrupted(tmp_path):
                                              "precision": "fp32"})
     building = store.add("datasets", "d", "running", {})
     store.close()
-    with TestClient(create_app(settings)) as client:
+    with _client(settings) as client:
         record = client.get(f"/api/jobs/{job}").json()
         assert record["state"] == "interrupted" and "stopped" in record["error"]
         assert client.get(f"/api/datasets/{building}").json()["state"] == "failed"
@@ -206,7 +211,7 @@ def test_a_restart_marks_running_work_interrupted(tmp_path):
 def test_other_hosts_need_the_token(tmp_path):
     settings = Settings(workdir=tmp_path / "w", data_root=tmp_path, host="0.0.0.0")
     assert settings.token                                      # generated
-    with TestClient(create_app(settings)) as client:
+    with _client(settings) as client:
         assert client.get("/api/health").status_code == 401
         assert client.get("/").status_code == 401
         assert client.get("/api/health", headers={"Authorization": "Bearer wrong"}
@@ -314,3 +319,14 @@ def test_protocol_requests_are_checked_before_anything_is_built(env):
         assert 400 <= response.status_code < 500, body
     assert client.get("/api/datasets").json() == [] and client.get("/api/jobs").json() == []
     assert client.get("/api/protocols/3").status_code == 404
+
+
+def test_other_sites_and_rebound_names_are_refused(env):
+    client, _, _ = env
+    assert client.get("/api/health", headers={"Host": "evil.example:8080"}).status_code == 403
+    cross = client.post("/api/uploads", headers={"Origin": "http://evil.example"},
+                        files={"file": ("w.caffemodel", b"x", "application/octet-stream")})
+    assert cross.status_code == 403 and "another site" in cross.json()["error"]
+    same = client.post("/api/uploads", headers={"Origin": "http://127.0.0.1:8080"},
+                       files={"file": ("w.caffemodel", b"x", "application/octet-stream")})
+    assert same.status_code == 201

@@ -17,8 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from caffe_compat.commands.common import one_line
 from caffe_compat.dashboard import api, pages
 from caffe_compat.dashboard.jobs import Jobs
-from caffe_compat.dashboard.safety import TOKEN_COOKIE, Refused, token_matches
-from caffe_compat.dashboard.settings import Settings
+from caffe_compat.dashboard.safety import TOKEN_COOKIE, Refused, same_origin, token_matches
+from caffe_compat.dashboard.settings import LOOPBACK, Settings
 from caffe_compat.dashboard.store import Store
 from caffe_compat.dashboard.workers import Workers
 from caffe_compat.formats import glog
@@ -62,6 +62,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
+        foreign = same_origin(request.method, request.headers, settings.host in LOOPBACK)
+        if foreign:
+            return _error(request, 403, foreign)
         expected = settings.token
         if not token_matches(expected, request.headers, request.query_params, request.cookies):
             return _error(request, 401, "this dashboard needs its access token: open the URL "

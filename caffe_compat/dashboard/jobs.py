@@ -23,6 +23,7 @@ TABLE = "jobs"
 FINISHED = ("done", "failed", "stopped", "interrupted")
 RESUMABLE = ("stopped", "interrupted", "failed")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+TAIL_BYTES = 64 << 10
 
 
 def run_dir(settings: Settings, ident: int) -> Path:
@@ -183,7 +184,12 @@ class Jobs:
 
     def describe(self, ident: int) -> dict:
         record = self.get(ident)
-        points = read_metrics(metrics_path(self.settings, ident))
+        path = metrics_path(self.settings, ident)
+        try:      # the pace needs the last lines only: read a fixed tail, whatever the length
+            start = max(0, path.stat().st_size - TAIL_BYTES)
+        except OSError:
+            start = 0
+        points, _ = read_metrics_from(path, start)
         record["progress"] = progress(points, self.max_iter(ident))
         record["bundle"] = (bundle_dir(self.settings, ident) / "weights.caffemodel").is_file()
         record["log"] = (run_dir(self.settings, ident) / "train.log").is_file()
@@ -209,7 +215,7 @@ def checked_epochs(value) -> int:
 
 def read_metrics(path: Path, offset: int = 0) -> list[dict]:
     """The complete JSON lines of a metrics file from byte ``offset`` (a line still being
-    written is left for the next read)."""
+    written is left for the next read; a cut first line is skipped)."""
     points, _ = read_metrics_from(path, offset)
     return points
 

@@ -75,6 +75,24 @@ async def read_upload(upload, cap: int, what: str) -> bytes:
     return capped(data, cap, what)
 
 
+def same_origin(method: str, headers, host_is_loopback: bool) -> str | None:
+    """Why a request must be refused as coming from another site, or None.
+
+    A page elsewhere can make the browser send a form to 127.0.0.1 (a "simple" cross-origin
+    POST needs no permission), or point its own name at 127.0.0.1 (DNS rebinding). So a
+    loopback server answers only requests addressed to a loopback name, and no server takes a
+    state-changing request whose Origin is another site."""
+    host = headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+    if host_is_loopback and name not in ("127.0.0.1", "localhost", "[::1]"):
+        return f"this dashboard answers requests to 127.0.0.1 only (not '{host}')"
+    origin = headers.get("origin")
+    if method not in ("GET", "HEAD", "OPTIONS") and origin and \
+            origin.split("://", 1)[-1] != host:
+        return f"a request from {origin} (another site) to change something; refused"
+    return None
+
+
 def token_matches(expected: str | None, headers, query, cookies) -> bool:
     """No token configured (loopback): everyone local may ask. Otherwise the request carries it
     as ``Authorization: Bearer T``, ``?token=T`` or the cookie the first page set."""
@@ -87,4 +105,4 @@ def token_matches(expected: str | None, headers, query, cookies) -> bool:
 
 
 __all__ = ["Refused", "contained", "links_leaving", "check_folder_links", "capped",
-           "read_upload", "token_matches", "TOKEN_COOKIE"]
+           "read_upload", "same_origin", "token_matches", "TOKEN_COOKIE"]
