@@ -142,9 +142,15 @@ class Jobs:
     def _start(self, record: dict, resume: bool) -> None:
         ident, options = record["id"], record["options"]
         folder = self.settings.folder(TABLE, ident)
-        pasted = folder / "train_val.prototxt"
+        own = folder / "train_val.prototxt"      # pasted, or a copy beside its own solver
+        model = own if own.is_file() else \
+            netinfo.model_file(self.settings.models_dir, options["model"])
+        if model is None:
+            self.store.update(TABLE, ident, state="failed",
+                              error=f"model '{options['model']}' is gone from the library")
+            return
         argv = ["fit", str(datasets.data_dir(self.settings, options["dataset"])),
-                "--model", str(pasted) if pasted.is_file() else options["model"],
+                "--model", str(model),
                 "--out", str(run_dir(self.settings, ident)),
                 "--epochs", str(options["epochs"]), "--precision", options["precision"],
                 "--progress", "never"]

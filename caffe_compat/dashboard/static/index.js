@@ -22,6 +22,11 @@ document.getElementById("new-job").addEventListener("submit", async event => {
     const body = {dataset: Number(f.dataset.value), model: f.model.value,
                   epochs: Number(f.epochs.value), precision: f.precision.value};
     if (f.weights.value) { body.weights = f.weights.value; }
+    if (f.weights_file.files.length) {          // upload it first; the job names its id
+      const data = new FormData();
+      data.append("file", f.weights_file.files[0]);
+      body.weights = (await api("POST", "/api/uploads", data)).id;
+    }
     const solver = {};
     for (const name of ["type", "base_lr", "momentum", "momentum2", "weight_decay",
                         "clip_gradients", "delta", "rms_decay", "regularization_type"]) {
