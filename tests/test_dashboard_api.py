@@ -330,3 +330,35 @@ def test_other_sites_and_rebound_names_are_refused(env):
     same = client.post("/api/uploads", headers={"Origin": "http://127.0.0.1:8080"},
                        files={"file": ("w.caffemodel", b"x", "application/octet-stream")})
     assert same.status_code == 201
+
+
+def test_workers_left_by_a_killed_server_are_stopped_at_the_next_start(tmp_path):
+    import subprocess
+    import time
+    from caffe_compat.dashboard.launch import free_port
+    from caffe_compat.dashboard.workers import CAFFE, child_env, is_our_worker
+    settings = Settings(workdir=tmp_path / "work", data_root=tmp_path)
+    settings.workdir.mkdir()
+    # a long-running `caffe` child in its own session, as a killed server leaves its workers
+    orphan = subprocess.Popen(CAFFE + ["dashboard", "--port", str(free_port()), "--workdir",
+                                       str(tmp_path / "other"), "--data-root", str(tmp_path)],
+                              env=child_env(settings), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "other" / "dashboard.sqlite").exists():   # up and serving
+        assert orphan.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    assert is_our_worker(orphan.pid)
+    store = Store(settings.database)
+    job = store.add("jobs", "j", "running", {"model": ALEXNET, "dataset": 1, "epochs": 1,
+                                             "precision": "fp32"})
+    store.update("jobs", job, pid=orphan.pid)
+    store.close()
+    try:
+        with _client(settings) as client:
+            assert orphan.poll() is not None                 # asked to stop, and gone
+            assert client.get(f"/api/jobs/{job}").json()["state"] == "interrupted"
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()

@@ -20,7 +20,7 @@ from caffe_compat.dashboard.jobs import Jobs
 from caffe_compat.dashboard.safety import TOKEN_COOKIE, Refused, same_origin, token_matches
 from caffe_compat.dashboard.settings import LOOPBACK, Settings
 from caffe_compat.dashboard.store import Store
-from caffe_compat.dashboard.workers import Workers
+from caffe_compat.dashboard.workers import Workers, stop_orphans
 from caffe_compat.formats import glog
 
 STATIC = Path(__file__).parent / "static"
@@ -33,6 +33,11 @@ class Services:
         self.settings = settings
         settings.workdir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.database)
+        left = [r["pid"] for table in ("datasets", "jobs") for r in self.store.all(table)
+                if r["state"] == "running" and r["pid"]]
+        for pid in stop_orphans(left):
+            glog.warning(f"stopped worker {pid}, left running by a dashboard that was killed",
+                         "dashboard:recover")
         for table, ident in self.store.recover():
             glog.warning(f"{table[:-1]} {ident} was running when the last dashboard stopped; "
                          "marked " + ("interrupted (resume it from its page)" if table == "jobs"

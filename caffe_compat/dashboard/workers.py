@@ -43,6 +43,35 @@ def last_error(log: Path) -> str:
     return (errors or lines or ["the worker exited without a message"])[-1][-500:]
 
 
+def is_our_worker(pid: int) -> bool:
+    """Whether ``pid`` still runs one of our ``caffe`` children (a PID can be reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return CAFFE[1:3] == [a.decode(errors="replace") for a in cmdline[1:3]] and \
+        b"caffe_compat.commands.caffe_main" in cmdline
+
+
+def stop_orphans(pids: list[int], wait: float = 60.0) -> list[int]:
+    """SIGINT the children a killed server left behind (they run in their own session, so
+    they outlive it): each snapshots and stops before the new server resumes it."""
+    import time
+    stopped = [pid for pid in pids if is_our_worker(pid)]
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait
+    while any(is_our_worker(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in stopped:
+        if is_our_worker(pid):
+            os.kill(pid, signal.SIGKILL)
+    return stopped
+
+
 class Workers:
     """Start, watch, stop and queue the children of one server."""
 
@@ -146,4 +175,5 @@ class Workers:
                               else "failed")
 
 
-__all__ = ["Workers", "child_env", "last_error", "CAFFE", "WORKER_LOG"]
+__all__ = ["Workers", "child_env", "last_error", "stop_orphans", "is_our_worker", "CAFFE",
+           "WORKER_LOG"]
