@@ -122,3 +122,7 @@ def test_the_paper_protocol_trains_one_run_per_seeded_split(tmp_path):
         accuracies = [r["val_accuracy"] for r in record["runs"]]
         assert record["summary"]["n"] == 2
         assert record["summary"]["mean"] == pytest.approx(sum(accuracies) / 2)
+        status, page = server.request("GET", f"/protocols/{ident}")
+        assert status == 200 and record["summary"]["text"] in page
+        status, page = server.request("GET", "/")
+        assert status == 200 and f'href="/protocols/{ident}"' in page
