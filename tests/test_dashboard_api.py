@@ -109,8 +109,8 @@ def test_models_are_listed_read_and_validated_with_line_numbers(env):
     text = client.get(f"/api/models/{ALEXNET}").json()["prototxt"]
     good = client.post("/api/models/validate", json={"prototxt": text}).json()
     assert good["ok"] and good["params"] == 710_698       # as models/alexnet_64/readme.md says
-    assert {"name": "conv1", "type": "Convolution", "top": [20, 24, 29, 29], "params": 24 * 3 * 7 * 7 + 24,
-            "flops": 2 * 24 * 29 * 29 * 3 * 7 * 7} in good["layers"]
+    assert {"name": "conv1", "type": "Convolution", "top": [20, 24, 29, 29],
+            "params": 24 * 3 * 7 * 7 + 24, "flops": 2 * 24 * 29 * 29 * 3 * 7 * 7} in good["layers"]
     typo = text.replace("kernel_size: 7", "kernel_sise: 7")
     bad = client.post("/api/models/validate", json={"prototxt": typo}).json()
     line = typo.splitlines().index("    kernel_sise: 7") + 1

@@ -259,5 +259,6 @@ def progress(points: list[dict], max_iter: int | None) -> dict:
             "images_per_second": images / seconds if seconds else None, "eta_seconds": eta}
 
 
-__all__ = ["Jobs", "checked_epochs", "read_metrics", "read_metrics_from", "progress", "run_dir", "metrics_path",
+__all__ = ["Jobs", "checked_epochs", "read_metrics", "read_metrics_from", "progress", "run_dir",
+           "metrics_path",
            "bundle_dir", "FINISHED", "TABLE"]
