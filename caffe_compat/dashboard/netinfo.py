@@ -106,16 +106,22 @@ def validate(text: str, filename: str = "train_val.prototxt",
     except ValueError as exc:
         result.notes.append(f"not built: {exc}")
         return result
-    nets = {}
+    nets, failed = {}, {}
     for phase_name, phase in PHASES.items():
         try:
             nets[phase_name] = build_net(param, phase, source=filename,
                                          allow_python_layers=allow_python_layers)
         except (CaffeCompatError, ValueError, KeyError, RuntimeError) as exc:
-            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            named = _LAYER_NAMED.search(message)
-            line = layer_line(text, named.group(1)) if named else None
-            result.errors.append(Problem(f"{message} [{phase_name} phase]", line))
+            failed[phase_name] = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args \
+                else str(exc)
+    both = len(failed) == len(PHASES) and len(set(failed.values())) == 1
+    for phase_name, message in failed.items():
+        if both and phase_name != "TRAIN":
+            continue                                    # the same error in both phases: once
+        named = _LAYER_NAMED.search(message)
+        tag = "" if both else f" [{phase_name} phase]"
+        result.errors.append(Problem(message + tag,
+                                     layer_line(text, named.group(1)) if named else None))
     if result.errors:
         result.ok = False
     net = nets.get("TEST") or nets.get("TRAIN")
