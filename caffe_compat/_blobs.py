@@ -16,6 +16,7 @@ import torch
 
 from caffe_compat._net_fast import note_numpy_view
 from caffe_compat.engine.layers.blob_vectors import BlobVec
+from caffe_compat.formats.budget import check_shape
 
 
 class Blob:
@@ -29,8 +30,9 @@ class Blob:
     later layer reading the blob takes the device tensor directly: no host round trip.
     """
 
-    def __init__(self, shape: Iterable[int]):
+    def __init__(self, shape: Iterable[int], name: str = ""):
         shape = tuple(int(d) for d in shape)
+        self.name = name                # for messages: "blob 'data'"
         self._data = np.zeros(shape, np.float32)
         self._diff = np.zeros(shape, np.float32)
         self._pending: dict[str, torch.Tensor] = {}
@@ -81,9 +83,18 @@ class Blob:
     width = property(lambda self: self._legacy(3))
 
     def reshape(self, *shape: int) -> None:
-        """Give the blob a new shape (values are kept when the count is unchanged)."""
-        shape = tuple(int(d) for d in (shape[0] if len(shape) == 1 and
-                                       not isinstance(shape[0], int) else shape))
+        """Give the blob a new shape (values are kept when the count is unchanged).
+
+        ResourceError naming the blob for a shape that is not whole numbers, has a negative
+        or zero dim or more than 32 axes, or exceeds the memory budget."""
+        if len(shape) == 1 and isinstance(shape[0], Iterable) and not isinstance(shape[0], str):
+            shape = tuple(shape[0])
+        self._reshape(shape, allow_empty=False)
+
+    def _reshape(self, shape, allow_empty: bool = True) -> None:
+        """``reshape`` for the net's own shape pass (a layer may produce an empty top)."""
+        shape = check_shape(shape, f"blob '{self.name}'" if self.name else "blob",
+                            itemsize=8, allow_empty=allow_empty)  # data + diff, before numpy
         self._synced("_data"), self._synced("_diff")
         if shape == self.shape:
             return

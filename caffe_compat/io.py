@@ -8,6 +8,7 @@ import numpy as np
 
 from caffe_compat.formats.blob_io import (array_to_blobproto, array_to_datum, blobproto_to_array,
                                   datum_to_array)
+from caffe_compat.formats.images import imdecode_checked, imread_checked
 from caffe_compat.proto import caffe_pb2
 
 __all__ = ["blobproto_to_array", "array_to_blobproto", "datum_to_array", "array_to_datum",
@@ -64,10 +65,13 @@ def _read_encoded(source):
         if isinstance(data, str):      # a text buffer: Python 2 scripts' StringIO habits
             data = data.encode("latin-1")
         name = getattr(source, "name", type(source).__name__)
-        buffer = np.frombuffer(bytes(data), np.uint8)
-        return (cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None), name
+        if not data:
+            return None, name
+        return imdecode_checked(bytes(data), cv2.IMREAD_UNCHANGED, f"image '{name}'"), name
     name = os.fspath(source)
-    return cv2.imread(name, cv2.IMREAD_UNCHANGED), name
+    if not os.path.isfile(name):
+        raise IOError(f"cannot read image '{name}' (missing or not a file)")
+    return imread_checked(name, cv2.IMREAD_UNCHANGED, f"image '{name}'"), name  # size first
 
 
 def resize_image(im: np.ndarray, new_dims, interp_order: int = 1) -> np.ndarray:

@@ -72,7 +72,7 @@ class Net:
     def _init_from_module(self, module: NetModule) -> None:
         self.module = module
         self.blobs: "OrderedDict[str, Blob]" = OrderedDict(
-            (name, Blob(shape)) for name, shape in module.blob_shapes.items())
+            (name, Blob(shape, name)) for name, shape in module.blob_shapes.items())
         for name, w in module.loss_weights.items():
             self.blobs[name].diff[...] = w        # Caffe seeds loss tops' diffs at setup
         for index, layer in enumerate(module.layers):  # DummyData's constant tops: filled once
@@ -282,7 +282,7 @@ class Net:
         """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape)."""
         shapes = self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
         for name, shape in shapes.items():
-            self.blobs[name].reshape(*shape)
+            self.blobs[name]._reshape(shape)     # budgeted; names the blob
 
     # -- weights ----------------------------------------------------------------------
     def copy_from(self, path) -> None:

@@ -201,3 +201,26 @@ def test_fit_dataset_refuses_split_options(trained, tmp_path, capsys):
     assert caffe("fit", trained["data"], "--model", "alexnet_64", "--out", tmp_path / "r",
                  "--resize", 72, 72) == 1
     assert "is a built data set" in capsys.readouterr().err
+
+
+def test_fit_args_for_python_callers(tmp_path):
+    from caffe_compat.commands.common import CliError
+    from caffe_compat.commands.fit import fit_args
+    args = fit_args("photos", tmp_path / "r", "alexnet_64", epochs=3, precision="bf16")
+    assert (args.source, args.model, args.epochs, args.precision) == ("photos", "alexnet_64", 3,
+                                                                       "bf16")
+    with pytest.raises(CliError, match="no option"):
+        fit_args("photos", tmp_path / "r", "alexnet_64", bogus=1)
+
+
+def test_threads_choice(monkeypatch):
+    from caffe_compat.commands.common import CliError
+    from caffe_compat.commands.fit import choose_threads
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert choose_threads("3") == 3
+    monkeypatch.setattr("os.getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert choose_threads("auto") == 1
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert choose_threads("auto") == 2
+    with pytest.raises(CliError, match="--threads 0"):
+        choose_threads("0")

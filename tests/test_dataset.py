@@ -109,3 +109,10 @@ def test_folder_without_images(tmp_path, capsys):
     (tmp_path / "empty" / "a" / "x.txt").write_text("x")
     assert caffe("dataset", tmp_path / "empty", tmp_path / "ds") == 1
     assert "no class sub-folders with readable images" in capsys.readouterr().err
+
+
+def test_output_inside_the_folder_is_not_a_class(photos):
+    build_dataset(photos, photos / "built", resize=(16, 16))
+    again = build_dataset(photos, photos / "built", resize=(16, 16))
+    assert again["classes"] == ["bag", "sandal", "trouser"]
+    assert not any(item["path"].startswith("built/") for item in again["skipped"])

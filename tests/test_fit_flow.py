@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 
 import numpy as np
@@ -162,3 +163,32 @@ def test_sigint_stops_with_a_snapshot_and_resume_finishes(run, tmp_path, monkeyp
     record = json.loads((out / "fit.json").read_text())
     assert record["status"] == "done" and record["iterations"] == 10
     assert "Resuming from" in (out / "train.log").read_text()
+    shutil.rmtree(out / "bundle")
+    assert caffe(*argv, "--resume", "--epochs", 2) == 0        # nothing left to train
+    record = json.loads((out / "fit.json").read_text())
+    assert record["status"] == "done" and record["weights"].endswith("fit_iter_10.caffemodel")
+    assert (out / "bundle/weights.caffemodel").is_file()
+
+
+def test_score_of_the_val_list_equals_the_training_test(run, capsys, tmp_path):
+    """The bundle scores the validation list exactly as the TEST net did at the last test."""
+    out = run["dir"]
+    assert caffe("score", "--bundle", out / "bundle", out / "dataset/val.txt", "--json",
+                 "--out", tmp_path / "s") == 0
+    summary = json.loads(capsys.readouterr().out)
+    record = json.loads((out / "fit.json").read_text())
+    assert summary["images"] == 6
+    assert summary["accuracy"] == pytest.approx(record["val_accuracy"], abs=1e-6)
+
+
+def test_classify_a_labelled_list_reports_accuracy(run, capsys, tmp_path):
+    images = sorted(run["held"].glob("*/*.png"))
+    listing = tmp_path / "held.txt"
+    listing.write_text("".join(f"{p} {['bag', 'sandal', 'trouser'].index(p.parent.name)}\n"
+                               for p in images))
+    clf = Classifier.from_bundle(run["dir"] / "bundle")
+    hits = int(np.sum(clf.probabilities(images).argmax(1) ==
+                      [["bag", "sandal", "trouser"].index(p.parent.name) for p in images]))
+    assert classify_cmd.main([str(listing), "--bundle", str(run["dir"] / "bundle")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        f"accuracy {hits / 12:.4f} ({hits}/12 listed labels)"

@@ -39,7 +39,7 @@ def test_help_from_any_folder(name, tmp_path, monkeypatch, capsys):
     except SystemExit as stop:
         code = stop.code
     assert code == 0
-    assert "usage:" in capsys.readouterr().out
+    assert "usage:" in capsys.readouterr().out.lower()
     assert list(tmp_path.iterdir()) == []
 
 

@@ -67,6 +67,8 @@ def model_card(summary: dict) -> str:
              "- Validation accuracy: not measured when this bundle was made",
              f"- Input: {'×'.join(map(str, summary['input_shape'][1:]))} "
              f"(C×H×W), images resized to {summary['resize'][0]}×{summary['resize'][1]}"]
+    if summary.get("model"):
+        lines.append(f"- Model: {summary['model']}")
     if data:
         lines.append(f"- Data: {data.get('folder', '?')}: {data.get('train_count', '?')} "
                      f"training and {data.get('val_count', '?')} validation images")

@@ -196,7 +196,9 @@ def report(names, predictions, args, labels=None, truth=()) -> str:
         raise ValueError(f"{args.labels or 'labels.txt'}: {len(labels)} label(s) but the net "
                          f"has {np.asarray(predictions).shape[1]} outputs")
     tops = [top_classes(p, args.top_k, labels) for p in predictions]
-    truth = [_true_name(t, labels or []) for t in truth]
+    labelled = bool(truth) and all(t is not None and (t.isdigit() or t in (labels or []))
+                                   for t in truth)
+    truth = [_true_name(t, labels or []) for t in truth] if labelled else []
     if args.format == "json" or getattr(args, "json", False):
         return json.dumps([dict({"image": n, "top": t}, **({"true": truth[i]} if truth else {}))
                            for i, (n, t) in enumerate(zip(names, tops))], indent=2)
@@ -204,7 +206,7 @@ def report(names, predictions, args, labels=None, truth=()) -> str:
     for name, top in zip(names, tops):
         lines.append(name)
         lines += [f"  {t['probability']:.4f}  {t['label']}" for t in top]
-    if truth and all(t is not None for t in truth):
+    if truth:
         hits = sum(top[0]["label"] == t for top, t in zip(tops, truth))
         lines.append(f"accuracy {hits / len(truth):.4f} ({hits}/{len(truth)} listed labels)")
     return "\n".join(lines)
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             names, predictions, labels, truth = classify_bundle(args)
         else:
             names, predictions = classify(args)
+            if args.input_file.endswith(".txt"):      # a labelled list also gets an accuracy
+                truth = _bundle_inputs(args.input_file)[1]
         text = report(names, predictions, args, labels, truth)
     except (OSError, ValueError, ProtoError, RuntimeError) as exc:
         print(f"error: classify: {exc}", file=sys.stderr)

@@ -72,8 +72,9 @@ def parse_per_class(text: str) -> tuple[int, int]:
     return train, val
 
 
-def scan_folder(folder: Path, progress=None):
-    """(classes, {class: [readable relative paths]}, [{"path", "reason"}]) for ``folder``."""
+def scan_folder(folder: Path, progress=None, exclude: Path | None = None):
+    """(classes, {class: [readable relative paths]}, [{"path", "reason"}]) for ``folder``;
+    ``exclude`` (the output folder, when it lies inside) is not looked at."""
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder does not exist")
     candidates, skipped = [], []
@@ -81,14 +82,17 @@ def scan_folder(folder: Path, progress=None):
         rel = path.relative_to(folder).as_posix()
         if path.is_dir() or any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
+        if exclude is not None and exclude in path.parents:
+            continue
         if len(path.relative_to(folder).parts) != 2:
             skipped.append({"path": rel, "reason": "not directly inside a class folder"})
         elif path.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append({"path": rel, "reason": f"not an image file ('{path.suffix}')"})
         else:
             candidates.append(rel)
+    from caffe_compat.data.convert import progress as bar
     files: dict[str, list[str]] = {}
-    for done, rel in enumerate(candidates, 1):
+    for done, rel in enumerate(bar(candidates, total=len(candidates), desc="check images"), 1):
         try:
             images.read_image(os.fspath(folder / rel))
             files.setdefault(rel.split("/")[0], []).append(rel)
@@ -161,7 +165,7 @@ def build_dataset(folder, out, *, resize=DEFAULT_RESIZE, val_percent=None, per_c
         raise CliError("give --val-percent or --per-class, not both")
     if backend not in ("lmdb", "leveldb"):
         raise CliError(f"--backend {backend}: expected lmdb or leveldb")
-    classes, files, skipped = scan_folder(folder, progress)
+    classes, files, skipped = scan_folder(folder, progress, out.resolve())
     (train, val), counts = _split(classes, files, val_percent, per_class, seed)
     try:
         out.mkdir(parents=True, exist_ok=True)

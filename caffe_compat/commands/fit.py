@@ -4,7 +4,8 @@ classifier bundle, through the same solver loop as ``caffe train``.
     caffe fit FOLDER|DATASET --model NAME|TRAIN_VAL.prototxt --out DIR [--epochs N]
               [--precision auto|fp32|bf16|fp16] [--weights W.caffemodel] [--resume]
               [--resize H W] [--val-percent P | --per-class 40/10] [--seed S]
-              [--batch-size N] [--base-lr LR] [--gpu 0]
+              [--batch-size N] [--base-lr LR] [--solver-type SGD|Adam|...]
+              [--threads N|auto] [--gpu 0]
 
 NAME is a folder of models/ (alexnet_64, vgg16_64, ...) or a train_val prototxt with Data
 layers. DIR receives:
@@ -84,6 +85,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--solver-type", "--solver_type", dest="solver_type",
                     choices=("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"),
                     help="the solver (default: the model's)")
+    ap.add_argument("--threads", default="auto", metavar="N|auto",
+                    help="CPU threads: auto (default) takes one when other work already keeps "
+                         "every core busy (two OpenMP threads fighting other processes ran this "
+                         "flow 10x slower), else all")
     ap.add_argument("--gpu", metavar="0", help="train on this CUDA device (default CPU)")
     ap.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                     help="the progress bar: on a terminal only (default), always, never")
@@ -240,9 +245,26 @@ def _paths(out: Path) -> dict:
             "bundle": "bundle"}
 
 
-def _train(out: Path, args, resume: bool):
+def choose_threads(value: str) -> int:
+    """--threads: a number, or auto: 1 when the 1-minute load average is already at the core
+    count (a second OpenMP thread would only wait for a core), else every core."""
+    cores = os.cpu_count() or 1
+    if value != "auto":
+        if not str(value).isdigit() or int(value) < 1:
+            raise CliError(f"--threads {value}: expected a positive number or auto")
+        return int(value)
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:
+        busy = False
+    return 1 if busy else cores
+
+
+def _train(out: Path, args, resume: bool, threads: int):
     """One run of ``caffe train``'s engine on DIR's solver (the one solver loop)."""
+    import torch
     from caffe_compat.commands import train as train_cmd
+    from caffe_compat.formats import glog
     ap = argparse.ArgumentParser()
     train_cmd.add_arguments(ap)
     argv = ["--solver", os.fspath(out / "solver.prototxt"), "--log", os.fspath(out / "train.log"),
@@ -253,7 +275,22 @@ def _train(out: Path, args, resume: bool):
         argv += ["--gpu", args.gpu]
     if resume:
         argv += ["--snapshot", "auto"]
-    return train_cmd.train(ap.parse_args(argv))
+    before = torch.get_num_threads()
+    if args.gpu is None:
+        torch.set_num_threads(threads)
+        glog.info(f"caffe fit: {threads} CPU thread(s) (--threads {args.threads})",
+                  "caffe.cpp:200")
+    try:
+        return train_cmd.train(ap.parse_args(argv))
+    finally:
+        torch.set_num_threads(before)      # a Python caller's setting outlives the run
+
+
+def _final_weights(out: Path, result) -> str | None:
+    """A resumed run that had already reached max_iter writes no snapshot: its weights are
+    the snapshot of that iteration."""
+    path = out / "snapshots" / f"fit_iter_{result.solver.iter}.caffemodel"
+    return os.fspath(path) if path.is_file() else None
 
 
 def _val_accuracy(result) -> float | None:
@@ -298,12 +335,13 @@ def prepare(args, out: Path) -> dict:
 def fit(args: argparse.Namespace) -> dict:
     """Run ``caffe fit`` for parsed ``args``; returns fit.json's content."""
     out = Path(args.out)
+    threads = choose_threads(getattr(args, "threads", "auto"))
     facts = prepare(args, out)
     started = time.time()
     _record(out, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"),
             pid=os.getpid())
     try:
-        return _finish(out, args, facts, _train(out, args, args.resume), started)
+        return _finish(out, args, facts, _train(out, args, args.resume, threads), started)
     except BaseException as exc:
         _record(out, status="failed", error=str(exc) or type(exc).__name__)
         raise
@@ -313,11 +351,11 @@ def _finish(out: Path, args, facts: dict, result, started: float) -> dict:
     """After training: fit.json, and the bundle when the run completed."""
     fields = {"iterations": result.solver.iter, "seconds": round(time.time() - started, 1),
               "val_accuracy": _val_accuracy(result)}
-    if result.stopped_early or not result.snapshots:
+    weights = result.snapshots[-1][0] if result.snapshots else _final_weights(out, result)
+    if result.stopped_early or weights is None:
         return _record(out, status="stopped", **fields,
                        resume=f"caffe fit {shlex.quote(args.source)} --model "
                               f"{shlex.quote(args.model)} --out {shlex.quote(args.out)} --resume")
-    weights = result.snapshots[-1][0]
     summary = facts["summary"]
     net = read_text_proto(os.fspath(out / "train_val.prototxt"), caffe_pb2.NetParameter)
     mean = os.fspath(Path(facts["dataset"]) / summary["files"]["mean"])
@@ -327,9 +365,25 @@ def _finish(out: Path, args, facts: dict, result, started: float) -> dict:
                  stored=(summary.get("channels", 3), *summary["resize"]),
                  mean_file=mean if uses_mean else None,
                  info={"val_accuracy": fields["val_accuracy"], "dataset": summary,
+                       "model": args.model,
                        "name": Path(args.out).name, "command": getattr(args, "command", None)
                        or "caffe fit"})
     return _record(out, status="done", weights=os.fspath(Path(weights).resolve()), **fields)
+
+
+def fit_args(source, out, model: str, **options) -> argparse.Namespace:
+    """The parsed arguments of ``caffe fit SOURCE --model MODEL --out OUT`` plus ``options``
+    given by their dest names (epochs=10, precision="bf16", resume=True, ...), for callers
+    in Python: ``fit(fit_args("photos", "runs/x", "alexnet_64", epochs=10))``."""
+    ap = argparse.ArgumentParser(prog="caffe fit")
+    add_arguments(ap)
+    args = ap.parse_args([os.fspath(source), "--model", model, "--out", os.fspath(out)])
+    unknown = set(options) - set(vars(args))
+    if unknown:
+        raise CliError(f"caffe fit has no option(s) {', '.join(sorted(unknown))}")
+    for name, value in options.items():
+        setattr(args, name, value)
+    return args
 
 
 def main(args: argparse.Namespace) -> int:
@@ -344,4 +398,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "fit", "prepare", "plan", "model_files", "main"]
+__all__ = ["add_arguments", "fit", "fit_args", "prepare", "plan", "model_files", "main"]

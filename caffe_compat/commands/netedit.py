@@ -50,7 +50,8 @@ def data_layers(net: caffe_pb2.NetParameter, source: str) -> DataLayers:
                            "classifier bundle needs the TEST preprocessing)")
     if len(test.top) != 2:
         raise NetEditError(f"{source}: the TEST data layer '{test.name}' has {len(test.top)} "
-                           "tops; expected two (data, label)")
+                           f"tops ({', '.join(test.top)}); fit and bundle handle classifiers "
+                           "fed (data, label) only (no landmarks or other extra tops)")
     return DataLayers(found[0], test, test.top[0], test.top[1])
 
 

@@ -4,7 +4,8 @@
 
 FOLDER holds one sub-folder per class, named as in the bundle's labels.txt; LIST is a Caffe
 image list (``path label`` lines, label = class index or name; relative paths are read beside
-the list, else from the working directory). Every image gets exactly the training's TEST
+the list, in the image folder of a ``caffe dataset`` list (its val.txt), else from the working
+directory). Every image gets exactly the training's TEST
 preprocessing (the bundle's preprocess.json). Prints the accuracy and each class's precision
 and recall, and writes into DIR (default ``score_<FOLDER or LIST name>``):
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_compat.commands.common import CliError, add_debug_flag
+from caffe_compat.commands.common import CliError, add_debug_flag, shown
 from caffe_compat.commands.sheets import contact_sheet
 from caffe_compat.data.split import IMAGE_EXTENSIONS
 from caffe_compat.formats.atomic import write_bytes, write_text
@@ -70,8 +71,21 @@ def labelled_images(source: str, labels: list[str]) -> list[tuple[str, int]]:
     raise DataError(f"{source}: no such folder or image list")
 
 
+def _list_bases(path: Path) -> list[Path]:
+    """Where a list's relative paths may live: beside it, or (a caffe dataset's train.txt /
+    val.txt) in the image folder its dataset.json names."""
+    bases = [path.parent]
+    summary = path.parent / "dataset.json"
+    if summary.is_file():
+        try:
+            bases.append(Path(json.loads(summary.read_text(encoding="utf-8"))["folder"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return bases
+
+
 def _list_images(path: Path, labels: list[str]) -> list[tuple[str, int]]:
-    found = []
+    found, bases = [], _list_bases(path)
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -85,9 +99,9 @@ def _list_images(path: Path, labels: list[str]) -> list[tuple[str, int]]:
         else:
             raise DataError(f"{path}:{number}: label '{label}' is neither a class of the "
                             f"bundle nor an index below {len(labels)}")
-        beside = path.parent / name
-        found.append((os.fspath(beside) if not os.path.isabs(name) and beside.exists()
-                      else name, index))
+        places = [base / name for base in bases if (base / name).exists()]
+        found.append((os.fspath(places[0]) if places and not os.path.isabs(name) else name,
+                      index))
     if not found:
         raise DataError(f"{path}: no images listed")
     return found
@@ -187,10 +201,10 @@ def score_bundle(bundle, source: str, out=None, mistakes: int = 24, batch_size: 
              "mistakes": out / "mistakes.png", "summary": out / "score.json"}
     write_text(files["confusion_csv"], _confusion_csv(matrix, labels))
     confusion_png(matrix, labels, accuracy, files["confusion_png"])
-    shown = mistakes_sheet(readable, probs, labels, mistakes, files["mistakes"])
+    n_mistakes = mistakes_sheet(readable, probs, labels, mistakes, files["mistakes"])
     summary = {"accuracy": accuracy, "images": len(readable), "correct": int(np.trace(matrix)),
                "labels": labels, "per_class": per_class(matrix, labels),
-               "confusion": matrix.tolist(), "mistakes_shown": shown, "skipped": skipped,
+               "confusion": matrix.tolist(), "mistakes_shown": n_mistakes, "skipped": skipped,
                "bundle": os.fspath(Path(bundle).resolve()), "input": os.fspath(source),
                "files": {k: os.fspath(v.resolve()) for k, v in files.items()}}
     write_text(files["summary"], json.dumps(summary, indent=2) + "\n")
@@ -213,7 +227,7 @@ def report(summary: dict) -> str:
         r = "-" if row["recall"] is None else f"{row['recall']:.3f}"
         lines.append(f"{name:<20} {p:>9} {r:>7} {row['support']:>7}")
     lines += [f"skipped {item['path']}: {item['reason']}" for item in summary["skipped"]]
-    lines += [f"{key}: {os.path.relpath(path)}" for key, path in summary["files"].items()]
+    lines += [f"{key}: {shown(path)}" for key, path in summary["files"].items()]
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from caffe_compat.formats.errors import CaffeCompatError
+from caffe_compat.formats.errors import CaffeCompatError, with_context
 from torch import nn
 
 from caffe_compat.formats.forks import FORK_TYPES
@@ -87,7 +87,7 @@ class Layer(nn.Module):
 
     # -- helpers for subclasses -------------------------------------------------
     def error(self, message: str) -> LayerError:
-        return LayerError(f"layer '{self.name}' ({self.type}): {message}")
+        return LayerError(with_context(message, f"layer '{self.name}' ({self.type})"))
 
     def add_blob(self, data: torch.Tensor, learnable: bool = True) -> nn.Parameter:
         """Append a parameter blob (float32). Non-learnable blobs (BatchNorm stats) get no grad."""

@@ -27,7 +27,7 @@ import torch
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.blob_vectors import BlobVec, BoolVec, Phase, RawBlobVec
 from caffe_compat.engine.layers.common import pack
-from caffe_compat.engine.layers.python_trust import not_a_layer_class, refusal
+from caffe_compat.engine.layers.python_trust import not_a_layer_class, refusal, unimportable
 
 
 class _PyBlob:
@@ -149,10 +149,13 @@ class _PythonFunction(torch.autograd.Function):
         return (None, *[g if n else None for g, n in zip(grads, need)])
 
 
-def _import(layer: Layer, module_name: str):
+def _import(layer: Layer, module_name: str, layer_name: str):
     # Caffe's embedded interpreter also finds modules in the current directory.
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+    refused = unimportable(module_name, layer_name)    # checked before any code runs
+    if refused:
+        raise layer.error(refused)
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
@@ -191,7 +194,7 @@ class Python(Layer):
             raise self.error("python_param needs both 'module' and 'layer'")
         if refusal(p.module):                                   # trust model: python_trust
             raise self.error(refusal(p.module))
-        module = _import(self, p.module)
+        module = _import(self, p.module, p.layer)
         cls = getattr(module, p.layer, None)
         if cls is None:
             raise self.error(f"module '{p.module}' has no class '{p.layer}'")
