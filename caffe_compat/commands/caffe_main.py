@@ -22,7 +22,6 @@ import sys
 from caffe_compat.commands import device as devices
 from caffe_compat.commands import bundle, dataset, fit, score, test_cmd, time_cmd, train as train_cmd
 from caffe_compat.commands.common import add_debug_flag, caffe_argv, run
-from caffe_compat.dashboard import cli as dashboard_cli
 from caffe_compat.formats import glog
 
 COMMANDS = {
@@ -34,9 +33,21 @@ COMMANDS = {
     "score": (score, "accuracy, per-class precision/recall and confusion matrix of a bundle"),
     "bundle": (bundle, "a trained model as a bundle folder: deploy, weights, labels, "
                        "preprocessing, model card"),
-    "dashboard": (dashboard_cli, "serve the web dashboard: datasets, training jobs with live "
-                                 "curves, classification"),
 }
+
+# Commands that sit above this layer (the dashboard) join the brew through this entry-point
+# group in setup.cfg, so the brew never imports them: the import direction stays one way.
+EXTENSION_GROUP = "caffe_compat.commands"
+
+
+def _extensions() -> dict:
+    """{name: (module, help)} of the installed extension commands, loaded on first use."""
+    from importlib.metadata import entry_points
+    found = {}
+    for ep in entry_points(group=EXTENSION_GROUP):
+        module = ep.load()
+        found[ep.name] = (module, getattr(module, "HELP", ep.name))
+    return found
 
 
 def _device_query_args(ap: argparse.ArgumentParser) -> None:
@@ -58,7 +69,7 @@ def parser(prog: str = "caffe") -> tuple[argparse.ArgumentParser, dict[str, argp
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     commands = {}
-    for name, (module, text) in COMMANDS.items():
+    for name, (module, text) in {**COMMANDS, **_extensions()}.items():
         p = commands[name] = sub.add_parser(name, help=text, description=(module.__doc__ or text),
                                             formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

@@ -18,6 +18,8 @@ from pathlib import Path
 from caffe_compat.commands.common import CliError, add_debug_flag
 from caffe_compat.dashboard.settings import Settings, default_models_dir
 
+HELP = "serve the web dashboard: datasets, training jobs with live curves, classification"
+
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host", default="127.0.0.1",
