@@ -5,6 +5,8 @@
   python tools/caffe.py test --model M.prototxt --weights W.caffemodel [--iterations 50]
   python tools/caffe.py time --model M.prototxt [--iterations 50]
   python tools/caffe.py device_query [--gpu 0|all]
+  python tools/caffe.py dashboard [--host 127.0.0.1] [--port 8080] [--workdir DIR]
+                                  [--data-root DIR]
 
 test prints each batch's outputs and their means (with Caffe's "(* w = ... loss)"); time
 prints the average forward and backward milliseconds of every layer, then the forward,
@@ -34,6 +36,20 @@ COMMANDS = {
                        "preprocessing, model card"),
 }
 
+# Commands that sit above this layer (the dashboard) join the brew through this entry-point
+# group in setup.cfg, so the brew never imports them: the import direction stays one way.
+EXTENSION_GROUP = "caffe_compat.commands"
+
+
+def _extensions() -> dict:
+    """{name: (module, help)} of the installed extension commands, loaded on first use."""
+    from importlib.metadata import entry_points
+    found = {}
+    for ep in entry_points(group=EXTENSION_GROUP):
+        module = ep.load()
+        found[ep.name] = (module, getattr(module, "HELP", ep.name))
+    return found
+
 
 def _device_query_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpu", default="all", metavar="0|0,1|all",
@@ -54,7 +70,7 @@ def parser(prog: str = "caffe") -> tuple[argparse.ArgumentParser, dict[str, argp
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     commands = {}
-    for name, (module, text) in COMMANDS.items():
+    for name, (module, text) in {**COMMANDS, **_extensions()}.items():
         p = commands[name] = sub.add_parser(name, help=text, description=(module.__doc__ or text),
                                             formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
@@ -84,3 +100,6 @@ def main(argv: list[str] | None = None, prog: str = "caffe") -> int:
     return run(args.func, args, f"{prog} {argv[0]}")
 
 
+# python -m caffe_compat.commands.caffe_main: how the dashboard starts its workers
+if __name__ == "__main__":
+    sys.exit(main())
