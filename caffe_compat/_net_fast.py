@@ -9,7 +9,8 @@ forward on the inputs the fast forward used, so every blob reads as Caffe would 
 
 Parameters: the fused net is rebuilt when a parameter tensor changed (``_version``) and, since
 numpy writes through ``net.params[...][i].data`` bypass torch's version counter, whenever such
-an array was handed out since the last fusion or is still held by the caller.
+an array was handed out since the last fusion (``ParamViews``' generation counter) or is
+still held by the caller.
 """
 from __future__ import annotations
 
@@ -26,27 +27,59 @@ def eligible(net) -> bool:
     if not fusable(m) or m.net_param.force_backward:
         return False
     for index, layer in enumerate(m.layers):
-        if layer.type == "Python":
+        if layer.runs_user_code:
             return False                     # user code may read or write any blob
-        if not m.layer_bottoms(index) and layer.type != "Input":
+        if not m.layer_bottoms(index) and not layer.feeds_input:
             return False                     # data/DummyData sources: the full path
         if not m.layer_tops(index):
             return False                     # sinks (HDF5Output) act on every forward
     return True
 
 
+class ParamViews:
+    """Which parameters handed numpy views of their data to the caller: per parameter a
+    generation counter (bumped at each hand-out) and weak references to the arrays.
+
+    Kept here, keyed by the parameter's id and checked against a weak reference to it, so
+    nothing is written onto torch objects; one registry for the process, because nets that
+    share parameters (``share_with``, a solver's test nets) see each other's hand-outs."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}    # id -> (ref to param, generation, array refs)
+
+    def _entry(self, param: torch.Tensor):
+        entry = self._entries.get(id(param))
+        if entry is not None and entry[0]() is not param:     # a dead param's id reused
+            del self._entries[id(param)]
+            entry = None
+        return entry
+
+    def note(self, param: torch.Tensor, array) -> None:
+        entry = self._entry(param)
+        generation, refs = (entry[1], entry[2]) if entry else (0, [])
+        refs = [r for r in refs if r() is not None] + [weakref.ref(array)]
+        key = id(param)
+        self._entries[key] = (weakref.ref(param, lambda _, k=key: self._entries.pop(k, None)),
+                              generation + 1, refs)
+
+    def state(self, params: list[torch.Tensor]) -> tuple[tuple, bool]:
+        """(each param's generation, whether any handed-out array is still alive)."""
+        entries = [self._entry(p) for p in params]
+        generations = tuple(e[1] if e else 0 for e in entries)
+        held = any(r() is not None for e in entries if e for r in e[2])
+        return generations, held
+
+
+PARAM_VIEWS = ParamViews()
+
+
 def note_numpy_view(param: torch.nn.Parameter, array) -> None:
     """Remember that ``array`` (a numpy view of ``param``) was handed to the caller."""
-    refs = [r for r in getattr(param, "_numpy_views", ()) if r() is not None]
-    refs.append(weakref.ref(array))
-    param._numpy_views = refs
-    param._numpy_touch = getattr(param, "_numpy_touch", 0) + 1
+    PARAM_VIEWS.note(param, array)
 
 
 def _numpy_state(params: list[torch.Tensor]) -> tuple[tuple, bool]:
-    touched = tuple(getattr(p, "_numpy_touch", 0) for p in params)
-    held = any(r() is not None for p in params for r in getattr(p, "_numpy_views", ()))
-    return touched, held
+    return PARAM_VIEWS.state(params)
 
 
 class FastForward:

@@ -133,6 +133,15 @@ class Eltwise(Layer):
             top = top * b
         return top
 
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        return self.operation == caffe_pb2.EltwiseParameter.SUM and num_bottoms >= 2
+
+    def fresh_output(self, num_bottoms: int) -> bool:
+        return num_bottoms >= 2
+
+    def sums_bottoms(self) -> bool:
+        return self.operation == caffe_pb2.EltwiseParameter.SUM and set(self.coeff) == {1.0}
+
 
 # ------------------------------------------------------------------- Concat / Slice / Split
 
@@ -181,6 +190,9 @@ class Concat(Layer):
         if len(bottoms) == 1:
             return bottoms[0].view_as(bottoms[0])
         return torch.cat(bottoms, dim=self._axis(bottoms[0].dim()))
+
+    def fresh_output(self, num_bottoms: int) -> bool:
+        return num_bottoms >= 2              # one bottom: a view of it
 
 
 @register

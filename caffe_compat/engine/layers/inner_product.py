@@ -65,6 +65,20 @@ class InnerProduct(Layer):
             return y                         # already (N, num_output): no view on top
         return y.reshape(*x.shape[:self.axis], self.num_output)
 
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        return True
+
+    def linear_channels(self, top_shape: Shape) -> int | None:
+        return self.num_output if self.axis == 1 and len(top_shape) == 2 else None
+
+    def linear_with(self, x, weight, bias):
+        w = weight.to(x.dtype)
+        return F.linear(x.reshape(x.shape[0], self.K), w.t() if self.transpose else w,
+                        None if bias is None else bias.to(x.dtype))
+
+    def weight_out_axis(self) -> int:
+        return 1 if self.transpose else 0
+
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, K={self.K}, num_output={self.num_output}, axis={self.axis}, "
                 f"transpose={self.transpose}, bias={self.bias_term}")

@@ -50,6 +50,9 @@ class ReLU(_Neuron):
             return F.relu(x)
         return F.leaky_relu(x, self.negative_slope)
 
+    def rectifier_slope(self) -> float | None:
+        return self.negative_slope
+
 
 @register
 class PReLU(_Neuron):

@@ -128,6 +128,9 @@ class Pooling(Layer):
         return tuple(_caffe_out(shape[2 + i], k[i], self.pad[i], self.stride[i], self.ceil,
                                 any_pad) for i in range(2))
 
+    def fresh_output(self, num_bottoms: int) -> bool:
+        return True                          # F.max_pool / F.avg_pool make a new tensor
+
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         shape = tuple(bottom_shapes[0])
         if len(shape) != 4:
