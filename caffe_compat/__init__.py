@@ -3,6 +3,9 @@
 Use it like pycaffe: ``import caffe`` (the thin ``caffe`` package installed alongside) or
 ``import caffe_compat as caffe``. Every name of pycaffe's ``caffe`` namespace is here.
 """
+from caffe_compat.engine import numerics as _numerics
+
+_numerics.prefer_passive_wait()     # before torch loads libgomp (engine/numerics.py)
 from caffe_compat import io, proto
 from caffe_compat.data import landmark_layer as _landmark_layer  # noqa: F401  (registers)
 from caffe_compat.data import layers as _data_layers  # noqa: F401  (registers Data, ImageData, ...)
@@ -24,6 +27,8 @@ from caffe_compat.net_spec import NetSpec, layers, params, to_proto
 from caffe_compat import classifier, detector
 from caffe_compat.classifier import Classifier
 from caffe_compat.detector import Detector
+
+_numerics.configure_threads()        # $CAFFE_COMPAT_THREADS, else fewer on a busy machine
 
 __version__ = "0.1.0"
 
