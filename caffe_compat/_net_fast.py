@@ -44,9 +44,13 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
 
 
 def _numpy_state(params: list[torch.Tensor]) -> tuple[tuple, bool]:
-    touched = tuple(getattr(p, "_numpy_touch", 0) for p in params)
-    held = any(r() is not None for p in params for r in getattr(p, "_numpy_views", ()))
-    return touched, held
+    """(numpy hand-out count per param, whether any handed-out array is still alive)."""
+    touched, held = [], False
+    for p in params:
+        touched.append(getattr(p, "_numpy_touch", 0))
+        if not held:
+            held = any(r() is not None for r in getattr(p, "_numpy_views", ()))
+    return tuple(touched), held
 
 
 class FastForward:
@@ -57,6 +61,7 @@ class FastForward:
         self.cache = InferenceCache(net.module)
         self._touched: tuple | None = None
         self._inputs: dict[str, torch.Tensor] | None = None
+        self._marked = False          # every other blob's _refresh is set (until forget)
 
     def run(self) -> None:
         net = self.net
@@ -71,10 +76,12 @@ class FastForward:
             net.blobs[name]._store(outputs[name])
         self._inputs = inputs
         net._traces.clear()
-        skip = set(net.inputs) | set(net.outputs)
-        for name, blob in net.blobs.items():
-            if name not in skip:
-                blob._refresh = self.materialize
+        if not self._marked:          # once per run of fast forwards, not per call
+            skip = set(net.inputs) | set(net.outputs)
+            for name, blob in net.blobs.items():
+                if name not in skip:
+                    blob._refresh = self.materialize
+            self._marked = True
 
     def _snapshot(self, array) -> torch.Tensor:
         """A private copy of an input blob, made straight in the layout the fused net runs
@@ -87,6 +94,7 @@ class FastForward:
     def forget(self) -> None:
         """A full forward follows: the stale blobs will be overwritten, not recomputed."""
         self._inputs = None
+        self._marked = False
         for blob in self.net.blobs.values():
             blob._refresh = None
 

@@ -126,8 +126,11 @@ class Net:
 
     # -- running ----------------------------------------------------------------------
     def _device(self) -> torch.device:
-        for p in self.module.parameters():
-            return p.device
+        # the layers' own parameter dicts: module.parameters() walks every submodule, which
+        # cost more than a small layer on each batch-1 forward
+        for layer in self.module.layers:
+            for p in layer.blobs._parameters.values():
+                return p.device
         return mode.device()
 
     def _push_params(self) -> None:

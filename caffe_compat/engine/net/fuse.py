@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from caffe_compat.engine.layers.base import TEST, Layer
+from caffe_compat.engine.net.fast_ops import specialize
 from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum, affine_of
 from caffe_compat.engine.net.module import _REDUCED, NetModule, _in_float32, _mark_releases
 from caffe_compat.engine.net.train_fuse import name_free, plan_readers
@@ -58,6 +59,18 @@ class _Op:
         # than a small layer on a batch-1 forward, and nobody hooks a fused plan.
         self.call = self.fn.forward if isinstance(self.fn, nn.Module) else self.fn
 
+    @property
+    def simple(self) -> bool:
+        """One bottom, one top, no float32 guard needed."""
+        return self._simple
+
+    def seal(self) -> None:
+        """Fix ``simple`` once the plan is final (the executor reads it on every call)."""
+        single = len(self.bottoms) == 1 and len(self.tops) == 1 and self.fn is not None
+        self._simple = single and not self.full_precision
+
+
+_SEQUENCES = (tuple, list)
 
 # Layers whose output is always a new tensor (never a view of a bottom) given >= 2 bottoms
 # (Pooling: one); a ReLU that is the sole reader of such an output may run in place.
@@ -89,6 +102,8 @@ class FusedNet(nn.Module):
         self.ops = ops
         self.steps = nn.ModuleList(op.fn for op in ops if isinstance(op.fn, nn.Module))
         _mark_releases(self.ops, set(self.output_names))
+        for op in self.ops:
+            op.seal()
 
     channels_last = False
 
@@ -105,6 +120,12 @@ class FusedNet(nn.Module):
                            else t for t in inputs)
         blobs = dict(zip(self.input_names, inputs))
         for op in self.ops:
+            if op.simple:                  # one bottom, one top: most layers of a net
+                out = op.call(blobs[op.bottoms[0]])
+                blobs[op.tops[0]] = out[0] if out.__class__ in _SEQUENCES else out
+                for b in op.release:
+                    del blobs[b]
+                continue
             args = [blobs[b] for b in op.bottoms]
             if op.fn is None:
                 out = args if len(op.tops) == 1 else args * len(op.tops)
@@ -161,10 +182,20 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
         ops.append(_Op(layer, step.bottoms, step.tops, layer.full_precision))
     if fuse_relu:
         _in_place(ops, set(module.output_names) | set(module.loss_weights))
+    _specialize(ops, module)
     fused = FusedNet(module, ops)
     if channels_last:
         fused.use_channels_last()
     return fused
+
+
+def _specialize(ops: list[_Op], module: NetModule) -> None:
+    """Layer calls specialised for the planned blob shapes (engine/net/fast_ops.py)."""
+    for op in ops:
+        if isinstance(op.fn, Layer):
+            fast = specialize(op.fn, [module.blob_shapes[b] for b in op.bottoms])
+            if fast is not None:
+                op.call = fast
 
 
 def _in_place(ops: list[_Op], kept: set[str]) -> None:
