@@ -10,14 +10,23 @@ forward on the inputs the fast forward used, so every blob reads as Caffe would 
 Parameters: the fused net is rebuilt when a parameter tensor changed (``_version``) and, since
 numpy writes through ``net.params[...][i].data`` bypass torch's version counter, whenever such
 an array was handed out since the last fusion or is still held by the caller.
+
+Engines (``caffe.Net(..., engine=...)``, engine/backends/engine.py): an onnxruntime or OpenVINO
+engine computes the outputs instead of the fused net. Its weights are the export's: after
+the net's parameters change it is exported again once; a second change, or a numpy view of a
+parameter still held by the caller, sends forwards to the torch path.
 """
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
 
+from caffe_compat.engine.backends.engine import choose_engine, first_call_check
 from caffe_compat.engine.net.fuse import InferenceCache, fusable
+
+log = logging.getLogger(__name__)
 
 
 def eligible(net) -> bool:
@@ -43,6 +52,10 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
     param._numpy_touch = getattr(param, "_numpy_touch", 0) + 1
 
 
+def _engine_key(params: list[torch.Tensor]) -> tuple:
+    return tuple((id(p), p._version, getattr(p, "_numpy_touch", 0)) for p in params)
+
+
 def _numpy_state(params: list[torch.Tensor]) -> tuple[tuple, bool]:
     """(numpy hand-out count per param, whether any handed-out array is still alive)."""
     touched, held = [], False
@@ -62,6 +75,42 @@ class FastForward:
         self._touched: tuple | None = None
         self._inputs: dict[str, torch.Tensor] | None = None
         self._marked = False          # every other blob's _refresh is set (until forget)
+        self.choice = None            # engine/backends EngineChoice; None: torch
+        self._engine_key: tuple | None = None
+        self._resynced = False
+
+    @property
+    def engine(self) -> str:
+        return "torch" if self.choice is None else self.choice.name
+
+    def use_engine(self, request: str | None) -> None:
+        """Pick the engine (``auto`` measures them) for the net's current weights."""
+        params = self.cache.parameters()
+        self.choice = choose_engine(self.net.module, request,
+                                    lambda inputs: self.cache.outputs_for(params, inputs))
+        self._engine_key = _engine_key(params)
+        log.info("net '%s': %s", self.net.module.name, self.choice.reason)
+
+    def _engine_outputs(self, params, inputs, held: bool):
+        """The chosen engine's outputs, or None where the torch path must run."""
+        choice = self.choice
+        if choice is None or choice.forward is None or held:
+            return None
+        if _engine_key(params) != self._engine_key:       # weights changed since the export
+            if self._resynced:
+                log.info("net '%s': weights changed again; engine torch from now on",
+                         self.net.module.name)
+                self.choice = None
+                return None
+            self._resynced = True
+            self.use_engine(choice.name)
+            return self._engine_outputs(params, inputs, held)
+        outputs = choice.forward(inputs)
+        if not choice.verified:
+            want = self.cache.outputs_for(params, inputs)
+            self.choice = first_call_check(choice, outputs, want)
+            return outputs if self.choice is choice else want
+        return outputs
 
     def run(self) -> None:
         net = self.net
@@ -71,7 +120,9 @@ class FastForward:
             self.cache.invalidate()
             self._touched = touched
         inputs = {n: self._snapshot(net.blobs[n].data) for n in net.inputs}
-        outputs = self.cache.outputs_for(params, inputs)
+        outputs = self._engine_outputs(params, inputs, held)
+        if outputs is None:
+            outputs = self.cache.outputs_for(params, inputs)
         for name in net.outputs:
             net.blobs[name]._store(outputs[name])
         self._inputs = inputs
@@ -87,7 +138,8 @@ class FastForward:
         """A private copy of an input blob, made straight in the layout the fused net runs
         (NHWC for 4-D inputs of a channels_last net: one copy instead of two)."""
         t = torch.from_numpy(array)
-        layout = torch.channels_last if self.cache.channels_last and t.dim() == 4 \
+        nhwc = self.cache.channels_last and (self.choice is None or self.choice.forward is None)
+        layout = torch.channels_last if nhwc and t.dim() == 4 \
             else torch.contiguous_format
         return torch.empty_like(t, memory_format=layout).copy_(t)
 

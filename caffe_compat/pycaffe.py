@@ -7,6 +7,7 @@ arbitrary-length inputs with pycaffe's padding rule.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from itertools import zip_longest
@@ -18,11 +19,15 @@ from caffe_compat._blobs import Blob, LayerView, ParamBlob
 from caffe_compat._net_exec import backward_plan, backward_range, forward_range
 from caffe_compat._net_fast import FastForward, eligible
 from caffe_compat.engine import mode, weights
+from caffe_compat.engine.backends.engine import requested_engine
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.layers.base import TEST, TRAIN
 from caffe_compat.engine.layers.python_trust import PythonLayerBase
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
+
+
+log = logging.getLogger(__name__)
 
 
 def _phase_value(value) -> int:
@@ -41,7 +46,7 @@ class Net:
 
     def __init__(self, network_file, *args, phase=None, weights=None, level: int = 0,
                  stages=None, net_param: caffe_pb2.NetParameter | None = None,
-                 allow_python_layers: bool | None = None):
+                 allow_python_layers: bool | None = None, engine: str | None = None):
         if len(args) == 1:
             phase = args[0] if phase is None else phase
         elif len(args) == 2:
@@ -57,6 +62,24 @@ class Net:
         self._init_from_module(module.to(mode.device()))
         if weights:
             self.copy_from(weights)
+        self._choose_engine(engine)
+
+    def _choose_engine(self, engine: str | None) -> None:
+        """``engine`` (or $CAFFE_COMPAT_ENGINE): torch, onnxruntime, openvino or auto for the
+        outputs-only forward (engine/backends/engine.py); other nets and calls use torch."""
+        request = requested_engine(engine)
+        if request == "torch":
+            return
+        if self._fast is None:
+            log.info("net '%s': engine torch (engine %s serves only TEST nets fed by Input "
+                     "layers, without Python layers)", self.module.name, request)
+            return
+        self._fast.use_engine(request)
+
+    @property
+    def engine(self) -> str:
+        """The engine computing ``forward()``'s outputs: torch, onnxruntime or openvino."""
+        return "torch" if self._fast is None else self._fast.engine
 
     @classmethod
     def from_module(cls, module: NetModule) -> "Net":

@@ -57,6 +57,9 @@ class Layer(nn.Module):
             the module that defines the class (``neuron`` for engine/layers/neuron.py).
         origin: where the type comes from: "BVLC" or the fork that defined it
             ("weiliu89/caffe (SSD)"); a user's plug-in may name itself.
+        exports_to_onnx: an exporter can express the layer as graph ops (False for layers
+            computing on the host or in user code: they run in torch after an exported
+            prefix, engine/backends/split.py).
     """
 
     type: str = ""
@@ -68,6 +71,7 @@ class Layer(nn.Module):
     full_precision: bool = False
     family: str = ""
     origin: str = "BVLC"
+    exports_to_onnx: bool = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         """Build from ``param`` (a caffe_pb2.LayerParameter) for bottoms of these shapes.

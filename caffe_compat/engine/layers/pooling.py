@@ -309,6 +309,7 @@ class ROIPooling(Layer):
     """
 
     type = "ROIPooling"
+    exports_to_onnx = False
     origin = "rbgirshick/caffe-fast-rcnn"
     num_bottoms = (2, 2)
     no_grad_bottoms = (1,)

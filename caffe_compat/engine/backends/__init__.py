@@ -1,0 +1,1 @@
+"""Inference engines behind a TEST net's forward: torch, onnxruntime, OpenVINO (engine.py)."""

@@ -1,0 +1,180 @@
+"""Inference engines for a TEST net, chosen by name or by measurement.
+
+``engine="torch"`` is the fused plan (engine/net/fuse.py). ``"onnxruntime"`` and
+``"openvino"`` run the net's exportable prefix (split.py) in that runtime and the rest (an
+SSD's DetectionOutput, R-CNN's ROIPooling) in torch on its outputs. ``"auto"`` builds every
+engine whose package is installed, checks its outputs against torch's on random inputs of the
+net's own shape, times them alternately (best of ``ROUNDS`` single calls each) and keeps the
+fastest.
+
+Outputs must equal the torch path's within ``TOLERANCE``: max |engine - torch| over an output,
+divided by max(1, max |torch output|). That is checked at load on random inputs and again on
+the first real call (``EngineChoice.verified``); a difference there, a failed export or a
+missing package leaves the net on torch with a log line saying why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from caffe_compat.engine.backends.onnx_export import export_onnx
+from caffe_compat.engine.backends.runners import RUNNERS, BackendUnavailable
+from caffe_compat.engine.backends.split import Split, run_suffix, split_plan
+from caffe_compat.engine.net.module import NetModule
+from caffe_compat.engine.precision import best_times
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+ENGINE_ENV = "CAFFE_COMPAT_ENGINE"
+TOLERANCE = 1e-4
+ROUNDS = 7
+
+Outputs = dict[str, torch.Tensor]
+
+
+def requested_engine(engine: str | None) -> str:
+    """``engine``, else $CAFFE_COMPAT_ENGINE, else "torch"; unknown names are an error."""
+    name = (engine or os.environ.get(ENGINE_ENV) or "torch").strip().lower()
+    if name not in ENGINES:
+        raise ValueError(f"engine {name!r}: expected one of {', '.join(ENGINES)}")
+    return name
+
+
+class ExportedForward:
+    """The exported prefix in one runtime, then the suffix in torch."""
+
+    def __init__(self, split: Split, runner, name: str):
+        self.split, self.runner, self.name = split, runner, name
+
+    def __call__(self, inputs: Outputs) -> Outputs:
+        feed = {n: np.ascontiguousarray(inputs[n].numpy()) for n in self.split.prefix_inputs}
+        values = self.runner(feed)
+        blobs = dict(inputs)
+        blobs.update((n, torch.from_numpy(np.asarray(v)))
+                     for n, v in zip(self.split.prefix_outputs, values))
+        if self.split.suffix:
+            with torch.no_grad():
+                run_suffix(self.split.suffix, blobs)
+        return {n: blobs[n] for n in self.split.output_names}
+
+
+def difference(got: Outputs, want: Outputs) -> float:
+    """Largest relative difference over the outputs (inf where a shape differs)."""
+    worst = 0.0
+    for name, w in want.items():
+        g = got[name]
+        if tuple(g.shape) != tuple(w.shape):
+            return float("inf")
+        if w.numel():
+            scale = max(1.0, float(w.abs().max()))
+            worst = max(worst, float((g.float() - w.float()).abs().max()) / scale)
+    return worst
+
+
+def random_inputs(module: NetModule, seed: int = 0) -> Outputs:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(*module.blob_shapes[n], generator=gen) for n in module.input_names}
+
+
+def build_exported(module: NetModule, names: list[str], threads: int,
+                   workdir: str) -> tuple[dict[str, ExportedForward], dict[str, str]]:
+    """The exported engines among ``names`` that load, and why the others did not."""
+    built, why = {}, {}
+    split = split_plan(module)
+    if split.prefix is None:
+        return built, {n: "no layer at the start of the net can be exported" for n in names}
+    path = os.path.join(workdir, "prefix.onnx")
+    example = [torch.rand(*module.blob_shapes[n]) for n in split.prefix_inputs]
+    try:
+        _export(split, example, path)
+    except Exception as exc:   # noqa: BLE001 - exporter errors come in many types
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return built, {n: f"the ONNX export failed ({text})" for n in names}
+    for name in names:
+        try:
+            built[name] = ExportedForward(split, RUNNERS[name](
+                path, split.prefix_inputs, split.prefix_outputs, threads), name)
+        except BackendUnavailable as exc:
+            why[name] = str(exc)
+        except Exception as exc:   # noqa: BLE001 - a runtime that cannot load the graph
+            why[name] = f"{name} could not load the export ({str(exc).splitlines()[0][:200]})"
+    return built, why
+
+
+def _export(split: Split, example: list[torch.Tensor], path: str) -> None:
+    """The quick TorchScript-traced export, the dynamo exporter where tracing fails."""
+    try:
+        export_onnx(split.prefix, example, path, split.prefix_inputs, split.prefix_outputs,
+                    dynamo=False)
+    except Exception:   # noqa: BLE001 - then the slower exporter decides
+        export_onnx(split.prefix, example, path, split.prefix_inputs, split.prefix_outputs)
+
+
+@dataclass
+class EngineChoice:
+    name: str                                   # the engine in use
+    forward: Callable[[Outputs], Outputs] | None  # None: the torch path
+    reason: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+    verified: bool = False                      # outputs checked on a real call
+
+
+def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outputs], Outputs],
+                  threads: int | None = None) -> EngineChoice:
+    """The engine for ``module`` (see the module docstring); ``torch_forward`` is the torch
+    path (inputs -> outputs)."""
+    request = requested_engine(request)
+    if request == "torch":
+        return EngineChoice("torch", None, "engine torch: requested", verified=True)
+    threads = threads or torch.get_num_threads()
+    names = list(RUNNERS) if request == "auto" else [request]
+    with tempfile.TemporaryDirectory(prefix="caffe-compat-engine-") as workdir:
+        built, why = build_exported(module, names, threads, workdir)
+    inputs = random_inputs(module)
+    reference = torch_forward(inputs)
+    for name in list(built):
+        diff = difference(built[name](inputs), reference)
+        if not diff <= TOLERANCE:
+            why[name] = f"outputs differ from torch by {diff:.2g} (tolerance {TOLERANCE:g})"
+            del built[name]
+    if not built:
+        reason = "; ".join(f"{n}: {w}" for n, w in why.items())
+        return EngineChoice("torch", None, f"engine torch ({reason})", verified=True)
+    steps = {"torch": lambda: torch_forward(inputs)}
+    steps.update((name, lambda f=f: f(inputs)) for name, f in built.items())
+    if request == "auto":
+        times = {k: v * 1e3 for k, v in best_times(steps, ROUNDS).items()}
+        best = min(times, key=times.get)
+        summary = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+        reason = f"engine {best}: fastest here ({summary})"
+        if why:
+            reason += "; " + "; ".join(f"{n}: {w}" for n, w in why.items())
+    else:
+        times, best = {}, request
+        reason = f"engine {best}: requested"
+    forward = built.get(best)
+    return EngineChoice(best, forward, reason, times, verified=forward is None)
+
+
+def first_call_check(choice: EngineChoice, got: Outputs, want: Outputs) -> EngineChoice:
+    """After the first real call: keep ``choice`` if its outputs equal torch's, else torch."""
+    diff = difference(got, want)
+    if diff <= TOLERANCE:
+        choice.verified = True
+        return choice
+    log.warning("engine %s: outputs on the first call differ from torch by %.2g (tolerance "
+                "%g); using torch", choice.name, diff, TOLERANCE)
+    return EngineChoice("torch", None, f"engine torch: {choice.name} differed by {diff:.2g} "
+                        "on the first call", verified=True)
+
+
+__all__ = ["ENGINES", "ENGINE_ENV", "TOLERANCE", "EngineChoice", "ExportedForward",
+           "choose_engine", "first_call_check", "requested_engine", "difference",
+           "build_exported"]
