@@ -94,7 +94,7 @@ class FastForward:
     def _engine_outputs(self, params, inputs, held: bool):
         """The chosen engine's outputs, or None where the torch path must run."""
         choice = self.choice
-        if choice is None or choice.forward is None or held:
+        if choice is None or choice.forward is None or held or not choice.forward.accepts(inputs):
             return None
         if _engine_key(params) != self._engine_key:       # weights changed since the export
             if self._resynced:

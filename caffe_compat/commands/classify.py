@@ -25,6 +25,7 @@ import numpy as np
 
 from caffe_compat import io as caffe_io
 from caffe_compat.classifier import Classifier
+from caffe_compat.commands.common import add_engine_arguments, apply_threads
 from caffe_compat.engine import mode
 from caffe_compat.formats import atomic
 from caffe_compat.formats.blob_io import ProtoError, read_blobproto
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top_k", type=int, default=5, help="classes reported per image")
     ap.add_argument("--format", choices=("table", "json"), default="table")
     ap.add_argument("--batch_size", type=int, default=64, help="images loaded at a time")
+    add_engine_arguments(ap)
     return ap
 
 
@@ -105,7 +107,7 @@ def classify(args) -> tuple[list[str], np.ndarray]:
                      mean=load_mean(args.mean_file), input_scale=args.input_scale,
                      raw_scale=args.raw_scale,
                      channel_swap=[int(s) for s in args.channel_swap.split(",")]
-                     if args.channel_swap else None)
+                     if args.channel_swap else None, engine=args.engine)
     step = max(1, args.batch_size)
     chunks = []
     for start in range(0, len(names), step):
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         mode.set_mode_gpu() if args.gpu else mode.set_mode_cpu()
+        apply_threads(args)
         names, predictions = classify(args)
     except (OSError, ValueError, ProtoError, RuntimeError) as exc:
         print(f"error: classify: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from caffe_compat.engine.backends import ENGINES
 from caffe_compat.engine.backends.onnx_export import export_onnx
 from caffe_compat.engine.backends.runners import RUNNERS, BackendUnavailable
 from caffe_compat.engine.backends.split import Split, run_suffix, split_plan
@@ -31,7 +32,6 @@ from caffe_compat.engine.precision import best_times
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 ENGINE_ENV = "CAFFE_COMPAT_ENGINE"
 TOLERANCE = 1e-4
 ROUNDS = 7
@@ -50,8 +50,13 @@ def requested_engine(engine: str | None) -> str:
 class ExportedForward:
     """The exported prefix in one runtime, then the suffix in torch."""
 
-    def __init__(self, split: Split, runner, name: str):
+    def __init__(self, split: Split, runner, name: str, shapes: dict[str, tuple]):
         self.split, self.runner, self.name = split, runner, name
+        self.shapes = {n: torch.Size(shapes[n]) for n in split.prefix_inputs}
+
+    def accepts(self, inputs: Outputs) -> bool:
+        """The export has fixed shapes: a reshaped input blob goes to torch."""
+        return all(inputs[n].shape == s for n, s in self.shapes.items())
 
     def __call__(self, inputs: Outputs) -> Outputs:
         feed = {n: np.ascontiguousarray(inputs[n].numpy()) for n in self.split.prefix_inputs}
@@ -100,7 +105,8 @@ def build_exported(module: NetModule, names: list[str], threads: int,
     for name in names:
         try:
             built[name] = ExportedForward(split, RUNNERS[name](
-                path, split.prefix_inputs, split.prefix_outputs, threads), name)
+                path, split.prefix_inputs, split.prefix_outputs, threads), name,
+                module.blob_shapes)
         except BackendUnavailable as exc:
             why[name] = str(exc)
         except Exception as exc:   # noqa: BLE001 - a runtime that cannot load the graph
