@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from caffe_compat.engine.backends.engine import choose_engine, first_call_check
+from caffe_compat.engine.backends.engine import ReducedForward, choose_engine, first_call_check
 from caffe_compat.engine.net.fuse import InferenceCache, fusable
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class FastForward:
         self._inputs: dict[str, torch.Tensor] | None = None
         self._marked = False          # every other blob's _refresh is set (until forget)
         self.choice = None            # engine/backends EngineChoice; None: torch
+        self.precision = "fp32"
         self._engine_key: tuple | None = None
         self._resynced = False
 
@@ -83,11 +84,13 @@ class FastForward:
     def engine(self) -> str:
         return "torch" if self.choice is None else self.choice.name
 
-    def use_engine(self, request: str | None) -> None:
+    def use_engine(self, request: str | None, precision: str = "fp32") -> None:
         """Pick the engine (``auto`` measures them) for the net's current weights."""
         params = self.cache.parameters()
+        self.precision = precision
         self.choice = choose_engine(self.net.module, request,
-                                    lambda inputs: self.cache.outputs_for(params, inputs))
+                                    lambda inputs: self.cache.outputs_for(params, inputs),
+                                    precision=precision)
         self._engine_key = _engine_key(params)
         log.info("net '%s': %s", self.net.module.name, self.choice.reason)
 
@@ -103,7 +106,7 @@ class FastForward:
                 self.choice = None
                 return None
             self._resynced = True
-            self.use_engine(choice.name)
+            self.use_engine(choice.name.replace(ReducedForward.name, "torch"), self.precision)
             return self._engine_outputs(params, inputs, held)
         outputs = choice.forward(inputs)
         if not choice.verified:
@@ -138,7 +141,9 @@ class FastForward:
         """A private copy of an input blob, made straight in the layout the fused net runs
         (NHWC for 4-D inputs of a channels_last net: one copy instead of two)."""
         t = torch.from_numpy(array)
-        nhwc = self.cache.channels_last and (self.choice is None or self.choice.forward is None)
+        on_torch = self.choice is None or self.choice.forward is None or \
+            isinstance(self.choice.forward, ReducedForward)
+        nhwc = self.cache.channels_last and on_torch
         layout = torch.channels_last if nhwc and t.dim() == 4 \
             else torch.contiguous_format
         return torch.empty_like(t, memory_format=layout).copy_(t)

@@ -46,7 +46,8 @@ class Net:
 
     def __init__(self, network_file, *args, phase=None, weights=None, level: int = 0,
                  stages=None, net_param: caffe_pb2.NetParameter | None = None,
-                 allow_python_layers: bool | None = None, engine: str | None = None):
+                 allow_python_layers: bool | None = None, engine: str | None = None,
+                 precision: str = "fp32"):
         if len(args) == 1:
             phase = args[0] if phase is None else phase
         elif len(args) == 2:
@@ -62,19 +63,22 @@ class Net:
         self._init_from_module(module.to(mode.device()))
         if weights:
             self.copy_from(weights)
-        self._choose_engine(engine)
+        self._choose_engine(engine, precision)
 
-    def _choose_engine(self, engine: str | None) -> None:
+    def _choose_engine(self, engine: str | None, precision: str = "fp32") -> None:
         """``engine`` (or $CAFFE_COMPAT_ENGINE): torch, onnxruntime, openvino or auto for the
-        outputs-only forward (engine/backends/engine.py); other nets and calls use torch."""
+        outputs-only forward (engine/backends/engine.py); other nets and calls use torch.
+        ``precision="auto"``: bf16 where measured faster and close to fp32 (ours)."""
+        if precision not in ("fp32", "auto"):
+            raise ValueError(f"precision {precision!r}: expected 'fp32' or 'auto'")
         request = requested_engine(engine)
-        if request == "torch":
+        if request == "torch" and precision == "fp32":
             return
         if self._fast is None:
             log.info("net '%s': engine torch (engine %s serves only TEST nets fed by Input "
                      "layers, without Python layers)", self.module.name, request)
             return
-        self._fast.use_engine(request)
+        self._fast.use_engine(request, precision)
 
     @property
     def engine(self) -> str:

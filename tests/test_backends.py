@@ -144,8 +144,9 @@ def test_first_call_difference_falls_back(tmp_path):
     net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
     ref = caffe.Net(proto, caffe.TEST)
     ref.share_with(net)
-    honest = net._fast.choice.forward
-    net._fast.choice.forward = lambda inputs: {k: v + 1 for k, v in honest(inputs).items()}
+    exported = net._fast.choice.forward
+    honest = exported.runner
+    exported.runner = lambda feed: [v + 1 for v in honest(feed)]     # a broken runtime
     x = np.random.default_rng(5).random(ref.blobs["data"].shape, dtype=np.float32)
     np.testing.assert_allclose(_forward(net, x)["prob"], _forward(ref, x)["prob"], rtol=1e-6)
     assert net.engine == "torch"
@@ -156,3 +157,44 @@ def test_environment_names_the_engine(monkeypatch):
     assert engines.requested_engine(None) == "openvino"
     assert engines.requested_engine("torch") == "torch"
     assert engines.difference({"a": torch.ones(2)}, {"a": torch.ones(3)}) == float("inf")
+
+
+def test_precision_auto_takes_bf16_only_when_close_and_native(tmp_path, monkeypatch):
+    from caffe_compat.engine import precision
+    proto = _prototxt(tmp_path, "mtcnn_onet")
+    weights = _weights(tmp_path, proto)
+    ref = caffe.Net(proto, weights, caffe.TEST)
+    x = np.random.default_rng(6).random(ref.blobs["data"].shape, dtype=np.float32)
+    want = _forward(ref, x)
+    monkeypatch.setattr(precision, "candidates", lambda device, flags=None: ["bf16"])
+    net = caffe.Net(proto, weights, caffe.TEST, precision="auto")
+    assert net.engine in ("torch", "torch-bf16")
+    assert "torch-bf16" in net._fast.choice.reason          # it was measured
+    got = _forward(net, x)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= engines.BF16_TOLERANCE * max(
+            1.0, float(np.abs(want[name]).max()))
+    monkeypatch.setattr(engines, "BF16_TOLERANCE", 0.0)      # bf16 can never be that close
+    strict = caffe.Net(proto, weights, caffe.TEST, precision="auto")
+    assert strict.engine == "torch" and "differ" in strict._fast.choice.reason
+    monkeypatch.setattr(precision, "candidates", lambda device, flags=None: [])
+    plain = caffe.Net(proto, weights, caffe.TEST, precision="auto")
+    assert plain.engine == "torch" and "no native bf16" in plain._fast.choice.reason
+    with pytest.raises(ValueError, match="precision"):
+        caffe.Net(proto, weights, caffe.TEST, precision="fp16")
+
+
+def test_cli_test_through_an_engine_equals_torch(tmp_path, capsys):
+    from caffe_compat.commands import caffe_main
+    proto = _prototxt(tmp_path, "lenet")
+    weights = _weights(tmp_path, proto)
+    lines = {}
+    for engine in ("torch", ENGINES[0]):
+        assert caffe_main.main(["test", "--model", proto, "--weights", weights,
+                                "--iterations", "1", "--engine", engine, "--threads", "1"]) == 0
+        err = capsys.readouterr().err
+        lines[engine] = [l.split("] ", 1)[1] for l in err.splitlines() if "prob = " in l]
+        assert engine == "torch" or f"Inference engine: {engine}" in err
+    values = {e: np.array([float(l.split("= ")[1]) for l in v]) for e, v in lines.items()}
+    assert len(values["torch"]) == 20
+    np.testing.assert_allclose(values[ENGINES[0]], values["torch"], rtol=1e-4, atol=1e-6)

@@ -39,8 +39,10 @@ def add_net_arguments(ap: argparse.ArgumentParser, default_phase: str) -> None:
     ap.add_argument("--gpu", metavar="ID", help="run on this CUDA device (default: CPU)")
     ap.add_argument("--allow-cpu", "--allow_cpu", dest="allow_cpu", action="store_true",
                     help="if --gpu is given but CUDA is unavailable, warn and use the CPU")
-    ap.add_argument("--precision", choices=list(devices.PRECISIONS), default="fp32",
-                    help="fp32 (default), or bf16/fp16 autocast")
+    ap.add_argument("--precision", choices=devices.PRECISION_CHOICES, default="fp32",
+                    help="fp32 (default), bf16/fp16 autocast, or auto: for a TEST net fed by "
+                         "Input layers bf16 only where it measures faster on the net and "
+                         "within 3e-2 of fp32 on its outputs; otherwise the training probe")
     add_engine_arguments(ap)
     add_debug_flag(ap)
 
@@ -59,7 +61,9 @@ def load_net(args: argparse.Namespace, weights: str | None = None) -> tuple[NetM
         raise CliError("Need a model definition: pass --model NET.prototxt")
     if args.iterations <= 0:
         raise CliError(f"--iterations must be > 0 (got {args.iterations})")
-    choice = devices.select(args.gpu, None, args.allow_cpu, args.precision)
+    inference_auto = args.precision == devices.AUTO and args.phase == "TEST"
+    choice = devices.select(args.gpu, None, args.allow_cpu,
+                            "fp32" if inference_auto else args.precision)
     if len(choice.ids) > 1:
         raise CliError(f"--gpu {args.gpu}: give one device for this command")
     devices.apply(choice)
@@ -86,15 +90,18 @@ def input_feed(module: NetModule, device: torch.device) -> dict[str, torch.Tenso
     return feed
 
 
-def engine_forward(module: NetModule, engine: str | None):
+def engine_forward(module: NetModule, engine: str | None, precision: str = "fp32"):
     """``feed -> (loss, outputs)`` through the inference engine ``engine`` names, or None
     where the net runs its own forward (torch asked for or chosen, or a net the engines do
-    not serve: data layers, Python layers, the TRAIN phase)."""
+    not serve: data layers, Python layers, the TRAIN phase). ``precision`` "auto": bf16
+    competes too (engine/backends/engine.py)."""
     from caffe_compat.engine.backends.engine import requested_engine
-    if requested_engine(engine) == "torch":
+    precision = "auto" if precision == devices.AUTO and module.phase == caffe_pb2.TEST \
+        else "fp32"
+    if requested_engine(engine) == "torch" and precision == "fp32":
         return None
     net = Net.from_module(module)
-    net._choose_engine(engine)
+    net._choose_engine(engine, precision)
     if net.engine == "torch":
         return None
     glog.info(f"Inference engine: {net.engine}", "caffe.cpp:290")
@@ -116,9 +123,9 @@ class TestResult:
 
 
 def score(module: NetModule, iterations: int, choice: devices.DeviceChoice,
-          engine: str | None = None) -> TestResult:
+          engine: str | None = None, precision: str = "fp32") -> TestResult:
     """Caffe's test(): per-batch lines, then the mean loss and mean of each output element."""
-    forward = engine_forward(module, engine) or module.forward_loss
+    forward = engine_forward(module, engine, precision) or module.forward_loss
     glog.info(f"Running for {iterations} iterations.", "caffe.cpp:290")
     feed = input_feed(module, choice.device)
     sums: list[float] = []
@@ -152,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.weights:
         raise CliError("Need model weights to score: pass --weights W.caffemodel")
     module, choice = load_net(args, args.weights)
-    score(module, args.iterations, choice, args.engine)
+    score(module, args.iterations, choice, args.engine, args.precision)
     return 0
 
 

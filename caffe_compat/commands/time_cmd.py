@@ -197,10 +197,11 @@ def _log_table(result: TimeResult, forward_only: bool) -> None:
     glog.info("*** Benchmark ends ***", "caffe.cpp:430")
 
 
-def time_engine(module: NetModule, iterations: int, engine: str | None) -> float | None:
+def time_engine(module: NetModule, iterations: int, engine: str | None,
+                precision: str = "fp32") -> float | None:
     """Whole-net forward timings through an inference engine (no per-layer table: the
     engine runs the net as one graph); None where the net runs on torch layer by layer."""
-    forward = engine_forward(module, engine)
+    forward = engine_forward(module, engine, precision)
     if forward is None:
         return None
     feed = input_feed(module, torch.device("cpu"))
@@ -222,7 +223,7 @@ def time_engine(module: NetModule, iterations: int, engine: str | None) -> float
 
 def main(args: argparse.Namespace) -> int:
     module, choice = load_net(args)
-    if time_engine(module, args.iterations, args.engine) is None:
+    if time_engine(module, args.iterations, args.engine, args.precision) is None:
         benchmark(module, args.iterations, choice, args.forward_only)
     return 0
 

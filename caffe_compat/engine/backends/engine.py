@@ -10,7 +10,10 @@ fastest.
 Outputs must equal the torch path's within ``TOLERANCE``: max |engine - torch| over an output,
 divided by max(1, max |torch output|). That is checked at load on random inputs and again on
 the first real call (``EngineChoice.verified``); a difference there, a failed export or a
-missing package leaves the net on torch with a log line saying why.
+missing package leaves the net on torch with a log line saying why. ``precision="auto"``
+also considers the torch path under bf16 autocast on CPUs with native bf16 (AMX,
+AVX512-BF16), within ``BF16_TOLERANCE`` of fp32 and only where it measures fastest; fp32
+stays the default.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_ENV = "CAFFE_COMPAT_ENGINE"
 TOLERANCE = 1e-4
+BF16_TOLERANCE = 3e-2     # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, summed over layers
 ROUNDS = 7
 
 Outputs = dict[str, torch.Tensor]
@@ -130,57 +134,98 @@ class EngineChoice:
     reason: str
     times_ms: dict[str, float] = field(default_factory=dict)
     verified: bool = False                      # outputs checked on a real call
+    tolerance: float = TOLERANCE
+
+
+class ReducedForward:
+    """The torch path under bf16 autocast (``precision="auto"`` on AMX / AVX512-BF16),
+    outputs back in float32."""
+
+    name = "torch-bf16"
+
+    def __init__(self, torch_forward: Callable[[Outputs], Outputs]):
+        self.torch_forward = torch_forward
+
+    def accepts(self, inputs: Outputs) -> bool:
+        return True
+
+    def __call__(self, inputs: Outputs) -> Outputs:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.torch_forward(inputs)
+        return {k: v.float() for k, v in out.items()}
+
+
+def _candidates(module, request, precision, torch_forward, threads):
+    """({name: forward}, {name: tolerance}, {name: why not}) of the engines to consider."""
+    names = [] if request == "torch" else list(RUNNERS) if request == "auto" else [request]
+    built, why = {}, {}
+    if names:
+        with tempfile.TemporaryDirectory(prefix="caffe-compat-engine-") as workdir:
+            built, why = build_exported(module, names, threads, workdir)
+    tolerance = {name: TOLERANCE for name in built}
+    if precision == "auto":
+        from caffe_compat.engine.precision import candidates
+        if "bf16" in candidates(torch.device("cpu")):
+            built[ReducedForward.name] = ReducedForward(torch_forward)
+            tolerance[ReducedForward.name] = BF16_TOLERANCE
+        else:
+            why[ReducedForward.name] = "this CPU has no native bf16 (AMX, AVX512-BF16)"
+    return built, tolerance, why
 
 
 def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outputs], Outputs],
-                  threads: int | None = None) -> EngineChoice:
+                  threads: int | None = None, precision: str = "fp32") -> EngineChoice:
     """The engine for ``module`` (see the module docstring); ``torch_forward`` is the torch
-    path (inputs -> outputs)."""
+    path (inputs -> outputs). ``precision="auto"`` adds the torch path under bf16 autocast
+    where the CPU has native bf16, kept only if faster and within ``BF16_TOLERANCE``."""
     request = requested_engine(request)
-    if request == "torch":
+    if request == "torch" and precision != "auto":
         return EngineChoice("torch", None, "engine torch: requested", verified=True)
-    threads = threads or torch.get_num_threads()
-    names = list(RUNNERS) if request == "auto" else [request]
-    with tempfile.TemporaryDirectory(prefix="caffe-compat-engine-") as workdir:
-        built, why = build_exported(module, names, threads, workdir)
+    built, tolerance, why = _candidates(module, request, precision, torch_forward,
+                                        threads or torch.get_num_threads())
     inputs = random_inputs(module)
     reference = torch_forward(inputs)
+    diffs = {}
     for name in list(built):
-        diff = difference(built[name](inputs), reference)
-        if not diff <= TOLERANCE:
-            why[name] = f"outputs differ from torch by {diff:.2g} (tolerance {TOLERANCE:g})"
+        diff = diffs[name] = difference(built[name](inputs), reference)
+        if not diff <= tolerance[name]:
+            why[name] = f"outputs differ from fp32 torch by {diff:.2g} (tolerance " \
+                        f"{tolerance[name]:g})"
             del built[name]
     if not built:
         reason = "; ".join(f"{n}: {w}" for n, w in why.items())
         return EngineChoice("torch", None, f"engine torch ({reason})", verified=True)
     steps = {"torch": lambda: torch_forward(inputs)}
     steps.update((name, lambda f=f: f(inputs)) for name, f in built.items())
-    if request == "auto":
+    if request == "auto" or precision == "auto":
         times = {k: v * 1e3 for k, v in best_times(steps, ROUNDS).items()}
         best = min(times, key=times.get)
-        summary = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
-        reason = f"engine {best}: fastest here ({summary})"
+        summary = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(times.items(),
+                                                                 key=lambda kv: kv[1]))
+        reason = f"engine {best}: fastest here ({summary}; largest relative difference " \
+                 "to fp32 torch: " + ", ".join(f"{k} {diffs[k]:.1g}" for k in built) + ")"
         if why:
             reason += "; " + "; ".join(f"{n}: {w}" for n, w in why.items())
     else:
         times, best = {}, request
         reason = f"engine {best}: requested"
     forward = built.get(best)
-    return EngineChoice(best, forward, reason, times, verified=forward is None)
+    return EngineChoice(best, forward, reason, times, verified=forward is None,
+                        tolerance=tolerance.get(best, TOLERANCE))
 
 
 def first_call_check(choice: EngineChoice, got: Outputs, want: Outputs) -> EngineChoice:
     """After the first real call: keep ``choice`` if its outputs equal torch's, else torch."""
     diff = difference(got, want)
-    if diff <= TOLERANCE:
+    if diff <= choice.tolerance:
         choice.verified = True
         return choice
     log.warning("engine %s: outputs on the first call differ from torch by %.2g (tolerance "
-                "%g); using torch", choice.name, diff, TOLERANCE)
+                "%g); using torch", choice.name, diff, choice.tolerance)
     return EngineChoice("torch", None, f"engine torch: {choice.name} differed by {diff:.2g} "
                         "on the first call", verified=True)
 
 
-__all__ = ["ENGINES", "ENGINE_ENV", "TOLERANCE", "EngineChoice", "ExportedForward",
+__all__ = ["ENGINES", "ENGINE_ENV", "TOLERANCE", "BF16_TOLERANCE", "ReducedForward", "EngineChoice", "ExportedForward",
            "choose_engine", "first_call_check", "requested_engine", "difference",
            "build_exported"]
