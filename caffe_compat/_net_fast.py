@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 import weakref
 
+import numpy as np
 import torch
 
-from caffe_compat.engine.backends.engine import ReducedForward, choose_engine, first_call_check
+from caffe_compat.engine.backends.engine import (ExportedForward, ReducedForward, choose_engine,
+                                                 first_call_check)
 from caffe_compat.engine.net.fuse import InferenceCache, fusable
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,16 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
     refs.append(weakref.ref(array))
     param._numpy_views = refs
     param._numpy_touch = getattr(param, "_numpy_touch", 0) + 1
+
+
+def _put(blob, value: torch.Tensor) -> None:
+    """``blob._store(value)``, straight into the host array when nothing else is involved
+    (a float32 CPU tensor of the blob's shape: an engine's output, most torch outputs)."""
+    if value.dtype == torch.float32 and value.device.type == "cpu" and not blob._pending \
+            and blob._data.shape == value.shape and not value.requires_grad:
+        np.copyto(blob._data, value.numpy())
+    else:
+        blob._store(value)
 
 
 def _engine_key(params: list[torch.Tensor]) -> tuple:
@@ -126,8 +138,8 @@ class FastForward:
         outputs = self._engine_outputs(params, inputs, held)
         if outputs is None:
             outputs = self.cache.outputs_for(params, inputs)
-        for name in net.outputs:
-            net.blobs[name]._store(outputs[name])
+        for name in net.module.output_names:
+            _put(net.blobs[name], outputs[name])
         self._inputs = inputs
         net._traces.clear()
         if not self._marked:          # once per run of fast forwards, not per call
@@ -140,6 +152,8 @@ class FastForward:
     def _snapshot(self, array) -> torch.Tensor:
         """A private copy of an input blob, made straight in the layout the fused net runs
         (NHWC for 4-D inputs of a channels_last net: one copy instead of two)."""
+        if self.choice is not None and isinstance(self.choice.forward, ExportedForward):
+            return torch.from_numpy(array.copy())     # an engine takes NCHW arrays as they are
         t = torch.from_numpy(array)
         on_torch = self.choice is None or self.choice.forward is None or \
             isinstance(self.choice.forward, ReducedForward)

@@ -161,6 +161,10 @@ class Net:
         return mode.device()
 
     def _push_params(self) -> None:
+        if self._fast is not None:          # its parameter list: cheaper than a module walk
+            params = self._fast.cache.parameters()
+            if not params or params[0].device.type == "cpu":
+                return
         if self._device().type != "cpu":
             for layer in self.module.layers:
                 for p in layer.blobs:

@@ -8,9 +8,11 @@ net's own shape, times them alternately (best of ``ROUNDS`` single calls each) a
 fastest.
 
 Outputs must equal the torch path's within ``TOLERANCE``: max |engine - torch| over an output,
-divided by max(1, max |torch output|). That is checked at load on random inputs and again on
-the first real call (``EngineChoice.verified``); a difference there, a failed export or a
-missing package leaves the net on torch with a log line saying why. ``precision="auto"``
+divided by max(1, max |torch output|); for a split net, over the blobs the engine computes
+(the inputs of its DetectionOutput, say: see ``ExportedForward.difference``). That is
+checked at load on random inputs and again on the first real call
+(``EngineChoice.verified``); a difference there, a failed export or a missing package leaves
+the net on torch with a log line saying why. ``precision="auto"``
 also considers the torch path under bf16 autocast on CPUs with native bf16 (AMX,
 AVX512-BF16), within ``BF16_TOLERANCE`` of fp32 and only where it measures fastest; fp32
 stays the default.
@@ -65,13 +67,28 @@ class ExportedForward:
     def __call__(self, inputs: Outputs) -> Outputs:
         feed = {n: np.ascontiguousarray(inputs[n].numpy()) for n in self.split.prefix_inputs}
         values = self.runner(feed)
-        blobs = dict(inputs)
-        blobs.update((n, torch.from_numpy(np.asarray(v)))
-                     for n, v in zip(self.split.prefix_outputs, values))
+        made = {n: torch.from_numpy(np.asarray(v))
+                for n, v in zip(self.split.prefix_outputs, values)}
+        self.last = (inputs, made)
+        blobs = {**inputs, **made}
         if self.split.suffix:
             with torch.no_grad():
                 run_suffix(self.split.suffix, blobs)
         return {n: blobs[n] for n in self.split.output_names}
+
+    def difference(self, outputs: Outputs, reference: Outputs) -> float:
+        """How far the last call's exported part is from torch computing the same blobs.
+
+        The exported part is what this engine computes; the suffix runs torch's own layers
+        on it. Comparing there, not at the net's outputs, keeps a DetectionOutput's
+        thresholds (a score at 0.3000001 against 0.2999999 keeps one more box) from
+        turning a 1e-7 difference into a different detection list."""
+        if not self.split.suffix:
+            return difference(outputs, reference)
+        inputs, made = self.last
+        with torch.no_grad():
+            want = self.split.prefix(*(inputs[n] for n in self.split.prefix_inputs))
+        return difference(made, dict(zip(self.split.prefix_outputs, want)))
 
 
 def difference(got: Outputs, want: Outputs) -> float:
@@ -149,6 +166,9 @@ class ReducedForward:
     def accepts(self, inputs: Outputs) -> bool:
         return True
 
+    def difference(self, outputs: Outputs, reference: Outputs) -> float:
+        return difference(outputs, reference)
+
     def __call__(self, inputs: Outputs) -> Outputs:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = self.torch_forward(inputs)
@@ -187,7 +207,7 @@ def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outp
     reference = torch_forward(inputs)
     diffs = {}
     for name in list(built):
-        diff = diffs[name] = difference(built[name](inputs), reference)
+        diff = diffs[name] = built[name].difference(built[name](inputs), reference)
         if not diff <= tolerance[name]:
             why[name] = f"outputs differ from fp32 torch by {diff:.2g} (tolerance " \
                         f"{tolerance[name]:g})"
@@ -216,7 +236,7 @@ def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outp
 
 def first_call_check(choice: EngineChoice, got: Outputs, want: Outputs) -> EngineChoice:
     """After the first real call: keep ``choice`` if its outputs equal torch's, else torch."""
-    diff = difference(got, want)
+    diff = choice.forward.difference(got, want)
     if diff <= choice.tolerance:
         choice.verified = True
         return choice
