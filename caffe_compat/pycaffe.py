@@ -194,16 +194,20 @@ class Net:
     def forward(self, blobs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
         """Run layers ``start``..``end`` (names, inclusive); returns the outputs' data (or
         ``end``'s tops) plus ``blobs``. Keywords feed every input blob (pycaffe's rule)."""
+        if self._fast is not None and not blobs and start is None and end is None:
+            if kwargs:                # the outputs-only fast path, with no per-call planning
+                self._set_arrays("Input blob", self.inputs, kwargs)
+            self._push_params()
+            self._fast.run()          # outputs only; the other blobs fill in when read
+            blobs = self.blobs
+            return {name: blobs[name].data for name in self.module.output_names}
         start_i, end_i = self._layer_range(start, end, 0, len(self.module.layers) - 1)
         wanted = set(self.top_names[end] if end is not None else self.outputs) | set(blobs or ())
         if kwargs:
             self._set_arrays("Input blob", self.inputs, kwargs)
         self._push_params()
-        if self._fast is not None and not blobs and start is None and end is None:
-            self._fast.run()          # outputs only; the other blobs fill in when read
-        else:
-            self._fresh_blobs(needed=start_i > 0)   # from layer 0 everything is recomputed
-            forward_range(self, start_i, end_i, self._device())
+        self._fresh_blobs(needed=start_i > 0)   # from layer 0 everything is recomputed
+        forward_range(self, start_i, end_i, self._device())
         return {name: self.blobs[name].data for name in wanted}
 
     def _fresh_blobs(self, needed: bool = True) -> None:
