@@ -4,8 +4,8 @@
 ``"openvino"`` run the net's exportable prefix (split.py) in that runtime and the rest (an
 SSD's DetectionOutput, R-CNN's ROIPooling) in torch on its outputs. ``"auto"`` builds every
 engine whose package is installed, checks its outputs against torch's on random inputs of the
-net's own shape, times them alternately (best of ``ROUNDS`` single calls each) and keeps the
-fastest.
+net's own shape, times them alternately (best of ``ROUNDS`` to 100 single calls each, about
+half a second in all) and keeps the fastest.
 
 Outputs must equal the torch path's within ``TOLERANCE``: max |engine - torch| over an output,
 divided by max(1, max |torch output|); for a split net, over the blobs the engine computes
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -193,6 +194,19 @@ def _candidates(module, request, precision, torch_forward, threads):
     return built, tolerance, why
 
 
+def _rounds(steps: dict[str, Callable[[], object]], budget_s: float = 0.5) -> int:
+    """Alternating rounds for the timing: ``ROUNDS`` at least, more for nets of a
+    millisecond or less (the best of 7 single 0.1 ms calls on a busy machine picked the
+    slower runtime), so that the timing takes about ``budget_s``; 100 at most."""
+    slowest = 0.0
+    for step in steps.values():
+        t0 = time.perf_counter()
+        step()
+        slowest = max(slowest, time.perf_counter() - t0)
+    per_round = slowest * len(steps)
+    return int(min(100, max(ROUNDS, budget_s / per_round if per_round else 100)))
+
+
 def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outputs], Outputs],
                   threads: int | None = None, precision: str = "fp32") -> EngineChoice:
     """The engine for ``module`` (see the module docstring); ``torch_forward`` is the torch
@@ -218,7 +232,7 @@ def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outp
     steps = {"torch": lambda: torch_forward(inputs)}
     steps.update((name, lambda f=f: f(inputs)) for name, f in built.items())
     if request == "auto" or precision == "auto":
-        times = {k: v * 1e3 for k, v in best_times(steps, ROUNDS).items()}
+        times = {k: v * 1e3 for k, v in best_times(steps, _rounds(steps)).items()}
         best = min(times, key=times.get)
         summary = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(times.items(),
                                                                  key=lambda kv: kv[1]))
