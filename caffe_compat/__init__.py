@@ -25,6 +25,7 @@ from caffe_compat._runtime import (NCCL, Timer, has_nccl, init_log, layer_type_l
 from caffe_compat import net_spec, coord_map
 from caffe_compat.net_spec import NetSpec, layers, params, to_proto
 from caffe_compat import classifier, detector
+from caffe_compat import _caffe  # noqa: F401  (caffe._caffe: the extension's names)
 from caffe_compat.classifier import Classifier
 from caffe_compat.detector import Detector
 

@@ -8,12 +8,15 @@ the device before each forward/backward (Caffe's SyncedMemory, done per call).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable
 
 import numpy as np
 import torch
 
 from caffe_compat._net_fast import note_numpy_view
+from caffe_compat.engine.layers.blob_vectors import BlobVec
+from caffe_compat.formats.budget import check_shape
 
 
 class Blob:
@@ -27,8 +30,9 @@ class Blob:
     later layer reading the blob takes the device tensor directly: no host round trip.
     """
 
-    def __init__(self, shape: Iterable[int]):
+    def __init__(self, shape: Iterable[int], name: str = ""):
         shape = tuple(int(d) for d in shape)
+        self.name = name                # for messages: "blob 'data'"
         self._data = np.zeros(shape, np.float32)
         self._diff = np.zeros(shape, np.float32)
         self._pending: dict[str, torch.Tensor] = {}
@@ -79,9 +83,18 @@ class Blob:
     width = property(lambda self: self._legacy(3))
 
     def reshape(self, *shape: int) -> None:
-        """Give the blob a new shape (values are kept when the count is unchanged)."""
-        shape = tuple(int(d) for d in (shape[0] if len(shape) == 1 and
-                                       not isinstance(shape[0], int) else shape))
+        """Give the blob a new shape (values are kept when the count is unchanged).
+
+        ResourceError naming the blob for a shape that is not whole numbers, has a negative
+        or zero dim or more than 32 axes, or exceeds the memory budget."""
+        if len(shape) == 1 and isinstance(shape[0], Iterable) and not isinstance(shape[0], str):
+            shape = tuple(shape[0])
+        self._reshape(shape, allow_empty=False)
+
+    def _reshape(self, shape, allow_empty: bool = True) -> None:
+        """``reshape`` for the net's own shape pass (a layer may produce an empty top)."""
+        shape = check_shape(shape, f"blob '{self.name}'" if self.name else "blob",
+                            itemsize=8, allow_empty=allow_empty)  # data + diff, before numpy
         self._synced("_data"), self._synced("_diff")
         if shape == self.shape:
             return
@@ -125,11 +138,17 @@ class Blob:
 
 
 class ParamBlob:
-    """A parameter blob; ``data``/``diff`` are views of the parameter tensor and its grad."""
+    """A parameter blob; ``data``/``diff`` are views of the parameter tensor and its grad.
+
+    A float32 CPU parameter is viewed directly. Any other (a GPU or a double parameter) gets
+    a float32 host mirror kept on the parameter itself (``_caffe_host``), so every ParamBlob
+    of it -- ``net.params[name][i]`` makes a new one per access -- sees the same array and
+    the user's writes (FCN's surgery, merge-BN scripts) survive until ``flush_host_mirrors``
+    copies the edited ones to the device, as Caffe's SyncedMemory does before device use.
+    """
 
     def __init__(self, param: torch.nn.Parameter):
         self.param = param
-        self._host: dict[str, np.ndarray] = {}     # host mirrors when the param is not on CPU
 
     def _view(self, which: str) -> np.ndarray:
         p = self.param
@@ -141,20 +160,13 @@ class ParamBlob:
             if which == "data":        # writes through it bypass torch's version counter
                 note_numpy_view(p, view)
             return view
-        host = self._host.get(which)
-        if host is None or host.shape != tuple(t.shape):
-            host = np.empty(tuple(t.shape), np.float32)
-            self._host[which] = host
-        np.copyto(host, t.detach().to("cpu", torch.float32).numpy())
-        return host
-
-    def _push(self) -> None:
-        """Copy host mirrors (GPU mode) back to the device tensors."""
-        for which, host in self._host.items():
-            t = self.param.data if which == "data" else self.param.grad
-            if t is not None:
-                t.copy_(torch.from_numpy(host))
-        self._host.clear()
+        mirrors = p.__dict__.setdefault("_caffe_host", {})
+        _MIRRORED[id(p)] = weakref.ref(p)
+        entry = mirrors.get(which)
+        if entry is None or entry[0].shape != tuple(t.shape):
+            host = t.detach().to("cpu", torch.float32).numpy().copy()
+            entry = mirrors[which] = (host, host.copy())   # (mirror, as read: finds edits)
+        return entry[0]
 
     @property
     def data(self) -> np.ndarray:
@@ -201,8 +213,41 @@ class LayerView:
         self.type = layer.type
 
     @property
-    def blobs(self) -> list[ParamBlob]:
-        return [ParamBlob(p) for p in self.layer.blobs]
+    def blobs(self) -> BlobVec:
+        return param_blobs(self.layer)
+
+    def __getattr__(self, name: str):
+        # pycaffe's net.layers[i] of a Python layer IS the user's object: py-faster-rcnn calls
+        # solver.net.layers[0].set_roidb(roidb) on its data layer
+        user = self.__dict__["layer"].__dict__.get("py")
+        if user is not None and not name.startswith("__"):
+            return getattr(user, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __repr__(self) -> str:
         return f"<{self.type} layer '{self.name}'>"
+
+
+def param_blobs(layer) -> BlobVec:
+    """``layer``'s parameter blobs as pycaffe's BlobVec of ParamBlob views."""
+    return BlobVec(layer.blobs, lambda params, i: ParamBlob(params[i]))
+
+
+# Parameters that hold host mirrors now (id -> weak reference): flushing is free when none do.
+_MIRRORED: dict[int, weakref.ref] = {}
+
+
+def flush_host_mirrors() -> None:
+    """Copy the host mirrors the user edited to their parameters' tensors; drop every mirror
+    (the next read copies the device values again). Run before the engine reads or changes
+    parameters: forward, backward, solver steps, saving, loading."""
+    while _MIRRORED:
+        p = _MIRRORED.popitem()[1]()
+        if p is None:
+            continue
+        mirrors = p.__dict__.pop("_caffe_host", None)
+        for which, (host, as_read) in (mirrors or {}).items():
+            t = p if which == "data" else p.grad    # the parameter itself: its _version moves,
+            if t is not None and not np.array_equal(host, as_read, equal_nan=True):
+                with torch.no_grad():                # so a cached fused net is rebuilt
+                    t.copy_(torch.from_numpy(host).to(t.device, t.dtype))

@@ -134,39 +134,53 @@ def run_layer(net, pos: int, made: dict, device, store: bool) -> LayerTrace:
     return LayerTrace(leaves, values)
 
 
+def _announce(net, when: str, pos: int) -> None:
+    for fn in net._layer_callbacks[when]:
+        fn(pos)
+
+
 def forward_range(net, start: int, end: int, device) -> None:
     made: dict[str, torch.Tensor] = {}
     for pos in range(start, end + 1):
+        _announce(net, "before_forward", pos)
         net._traces[pos] = run_layer(net, pos, made, device, store=True)
+        _announce(net, "after_forward", pos)
 
 
 def backward_range(net, start: int, end: int, device) -> None:
     """Run layers ``start`` down to ``end`` backward from the tops' current diffs."""
     m = net.module
     for pos in range(start, end - 1, -1):
-        if not net._plan.layer[pos]:
-            continue
-        name = m.layer_names[pos]
-        bottoms, tops = m.layer_bottoms(pos), m.layer_tops(pos)
-        if not bottoms and not m.layers[pos].blobs:
-            continue                      # a source layer: nothing to compute
-        trace = net._traces.get(pos)
-        if trace is None:
-            trace = net._traces[pos] = run_layer(net, pos, {}, device, store=False)
-        outs, grads = [], []
-        for t, value in zip(tops, trace.tops):
-            if value.requires_grad:
-                outs.append(value)
-                grads.append(net.blobs[t]._tensor("_diff", device).reshape(value.shape))
-        if outs:
-            torch.autograd.backward(outs, grads, retain_graph=True)
-        diffs = [None if leaf is None else leaf.grad for leaf in trace.leaves]
-        for leaf in trace.leaves:
-            if leaf is not None:
-                leaf.grad = None
-        lazy = _lazy(net, device)
-        for j, (b, g) in enumerate(zip(bottoms, diffs)):
-            if net._plan.bottom[pos][j]:
-                if g is None:
-                    g = torch.zeros(net.blobs[b].shape, device=device)
-                net.blobs[b]._store(g, "_diff", lazy=lazy)
+        _announce(net, "before_backward", pos)
+        _backward_layer(net, pos, device)
+        _announce(net, "after_backward", pos)
+
+
+def _backward_layer(net, pos: int, device) -> None:
+    m = net.module
+    if not net._plan.layer[pos]:
+        return
+    name = m.layer_names[pos]
+    bottoms, tops = m.layer_bottoms(pos), m.layer_tops(pos)
+    if not bottoms and not m.layers[pos].blobs:
+        return                        # a source layer: nothing to compute
+    trace = net._traces.get(pos)
+    if trace is None:
+        trace = net._traces[pos] = run_layer(net, pos, {}, device, store=False)
+    outs, grads = [], []
+    for t, value in zip(tops, trace.tops):
+        if value.requires_grad:
+            outs.append(value)
+            grads.append(net.blobs[t]._tensor("_diff", device).reshape(value.shape))
+    if outs:
+        torch.autograd.backward(outs, grads, retain_graph=True)
+    diffs = [None if leaf is None else leaf.grad for leaf in trace.leaves]
+    for leaf in trace.leaves:
+        if leaf is not None:
+            leaf.grad = None
+    lazy = _lazy(net, device)
+    for j, (b, g) in enumerate(zip(bottoms, diffs)):
+        if net._plan.bottom[pos][j]:
+            if g is None:
+                g = torch.zeros(net.blobs[b].shape, device=device)
+            net.blobs[b]._store(g, "_diff", lazy=lazy)

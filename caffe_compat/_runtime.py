@@ -1,9 +1,11 @@
 """pycaffe's process-level functions: logging, the layer registry, Timer, and the
 multi-GPU bookkeeping (``solver_count``/``solver_rank``/``set_multiprocess``, ``NCCL``).
 
-Multi-GPU training here runs on torch.distributed (``tools/caffe.py train --gpu 0,1``, or
-``torchrun``); Caffe's in-process ``NCCL`` object is not available, so ``has_nccl()`` is
-False and constructing ``caffe.NCCL`` says what to use instead.
+``caffe.NCCL`` joins the processes of one training over torch.distributed (NCCL on GPUs,
+gloo on the CPU) the way BVLC's ``python/train.py`` drives Caffe's: ``NCCL.new_uid()`` in the
+parent, then in each process ``set_solver_count``/``set_solver_rank``, the solver,
+``NCCL(solver, uid)``, ``bcast()`` and ``solver.add_callback(nccl)``; gradients are summed
+and scaled by 1/solver_count before every update, as Caffe's NCCL callback does.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 from caffe_compat.engine import distributed
 from caffe_compat.engine.layers.base import layer_types
 from caffe_compat.formats import glog
 
-_counts = {"solver_count": None, "solver_rank": None, "multiprocess": False}
+_counts = {"multiprocess": False}
 
 
 def layer_type_list() -> list[str]:
@@ -42,26 +45,24 @@ def log(message: str) -> None:
 
 def solver_count() -> int:
     """Solvers training together (set_solver_count, else the torch.distributed world)."""
-    value = _counts["solver_count"]
-    return distributed.world_size() if value is None else value
+    return distributed.solver_count()
 
 
 def set_solver_count(count: int) -> None:
     if int(count) < 1:
         raise ValueError(f"set_solver_count: need at least 1 solver, got {count}")
-    _counts["solver_count"] = int(count)
+    distributed.declare(count=int(count))
 
 
 def solver_rank() -> int:
     """This solver's rank (set_solver_rank, else the torch.distributed rank)."""
-    value = _counts["solver_rank"]
-    return distributed.rank() if value is None else value
+    return distributed.solver_rank()
 
 
 def set_solver_rank(rank: int) -> None:
     if int(rank) < 0:
         raise ValueError(f"set_solver_rank: rank must be >= 0, got {rank}")
-    _counts["solver_rank"] = int(rank)
+    distributed.declare(rank_=int(rank))
 
 
 def set_multiprocess(multiprocess: bool) -> None:
@@ -73,21 +74,51 @@ def multiprocess() -> bool:
 
 
 def has_nccl() -> bool:
-    """False: Caffe's in-process NCCL object is not provided (see the module docstring)."""
-    return False
+    """True where torch.distributed is built in: ``caffe.NCCL`` then works (module docstring)."""
+    return dist.is_available()
 
 
 class NCCL:
-    """Caffe's NCCL helper is not available; multi-GPU training runs on torch.distributed."""
+    """``caffe.NCCL(solver, uid)``: this process's member of a data-parallel training.
 
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError("caffe.NCCL is not available in caffe-compat (has_nccl() is False): "
-                           "train on several GPUs with `tools/caffe.py train --solver ... "
-                           "--gpu 0,1` or with torchrun (see the README's multi-GPU section)")
+    Joins the group of ``solver_count()`` processes as ``solver_rank()`` (both set by the
+    script before, as train.py does); a count of 1 needs no group and every call is a no-op.
+    """
+
+    def __init__(self, solver, uid: bytes | str):
+        self.solver = solver
+        self._attached = False
+        count = distributed.solver_count()
+        if count > 1:
+            distributed.join_group(uid, distributed.solver_rank(), count,
+                                   solver.device.type == "cuda")
 
     @staticmethod
-    def new_uid():
-        NCCL()
+    def new_uid() -> bytes:
+        """A group id (a local TCP rendezvous) to hand to every process's ``NCCL(solver, uid)``."""
+        return distributed.new_group_id()
+
+    def bcast(self) -> None:
+        """Every process starts from the root solver's weights."""
+        distributed.broadcast_weights(self.solver)
+
+    # the solver callback (``solver.add_callback(nccl)``)
+    def on_start(self) -> None:
+        pass
+
+    def on_gradients_ready(self) -> None:
+        distributed.average_gradients(self.solver)
+
+    def attach(self) -> None:
+        """Average the gradients before each update (once, however it was registered)."""
+        if not self._attached:
+            self._attached = True
+            self.solver.add_callback(self)
+
+    def __call__(self, layer: int) -> None:
+        """As a net ``after_backward`` callback (``layer_wise_reduce``): Caffe reduces each
+        layer's diffs as its backward ends; here the whole reduce runs once the backward is
+        done (``on_gradients_ready``) -- the same averaged diffs, without the overlap."""
 
 
 class Timer:

@@ -1,11 +1,14 @@
 """pycaffe's ``caffe.io``: blob/datum conversion, image loading and the input Transformer."""
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 
 from caffe_compat.formats.blob_io import (array_to_blobproto, array_to_datum, blobproto_to_array,
                                   datum_to_array)
+from caffe_compat.formats.images import imdecode_checked, imread_checked
 from caffe_compat.proto import caffe_pb2
 
 __all__ = ["blobproto_to_array", "array_to_blobproto", "datum_to_array", "array_to_datum",
@@ -30,16 +33,18 @@ def blobprotovector_str_to_arraylist(data: bytes) -> list:
     return [blobproto_to_array(b) for b in vec.blobs]
 
 
-def load_image(filename: str, color: bool = True) -> np.ndarray:
+def load_image(filename, color: bool = True) -> np.ndarray:
     """Load an image as float32 in [0, 1]: (H, W, 3) RGB, or (H, W, 1) with ``color=False``.
 
-    As pycaffe: a grayscale file is tiled to 3 channels when ``color``, an alpha channel is
-    dropped, 16-bit files scale by 1/65535, and a color file read with ``color=False`` is
-    converted with skimage's luminance weights.
+    ``filename`` is a path or, as skimage's imread takes, an open binary file object
+    (open_nsfw hands it a BytesIO of a re-encoded JPEG). As pycaffe: a grayscale file is
+    tiled to 3 channels when ``color``, an alpha channel is dropped, 16-bit files scale by
+    1/65535, and a color file read with ``color=False`` is converted with skimage's
+    luminance weights.
     """
-    img = cv2.imread(filename, cv2.IMREAD_UNCHANGED)
+    img, name = _read_encoded(filename)
     if img is None:
-        raise IOError(f"cannot read image '{filename}' (missing or not an image)")
+        raise IOError(f"cannot read image '{name}' (missing or not an image)")
     scale = 65535.0 if img.dtype == np.uint16 else 255.0
     img = img.astype(np.float32) / scale
     if img.ndim == 3:
@@ -53,20 +58,83 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
+def _read_encoded(source):
+    """(decoded array or None, name for messages) from a path or a binary file object."""
+    if hasattr(source, "read"):
+        data = source.read()
+        if isinstance(data, str):      # a text buffer: Python 2 scripts' StringIO habits
+            data = data.encode("latin-1")
+        name = getattr(source, "name", type(source).__name__)
+        if not data:
+            return None, name
+        return imdecode_checked(bytes(data), cv2.IMREAD_UNCHANGED, f"image '{name}'"), name
+    name = os.fspath(source)
+    if not os.path.isfile(name):
+        raise IOError(f"cannot read image '{name}' (missing or not a file)")
+    return imread_checked(name, cv2.IMREAD_UNCHANGED, f"image '{name}'"), name  # size first
+
+
 def resize_image(im: np.ndarray, new_dims, interp_order: int = 1) -> np.ndarray:
-    """Resize an (H, W, K) image to ``new_dims`` = (height, width); a constant image stays
-    constant exactly (pycaffe's special case). Interpolation is OpenCV's (nearest for
-    order 0, bilinear otherwise); pycaffe's skimage resize differs at sub-pixel level."""
+    """Resize an (H, W, K) image to ``new_dims`` = (height, width) as pycaffe does.
+
+    One or three channels: scaled to [0, 1], resized by skimage's ``resize(..., order,
+    mode='constant')`` rules -- a Gaussian of sigma (factor - 1) / 2 per axis first when
+    shrinking (skimage's anti-aliasing), then a spline zoom on pixel areas, clipped to [0, 1]
+    -- and scaled back. A constant image stays exactly constant. Other channel counts:
+    scipy's plain ``zoom``, as pycaffe. Both run on scipy.ndimage, the code skimage calls.
+    """
+    from scipy import ndimage
     h, w = int(new_dims[0]), int(new_dims[1])
-    im = np.asarray(im, dtype=np.float32)
-    lo, hi = (float(im.min()), float(im.max())) if im.size else (0.0, 0.0)
-    if im.size and lo == hi:
+    im = np.asarray(im, dtype=np.float32) if np.asarray(im).dtype != np.float64 else \
+        np.asarray(im)
+    if im.shape[-1] not in (1, 3):
+        scale = tuple(np.array((h, w), dtype=float) / np.array(im.shape[:2]))
+        return ndimage.zoom(im, scale + (1,), order=interp_order).astype(np.float32)
+    lo, hi = im.min(), im.max()
+    if not hi > lo:
         return np.full((h, w, im.shape[-1]), lo, np.float32)
-    interp = cv2.INTER_NEAREST if interp_order == 0 else cv2.INTER_LINEAR
-    channels = [cv2.resize(np.ascontiguousarray(im[:, :, i:i + 512]), (w, h),
-                           interpolation=interp).reshape(h, w, -1)
-                for i in range(0, im.shape[-1], 512)]            # OpenCV: <= 512 channels
-    return np.concatenate(channels, axis=2).astype(np.float32)
+    std = (im - lo) / (hi - lo)
+    factors = np.divide(std.shape, (h, w, std.shape[-1]))
+    sigmas = np.maximum(0, (factors - 1) / 2)      # skimage's anti-aliasing when shrinking
+    if interp_order == 1:                          # pycaffe's default, without scipy's cost
+        out = std.astype(np.float32)
+        if np.any(sigmas > 0):
+            out = cv2.sepFilter2D(out, -1, _gaussian_taps(sigmas[1]), _gaussian_taps(sigmas[0]),
+                                  borderType=cv2.BORDER_CONSTANT).reshape(out.shape)
+        out = _linear_zoom(_linear_zoom(out, h, axis=0), w, axis=1)
+    else:
+        if np.any(factors > 1):
+            std = ndimage.gaussian_filter(std, sigmas, cval=0, mode="grid-constant")
+        out = ndimage.zoom(std, 1 / factors, order=interp_order, mode="grid-constant", cval=0,
+                           grid_mode=True)
+    np.clip(out, 0, 1, out=out)
+    return (out * (hi - lo) + lo).astype(np.float32)
+
+
+def _gaussian_taps(sigma: float) -> np.ndarray:
+    """scipy.ndimage's Gaussian kernel: radius int(4·sigma + 0.5), normalised to sum 1."""
+    radius = int(4.0 * sigma + 0.5)
+    if radius == 0:
+        return np.ones(1, np.float32)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def _linear_zoom(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """scipy's ``zoom(order=1, grid_mode=True, mode='grid-constant')`` along ``axis``:
+    output i samples coordinate (i + 0.5)·n_in/n_out - 0.5 linearly, zero beyond the ends."""
+    n_in = x.shape[axis]
+    coord = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    left = np.floor(coord).astype(np.intp)
+    frac = (coord - left).astype(np.float32)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (1, 1)
+    padded = np.pad(x, pad)                         # index -1 and n_in read 0
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    frac = frac.reshape(shape)
+    return (np.take(padded, left + 1, axis=axis) * (1 - frac)
+            + np.take(padded, left + 2, axis=axis) * frac)
 
 
 def oversample(images, crop_dims) -> np.ndarray:

@@ -15,19 +15,23 @@ from itertools import zip_longest
 import numpy as np
 import torch
 
-from caffe_compat._blobs import Blob, LayerView, ParamBlob
+from caffe_compat._blobs import Blob, LayerView, flush_host_mirrors, param_blobs
 from caffe_compat._net_exec import backward_plan, backward_range, forward_range
 from caffe_compat._net_fast import FastForward, eligible
+from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
 from caffe_compat.engine.backends.engine import requested_engine
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.layers.base import TEST, TRAIN
+from caffe_compat.engine.layers.blob_vectors import BlobVec, IntVec, LayerVec, StringVec
 from caffe_compat.engine.layers.python_trust import PythonLayerBase
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
 
 
 log = logging.getLogger(__name__)
+
+_CALLBACK_TIMES = ("before_forward", "after_forward", "before_backward", "after_backward")
 
 
 def _phase_value(value) -> int:
@@ -94,7 +98,7 @@ class Net:
     def _init_from_module(self, module: NetModule) -> None:
         self.module = module
         self.blobs: "OrderedDict[str, Blob]" = OrderedDict(
-            (name, Blob(shape)) for name, shape in module.blob_shapes.items())
+            (name, Blob(shape, name)) for name, shape in module.blob_shapes.items())
         for name, w in module.loss_weights.items():
             self.blobs[name].diff[...] = w        # Caffe seeds loss tops' diffs at setup
         for index, layer in enumerate(module.layers):  # DummyData's constant tops: filled once
@@ -103,17 +107,19 @@ class Net:
                     self.blobs[module.layer_tops(index)[j]]._store(layer._once[j])
         self._plan = backward_plan(module)
         self._traces: dict = {}
+        self._layer_callbacks: dict[str, list] = {w: [] for w in _CALLBACK_TIMES}
         self._fast = FastForward(self) if eligible(self) else None
 
     # -- pycaffe attributes -----------------------------------------------------------
     @property
-    def params(self) -> "OrderedDict[str, list[ParamBlob]]":
-        return OrderedDict((name, [ParamBlob(p) for p in layer.blobs])
+    def params(self) -> "OrderedDict[str, BlobVec]":
+        """Layer name -> its parameter blobs, as pycaffe's ``caffe._caffe.BlobVec``."""
+        return OrderedDict((name, param_blobs(layer))
                            for name, layer in self.module.named_layers() if len(layer.blobs))
 
     @property
-    def layers(self) -> list[LayerView]:
-        return [LayerView(n, l) for n, l in self.module.named_layers()]
+    def layers(self) -> LayerVec:
+        return LayerVec(LayerView(n, l) for n, l in self.module.named_layers())
 
     @property
     def inputs(self) -> list[str]:
@@ -140,16 +146,48 @@ class Net:
         return OrderedDict((n, self.module.loss_weights.get(n, 0.0)) for n in self.blobs)
 
     @property
-    def _layer_names(self) -> list[str]:
-        return list(self.module.layer_names)
+    def _layer_names(self) -> StringVec:
+        return StringVec(self.module.layer_names)
 
     @property
-    def _blob_names(self) -> list[str]:
-        return list(self.blobs)
+    def _blob_names(self) -> StringVec:
+        return StringVec(self.blobs)
+
+    @property
+    def _inputs(self) -> IntVec:
+        names = list(self.blobs)
+        return IntVec(names.index(n) for n in self.inputs)
+
+    @property
+    def _outputs(self) -> IntVec:
+        names = list(self.blobs)
+        return IntVec(names.index(n) for n in self.outputs)
 
     @property
     def phase(self) -> int:
         return self.module.phase
+
+    # -- per-layer callbacks (Caffe's Net::add_before_forward ...) -----------------------
+    def before_forward(self, fn) -> None:
+        """``fn(layer_index)`` before each layer's forward."""
+        self._layer_callbacks["before_forward"].append(fn)
+
+    def after_forward(self, fn) -> None:
+        self._layer_callbacks["after_forward"].append(fn)
+
+    def before_backward(self, fn) -> None:
+        self._layer_callbacks["before_backward"].append(fn)
+
+    def after_backward(self, fn) -> None:
+        """``fn(layer_index)`` after each layer's backward. A ``caffe.NCCL`` given here (train.py
+        with ``layer_wise_reduce``) averages the gradients once the backward is done."""
+        if isinstance(fn, NCCL):
+            fn.attach()
+            return
+        self._layer_callbacks["after_backward"].append(fn)
+
+    def has_layer_callbacks(self) -> bool:
+        return any(self._layer_callbacks.values())
 
     # -- running ----------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -161,14 +199,8 @@ class Net:
         return mode.device()
 
     def _push_params(self) -> None:
-        if self._fast is not None:          # its parameter list: cheaper than a module walk
-            params = self._fast.cache.parameters()
-            if not params or params[0].device.type == "cpu":
-                return
-        if self._device().type != "cpu":
-            for layer in self.module.layers:
-                for p in layer.blobs:
-                    ParamBlob(p)._push()
+        """Edits made through ``net.params`` host mirrors (GPU, double) reach the tensors."""
+        flush_host_mirrors()
 
     def _layer_range(self, first, last, default_first: int, default_last: int):
         names = self._layer_names
@@ -283,23 +315,29 @@ class Net:
         """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape)."""
         shapes = self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
         for name, shape in shapes.items():
-            self.blobs[name].reshape(*shape)
+            self.blobs[name]._reshape(shape)     # budgeted; names the blob
 
     # -- weights ----------------------------------------------------------------------
     def copy_from(self, path) -> None:
+        self._push_params()
         weights.copy_from(self.module, os.fspath(path))
 
     def save(self, path) -> None:
+        self._push_params()
         weights.save(self.module, os.fspath(path))
 
     def save_hdf5(self, path) -> None:
+        self._push_params()
         weights.save_h5(self.module, os.fspath(path))
 
     def load_hdf5(self, path) -> None:
+        self._push_params()
         weights.copy_from(self.module, os.fspath(path), hdf5=True)
 
     def share_with(self, other: "Net") -> None:
         """Use ``other``'s parameter storage for every layer of the same name (no copy)."""
+        self._push_params()
+        other._push_params()
         self.module.share_trained_layers_with(other.module)
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ SURFACE = 3           # every other top-level module: pycaffe's names and their 
 
 # top-level modules allowed to carry a pycaffe name: they ARE that pycaffe module
 PYCAFFE_MODULES = {"io", "proto", "draw", "net_spec", "coord_map", "classifier", "detector",
-                   "pycaffe"}
+                   "pycaffe", "_caffe"}
 
 
 def _layer_of(module: str) -> int:

@@ -198,3 +198,14 @@ def test_cli_test_through_an_engine_equals_torch(tmp_path, capsys):
     values = {e: np.array([float(l.split("= ")[1]) for l in v]) for e, v in lines.items()}
     assert len(values["torch"]) == 20
     np.testing.assert_allclose(values[ENGINES[0]], values["torch"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_leave_torch_subnormals_alone(tmp_path, engine):
+    """A runtime must not switch flush-to-zero on for the calling thread (onnxruntime's
+    set_denormal_as_zero does, for the rest of the process)."""
+    proto = _prototxt(tmp_path, "lenet")
+    net = caffe.Net(proto, caffe.TEST, engine=engine)
+    net.forward(data=np.ones(net.blobs["data"].shape, np.float32))
+    tiny = torch.tensor([1e-40]) * torch.tensor([1.0])
+    assert float(tiny) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 import signal
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -229,5 +230,10 @@ def test_progress_bar_and_log_lines_do_not_interleave(tmp_path, monkeypatch):
 
 
 def test_progress_bar_off_when_not_a_terminal():
-    bar = TrainProgress(10, file=io.StringIO())
-    assert bar.enabled is False and bar.attach(object()) is bar
+    """No bar: progress goes to the log instead, every display interval (5% without one)."""
+    subscribed = []
+    solver = SimpleNamespace(iter=0, param=SimpleNamespace(display=0),
+                             subscribe=lambda *args: subscribed.append(args))
+    bar = TrainProgress(100, file=io.StringIO())
+    assert bar.enabled is False and bar.attach(solver) is bar
+    assert bar.bar is None and bar.every == 5 and subscribed

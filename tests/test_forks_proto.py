@@ -33,7 +33,39 @@ def _number(message, field):
     # PSPNet / DeepLab (143 is BVLC's input_param: moved)
     (L, "interp_param", 10143), (caffe_pb2.InterpParameter, "pad_end", 6),
     (L, "shuffle_channel_param", 164), (L, "relu6_param", 100000),
-    (caffe_pb2.PoolingParameter, "ceil_mode", 10013), (caffe_pb2.PoolingParameter, "round_mode", 13),
+    (caffe_pb2.PoolingParameter, "ceil_mode", 10013),
+    (caffe_pb2.PoolingParameter, "round_mode", 13),
+    # SSD's data, loss and solver messages (eval_type / ap_version collide with BVLC: moved)
+    (L, "annotated_data_param", 200), (L, "multibox_loss_param", 201),
+    (L, "detection_evaluate_param", 205), (L, "video_data_param", 207),
+    (caffe_pb2.LabelMapItem, "display_name", 3), (caffe_pb2.LabelMap, "item", 1),
+    (caffe_pb2.BatchSampler, "max_trials", 5),
+    (caffe_pb2.SampleConstraint, "max_object_coverage", 6),
+    (caffe_pb2.EmitConstraint, "emit_overlap", 2),
+    (caffe_pb2.MultiBoxLossParameter, "code_type", 14),
+    (caffe_pb2.MultiBoxLossParameter, "encode_variance_in_target", 16),
+    (caffe_pb2.MultiBoxLossParameter, "use_prior_for_nms", 23),
+    (caffe_pb2.TransformationParameter, "resize_param", 8),
+    (caffe_pb2.TransformationParameter, "emit_constraint", 10),
+    (caffe_pb2.TransformationParameter, "expand_param", 14),
+    (caffe_pb2.DistortionParameter, "random_order_prob", 11),
+    (caffe_pb2.NoiseParameter, "convert_to_lab", 13),
+    (caffe_pb2.AnnotatedDatum, "annotation_group", 3), (caffe_pb2.NormalizedBBox, "size", 8),
+    (caffe_pb2.SolverParameter, "eval_type", 10041),
+    (caffe_pb2.SolverParameter, "ap_version", 10042),
+    (caffe_pb2.SolverParameter, "layer_wise_reduce", 41),
+    (caffe_pb2.SolverParameter, "weights", 42),
+    (caffe_pb2.SolverParameter, "show_per_class_result", 44),
+    (caffe_pb2.SolverState, "minimum_loss", 5),
+    # SegNet's class weighting (3 is BVLC's normalization: moved) and Bayesian SegNet's dropout;
+    # Fast R-CNN's scale_train keeps 2, which SegNet also used
+    (caffe_pb2.LossParameter, "weight_by_label_freqs", 10003),
+    (caffe_pb2.LossParameter, "class_weighting", 4), (caffe_pb2.LossParameter, "normalization", 3),
+    (caffe_pb2.DropoutParameter, "scale_train", 2),
+    (caffe_pb2.DropoutParameter, "sample_weights_test", 10002),
+    (L, "smooth_l1_loss_param", 8266712), (caffe_pb2.SmoothL1LossParameter, "sigma", 1),
+    # the channel-pruning fork's ImageData
+    (caffe_pb2.ImageDataParameter, "new_dim", 13), (caffe_pb2.ImageDataParameter, "bicubic", 14),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number
@@ -71,3 +103,29 @@ def test_segnet_caffemodel_with_colliding_numbers_still_decodes():
            + bytes([0xCA, 0x08]) + bytes([len(up.SerializeToString())]) + up.SerializeToString())
     layer = caffe_pb2.LayerParameter.FromString(raw)     # field 137, wire type 2
     assert layer.name == "up"
+
+
+def test_the_fork_tables_never_name_what_caffe_proto_defines():
+    """forks.py lists only what is missing: each listed field is absent from its message and
+    each listed type is unregistered, so an error never calls a supported field unsupported."""
+    import caffe_compat  # noqa: F401  (registers every layer)
+    from caffe_compat.engine.layers.base import layer_types
+    from caffe_compat.formats.forks import FORK_FIELDS, FORK_TYPES
+    for message, fields in FORK_FIELDS.items():
+        defined = getattr(caffe_pb2, message).DESCRIPTOR.fields_by_name
+        assert not set(fields) & set(defined), message
+    assert not set(FORK_TYPES) & set(layer_types())
+
+
+@pytest.mark.parametrize("reason, expected", [
+    ('Message type "caffe.BNParameter" has no field named "frozen".', "hszhao/PSPNet"),
+    ('Message type "caffe.TransformationParameter" has no field named "scale_factors".',
+     "DeepLab v2"),
+    ('Message type "caffe.LossParameter" has no field named "pre_fixed_normalizer".', "R-FCN"),
+    ('Message type "caffe.LayerParameter" has no field named "psroi_pooling_param".', "R-FCN"),
+    ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',
+     "no supported fork defines it"),
+])
+def test_unknown_nested_fields_name_their_fork(reason, expected):
+    from caffe_compat.formats.forks import explain_unknown_field
+    assert expected in explain_unknown_field(reason)[2]

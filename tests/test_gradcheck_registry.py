@@ -139,6 +139,9 @@ EXAMPLES = {
                  lambda: [rand(1, 2, 2, 2),
                           torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(2)])
                           .view(1, 2, 2, 2).double()], caffe.TEST),
+    "SmoothL1Loss": (filled("SmoothL1Loss", "smooth_l1_loss_param { sigma: 2 }"),  # kinks at
+                     lambda: [rand(2, 4) * 0.1, rand(2, 4) * 3,       # |d| = 0.25 kept away
+                              away_from_zero(2, 4), rand(2, 4).abs()], caffe.TRAIN),
     "ROIPooling": (filled("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 3 "
                           "spatial_scale: 0.5 }"),
                    lambda: [rand(2, 2, 5, 6), torch.tensor([[0, 0, 0, 9, 7], [1, 2, 4, 11, 9.]],

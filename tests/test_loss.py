@@ -98,8 +98,7 @@ def test_softmax_loss_all_ignored_and_prob_top():
 @pytest.mark.parametrize("shapes, labels, message", [
     ([(2, 3, 4), (2, 3)], None, "number of labels"),
     ([(2, 3), (3,)], None, "same first dimension"),
-    ([(2, 3), (2,)], [0.0, 3.0], r"label 3 is out of range.*\[0, 3\)"),
-])
+])   # labels outside [0, C): tests/test_fork_semantics.py (release-build tolerance)
 def test_softmax_loss_errors(shapes, labels, message):
     with pytest.raises(LayerError, match=message):
         layer = make_layer('name: "loss" type: "SoftmaxWithLoss"', shapes)

@@ -33,10 +33,15 @@ def test_unknown_layer_type_suggests_close_names_and_names_forks(tmp_path):
 
 
 def test_unknown_field_names_file_line_layer_and_fork(tmp_path):
-    text = INPUT + ('layer {\n  name: "loss"\n  type: "SoftmaxWithLoss"\n'
-                    '  smooth_l1_loss_param { sigma: 3 }\n}\n')
-    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'loss': caffe.LayerParameter "
-                       r"has no field 'smooth_l1_loss_param' \(defined by rbgirshick/caffe-fast-rcnn"):
+    text = INPUT + ('layer {\n  name: "pool"\n  type: "PSROIPooling"\n'
+                    '  psroi_pooling_param { group_size: 7 }\n}\n')
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'pool': caffe.LayerParameter "
+                       r"has no field 'psroi_pooling_param' \(defined by daijifeng001/caffe-rfcn"):
+        net_from(tmp_path, text)
+    text = INPUT + ('layer {\n  name: "bn"\n  type: "BN"\n  bn_param {\n'
+                    '    slope_filler { type: "constant" value: 1 }\n  }\n}\n')
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:6:\d+: layer 'bn': caffe.BNParameter "
+                       r"has no field 'slope_filler' \(defined by hszhao/PSPNet"):
         net_from(tmp_path, text)
     text = INPUT + 'layer { name: "p" type: "Pooling" bottom: "data" pooling_param { kernel: 2 } }'
     with pytest.raises(ProtoTextError, match=r"net.prototxt:2:\d+: layer 'p': caffe.PoolingParameter "

@@ -1,5 +1,6 @@
 """Numerics hygiene (engine/numerics.py): subnormal weights flushed at load, thread defaults,
 OpenMP's wait policy."""
+import logging
 import os
 import subprocess
 import sys
@@ -48,7 +49,13 @@ def _float64_forward(params, x):
 def test_subnormal_weights_load_flushed_and_outputs_unchanged(tmp_path, caplog):
     proto, model, exact = _subnormal_caffemodel(tmp_path)
     assert np.count_nonzero(np.abs(exact["conv1"][0]) == np.float32(TINY)) == 8 * 3
-    net = caffe.Net(str(proto), str(model), caffe.TEST)
+    logger = logging.getLogger("caffe_compat.engine.weights")   # a CLI test may have set
+    logger.addHandler(caplog.handler)                           # glog's non-propagating one
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            net = caffe.Net(str(proto), str(model), caffe.TEST)
+    finally:
+        logger.removeHandler(caplog.handler)
     for name, blobs in net.params.items():
         for blob in blobs:
             a = np.abs(blob.data)

@@ -107,3 +107,52 @@ def test_oversample_crops_and_mirrors():
         np.testing.assert_array_equal(crops[k], e)
         np.testing.assert_array_equal(crops[5 + k], e[:, ::-1])
     np.testing.assert_array_equal(crops[10], im[1][:6, :6])
+
+
+# -- pycaffe's resize_image is skimage's resize (anti-aliased when shrinking) ------------
+@pytest.mark.parametrize("shape, new_dims, order", [
+    ((360, 480, 3), (32, 32), 1),      # a photo shrunk to a CIFAR input: the anti-aliased case
+    ((37, 23, 1), (64, 50), 1),        # enlarging: no smoothing
+    ((40, 30, 3), (17, 45), 0),        # shrink one axis, grow the other; nearest
+    ((40, 30, 3), (13, 11), 3),        # cubic spline
+])
+def test_resize_image_matches_skimage_as_pycaffe_calls_it(shape, new_dims, order):
+    transform = pytest.importorskip("skimage.transform")
+    im = np.random.default_rng(0).uniform(-20, 300, shape).astype(np.float32)
+    lo, hi = im.min(), im.max()          # pycaffe's own steps around skimage.resize
+    expected = transform.resize((im - lo) / (hi - lo), new_dims, order=order,
+                                mode="constant") * (hi - lo) + lo
+    got = caffe.io.resize_image(im, new_dims, interp_order=order)
+    assert got.dtype == np.float32 and got.shape == new_dims + (shape[2],)
+    np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-5, atol=1e-4)
+
+
+def test_shrinking_averages_instead_of_sampling():
+    """Guard for the guard: a 1-pixel checkerboard shrunk 8x is grey, not a sampled pattern."""
+    board = (np.indices((64, 64)).sum(0) % 2).astype(np.float32)[..., None]
+    small = caffe.io.resize_image(board, (8, 8))
+    assert np.abs(small[2:-2, 2:-2] - 0.5).max() < 0.02
+
+
+def test_resize_image_other_channel_counts_use_scipy_zoom():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    im = np.random.default_rng(1).random((6, 8, 7)).astype(np.float32)
+    np.testing.assert_allclose(caffe.io.resize_image(im, (3, 4)),
+                               ndimage.zoom(im, (0.5, 0.5, 1), order=1), rtol=1e-6)
+
+
+def test_load_image_reads_file_objects_like_paths(tmp_path):
+    """open_nsfw hands load_image a BytesIO of a JPEG it re-encoded in memory."""
+    import io as stdio
+    rgb = np.random.default_rng(2).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", rgb)
+    assert ok
+    (tmp_path / "x.jpg").write_bytes(jpeg.tobytes())
+    from_path = caffe.io.load_image(str(tmp_path / "x.jpg"))
+    from_buffer = caffe.io.load_image(stdio.BytesIO(jpeg.tobytes()))
+    with open(tmp_path / "x.jpg", "rb") as handle:
+        from_file = caffe.io.load_image(handle, color=False)
+    np.testing.assert_array_equal(from_buffer, from_path)
+    assert from_file.shape == (9, 7, 1)
+    with pytest.raises(IOError, match="not an image"):
+        caffe.io.load_image(stdio.BytesIO(b"not a picture"))

@@ -5,6 +5,7 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+import torch
 
 import caffe_compat as caffe
 
@@ -242,3 +243,40 @@ def test_device_style_lazy_blobs_match_eager_ones(net_file):
         for a, b in zip(p0[name], p1[name]):
             np.testing.assert_array_equal(a, b)
     assert held is not None
+
+
+def test_writes_through_params_reach_a_double_net_as_on_a_gpu(tmp_path):
+    """Parameters that are not CPU float32 (GPU, double) are read through host mirrors:
+    edits made through ``net.params`` (FCN's surgery.interp, merge-BN scripts) must reach
+    the next forward and the saved caffemodel, and untouched mirrors never overwrite."""
+    path = tmp_path / "ip.prototxt"
+    path.write_text('input: "data" input_shape { dim: 1 dim: 2 }\n'
+                    'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                    'inner_product_param { num_output: 2 } }\n')
+    net = caffe.Net(str(path), caffe.TEST)
+    net.module.double()
+    net.params["ip"][0].data[...] = [[1, 2], [3, 4]]
+    net.params["ip"][1].data[1] = 10            # a second ParamBlob of another blob
+    assert net.params["ip"][0].data[1, 0] == 3  # a new ParamBlob sees the same mirror
+    out = net.forward(data=np.ones((1, 2)))["ip"]
+    np.testing.assert_array_equal(out, [[3, 17]])
+    net.save(str(tmp_path / "w.caffemodel"))
+    again = caffe.Net(str(path), str(tmp_path / "w.caffemodel"), caffe.TEST)
+    np.testing.assert_array_equal(again.params["ip"][0].data, [[1, 2], [3, 4]])
+    seen = net.params["ip"][0].data.copy()      # a read-only mirror ...
+    with torch.no_grad():
+        net.module.layers[1].blobs[0].add_(1)   # ... the engine changes the weights ...
+    net.forward(data=np.ones((1, 2)))           # ... and the clean mirror is not written back
+    np.testing.assert_array_equal(net.params["ip"][0].data, seen + 1)
+
+
+def test_an_edited_double_weight_reaches_the_fused_forward(tmp_path):
+    path = tmp_path / "ip.prototxt"
+    path.write_text('input: "data" input_shape { dim: 1 dim: 2 }\n'
+                    'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                    'inner_product_param { num_output: 1 bias_term: false } }\n')
+    net = caffe.Net(str(path), caffe.TEST)
+    net.module.double()
+    for value in (1.0, 2.0):
+        net.params["ip"][0].data[...] = value
+        np.testing.assert_array_equal(net.forward(data=np.ones((1, 2)))["ip"], [[2 * value]])

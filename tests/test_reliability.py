@@ -155,7 +155,7 @@ def test_png_header_bigger_than_its_bytes_is_refused_before_decoding():
     with pytest.raises(DataError, match="more than its"):
         check_encoded_size(bytes(png))
     with pytest.raises(DataError, match="not a PNG, JPEG"):
-        check_encoded_size(b"II*\x00" + bytes(40))          # TIFF: size not checkable
+        check_encoded_size(b"\x00\x00\x01\x00" + bytes(40))  # ICO: size not checkable
 
 
 def test_hdf5_dataset_declaring_more_than_the_file_holds(tmp_path):
@@ -219,10 +219,12 @@ def _python_net(tmp_path, module, layer):
     return str(path)
 
 
-@pytest.mark.parametrize("module,layer", [("os", "abort"), ("sys", "exit"), ("os", "getcwd"),
-                                          ("collections", "OrderedDict")])
-def test_python_layer_must_be_a_layer_class(tmp_path, module, layer):
-    with pytest.raises(LayerError, match="not a layer class"):
+@pytest.mark.parametrize("module,layer,reason", [
+    ("os", "abort", "standard-library module"), ("sys", "exit", "standard-library module"),
+    ("collections", "OrderedDict", "standard-library module"),
+    ("numpy", "zeros", "not a layer class"), ("numpy", "ndarray", "not a layer class")])
+def test_python_layer_must_be_a_layer_class(tmp_path, module, layer, reason):
+    with pytest.raises(LayerError, match=reason):
         caffe.Net(_python_net(tmp_path, module, layer), caffe.TEST)
 
 

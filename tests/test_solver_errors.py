@@ -84,7 +84,7 @@ def test_test_iter_count_must_match_test_nets():
     path = _solver_file('train_net: "net.prototxt"\ntest_net: "net.prototxt"\n'
                         'test_net: "net.prototxt"\ntest_iter: 1\ntest_interval: 5\n'
                         'base_lr: 0.1\nlr_policy: "fixed"\n')
-    with pytest.raises(SolverParamError, match="test_iter must be specified once for each"):
+    with pytest.raises(SolverParamError, match="test_iter must be specified for each test network"):
         caffe.get_solver(path)
 
 

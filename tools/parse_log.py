@@ -5,7 +5,8 @@
 
 Writes OUTPUT_DIR/<log name>.train (NumIters, Seconds, LearningRate, then each "Train net
 output" name) and OUTPUT_DIR/<log name>.test (the same with the "Test net output" names; test
-net #k > 0 goes to .test<k>). Reads this project's logs and real Caffe's, old
+net #k > 0 goes to .test<k>). A log of several runs (caffe train appends each unrelated run
+to the same log) gives the last run those names and each earlier run .run<k>.train/.test. Reads this project's logs and real Caffe's, old
 ("Iteration N, loss = X") and new ("Iteration N (x iter/s, ...), loss = X") formats, with
 I<MMDD> or I<YYYYMMDD> prefixes. The LearningRate of a row is the rate logged for that
 iteration (Caffe's parser lags it by one display interval).
@@ -45,6 +46,10 @@ def _main(args: argparse.Namespace) -> int:
     for path in save_csv_files(args.logfile_path, args.output_dir, data, args.delimiter):
         if args.verbose:
             print(f"Wrote {path}")
+    if len(data.runs()) > 1:
+        print(f"{args.logfile_path} holds {len(data.runs())} separate runs (a new run was "
+              "started over the same snapshot_prefix): the last one is in the .train/.test "
+              "files, each earlier one in .run<k>.train/.test")
     return 0
 
 

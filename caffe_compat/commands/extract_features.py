@@ -96,6 +96,9 @@ def extract(weights: str, proto: str, blob_names: list[str], db_names: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv):
+        print(USAGE)             # asked for: usage on stdout, success
+        return 0
     if len(argv) < 6:
         glog.error(USAGE, f"{WHERE}:35")
         return 1

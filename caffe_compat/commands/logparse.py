@@ -18,6 +18,12 @@ back. Improvements over Caffe's parser, which assigns each row the last lr seen 
 interval late): the lr is the one logged for the row's own iteration; several test nets give
 separate rows; ``nan``/``inf`` values parse; resumed logs (iterations going back) are kept in
 order, and ``latest()`` keeps the last row of each iteration.
+
+Runs: ``caffe train`` appends to ``<prefix>.log``, opening each run with glog's ``Log file
+created at:`` header. A run that resumes a snapshot (``Resuming from`` / ``Restoring previous
+solver status from``) continues the run before it; any other run starts a new one. Each row
+carries its ``run`` number (0, 1, ... in log order, counting runs that logged rows), so an
+unrelated run started over an existing prefix is kept apart from the earlier ones.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ class Row:
     lr: float = math.nan
     loss: float = math.nan      # train rows: the smoothed loss of the "loss =" line
     net: int = 0                # test rows: which test net
+    run: int = 0                # which run of the log (a resumed run continues its run)
     outputs: dict[str, float] = field(default_factory=dict)
 
     def add_output(self, name: str, value: float) -> None:
@@ -73,11 +80,17 @@ class LogData:
     def test_nets(self) -> list[int]:
         return sorted({r.net for r in self.test})
 
-    def latest(self, rows: list[Row], net: int | None = None) -> list[Row]:
-        """Rows sorted by iteration, keeping the last one logged for each (resumed runs)."""
+    def runs(self) -> list[int]:
+        """The run numbers that logged rows, in order."""
+        return sorted({r.run for r in self.train + self.test})
+
+    def latest(self, rows: list[Row], net: int | None = None,
+               run: int | None = None) -> list[Row]:
+        """Rows sorted by iteration, keeping the last one logged for each (resumed runs);
+        only those of test net ``net`` and of run ``run`` when given."""
         by_iter: dict[int, Row] = {}
         for r in rows:
-            if net is None or r.net == net:
+            if (net is None or r.net == net) and (run is None or r.run == run):
                 by_iter[r.iter] = r
         return [by_iter[i] for i in sorted(by_iter)]
 
@@ -100,9 +113,11 @@ def parse_lines(lines: Iterable[str], year: int | None = None) -> LogData:
     last_lr = math.nan
     last_month = 0
     first_time: datetime.datetime | None = None
+    runs = _RunCounter()
     for line in lines:
         m = _PREFIX.match(line.strip())
         if not m:
+            runs.see_header(line)
             continue
         if not m.group(1) and int(m.group(4)) < last_month:
             year += 1              # the log ran over new year (month went back)
@@ -113,18 +128,19 @@ def parse_lines(lines: Iterable[str], year: int | None = None) -> LogData:
             continue
         first_time = first_time or now
         msg = m.group(10)
-        if data.start is None and "Solving" in msg:
-            data.start = now
+        if "Solving" in msg and (data.start is None or runs.starting_new()):
+            data.start = now           # a new run's seconds count from its own start
         seconds = (now - (data.start or first_time)).total_seconds()
         if (hit := _LOSS.search(msg)):
-            train = Row(int(hit.group(1)), seconds, loss=float(hit.group(2)))
+            train = Row(int(hit.group(1)), seconds, loss=float(hit.group(2)), run=runs.row())
             data.train.append(train)
         elif (hit := _LR.search(msg)):
             last_lr = lr_by_iter[int(hit.group(1))] = float(hit.group(2))
             if train is not None and train.iter == int(hit.group(1)):
                 train.lr = last_lr
         elif (hit := _TESTING.search(msg)):
-            test = Row(int(hit.group(1)), seconds, lr=last_lr, net=int(hit.group(2)))
+            test = Row(int(hit.group(1)), seconds, lr=last_lr, net=int(hit.group(2)),
+                       run=runs.row())
             data.test.append(test)
         elif (hit := _OUTPUT.search(msg)):
             row = train if hit.group(1) == "Train" else test
@@ -138,11 +154,36 @@ def parse_lines(lines: Iterable[str], year: int | None = None) -> LogData:
             data.snapshots.append(hit.group(1))
         elif (hit := _RESTORE.search(msg)):
             data.restored_from.append(hit.group(1))
+            runs.resumed = True
     for r in data.test:        # the rate used by that iteration's update, once it is known
         r.lr = lr_by_iter.get(r.iter, r.lr)
     for rows in (data.train, data.test):
         _fill_lr(rows)
     return data
+
+
+class _RunCounter:
+    """Numbers the runs of an appended log: a glog header opens a run, which becomes a new
+    run at its first row unless it restored a snapshot first (then it continues the last)."""
+
+    def __init__(self):
+        self.current, self.rows_seen = 0, False
+        self.opened, self.resumed = False, False
+
+    def see_header(self, line: str) -> None:
+        if line.startswith("Log file created at:"):
+            self.opened, self.resumed = True, False
+
+    def starting_new(self) -> bool:
+        return self.opened and not self.resumed and self.rows_seen
+
+    def row(self) -> int:
+        if self.opened:
+            if self.rows_seen and not self.resumed:
+                self.current += 1
+            self.opened = False
+        self.rows_seen = True
+        return self.current
 
 
 def _fill_lr(rows: list[Row]) -> None:
@@ -194,16 +235,24 @@ def save_csv_files(log_path: str, output_dir: str, data: LogData,
                    delimiter: str = ",") -> list[str]:
     """``<log>.train`` and ``<log>.test`` in ``output_dir`` (test net #k>0: ``<log>.test<k>``).
 
-    A table without rows is not written (as in Caffe). Returns the paths written.
+    A log holding several runs (see the module docstring) gives the last run these names and
+    each earlier run its own files, ``<log>.run<k>.train`` / ``.test`` (k from 1), so no
+    table mixes runs. A table without rows is not written (as in Caffe). Returns the paths
+    written.
     """
     base = os.path.join(output_dir, os.path.basename(log_path))
+    runs = data.runs() or [0]
     written = []
-    if write_csv(base + ".train", data.train, delimiter):
-        written.append(base + ".train")
-    for net in data.test_nets() or [0]:
-        path = base + (".test" if net == 0 else f".test{net}")
-        if write_csv(path, [r for r in data.test if r.net == net], delimiter):
-            written.append(path)
+    for k, run in enumerate(runs, start=1):
+        stem = base if run == runs[-1] else f"{base}.run{k}"
+        train = [r for r in data.train if r.run == run]
+        if write_csv(stem + ".train", train, delimiter):
+            written.append(stem + ".train")
+        for net in data.test_nets() or [0]:
+            path = stem + (".test" if net == 0 else f".test{net}")
+            if write_csv(path, [r for r in data.test if r.net == net and r.run == run],
+                         delimiter):
+                written.append(path)
     return written
 
 

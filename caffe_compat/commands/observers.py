@@ -6,9 +6,11 @@ touches the loop. The glog-format log needs no subscriber: the solver logs throu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from caffe_compat.commands.plot import Curves, plot_curves
@@ -80,14 +82,26 @@ class LastTests(Observer):
 class MetricsFile(Observer):
     """One JSON object per line: every iteration and every test (``kind`` says which).
 
-    Appends, so a resumed run continues the file of the run it resumes.
+    Appends. Each run opens with a ``{"kind": "run", "run": k, "resumed": ...}`` line: a
+    resumed run continues run k of the run it resumes, any other run starts run k + 1, so
+    rows of unrelated runs over one prefix are told apart (rows before the first such line
+    belong to run 1).
     """
     kinds = (IterationDone, TestDone, SnapshotWritten)
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, resumed: bool | None = None, start_iter: int = 0):
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")
+        if resumed is not None:
+            last = _last_run(path)
+            run = max(last, 1) if resumed else last + 1
+            self._write({"kind": "run", "run": run, "resumed": resumed, "iter": start_iter,
+                         "pid": os.getpid(), "started": round(time.time(), 3)})
+
+    def _write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
 
     def on_event(self, event) -> None:
         if isinstance(event, IterationDone):
@@ -103,13 +117,28 @@ class MetricsFile(Observer):
         else:
             row = {"kind": "snapshot", "iter": event.iter, "model": event.model,
                    "state": event.state}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        self._write(row)
 
     def close(self) -> None:
         super().close()
         if not self._file.closed:
             self._file.close()
+
+
+def _last_run(path: str) -> int:
+    """The number of the last run in a metrics file (1 for rows written before runs were
+    numbered, 0 for an empty or missing file)."""
+    last, rows = 0, False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                rows = True
+                if line.startswith('{"kind": "run"'):
+                    with contextlib.suppress(ValueError, TypeError):
+                        last = int(json.loads(line)["run"])
+    except OSError:
+        return 0
+    return last or int(rows)
 
 
 class LivePlot(Observer):

@@ -31,6 +31,7 @@ class Curves:
     test: dict[int, dict[str, Points]] = field(default_factory=dict)
     smoothed_loss: Points = field(default_factory=list)
     loss_weights: dict[str, float] = field(default_factory=dict)
+    earlier: list[tuple[int, "Curves"]] = field(default_factory=list)   # (run number, curves)
 
     def add_train(self, iteration: int, name: str, value: float) -> None:
         self.train.setdefault(name, []).append((iteration, value))
@@ -54,16 +55,24 @@ class Curves:
         return losses[0] if losses else None
 
 
-def curves_from_log(data: LogData) -> Curves:
-    """The curves of a parsed glog training log (the latest line wins for resumed runs)."""
+def curves_from_log(data: LogData, run: int | None = None) -> Curves:
+    """The curves of a parsed glog training log (the latest line wins for resumed runs).
+
+    A log of several runs gives the last run's curves, with each earlier run's in
+    ``earlier`` (drawn apart, fainter, labelled "run k"); ``run`` picks one run only."""
+    runs = data.runs()
+    if run is None and len(runs) > 1:
+        curves = curves_from_log(data, runs[-1])
+        curves.earlier = [(k, curves_from_log(data, r)) for k, r in enumerate(runs[:-1], 1)]
+        return curves
     curves = Curves()
-    for row in data.latest(data.train):
+    for row in data.latest(data.train, run=run):
         if not math.isnan(row.loss):
             curves.smoothed_loss.append((row.iter, row.loss))
         for name, value in row.outputs.items():
             curves.add_train(row.iter, name, value)
     for net in data.test_nets():
-        for row in data.latest(data.test, net):
+        for row in data.latest(data.test, net, run=run):
             for name, value in row.outputs.items():
                 curves.add_test(row.iter, net, name, value)
     return curves
@@ -80,23 +89,30 @@ def _moving_mean(points: Points, window: int) -> Points:
     return out
 
 
-def _draw_quantity(ax, curves: Curves, name: str, color: str) -> None:
-    """Train (raw, faint; moving mean, solid) and every test net's values of ``name``."""
+def _draw_quantity(ax, curves: Curves, name: str, color: str, run: str = "",
+                   faded: bool = False) -> None:
+    """Train (raw, faint; moving mean, solid) and every test net's values of ``name``,
+    labelled with ``run`` ("run 1") where given; an earlier run is ``faded`` (dash-dotted)."""
+    style = {"alpha": 0.5, "linestyle": "-."} if faded else {}
+    tag = f", {run}" if run else ""
     train = [p for p in curves.train.get(name, []) if math.isfinite(p[1])]
     if train:
         xs, ys = zip(*train)
-        if len(train) > 20:
+        if len(train) > 20 and not faded:
             ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+        if len(train) > 20:
             train = _moving_mean(train, max(5, len(train) // 50))
             xs, ys = zip(*train)
-        ax.plot(xs, ys, color=color, linewidth=1.4, label=f"{name} (train)")
+        ax.plot(xs, ys, color=color, linewidth=1.4, label=f"{name} (train{tag})",
+                **{"linestyle": "-", **style})
     for net, outputs in sorted(curves.test.items()):
         pts = [p for p in outputs.get(name, []) if math.isfinite(p[1])]
         if pts:
             xs, ys = zip(*pts)
             suffix = "" if net == 0 else f" #{net}"
-            ax.plot(xs, ys, "o--", color=color, markersize=3.5, linewidth=1.2,
-                    markerfacecolor="white", label=f"{name} (test{suffix})")
+            ax.plot(xs, ys, marker="s" if faded else "o", color=color, markersize=3.5,
+                    linewidth=1.2, markerfacecolor="white",
+                    label=f"{name} (test{suffix}{tag})", **{"linestyle": "--", **style})
 
 
 def _panels(curves: Curves) -> list[tuple[str, list[str]]]:
@@ -129,7 +145,11 @@ def plot_curves(curves: Curves, out_png: str, title: str | None = None) -> str:
     has_aux = any(label not in ("loss", "accuracy") for label, _ in panels)
     for k, (ax, (label, names)) in enumerate(zip(axes, panels)):
         for j, name in enumerate(names):
-            _draw_quantity(ax, curves, name, palette[(k + j) % len(palette)])
+            for i, (run, older) in enumerate(curves.earlier):
+                _draw_quantity(ax, older, name, palette[(k + j + 3 + i) % len(palette)],
+                               f"run {run}", faded=True)
+            _draw_quantity(ax, curves, name, palette[(k + j) % len(palette)],
+                           f"run {len(curves.earlier) + 1}" if curves.earlier else "")
         # the weighted total differs from the main loss only when auxiliary losses exist
         handles, labels = ax.get_legend_handles_labels()
         if label == "loss" and curves.smoothed_loss and (has_aux or not names):

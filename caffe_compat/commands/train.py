@@ -13,8 +13,13 @@ solver file). Files written, all next to the snapshots:
 - ``<snapshot_prefix>_iter_N.caffemodel`` / ``.solverstate`` (Caffe's names and formats);
 - ``<snapshot_prefix>.log``: the glog lines (also on stderr), in Caffe's format so Caffe's
   ``parse_log.py`` / ``parse_log.sh`` and ``tools/parse_log.py`` read it; appended to, so a
-  resumed run continues the log of the run it resumes and nothing is ever truncated;
-- ``<snapshot_prefix>.metrics.jsonl``: one JSON line per iteration and per test;
+  resumed run continues the log of the run it resumes and nothing is ever truncated (an
+  unrelated run over the same prefix starts a new run in it, which parse_log/plot_log keep
+  apart);
+- ``<snapshot_prefix>.metrics.jsonl``: one JSON line per iteration and per test, each run
+  opened by a ``"kind": "run"`` line;
+- ``<snapshot_prefix>.lock`` while the run lasts: a second run over the same prefix is
+  refused, naming the first (a lock left by a killed run is taken over, with a warning);
 - ``<snapshot_prefix>.png``: the training curves, redrawn at every test.
 
 The folder of ``snapshot_prefix`` is created if missing (Caffe would refuse to start).
@@ -42,10 +47,11 @@ from caffe_compat.commands import device as devices
 from caffe_compat.commands.common import CliError, add_debug_flag, one_line
 from caffe_compat.commands.observers import (LastTests, LivePlot, MetricsFile, SnapshotRecord,
                                              TensorBoard)
-from caffe_compat.commands.train_checks import prepare_train_args
+from caffe_compat.commands.train_checks import clean_snapshot_folder, prepare_train_args
 from caffe_compat.commands.progress import TrainProgress
 from caffe_compat.commands.signals import EFFECTS, SignalHandler
 from caffe_compat.formats import glog
+from caffe_compat.formats.prefix_lock import PrefixLock
 from caffe_compat.engine.acceleration import compile_for_training
 from caffe_compat.engine.allocator import ALLOCATORS, use_allocator
 from caffe_compat.engine.layout import AUTO as AUTO_LAYOUT, LAYOUT_CHOICES, apply_layout, \
@@ -214,8 +220,22 @@ def _train_member(args, param, choice, out) -> TrainResult | None:
     prefix_dir = os.path.dirname(param.snapshot_prefix)
     if prefix_dir:
         os.makedirs(prefix_dir, exist_ok=True)
+    notes: list[str] = []        # said once the log is open
+    with PrefixLock(param.snapshot_prefix, warn=notes.append):   # a second run is refused
+        return _train_root(args, param, choice, out, notes)
+
+
+def _train_root(args, param, choice, out, notes: list[str]) -> TrainResult:
+    """The root process's run, holding the prefix: log, clean-up, train, report."""
     log_path = args.log or log_path_for(param.snapshot_prefix)
+    earlier_run = os.path.isfile(log_path) and os.path.getsize(log_path) > 0
     log_file = _open_log(log_path)
+    for note in notes:
+        glog.warning(note, "caffe.cpp:202")
+    if earlier_run and not args.snapshot:
+        glog.info(f"{log_path} holds an earlier run: a new run starts here (it resumes no "
+                  "snapshot); parse_log and plot_log keep the runs apart", "caffe.cpp:203")
+    clean_snapshot_folder(param.snapshot_prefix)   # temporaries of killed writers
     if distributed.world_size() > 1:
         glog.info(f"Data-parallel training over {distributed.world_size()} processes: each "
                   f"runs batch_size per iteration with {torch.get_num_threads()} CPU thread(s) "
@@ -283,7 +303,9 @@ def _observers(args, solver: Solver, log_path: str | None) -> dict:
     if log_path is None:
         return found
     stem = os.path.splitext(log_path)[0]
-    found["metrics"] = MetricsFile(args.metrics or stem + ".metrics.jsonl").attach(solver)
+    found["metrics"] = MetricsFile(args.metrics or stem + ".metrics.jsonl",
+                                   resumed=bool(args.snapshot),
+                                   start_iter=solver.iter).attach(solver)
     if args.plot:
         found["plot"] = LivePlot(stem + ".png", os.path.basename(log_path)).attach(solver)
     if args.tensorboard:

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from caffe_compat.formats.atomic import commit_temporary, discard_temporary, temporary_name
+from caffe_compat.formats.atomic import commit_temporary, discard_temporary, fresh_temporary
 from caffe_compat.data.db_guard import probe
 from caffe_compat.formats.errors import DataError
 
@@ -217,7 +217,7 @@ class DBWriter:
                             "name)")
         if not self.path.parent.is_dir():
             raise DataError(f"{self.path.parent}: folder for the database does not exist or is not a folder")
-        self.tmp = temporary_name(self.path)
+        self.tmp = fresh_temporary(self.path)    # a killed writer's temporary goes first
         self.overwrite = overwrite
         self._pending: list[tuple[bytes, bytes]] = []
         self.count = 0

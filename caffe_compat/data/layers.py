@@ -190,7 +190,7 @@ class Data(_DataLayer):
                                                                  self.num_top == 3),
                              self._seed, dp.source)
         if phase == TRAIN:
-            produce.stride = (distributed.world_size(), distributed.rank())
+            produce.stride = (distributed.solver_count(), distributed.solver_rank())
         self._start(produce, dp.prefetch, on_exit=db.close)
 
     @staticmethod
@@ -237,6 +237,8 @@ class ImageData(_DataLayer):
             raise self.error("image_data_param.batch_size must be positive")
         if (ip.new_height > 0) != (ip.new_width > 0):
             raise self.error("new_height and new_width must be set together")
+        if ip.new_dim > 0 and ip.new_height > 0:
+            raise self.error("new_dim (shorter side) and new_height/new_width cannot both be set")
         self.batch_size = ip.batch_size
         try:
             entries = read_image_list(ip.source)
@@ -271,6 +273,7 @@ class _ImageReader:
         self.entries, self.marks = entries, marks
         self.source, self.root = ip.source, ip.root_folder
         self.h, self.w, self.color = ip.new_height, ip.new_width, ip.is_color
+        self.shorter_side, self.bicubic = ip.new_dim, ip.bicubic
         self.landmark_file = ip.landmark_file
         self.cwd = os.getcwd()   # relative paths stay relative to where the net was built
 
@@ -286,12 +289,28 @@ class _ImageReader:
                 raise DataError(f"{self.landmark_file}: no landmarks for '{e.path}' "
                                 f"(listed at {self.name(i)})")
             lm = self.marks[e.path]
-        if self.h > 0 and self.w > 0:
+        size = (self.h, self.w) if self.h > 0 and self.w > 0 else None
+        if self.shorter_side > 0:
+            size = shorter_side_size(img.shape[:2], self.shorter_side)
+        if size is not None:
             import cv2
             if lm is not None:
-                lm = resize_landmarks(lm, img.shape[:2], (self.h, self.w))
-            img = cv2.resize(img, (self.w, self.h))
+                lm = resize_landmarks(lm, img.shape[:2], size)
+            interpolation = cv2.INTER_CUBIC if self.bicubic and self.shorter_side else \
+                cv2.INTER_LINEAR
+            img = cv2.resize(img, size[::-1], interpolation=interpolation)
         return hwc_to_chw(img), e.label, lm
+
+
+def shorter_side_size(hw: tuple[int, int], side: int) -> tuple[int, int]:
+    """(height, width) with the shorter side ``side`` and the aspect ratio kept: the
+    channel-pruning fork's ``new_dim`` (the factor is a float32, the long side rounded half
+    away from zero as C's round())."""
+    h, w = hw
+    factor = np.float32(side) / np.float32(min(h, w))
+    if h >= w:
+        return int(np.floor(np.float32(factor * np.float32(h)) + 0.5)), side
+    return side, int(np.floor(np.float32(factor * np.float32(w)) + 0.5))
 
 
 class _Order:

@@ -21,6 +21,11 @@ from caffe_compat.formats.errors import DataError
 
 TRAIN, TEST = 0, 1
 
+# TransformationParameter fields only weiliu89/caffe's (SSD) transformer applies: parsed so
+# SSD's prototxts load, refused when a data layer here would have to apply them.
+_SSD_AUGMENTATIONS = ("resize_param", "noise_param", "emit_constraint", "crop_h", "crop_w",
+                      "distort_param", "expand_param")
+
 
 @dataclass(frozen=True)
 class Draw:
@@ -63,6 +68,11 @@ class DataTransformer:
         self.force_gray = bool(param.force_gray)
         if self.force_color and self.force_gray:
             raise self._error("force_color and force_gray cannot both be set")
+        ssd_only = [f.name for f, _ in param.ListFields() if f.name in _SSD_AUGMENTATIONS]
+        if ssd_only:
+            raise self._error(f"transform_param.{ssd_only[0]} is SSD's AnnotatedData "
+                              "augmentation (weiliu89/caffe), which this project does not "
+                              "implement")
         self.mean_file = param.mean_file if param.HasField("mean_file") else None
         if self.mean_file and len(param.mean_value):
             raise self._error("cannot specify mean_file and mean_value at the same time")

@@ -28,8 +28,31 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+# pycaffe's set_solver_count / set_solver_rank: a script (BVLC's python/train.py) declares its
+# place before it builds the solver, and the group is joined later (caffe.NCCL). The TRAIN
+# data layers' record striding and the root-only testing/snapshots follow the declaration.
+_declared: dict[str, int | None] = {"count": None, "rank": None}
+
+
+def declare(count: int | None = None, rank_: int | None = None) -> None:
+    if count is not None:
+        _declared["count"] = int(count)
+    if rank_ is not None:
+        _declared["rank"] = int(rank_)
+
+
+def solver_count() -> int:
+    count = _declared["count"]
+    return world_size() if count is None else count
+
+
+def solver_rank() -> int:
+    value = _declared["rank"]
+    return rank() if value is None else value
+
+
 def is_root() -> bool:
-    return rank() == 0
+    return solver_rank() == 0
 
 
 T = TypeVar("T")
@@ -51,22 +74,48 @@ def attach(solver) -> None:
     """Make ``solver`` one member of a data-parallel group: same start weights, averaged diffs."""
     if world_size() == 1:
         return
+    broadcast_weights(solver)
+    solver.add_callback(on_gradients_ready=lambda: average_gradients(solver))
+
+
+def broadcast_weights(solver) -> None:
+    """Every process takes the root's learnable weights (Caffe's NCCL::Broadcast)."""
+    if world_size() == 1:
+        return
     with torch.no_grad():
         for p in solver.learnable_tensors:
             dist.broadcast(p.data, src=0)
 
-    def average_gradients() -> None:
-        diffs = solver.param_diffs()                # zero-filled where a param got no gradient
-        flat = torch.cat([d.reshape(-1) for d in diffs])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world_size())
-        offset = 0
-        for d in diffs:
-            n = d.numel()
-            d.copy_(flat[offset:offset + n].view_as(d))
-            offset += n
 
-    solver.add_callback(on_gradients_ready=average_gradients)
+def average_gradients(solver) -> None:
+    """Sum the parameter diffs over the group and scale by 1/count (Caffe's NCCL callback)."""
+    if world_size() == 1:
+        return
+    diffs = solver.param_diffs()                # zero-filled where a param got no gradient
+    flat = torch.cat([d.reshape(-1) for d in diffs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world_size())
+    offset = 0
+    for d in diffs:
+        n = d.numel()
+        d.copy_(flat[offset:offset + n].view_as(d))
+        offset += n
+
+
+def new_group_id() -> bytes:
+    """A rendezvous for processes of this machine (pycaffe's ``NCCL.new_uid()``): a free
+    local TCP port, bound by process 0 when the group forms (nothing is left on disk)."""
+    return f"tcp://127.0.0.1:{_free_port()}".encode()
+
+
+def join_group(group_id: bytes | str, rank_: int, count: int, on_gpu: bool) -> None:
+    """Join the group ``group_id`` (from new_group_id) as process ``rank_`` of ``count``."""
+    if dist.is_initialized():
+        return
+    url = group_id.decode() if isinstance(group_id, bytes) else str(group_id)
+    torch.set_num_threads(threads_per_process(count))
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=url, rank=rank_,
+                            world_size=count)
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ Fan sizes follow Caffe, from the stored blob shape (no swap for Deconvolution):
 """
 from __future__ import annotations
 
+from caffe_compat.formats.budget import check_shape
 from caffe_compat.formats.errors import CaffeCompatError
 
 import math
@@ -159,8 +160,9 @@ def fill(filler_param, shape: Sequence[int]) -> torch.Tensor:
 
     Raises:
         FillerError: unknown type, or parameters Caffe's filler CHECKs against.
+        ResourceError: a negative dim, or a blob larger than the memory budget.
     """
-    shape = tuple(int(s) for s in shape)
+    shape = check_shape(shape, "parameter blob")   # against the memory budget, before allocating
     if filler_param is None:
         return torch.zeros(shape, dtype=torch.float32)
     try:

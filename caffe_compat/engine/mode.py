@@ -1,10 +1,22 @@
-"""Process-wide compute mode (pycaffe's set_mode_cpu / set_mode_gpu / set_device)."""
+"""Process-wide compute mode (pycaffe's set_mode_cpu / set_mode_gpu / set_device).
+
+``set_mode_gpu()`` without CUDA fails as Caffe's CPU-only build does. Scripts written for GPU
+machines (FCN's solve.py, SegNet's and SSD's scripts) can run unchanged on the CPU with
+``CAFFE_COMPAT_GPU_FALLBACK=cpu`` in the environment: the call then warns once and the
+process computes on the CPU.
+"""
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 
+FALLBACK_VARIABLE = "CAFFE_COMPAT_GPU_FALLBACK"
+log = logging.getLogger(__name__)
 _use_gpu = False
 _device_id = 0
+_fallback_told = False
 
 
 class DeviceError(RuntimeError):
@@ -18,10 +30,18 @@ def set_mode_cpu() -> None:
 
 def set_mode_gpu() -> None:
     """Compute on CUDA device ``set_device`` chose; fails clearly when CUDA is absent."""
-    global _use_gpu
+    global _use_gpu, _fallback_told
     if not torch.cuda.is_available():
+        if os.environ.get(FALLBACK_VARIABLE, "").strip().lower() == "cpu":
+            if not _fallback_told:
+                _fallback_told = True
+                log.warning("set_mode_gpu(): no CUDA device is available to PyTorch; "
+                            "computing on the CPU (%s=cpu)", FALLBACK_VARIABLE)
+            _use_gpu = False
+            return
         raise DeviceError("set_mode_gpu(): no CUDA device is available to PyTorch "
-                          "(CPU-only build or no GPU); use set_mode_cpu()")
+                          "(CPU-only build or no GPU); use set_mode_cpu(), or set "
+                          f"{FALLBACK_VARIABLE}=cpu to run GPU scripts on the CPU")
     _use_gpu = True
 
 

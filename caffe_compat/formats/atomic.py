@@ -4,7 +4,9 @@ A reader never sees a partial file: the content goes to a hidden temporary name 
 folder (so the rename cannot cross filesystems), is flushed and fsync'd, and is renamed over
 the final name only when complete. On any failure, Ctrl-C included, the temporary is removed
 and the final name keeps its previous content. A writer killed outright (SIGKILL, power loss)
-leaves only a temporary, which ``remove_stale_temporaries`` clears at the next start.
+leaves only a temporary, which the next write of the same output removes (``fresh_temporary``;
+only temporaries whose writing process is gone), as ``remove_stale_temporaries`` does for a
+whole snapshot folder at the start of a run.
 
     with atomic_write("net_iter_100.caffemodel", "wb") as f:
         f.write(data)
@@ -15,12 +17,14 @@ leaves only a temporary, which ``remove_stale_temporaries`` clears at the next s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
 from pathlib import Path
 from typing import IO, Iterator
 
+log = logging.getLogger(__name__)
 TEMP_MARK = ".tmp-"   # every temporary is named ".<final name>.tmp-<pid>-<random>"
 
 
@@ -28,6 +32,16 @@ def temporary_name(path: str | os.PathLike) -> Path:
     """A hidden, unique name beside ``path`` that marks its content as incomplete."""
     path = Path(path)
     return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fresh_temporary(path: str | os.PathLike) -> Path:
+    """A new temporary for ``path``, after removing the temporaries that killed writers of
+    the same output left (only those whose process is gone; each removal is logged)."""
+    path = Path(path)
+    for stale in remove_stale_temporaries(path.parent, path.name, exact=True):
+        log.warning("removed %s, a temporary of %s left by a writer that was killed",
+                    stale, path)
+    return temporary_name(path)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -60,7 +74,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     so a database rebuilt in place is never half old, half new.
     """
     final = Path(path)
-    tmp = temporary_name(final)
+    tmp = fresh_temporary(final)
     try:
         yield tmp
         commit_temporary(tmp, final, is_dir)
@@ -112,31 +126,35 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, final_name: str = "") -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike, final_name: str = "",
+                             exact: bool = False) -> list[Path]:
     """Delete temporaries that a killed writer left in ``folder`` (for ``final_name*`` only,
-    when given) whose process is gone; returns what was removed."""
+    when given; for ``final_name`` itself with ``exact``) whose process is gone; returns what
+    was removed."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
+    start = f".{final_name}{TEMP_MARK}" if exact else f".{final_name}"
     for entry in folder.iterdir():
         name = entry.name
-        if not name.startswith("." + final_name) or TEMP_MARK not in name:
+        if not name.startswith(start) or TEMP_MARK not in name:
             continue
         pid_part = name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
-        if pid_part.isdigit() and _alive(int(pid_part)):
+        if pid_part.isdigit() and process_alive(int(pid_part)):
             continue
         _remove(entry)
         removed.append(entry)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (this process counts as alive)."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):    # gone, or no pid at all
         return False
     except PermissionError:
         return True

@@ -11,7 +11,9 @@ default is half of the machine's physical memory.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import os
 from typing import Iterable
 
@@ -31,6 +33,12 @@ def memory_budget() -> int:
         except ValueError:
             raise ResourceError(f"CAFFE_COMPAT_MEMORY_BUDGET={text!r}: expected a byte count "
                                 "such as 8G") from None
+    return _half_the_ram()
+
+
+@functools.lru_cache(maxsize=1)
+def _half_the_ram() -> int:
+    """Half the physical memory (asked once: a net of 100k layers checks every top)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):
@@ -50,13 +58,35 @@ def human(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def check_shape(shape: Iterable[int], where: str, itemsize: int = 4) -> tuple[int, ...]:
-    """``shape`` as ints; ResourceError if a dim is negative or the array exceeds the budget."""
-    dims = tuple(int(d) for d in shape)
+MAX_AXES = 32   # Caffe's kMaxBlobAxes (blob.hpp): a blob has at most 32 axes
+
+
+def check_shape(shape: Iterable[int], where: str, itemsize: int = 4,
+                allow_empty: bool = True) -> tuple[int, ...]:
+    """``shape`` as ints; ResourceError if a dim is not an integer or negative (or zero, unless
+    ``allow_empty``), there are more than Caffe's 32 axes, or the array exceeds the budget."""
+    shape = list(shape)
+    try:
+        dims = tuple(_whole(d) for d in shape)
+    except TypeError:
+        raise ResourceError(f"{where}: shape {shape} must be whole numbers") from None
+    if len(dims) > MAX_AXES:
+        raise ResourceError(f"{where}: shape has {len(dims)} axes; Caffe's blobs have at most "
+                            f"{MAX_AXES} (kMaxBlobAxes)")
     if any(d < 0 for d in dims):
         raise ResourceError(f"{where}: negative dimension in shape {list(dims)}")
+    if not allow_empty and 0 in dims:
+        raise ResourceError(f"{where}: shape {list(dims)} has a zero dimension: an empty blob "
+                            "(a batch of no items) cannot run through the net")
     check_bytes(shape_bytes(dims, itemsize), where, f"shape {list(dims)}")
     return dims
+
+
+def _whole(value) -> int:
+    """An integer dimension (a float only when it is whole); TypeError otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return operator.index(value)
 
 
 def check_bytes(nbytes: int, where: str, what: str = "it") -> None:

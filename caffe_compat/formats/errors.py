@@ -14,3 +14,15 @@ class DataError(CaffeCompatError):
 
 class ResourceError(CaffeCompatError):
     """An input declares a size that the data present or the memory budget cannot hold."""
+
+
+def with_context(message: str, *context: str) -> str:
+    """``message`` prefixed with the parts of ``context`` ("net.prototxt", "layer 'data'
+    (Data)") it does not already name, each followed by ": ".
+
+    Every place that adds where-it-happened to an error message that may have come up
+    through another such place uses this, so a message never says the same thing twice
+    ("layer 'data' (Data): layer 'data' (Data): crop_size ...")."""
+    message = str(message)
+    parts = [part for part in context if part and part not in message]
+    return ": ".join(parts + [message])

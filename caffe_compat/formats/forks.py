@@ -10,27 +10,33 @@ from __future__ import annotations
 import re
 
 _SSD = "weiliu89/caffe (SSD)"
-_FRCNN = "rbgirshick/caffe-fast-rcnn (Fast/Faster R-CNN)"
 _RFCN = "daijifeng001/caffe-rfcn (R-FCN)"
 _YOLO = "the YOLO ports of Caffe"
-_DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2)"
+_DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
+_PSPNET = "hszhao/PSPNet (its BN layer, not SegNet's BN this project implements)"
 _FACE = "ydwen/caffe-face (center loss)"
 
-# LayerParameter fields (by name) that forks add and this project lacks.
-FORK_FIELDS: dict[str, str] = {
-    "annotated_data_param": _SSD,
-    "multibox_loss_param": _SSD,
-    "detection_evaluate_param": _SSD,
-    "video_data_param": _SSD,
-    "smooth_l1_loss_param": _FRCNN,
-    "psroi_pooling_param": _RFCN,
-    "reorg_param": _YOLO,
-    "region_param": _YOLO,
-    "yolo_v3_loss_param": _YOLO,
-    "seg_accuracy_param": _DEEPLAB,
-    "image_seg_data_param": _DEEPLAB,
-    "mat_read_param": _DEEPLAB,
-    "center_loss_param": _FACE,
+# Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
+# parameter blocks; the others are fields nested inside BVLC's (or a fork's) messages, so a
+# fork's prototxt is told apart from a typo at any depth.
+FORK_FIELDS: dict[str, dict[str, str]] = {
+    "LayerParameter": {
+        "psroi_pooling_param": _RFCN, "box_annotator_ohem_param": _RFCN,
+        "reorg_param": _YOLO, "region_param": _YOLO, "yolo_v3_loss_param": _YOLO,
+        "yolov3_detection_output_param": _YOLO,
+        "seg_accuracy_param": _DEEPLAB, "image_seg_data_param": _DEEPLAB,
+        "mat_read_param": _DEEPLAB, "mat_write_param": _DEEPLAB, "dense_crf_param": _DEEPLAB,
+        "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
+        "bias_channel_param": _DEEPLAB, "unique_label_param": _DEEPLAB,
+        "center_loss_param": _FACE,
+    },
+    "BNParameter": {name: _PSPNET for name in
+                    ("slope_filler", "bias_filler", "momentum", "eps", "frozen")},
+    "BatchNormParameter": {"update_global_stats": _PSPNET},
+    "TransformationParameter": {"scale_factors": _DEEPLAB, "crop_width": _DEEPLAB,
+                                "crop_height": _DEEPLAB},
+    "ImageDataParameter": {"ignore_label": _DEEPLAB, "label_type": _DEEPLAB},
+    "LossParameter": {"pre_fixed_normalizer": _RFCN},
 }
 
 # Layer types that forks register and this project lacks.
@@ -39,14 +45,17 @@ FORK_TYPES: dict[str, str] = {
     "MultiBoxLoss": _SSD,
     "DetectionEvaluate": _SSD,
     "VideoData": _SSD,
-    "SmoothL1Loss": _FRCNN,
     "PSROIPooling": _RFCN,
+    "BoxAnnotatorOHEM": _RFCN,
     "Reorg": _YOLO,
     "Region": _YOLO,
     "Yolov3DetectionOutput": _YOLO,
     "SegAccuracy": _DEEPLAB,
     "ImageSegData": _DEEPLAB,
     "MatRead": _DEEPLAB,
+    "MatWrite": _DEEPLAB,
+    "DenseCRF": _DEEPLAB,
+    "DomainTransform": _DEEPLAB,
     "CenterLoss": _FACE,
 }
 
@@ -59,7 +68,7 @@ def explain_unknown_field(reason: str) -> tuple[str, str, str] | None:
     if match is None:
         return None
     message, field = match.group(1), match.group(2)
-    fork = FORK_FIELDS.get(field)
+    fork = FORK_FIELDS.get(message.rsplit(".", 1)[-1], {}).get(field)
     origin = (f"defined by {fork}, which this project does not implement" if fork
               else "no supported fork defines it")
     return message, field, origin

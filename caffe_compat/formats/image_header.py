@@ -2,7 +2,7 @@
 the bytes present justify (a flipped bit in a 572-byte PNG's header asked OpenCV for 2.3 GB).
 
 ``check_encoded_size(data)`` reads width × height × channels from the header of a PNG, JPEG,
-BMP, GIF, WebP or binary PNM image and raises DataError when the header is truncated, a
+BMP, GIF, WebP, binary PNM or (classic) TIFF image and raises DataError when the header is truncated, a
 dimension is zero, the decoded image exceeds the memory budget, or — for PNG, whose deflate
 stream cannot expand more than about 1032:1 — the pixels cannot come from the bytes given.
 Other formats are refused: their size cannot be checked before OpenCV allocates.
@@ -108,8 +108,35 @@ def _pnm(data: bytes):
     return width, height, (3 if data[1:2] == b"6" else 1) * (2 if maxval > 255 else 1)
 
 
+def _tiff(data: bytes):
+    """Width, height and bytes per pixel from the first IFD of a (classic) TIFF."""
+    order = "<" if data[:2] == b"II" else ">"
+    if len(data) < 8:
+        raise DataError("encoded TIFF is truncated before its header")
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    if ifd + 2 > len(data):
+        raise DataError(f"encoded TIFF's first directory (byte {ifd}) is past its end")
+    count = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
+    tags = {}
+    for pos in range(ifd + 2, min(ifd + 2 + 12 * count, len(data) - 11), 12):
+        tag, kind = struct.unpack(order + "HH", data[pos:pos + 4])
+        fmt = {3: "H", 4: "I"}.get(kind)
+        if fmt:
+            tags[tag] = struct.unpack(order + fmt, data[pos + 8:pos + 8 + struct.calcsize(fmt)])[0]
+    if 256 not in tags or 257 not in tags:
+        raise DataError("encoded TIFF has no image width or length in its first directory")
+    bits = tags.get(258, 8) if tags.get(277, 1) == 1 else 8    # several samples: an offset
+    return tags[256], tags[257], max(1, tags.get(277, 1)) * max(1, bits // 8)
+
+
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", _png), (b"\xff\xd8", _jpeg), (b"BM", _bmp),
-               (b"GIF8", _gif), (b"P5", _pnm), (b"P6", _pnm))
+               (b"GIF8", _gif), (b"P5", _pnm), (b"P6", _pnm), (b"II*\0", _tiff),
+               (b"MM\0*", _tiff))
+
+
+def _has_known_signature(head: bytes) -> bool:
+    return (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or \
+        any(head.startswith(signature) for signature, _ in _SIGNATURES)
 
 
 def image_size(data: bytes) -> tuple[int, int, int]:
@@ -120,13 +147,21 @@ def image_size(data: bytes) -> tuple[int, int, int]:
     for signature, reader in _SIGNATURES:
         if data.startswith(signature):
             return reader(data)
-    raise DataError("encoded record is not a PNG, JPEG, BMP, GIF, WebP or PNM image (other "
+    raise DataError("encoded record is not a PNG, JPEG, BMP, GIF, WebP, PNM or TIFF image (other "
                     "formats are refused: their size cannot be checked before decoding)")
 
 
-def check_encoded_size(data: bytes) -> None:
-    """DataError unless decoding ``data`` allocates a sane, budgeted amount of memory."""
-    width, height, channels = image_size(data)
+def check_encoded_size(data: bytes, unknown_ok: bool = False) -> None:
+    """DataError unless decoding ``data`` allocates a sane, budgeted amount of memory.
+
+    ``unknown_ok`` lets a format without a header reader here pass (image files: TIFF and
+    the like are OpenCV's to refuse, under its own pixel limit)."""
+    try:
+        width, height, channels = image_size(data)
+    except DataError:
+        if unknown_ok and not _has_known_signature(bytes(data[:12])):
+            return
+        raise
     if width <= 0 or height <= 0:
         raise DataError(f"encoded image header declares an empty {width}×{height} image")
     if width * height > MAX_PIXELS:

@@ -6,7 +6,8 @@ import os
 import cv2
 import numpy as np
 
-from caffe_compat.formats.errors import DataError
+from caffe_compat.formats.budget import check_bytes
+from caffe_compat.formats.errors import CaffeCompatError, DataError, with_context
 from caffe_compat.formats.image_header import check_encoded_size
 
 
@@ -21,12 +22,51 @@ def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True
     full = os.path.join(base, path) if base else path
     if not os.path.isfile(full):          # checked first: OpenCV would also print a warning
         raise DataError(f"{prefix}image '{path}' does not exist")
-    img = cv2.imread(full, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
+    img = imread_checked(full, cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE,
+                         f"{prefix}image '{path}'")
     if img is None:
         raise DataError(f"{prefix}image '{path}' could not be decoded (corrupt or not an image)")
     if height > 0 and width > 0:
         img = cv2.resize(img, (width, height))
     return img
+
+
+def imread_checked(path: str, flag: int, label: str) -> np.ndarray | None:
+    """``cv2.imread`` after the file's header has been checked against the memory budget
+    (a 0.8 MB PNG may declare 16000×16000 pixels: 1.8 GB decoded); DataError naming
+    ``label`` ("list.txt:5: image 'a.png'") instead of OpenCV's raw error. None when OpenCV
+    cannot decode it, as imread."""
+    try:
+        check_bytes(os.path.getsize(path), label, "the file")
+        with open(path, "rb") as f:
+            _check_header(f.read(), label)
+    except OSError as exc:
+        raise DataError(f"{label} cannot be read ({exc.strerror or exc})") from None
+    try:
+        return cv2.imread(path, flag)
+    except cv2.error as exc:
+        raise DataError(f"{label} could not be decoded ({_opencv_reason(exc)})") from None
+
+
+def imdecode_checked(data: bytes, flag: int, label: str) -> np.ndarray | None:
+    """``cv2.imdecode`` of an image file's bytes, checked as ``imread_checked`` checks."""
+    _check_header(data, label)
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as exc:
+        raise DataError(f"{label} could not be decoded ({_opencv_reason(exc)})") from None
+
+
+def _check_header(data: bytes, label: str) -> None:
+    try:
+        check_encoded_size(data, unknown_ok=True)
+    except CaffeCompatError as exc:
+        raise DataError(with_context(str(exc).replace("encoded ", "", 1), label)) from None
+
+
+def _opencv_reason(exc: Exception) -> str:
+    """The end of OpenCV's multi-line message, on one line (where it says what failed)."""
+    return " ".join(str(exc).split())[-160:]
 
 
 def hwc_to_chw(img: np.ndarray) -> np.ndarray:
@@ -46,8 +86,8 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
     try:
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     except cv2.error as exc:
-        reason = " ".join(str(exc).split())[-160:]
-        raise DataError(f"encoded record could not be decoded as an image ({reason})") from None
+        raise DataError("encoded record could not be decoded as an image "
+                        f"({_opencv_reason(exc)})") from None
     if img is None:
         raise DataError("encoded record could not be decoded as an image")
     if img.dtype != np.uint8:

@@ -2,9 +2,11 @@
 
 Each runner takes the ONNX file, the input and output names, and the thread count, and maps
 a dict of float32 numpy inputs to the list of outputs. Both keep float32 arithmetic (OpenVINO
-would pick bf16 on an AMX CPU by default: its precision hint is set to f32), flush subnormals
-(as engine/numerics.py does for weights) and run one request at a time on ``threads``
-threads. A missing package raises ``BackendUnavailable`` naming the extra to install.
+would pick bf16 on an AMX CPU by default: its precision hint is set to f32) and run one
+request at a time on ``threads`` threads. onnxruntime's ``session.set_denormal_as_zero`` is
+left off: it sets flush-to-zero on the calling thread for good, so every later torch
+computation in the process (training included) would flush too; subnormal weights are
+already zero (engine/numerics.py). A missing package raises ``BackendUnavailable`` naming the extra to install.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ class OnnxRuntimeRunner:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         opts.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(path, opts,
                                                     providers=["CPUExecutionProvider"])

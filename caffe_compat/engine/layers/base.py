@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from caffe_compat.formats.errors import CaffeCompatError
+from caffe_compat.formats.errors import CaffeCompatError, with_context
 from torch import nn
 
 from caffe_compat.formats.forks import FORK_TYPES
@@ -60,6 +60,8 @@ class Layer(nn.Module):
         exports_to_onnx: an exporter can express the layer as graph ops (False for layers
             computing on the host or in user code: they run in torch after an exported
             prefix, engine/backends/split.py).
+        is_alias: every top is its bottom unchanged (Split; Dropout at TEST): fused plans
+            give the tops the bottom's tensor and run nothing. May be set per instance.
     """
 
     type: str = ""
@@ -72,6 +74,7 @@ class Layer(nn.Module):
     family: str = ""
     origin: str = "BVLC"
     exports_to_onnx: bool = True
+    is_alias: bool = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         """Build from ``param`` (a caffe_pb2.LayerParameter) for bottoms of these shapes.
@@ -88,7 +91,7 @@ class Layer(nn.Module):
 
     # -- helpers for subclasses -------------------------------------------------
     def error(self, message: str) -> LayerError:
-        return LayerError(f"layer '{self.name}' ({self.type}): {message}")
+        return LayerError(with_context(message, f"layer '{self.name}' ({self.type})"))
 
     def add_blob(self, data: torch.Tensor, learnable: bool = True) -> nn.Parameter:
         """Append a parameter blob (float32). Non-learnable blobs (BatchNorm stats) get no grad."""

@@ -238,6 +238,7 @@ class Split(Layer):
     type = "Split"
     num_bottoms = (1, 1)
     num_tops = (1, None)
+    is_alias = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

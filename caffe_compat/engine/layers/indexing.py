@@ -130,7 +130,7 @@ class Parameter(Layer):
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
         self.shape = tuple(int(d) for d in param.parameter_param.shape.dim)
-        self.add_blob(torch.zeros(self.shape))
+        self.add_blob(fill(None, self.shape))     # zeros, after the budget check
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         return [self.shape]

@@ -1,5 +1,5 @@
-"""Loss layers and Accuracy: SoftmaxWithLoss, EuclideanLoss, SigmoidCrossEntropyLoss,
-HingeLoss, InfogainLoss, Accuracy.
+"""Loss layers: SoftmaxWithLoss, EuclideanLoss, SigmoidCrossEntropyLoss, HingeLoss,
+InfogainLoss (Accuracy is in ``accuracy.py``).
 
 A loss layer's top 0 is a 0-d tensor (Caffe's loss blobs have shape ``()``); the net builder
 applies the loss weight (default 1 for these types). Labels are float-coded integers, cast
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from caffe_compat.engine.layers.accuracy import labels_in_range
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.common import canonical_axis, pack
 from caffe_compat.proto import caffe_pb2
@@ -107,6 +108,7 @@ class _SoftmaxLoss(_LossLayer):
 
     num_tops = (1, 2)
     _axis_field = ""
+    release_labels = False   # out-of-range labels: True = release Caffe's tolerance, else error
 
     def _axis(self, ndim: int) -> int:
         return canonical_axis(self, self._axis_value(), ndim)
@@ -140,8 +142,11 @@ class _SoftmaxLoss(_LossLayer):
         # .long() truncates toward zero, like static_cast<int>
         lab = label.detach().reshape(outer, inner).long()
         valid = self._valid(lab)
+        if self.release_labels:
+            inside = labels_in_range(self, lab, valid, classes)
+            return axis, logp, lab, valid, (outer, inner), inside
         _check_labels(self, lab, valid, classes)
-        return axis, logp, lab, valid, (outer, inner)
+        return axis, logp, lab, valid, (outer, inner), None
 
     def _finish(self, loss: torch.Tensor, score: torch.Tensor, axis: int):
         # Top 1 (probabilities) carries no gradient: Caffe's backward reads only top 0's diff.
@@ -158,26 +163,46 @@ class SoftmaxWithLoss(_SoftmaxLoss):
     ``(p - onehot) / normalizer`` (0 at ignored positions), not clamped. Normalization:
     ``normalization`` (default VALID), else the legacy ``normalize`` (true VALID, false
     BATCH_SIZE).
+
+    SegNet's ``loss_param { weight_by_label_freqs: true class_weighting: ... }`` multiplies
+    each position's loss (and so its gradient) by its label's weight; the normalizer still
+    counts positions, as in alexgkendall/caffe-segnet. Labels outside [0, C) are tolerated
+    as a release build does (``accuracy.labels_in_range``).
     """
 
     type = "SoftmaxWithLoss"
     _axis_field = "softmax axis"
+    release_labels = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
         self.normalization = _normalization(self, _Loss.VALID)
+        lp = param.loss_param
+        weights = torch.tensor(list(lp.class_weighting), dtype=torch.float32) \
+            if lp.weight_by_label_freqs else None
+        self.register_buffer("class_weights", weights, persistent=False)
         self.top_shapes(bottom_shapes)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        tops = super().top_shapes(bottom_shapes)
+        classes = bottom_shapes[0][self._axis(len(bottom_shapes[0]))]
+        if self.class_weights is not None and self.class_weights.numel() != classes:
+            raise self.error(f"weight_by_label_freqs needs one class_weighting per class: "
+                             f"{self.class_weights.numel()} given for {classes} classes")
+        return tops
 
     def _axis_value(self) -> int:
         return self.param.softmax_param.axis
 
     def forward(self, score: torch.Tensor, label: torch.Tensor):
-        axis, logp, lab, valid, (outer, inner) = self._log_probs(score, label)
-        safe = lab if valid is None else lab.masked_fill(~valid, 0)
+        axis, logp, lab, valid, (outer, inner), inside = self._log_probs(score, label)
+        counted = inside if valid is None else valid & inside
+        safe = lab.masked_fill(~counted, 0)
         picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1)  # (outer, inner)
         picked = _clamped_log(picked, FLT_MIN)
-        if valid is not None:
-            picked = torch.where(valid, picked, 0.0)
+        if self.class_weights is not None:
+            picked = picked * self.class_weights.to(picked.dtype)[safe]
+        picked = torch.where(counted, picked, 0.0)
         count = None if valid is None else valid.sum()
         loss = -picked.sum() / _normalizer(self.normalization, outer, inner, count)
         return self._finish(loss, score, axis)
@@ -226,7 +251,7 @@ class InfogainLoss(_SoftmaxLoss):
         return tops
 
     def forward(self, score: torch.Tensor, label: torch.Tensor, matrix: torch.Tensor | None = None):
-        axis, logp, lab, valid, (outer, inner) = self._log_probs(score, label)
+        axis, logp, lab, valid, (outer, inner), _ = self._log_probs(score, label)
         classes = logp.shape[1]
         H = (self.infogain if matrix is None else matrix.detach()).reshape(classes, classes)
         safe = lab if valid is None else lab.masked_fill(~valid, 0)
@@ -335,66 +360,3 @@ class HingeLoss(_LossLayer):
         if self.norm == caffe_pb2.HingeLossParameter.L2:
             h = h * h
         return h.sum() / n
-
-
-@register
-class Accuracy(Layer):
-    """Top-k accuracy; optional top 1 holds the accuracy per class. No gradient.
-
-    A position is correct when fewer than ``top_k`` classes score >= the true class's score
-    (the true class counts itself, so ties count against). Ignored labels are skipped; the
-    result is correct / counted (0 when nothing is counted).
-    """
-
-    type = "Accuracy"
-    num_bottoms = (2, 2)
-    num_tops = (1, 2)
-    no_grad_bottoms = (0, 1)
-    full_precision = True
-
-    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
-        super().__init__(param, bottom_shapes, phase)
-        p = param.accuracy_param
-        self.top_k = p.top_k
-        self.ignore_label = p.ignore_label if p.HasField("ignore_label") else None
-        self.top_shapes(bottom_shapes)
-
-    def _sizes(self, shape: Shape, label_shape: Shape) -> tuple[int, int, int]:
-        axis = canonical_axis(self, self.param.accuracy_param.axis, len(shape))
-        outer, classes, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
-        if self.top_k > classes:
-            raise self.error(f"top_k ({self.top_k}) must not exceed the number of classes "
-                             f"({classes})")
-        if outer * inner != math.prod(label_shape):
-            raise self.error(
-                f"number of labels ({math.prod(label_shape)}, shape {list(label_shape)}) must "
-                f"match number of predictions ({outer * inner}): with label axis {axis} and "
-                f"prediction shape {list(shape)}, labels must count outer*inner = "
-                f"{outer}*{inner}")
-        return outer, classes, inner
-
-    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
-        shape = tuple(bottom_shapes[0])
-        _, classes, _ = self._sizes(shape, tuple(bottom_shapes[1]))
-        return [()] + [(classes,)] * (len(self.param.top) > 1)
-
-    def forward(self, score: torch.Tensor, label: torch.Tensor):
-        outer, classes, inner = self._sizes(tuple(score.shape), tuple(label.shape))
-        x = score.detach().reshape(outer, classes, inner)
-        lab = label.detach().reshape(outer, inner).long()
-        valid = torch.ones_like(lab, dtype=torch.bool) if self.ignore_label is None \
-            else lab != self.ignore_label
-        _check_labels(self, lab, valid, classes)
-        safe = lab.masked_fill(~valid, 0)
-        true_score = x.gather(1, safe.unsqueeze(1))  # (outer, 1, inner)
-        better = (x >= true_score).sum(1) - 1        # other classes scoring >= the true one
-        correct = valid & (better < self.top_k)
-        dtype = score.dtype
-        count = valid.sum()
-        acc = correct.sum().to(dtype) / count.clamp(min=1).to(dtype)  # 0 when nothing counted
-        if len(self.param.top) < 2:
-            return acc
-        seen = torch.bincount(lab[valid], minlength=classes)
-        hits = torch.bincount(lab[correct], minlength=classes)
-        per_class = hits.to(dtype) / seen.clamp(min=1).to(dtype)  # 0 for unseen classes
-        return pack([acc, per_class])

@@ -1,6 +1,7 @@
-"""BVLC loss layers beyond ``loss.py``: ContrastiveLoss and MultinomialLogisticLoss.
+"""Loss layers beyond ``loss.py``: BVLC's ContrastiveLoss and MultinomialLogisticLoss, and
+Fast R-CNN's SmoothL1Loss.
 
-Both reproduce Caffe's backward where it is not the derivative of its forward (the
+The BVLC two reproduce Caffe's backward where it is not the derivative of its forward (the
 ``1e-4`` in ContrastiveLoss' distance, the clamped probability in MultinomialLogisticLoss):
 the forward value is computed as usual and the gradient enters through a linear surrogate
 ``g·(x - x.detach())``, which adds 0 to the value and exactly ``g`` to the gradient.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from caffe_compat.engine.layers.base import Shape, register
@@ -99,3 +101,50 @@ class MultinomialLogisticLoss(_LossLayer):
         clamped = picked.detach().clamp(min=LOG_THRESHOLD)
         loss = -torch.log(clamped).sum() / n
         return _with_gradient(loss, picked, -1.0 / (n * clamped))
+
+
+@register
+class SmoothL1Loss(_LossLayer):
+    """rbgirshick/caffe-fast-rcnn's box regression loss over ``d = w_in · (pred - target)``::
+
+        loss = Σ w_out · f(d) / N,  f(d) = 0.5 (σ d)² if |d| < 1/σ², else |d| - 0.5/σ²
+
+    with the optional inside/outside weights as bottoms 2 and 3 (both or neither) and N the
+    batch size (bottom 0's first axis). The fork's backward is the exact derivative, so
+    autograd gives it; like the fork, the target (bottom 1) receives the opposite gradient.
+    """
+
+    type = "SmoothL1Loss"
+    origin = "rbgirshick/caffe-fast-rcnn"
+    family = "loss"
+    num_bottoms = (2, 4)
+    no_grad_bottoms = (2, 3)
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        sigma = np.float32(param.smooth_l1_loss_param.sigma)
+        self.sigma2 = float(sigma * sigma)              # the fork's float sigma2_
+        if self.sigma2 <= 0:
+            raise self.error(f"smooth_l1_loss_param.sigma must be non-zero, got {sigma:g}")
+        self.top_shapes(bottom_shapes)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        if len(bottom_shapes) == 3:
+            raise self.error("give both the inside and the outside weights (4 bottoms) or "
+                             "neither (2 bottoms)")
+        first = tuple(bottom_shapes[0])
+        for i, shape in enumerate(bottom_shapes[1:], start=1):
+            if math.prod(shape) != math.prod(first) or tuple(shape[:1]) != first[:1]:
+                raise self.error(f"bottom {i} {list(shape)} must match bottom 0 {list(first)}")
+        return [()]
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor,
+                inside: torch.Tensor | None = None, outside: torch.Tensor | None = None):
+        d = pred - target.reshape(pred.shape)
+        if inside is not None:
+            d = d * inside.detach().reshape(pred.shape)
+        small = d.abs() < 1.0 / self.sigma2
+        err = torch.where(small, 0.5 * d * d * self.sigma2, d.abs() - 0.5 / self.sigma2)
+        if outside is not None:
+            err = err * outside.detach().reshape(pred.shape)
+        return err.sum() / pred.shape[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -242,21 +243,37 @@ class Dropout(_Neuron):
 
     ``F.dropout`` draws the same mask distribution and applies the same scale, and returns
     x untouched for p == 0. Caffe's mask comes from its own RNG, so masks are not
-    bit-identical to a Caffe run.
+    bit-identical to a Caffe run. Two forks' fields:
+
+    - ``scale_train: false`` (caffe-fast-rcnn): TRAIN ``y = x * mask`` and TEST
+      ``y = x * (1 - p)`` (the classic, non-inverted dropout of py-faster-rcnn's ZF nets);
+    - ``sample_weights_test: true`` (Bayesian SegNet): masks are drawn at TEST as in TRAIN,
+      so repeated forwards of one input are Monte-Carlo samples.
     """
 
     type = "Dropout"
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
-        self.ratio = float(param.dropout_param.dropout_ratio)
+        dp = param.dropout_param
+        self.ratio = float(dp.dropout_ratio)
         if not 0.0 <= self.ratio < 1.0:
             raise self.error(f"dropout_ratio ({self.ratio:g}) must be in [0, 1)")
+        self.scale_train = bool(dp.scale_train)
+        self.sampling = phase == TRAIN or bool(dp.sample_weights_test)
+        self.is_alias = not self.sampling and self.scale_train
+        # Fast R-CNN's TEST factor: caffe_scal by 1/scale_, scale_ = 1/(1-p) held in float
+        self.keep_factor = float(np.float32(1.0 / float(np.float32(1.0 / (1.0 - np.float32(
+            self.ratio))))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.phase != TRAIN or self.ratio == 0.0:
+        if self.ratio == 0.0:
             return x
-        return F.dropout(x, self.ratio, training=True)
+        if not self.sampling:
+            return x if self.scale_train else x * self.keep_factor
+        if self.scale_train:
+            return F.dropout(x, self.ratio, training=True)
+        return x * torch.empty_like(x).bernoulli_(1.0 - self.ratio)
 
 
 @register

@@ -8,8 +8,10 @@ construction. Each forward calls ``reshape`` then ``forward(bottom, top)``; back
 
 Exceptions raised by the user code reach the caller unchanged (same type and message, as
 from pycaffe); a note naming the layer and the step is attached where Python supports it.
-The user object's ``self.blobs`` is a ``_BlobVec`` over this layer's parameter blobs, so
+The user object's ``self.blobs`` is a ``BlobVec`` over this layer's parameter blobs, so
 ``self.blobs.add_blob(*shape)`` makes a learnable blob that caffemodels save and load.
+``param_str`` is also set as ``param_str_`` and ``phase`` prints as 'TRAIN'/'TEST', the
+spellings caffe-fast-rcnn's layers (py-faster-rcnn) use.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import numpy as np
 import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.engine.layers.blob_vectors import BlobVec, BoolVec, Phase, RawBlobVec
 from caffe_compat.engine.layers.common import pack
-from caffe_compat.engine.layers.python_trust import not_a_layer_class, refusal
+from caffe_compat.engine.layers.python_trust import not_a_layer_class, refusal, unimportable
 
 
 class _PyBlob:
@@ -126,31 +129,6 @@ class _ParamView:
         return f"_ParamView(shape={list(self.shape)})"
 
 
-class _BlobVec:
-    """pycaffe's BlobVec for ``caffe.Layer.blobs``: indexable, ``len``, ``add_blob(*shape)``."""
-
-    def __init__(self, owner: torch.nn.ParameterList):
-        self._owner = owner
-
-    def add_blob(self, *shape: int) -> None:
-        """Append a zero-filled learnable blob of this shape (pycaffe's ``add_blob``)."""
-        dims = tuple(int(s) for s in shape)
-        self._owner.append(torch.nn.Parameter(torch.zeros(dims, dtype=torch.float32)))
-
-    def __len__(self) -> int:
-        return len(self._owner)
-
-    def __getitem__(self, index: int) -> _ParamView:
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self))[index]]
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"blob index {index} out of range ({len(self)} blobs)")
-        return _ParamView(self._owner, index % len(self))
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-
 class _PythonFunction(torch.autograd.Function):
     """Runs the user's forward in numpy, and its backward (if any) for the gradient."""
 
@@ -171,10 +149,13 @@ class _PythonFunction(torch.autograd.Function):
         return (None, *[g if n else None for g, n in zip(grads, need)])
 
 
-def _import(layer: Layer, module_name: str):
+def _import(layer: Layer, module_name: str, layer_name: str):
     # Caffe's embedded interpreter also finds modules in the current directory.
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+    refused = unimportable(module_name, layer_name)    # checked before any code runs
+    if refused:
+        raise layer.error(refused)
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
@@ -214,7 +195,7 @@ class Python(Layer):
             raise self.error("python_param needs both 'module' and 'layer'")
         if refusal(p.module):                                   # trust model: python_trust
             raise self.error(refusal(p.module))
-        module = _import(self, p.module)
+        module = _import(self, p.module, p.layer)
         cls = getattr(module, p.layer, None)
         if cls is None:
             raise self.error(f"module '{p.module}' has no class '{p.layer}'")
@@ -222,11 +203,12 @@ class Python(Layer):
             raise self.error(not_a_layer_class(p.module, p.layer, cls))
         self.py = self._call(lambda: _instantiate(cls, param), "creating the layer")
         self.py.param_str = p.param_str
-        self.py.phase = int(phase)
-        self.py.blobs = _BlobVec(self.blobs)
+        self.py.param_str_ = p.param_str           # caffe-fast-rcnn's spelling
+        self.py.phase = Phase(phase)                 # int; str() 'TRAIN'/'TEST'
+        self.py.blobs = BlobVec(self.blobs, _ParamView)
         self.num_outputs = len(param.top)
-        self._bottoms = [_PyBlob(s) for s in bottom_shapes]
-        self._tops = [_PyBlob() for _ in range(self.num_outputs)]
+        self._bottoms = RawBlobVec(_PyBlob(s) for s in bottom_shapes)
+        self._tops = RawBlobVec(_PyBlob() for _ in range(self.num_outputs))
         self._call(lambda: self.py.setup(self._bottoms, self._tops), "setup")
         self._call(lambda: self.py.reshape(self._bottoms, self._tops), "reshape")
         self._init_shapes = ([tuple(s) for s in bottom_shapes], [b.shape for b in self._tops])
@@ -246,8 +228,8 @@ class Python(Layer):
         shapes = [tuple(s) for s in bottom_shapes]
         if shapes == self._init_shapes[0]:
             return list(self._init_shapes[1])
-        bottoms = [_PyBlob(s) for s in shapes]
-        tops = [_PyBlob(t.shape) for t in self._tops]
+        bottoms = RawBlobVec(_PyBlob(s) for s in shapes)
+        tops = RawBlobVec(_PyBlob(t.shape) for t in self._tops)
         self._call(lambda: self.py.reshape(bottoms, tops), "reshape")
         return [t.shape for t in tops]
 
@@ -289,6 +271,6 @@ class Python(Layer):
             blob._diff[...] = 0 if g is None else g.detach().cpu().numpy()
         for blob in self._bottoms:
             blob._diff[...] = 0
-        self._call(lambda: self.py.backward(self._tops, need, self._bottoms), "backward")
+        self._call(lambda: self.py.backward(self._tops, BoolVec(need), self._bottoms), "backward")
         return [torch.from_numpy(np.array(blob.diff, dtype=dtype)).to(b.device).reshape(b.shape)
                 for blob, b in zip(self._bottoms, bottoms)]

@@ -78,7 +78,7 @@ _FRESH = {"Eltwise": 2, "Concat": 2, "Pooling": 1}
 
 
 def _is_alias(layer: Layer) -> bool:
-    return layer.type == "Split" or (layer.type == "Dropout" and layer.phase == TEST)
+    return layer.is_alias
 
 
 def _foldable_head(layer: Layer, module: NetModule, top: str) -> int | None:

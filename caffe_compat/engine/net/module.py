@@ -27,7 +27,7 @@ from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.engine.layers.python_trust import allow_python_layers as python_layers_policy
 from caffe_compat.formats.budget import check_shape
-from caffe_compat.formats.errors import ResourceError
+from caffe_compat.formats.errors import ResourceError, with_context
 
 AUTO_TOP = "(automatic)"   # Caffe's name for a top the prototxt leaves out (AppendTop)
 
@@ -86,7 +86,7 @@ class NetModule(nn.Module):
     def _build(self, net: caffe_pb2.NetParameter) -> None:
         produced_by: dict[str, str] = {}
         consumed: set[str] = set()
-        available: list[str] = []
+        available: dict[str, None] = {}    # produced, not yet consumed (ordered; O(1) removal)
         owners: dict[str, tuple[nn.Parameter, caffe_pb2.ParamSpec, str]] = {}
         force_backward = net.force_backward
         # Layer names may repeat, as in Caffe: both layers run, and a lookup by name
@@ -106,8 +106,7 @@ class NetModule(nn.Module):
                                              f"'{lp.name}', bottom index {j})")
                 bottom_shapes.append(self.blob_shapes[b])
                 consumed.add(b)
-                if b in available:
-                    available.remove(b)
+                available.pop(b, None)
             for j, t in enumerate(tops):
                 in_place = j < len(lp.bottom) and lp.bottom[j] == t
                 if t in produced_by and not in_place:
@@ -125,8 +124,8 @@ class NetModule(nn.Module):
                 if hasattr(exc, "caffe_python_layer"):
                     raise          # user code of a Python layer: unchanged, as pycaffe
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}): "
-                                 f"{reason}") from exc
+                raise LayerError(with_context(reason, self.source,
+                                              f"layer '{lp.name}' ({lp.type})")) from exc
             if len(top_shapes) != len(tops):
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) produces "
                                  f"{len(top_shapes)} tops but {len(tops)} are named")
@@ -134,8 +133,8 @@ class NetModule(nn.Module):
                 _check_top_size(self.source, lp, t, shape)
                 produced_by[t] = lp.name
                 self.blob_shapes[t] = tuple(int(d) for d in shape)
-                if t not in available and t not in self._anonymous:
-                    available.append(t)
+                if t not in self._anonymous:
+                    available[t] = None
             if lp.type == "Input":
                 self.input_names.extend(lp.top)
             self._set_loss_weights(layer, lp, tops)
@@ -410,10 +409,12 @@ def _mark_releases(plan: list[_Step], keep: set[str]) -> None:
 
 
 def _check_top_size(source: str, lp, top: str, shape) -> None:
-    """A negative dim or a top larger than the memory budget is an error at build time,
-    before anything is allocated (``Input { dim: 2147483647 }`` would ask for 144 GiB)."""
+    """A negative or zero dim (``num: -0``), more than 32 axes or a top larger than the memory
+    budget is an error at build time, before anything is allocated (``Input { dim:
+    2147483647 }`` would ask for 144 GiB)."""
     try:
-        check_shape(shape, f"{source}: layer '{lp.name}' ({lp.type}) top '{top}'")
+        check_shape(shape, f"{source}: layer '{lp.name}' ({lp.type}) top '{top}'",
+                    allow_empty=lp.type == "Python")   # user code may fill it at reshape
     except ResourceError as exc:
         raise LayerError(str(exc)) from None
 

@@ -141,6 +141,13 @@ class Solver:
             glog.info(f"Creating test net (#{i}) specified by {spec.description}",
                       "solver.cpp:184")
             modules.append(self._build(spec))
+        if not modules and self.param.test_interval > 0:
+            # Caffe accepts this and never tests (a net/net_param solver gets one test net
+            # per test_iter entry); say so rather than train silently without tests
+            glog.warning(f"{self.source or '<solver>'}: test_interval is "
+                         f"{self.param.test_interval} but no test_iter is given, so no test "
+                         "net is built and this run never tests; add test_iter: N (the "
+                         "batches of one test) to test", "solver.cpp:72")
         return modules
 
     def _load_weights_field(self) -> None:

@@ -70,8 +70,10 @@ def learning_rate(param: caffe_pb2.SolverParameter, it: int, current_step: int =
 
 def unknown_policy_message(policy: str) -> str:
     shown = f"'{policy}'" if policy else "(unset)"
-    return (f"Unknown learning rate policy: {shown} (known policies: {', '.join(LR_POLICIES)}); "
-            "set lr_policy in the solver file")
+    fork = " ('plateau' is weiliu89/caffe's (SSD), not implemented here)" \
+        if policy == "plateau" else ""
+    return (f"Unknown learning rate policy: {shown}{fork} (known policies: "
+            f"{', '.join(LR_POLICIES)}); set lr_policy in the solver file")
 
 
 def _exp(x: float) -> float:

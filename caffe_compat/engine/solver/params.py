@@ -145,7 +145,7 @@ def _count_test_nets(param, source) -> int:
     explicit = len(param.test_net) + len(param.test_net_param)
     n_iter = len(param.test_iter)
     if generic and n_iter < explicit or not generic and n_iter != explicit:
-        raise SolverParamError(f"{source}: test_iter must be specified once for each test net "
+        raise SolverParamError(f"{source}: test_iter must be specified for each test network "
                                f"({explicit} test_net/test_net_param given, {n_iter} test_iter)")
     instances = explicit + (n_iter - explicit if generic else 0)
     if len(param.test_state) and len(param.test_state) != instances:
