@@ -209,3 +209,27 @@ def test_engines_leave_torch_subnormals_alone(tmp_path, engine):
     net.forward(data=np.ones(net.blobs["data"].shape, np.float32))
     tiny = torch.tensor([1e-40]) * torch.tensor([1.0])
     assert float(tiny) > 0
+
+
+@pytest.mark.skipif("openvino" not in ENGINES, reason="openvino is not installed")
+def test_openvino_nets_freed_in_any_order_leave_signals_working(tmp_path):
+    """Each OpenVINO compiled model swaps the thread's alternate signal stack and puts back
+    the one it found when freed; freed first-in first-out, the thread was left on a freed
+    stack and the next SIGINT killed the process (SIGSEGV)."""
+    import gc
+    import os
+    import signal
+    proto = _prototxt(tmp_path, "lenet")
+    first = caffe.Net(proto, caffe.TEST, engine="openvino")
+    second = caffe.Net(proto, caffe.TEST, engine="openvino")
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda *args: got.append(args[0]))
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert got == [signal.SIGINT]

@@ -10,6 +10,8 @@ already zero (engine/numerics.py). A missing package raises ``BackendUnavailable
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from typing import Sequence
 
 import numpy as np
@@ -52,19 +54,48 @@ class OpenVinoRunner:
         except ImportError:
             raise BackendUnavailable("openvino is not installed: pip install "
                                      "'caffe-compat[openvino]'") from None
-        core = ov.Core()
-        model = core.read_model(path)
+        self.core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
                   "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        self.compiled = core.compile_model(model, "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        self.inputs = {name: self.compiled.input(name) for name in input_names}
-        self.outputs = [self.compiled.output(name) for name in output_names]
+        with _signal_stack_kept():
+            self.compiled = self.core.compile_model(self.core.read_model(path), "CPU", config)
+            self.request = self.compiled.create_infer_request()
+        names = [sorted(port.get_names()) for port in self.compiled.outputs]
+        self.output_index = [next(i for i, n in enumerate(names) if name in n)
+                             for name in output_names]
 
     def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = self.request.infer({self.inputs[k]: v for k, v in feed.items()},
-                                    share_inputs=True, share_outputs=False)
-        return [result[port] for port in self.outputs]
+        self.request.infer(feed, share_inputs=True)
+        return [self.request.get_output_tensor(i).data.copy() for i in self.output_index]
+
+
+
+class _StackT(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept():
+    """Put the thread's alternate signal stack back after OpenVINO compiles a model.
+
+    Each compiled model installs its own alternate signal stack on the calling thread and
+    reinstates the one it found when it is destroyed. Freed in any other order than last-in
+    first-out (the garbage collector's), that leaves the thread on a freed stack, and the next
+    signal (Ctrl-C, a SIGINT handler of ``caffe train``) kills the process with SIGSEGV. With
+    the stack put back, every model finds, and so reinstates, the same valid one."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        before = _StackT()
+        saved = libc.sigaltstack(None, ctypes.byref(before)) == 0
+    except (OSError, AttributeError):      # no C library symbols here: nothing to keep
+        saved = False
+    try:
+        yield
+    finally:
+        if saved:
+            if not before.sp:                 # none before: disable whatever was set
+                before.flags, before.size = 2, 0            # SS_DISABLE
+            libc.sigaltstack(ctypes.byref(before), None)
 
 
 RUNNERS = {"onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner}
