@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all setup clean graphviz
+.PHONY: train test test-all setup clean graphviz chromium
 
 setup: $(STAMP)
 
@@ -15,6 +15,7 @@ $(STAMP): setup.cfg setup.py
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(MAKE) --no-print-directory graphviz
+	$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
 
 # caffe.draw renders through Graphviz's `dot`. Installed with apt where we are root (CI);
@@ -26,6 +27,16 @@ graphviz:
 	  (apt-get update -q >/dev/null && apt-get install -y -q graphviz >/dev/null) || \
 	  echo "note: could not install graphviz; caffe.draw needs it (apt-get install graphviz)"; \
 	else echo "note: Graphviz 'dot' is missing; caffe.draw needs it (apt-get install graphviz)"; fi
+
+# The dashboard's browser tests drive Debian's Chromium through its chromedriver (Selenium).
+# Installed with apt where we are root (CI); elsewhere those tests are skipped and say why.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q chromium chromium-driver >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null) || \
+	  echo "note: could not install chromium; the dashboard's browser tests will be skipped"; \
+	else echo "note: chromium/chromedriver missing; the dashboard's browser tests will be skipped (apt-get install chromium chromium-driver)"; fi
 
 train: $(STAMP)
 	$(PY) tools/train_default.py

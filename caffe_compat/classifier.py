@@ -65,3 +65,88 @@ class Classifier(Net):
         if oversample:
             predictions = predictions.reshape((len(predictions) // 10, 10, -1)).mean(1)
         return predictions
+
+    @classmethod
+    def from_bundle(cls, folder, allow_missing_weights: bool = False) -> "BundleClassifier":
+        """A classifier from a model bundle folder (``caffe fit`` / ``caffe bundle``): its
+        deploy net and weights, its labels, and exactly the training's TEST preprocessing.
+        Weights that leave a layer with parameters unfilled are an error unless
+        ``allow_missing_weights``."""
+        return BundleClassifier(folder, allow_missing_weights)
+
+
+class BundleClassifier(Classifier):
+    """``Classifier.from_bundle(B)``: ``top_k(image)`` → [(label, probability), ...];
+    ``probabilities(images)``; ``predict`` keeps pycaffe's input (caffe.io.load_image's RGB
+    floats in [0, 1]). Images are files (read as the data set read them) or OpenCV uint8
+    arrays (H×W×3 BGR or H×W grey); every one gets the bundle's preprocessing, the centre
+    crop of the TEST phase (no ten-crop oversampling: the training never saw one)."""
+
+    def __init__(self, folder, allow_missing_weights: bool = False):
+        from caffe_compat.data.bundle import Preprocess, bundle_files, read_labels_file
+        from caffe_compat.engine import weights
+        files = bundle_files(folder)
+        self.preprocess = Preprocess.load(folder)
+        Net.__init__(self, files["deploy"], TEST)
+        weights.copy_from(self.module, str(files["weights"]),
+                          require_all=not allow_missing_weights)
+        self.folder = folder
+        name = self.preprocess.spec["input_blob"]
+        if name not in self.inputs:
+            raise ValueError(f"{files['deploy']}: no input blob '{name}' (preprocess.json "
+                             f"names it; the net's inputs are {', '.join(self.inputs)})")
+        shape = tuple(self.blobs[name].data.shape[1:])
+        if shape != tuple(self.preprocess.spec["input_shape"][1:]):
+            raise ValueError(f"{files['deploy']}: input '{name}' is {shape} but "
+                             f"preprocess.json gives {tuple(self.preprocess.spec['input_shape'])}")
+        self.input_name = name
+        self.output_name = self.preprocess.spec.get("output_blob") or self.outputs[0]
+        classes = int(np.prod(self.blobs[self.output_name].data.shape[1:]))
+        self.labels = read_labels_file(files["labels"], classes)[:classes]
+        spec = self.preprocess.spec
+        mean = self.preprocess.transformer.mean
+        self.transformer = configure_transformer(
+            self, None if mean is None and not spec.get("mean_values") else
+            (mean if mean is not None else np.asarray(spec["mean_values"], np.float32)),
+            float(spec["scale"]), 255.0, (2, 1, 0) if self.preprocess.channels == 3 else None)
+        self.crop_dims = np.array(shape[1:])
+        self.image_dims = np.array(self.preprocess.resize)
+
+    def blob(self, image) -> np.ndarray:
+        """The C×H×W float32 input for one image file or OpenCV uint8 array."""
+        if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+            return self.preprocess.blob_from_file(image)
+        return self.preprocess.blob_from_array(image)
+
+    def probabilities(self, images, batch_size: int = 64) -> np.ndarray:
+        """(N, classes) for N image files or arrays, ``batch_size`` at a time."""
+        images = list(images)
+        chunks = [self.forward_blobs(np.stack([self.blob(i) for i in
+                                               images[start:start + batch_size]]))
+                  for start in range(0, len(images), max(1, batch_size))]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), np.float32)
+
+    def forward_blobs(self, batch: np.ndarray) -> np.ndarray:
+        """(N, classes) for an N×C×H×W batch of preprocessed blobs."""
+        self.blobs[self.input_name].reshape(*batch.shape)
+        self.reshape()
+        out = self.forward(blobs=[self.output_name], **{self.input_name: batch})
+        return np.array(out[self.output_name]).reshape(len(batch), -1)
+
+    def top_k(self, image, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` most probable (label, probability) pairs for one image file or array."""
+        probs = self.probabilities([image])[0]
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [(self.labels[i], float(probs[i])) for i in order]
+
+    def predict(self, inputs, oversample: bool = False) -> np.ndarray:
+        """pycaffe's input: (H, W, K) RGB floats in [0, 1] (caffe.io.load_image). They are
+        turned back into the 0..255 BGR bytes of the file and preprocessed as the bundle says;
+        ``oversample`` is ignored (the training tested on the centre crop)."""
+        arrays = []
+        for image in inputs:
+            pixels = np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255)
+            pixels = pixels.astype(np.uint8)
+            arrays.append(pixels[:, :, ::-1] if pixels.ndim == 3 and pixels.shape[2] == 3
+                          else pixels)
+        return self.probabilities(arrays)

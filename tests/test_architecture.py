@@ -12,9 +12,9 @@ from test_pycaffe_classifier import PYCAFFE_NAMES   # pycaffe's `caffe` namespac
 
 PACKAGE = Path(caffe_compat.__file__).parent
 
-# formats → engine → data → pycaffe surface → commands (a module may import its own layer
-# and the layers before it, never one after it).
-LAYERS = {"proto": 0, "formats": 0, "engine": 1, "data": 2, "commands": 4}
+# formats → engine → data → pycaffe surface → commands and dashboard (a module may import its
+# own layer and the layers before it, never one after it).
+LAYERS = {"proto": 0, "formats": 0, "engine": 1, "data": 2, "commands": 4, "dashboard": 5}
 SURFACE = 3           # every other top-level module: pycaffe's names and their helpers
 
 # top-level modules allowed to carry a pycaffe name: they ARE that pycaffe module

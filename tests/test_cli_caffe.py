@@ -142,8 +142,10 @@ def test_device_query(capsys):
 
 def test_unknown_and_missing_command(capsys):
     assert caffe_main(["brew"]) == 1
-    assert "unknown command 'brew' (known: train, test, time, device_query)" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown command 'brew' (known: train, test, time, " in err
+    assert all(name in err for name in ("dataset", "fit", "score", "bundle", "dashboard",
+                                        "device_query"))
     assert caffe_main([]) == 1
     assert caffe_main(["--help"]) == 0
 

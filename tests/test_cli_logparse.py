@@ -246,7 +246,7 @@ def test_parse_log_tool_errors_are_one_line(tmp_path, capsys):
     tool = load_tool("parse_log")
     assert tool.main([str(tmp_path / "none.log"), str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == \
-        f"parse_log.py: error: {tmp_path / 'none.log'}: no such log file"
+        f"parse_log: error: {tmp_path / 'none.log'}: no such log file"
     (tmp_path / "empty.log").write_text("hello\n")
     assert tool.main([str(tmp_path / "empty.log"), str(tmp_path)]) == 1
     assert "no training or test lines" in capsys.readouterr().err

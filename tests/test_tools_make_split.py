@@ -24,7 +24,8 @@ def images(tmp_path) -> Path:
 
 def test_default_is_40_10_per_class_in_the_fashion_mnist_label_order(images, monkeypatch):
     tool = load_tool("make_split")
-    monkeypatch.setattr(tool, "repo_root", lambda _file: images.parents[1])
+    from caffe_compat.commands import make_split as command
+    monkeypatch.setattr(command, "repo_root", lambda _file: images.parents[1])
     assert tool.main([]) == 0
     train, test = read_image_list(images / "train.txt"), read_image_list(images / "test.txt")
     labels = (images / "labels.txt").read_text().split()

@@ -104,7 +104,10 @@ def write(folder: str, base: str, landmark_weight: float | None) -> None:
                                                dst / "deploy.prototxt"), encoding="utf-8")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     for folder, (base, weight) in FOLDERS.items():
         write(folder, base, weight)
         print(f"wrote models/{folder}/")

@@ -1,6 +1,7 @@
 """``tools/export.py``: a deploy net and its weights as a TorchScript or ONNX file for serving.
 
     tools/export.py --model deploy.prototxt --weights W.caffemodel --format torchscript|onnx OUT
+    export --bundle B --format onnx OUT      (labels and preprocessing in the ONNX metadata)
 
 The net is built in the TEST phase, its weights copied in by layer name, and fused for
 inference (BatchNorm/Scale/Bias folded into the convolutions, ReLU in place; ``--no-fuse``
@@ -37,8 +38,13 @@ FORMATS = ("torchscript", "onnx")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", required=True, metavar="deploy.prototxt",
-                    help="the net definition (Input layers give the exported input shapes)")
+    ap.add_argument("--bundle", metavar="B",
+                    help="a model bundle folder: its deploy net and weights, and (ONNX) its "
+                         "labels and preprocessing as metadata_props caffe.labels, "
+                         "caffe.preprocess and caffe.mean")
+    ap.add_argument("--model", metavar="deploy.prototxt",
+                    help="the net definition (Input layers give the exported input shapes; "
+                         "required without --bundle)")
     ap.add_argument("--weights", metavar="W.caffemodel",
                     help="weights to copy in by layer name (default: the prototxt's fillers)")
     ap.add_argument("--format", choices=FORMATS, required=True, help="what to write")
@@ -112,9 +118,34 @@ def max_relative_diff(got: Sequence[np.ndarray], want: Sequence[torch.Tensor]) -
     return worst
 
 
+def bundle_metadata(folder) -> dict[str, str]:
+    """A bundle's labels, preprocess.json and mean image as ONNX metadata strings (JSON)."""
+    import json
+    from caffe_compat.data.bundle import Preprocess, bundle_files, read_labels_file
+    files = bundle_files(folder)
+    pre = Preprocess.load(folder)
+    meta = {"caffe.labels": json.dumps(read_labels_file(files["labels"])),
+            "caffe.preprocess": json.dumps(pre.spec)}
+    mean = pre.transformer.mean
+    if mean is not None:
+        meta["caffe.mean"] = json.dumps({"shape": list(mean.shape),
+                                         "data": [float(v) for v in mean.reshape(-1)]})
+    return meta
+
+
+def add_onnx_metadata(path, metadata: dict[str, str]) -> None:
+    import onnx
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
 def export(model: str, weights: str | None, fmt: str, out: str, fuse: bool = True,
-           tolerance: float = 1e-5) -> float:
-    """Write the export to ``out`` after checking it; returns the max relative difference."""
+           tolerance: float = 1e-5, metadata: dict[str, str] | None = None) -> float:
+    """Write the export to ``out`` after checking it; returns the max relative difference.
+    ``metadata`` goes into an ONNX file's metadata_props."""
     if fmt not in FORMATS:
         raise CliError(f"--format {fmt}: known formats are {', '.join(FORMATS)}")
     net = load_deploy_net(model, weights)
@@ -131,6 +162,8 @@ def export(model: str, weights: str | None, fmt: str, out: str, fuse: bool = Tru
                 export_torchscript(module, inputs, tmp)
             else:
                 export_onnx(module, inputs, tmp, net.input_names, net.output_names)
+                if metadata:
+                    add_onnx_metadata(tmp, metadata)
         except CliError:
             raise
         except Exception as exc:  # noqa: BLE001 - tracer/exporter errors come in many types
@@ -145,15 +178,26 @@ def export(model: str, weights: str | None, fmt: str, out: str, fuse: bool = Tru
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="export.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     args = ap.parse_args(caffe_argv(sys.argv[1:] if argv is None else argv, ap))
-    return run(_main, args, "export.py")
+    return run(_main, args, "export")
 
 
 def _main(args: argparse.Namespace) -> int:
-    diff = export(args.model, args.weights, args.format, args.out, args.fuse, args.tolerance)
+    metadata = None
+    if args.bundle:
+        if args.model or args.weights:
+            raise CliError("--bundle gives the model and weights; leave out --model/--weights")
+        from caffe_compat.data.bundle import bundle_files
+        files = bundle_files(args.bundle)
+        args.model, args.weights = str(files["deploy"]), str(files["weights"])
+        metadata = bundle_metadata(args.bundle)
+    elif not args.model:
+        raise CliError("give --model deploy.prototxt (and --weights), or --bundle B")
+    diff = export(args.model, args.weights, args.format, args.out, args.fuse, args.tolerance,
+                  metadata)
     net = load_deploy_net(args.model)   # names only; cheap next to the export
     print(f"Wrote {args.out} ({args.format}); inputs: {', '.join(net.input_names)}; "
           f"outputs: {', '.join(net.output_names)}; max relative difference to the net "

@@ -52,6 +52,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--weights", metavar="W[,W2]",
                     help="the trained .caffemodel(s) to score (required; comma-separated "
                          "files are copied in order)")
+    ap.add_argument("--allow-missing-weights", "--allow_missing_weights",
+                    dest="allow_missing_weights", action="store_true",
+                    help="score even when the weights leave layers with parameters at their "
+                         "random initial values (default: an error naming them)")
 
 
 def load_net(args: argparse.Namespace, weights: str | None = None) -> tuple[NetModule,
@@ -72,9 +76,12 @@ def load_net(args: argparse.Namespace, weights: str | None = None) -> tuple[NetM
     stages = [s.strip() for s in args.stage.split(",") if s.strip()]
     module = build_net(param, PHASES[args.phase], args.level, stages, source=args.model)
     module = module.to(choice.device)
-    for path in filter(None, (p.strip() for p in (weights or "").split(","))):
+    paths = [p.strip() for p in (weights or "").split(",") if p.strip()]
+    for path in paths:
         glog.info(f"Copying trained layers from {path}", "net.cpp:780")
-        weights_io.copy_from(module, path)
+    if paths:
+        weights_io.copy_all(module, paths,
+                            require_all=not getattr(args, "allow_missing_weights", True))
     return module, choice
 
 

@@ -103,6 +103,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="write the log here instead of <snapshot_prefix>.log")
     ap.add_argument("--no-plot", "--no_plot", dest="plot", action="store_false",
                     help="do not draw <snapshot_prefix>.png (redrawn at every test)")
+    ap.add_argument("--plot-path", "--plot_path", dest="plot_path", metavar="FILE.png",
+                    help="draw the curves here (default <log name>.png)")
     ap.add_argument("--metrics", metavar="FILE",
                     help="JSON lines per iteration and test (default <log name>.metrics.jsonl)")
     ap.add_argument("--tensorboard", metavar="DIR",
@@ -307,7 +309,8 @@ def _observers(args, solver: Solver, log_path: str | None) -> dict:
                                    resumed=bool(args.snapshot),
                                    start_iter=solver.iter).attach(solver)
     if args.plot:
-        found["plot"] = LivePlot(stem + ".png", os.path.basename(log_path)).attach(solver)
+        found["plot"] = LivePlot(getattr(args, "plot_path", None) or stem + ".png",
+                                 os.path.basename(log_path)).attach(solver)
     if args.tensorboard:
         found["tensorboard"] = TensorBoard(args.tensorboard).attach(solver)
     return found

@@ -47,9 +47,13 @@ def _upgrade(param, upgrade, source: str, tool: str) -> bool:
 def run(argv: list[str], tool: str, kind: str, binary: bool = False) -> int:
     """One upgrade tool: ``tool IN OUT``. ``kind`` is "NetParameter" or "SolverParameter"."""
     argv = sys.argv[1:] if argv is None else argv
+    what = "v0_net_proto_file_in net_proto_file_out" if kind == "NetParameter" \
+        else "solver_proto_file_in solver_proto_file_out"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: {tool} {what}\n\nRewrite an old-format {kind} file in the current "
+              f"format (Caffe's {tool}).")
+        return 0
     if len(argv) != 2:
-        what = "v0_net_proto_file_in net_proto_file_out" if kind == "NetParameter" \
-            else "solver_proto_file_in solver_proto_file_out"
         glog.error(f"Usage: {tool} {what}", f"{tool}.cpp:22")
         return 1
     source, target = argv

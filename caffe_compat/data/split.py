@@ -73,15 +73,38 @@ def split_classes(classes: list[str], files: dict[str, list[str]], train_per_cla
     if short:
         raise DataError(f"too few images for {train_per_class}+{test_per_class} per class: "
                         f"{', '.join(short)}")
+    counts = {c: (train_per_class, test_per_class) for c in classes}
+    return split_counts(classes, files, counts, seed)
+
+
+def split_counts(classes: list[str], files: dict[str, list[str]],
+                 counts: dict[str, tuple[int, int]], seed: int):
+    """``split_classes`` with its own (train, test) count per class (a stratified split)."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for label, name in enumerate(classes):
+        n_train, n_test = counts[name]
         chosen = [files[name][i] for i in rng.permutation(len(files[name]))]
-        train += [(p, label) for p in chosen[:train_per_class]]
-        test += [(p, label) for p in sorted(chosen[train_per_class:
-                                                   train_per_class + test_per_class])]
+        train += [(p, label) for p in chosen[:n_train]]
+        test += [(p, label) for p in sorted(chosen[n_train:n_train + n_test])]
     train = [train[i] for i in rng.permutation(len(train))]
     return train, test
+
+
+def percent_counts(files: dict[str, list[str]], val_percent: float) -> dict[str, tuple[int, int]]:
+    """(train, val) per class holding out ``val_percent`` of each class, rounded, at least one
+    image on each side; a class with fewer than two images is an error naming it."""
+    if not 0 < val_percent < 100:
+        raise DataError(f"--val-percent must be between 0 and 100 (got {val_percent:g})")
+    short = [f"{c} ({len(f)})" for c, f in files.items() if len(f) < 2]
+    if short:
+        raise DataError("a class needs at least 2 images (one to train, one to validate): "
+                        + ", ".join(short))
+    counts = {}
+    for name, found in files.items():
+        n_val = min(max(1, round(len(found) * val_percent / 100)), len(found) - 1)
+        counts[name] = (len(found) - n_val, n_val)
+    return counts
 
 
 def make_split(root, out_dir=None, train_per_class: int = 40, test_per_class: int = 10,

@@ -77,13 +77,41 @@ def is_hdf5(path: str) -> bool:
         return path.endswith(".h5")
 
 
-def copy_from(module, path: str, hdf5: bool | None = None) -> list[str]:
+def copy_from(module, path: str, hdf5: bool | None = None,
+              require_all: bool = False) -> list[str]:
     """Copy weights from ``path`` (binary .caffemodel or HDF5) into ``module`` by layer name.
 
     HDF5 is recognised by its file signature, as Caffe's CopyTrainedLayersFrom does;
     ``hdf5=True`` forces it (pycaffe's ``load_hdf5``). Returns the names of source layers
-    that were skipped because the net lacks them.
+    that were skipped because the net lacks them. Layers with parameters that the file does
+    not fill keep their initial values with a warning, as in Caffe; with ``require_all`` they
+    are a WeightsError instead (scoring a net whose classifier is random fillers).
     """
+    return copy_all(module, [path], hdf5, require_all)
+
+
+def copy_all(module, paths, hdf5: bool | None = None, require_all: bool = False) -> list[str]:
+    """``copy_from`` for several files in order (``caffe test --weights A,B``); the check
+    for layers left unfilled looks at all of them together."""
+    skipped, sources = [], set()
+    for path in paths:
+        found = _copy(module, path, hdf5)
+        skipped += found[0]
+        sources |= found[1]
+    missing = uninitialised_layers(module, sources)
+    if require_all and missing:
+        raise WeightsError(f"{', '.join(paths)}: {len(missing)} layer(s) with parameters are "
+                           f"not in the weights and would run on random initial values: "
+                           f"{', '.join(missing)} (the caffemodel of another net? "
+                           "--allow-missing-weights runs anyway)")
+    for name in skipped:
+        log.info("Ignoring source layer %s", name)
+    _report_missing(module, ", ".join(paths), missing, sources)
+    return skipped
+
+
+def _copy(module, path: str, hdf5: bool | None) -> tuple[list[str], set[str]]:
+    """Copy one file; (source layers the net lacks, source layers with blobs)."""
     # Where a name repeats in the net, Caffe copies a binary caffemodel's layer into the
     # first layer of that name and an HDF5 file's into the last (layer_names_index_).
     named = list(module.named_layers())
@@ -125,16 +153,17 @@ def copy_from(module, path: str, hdf5: bool | None = None) -> list[str]:
         log.info("%s: %d subnormal weight value(s) (|w| < 1.2e-38) set to 0: they would slow "
                  "every multiply that reads them ~10-100x and change no output at float32 "
                  "precision (keep them: $CAFFE_COMPAT_KEEP_SUBNORMALS=1)", path, flushed)
-    _report_copy(module, path, skipped, {name for name, blobs in layers if blobs})
-    return skipped
+    return skipped, {name for name, blobs in layers if blobs}
 
 
-def _report_copy(module, path: str, skipped: list[str], sources: set[str]) -> None:
-    """Caffe's "Ignoring source layer" lines, and a warning for layers left untouched."""
-    for name in skipped:
-        log.info("Ignoring source layer %s", name)
-    missing = [name for name, layer in module.named_layers()
-               if len(layer.blobs) and name not in sources]
+def uninitialised_layers(module, sources: set[str]) -> list[str]:
+    """The module's layers with parameters whose names are not among ``sources``."""
+    return [name for name, layer in module.named_layers()
+            if len(layer.blobs) and name not in sources]
+
+
+def _report_missing(module, path: str, missing: list[str], sources: set[str]) -> None:
+    """A warning for layers left untouched."""
     if missing and len(missing) == sum(1 for _, l in module.named_layers() if len(l.blobs)):
         log.warning("%s: none of the layers of net '%s' is in this weights file, so every "
                     "parameter keeps its initial value (is it the caffemodel of another net?). "

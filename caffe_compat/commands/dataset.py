@@ -1,0 +1,247 @@
+"""``caffe dataset``: a folder of class sub-folders → a Caffe data set ready to train on.
+
+    caffe dataset FOLDER OUT [--resize H W] [--val-percent P | --per-class 40/10] [--seed S]
+                  [--backend lmdb|leveldb]
+
+FOLDER holds one sub-folder per class (FOLDER/<class>/<image>). Writes into OUT:
+
+- ``labels.txt``: the class names, sorted; line i is label i;
+- ``train.txt`` / ``val.txt``: Caffe image lists (``<class>/<file> <label>``), a stratified
+  split drawn with ``--seed``: ``--val-percent`` of each class held out (default 20), or the
+  paper's fixed ``--per-class TRAIN/VAL`` counts; the train list is shuffled as a whole;
+- ``train_lmdb/`` / ``val_lmdb/`` (``_leveldb`` with ``--backend leveldb``): Caffe's
+  convert_imageset databases, colour BGR resized to ``--resize H W`` (default 72 72);
+- ``mean.binaryproto``: the mean image of the training database (compute_image_mean);
+- ``contact_sheet.png``: a few images of every class, to check the labels at a glance;
+- ``dataset.json``: the summary (classes, per-class train/val counts, skipped files and why,
+  resize, backend, seed, the command). A folder holding dataset.json is a DATASET that
+  ``caffe fit`` trains on directly.
+
+Files that are not images, or images that cannot be decoded, are skipped and listed with their
+reason, never fatal; files outside class folders and hidden files are listed too.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from pathlib import Path
+
+from caffe_compat.commands.common import CliError, add_debug_flag, say
+from caffe_compat.commands.sheets import contact_sheet
+from caffe_compat.data.image_list import write_image_list
+from caffe_compat.data.split import IMAGE_EXTENSIONS, percent_counts, split_counts
+from caffe_compat.formats import images
+from caffe_compat.formats.atomic import write_text
+from caffe_compat.formats.errors import DataError
+
+SUMMARY = "dataset.json"
+DEFAULT_RESIZE = (72, 72)
+DEFAULT_VAL_PERCENT = 20.0
+SHEET_PER_CLASS = 8
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("folder", metavar="FOLDER", help="one sub-folder of images per class")
+    ap.add_argument("out", metavar="OUT", help="the data set folder to write")
+    ap.add_argument("--resize", nargs=2, type=int, metavar=("H", "W"),
+                    default=list(DEFAULT_RESIZE),
+                    help="store every image at H×W (default 72 72: room for a 64×64 crop)")
+    split = ap.add_mutually_exclusive_group()
+    split.add_argument("--val-percent", "--val_percent", dest="val_percent", type=float,
+                       help="hold out this percentage of each class for validation "
+                            f"(default {DEFAULT_VAL_PERCENT:g})")
+    split.add_argument("--per-class", "--per_class", dest="per_class", metavar="TRAIN/VAL",
+                       help="exactly TRAIN training and VAL validation images per class "
+                            "(the paper's 40/10)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    ap.add_argument("--backend", choices=("lmdb", "leveldb"), default="lmdb",
+                    help="database backend (default lmdb)")
+    add_debug_flag(ap)
+
+
+def parse_per_class(text: str) -> tuple[int, int]:
+    """'40/10' → (40, 10)."""
+    parts = str(text).split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise CliError(f"--per-class {text}: expected TRAIN/VAL counts such as 40/10")
+    train, val = (int(p) for p in parts)
+    if train < 1 or val < 1:
+        raise CliError(f"--per-class {text}: both counts must be at least 1")
+    return train, val
+
+
+def scan_folder(folder: Path, progress=None, exclude: Path | None = None):
+    """(classes, {class: [readable relative paths]}, [{"path", "reason"}]) for ``folder``;
+    ``exclude`` (the output folder, when it lies inside) is not looked at."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder does not exist")
+    candidates, skipped = [], []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_dir() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if exclude is not None and exclude in path.parents:
+            continue
+        if len(path.relative_to(folder).parts) != 2:
+            skipped.append({"path": rel, "reason": "not directly inside a class folder"})
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append({"path": rel, "reason": f"not an image file ('{path.suffix}')"})
+        else:
+            candidates.append(rel)
+    from caffe_compat.data.convert import progress as bar
+    files: dict[str, list[str]] = {}
+    for done, rel in enumerate(bar(candidates, total=len(candidates), desc="check images"), 1):
+        try:
+            images.read_image(os.fspath(folder / rel))
+            files.setdefault(rel.split("/")[0], []).append(rel)
+        except DataError:
+            skipped.append({"path": rel, "reason": "could not be decoded (corrupt or not an "
+                                                   "image)"})
+        if progress:
+            progress("scan", done, len(candidates))
+    if not files:
+        raise DataError(f"{folder}: no class sub-folders with readable images")
+    return sorted(files), files, skipped
+
+
+def _split(classes, files, val_percent, per_class, seed):
+    if per_class is not None:
+        n_train, n_val = parse_per_class(per_class) if isinstance(per_class, str) else per_class
+        short = [f"{c} ({len(files[c])})" for c in classes if len(files[c]) < n_train + n_val]
+        if short:
+            raise DataError(f"too few images for {n_train}/{n_val} per class: {', '.join(short)}")
+        counts = {c: (n_train, n_val) for c in classes}
+    else:
+        counts = percent_counts({c: files[c] for c in classes},
+                                DEFAULT_VAL_PERCENT if val_percent is None else val_percent)
+    return split_counts(classes, files, counts, seed), counts
+
+
+def _sheet(folder: Path, classes, train, out: Path) -> str:
+    rows = []
+    for label, name in enumerate(classes):
+        picks = [p for p, lab in train if lab == label][:SHEET_PER_CLASS]
+        rows.append((f"{label}: {name}", [(images.read_image(os.fspath(folder / p)),
+                                           Path(p).name) for p in picks]))
+    return contact_sheet(rows, out / "contact_sheet.png")
+
+
+def _databases(folder: Path, out: Path, lists, resize, backend, progress) -> dict:
+    from caffe_compat.data.convert import compute_mean, convert_imageset
+    from caffe_compat.formats.blob_io import write_blobproto
+    paths = {}
+    for split, list_file in lists.items():
+        db = out / f"{split}_{backend}"
+        if progress:
+            progress(f"{split}_db", 0, 1)
+        convert_imageset(os.fspath(folder) + os.sep, os.fspath(list_file), os.fspath(db),
+                         backend=backend, resize_height=resize[0], resize_width=resize[1],
+                         overwrite=True)
+        paths[f"{split}_db"] = db.name
+    if progress:
+        progress("mean", 0, 1)
+    write_blobproto(out / "mean.binaryproto", compute_mean(os.fspath(out / paths["train_db"]),
+                                                           backend))
+    paths["mean"] = "mean.binaryproto"
+    return paths
+
+
+def build_dataset(folder, out, *, resize=DEFAULT_RESIZE, val_percent=None, per_class=None,
+                  seed: int = 0, backend: str = "lmdb", progress=None, command=None) -> dict:
+    """Build the data set of ``folder`` into ``out``; returns the summary (dataset.json).
+
+    ``per_class`` is (train, val) or 'TRAIN/VAL'; else ``val_percent`` (default 20) of each
+    class is held out. ``progress(stage, done, total)`` is called as work advances (stages
+    scan, train_db, val_db, mean, contact_sheet).
+    """
+    import json
+    folder, out = Path(folder).resolve(), Path(out)
+    height, width = (int(v) for v in resize)
+    if height < 1 or width < 1:
+        raise CliError(f"--resize {height} {width}: both sizes must be at least 1")
+    if val_percent is not None and per_class is not None:
+        raise CliError("give --val-percent or --per-class, not both")
+    if backend not in ("lmdb", "leveldb"):
+        raise CliError(f"--backend {backend}: expected lmdb or leveldb")
+    classes, files, skipped = scan_folder(folder, progress, out.resolve())
+    (train, val), counts = _split(classes, files, val_percent, per_class, seed)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out}: cannot create the data set folder ({exc.strerror})") from None
+    write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
+    lists = {"train": out / "train.txt", "val": out / "val.txt"}
+    write_image_list(lists["train"], train)
+    write_image_list(lists["val"], val)
+    paths = _databases(folder, out, lists, (height, width), backend, progress)
+    if progress:
+        progress("contact_sheet", 0, 1)
+    _sheet(folder, classes, train, out)
+    summary = {
+        "folder": os.fspath(folder), "classes": classes,
+        "counts": {c: {"train": counts[c][0], "val": counts[c][1]} for c in classes},
+        "train_count": len(train), "val_count": len(val), "skipped": skipped,
+        "resize": [height, width], "channels": 3, "backend": backend, "seed": seed,
+        "split": ({"per_class": list(parse_per_class(per_class) if isinstance(per_class, str)
+                                     else per_class)} if per_class is not None else
+                  {"val_percent": DEFAULT_VAL_PERCENT if val_percent is None else val_percent}),
+        "files": {"labels": "labels.txt", "train_list": "train.txt", "val_list": "val.txt",
+                  **paths, "contact_sheet": "contact_sheet.png"},
+        "command": command or _command_line(folder, out, (height, width), val_percent,
+                                            per_class, seed, backend),
+    }
+    write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _command_line(folder, out, resize, val_percent, per_class, seed, backend) -> str:
+    split = (f"--per-class {'/'.join(map(str, per_class))}" if isinstance(per_class, tuple)
+             else f"--per-class {per_class}" if per_class is not None
+             else f"--val-percent {val_percent:g}" if val_percent is not None else "")
+    words = ["caffe", "dataset", os.fspath(folder), os.fspath(out), "--resize",
+             str(resize[0]), str(resize[1])] + split.split() + ["--seed", str(seed),
+                                                                "--backend", backend]
+    return shlex.join(words)
+
+
+def is_dataset(path) -> bool:
+    """A folder holding dataset.json."""
+    return (Path(path) / SUMMARY).is_file()
+
+
+def read_dataset(path) -> dict:
+    """The summary of a DATASET folder; DataError naming the file if it is unreadable."""
+    import json
+    file = Path(path) / SUMMARY
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: not a readable data set summary ({exc})") from None
+    for key in ("classes", "resize", "backend", "files"):
+        if key not in summary:
+            raise DataError(f"{file}: missing '{key}' (rebuild it with caffe dataset)")
+    return summary
+
+
+def report(summary: dict, out) -> None:
+    say(f"wrote {out}: {len(summary['classes'])} classes, {summary['train_count']} train / "
+        f"{summary['val_count']} val images at {summary['resize'][0]}×{summary['resize'][1]} "
+        f"({summary['backend']})")
+    for name, n in summary["counts"].items():
+        print(f"  {name}: {n['train']} train, {n['val']} val")
+    for item in summary["skipped"]:
+        print(f"  skipped {item['path']}: {item['reason']}")
+
+
+def main(args: argparse.Namespace) -> int:
+    command = getattr(args, "command_line", None)
+    summary = build_dataset(args.folder, args.out, resize=args.resize,
+                            val_percent=args.val_percent, per_class=args.per_class,
+                            seed=args.seed, backend=args.backend, command=command)
+    report(summary, args.out)
+    return 0
+
+
+__all__ = ["add_arguments", "build_dataset", "is_dataset", "read_dataset", "main",
+           "parse_per_class", "SUMMARY"]

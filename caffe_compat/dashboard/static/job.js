@@ -1,0 +1,142 @@
+// The job page: curves pushed by server-sent events, progress and ETA, stop/resume, classify.
+"use strict";
+
+const FINAL_STATES = ["done", "failed", "stopped", "interrupted"];
+
+function chartsFor(page) {
+  const make = (id, options) => new LineChart(page.querySelector(`#${id}`), options);
+  return {loss: make("chart-loss"), accuracy: make("chart-accuracy", {fromZero: true}),
+          lr: make("chart-lr", {fromZero: true}),
+          aux: make("chart-aux"), smoothed: [], smoothedDiffers: false};
+}
+
+function plotPoint(charts, p) {
+  // The chart a value goes to follows its name: accuracies, losses, the rest (auxiliary).
+  const outputs = p.outputs || {};
+  if (p.kind === "train") {
+    charts.loss.add("train loss", p.iter, p.loss);
+    // smoothed = loss when the solver's average_loss is 1: drawn only once it differs
+    charts.smoothed.push([p.iter, p.smoothed_loss]);
+    charts.smoothedDiffers = charts.smoothedDiffers || p.smoothed_loss !== p.loss;
+    if (charts.smoothedDiffers) { charts.loss.set("smoothed", charts.smoothed); }
+    charts.lr.add("lr", p.iter, p.lr);
+    for (const [name, v] of Object.entries(outputs)) {
+      if (name !== "loss") { charts.aux.add(`train ${name}`, p.iter, v); }
+    }
+  } else if (p.kind === "test") {
+    const net = p.net ? `test#${p.net}` : "test";
+    for (const [name, v] of Object.entries(outputs)) {
+      if (/accuracy/i.test(name)) { charts.accuracy.add(`${net} ${name}`, p.iter, v); }
+      else if (/loss/i.test(name)) { charts.loss.add(`${net} ${name}`, p.iter, v); }
+      else { charts.aux.add(`${net} ${name}`, p.iter, v); }
+    }
+  }
+  charts.aux.container.hidden = charts.aux.series.size === 0;
+}
+
+function showState(record) {
+  const state = document.getElementById("state");
+  state.textContent = record.state;
+  state.className = `state ${record.state}`;
+  document.getElementById("error").textContent = record.error || "";
+  const p = record.progress || {};
+  const parts = [];
+  if (p.iter !== undefined) { parts.push(`iteration ${p.iter}${p.max_iter ? " / " + p.max_iter : ""}`); }
+  if (p.images_per_second) { parts.push(`${p.images_per_second.toFixed(1)} images/s`); }
+  if (p.eta_seconds && !FINAL_STATES.includes(record.state)) { parts.push(`ETA ${formatSeconds(p.eta_seconds)}`); }
+  document.getElementById("progress").textContent = parts.join(" · ");
+  document.getElementById("stop").disabled = !["queued", "running"].includes(record.state);
+  document.getElementById("resume").disabled = !["stopped", "interrupted", "failed"].includes(record.state);
+  document.getElementById("bundle-link").hidden = !record.bundle;
+}
+
+function renderPredictions(slot, results) {
+  slot.replaceChildren();
+  for (const r of results) {
+    const table = document.createElement("table");
+    table.className = "predictions";
+    const caption = table.createCaption();
+    caption.textContent = r.image;
+    for (const t of r.top) {
+      const row = table.insertRow();
+      row.insertCell().textContent = t.label;
+      const bar = row.insertCell();
+      bar.innerHTML = `<span class="bar" style="width:${(100 * t.probability).toFixed(1)}%"></span>`;
+      row.insertCell().textContent = (100 * t.probability).toFixed(2) + " %";
+    }
+    slot.appendChild(table);
+  }
+}
+
+function renderScore(slot, summary) {
+  slot.replaceChildren();
+  const head = document.createElement("p");
+  head.id = "score-accuracy";
+  head.textContent = `accuracy ${(100 * summary.accuracy).toFixed(2)} % ` +
+                     `(${summary.correct} of ${summary.images} images)`;
+  slot.appendChild(head);
+  const table = document.createElement("table");
+  table.insertRow().innerHTML = "<th>class</th><th>precision</th><th>recall</th><th>images</th>";
+  for (const [name, row] of Object.entries(summary.per_class)) {
+    const cells = table.insertRow();
+    for (const v of [name, row.precision, row.recall, row.support]) {
+      cells.insertCell().textContent = typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : (v ?? "—");
+    }
+  }
+  slot.appendChild(table);
+  for (const url of Object.values(summary.files || {})) {
+    const img = document.createElement("img");
+    img.src = url;
+    img.className = "score-picture";
+    slot.appendChild(img);
+  }
+}
+
+function startJobPage(id) {
+  const charts = chartsFor(document);
+  let source = null;
+  const listen = () => {
+    for (const chart of [charts.loss, charts.accuracy, charts.lr, charts.aux]) {
+      chart.series.clear();
+      chart.schedule();
+    }
+    charts.smoothed = [];
+    charts.aux.container.hidden = true;
+    source = new EventSource(`/api/jobs/${id}/stream`);
+    source.addEventListener("metric", e => plotPoint(charts, JSON.parse(e.data)));
+    source.addEventListener("state", e => showState(JSON.parse(e.data)));
+    source.addEventListener("end", () => source.close());
+  };
+  listen();
+  api("GET", `/api/jobs/${id}`).then(showState).catch(() => {});
+  document.getElementById("stop").addEventListener("click", async () => {
+    try { await api("POST", `/api/jobs/${id}/stop`); } catch (err) { alert(err.message); }
+  });
+  document.getElementById("resume").addEventListener("click", async () => {
+    try {
+      await api("POST", `/api/jobs/${id}/resume`);
+      source.close();
+      listen();
+    } catch (err) { alert(err.message); }
+  });
+  document.getElementById("score").addEventListener("submit", async event => {
+    event.preventDefault();
+    const f = event.target;
+    showError(f, null);
+    try {
+      renderScore(document.getElementById("score-result"),
+                  await api("POST", `/api/jobs/${id}/score`, {folder: f.folder.value}));
+    } catch (err) { showError(f, err); }
+  });
+  document.getElementById("classify").addEventListener("submit", async event => {
+    event.preventDefault();
+    const f = event.target;
+    showError(f, null);
+    const data = new FormData();
+    for (const file of f.image.files) { data.append("image", file); }
+    try {
+      const answer = await api("POST", `/api/jobs/${id}/classify?top_k=${f.top_k.value}`, data);
+      renderPredictions(document.getElementById("predictions"), answer.results);
+    } catch (err) { showError(f, err); }
+  });
+}
