@@ -11,14 +11,25 @@ Parameters: the fused net is rebuilt when a parameter tensor changed (``_version
 numpy writes through ``net.params[...][i].data`` bypass torch's version counter, whenever such
 an array was handed out since the last fusion (``ParamViews``' generation counter) or is
 still held by the caller.
+
+Engines (``caffe.Net(..., engine=...)``, engine/backends/engine.py): an onnxruntime or OpenVINO
+engine computes the outputs instead of the fused net. Its weights are the export's: after
+the net's parameters change it is exported again once; a second change, or a numpy view of a
+parameter still held by the caller, sends forwards to the torch path.
 """
 from __future__ import annotations
 
+import logging
 import weakref
 
+import numpy as np
 import torch
 
+from caffe_compat.engine.backends.engine import (ExportedForward, ReducedForward, choose_engine,
+                                                 first_call_check)
 from caffe_compat.engine.net.fuse import InferenceCache, fusable
+
+log = logging.getLogger(__name__)
 
 
 def eligible(net) -> bool:
@@ -46,6 +57,7 @@ class ParamViews:
 
     def __init__(self):
         self._entries: dict[int, tuple] = {}    # id -> (ref to param, generation, array refs)
+        self.handouts = 0        # hand-outs by any net, ever: unchanged = nothing new to check
 
     def _entry(self, param: torch.Tensor):
         entry = self._entries.get(id(param))
@@ -61,6 +73,7 @@ class ParamViews:
         key = id(param)
         self._entries[key] = (weakref.ref(param, lambda _, k=key: self._entries.pop(k, None)),
                               generation + 1, refs)
+        self.handouts += 1
 
     def state(self, params: list[torch.Tensor]) -> tuple[tuple, bool]:
         """(each param's generation, whether any handed-out array is still alive)."""
@@ -78,6 +91,22 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
     PARAM_VIEWS.note(param, array)
 
 
+def _put(blob, value: torch.Tensor) -> None:
+    """``blob._store(value)``, straight into the host array when nothing else is involved
+    (a float32 CPU tensor of the blob's shape: an engine's output, most torch outputs)."""
+    if value.dtype == torch.float32 and value.device.type == "cpu" and not blob._pending \
+            and blob._data.shape == value.shape and not value.requires_grad:
+        np.copyto(blob._data, value.numpy())
+    else:
+        blob._store(value)
+
+
+def _engine_key(params: list[torch.Tensor], touched: tuple) -> tuple:
+    """What the engine's exported weights depend on: the tensors, their in-place versions and
+    their numpy hand-outs (``touched``: the generations ``_numpy_state`` gives)."""
+    return tuple(map(id, params)), [p._version for p in params], touched
+
+
 def _numpy_state(params: list[torch.Tensor]) -> tuple[tuple, bool]:
     return PARAM_VIEWS.state(params)
 
@@ -90,36 +119,100 @@ class FastForward:
         self.cache = InferenceCache(net.module)
         self._touched: tuple | None = None
         self._inputs: dict[str, torch.Tensor] | None = None
+        self._marked = False          # every other blob's _refresh is set (until forget)
+        self._handouts, self._ids, self._held = -1, (), True   # see _numpy_state
+        self._generations: tuple = ()  # what _numpy_state found last
+        self.choice = None            # engine/backends EngineChoice; None: torch
+        self.precision = "fp32"
+        self._engine_key: tuple | None = None
+        self._resynced = False
+
+    def _numpy_state(self, params: list[torch.Tensor]) -> tuple[tuple, bool]:
+        """``_numpy_state(params)``, skipped while no numpy view was handed out since a call
+        that found none alive, for the same parameter tensors (a view, once dead, stays
+        dead): 16 params cost ~15 us a call, a quarter of an MTCNN R-Net's forward."""
+        ids = tuple(map(id, params))
+        if PARAM_VIEWS.handouts == self._handouts and ids == self._ids and not self._held:
+            return self._generations, False
+        generations, held = _numpy_state(params)
+        self._handouts, self._ids, self._held = PARAM_VIEWS.handouts, ids, held
+        self._generations = generations
+        return generations, held
+
+    @property
+    def engine(self) -> str:
+        return "torch" if self.choice is None else self.choice.name
+
+    def use_engine(self, request: str | None, precision: str = "fp32") -> None:
+        """Pick the engine (``auto`` measures them) for the net's current weights."""
+        params = self.cache.parameters()
+        self.precision = precision
+        self.choice = choose_engine(self.net.module, request,
+                                    lambda inputs: self.cache.outputs_for(params, inputs),
+                                    precision=precision)
+        self._engine_key = _engine_key(params, self._numpy_state(params)[0])
+        log.info("net '%s': %s", self.net.module.name, self.choice.reason)
+
+    def _engine_outputs(self, params, inputs, touched: tuple, held: bool):
+        """The chosen engine's outputs, or None where the torch path must run."""
+        choice = self.choice
+        if choice is None or choice.forward is None or held or not choice.forward.accepts(inputs):
+            return None
+        if _engine_key(params, touched) != self._engine_key:       # weights changed since the export
+            if self._resynced:
+                log.info("net '%s': weights changed again; engine torch from now on",
+                         self.net.module.name)
+                self.choice = None
+                return None
+            self._resynced = True
+            self.use_engine(choice.name.replace(ReducedForward.name, "torch"), self.precision)
+            return self._engine_outputs(params, inputs, touched, held)
+        outputs = choice.forward(inputs)
+        if not choice.verified:
+            want = self.cache.outputs_for(params, inputs)
+            self.choice = first_call_check(choice, outputs, want)
+            return outputs if self.choice is choice else want
+        return outputs
 
     def run(self) -> None:
         net = self.net
         params = self.cache.parameters()
-        touched, held = _numpy_state(params)
+        touched, held = self._numpy_state(params)
         if held or touched != self._touched:
             self.cache.invalidate()
             self._touched = touched
         inputs = {n: self._snapshot(net.blobs[n].data) for n in net.inputs}
-        outputs = self.cache.outputs_for(params, inputs)
-        for name in net.outputs:
-            net.blobs[name]._store(outputs[name])
+        outputs = self._engine_outputs(params, inputs, touched, held)
+        if outputs is None:
+            outputs = self.cache.outputs_for(params, inputs)
+        for name in net.module.output_names:
+            _put(net.blobs[name], outputs[name])
         self._inputs = inputs
         net._traces.clear()
-        skip = set(net.inputs) | set(net.outputs)
-        for name, blob in net.blobs.items():
-            if name not in skip:
-                blob._refresh = self.materialize
+        if not self._marked:          # once per run of fast forwards, not per call
+            skip = set(net.inputs) | set(net.outputs)
+            for name, blob in net.blobs.items():
+                if name not in skip:
+                    blob._refresh = self.materialize
+            self._marked = True
 
     def _snapshot(self, array) -> torch.Tensor:
         """A private copy of an input blob, made straight in the layout the fused net runs
         (NHWC for 4-D inputs of a channels_last net: one copy instead of two)."""
+        if self.choice is not None and isinstance(self.choice.forward, ExportedForward):
+            return torch.from_numpy(array.copy())     # an engine takes NCHW arrays as they are
         t = torch.from_numpy(array)
-        layout = torch.channels_last if self.cache.channels_last and t.dim() == 4 \
+        on_torch = self.choice is None or self.choice.forward is None or \
+            isinstance(self.choice.forward, ReducedForward)
+        nhwc = self.cache.channels_last and on_torch
+        layout = torch.channels_last if nhwc and t.dim() == 4 \
             else torch.contiguous_format
         return torch.empty_like(t, memory_format=layout).copy_(t)
 
     def forget(self) -> None:
         """A full forward follows: the stale blobs will be overwritten, not recomputed."""
         self._inputs = None
+        self._marked = False
         for blob in self.net.blobs.values():
             blob._refresh = None
 
