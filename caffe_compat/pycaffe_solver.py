@@ -20,8 +20,8 @@ import torch
 
 from caffe_compat.engine.solver.base import Solver as EngineSolver
 from caffe_compat.proto import caffe_pb2
-from caffe_compat._blobs import flush_host_mirrors
-from caffe_compat._net_exec import backward_range, forward_range
+from caffe_compat._pycaffe.blobs import flush_host_mirrors
+from caffe_compat._pycaffe.layerwise import backward_range, forward_range
 from caffe_compat._runtime import NCCL
 from caffe_compat.engine.layers.blob_vectors import NetVec
 from caffe_compat.pycaffe import Net

@@ -218,7 +218,7 @@ class FastForward:
 
     def materialize(self) -> None:
         """Give every blob its value: the full forward on the fast forward's inputs."""
-        from caffe_compat._net_exec import forward_range
+        from caffe_compat._pycaffe.layerwise import forward_range
         inputs = self._inputs
         if inputs is None:
             return
