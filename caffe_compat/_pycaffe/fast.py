@@ -3,7 +3,7 @@
 ``net.forward()`` with no ``blobs=``/``start``/``end`` on a TEST net fed by Input layers runs
 the fused inference net (BatchNorm/Scale folded into convolutions, in-place ReLUs,
 ``engine.net.fuse``) and copies only the outputs to their blobs; nothing else is copied to
-the host. Every other blob is then *stale*: the first read of one (``data``, ``diff``,
+the host. Every other blob is then *stale* (marked in the net's ``BlobState``): the first read of one (``data``, ``diff``,
 ``shape``), a ``backward`` or a partial ``forward`` first re-runs the full layer-by-layer
 forward on the inputs the fast forward used, so every blob reads as Caffe would have left it.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import weakref
 
-import numpy as np
 import torch
 
 from caffe_compat.engine.backends.engine import (ExportedForward, ReducedForward, choose_engine,
@@ -91,16 +90,6 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
     PARAM_VIEWS.note(param, array)
 
 
-def _put(blob, value: torch.Tensor) -> None:
-    """``blob._store(value)``, straight into the host array when nothing else is involved
-    (a float32 CPU tensor of the blob's shape: an engine's output, most torch outputs)."""
-    if value.dtype == torch.float32 and value.device.type == "cpu" and not blob._pending \
-            and blob._data.shape == value.shape and not value.requires_grad:
-        np.copyto(blob._data, value.numpy())
-    else:
-        blob._store(value)
-
-
 def _engine_key(params: list[torch.Tensor], touched: tuple) -> tuple:
     """What the engine's exported weights depend on: the tensors, their in-place versions and
     their numpy hand-outs (``touched``: the generations ``_numpy_state`` gives)."""
@@ -112,14 +101,15 @@ def _numpy_state(params: list[torch.Tensor]) -> tuple[tuple, bool]:
 
 
 class FastForward:
-    """One net's fused forward, and the staleness of the blobs it did not write."""
+    """One net's fused forward; it marks the blobs it did not write stale in the net's
+    ``BlobState``, with the recompute that gives them their values."""
 
     def __init__(self, net):
         self.net = net
         self.cache = InferenceCache(net.module)
         self._touched: tuple | None = None
-        self._inputs: dict[str, torch.Tensor] | None = None
-        self._marked = False          # every other blob's _refresh is set (until forget)
+        skip = set(net.inputs) | set(net.outputs)       # what a fast forward writes
+        self._skipped = frozenset(n for n in net.blobs if n not in skip)
         self._handouts, self._ids, self._held = -1, (), True   # see _numpy_state
         self._generations: tuple = ()  # what _numpy_state found last
         self.choice = None            # engine/backends EngineChoice; None: torch
@@ -185,16 +175,10 @@ class FastForward:
         outputs = self._engine_outputs(params, inputs, touched, held)
         if outputs is None:
             outputs = self.cache.outputs_for(params, inputs)
+        state = net.blob_state
         for name in net.module.output_names:
-            _put(net.blobs[name], outputs[name])
-        self._inputs = inputs
-        net._traces.clear()
-        if not self._marked:          # once per run of fast forwards, not per call
-            skip = set(net.inputs) | set(net.outputs)
-            for name, blob in net.blobs.items():
-                if name not in skip:
-                    blob._refresh = self.materialize
-            self._marked = True
+            state.put(name, outputs[name])
+        state.mark_stale(self._skipped, lambda: self.materialize(inputs))
 
     def _snapshot(self, array) -> torch.Tensor:
         """A private copy of an input blob, made straight in the layout the fused net runs
@@ -209,26 +193,17 @@ class FastForward:
             else torch.contiguous_format
         return torch.empty_like(t, memory_format=layout).copy_(t)
 
-    def forget(self) -> None:
-        """A full forward follows: the stale blobs will be overwritten, not recomputed."""
-        self._inputs = None
-        self._marked = False
-        for blob in self.net.blobs.values():
-            blob._refresh = None
-
-    def materialize(self) -> None:
-        """Give every blob its value: the full forward on the fast forward's inputs."""
+    def materialize(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Give every blob its value: the full forward on the fast forward's ``inputs``
+        (run by the net's BlobState when a stale blob is first read)."""
         from caffe_compat._pycaffe.layerwise import forward_range
-        inputs = self._inputs
-        if inputs is None:
-            return
-        self.forget()
         net = self.net
+        net.blob_state.clear_stale()
         current = {n: net.blobs[n].data.copy() for n in inputs}
         for name, value in inputs.items():
             net.blobs[name].data = value.contiguous().numpy()
         try:
-            forward_range(net, 0, len(net.module.layers) - 1, net._device())
+            forward_range(net, 0, len(net.module.layers) - 1, net.compute_device())
         finally:
             for name, value in current.items():
                 net.blobs[name].data = value

@@ -18,6 +18,7 @@ import torch
 from caffe_compat._pycaffe.blobs import Blob, LayerView, flush_host_mirrors, param_blobs
 from caffe_compat._pycaffe.layerwise import backward_plan, backward_range, forward_range
 from caffe_compat._pycaffe.fast import FastForward, eligible
+from caffe_compat._pycaffe.state import BlobState
 from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
 from caffe_compat.engine.backends.engine import requested_engine
@@ -97,16 +98,17 @@ class Net:
 
     def _init_from_module(self, module: NetModule) -> None:
         self.module = module
+        self.blob_state = BlobState()   # where each blob's values live (_pycaffe/state.py)
         self.blobs: "OrderedDict[str, Blob]" = OrderedDict(
-            (name, Blob(shape, name)) for name, shape in module.blob_shapes.items())
+            (name, Blob(shape, name, self.blob_state))
+            for name, shape in module.blob_shapes.items())
         for name, w in module.loss_weights.items():
             self.blobs[name].diff[...] = w        # Caffe seeds loss tops' diffs at setup
         for index, layer in enumerate(module.layers):  # DummyData's constant tops: filled once
             for j, again in enumerate(getattr(layer, "refill", ())):
                 if not again:
-                    self.blobs[module.layer_tops(index)[j]]._store(layer._once[j])
-        self._plan = backward_plan(module)
-        self._traces: dict = {}
+                    self.blob_state.put(module.layer_tops(index)[j], layer._once[j])
+        self.backward_needs = backward_plan(module)   # read by the layer-by-layer backward
         self._layer_callbacks: dict[str, list] = {w: [] for w in _CALLBACK_TIMES}
         self._fast = FastForward(self) if eligible(self) else None
 
@@ -186,11 +188,16 @@ class Net:
             return
         self._layer_callbacks["after_backward"].append(fn)
 
+    def layer_callbacks(self, when: str) -> list:
+        """The callbacks registered for ``when`` (before_forward ... after_backward)."""
+        return self._layer_callbacks[when]
+
     def has_layer_callbacks(self) -> bool:
         return any(self._layer_callbacks.values())
 
     # -- running ----------------------------------------------------------------------
-    def _device(self) -> torch.device:
+    def compute_device(self) -> torch.device:
+        """Where the net's parameters live: the device its layers compute on."""
         # the layers' own parameter dicts: module.parameters() walks every submodule, which
         # cost more than a small layer on each batch-1 forward
         for layer in self.module.layers:
@@ -239,14 +246,16 @@ class Net:
             self._set_arrays("Input blob", self.inputs, kwargs)
         self._push_params()
         self._fresh_blobs(needed=start_i > 0)   # from layer 0 everything is recomputed
-        forward_range(self, start_i, end_i, self._device())
+        forward_range(self, start_i, end_i, self.compute_device())
         return {name: self.blobs[name].data for name in wanted}
 
     def _fresh_blobs(self, needed: bool = True) -> None:
         """Blobs a fast forward left stale get their values (``needed``: they are read next)
         or are marked fresh (a full forward is about to overwrite them)."""
-        if self._fast is not None:
-            self._fast.materialize() if needed else self._fast.forget()
+        if needed:
+            self.blob_state.refresh()
+        else:
+            self.blob_state.clear_stale()
 
     def backward(self, diffs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
         """Run layers ``start`` down to ``end`` backward from the blobs' diffs (loss tops hold
@@ -260,7 +269,7 @@ class Net:
         if kwargs:
             self._set_arrays("Top diff", self.outputs, kwargs)
         self._push_params()
-        backward_range(self, start_i, end_i, self._device())
+        backward_range(self, start_i, end_i, self.compute_device())
         return {name: self.blobs[name].diff for name in wanted}
 
     def _batch(self, blobs: dict):
@@ -315,7 +324,7 @@ class Net:
         """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape)."""
         shapes = self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
         for name, shape in shapes.items():
-            self.blobs[name]._reshape(shape)     # budgeted; names the blob
+            self.blob_state.reshape(name, shape)     # budgeted; names the blob
 
     # -- weights ----------------------------------------------------------------------
     def copy_from(self, path) -> None:
