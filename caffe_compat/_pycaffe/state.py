@@ -77,7 +77,7 @@ class BlobState:
     def get(self, name: str, which: str = "data") -> np.ndarray:
         """The blob's host array, with its latest values (a stale blob is recomputed, a
         pending tensor copied in first)."""
-        if self._recompute is not None:
+        if name in self._stale:
             self.refresh(name)
         if self._pending:
             tensor = self._pending.pop((name, which), None)
@@ -105,7 +105,7 @@ class BlobState:
         return torch.from_numpy(np.array(host, dtype=np.float32)).to(device)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if self._recompute is not None:
+        if name in self._stale:
             self.refresh(name)
         pending = self._pending.get((name, "data"))
         return tuple(pending.shape) if pending is not None else self._host[name]["data"].shape
@@ -129,7 +129,7 @@ class BlobState:
         current = arrays[which]
         if tensor.dtype == torch.float32 and tensor.device.type == "cpu" \
                 and current.shape == tensor.shape:       # the common case: one copy
-            np.copyto(current, tensor.detach().numpy())
+            np.copyto(current, (tensor.detach() if tensor.requires_grad else tensor).numpy())
             return
         value = tensor.detach().to("cpu", torch.float32).numpy()
         if current.shape == value.shape:
