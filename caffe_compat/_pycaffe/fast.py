@@ -3,9 +3,10 @@
 ``net.forward()`` with no ``blobs=``/``start``/``end`` on a TEST net fed by Input layers runs
 the fused inference net (BatchNorm/Scale folded into convolutions, in-place ReLUs,
 ``engine.net.fuse``) and copies only the outputs to their blobs; nothing else is copied to
-the host. Every other blob is then *stale* (marked in the net's ``BlobState``): the first read of one (``data``, ``diff``,
-``shape``), a ``backward`` or a partial ``forward`` first re-runs the full layer-by-layer
-forward on the inputs the fast forward used, so every blob reads as Caffe would have left it.
+the host. Every other blob is then *stale* (marked so in the net's ``BlobState``): the first
+read of one (``data``, ``diff``, ``shape``), a ``backward`` or a partial ``forward`` first
+re-runs the full layer-by-layer forward on the inputs the fast forward used, so every blob
+reads as Caffe would have left it.
 
 Parameters: the fused net is rebuilt when a parameter tensor changed (``_version``) and, since
 numpy writes through ``net.params[...][i].data`` bypass torch's version counter, whenever such
