@@ -114,7 +114,7 @@ def run_layer(net, pos: int, made: dict, device, store: bool) -> LayerTrace:
     name = m.layer_names[pos]
     layer = m.layers[pos]
     tops = m.layer_tops(pos)
-    if layer.type == "Input":   # Caffe's Input layer computes nothing: the blobs are the input
+    if layer.feeds_input:   # Caffe's Input layer computes nothing: the blobs are the input
         values = [net.blobs[t]._tensor("_data", device) for t in tops]
         made.update(zip(tops, values))
         return LayerTrace([], values)

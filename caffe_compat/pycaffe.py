@@ -7,6 +7,7 @@ arbitrary-length inputs with pycaffe's padding rule.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from itertools import zip_longest
@@ -19,6 +20,7 @@ from caffe_compat._net_exec import backward_plan, backward_range, forward_range
 from caffe_compat._net_fast import FastForward, eligible
 from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
+from caffe_compat.engine.backends.engine import requested_engine
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.engine.layers.base import TEST, TRAIN
 from caffe_compat.engine.layers.blob_vectors import BlobVec, IntVec, LayerVec, StringVec
@@ -26,6 +28,8 @@ from caffe_compat.engine.layers.python_trust import PythonLayerBase
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
 
+
+log = logging.getLogger(__name__)
 
 _CALLBACK_TIMES = ("before_forward", "after_forward", "before_backward", "after_backward")
 
@@ -46,7 +50,8 @@ class Net:
 
     def __init__(self, network_file, *args, phase=None, weights=None, level: int = 0,
                  stages=None, net_param: caffe_pb2.NetParameter | None = None,
-                 allow_python_layers: bool | None = None):
+                 allow_python_layers: bool | None = None, engine: str | None = None,
+                 precision: str = "fp32"):
         if len(args) == 1:
             phase = args[0] if phase is None else phase
         elif len(args) == 2:
@@ -62,6 +67,27 @@ class Net:
         self._init_from_module(module.to(mode.device()))
         if weights:
             self.copy_from(weights)
+        self._choose_engine(engine, precision)
+
+    def _choose_engine(self, engine: str | None, precision: str = "fp32") -> None:
+        """``engine`` (or $CAFFE_COMPAT_ENGINE): torch, onnxruntime, openvino or auto for the
+        outputs-only forward (engine/backends/engine.py); other nets and calls use torch.
+        ``precision="auto"``: bf16 where measured faster and close to fp32 (ours)."""
+        if precision not in ("fp32", "auto"):
+            raise ValueError(f"precision {precision!r}: expected 'fp32' or 'auto'")
+        request = requested_engine(engine)
+        if request == "torch" and precision == "fp32":
+            return
+        if self._fast is None:
+            log.info("net '%s': engine torch (engine %s serves only TEST nets fed by Input "
+                     "layers, without Python layers)", self.module.name, request)
+            return
+        self._fast.use_engine(request, precision)
+
+    @property
+    def engine(self) -> str:
+        """The engine computing ``forward()``'s outputs: torch, onnxruntime or openvino."""
+        return "torch" if self._fast is None else self._fast.engine
 
     @classmethod
     def from_module(cls, module: NetModule) -> "Net":
@@ -165,8 +191,11 @@ class Net:
 
     # -- running ----------------------------------------------------------------------
     def _device(self) -> torch.device:
-        for p in self.module.parameters():
-            return p.device
+        # the layers' own parameter dicts: module.parameters() walks every submodule, which
+        # cost more than a small layer on each batch-1 forward
+        for layer in self.module.layers:
+            for p in layer.blobs._parameters.values():
+                return p.device
         return mode.device()
 
     def _push_params(self) -> None:
@@ -197,16 +226,20 @@ class Net:
     def forward(self, blobs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
         """Run layers ``start``..``end`` (names, inclusive); returns the outputs' data (or
         ``end``'s tops) plus ``blobs``. Keywords feed every input blob (pycaffe's rule)."""
+        if self._fast is not None and not blobs and start is None and end is None:
+            if kwargs:                # the outputs-only fast path, with no per-call planning
+                self._set_arrays("Input blob", self.inputs, kwargs)
+            self._push_params()
+            self._fast.run()          # outputs only; the other blobs fill in when read
+            blobs = self.blobs
+            return {name: blobs[name].data for name in self.module.output_names}
         start_i, end_i = self._layer_range(start, end, 0, len(self.module.layers) - 1)
         wanted = set(self.top_names[end] if end is not None else self.outputs) | set(blobs or ())
         if kwargs:
             self._set_arrays("Input blob", self.inputs, kwargs)
         self._push_params()
-        if self._fast is not None and not blobs and start is None and end is None:
-            self._fast.run()          # outputs only; the other blobs fill in when read
-        else:
-            self._fresh_blobs(needed=start_i > 0)   # from layer 0 everything is recomputed
-            forward_range(self, start_i, end_i, self._device())
+        self._fresh_blobs(needed=start_i > 0)   # from layer 0 everything is recomputed
+        forward_range(self, start_i, end_i, self._device())
         return {name: self.blobs[name].data for name in wanted}
 
     def _fresh_blobs(self, needed: bool = True) -> None:

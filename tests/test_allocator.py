@@ -17,8 +17,13 @@ from test_cli_train import write_solver
 ROOT = Path(__file__).resolve().parents[1]
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
+# The process loads the engine first, as `caffe train` does before it applies --allocator:
+# glibc's heap then already spans the library's allocations, and where the 64 MiB block
+# lands depends on that (with torch alone the heap's top is often pinned and glibc falls
+# back to mmap, a fresh mapping per step whatever the setting).
 FAULTS = """
 import json, resource, sys, torch
+import caffe_compat.pycaffe
 from caffe_compat.engine.allocator import use_allocator
 choice = use_allocator(sys.argv[1])
 def step():             # a 64 MiB activation, written and freed, as a training step does

@@ -113,6 +113,28 @@ def test_layerwise_backward_matches_autograd(dummy_model):
     assert result.initial_loss == pytest.approx(float(loss.detach()))
 
 
+def test_time_feeds_loss_layers_float32_under_bf16(monkeypatch):
+    """caffe time --precision bf16 runs each layer as training does: the loss layer gets
+    float32 bottoms (a bfloat16 softmax keeps 3 significant digits) although the
+    InnerProduct below it computes in bf16."""
+    from caffe_compat.engine.layers.loss import SoftmaxWithLoss
+    seen = []
+    original = SoftmaxWithLoss.forward
+
+    def recording(self, *bottoms):
+        seen.append(bottoms[0].dtype)
+        return original(self, *bottoms)
+    monkeypatch.setattr(SoftmaxWithLoss, "forward", recording)
+    net = DUMMY_NET.replace('type: "constant" value: 0.5', 'type: "gaussian" std: 1')
+    module = build_net(read_net_prototxt_text(net), caffe.TRAIN)
+    result = benchmark(module, 2, devices.DeviceChoice(precision="bf16"))
+    assert seen and set(seen) == {torch.float32}, seen
+    with devices.autocast(devices.DeviceChoice(precision="bf16")):
+        blobs = module.run({}, keep_all=True)
+    assert blobs["ip1"].dtype == torch.bfloat16       # what a plain call would have fed it
+    assert result.initial_loss > 0
+
+
 def read_net_prototxt_text(text: str):
     from caffe_compat.formats.blob_io import read_text_proto
     from caffe_compat.proto import caffe_pb2

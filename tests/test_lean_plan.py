@@ -14,7 +14,7 @@ import caffe_compat as caffe
 from caffe_compat.engine.layers.base import TRAIN
 from caffe_compat.engine.net.folded import InPlaceReLU
 from caffe_compat.engine.net.module import build_net
-from caffe_compat.engine.net.train_fuse import Alias, BatchNormScale
+from caffe_compat.engine.net.train_fuse import NormalizeAffine
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
 from test_cli_train import DUMMY_NET, write_solver
@@ -27,10 +27,10 @@ def _kinds(net) -> dict[str, str]:
     """Layer name -> what the lean plan runs for it."""
     kinds = {}
     for step in net.lean_plan():
-        call = step.call
-        kind = ("fused" if isinstance(call, BatchNormScale) else
-                "in place" if isinstance(call, InPlaceReLU) else
-                "alias" if isinstance(call, Alias) else "layer")
+        fn = step.fn
+        kind = ("fused" if isinstance(fn, NormalizeAffine) else
+                "in place" if isinstance(fn, InPlaceReLU) else
+                "alias" if fn is None else "layer")
         kinds[net.layer_names[step.index]] = kind
     return kinds
 

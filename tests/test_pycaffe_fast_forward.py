@@ -93,6 +93,21 @@ def test_weights_written_through_numpy_reach_the_next_forward(nets, how):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_numpy_hand_outs_are_counted_off_the_torch_parameters(nets):
+    """The generation counter lives in the fast path's registry: nothing is written onto
+    the torch Parameter, and each hand-out of a view bumps its parameter's generation."""
+    from caffe_compat._net_fast import PARAM_VIEWS
+    net, _, rng = nets
+    param = net.module.layer_by_name("sc1").blobs[0]
+    before = dict(vars(param))
+    (generation,), _ = PARAM_VIEWS.state([param])
+    view = net.params["sc1"][0].data
+    assert PARAM_VIEWS.state([param]) == ((generation + 1,), True)
+    del view
+    assert PARAM_VIEWS.state([param]) == ((generation + 1,), False)
+    assert vars(param) == before
+
+
 def test_backward_after_a_fast_forward_sees_the_full_forward(nets):
     net, ref, rng = nets
     feed = _feed(rng)

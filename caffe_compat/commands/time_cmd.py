@@ -9,7 +9,9 @@ order, timing each; Caffe's table follows, with every layer's average forward an
 milliseconds (the layer type is shown beside its name), then the average forward, backward
 and forward-backward times and the total.
 
-Each layer runs on detached copies of its bottoms, so its backward is exactly its own
+The forward is the one executor's (engine/net/plan.py) with timing hooks, so each layer
+runs as it does in training (loss layers in float32 under ``--precision bf16``). Each layer
+runs on detached copies of its bottoms, so its backward is exactly its own
 autograd work: the diffs of its tops (``loss_weight`` for loss tops, summed from the
 consumers otherwise) go in, the bottoms' and params' diffs come out. Bottoms that need no
 gradient (data, labels, anything with no learnable layer below) get none, as Caffe's
@@ -24,8 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from caffe_compat.commands import device as devices
-from caffe_compat.commands.test_cmd import add_net_arguments, input_feed, load_net
+from caffe_compat.commands.test_cmd import (add_net_arguments, engine_forward, input_feed,
+                                            load_net)
 from caffe_compat.engine.net.module import NetModule
+from caffe_compat.engine.net.plan import Step, execute
 from caffe_compat.formats import glog
 from caffe_compat.formats.glog import num
 
@@ -54,50 +58,58 @@ class TimeResult:
     initial_loss: float = 0.0
 
 
-class _LayerRunner:
-    """Runs a NetModule layer by layer, keeping each layer's inputs and outputs for backward."""
+class _StepTimer:
+    """Hooks for the executor (engine/net/plan.py) that time each step, as Caffe's timer
+    around ``Net::ForwardFromTo``: every layer runs as in training (the executor's per-step
+    rules included: float32 loss layers under bf16), on detached copies of its bottoms, and
+    keeps its inputs and outputs for its own backward."""
 
-    def __init__(self, module: NetModule, feed: dict[str, torch.Tensor], sync):
-        self.m, self.feed, self.sync = module, feed, sync
+    def __init__(self, module: NetModule, sync):
+        self.m, self.sync = module, sync
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.forward_s = [0.0] * len(module.layers)
+        self._t0 = 0.0
 
-    def forward(self, i: int, state: dict) -> float:
-        """Layer ``i`` forward; returns seconds. ``state`` carries blobs and saved tensors."""
-        m = self.m
-        name = m.layer_names[i]
-        layer = m.layers[i]
-        self.sync()
-        t0 = time.perf_counter()
-        if layer.type == "Input":
-            outs = tuple(self.feed[t] for t in m.top_names[name])
-            ins: list[torch.Tensor | None] = []
-        else:
-            ins = []
-            for j, b in enumerate(m.bottom_names[name]):
-                src = state["blobs"][b][1]
-                need = src.requires_grad and j not in layer.no_grad_bottoms and \
-                    src.is_floating_point()
-                ins.append(src.detach().requires_grad_(need))
-            with torch.enable_grad():
-                out = layer(*ins)
-            outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        self.sync()
-        elapsed = time.perf_counter() - t0
-        sources = [state["blobs"][b][0] for b in m.bottom_names[name]] \
-            if layer.type != "Input" else []
-        state["saved"][i] = (ins, outs, sources)
-        for k, (t, value) in enumerate(zip(m.top_names[name], outs)):
-            state["blobs"][t] = ((i, k), value)
-        return elapsed
+    def new_state(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.saved: dict[int, tuple] = {}
+        self.grads: dict[tuple[int, int], torch.Tensor] = {}
+        self.producer: dict[str, tuple[int, int]] = {}
+        self.forward_s = [0.0] * len(self.m.layers)
 
-    def backward(self, i: int, state: dict) -> float:
+    def before(self, step: Step, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        layer = self.m.layers[step.index]
+        ins = []
+        for j, src in enumerate(args):
+            need = src.requires_grad and j not in layer.no_grad_bottoms and \
+                src.is_floating_point()
+            ins.append(src.detach().requires_grad_(need))
+        self.sync()
+        self._t0 = time.perf_counter()
+        return ins
+
+    def after(self, step: Step, args: list[torch.Tensor], outs) -> None:
+        self.sync()
+        self.forward_s[step.index] = time.perf_counter() - self._t0
+        sources = [self.producer[b] for b in step.bottoms]
+        self.saved[step.index] = (args, tuple(outs), sources)
+        for k, t in enumerate(step.tops):
+            self.producer[t] = (step.index, k)
+
+    def forward(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every layer forward, one step at a time; returns the blobs."""
+        self.new_state()
+        with torch.enable_grad():
+            return execute(self.m.plan(), {}, feed, hooks=self, source=self.m.source)
+
+    def backward(self, i: int) -> float:
         """Layer ``i`` backward from its tops' accumulated diffs; returns seconds."""
         m = self.m
-        ins, outs, sources = state["saved"].pop(i)
-        grads = state["grads"]
+        ins, outs, sources = self.saved.pop(i)
+        grads = self.grads
         tops, diffs = [], []
-        name = m.layer_names[i]
-        for k, (t, out) in enumerate(zip(m.top_names[name], outs)):
+        for k, (t, out) in enumerate(zip(m.layer_tops(i), outs)):
             if not out.requires_grad:
                 continue
             g = grads.pop((i, k), None)
@@ -121,47 +133,39 @@ class _LayerRunner:
                 grads[src] = x.grad if src not in grads else grads[src] + x.grad
         return elapsed
 
-    def new_state(self) -> dict:
-        for p in self.params:
-            p.grad = None
-        return {"blobs": {}, "saved": {}, "grads": {}}
-
 
 def benchmark(module: NetModule, iterations: int, choice: devices.DeviceChoice,
               forward_only: bool = False) -> TimeResult:
     """Caffe's time(): an untimed forward/backward, then ``iterations`` timed ones."""
     cuda = choice.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    runner = _LayerRunner(module, input_feed(module, choice.device), sync)
+    timer = _StepTimer(module, sync)
+    feed = input_feed(module, choice.device)
     n = len(module.layers)
     result = TimeResult([LayerTime(name, layer.type)
                          for name, layer in module.named_layers()])
     with devices.autocast(choice):
         glog.info("Performing Forward", "caffe.cpp:363")
-        state = runner.new_state()
-        for i in range(n):
-            runner.forward(i, state)
-        blobs = {name: t for name, (_, t) in state["blobs"].items()}
+        blobs = timer.forward(feed)
         result.initial_loss = float(module.loss(blobs).detach())
         glog.info(f"Initial loss: {num(result.initial_loss)}", "caffe.cpp:368")
         if not forward_only:
             glog.info("Performing Backward", "caffe.cpp:369")
             for i in reversed(range(n)):
-                runner.backward(i, state)
+                timer.backward(i)
         glog.info("*** Benchmark begins ***", "caffe.cpp:377")
         glog.info(f"Testing for {iterations} iterations.", "caffe.cpp:378")
         forward = backward = 0.0
         start = time.perf_counter()
         for it in range(iterations):
             t_iter = time.perf_counter()
-            state = runner.new_state()
-            for i in range(n):
-                dt = runner.forward(i, state)
+            timer.forward(feed)
+            for i, dt in enumerate(timer.forward_s):
                 result.layers[i].forward_ms += dt * 1e3
                 forward += dt
             if not forward_only:
                 for i in reversed(range(n)):
-                    dt = runner.backward(i, state)
+                    dt = timer.backward(i)
                     result.layers[i].backward_ms += dt * 1e3
                     backward += dt
             glog.info(f"Iteration: {it + 1} forward-backward time: "
@@ -196,10 +200,35 @@ def _log_table(result: TimeResult, forward_only: bool) -> None:
     glog.info("*** Benchmark ends ***", "caffe.cpp:430")
 
 
+def time_engine(module: NetModule, iterations: int, engine: str | None,
+                precision: str = "fp32") -> float | None:
+    """Whole-net forward timings through an inference engine (no per-layer table: the
+    engine runs the net as one graph); None where the net runs on torch layer by layer."""
+    forward = engine_forward(module, engine, precision)
+    if forward is None:
+        return None
+    feed = input_feed(module, torch.device("cpu"))
+    forward(**feed)                                    # first call: checked against torch
+    glog.info("*** Benchmark begins ***", "caffe.cpp:377")
+    glog.info(f"Testing for {iterations} iterations.", "caffe.cpp:378")
+    start = time.perf_counter()
+    for it in range(iterations):
+        t_iter = time.perf_counter()
+        forward(**feed)
+        glog.info(f"Iteration: {it + 1} forward time: "
+                  f"{num((time.perf_counter() - t_iter) * 1e3)} ms.", "caffe.cpp:408")
+    total = (time.perf_counter() - start) * 1e3
+    glog.info(f"Average Forward pass: {num(total / iterations)} ms.", "caffe.cpp:423")
+    glog.info(f"Total Time: {num(total)} ms.", "caffe.cpp:429")
+    glog.info("*** Benchmark ends ***", "caffe.cpp:430")
+    return total / iterations
+
+
 def main(args: argparse.Namespace) -> int:
     module, choice = load_net(args)
-    benchmark(module, args.iterations, choice, args.forward_only)
+    if time_engine(module, args.iterations, args.engine, args.precision) is None:
+        benchmark(module, args.iterations, choice, args.forward_only)
     return 0
 
 
-__all__ = ["add_arguments", "benchmark", "main", "TimeResult", "LayerTime"]
+__all__ = ["add_arguments", "benchmark", "main", "TimeResult", "LayerTime", "time_engine"]

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from caffe_compat.data.layers import _EPOCH_STREAM, _DataLayer
+from caffe_compat.data.source_layer import _EPOCH_STREAM, _DataLayer
 from caffe_compat.engine.layers.base import Shape, register
 from caffe_compat.formats.errors import DataError
 from caffe_compat.formats.hdf5 import check_dataset, dataset, open_hdf5, read_dataset

@@ -22,7 +22,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from caffe_compat.data.layers import _DataLayer
+from caffe_compat.data.source_layer import _DataLayer
 from caffe_compat.data.transformer import _dims, load_mean_file
 from caffe_compat.engine.layers.base import Shape, register
 from caffe_compat.formats.errors import DataError

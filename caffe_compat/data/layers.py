@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
-import weakref
-import zlib
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from caffe_compat.formats.datum import decode_datum
 from caffe_compat.data.db import open_db
@@ -27,86 +23,13 @@ from caffe_compat.formats.hdf5 import check_dataset, dataset, open_hdf5, read_da
 from caffe_compat.data.image_list import read_image_list
 from caffe_compat.formats.images import hwc_to_chw, read_image
 from caffe_compat.data.landmarks import NUM_LANDMARKS, read_landmarks, resize_landmarks
-from caffe_compat.data.prefetch import Prefetcher
 from caffe_compat.data.transformer import DataTransformer
 from caffe_compat.engine import distributed
-from caffe_compat.engine.layers.base import TRAIN, Layer, Shape, register
+from caffe_compat.data.source_layer import (_BATCH_STREAM, _EPOCH_STREAM, _SKIP_STREAM,
+                                            _DataLayer)
+from caffe_compat.engine.layers.base import TRAIN, Shape, register
 
 log = logging.getLogger(__name__)
-
-_EPOCH_STREAM, _BATCH_STREAM, _SKIP_STREAM = 0, 1, 2
-
-
-def _run_seed() -> int:
-    from caffe_compat.engine import rng
-    seed = rng.get_seed()
-    return secrets.randbits(63) if seed is None or seed < 0 else int(seed)
-
-
-class _DataLayer(Layer):
-    """Shared plumbing: tops on the module's device/dtype, seeding, prefetch lifetime."""
-
-    num_bottoms = (0, 0)
-
-    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
-        super().__init__(param, bottom_shapes, phase)
-        # Follows .to(device) / .double() so the tops land where the net computes.
-        self.register_buffer("_probe", torch.empty(0), persistent=False)
-        self.num_top = len(param.top)
-        self._seed = [_run_seed() % (1 << 63), zlib.crc32(self.name.encode()), int(phase)]
-        self._prefetcher: Prefetcher | None = None
-        self._shapes: list[Shape] = []
-
-    def _seq(self, stream: int, k: int) -> np.random.Generator:
-        return np.random.default_rng(self._seed + [stream, k])
-
-    def _merged_transform(self, legacy):
-        """transform_param, with the old data_param/image_data_param fields folded in."""
-        tp = type(self.param.transform_param)()
-        tp.CopyFrom(self.param.transform_param)
-        for name in ("scale", "mean_file", "crop_size", "mirror"):
-            if legacy.HasField(name) and not tp.HasField(name):
-                setattr(tp, name, getattr(legacy, name))
-        return tp
-
-    def _wrap(self, exc: DataError):
-        return self.error(str(exc))
-
-    def _start(self, produce, depth: int, workers: int | None = None, on_exit=None) -> None:
-        self._prefetcher = Prefetcher(produce, depth, workers, name=f"data-{self.name}",
-                                      on_exit=on_exit)
-        weakref.finalize(self, self._prefetcher.close)
-
-    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
-        return list(self._shapes[:self.num_top])
-
-    def _tops(self, arrays):
-        device, dtype = self._probe.device, self._probe.dtype
-        tops = tuple(torch.from_numpy(a).to(device=device, dtype=dtype, non_blocking=True)
-                     for a in arrays[:self.num_top])
-        return tops if len(tops) > 1 else tops[0]
-
-    def forward(self):
-        try:
-            arrays = self._prefetcher.next()
-        except DataError as exc:
-            raise self._wrap(exc) from None
-        return self._tops(arrays)
-
-    def seek(self, batch: int) -> None:
-        """Make the next forward() deliver batch ``batch`` (used when a run is resumed)."""
-        if self._prefetcher is not None:
-            self._prefetcher.seek(batch)
-
-    @property
-    def wait_seconds(self) -> float:
-        """Time forward() spent waiting for the background workers (0 = never waited)."""
-        return self._prefetcher.wait_seconds if self._prefetcher else 0.0
-
-    def close(self) -> None:
-        """Stop the background workers (also done when the layer is garbage-collected)."""
-        if self._prefetcher is not None:
-            self._prefetcher.close()
 
 
 class _Batcher:
@@ -349,13 +272,3 @@ class _ListBatches:
         items = [self.reader(i) for i in idx]
         rng = np.random.default_rng(self.seed + [_BATCH_STREAM, k])
         return self.batcher(items, rng, [self.reader.name(i) for i in idx])
-
-
-# Data-family layers kept in their own modules register on import with this one.
-from caffe_compat.data import array_layers as _array_layers  # noqa: E402,F401
-from caffe_compat.data import hdf5_output as _hdf5_output  # noqa: E402,F401
-from caffe_compat.data import window_data as _window_data  # noqa: E402,F401
-
-
-# SegNet's DenseImageData builds on _DataLayer; importing it here registers it with the rest.
-from caffe_compat.data import dense_image_data as _dense_image_data  # noqa: E402,F401

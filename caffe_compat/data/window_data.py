@@ -24,7 +24,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from caffe_compat.data.layers import _BATCH_STREAM, _DataLayer
+from caffe_compat.data.source_layer import _BATCH_STREAM, _DataLayer
 from caffe_compat.data.transformer import load_mean_file
 from caffe_compat.formats.errors import DataError
 from caffe_compat.formats.images import read_image

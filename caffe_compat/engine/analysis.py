@@ -50,7 +50,6 @@ from caffe_compat.proto import caffe_pb2
 
 STAGE_PATTERN = re.compile(r"^conv(\d+)(?:_\d+)?$")
 DATA_LAYER_TYPES = ("Data", "ImageData")
-_SOURCE_TYPES = ("Input", "Data", "ImageData", "HDF5Data", "MemoryData", "DummyData")
 _MIXING = {"InnerProduct", "Flatten", "Reshape"}   # each output sees every spatial position
 
 
@@ -115,7 +114,7 @@ class Field:
 def image_blob(net: NetModule) -> str:
     """The first 4-D top of a source layer (Input/Data/...): the image the fields refer to."""
     for name, layer in net.named_layers():
-        if layer.type in _SOURCE_TYPES:
+        if layer.is_source:
             for top in net.top_names[name]:
                 if len(net.blob_shapes[top]) == 4:
                     return top

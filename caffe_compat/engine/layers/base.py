@@ -32,6 +32,17 @@ Shape = tuple[int, ...]
 TRAIN, TEST = 0, 1
 
 _REGISTRY: dict[str, type["Layer"]] = {}
+_BUILTINS_LOADED = False
+
+
+def _registry() -> dict[str, type["Layer"]]:
+    """The registry, with the built-in types loaded on first use (``builtin.MODULES``)."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from caffe_compat.engine.layers import builtin
+        builtin.load()
+    return _REGISTRY
 
 
 class LayerError(CaffeCompatError):
@@ -57,6 +68,9 @@ class Layer(nn.Module):
             the module that defines the class (``neuron`` for engine/layers/neuron.py).
         origin: where the type comes from: "BVLC" or the fork that defined it
             ("weiliu89/caffe (SSD)"); a user's plug-in may name itself.
+        exports_to_onnx: an exporter can express the layer as graph ops (False for layers
+            computing on the host or in user code: they run in torch after an exported
+            prefix, engine/backends/split.py).
         is_alias: every top is its bottom unchanged (Split; Dropout at TEST): fused plans
             give the tops the bottom's tensor and run nothing. May be set per instance.
     """
@@ -70,6 +84,7 @@ class Layer(nn.Module):
     full_precision: bool = False
     family: str = ""
     origin: str = "BVLC"
+    exports_to_onnx: bool = True
     is_alias: bool = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
@@ -106,6 +121,75 @@ class Layer(nn.Module):
     def forward(self, *bottoms: torch.Tensor):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- capabilities: what the plan passes (engine/net/passes.py) may do with this layer ----
+    # The passes ask these and nothing else; a plug-in layer that answers them joins the
+    # lean training plan and the fused inference plan like a built-in one.
+    feeds_input: bool = False     # its tops are the caller's inputs (Input): nothing computed
+    is_source: bool = False       # makes its tops from outside the net (Input, data layers)
+    runs_user_code: bool = False  # may read or write any blob (Python): no outputs-only path
+
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        """The single top is a new tensor that this layer's backward does not keep (its
+        weights or inputs suffice), so a following op may overwrite it in place."""
+        return False
+
+    def fresh_output(self, num_bottoms: int) -> bool:
+        """The single top is always a new tensor, never a view of a bottom (no-grad runs
+        may then overwrite it in place)."""
+        return self.output_not_saved(num_bottoms)
+
+    def affine(self, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(a, s) in float64 with ``forward(x) == a * x + s`` per channel of axis 1 (for
+        ``channels`` channels) at inference, or None: a linear layer before it may fold it."""
+        return None
+
+    def learned_affine(self, channels: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(gamma, beta or None): the live parameters of a learned per-channel affine map
+        on axis 1, which a normalisation before it may apply itself while training."""
+        return None
+
+    def absorbs_affine(self) -> int | None:
+        """Channels of axis 1 when ``forward_affine(x, gamma, beta)`` computes a following
+        ``learned_affine`` layer's map in the same op as this one (BatchNorm), else None."""
+        return None
+
+    def forward_affine(self, x: torch.Tensor, gamma: torch.Tensor,
+                       beta: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def linear_channels(self, top_shape: Shape) -> int | None:
+        """Output channels (axis 1) when this layer is a linear map whose weights may carry a
+        following per-channel affine map (``linear_with`` then runs it with other weights)."""
+        return None
+
+    def linear_with(self, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def specialized(self, bottom_shapes: list[Shape]):
+        """A faster equivalent of ``forward`` for these planned bottom shapes, built once when
+        an inference plan is fused (forms in engine/layers/fast_forms.py), or None. It must
+        hand any other input shape or dtype to ``forward``."""
+        return None
+
+    def winograd_geometry(self) -> dict | None:
+        """For a 2-D convolution, its stride, padding, dilation and groups (``linear_with``
+        may then be replaced by a Winograd transform where the kernel suits it)."""
+        return None
+
+    def weight_out_axis(self) -> int:
+        """The axis of blob 0 indexed by output channel (for ``linear_channels`` layers)."""
+        return 0
+
+    def rectifier_slope(self) -> float | None:
+        """``s`` when ``forward(x) == max(x, 0) + s * min(x, 0)`` element-wise (a ReLU), so it
+        can run in place or be fused into the op before it; None otherwise."""
+        return None
+
+    def sums_bottoms(self) -> bool:
+        """``forward`` is the plain sum of the bottoms, in order (may accumulate in place)."""
+        return False
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
 
@@ -132,7 +216,7 @@ def register(cls: type[Layer]) -> type[Layer]:
 
 def layer_types() -> list[str]:
     """Every registered Caffe type string, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(_registry())
 
 
 def layer_family(cls: type[Layer]) -> str:
@@ -167,6 +251,6 @@ def unknown_type_message(type_name: str) -> str:
 
 def layer_class(type_name: str) -> type[Layer]:
     try:
-        return _REGISTRY[type_name]
+        return _registry()[type_name]
     except KeyError:
         raise LayerError(unknown_type_message(type_name)) from None

@@ -15,6 +15,7 @@ import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.engine.layers import fast_forms
 
 
 def canonical_axis(layer: Layer, axis: int, ndim: int, what: str = "axis") -> int:
@@ -133,6 +134,15 @@ class Eltwise(Layer):
             top = top * b
         return top
 
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        return self.operation == caffe_pb2.EltwiseParameter.SUM and num_bottoms >= 2
+
+    def fresh_output(self, num_bottoms: int) -> bool:
+        return num_bottoms >= 2
+
+    def sums_bottoms(self) -> bool:
+        return self.operation == caffe_pb2.EltwiseParameter.SUM and set(self.coeff) == {1.0}
+
 
 # ------------------------------------------------------------------- Concat / Slice / Split
 
@@ -181,6 +191,9 @@ class Concat(Layer):
         if len(bottoms) == 1:
             return bottoms[0].view_as(bottoms[0])
         return torch.cat(bottoms, dim=self._axis(bottoms[0].dim()))
+
+    def fresh_output(self, num_bottoms: int) -> bool:
+        return num_bottoms >= 2              # one bottom: a view of it
 
 
 @register
@@ -260,6 +273,7 @@ class Flatten(Layer):
     """Merge axes ``[axis, end_axis]`` into one: ``shape[:axis] + [prod] + shape[end_axis+1:]``."""
 
     type = "Flatten"
+    specialized = fast_forms.reshape      # a batch-1 forward without per-call work
     num_bottoms = (1, 1)
     num_tops = (1, 1)
 
@@ -290,6 +304,7 @@ class Reshape(Layer):
     position and one -1 is inferred from the element count."""
 
     type = "Reshape"
+    specialized = fast_forms.reshape      # a batch-1 forward without per-call work
     num_bottoms = (1, 1)
     num_tops = (1, 1)
 

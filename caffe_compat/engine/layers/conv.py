@@ -166,6 +166,9 @@ class _BaseConvolution(Layer):
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         raise NotImplementedError
 
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        return num_bottoms == 1
+
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, {self.channels}->{self.num_output}, kernel={self.kernel}, "
                 f"stride={self.stride}, pad={self.pad}, dilation={self.dilation}, "
@@ -190,6 +193,18 @@ class Convolution(_BaseConvolution):
                                        None if bias is None else bias.to(x.dtype),
                                        stride=self.stride, padding=self.pad,
                                        dilation=self.dilation, groups=self.group)
+
+    def linear_channels(self, top_shape: Shape) -> int | None:
+        return self.num_output if len(self.param.bottom) == 1 and self.axis == 1 else None
+
+    def linear_with(self, x, weight, bias):
+        return self._conv(x, weight, bias)
+
+    def winograd_geometry(self) -> dict | None:
+        if self.num_spatial != 2:
+            return None
+        return dict(stride=self.stride, padding=self.pad, dilation=self.dilation,
+                    groups=self.group)
 
 
 @register
@@ -255,6 +270,15 @@ class Im2col(Convolution):
                         stride=self.stride)                        # (N, C*kh*kw, L)
         out = [self._out_size(xb.shape[2 + i], i) for i in range(2)]
         return cols.reshape(*lead, self.num_output, *out)
+
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        return False                         # a reshape of unfold's columns
+
+    def linear_channels(self, top_shape: Shape) -> int | None:
+        return None
+
+    def winograd_geometry(self) -> dict | None:
+        return None
 
 
 @register

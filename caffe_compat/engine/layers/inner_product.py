@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from caffe_compat.engine.fillers import FillerError, fill
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.conv import canonical_axis
+from caffe_compat.engine.layers import fast_forms
 
 
 @register
@@ -21,6 +22,7 @@ class InnerProduct(Layer):
     """Caffe InnerProduct: ``y = x W^T + b`` over the flattened trailing axes."""
 
     type = "InnerProduct"
+    specialized = fast_forms.linear      # a batch-1 forward without per-call work
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -64,6 +66,20 @@ class InnerProduct(Layer):
         if self.axis == 1:
             return y                         # already (N, num_output): no view on top
         return y.reshape(*x.shape[:self.axis], self.num_output)
+
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        return True
+
+    def linear_channels(self, top_shape: Shape) -> int | None:
+        return self.num_output if self.axis == 1 and len(top_shape) == 2 else None
+
+    def linear_with(self, x, weight, bias):
+        w = weight.to(x.dtype)
+        return F.linear(x.reshape(x.shape[0], self.K), w.t() if self.transpose else w,
+                        None if bias is None else bias.to(x.dtype))
+
+    def weight_out_axis(self) -> int:
+        return 1 if self.transpose else 0
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, K={self.K}, num_output={self.num_output}, axis={self.axis}, "

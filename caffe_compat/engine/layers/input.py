@@ -21,6 +21,8 @@ class Input(Layer):
     type = "Input"
     num_bottoms = (0, 0)
     num_tops = (1, None)
+    feeds_input = True
+    is_source = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -55,6 +57,7 @@ class DummyData(Layer):
     type = "DummyData"
     num_bottoms = (0, 0)
     num_tops = (1, None)
+    is_source = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

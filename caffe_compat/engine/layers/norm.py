@@ -80,6 +80,26 @@ class BatchNorm(Layer):
             return self._global_stats(x, *affine)
         return self._batch_stats(x, *affine)
 
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        return True
+
+    def affine(self, channels: int):
+        if not self.use_global_stats or self.channels != channels:
+            return None
+        mean_sum, var_sum, factor = (b.detach().double() for b in self.blobs)
+        inv = 0.0 if float(factor[0]) == 0 else 1.0 / float(factor[0])
+        a = 1.0 / torch.sqrt(var_sum * inv + self.eps)
+        return a, -mean_sum * inv * a
+
+    def absorbs_affine(self) -> int | None:
+        return self.channels
+
+    def forward_affine(self, x, gamma, beta):
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise self.error(f"bottom {list(x.shape)} has no axis 1 of {self.channels} "
+                             "channels to normalise")
+        return self.normalize(x, gamma, beta)
+
     def _global_stats(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
         mean_sum, var_sum, factor = (b.detach() for b in self.blobs)
         with torch.no_grad():
@@ -149,6 +169,7 @@ class _Broadcast(Layer):
         """Shape of the operand (learned blob or bottom 1) after checking it against bottom 0."""
         x_shape = tuple(bottom_shapes[0])
         ndim = len(x_shape)
+        self.operand_from_bottom = len(bottom_shapes) > 1
         if len(bottom_shapes) > 1:
             shape = tuple(bottom_shapes[1])
         else:
@@ -172,6 +193,14 @@ class _Broadcast(Layer):
         """``t`` reshaped so it broadcasts over ``x`` starting at ``self.axis``."""
         trailing = x.dim() - self.axis - t.dim()
         return t.reshape((1,) * self.axis + tuple(t.shape) + (1,) * trailing).to(x.dtype)
+
+    def output_not_saved(self, num_bottoms: int) -> bool:
+        return num_bottoms == 1
+
+    def _learned_operand(self, channels: int) -> bool:
+        """A learned blob 0 of ``channels`` values on axis 1 (not an operand bottom)."""
+        return not self.operand_from_bottom and self.axis == 1 and \
+            tuple(self.blobs[0].shape) == (channels,)
 
 
 def _filler_or_constant(p, field: str, value: float):
@@ -210,6 +239,17 @@ class Scale(_Broadcast):
             return torch.addcmul(self._view(self.blobs[-1], x), x, gamma)
         return x * gamma
 
+    def learned_affine(self, channels: int):
+        if not self._learned_operand(channels):
+            return None
+        return self.blobs[0], (self.blobs[-1] if self.bias_term else None)
+
+    def affine(self, channels: int):
+        if not self._learned_operand(channels):
+            return None
+        gamma, beta = (b.detach().double() for b in (self.blobs[0], self.blobs[-1]))
+        return gamma, beta if self.bias_term else torch.zeros(channels, dtype=torch.float64)
+
 
 @register
 class Bias(_Broadcast):
@@ -232,6 +272,11 @@ class Bias(_Broadcast):
 
     def forward(self, x: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
         return x + self._view(bias[0] if self.bias_from_bottom else self.blobs[0], x)
+
+    def affine(self, channels: int):
+        if not self._learned_operand(channels):
+            return None
+        return torch.ones(channels, dtype=torch.float64), self.blobs[0].detach().double()
 
 
 class _MVNFunction(torch.autograd.Function):

@@ -184,8 +184,10 @@ class Python(Layer):
     """
 
     type = "Python"
+    exports_to_onnx = False
     num_bottoms = (0, None)
     num_tops = (0, None)
+    runs_user_code = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

@@ -1,16 +1,21 @@
-"""Inference fusion: a TEST-phase NetModule rewritten to compute its outputs with fewer ops.
+"""The inference pipeline: a TEST-phase NetModule's plan rewritten to compute its outputs with
+fewer ops, and the ``FusedNet`` that executes it (engine/net/plan.py's executor).
 
-``fused_for_inference(module)`` returns a new ``FusedNet`` and leaves ``module`` untouched:
+``fused_for_inference(module)`` returns a new ``FusedNet`` and leaves ``module`` untouched.
+Its passes (each ``plan -> plan``, asking the layers' capabilities, engine/layers/base.py):
 
-- a Convolution or InnerProduct followed by any chain of BatchNorm (global statistics),
-  Scale and Bias (learned per-channel operands) becomes one convolution whose weights and
-  bias carry the affine map: for output channel c, ``y = a_c * (W_c * x + b_c) + s_c``
-  folds to ``W'_c = a_c W_c`` and ``b'_c = a_c b_c + s_c`` (computed in float64);
-- a ReLU after it runs in place on the convolution's fresh output (no second tensor), and so
-  does a ReLU that alone reads the new tensor of an Eltwise, Concat or Pooling; an Eltwise
-  SUM accumulates into such a convolution output when nothing else reads it;
-- TEST-phase Dropout and Split are aliases (no op at all);
-- every other layer runs as the original layer object (same parameters).
+- ``drop_feeds``: Input steps go; the FusedNet binds its inputs by position;
+- ``alias_copies`` (shared with the training pipeline): Split and TEST-phase Dropout are
+  aliases (no op at all);
+- ``fold_affine_chains``: a linear layer (``linear_channels``: Convolution, InnerProduct)
+  followed by any chain of layers with an ``affine`` form (BatchNorm with global statistics,
+  Scale and Bias with learned per-channel operands) becomes one op whose weights and bias
+  carry the map: for output channel c, ``y = a_c * (W_c * x + b_c) + s_c`` folds to
+  ``W'_c = a_c W_c`` and ``b'_c = a_c b_c + s_c`` (computed in float64); a rectifier after
+  it is fused too;
+- ``convolutions_channels_last``: the other 2-D linear layers get their own weight copy;
+- ``in_place_ops``: a rectifier that alone reads a ``fresh_output`` runs in place, and a
+  plain sum (``sums_bottoms``) accumulates into a folded op's output nothing else reads.
 
 A chain is only folded when each intermediate value has exactly one consumer (Caffe's
 Split insertion guarantees fan-out shows up as a Split) and is not an output, so the fused
@@ -29,95 +34,56 @@ that wins is per net and per machine, so the benchmark suite measures it.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import replace
+from functools import partial
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from caffe_compat.engine.layers.base import TEST, Layer
-from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum, affine_of
-from caffe_compat.engine.net.module import _REDUCED, NetModule, _in_float32, _mark_releases
-from caffe_compat.engine.net.train_fuse import name_free, plan_readers
-from caffe_compat.proto import caffe_pb2
-
-_AFFINE = ("BatchNorm", "Scale", "Bias")
-
-
-@dataclass
-class _Op:
-    """One step of the fused plan: ``fn`` (None = alias top to bottom) on named blobs."""
-    fn: Callable | None
-    bottoms: tuple[str, ...]
-    tops: tuple[str, ...]
-    full_precision: bool = False
-    release: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        # Modules are called through ``forward``: nn.Module.__call__'s hook checks cost more
-        # than a small layer on a batch-1 forward, and nobody hooks a fused plan.
-        self.call = self.fn.forward if isinstance(self.fn, nn.Module) else self.fn
-
-
-# Layers whose output is always a new tensor (never a view of a bottom) given >= 2 bottoms
-# (Pooling: one); a ReLU that is the sole reader of such an output may run in place.
-_FRESH = {"Eltwise": 2, "Concat": 2, "Pooling": 1}
-
-
-def _is_alias(layer: Layer) -> bool:
-    return layer.is_alias
-
-
-def _foldable_head(layer: Layer, module: NetModule, top: str) -> int | None:
-    """Output channels of a Convolution/InnerProduct whose affine map can be folded."""
-    if layer.type == "Convolution" and len(layer.param.bottom) == 1 and layer.axis == 1:
-        return layer.num_output
-    if layer.type == "InnerProduct" and layer.axis == 1 and len(module.blob_shapes[top]) == 2:
-        return layer.num_output
-    return None
+from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum
+from caffe_compat.engine.net.module import NetModule
+from caffe_compat.engine.net.plan import Step, execute, mark_releases
+from caffe_compat.engine.net.train_fuse import (alias_copies, name_free, plain_layer,
+                                                plan_readers)
 
 
 class FusedNet(nn.Module):
     """The fused plan of a NetModule: ``forward(*inputs)`` (in ``input_names`` order) returns
     the output tensors in ``output_names`` order; ``outputs(**inputs)`` returns a dict."""
 
-    def __init__(self, module: NetModule, ops: list[_Op]):
+    def __init__(self, module: NetModule, plan: list[Step]):
         super().__init__()
         self.name = module.name
+        self.source = module.source
         self.input_names = list(module.input_names)
         self.output_names = list(module.output_names)
-        self.ops = ops
-        self.steps = nn.ModuleList(op.fn for op in ops if isinstance(op.fn, nn.Module))
-        _mark_releases(self.ops, set(self.output_names))
+        self.plan = plan
+        self.steps = nn.ModuleList(s.fn for s in plan if isinstance(s.fn, nn.Module))
+        mark_releases(self.plan, set(self.output_names))
+
+    @property
+    def ops(self) -> list[Step]:
+        """The plan (its earlier name)."""
+        return self.plan
 
     channels_last = False
 
     def use_channels_last(self) -> None:
         """NHWC weights for this net's own 2-D convolutions, NHWC 4-D inputs."""
         self.channels_last = True
-        for op in self.ops:
-            if isinstance(op.fn, FoldedLinear) and op.fn.weight.dim() == 4:
-                op.fn.weight.data = op.fn.weight.data.contiguous(memory_format=torch.channels_last)
+        for step in self.plan:
+            if isinstance(step.fn, FoldedLinear) and step.fn.weight.dim() == 4:
+                step.fn.weight.data = step.fn.weight.data.contiguous(
+                    memory_format=torch.channels_last)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.channels_last:
             inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4
                            else t for t in inputs)
-        blobs = dict(zip(self.input_names, inputs))
-        for op in self.ops:
-            args = [blobs[b] for b in op.bottoms]
-            if op.fn is None:
-                out = args if len(op.tops) == 1 else args * len(op.tops)
-            elif op.full_precision and any(t.dtype in _REDUCED for t in args):
-                out = _in_float32(op.fn, args)
-            else:
-                out = op.call(*args)
-            if not isinstance(out, (tuple, list)):
-                out = (out,)
-            for t, value in zip(op.tops, out):
-                blobs[t] = value
-            for b in op.release:
-                del blobs[b]
+        blobs = execute(self.plan, dict(zip(self.input_names, inputs)), keep_all=False,
+                        source=self.source)
         return tuple(blobs[name] for name in self.output_names)
 
     def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -128,6 +94,55 @@ class FusedNet(nn.Module):
         return dict(zip(self.output_names, values))
 
 
+def drop_feeds(plan: list[Step], module: NetModule) -> list[Step]:
+    return [step for step in plan if not step.feed]
+
+
+def fold_affine_chains(plan: list[Step], module: NetModule, fold: bool = True,
+                       fuse_relu: bool = True) -> list[Step]:
+    """Each linear layer with the affine layers (and a final rectifier) that solely consume
+    its top, as one ``FoldedLinear`` step."""
+    readers = plan_readers(plan, module.kept_blobs())
+    absorbed: set[int] = set()
+    out: list[Step] = []
+    for pos, step in enumerate(plan):
+        if pos in absorbed:
+            continue
+        head = plain_layer(module, step)
+        channels = head.linear_channels(module.blob_shapes[step.tops[0]]) \
+            if head is not None and step.tops else None
+        folded = _fold_chain(plan, module, pos, channels, readers, absorbed, fold, fuse_relu) \
+            if channels is not None else None
+        out.append(folded or step)
+    return out
+
+
+def convolutions_channels_last(plan: list[Step], module: NetModule) -> list[Step]:
+    """A 2-D linear layer left unfolded gets its own weight copy (made NHWC by the FusedNet)."""
+    out = []
+    for step in plan:
+        layer = plain_layer(module, step)
+        if layer is not None and step.tops and \
+                layer.linear_channels(module.blob_shapes[step.tops[0]]) is not None and \
+                layer.winograd_geometry() is not None:
+            step = replace(step, fn=FoldedLinear(layer, None, None, None))
+        out.append(step)
+    return out
+
+
+def inference_pipeline(fold: bool = True, fuse_relu: bool = True,
+                       channels_last: bool = False) -> list:
+    """The inference passes, in order, for these options (each ``(plan, module) -> plan``)."""
+    passes = [drop_feeds, alias_copies]
+    if fold or fuse_relu:
+        passes.append(partial(fold_affine_chains, fold=fold, fuse_relu=fuse_relu))
+    if channels_last:
+        passes.append(convolutions_channels_last)
+    if fuse_relu:
+        passes.append(in_place_ops)
+    return passes
+
+
 def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = True,
                         channels_last: bool = False) -> FusedNet:
     """A FusedNet computing ``module``'s outputs (see the module docstring).
@@ -135,125 +150,103 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
     ``channels_last``: every 2-D convolution gets its own NHWC copy of its weights and 4-D
     inputs are fed NHWC, so oneDNN runs every convolution in its blocked layout (PyTorch
     otherwise sends batch-1 1x1 convolutions to its slow im2col path)."""
-    plan = module._plan
-    consumers = plan_readers(module)
-    absorbed: set[int] = set()
-    ops: list[_Op] = []
-    for pos, step in enumerate(plan):
-        if pos in absorbed:
-            continue
-        layer = module.layers[step.index]
-        if layer.type == "Input":
-            continue
-        if _is_alias(layer):
-            ops.append(_Op(None, step.bottoms, step.tops))
-            continue
-        channels = _foldable_head(layer, module, step.tops[0]) \
-            if (fold or fuse_relu) and step.tops else None
-        if channels is not None:
-            op = _fold_chain(module, pos, channels, consumers, absorbed, fold, fuse_relu)
-            if op is not None:
-                ops.append(op)
-                continue
-        if channels_last and channels is not None and layer.type == "Convolution":
-            ops.append(_Op(FoldedLinear(layer, None, None, None), step.bottoms, step.tops))
-            continue
-        ops.append(_Op(layer, step.bottoms, step.tops, layer.full_precision))
-    if fuse_relu:
-        _in_place(ops, set(module.output_names) | set(module.loss_weights))
-    fused = FusedNet(module, ops)
+    plan = list(module.plan())
+    for rewrite in inference_pipeline(fold, fuse_relu, channels_last):
+        plan = rewrite(plan, module)
+    plan = [replace(step, direct=True) for step in plan]   # own releases; no module hooks
+    specialize_calls(plan, module)
+    fused = FusedNet(module, plan)
     if channels_last:
         fused.use_channels_last()
     return fused
 
 
-def _in_place(ops: list[_Op], kept: set[str]) -> None:
-    """Ops of the plan that may reuse a bottom's memory: a ReLU reading the new tensor of an
-    Eltwise, Concat or Pooling, and an Eltwise SUM (coeffs 1) with a bottom that a
-    FoldedLinear just made (ResNet's residual sums: the branch's last convolution), when
-    nothing else reads that tensor.
+def specialize_calls(plan: list[Step], module: NetModule) -> None:
+    """Each layer step calls the form its layer offers for the planned shapes, if any
+    (``Layer.specialized``): the last pass, since it binds the step's final layer."""
+    for step in plan:
+        if isinstance(step.fn, Layer):
+            fast = step.fn.specialized([module.blob_shapes[b] for b in step.bottoms])
+            if fast is not None:
+                step.call = fast
 
-    Reads are counted on the fused plan itself, per written version; an alias op (Split,
+
+def in_place_ops(plan: list[Step], module: NetModule) -> list[Step]:
+    """Steps that may reuse a bottom's memory: a rectifier reading a fresh tensor, and a
+    plain sum with a bottom that a FoldedLinear just made (ResNet's residual sums: the
+    branch's last convolution), when nothing else reads that tensor.
+
+    Reads are counted on the fused plan itself, per written version; an alias step (Split,
     Dropout) counts as a reader, so a tensor seen under two names is never written."""
+    plan = list(plan)
+    reads: dict[tuple[int, str], int] = {
+        key: len(who) for key, who in plan_readers(plan, module.kept_blobs()).items()}
     writer: dict[str, int] = {}
-    reads: dict[tuple[int, str], int] = {}
-    for pos, op in enumerate(ops):
-        for b in op.bottoms:
-            key = (writer.get(b, -1), b)
-            reads[key] = reads.get(key, 0) + 1
-        for t in op.tops:
-            writer[t] = pos
-    for name in kept:
-        key = (writer.get(name, -1), name)
-        reads[key] = reads.get(key, 0) + 1
-    writer.clear()
 
-    def sole(name: str) -> _Op | None:
-        """The op that wrote ``name``, if the op being looked at is its only reader."""
+    def sole(name: str) -> Step | None:
+        """The step that wrote ``name``, if the step being looked at is its only reader."""
         source = writer.get(name)
-        return None if source is None or reads.get((source, name)) != 1 else ops[source]
+        return None if source is None or reads.get((source, name)) != 1 else plan[source]
 
-    for pos, op in enumerate(ops):
-        kind = getattr(op.fn, "type", None)
-        if kind == "ReLU" and len(op.bottoms) == 1 and _fresh(sole(op.bottoms[0])):
-            ops[pos] = _Op(InPlaceReLU(op.fn), op.bottoms, op.tops)
-        elif kind == "Eltwise":
-            into = _sum_target(op, sole)
+    for pos, step in enumerate(plan):
+        layer = plain_layer(module, step)
+        if layer is not None and len(step.bottoms) == 1 and \
+                layer.rectifier_slope() is not None and _fresh(module, sole(step.bottoms[0])):
+            plan[pos] = replace(step, fn=InPlaceReLU(layer))
+        elif layer is not None and layer.sums_bottoms():
+            into = _sum_target(step, sole)
             if into is not None:
-                ops[pos] = _Op(InPlaceSum(op.fn, into), op.bottoms, op.tops)
-        for t in op.tops:
+                plan[pos] = replace(step, fn=InPlaceSum(layer, into))
+        for t in step.tops:
             writer[t] = pos
+    return plan
 
 
-def _fresh(op: _Op | None) -> bool:
-    """``op`` returns a new tensor of an Eltwise, Concat or Pooling (see ``_FRESH``)."""
-    if op is None:
+def _fresh(module: NetModule, step: Step | None) -> bool:
+    """``step`` returns a new tensor that no other op holds."""
+    if step is None:
         return False
-    if isinstance(op.fn, InPlaceSum):
-        return True                      # an Eltwise that reuses a tensor only it read
-    needed = _FRESH.get(getattr(op.fn, "type", None))
-    return needed is not None and len(op.bottoms) >= needed
+    if isinstance(step.fn, (InPlaceSum, FoldedLinear)):
+        return True                      # a sum into, or a copy of weights for, a fresh tensor
+    layer = plain_layer(module, step)
+    return layer is not None and layer.fresh_output(len(step.bottoms))
 
 
-def _sum_target(op: _Op, sole) -> int | None:
-    """The bottom an Eltwise SUM may accumulate into (``sole(name)``: the writer of that
-    bottom when this op is its only reader), or None."""
-    layer = op.fn
-    if len(op.bottoms) < 2 or layer.operation != caffe_pb2.EltwiseParameter.SUM \
-            or set(layer.coeff) != {1.0} or len(set(op.bottoms)) != len(op.bottoms):
+def _sum_target(step: Step, sole) -> int | None:
+    """The bottom a plain sum may accumulate into (``sole(name)``: the writer of that
+    bottom when this step is its only reader), or None."""
+    if len(step.bottoms) < 2 or len(set(step.bottoms)) != len(step.bottoms):
         return None
     # bottom 0 keeps the layer's order of additions; any bottom will do for two
-    for i in ((0, 1) if len(op.bottoms) == 2 else (0,)):
-        if isinstance(getattr(sole(op.bottoms[i]), "fn", None), FoldedLinear):
+    for i in ((0, 1) if len(step.bottoms) == 2 else (0,)):
+        if isinstance(getattr(sole(step.bottoms[i]), "fn", None), FoldedLinear):
             return i
     return None
 
 
-def _fold_chain(module: NetModule, pos: int, channels: int, consumers, absorbed: set[int],
-                fold: bool, fuse_relu: bool) -> _Op | None:
-    """Absorb the affine layers (and a final ReLU) that solely consume ``pos``'s top."""
-    plan = module._plan
+def _fold_chain(plan: list[Step], module: NetModule, pos: int, channels: int, readers,
+                absorbed: set[int], fold: bool, fuse_relu: bool) -> Step | None:
+    """Absorb the affine layers (and a final rectifier) that solely consume ``pos``'s top."""
     head = module.layers[plan[pos].index]
     scale = shift = None
     slope = None
     chain: list[int] = []
     producer, name = pos, plan[pos].tops[0]
     while True:
-        readers = consumers[(producer, name)]
-        if len(readers) != 1 or readers[0] < 0:
+        who = readers[(producer, name)]
+        if len(who) != 1 or who[0] < 0:
             break
-        nxt = readers[0]
-        layer = module.layers[plan[nxt].index]
-        if len(plan[nxt].bottoms) != 1 or not name_free(plan, pos, nxt, plan[nxt].tops[0], chain):
+        nxt = who[0]
+        layer = plain_layer(module, plan[nxt])
+        if layer is None or len(plan[nxt].bottoms) != 1 or \
+                not name_free(plan, pos, nxt, plan[nxt].tops[0], chain):
             break
-        if layer.type in _AFFINE and fold:
-            affine = affine_of(layer, channels)
-            if affine is None:
-                break
+        affine = layer.affine(channels) if fold else None
+        if affine is not None:
             a, s = affine
             scale, shift = (a, s) if scale is None else (scale * a, shift * a + s)
-        elif layer.type == "ReLU" and fuse_relu:
-            slope = layer.negative_slope
+        elif fuse_relu and layer.rectifier_slope() is not None:
+            slope = layer.rectifier_slope()
         else:
             break
         chain.append(nxt)
@@ -263,7 +256,8 @@ def _fold_chain(module: NetModule, pos: int, channels: int, consumers, absorbed:
     if not chain:
         return None
     absorbed.update(chain)
-    return _Op(FoldedLinear(head, scale, shift, slope), plan[pos].bottoms, (name,))
+    return replace(plan[pos], tops=(name,), fn=FoldedLinear(head, scale, shift, slope),
+                   full_precision=False)
 
 
 def frozen_for_inference(fused: FusedNet, example_inputs: Sequence[torch.Tensor]):

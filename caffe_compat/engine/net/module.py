@@ -10,18 +10,17 @@ intermediate blob (``forward``, the solver's step) follow a lean plan of the sam
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-import caffe_compat.engine.layers.all  # noqa: F401  (registers every built-in layer type)
-from caffe_compat.engine.layers.base import (REDUCED_DTYPES, Layer, LayerError, Shape,
-                                             layer_class)
+from caffe_compat.engine.layers.base import Layer, LayerError, Shape, layer_class
 from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, insert_splits,
                                        make_state)
+from caffe_compat.engine.net.plan import Step, execute, mark_releases
 from caffe_compat.engine.net.train_fuse import lean_plan
 from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
@@ -38,17 +37,6 @@ class LearnableParam:
     tensor: nn.Parameter
     lr_mult: float
     decay_mult: float
-
-
-@dataclass
-class _Step:
-    """One layer of the execution plan."""
-    index: int
-    bottoms: tuple[str, ...]
-    tops: tuple[str, ...]
-    detach: tuple[bool, ...]             # per bottom: cut the gradient (propagate_down / labels)
-    release: tuple[str, ...] = field(default=())  # blobs last used here (freed in fast path)
-    call: Callable | None = None         # the lean plan's replacement for the layer (fusions)
 
 
 def _line_of(source: str, layer_name: str) -> str:
@@ -78,7 +66,7 @@ class NetModule(nn.Module):
         self.learnable_params: list[LearnableParam] = []
         self.bottom_names: dict[str, list[str]] = {}
         self.top_names: dict[str, list[str]] = {}
-        self._plan: list[_Step] = []
+        self._plan: list[Step] = []         # layer by layer (engine/net/plan.py)
         self._anonymous: set[str] = set()     # AutoTopBlobs tops: not outputs, not readable
         self._build(net_param)
 
@@ -130,12 +118,12 @@ class NetModule(nn.Module):
                 raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) produces "
                                  f"{len(top_shapes)} tops but {len(tops)} are named")
             for t, shape in zip(tops, top_shapes):
-                _check_top_size(self.source, lp, t, shape)
+                _check_top_size(self.source, lp, t, shape, cls.runs_user_code)
                 produced_by[t] = lp.name
                 self.blob_shapes[t] = tuple(int(d) for d in shape)
                 if t not in self._anonymous:
                     available[t] = None
-            if lp.type == "Input":
+            if cls.feeds_input:
                 self.input_names.extend(lp.top)
             self._set_loss_weights(layer, lp, tops)
             self._set_params(layer, lp, owners, force_backward)
@@ -144,16 +132,25 @@ class NetModule(nn.Module):
             self.layer_names.append(lp.name)
             self.bottom_names[lp.name] = list(lp.bottom)
             self.top_names[lp.name] = list(tops)
-            self._plan.append(_Step(index, tuple(lp.bottom), tuple(tops), detach))
+            self._plan.append(Step(index, tuple(lp.bottom), tuple(tops), detach, fn=layer,
+                                   full_precision=layer.full_precision,
+                                   feed=cls.feeds_input, name=lp.name))
         self.output_names = sorted(available)   # Caffe keeps them in a std::set
-        kept = set(self.output_names) | set(self.loss_weights)
-        _mark_releases(self._plan, kept)
+        mark_releases(self._plan, self.kept_blobs())
         # Built now, not on the first run: torch.compile traces that run (--compile).
         self._lean = lean_plan(self)
-        _mark_releases(self._lean, kept)
 
-    def lean_plan(self) -> list[_Step]:
-        """The plan of full runs that keep no intermediate blob (engine/net/train_fuse.py)."""
+    def kept_blobs(self) -> set[str]:
+        """Blobs a lean run never drops: the outputs and the loss tops."""
+        return set(self.output_names) | set(self.loss_weights)
+
+    def plan(self) -> list[Step]:
+        """The layer-by-layer plan: one step per layer, every blob kept."""
+        return self._plan
+
+    def lean_plan(self) -> list[Step]:
+        """The plan of full runs that keep no intermediate blob (the training pipeline,
+        engine/net/train_fuse.py)."""
         return self._lean
 
     def _auto_tops(self, cls: type[Layer], lp: caffe_pb2.LayerParameter) -> list[str]:
@@ -269,41 +266,8 @@ class NetModule(nn.Module):
         """
         lean = not keep_all and record is None and not blobs and start == 0 and end is None
         plan = self.lean_plan() if lean else self._plan
-        blobs = {} if blobs is None else blobs
-        end = len(plan) - 1 if end is None else end
-        for pos in range(start, end + 1):
-            step = plan[pos]
-            layer = self.layers[step.index]
-            if layer.type == "Input":
-                for t in step.tops:
-                    if t not in inputs:
-                        raise KeyError(f"{self.source}: input blob '{t}' was not fed "
-                                       f"(inputs are {', '.join(self.input_names)})")
-                    blobs[t] = inputs[t]
-                continue
-            args = []
-            for name, cut in zip(step.bottoms, step.detach):
-                try:
-                    t = blobs[name]
-                except KeyError:
-                    raise KeyError(f"{self.source}: blob '{name}' needed by layer "
-                                   f"'{layer.name}' has not been computed") from None
-                args.append(t.detach() if cut else t)
-            call = step.call or layer
-            if getattr(call, "full_precision", False) and any(t.dtype in _REDUCED for t in args):
-                out = _in_float32(call, args)
-            else:
-                out = call(*args)
-            if not isinstance(out, (tuple, list)):
-                out = (out,)
-            for t, value in zip(step.tops, out):
-                blobs[t] = value
-                if record is not None and t not in record:
-                    record[t] = value
-            if not keep_all:
-                for b in step.release:
-                    blobs.pop(b, None)
-        return blobs
+        return execute(plan, {} if blobs is None else blobs, inputs, start, end, keep_all,
+                       record, source=self.source)
 
     def seek_data(self, batch: int) -> None:
         """Point every data layer at batch ``batch`` (absolute, so calling twice is harmless):
@@ -343,7 +307,7 @@ class NetModule(nn.Module):
         shapes = {n: tuple(s) for n, s in input_shapes.items()}
         for step in self._plan:
             layer = self.layers[step.index]
-            if layer.type == "Input":
+            if step.feed:
                 continue
             tops = layer.top_shapes([shapes[b] for b in step.bottoms])
             shapes.update({t: tuple(int(d) for d in s) for t, s in zip(step.tops, tops)})
@@ -397,24 +361,13 @@ class NetModule(nn.Module):
         return zip(self.layer_names, self.layers)
 
 
-def _mark_releases(plan: list[_Step], keep: set[str]) -> None:
-    """Record where each blob is used for the last time, so a lean run can drop it."""
-    last_use: dict[str, int] = {}
-    for pos, step in enumerate(plan):
-        for b in step.bottoms:
-            last_use[b] = pos
-    for pos, step in enumerate(plan):
-        step.release = tuple(b for b in set(step.bottoms)
-                             if last_use[b] == pos and b not in keep and b not in step.tops)
-
-
-def _check_top_size(source: str, lp, top: str, shape) -> None:
+def _check_top_size(source: str, lp, top: str, shape, user_code: bool) -> None:
     """A negative or zero dim (``num: -0``), more than 32 axes or a top larger than the memory
     budget is an error at build time, before anything is allocated (``Input { dim:
     2147483647 }`` would ask for 144 GiB)."""
     try:
         check_shape(shape, f"{source}: layer '{lp.name}' ({lp.type}) top '{top}'",
-                    allow_empty=lp.type == "Python")   # user code may fill it at reshape
+                    allow_empty=user_code)   # user code may fill it at reshape
     except ResourceError as exc:
         raise LayerError(str(exc)) from None
 
@@ -436,14 +389,3 @@ def build_net(net_param: caffe_pb2.NetParameter, phase: int, level: int = 0,
     filtered = insert_splits(filter_net(param, state, source), source)
     with python_layers_policy(allow_python_layers):
         return NetModule(filtered, state.phase, source)
-
-
-_REDUCED = REDUCED_DTYPES
-
-
-def _in_float32(layer, args: list[torch.Tensor]):
-    """Run a ``full_precision`` layer outside autocast on float32 copies of reduced bottoms
-    (autocast would otherwise keep a loss or an accuracy in bf16: 3 significant digits)."""
-    args = [t.float() if t.dtype in _REDUCED else t for t in args]
-    with torch.autocast(args[0].device.type, enabled=False):
-        return layer(*args)
