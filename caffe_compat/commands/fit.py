@@ -49,7 +49,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_EPOCHS = 30
 # Small data sets: smaller batches, so that an epoch has at least 20 updates (96 photos: batch
 # 4, 24 updates; 400: the model's 20). With 10 per epoch (batch 9) alexnet_64 on 96 shape
-# photos reached 0.77 held-out on one seed of three (README, fit).
+# photos reached 0.77 and 0.65 held-out on two seeds of five (README, fit).
 MIN_ITERATIONS_PER_EPOCH = 20
 MIN_BATCH = 4
 # The learning rate falls linearly from base_lr to 0 at the run's last iteration (Caffe's
@@ -57,8 +57,8 @@ MIN_BATCH = 4
 # minimum instead of rattling around it at base_lr.
 LR_SCHEDULE = {"lr_policy": "poly", "power": 1.0}
 # Where the model's solver sets none: clip_gradients 10 leaves the usual steps alone (their
-# L2 norm stays under 10 on alexnet_64) and scales down the rare spike (29 measured) that
-# otherwise blew a 96-photo fit up to NaN on 1 seed of 3 (README, fit).
+# L2 norm stays under 10 on alexnet_64) and scales down the rare spike (norms 28-92) that
+# otherwise blew 96-photo fits up to NaN on 2 seeds of 5 (README, fit).
 SOLVER_DEFAULTS = {"base_lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005,
                    "clip_gradients": 10.0}
 
