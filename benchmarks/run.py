@@ -5,12 +5,14 @@
     python benchmarks/run.py --quick              # smoke run in seconds (tiny inputs)
     python benchmarks/run.py --nets resnet50,vgg16 --iters 5 --rounds 3
     python benchmarks/run.py --train-nets vgg16 --train-batch 8 --train-size 224
+    python benchmarks/run.py --nets lenet,mtcnn_onet,ssd_face --batch 1,16 --engine auto
 
 Inference (batch --batch, fp32) runs each net of benchmarks/nets/ through the NetModule, the
 fused module (BatchNorm folded), its channels-last and TorchScript-frozen forms, the pycaffe
 API, the exported TorchScript and ONNX files (onnxruntime) and OpenCV DNN
-(cv2.dnn.readNetFromCaffe on the same prototxt and caffemodel), alternating them in this
-process. Training times forward+backward of the prototxt-built net and the hand-written
+(cv2.dnn.readNetFromCaffe on the same prototxt and caffemodel), OpenVINO on the ONNX file and,
+with --engine, pycaffe on caffe.Net(..., engine=...), alternating them in this process; the
+first table compares pycaffe with the fastest of OpenCV DNN, onnxruntime and OpenVINO. Training times forward+backward of the prototxt-built net and the hand-written
 PyTorch net (VGG16, ResNet-50) in each precision and layout, with the fraction of the CPU's
 estimated fp32 peak, and (unless --no-memory) each net's peak resident memory in a fresh
 process. Writes results/bench/<date>.md and .json (--out changes the folder).
@@ -35,6 +37,8 @@ from suite import inference, machine, report, training  # noqa: E402
 
 errors: list[str] = []   # per-net failures, reported instead of aborting the suite
 NETS = ["alexnet", "googlenet", "vgg16", "resnet50", "squeezenet1_1", "mobilenet_v1"]
+SMALL_NETS = ["lenet", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "ultraface_slim", "ssd_face"]
+KNOWN = NETS + SMALL_NETS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,7 +48,10 @@ def parser() -> argparse.ArgumentParser:
                     help="smoke run: squeezenet1_1 inference at 64x64, VGG16 fp32 training batch "
                          "1 at 32x32, one iteration, one round, no memory processes")
     ap.add_argument("--nets", default=",".join(NETS), help="inference nets (comma list)")
-    ap.add_argument("--batch", type=int, default=1, help="inference batch (default 1)")
+    ap.add_argument("--batch", default="1", help="inference batch(es), e.g. 1,16 (default 1)")
+    ap.add_argument("--engine", choices=("auto", "torch", "onnxruntime", "openvino"),
+                    help="also time pycaffe net.forward() on caffe.Net(..., engine=ENGINE) "
+                         "(column pycaffe_ENGINE)")
     ap.add_argument("--size", type=int, help="inference input size (default: each net's)")
     ap.add_argument("--train-nets", default="vgg16,resnet50", help="training nets ('' = none)")
     ap.add_argument("--train-batch", type=int, default=32)
@@ -78,14 +85,15 @@ def _split(text: str) -> list[str]:
 
 def run_inference(args, nets: list[str]) -> list[dict]:
     out = []
-    for net in nets:
-        print(f"inference: {net}", file=sys.stderr, flush=True)
-        try:
-            out.append(inference.bench_net(net, HERE / "nets" / f"{net}.prototxt", args.batch,
-                                           args.size, args.iters, args.rounds,
-                                           set(_split(args.skip))))
-        except Exception as exc:  # noqa: BLE001 - one broken net must not lose the others
-            errors.append(f"inference {net}: {type(exc).__name__}: {exc}")
+    for batch in (int(b) for b in _split(str(args.batch))):
+        for net in nets:
+            print(f"inference: {net} (batch {batch})", file=sys.stderr, flush=True)
+            try:
+                out.append(inference.bench_net(net, HERE / "nets" / f"{net}.prototxt", batch,
+                                               args.size, args.iters, args.rounds,
+                                               set(_split(args.skip)), args.engine))
+            except Exception as exc:  # noqa: BLE001 - one broken net must not lose the others
+                errors.append(f"inference {net} (batch {batch}): {type(exc).__name__}: {exc}")
     return out
 
 
@@ -121,14 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     allocator = use_allocator(child.get("allocator", "system") if child else args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["CAFFE_COMPAT_THREADS"] = str(args.threads)
     if child:
         training.memory_child(child)
         return 0
     if args.quick:
         _apply_quick(args)
-    unknown = [n for n in _split(args.nets) + _split(args.train_nets) if n not in NETS]
+    unknown = [n for n in _split(args.nets) + _split(args.train_nets) if n not in KNOWN]
     if unknown:
-        print(f"run.py: error: unknown net(s) {', '.join(unknown)} (known: {', '.join(NETS)})",
+        print(f"run.py: error: unknown net(s) {', '.join(unknown)} (known: {', '.join(KNOWN)})",
               file=sys.stderr)
         return 2
     results = {"machine": {**machine.describe(), "allocator": allocator.line},

@@ -3,7 +3,7 @@ it directly or test types against it (``type(net.params[k]) is caffe._caffe.Blob
 
 Every name is the object ``caffe`` itself uses; nothing here is a second implementation.
 """
-from caffe_compat._blobs import Blob
+from caffe_compat._pycaffe.blobs import Blob
 from caffe_compat._runtime import (NCCL, Timer, has_nccl, init_log, layer_type_list, log,
                                    set_multiprocess, set_solver_count, set_solver_rank,
                                    solver_count, solver_rank)

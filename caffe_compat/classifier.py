@@ -31,12 +31,12 @@ class Classifier(Net):
     input_scale=None, raw_scale=None, channel_swap=None)``.
 
     ``image_dims`` is the size images are resized to before cropping (default: the net's
-    input size, i.e. the whole image).
+    input size, i.e. the whole image). ``engine``: as ``caffe.Net``'s (a keyword of ours).
     """
 
     def __init__(self, model_file, pretrained_file, image_dims=None, mean=None,
-                 input_scale=None, raw_scale=None, channel_swap=None):
-        super().__init__(model_file, TEST, weights=pretrained_file)
+                 input_scale=None, raw_scale=None, channel_swap=None, engine=None):
+        super().__init__(model_file, TEST, weights=pretrained_file, engine=engine)
         self.transformer = configure_transformer(self, mean, input_scale, raw_scale,
                                                  channel_swap)
         self.crop_dims = np.array(self.blobs[self.inputs[0]].data.shape[2:])

@@ -20,8 +20,8 @@ import torch
 
 from caffe_compat.engine.solver.base import Solver as EngineSolver
 from caffe_compat.proto import caffe_pb2
-from caffe_compat._blobs import flush_host_mirrors
-from caffe_compat._net_exec import backward_range, forward_range
+from caffe_compat._pycaffe.blobs import flush_host_mirrors
+from caffe_compat._pycaffe.layerwise import backward_range, forward_range
 from caffe_compat._runtime import NCCL
 from caffe_compat.engine.layers.blob_vectors import NetVec
 from caffe_compat.pycaffe import Net
@@ -49,13 +49,13 @@ class Solver(EngineSolver):
 
     def blobs_ready(self, net_index: int, blobs: Mapping[str, torch.Tensor]) -> None:
         net = self._views[net_index]
-        net._fresh_blobs(needed=False)     # an earlier fast net.forward() is superseded
+        net.blob_state.clear_stale()     # an earlier fast net.forward() is superseded
         inputs = set(net.module.input_names)
         for name, t in blobs.items():
             if name in net.blobs and name not in inputs:
-                net.blobs[name]._store(t)
+                net.blob_state.put(name, t)
 
-    # Host mirrors of edited weights (GPU / double: ``_blobs.ParamBlob``) reach the tensors
+    # Host mirrors of edited weights (GPU / double: ``_pycaffe.blobs.ParamBlob``) reach the tensors
     # before the engine uses them, and are re-read after it changed them.
     def step(self, iters: int) -> None:
         flush_host_mirrors()
@@ -105,7 +105,7 @@ class Solver(EngineSolver):
         net, last_layer = self.net, len(self.train_module.layers) - 1
         total = 0.0
         for _ in range(self.param.iter_size):
-            net._fresh_blobs(needed=False)
+            net.blob_state.clear_stale()
             forward_range(net, 0, last_layer, self.device)
             backward_range(net, last_layer, 0, self.device)
             total += sum(float(w) * float(net.blobs[name].data.sum())

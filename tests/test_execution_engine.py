@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import caffe_compat as caffe
-from caffe_compat import _net_fast
+from caffe_compat._pycaffe import fast as _net_fast
 from caffe_compat.engine.layers import Layer, register
 from caffe_compat.engine.layers.base import layer_types
 from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU
@@ -233,8 +233,8 @@ def test_a_plug_in_layer_with_declared_capabilities_is_fused(tmp_path):
 
 # ------------------------------------------------------------ no type names in the executor
 EXECUTION_FILES = ["engine/net/plan.py", "engine/net/module.py", "engine/net/fuse.py",
-                   "engine/net/train_fuse.py", "engine/net/folded.py", "_net_exec.py",
-                   "_net_fast.py", "commands/time_cmd.py"]
+                   "engine/net/train_fuse.py", "engine/net/folded.py", "_pycaffe/layerwise.py",
+                   "_pycaffe/fast.py", "commands/time_cmd.py"]
 
 
 def _string_constants(path: Path) -> set[str]:

@@ -59,7 +59,7 @@ def test_takes_the_fused_path_and_matches_the_layer_path(nets):
     assert net._fast is not None
     feed = _feed(rng)
     ours, theirs = _outputs(net, feed), _outputs(ref, feed)
-    assert net.blobs["fc"]._refresh is not None          # not copied: stale until read
+    assert net.blob_state.is_stale("fc")                 # not copied: stale until read
     for name in ("prob", "loss"):
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
@@ -96,7 +96,7 @@ def test_weights_written_through_numpy_reach_the_next_forward(nets, how):
 def test_numpy_hand_outs_are_counted_off_the_torch_parameters(nets):
     """The generation counter lives in the fast path's registry: nothing is written onto
     the torch Parameter, and each hand-out of a view bumps its parameter's generation."""
-    from caffe_compat._net_fast import PARAM_VIEWS
+    from caffe_compat._pycaffe.fast import PARAM_VIEWS
     net, _, rng = nets
     param = net.module.layer_by_name("sc1").blobs[0]
     before = dict(vars(param))
@@ -135,7 +135,7 @@ def test_partial_forward_after_a_fast_forward_reads_its_blobs(nets):
 def test_blobs_argument_takes_the_full_path(nets):
     net, _, rng = nets
     out = net.forward(blobs=["conv1"], **_feed(rng))
-    assert net.blobs["fc"]._refresh is None and out["conv1"].shape == (2, 4, 6, 6)
+    assert not net.blob_state.is_stale("fc") and out["conv1"].shape == (2, 4, 6, 6)
 
 
 def test_nets_with_data_layers_or_python_layers_keep_the_full_path(tmp_path):

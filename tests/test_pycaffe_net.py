@@ -224,13 +224,13 @@ def test_device_style_lazy_blobs_match_eager_ones(net_file):
     for lazy in (False, True):
         caffe.set_random_seed(5)
         n = caffe.Net(net_file, caffe.TRAIN)
-        n._lazy_host = lazy
+        n.blob_state.lazy = lazy
         n.blobs["label"].data[...] = np.arange(5).reshape(5, 1, 1, 1) % NUM_OUTPUT
         n.forward()
         if lazy:
-            assert "_data" in n.blobs["conv"]._pending and "_data" in n.blobs["ip_blob"]._pending
+            assert n.blob_state.pending("conv") == n.blob_state.pending("ip_blob") == {"data"}
             held = n.blobs["conv"].data                  # read: copied now, pending cleared
-            assert not n.blobs["conv"]._pending
+            assert not n.blob_state.pending("conv")
         n.backward()
         results.append(({k: b.data.copy() for k, b in n.blobs.items()},
                         {k: b.diff.copy() for k, b in n.blobs.items()},

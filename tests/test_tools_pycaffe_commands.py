@@ -148,3 +148,20 @@ def test_upgrade_solver_proto_text(tmp_path, capsys):
     solver = text_format.Parse((tmp_path / "t.prototxt").read_text(), caffe_pb2.SolverParameter())
     assert solver.type == "Adam" and not solver.HasField("solver_type")
     assert "Wrote upgraded SolverParameter text proto to" in capsys.readouterr().err
+
+
+def test_classify_through_an_engine_equals_torch(model, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    tool = load_tool("classify")
+    _images(tmp_path / "imgs")
+    probs = {}
+    for engine in ("torch", "onnxruntime"):
+        args = [str(tmp_path / "imgs"), str(tmp_path / engine), "--model_def", model[0],
+                "--pretrained_model", model[1], "--ext", "png", "--images_dim", "8,8",
+                "--engine", engine, "--threads", "1", "--allow-missing-weights"]
+        assert tool.main(args) == 0
+        err = capsys.readouterr().err
+        assert engine == "torch" or "engine onnxruntime: requested" in err
+        probs[engine] = np.load(tmp_path / f"{engine}.npy")
+    np.testing.assert_allclose(probs["onnxruntime"], probs["torch"], rtol=1e-5, atol=1e-7)

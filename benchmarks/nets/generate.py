@@ -5,22 +5,26 @@
 AlexNet (Krizhevsky et al. 2012, BVLC's single-GPU variant with groups), GoogLeNet (Szegedy
 et al. 2015, inception v1), VGG16 (Simonyan & Zisserman 2015, configuration D), ResNet-50
 (He et al. 2016, the 1x1-stride-2 bottleneck variant with BatchNorm + Scale), SqueezeNet 1.1
-(Iandola et al., v1.1 layout) and MobileNet v1 (Howard et al. 2017, width 1.0). Layer and
+(Iandola et al., v1.1 layout) and MobileNet v1 (Howard et al. 2017, width 1.0), and the small deployed nets of small.py. Layer and
 blob names follow the usual Caffe releases so caffemodels line up by name; weights are the
 fillers' random values (the benchmark measures speed, not accuracy).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from small import SMALL_NETS  # noqa: E402  (the small deployed nets, benchmarks/nets/small.py)
 
 
 class Net:
-    def __init__(self, name: str, size: int):
+    def __init__(self, name: str, size, channels: int = 3):
+        h, w = size if isinstance(size, tuple) else (size, size)
         self.lines = [f'name: "{name}"',
                       f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ '
-                      f'dim: 1 dim: 3 dim: {size} dim: {size} }} }} }}']
+                      f'dim: 1 dim: {channels} dim: {h} dim: {w} }} }} }}']
 
     def add(self, text: str) -> None:
         self.lines.append(f"layer {{ {text} }}")
@@ -213,7 +217,8 @@ def mobilenet_v1() -> Net:
 
 
 NETS = {"alexnet": alexnet, "googlenet": googlenet, "vgg16": vgg16, "resnet50": resnet50,
-        "squeezenet1_1": squeezenet1_1, "mobilenet_v1": mobilenet_v1}
+        "squeezenet1_1": squeezenet1_1, "mobilenet_v1": mobilenet_v1,
+        **{name: (lambda make=make: make(Net)) for name, make in SMALL_NETS.items()}}
 
 
 def generate(folder: Path = HERE) -> list[Path]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from caffe_compat.formats.atomic import write_text
 
+from .peers import peer_table
+
 # BVLC Caffe 1.0 `caffe time` figures from issue 13 (2-core Intel Xeon, OpenBLAS SkylakeX
 # kernels, 2 threads). No Caffe binary is available to the suite: these are references only.
 CAFFE_REFERENCE = {
@@ -14,7 +16,8 @@ CAFFE_REFERENCE = {
     ("vgg16", 32, 32): {"ms": 844.0, "range": "829-859 ms"},
 }
 INFERENCE_ORDER = ["module", "fused", "fused_cl", "fused_cl_direct", "frozen", "pycaffe",
-                   "torchscript", "onnxruntime", "opencv"]
+                   "pycaffe_auto", "pycaffe_onnxruntime", "pycaffe_openvino", "torchscript",
+                   "onnxruntime", "openvino", "opencv"]
 OURS = ("module", "fused", "fused_cl", "frozen")
 
 
@@ -97,7 +100,9 @@ def write(results: dict, folder: Path, stem: str) -> tuple[Path, Path]:
           f"(clock from {m['clock_source']}).", "",
           f"Command: `{results['command']}`", ""]
     if results.get("inference"):
-        md += ["## Inference, fp32 (ms per forward; lower is better)", ""]
+        md += ["## Inference against the peers, fp32 (ms per forward)", ""]
+        md += peer_table(results["inference"]) + [""]
+        md += ["## Inference, every path, fp32 (ms per forward; lower is better)", ""]
         md += inference_table(results["inference"]) + [""]
     if results.get("training"):
         md += ["## Training step (forward + backward), ms", ""]

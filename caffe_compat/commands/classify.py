@@ -31,6 +31,7 @@ import numpy as np
 
 from caffe_compat import io as caffe_io
 from caffe_compat.classifier import Classifier
+from caffe_compat.commands.common import add_engine_arguments, apply_threads
 from caffe_compat.engine import mode, weights
 from caffe_compat.formats import atomic
 from caffe_compat.formats.blob_io import ProtoError, read_blobproto
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--top_k", type=int, default=5, help="classes reported per image")
     ap.add_argument("--format", choices=("table", "json"), default="table")
     ap.add_argument("--batch_size", type=int, default=64, help="images loaded at a time")
+    add_engine_arguments(ap)
     return ap
 
 
@@ -124,6 +126,7 @@ def classify(args) -> tuple[list[str], np.ndarray]:
                      if args.channel_swap else None)
     weights.copy_from(net.module, args.pretrained_model,
                       require_all=not args.allow_missing_weights)
+    net._choose_engine(args.engine)           # on the trained weights
     step = max(1, args.batch_size)
     chunks = []
     for start in range(0, len(names), step):
@@ -178,6 +181,7 @@ def _bundle_inputs(path: str) -> tuple[list[str], list[str | None]]:
 def classify_bundle(args):
     """(names, probabilities, labels, true labels) with the bundle's own preprocessing."""
     net = Classifier.from_bundle(args.bundle, allow_missing_weights=args.allow_missing_weights)
+    net._choose_engine(args.engine)
     names, truth = _bundle_inputs(args.input_file)
     if not names:
         raise ValueError(f"{args.input_file}: no images found")
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         mode.set_mode_gpu() if args.gpu else mode.set_mode_cpu()
+        apply_threads(args)
         labels, truth = None, ()
         if args.bundle:
             names, predictions, labels, truth = classify_bundle(args)

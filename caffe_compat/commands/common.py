@@ -118,5 +118,26 @@ def _expected(exc: BaseException) -> bool:
     return isinstance(exc, (CliError, ValueError, OSError, RuntimeError, KeyError))
 
 
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` (engine/backends/engine.py) and ``--threads`` (engine/numerics.py)."""
+    from caffe_compat.engine.backends import ENGINES
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="inference engine for nets fed by Input layers: torch (default, "
+                             "or $CAFFE_COMPAT_ENGINE), onnxruntime, openvino, or auto (the "
+                             "fastest here whose outputs equal torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default $CAFFE_COMPAT_THREADS, else the CPUs the "
+                             "load average shows idle)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set the thread count ``--threads`` asks for (a non-positive count is an error)."""
+    if getattr(args, "threads", None) is not None:
+        from caffe_compat.engine.numerics import configure_threads, parse_threads
+        configure_threads(parse_threads(args.threads, "--threads"))
+
+
 __all__ = ["CliError", "caffe_argv", "add_debug_flag", "one_line", "run", "gflags_argv",
-           "repo_root", "shown", "say", "fail"]
+           "repo_root", "shown", "say", "fail", "add_engine_arguments", "apply_threads"]

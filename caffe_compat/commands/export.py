@@ -16,7 +16,6 @@ fails the export and leaves no file.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -28,6 +27,7 @@ import torch
 
 from caffe_compat.commands.common import CliError, add_debug_flag, caffe_argv, run
 from caffe_compat.engine import weights as weights_io
+from caffe_compat.engine.backends.onnx_export import export_onnx
 from caffe_compat.engine.net.fuse import fused_for_inference
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.formats.atomic import atomic_path
@@ -89,21 +89,6 @@ def export_torchscript(model: torch.nn.Module, inputs: Sequence[torch.Tensor], p
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, tuple(inputs), check_trace=False)
         torch.jit.save(torch.jit.freeze(traced), str(path))
-
-
-def export_onnx(model: torch.nn.Module, inputs: Sequence[torch.Tensor], path,
-                input_names: list[str], output_names: list[str]) -> None:
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)     # "torchvision is not installed" lines: not our concern
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, tuple(inputs), str(path), input_names=input_names,
-                              output_names=output_names, dynamo=True, external_data=False,
-                              verbose=False)
-    finally:
-        quiet.setLevel(level)
 
 
 def run_exported(fmt: str, path, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:

@@ -16,10 +16,11 @@ import torch
 
 from caffe_compat.engine import weights as weights_io
 from caffe_compat.commands import device as devices
-from caffe_compat.commands.common import CliError, add_debug_flag
+from caffe_compat.commands.common import (CliError, add_debug_flag, add_engine_arguments,
+                                          apply_threads)
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.proto import caffe_pb2
-from caffe_compat.pycaffe import read_net_prototxt
+from caffe_compat.pycaffe import Net, read_net_prototxt
 from caffe_compat.formats import glog
 from caffe_compat.formats.glog import num
 
@@ -38,8 +39,11 @@ def add_net_arguments(ap: argparse.ArgumentParser, default_phase: str) -> None:
     ap.add_argument("--gpu", metavar="ID", help="run on this CUDA device (default: CPU)")
     ap.add_argument("--allow-cpu", "--allow_cpu", dest="allow_cpu", action="store_true",
                     help="if --gpu is given but CUDA is unavailable, warn and use the CPU")
-    ap.add_argument("--precision", choices=list(devices.PRECISIONS), default="fp32",
-                    help="fp32 (default), or bf16/fp16 autocast")
+    ap.add_argument("--precision", choices=devices.PRECISION_CHOICES, default="fp32",
+                    help="fp32 (default), bf16/fp16 autocast, or auto: for a TEST net fed by "
+                         "Input layers bf16 only where it measures faster on the net and "
+                         "within 3e-2 of fp32 on its outputs; otherwise the training probe")
+    add_engine_arguments(ap)
     add_debug_flag(ap)
 
 
@@ -61,10 +65,13 @@ def load_net(args: argparse.Namespace, weights: str | None = None) -> tuple[NetM
         raise CliError("Need a model definition: pass --model NET.prototxt")
     if args.iterations <= 0:
         raise CliError(f"--iterations must be > 0 (got {args.iterations})")
-    choice = devices.select(args.gpu, None, args.allow_cpu, args.precision)
+    inference_auto = args.precision == devices.AUTO and args.phase == "TEST"
+    choice = devices.select(args.gpu, None, args.allow_cpu,
+                            "fp32" if inference_auto else args.precision)
     if len(choice.ids) > 1:
         raise CliError(f"--gpu {args.gpu}: give one device for this command")
     devices.apply(choice)
+    apply_threads(args)
     param = read_net_prototxt(args.model)
     stages = [s.strip() for s in args.stage.split(",") if s.strip()]
     module = build_net(param, PHASES[args.phase], args.level, stages, source=args.model)
@@ -90,6 +97,31 @@ def input_feed(module: NetModule, device: torch.device) -> dict[str, torch.Tenso
     return feed
 
 
+def engine_forward(module: NetModule, engine: str | None, precision: str = "fp32"):
+    """``feed -> (loss, outputs)`` through the inference engine ``engine`` names, or None
+    where the net runs its own forward (torch asked for or chosen, or a net the engines do
+    not serve: data layers, Python layers, the TRAIN phase). ``precision`` "auto": bf16
+    competes too (engine/backends/engine.py)."""
+    from caffe_compat.engine.backends.engine import requested_engine
+    precision = "auto" if precision == devices.AUTO and module.phase == caffe_pb2.TEST \
+        else "fp32"
+    if requested_engine(engine) == "torch" and precision == "fp32":
+        return None
+    net = Net.from_module(module)
+    net._choose_engine(engine, precision)
+    if net.engine == "torch":
+        return None
+    glog.info(f"Inference engine: {net.engine}", "caffe.cpp:290")
+
+    def forward(**feed):
+        out = net.forward(**{n: t.detach().cpu().float().numpy() for n, t in feed.items()})
+        outputs = {n: torch.from_numpy(v.copy()) for n, v in out.items()}
+        loss = sum(w * float(outputs[n].double().sum())
+                   for n, w in module.loss_weights.items() if n in outputs)
+        return torch.tensor(float(loss)), outputs
+    return forward
+
+
 @dataclass
 class TestResult:
     names: list[str]        # one per output element, Caffe's order
@@ -97,8 +129,10 @@ class TestResult:
     loss: float
 
 
-def score(module: NetModule, iterations: int, choice: devices.DeviceChoice) -> TestResult:
+def score(module: NetModule, iterations: int, choice: devices.DeviceChoice,
+          engine: str | None = None, precision: str = "fp32") -> TestResult:
     """Caffe's test(): per-batch lines, then the mean loss and mean of each output element."""
+    forward = engine_forward(module, engine, precision) or module.forward_loss
     glog.info(f"Running for {iterations} iterations.", "caffe.cpp:290")
     feed = input_feed(module, choice.device)
     sums: list[float] = []
@@ -106,7 +140,7 @@ def score(module: NetModule, iterations: int, choice: devices.DeviceChoice) -> T
     loss_sum = 0.0
     with torch.no_grad(), devices.autocast(choice):
         for i in range(iterations):
-            loss, outputs = module.forward_loss(**feed)
+            loss, outputs = forward(**feed)
             loss_sum += float(loss)
             idx = 0
             for name in module.output_names:
@@ -132,9 +166,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.weights:
         raise CliError("Need model weights to score: pass --weights W.caffemodel")
     module, choice = load_net(args, args.weights)
-    score(module, args.iterations, choice)
+    score(module, args.iterations, choice, args.engine, args.precision)
     return 0
 
 
 __all__ = ["add_arguments", "add_net_arguments", "load_net", "input_feed", "score", "main",
-           "TestResult"]
+           "TestResult", "engine_forward"]

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from caffe_compat.commands import device as devices
-from caffe_compat.commands.test_cmd import add_net_arguments, input_feed, load_net
+from caffe_compat.commands.test_cmd import (add_net_arguments, engine_forward, input_feed,
+                                            load_net)
 from caffe_compat.engine.net.module import NetModule
 from caffe_compat.engine.net.plan import Step, execute
 from caffe_compat.formats import glog
@@ -199,10 +200,35 @@ def _log_table(result: TimeResult, forward_only: bool) -> None:
     glog.info("*** Benchmark ends ***", "caffe.cpp:430")
 
 
+def time_engine(module: NetModule, iterations: int, engine: str | None,
+                precision: str = "fp32") -> float | None:
+    """Whole-net forward timings through an inference engine (no per-layer table: the
+    engine runs the net as one graph); None where the net runs on torch layer by layer."""
+    forward = engine_forward(module, engine, precision)
+    if forward is None:
+        return None
+    feed = input_feed(module, torch.device("cpu"))
+    forward(**feed)                                    # first call: checked against torch
+    glog.info("*** Benchmark begins ***", "caffe.cpp:377")
+    glog.info(f"Testing for {iterations} iterations.", "caffe.cpp:378")
+    start = time.perf_counter()
+    for it in range(iterations):
+        t_iter = time.perf_counter()
+        forward(**feed)
+        glog.info(f"Iteration: {it + 1} forward time: "
+                  f"{num((time.perf_counter() - t_iter) * 1e3)} ms.", "caffe.cpp:408")
+    total = (time.perf_counter() - start) * 1e3
+    glog.info(f"Average Forward pass: {num(total / iterations)} ms.", "caffe.cpp:423")
+    glog.info(f"Total Time: {num(total)} ms.", "caffe.cpp:429")
+    glog.info("*** Benchmark ends ***", "caffe.cpp:430")
+    return total / iterations
+
+
 def main(args: argparse.Namespace) -> int:
     module, choice = load_net(args)
-    benchmark(module, args.iterations, choice, args.forward_only)
+    if time_engine(module, args.iterations, args.engine, args.precision) is None:
+        benchmark(module, args.iterations, choice, args.forward_only)
     return 0
 
 
-__all__ = ["add_arguments", "benchmark", "main", "TimeResult", "LayerTime"]
+__all__ = ["add_arguments", "benchmark", "main", "TimeResult", "LayerTime", "time_engine"]

@@ -15,7 +15,7 @@ from caffe_compat.formats.blob_io import ProtoTextError, read_text_proto
 from caffe_compat.proto import caffe_pb2
 
 SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
-# what caffe fit keeps from a model's solver (its lr_policy is fixed, lengths are per epoch)
+# what caffe fit keeps from a model's solver (the schedule is fit's own, lengths per epoch)
 FIELDS = {"type": str, "base_lr": float, "momentum": float, "momentum2": float,
           "weight_decay": float, "regularization_type": str, "clip_gradients": float,
           "delta": float, "rms_decay": float}

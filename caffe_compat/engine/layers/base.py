@@ -68,6 +68,9 @@ class Layer(nn.Module):
             the module that defines the class (``neuron`` for engine/layers/neuron.py).
         origin: where the type comes from: "BVLC" or the fork that defined it
             ("weiliu89/caffe (SSD)"); a user's plug-in may name itself.
+        exports_to_onnx: an exporter can express the layer as graph ops (False for layers
+            computing on the host or in user code: they run in torch after an exported
+            prefix, engine/backends/split.py).
         is_alias: every top is its bottom unchanged (Split; Dropout at TEST): fused plans
             give the tops the bottom's tensor and run nothing. May be set per instance.
     """
@@ -81,6 +84,7 @@ class Layer(nn.Module):
     full_precision: bool = False
     family: str = ""
     origin: str = "BVLC"
+    exports_to_onnx: bool = True
     is_alias: bool = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
@@ -161,6 +165,12 @@ class Layer(nn.Module):
     def linear_with(self, x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def specialized(self, bottom_shapes: list[Shape]):
+        """A faster equivalent of ``forward`` for these planned bottom shapes, built once when
+        an inference plan is fused (forms in engine/layers/fast_forms.py), or None. It must
+        hand any other input shape or dtype to ``forward``."""
+        return None
 
     def winograd_geometry(self) -> dict | None:
         """For a 2-D convolution, its stride, padding, dilation and groups (``linear_with``

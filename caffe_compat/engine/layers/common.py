@@ -15,6 +15,7 @@ import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.engine.layers import fast_forms
 
 
 def canonical_axis(layer: Layer, axis: int, ndim: int, what: str = "axis") -> int:
@@ -272,6 +273,7 @@ class Flatten(Layer):
     """Merge axes ``[axis, end_axis]`` into one: ``shape[:axis] + [prod] + shape[end_axis+1:]``."""
 
     type = "Flatten"
+    specialized = fast_forms.reshape      # a batch-1 forward without per-call work
     num_bottoms = (1, 1)
     num_tops = (1, 1)
 
@@ -302,6 +304,7 @@ class Reshape(Layer):
     position and one -1 is inferred from the element count."""
 
     type = "Reshape"
+    specialized = fast_forms.reshape      # a batch-1 forward without per-call work
     num_bottoms = (1, 1)
     num_tops = (1, 1)
 

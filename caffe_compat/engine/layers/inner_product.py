@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from caffe_compat.engine.fillers import FillerError, fill
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.conv import canonical_axis
+from caffe_compat.engine.layers import fast_forms
 
 
 @register
@@ -21,6 +22,7 @@ class InnerProduct(Layer):
     """Caffe InnerProduct: ``y = x W^T + b`` over the flattened trailing axes."""
 
     type = "InnerProduct"
+    specialized = fast_forms.linear      # a batch-1 forward without per-call work
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

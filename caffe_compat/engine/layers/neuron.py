@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from caffe_compat.engine.fillers import fill
 from caffe_compat.engine.layers.base import TRAIN, Layer, Shape, register
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.engine.layers import fast_forms
 
 
 def _constant_filler(value: float):
@@ -64,6 +65,7 @@ class PReLU(_Neuron):
     """
 
     type = "PReLU"
+    specialized = fast_forms.prelu      # a batch-1 forward without per-call work
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

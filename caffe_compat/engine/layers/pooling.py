@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.formats.budget import check_shape
 from caffe_compat.formats.errors import ResourceError
+from caffe_compat.engine.layers import fast_forms
 
 MAX, AVE, STOCHASTIC = 0, 1, 2
 CEIL, FLOOR = 0, 1
@@ -61,6 +62,7 @@ class Pooling(Layer):
     """Caffe Pooling: MAX (optional argmax-mask top) or AVE; STOCHASTIC is not supported."""
 
     type = "Pooling"
+    specialized = fast_forms.max_pool      # a batch-1 forward without per-call work
     num_tops = (1, 2)
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
@@ -312,6 +314,7 @@ class ROIPooling(Layer):
     """
 
     type = "ROIPooling"
+    exports_to_onnx = False
     origin = "rbgirshick/caffe-fast-rcnn"
     num_bottoms = (2, 2)
     no_grad_bottoms = (1,)

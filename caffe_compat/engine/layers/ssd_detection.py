@@ -105,6 +105,7 @@ class DetectionOutput(Layer):
     """SSD's detection head: decoded, NMS-filtered boxes as ``[1, 1, D, 7]`` rows."""
 
     type = "DetectionOutput"
+    exports_to_onnx = False
     family = "ssd"
     origin = SSD
     num_bottoms = (3, 3)

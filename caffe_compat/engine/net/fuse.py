@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from caffe_compat.engine.layers.base import TEST
+from caffe_compat.engine.layers.base import TEST, Layer
 from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum
 from caffe_compat.engine.net.module import NetModule
 from caffe_compat.engine.net.plan import Step, execute, mark_releases
@@ -154,10 +154,21 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
     for rewrite in inference_pipeline(fold, fuse_relu, channels_last):
         plan = rewrite(plan, module)
     plan = [replace(step, direct=True) for step in plan]   # own releases; no module hooks
+    specialize_calls(plan, module)
     fused = FusedNet(module, plan)
     if channels_last:
         fused.use_channels_last()
     return fused
+
+
+def specialize_calls(plan: list[Step], module: NetModule) -> None:
+    """Each layer step calls the form its layer offers for the planned shapes, if any
+    (``Layer.specialized``): the last pass, since it binds the step's final layer."""
+    for step in plan:
+        if isinstance(step.fn, Layer):
+            fast = step.fn.specialized([module.blob_shapes[b] for b in step.bottoms])
+            if fast is not None:
+                step.call = fast
 
 
 def in_place_ops(plan: list[Step], module: NetModule) -> list[Step]:

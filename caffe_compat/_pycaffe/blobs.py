@@ -1,7 +1,8 @@
 """Blob views for the pycaffe surface: activation ``Blob``s, parameter ``ParamBlob``s and
 ``net.layers[i]`` (``LayerView``).
 
-Activation blobs hold host numpy arrays (float32, writable) like Caffe's CPU memory. On the
+Activation blobs are views of their Net's ``BlobState`` (host float32 arrays, writable, like
+Caffe's CPU memory; pending device tensors; stale blobs). On the
 CPU, parameter arrays are views of the parameter tensors, so writing
 ``net.params[l][0].data`` changes the model at once; on a GPU the host copies are pushed to
 the device before each forward/backward (Caffe's SyncedMemory, done per call).
@@ -14,60 +15,45 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from caffe_compat._net_fast import note_numpy_view
+from caffe_compat._pycaffe.fast import note_numpy_view
+from caffe_compat._pycaffe.state import BlobState
 from caffe_compat.engine.layers.blob_vectors import BlobVec
-from caffe_compat.formats.budget import check_shape
 
 
 class Blob:
     """An activation blob: ``data`` and ``diff`` are float32 numpy arrays of one shape.
 
-    The arrays are stable: one array per blob (until its shape changes), refreshed in place.
-    On the CPU each forward/backward copies the new values in at once, as Caffe's CPU
-    memory would hold them. On a GPU the new values stay on the device (``_pending``) and
-    are copied to the host array only when ``data``/``diff`` is read, as Caffe's
-    SyncedMemory does (an array fetched earlier sees them after the next read), and a
-    later layer reading the blob takes the device tensor directly: no host round trip.
+    A view of one entry of its Net's ``BlobState`` (``_pycaffe/state.py``), which knows where
+    the current values live (host array, pending device tensor, stale until recomputed):
+    the arrays are stable (one per blob until its shape changes, refreshed in place), and on
+    a GPU new values are copied to the host only when ``data``/``diff`` is read, as Caffe's
+    SyncedMemory does. A Blob made on its own gets a state of its own.
     """
 
-    def __init__(self, shape: Iterable[int], name: str = ""):
-        shape = tuple(int(d) for d in shape)
+    def __init__(self, shape: Iterable[int], name: str = "", state: BlobState | None = None):
         self.name = name                # for messages: "blob 'data'"
-        self._data = np.zeros(shape, np.float32)
-        self._diff = np.zeros(shape, np.float32)
-        self._pending: dict[str, torch.Tensor] = {}
-        self._refresh = None      # set while the net's fast forward left this blob stale
-
-    def _synced(self, which: str) -> np.ndarray:
-        if self._refresh is not None:
-            self._refresh()
-        tensor = self._pending.pop(which, None)
-        if tensor is not None:
-            self._store_now(tensor, which)
-        return getattr(self, which)
+        self._state = state if state is not None else BlobState()
+        self._state.add(name, shape)
 
     @property
     def data(self) -> np.ndarray:
-        return self._synced("_data")
+        return self._state.get(self.name, "data")
 
     @data.setter
     def data(self, value) -> None:
-        self._synced("_data")[...] = value
+        self._state.get(self.name, "data")[...] = value
 
     @property
     def diff(self) -> np.ndarray:
-        return self._synced("_diff")
+        return self._state.get(self.name, "diff")
 
     @diff.setter
     def diff(self, value) -> None:
-        self._synced("_diff")[...] = value
+        self._state.get(self.name, "diff")[...] = value
 
     @property
     def shape(self) -> tuple[int, ...]:
-        if self._refresh is not None:
-            self._refresh()
-        pending = self._pending.get("_data")
-        return tuple(pending.shape) if pending is not None else self._data.shape
+        return self._state.shape(self.name)
 
     @property
     def count(self) -> int:
@@ -89,49 +75,7 @@ class Blob:
         or zero dim or more than 32 axes, or exceeds the memory budget."""
         if len(shape) == 1 and isinstance(shape[0], Iterable) and not isinstance(shape[0], str):
             shape = tuple(shape[0])
-        self._reshape(shape, allow_empty=False)
-
-    def _reshape(self, shape, allow_empty: bool = True) -> None:
-        """``reshape`` for the net's own shape pass (a layer may produce an empty top)."""
-        shape = check_shape(shape, f"blob '{self.name}'" if self.name else "blob",
-                            itemsize=8, allow_empty=allow_empty)  # data + diff, before numpy
-        self._synced("_data"), self._synced("_diff")
-        if shape == self.shape:
-            return
-        if int(np.prod(shape)) == self.count:
-            self._data = self._data.reshape(shape)
-            self._diff = self._diff.reshape(shape)
-        else:
-            self._data = np.zeros(shape, np.float32)
-            self._diff = np.zeros(shape, np.float32)
-
-    def _store(self, tensor: torch.Tensor, which: str = "_data", lazy: bool = False) -> None:
-        """New values from the engine; ``lazy`` keeps them on their device until read."""
-        if lazy:
-            self._pending[which] = tensor.detach()
-        else:
-            self._pending.pop(which, None)
-            self._store_now(tensor, which)
-
-    def _tensor(self, which: str, device: torch.device) -> torch.Tensor:
-        """The values as a tensor on ``device``: the pending one if it lives there, else a
-        copy of the host array (so later writes to the array do not alias it)."""
-        pending = self._pending.get(which)
-        if pending is not None and pending.device == device:
-            return pending
-        host = self._synced(which)
-        return torch.from_numpy(np.array(host, dtype=np.float32)).to(device)
-
-    def _store_now(self, tensor: torch.Tensor, which: str) -> None:
-        value = tensor.detach().to("cpu", torch.float32).numpy()
-        current = getattr(self, which)
-        if current.shape != value.shape:
-            other = "_diff" if which == "_data" else "_data"
-            setattr(self, which, value.copy())
-            if getattr(self, other).shape != value.shape and other not in self._pending:
-                setattr(self, other, np.zeros(value.shape, np.float32))
-        else:
-            np.copyto(current, value)
+        self._state.reshape(self.name, shape, allow_empty=False)
 
     def __repr__(self) -> str:
         return f"Blob(shape={self.shape})"

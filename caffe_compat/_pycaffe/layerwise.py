@@ -9,7 +9,8 @@ blobs' *diffs*: diffs set by hand on any top are used, ``start``/``end`` bound t
 bottom diffs are overwritten and parameter diffs accumulate, as in Caffe. A layer with no
 recorded forward (backward before any forward) is re-run from the blobs' current data.
 
-On a GPU, results stay on the device (``Blob._pending``) until Python reads them, and a
+On a GPU, results stay on the device (pending in the Net's ``BlobState``) until Python
+reads them, and a
 layer reading a blob takes that device tensor: a forward copies nothing to the host that
 nobody looks at (Caffe's SyncedMemory). On the CPU every result is copied into the blob's
 stable host array at once, so arrays fetched earlier always show the latest values.
@@ -88,19 +89,19 @@ def backward_plan(module) -> BackwardPlan:
 
 
 def _lazy(net, device: torch.device) -> bool:
-    """Keep results on the device until read (GPU; ``net._lazy_host`` forces it for tests)."""
-    return getattr(net, "_lazy_host", False) or device.type != "cpu"
+    """Keep results on the device until read (GPU; ``BlobState.lazy`` forces it for tests)."""
+    return net.blob_state.lazy or device.type != "cpu"
 
 
 def _bottom_leaves(net, pos: int, made: dict, device) -> tuple[dict, list]:
     m = net.module
     bottoms = m.layer_bottoms(pos)
-    needs = net._plan.bottom[pos]
+    needs = net.backward_needs.bottom[pos]
     local: dict[str, torch.Tensor] = {}
     leaves: list = []
     for b, need in zip(bottoms, needs):
         if b not in local:
-            src = made[b] if b in made else net.blobs[b]._tensor("_data", device)
+            src = made[b] if b in made else net.blob_state.tensor(b, "data", device)
             local[b] = src.detach()
         if need:
             local[b].requires_grad_(True)
@@ -115,27 +116,27 @@ def run_layer(net, pos: int, made: dict, device, store: bool) -> LayerTrace:
     layer = m.layers[pos]
     tops = m.layer_tops(pos)
     if layer.feeds_input:   # Caffe's Input layer computes nothing: the blobs are the input
-        values = [net.blobs[t]._tensor("_data", device) for t in tops]
+        values = [net.blob_state.tensor(t, "data", device) for t in tops]
         made.update(zip(tops, values))
         return LayerTrace([], values)
     local, leaves = _bottom_leaves(net, pos, made, device)
-    with torch.set_grad_enabled(net._plan.layer[pos] and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(net.backward_needs.layer[pos] and torch.is_grad_enabled()):
         out = m.run({}, pos, pos, blobs=local)
     values = [out[t] for t in tops]
     keep = [not again for again in getattr(layer, "refill", ())]
     for j, kept in enumerate(keep):       # constant DummyData tops keep what the blob holds
         if kept:
-            values[j] = net.blobs[tops[j]]._tensor("_data", device)
+            values[j] = net.blob_state.tensor(tops[j], "data", device)
     if store:
         lazy = _lazy(net, device)
         for t, v in zip(tops, values):
-            net.blobs[t]._store(v, lazy=lazy)
+            net.blob_state.put(t, v, lazy=lazy)
             made[t] = v
     return LayerTrace(leaves, values)
 
 
 def _announce(net, when: str, pos: int) -> None:
-    for fn in net._layer_callbacks[when]:
+    for fn in net.layer_callbacks(when):
         fn(pos)
 
 
@@ -143,7 +144,7 @@ def forward_range(net, start: int, end: int, device) -> None:
     made: dict[str, torch.Tensor] = {}
     for pos in range(start, end + 1):
         _announce(net, "before_forward", pos)
-        net._traces[pos] = run_layer(net, pos, made, device, store=True)
+        net.blob_state.record(pos, run_layer(net, pos, made, device, store=True))
         _announce(net, "after_forward", pos)
 
 
@@ -158,20 +159,21 @@ def backward_range(net, start: int, end: int, device) -> None:
 
 def _backward_layer(net, pos: int, device) -> None:
     m = net.module
-    if not net._plan.layer[pos]:
+    if not net.backward_needs.layer[pos]:
         return
     name = m.layer_names[pos]
     bottoms, tops = m.layer_bottoms(pos), m.layer_tops(pos)
     if not bottoms and not m.layers[pos].blobs:
         return                        # a source layer: nothing to compute
-    trace = net._traces.get(pos)
+    trace = net.blob_state.trace(pos)
     if trace is None:
-        trace = net._traces[pos] = run_layer(net, pos, {}, device, store=False)
+        trace = run_layer(net, pos, {}, device, store=False)
+        net.blob_state.record(pos, trace)
     outs, grads = [], []
     for t, value in zip(tops, trace.tops):
         if value.requires_grad:
             outs.append(value)
-            grads.append(net.blobs[t]._tensor("_diff", device).reshape(value.shape))
+            grads.append(net.blob_state.tensor(t, "diff", device).reshape(value.shape))
     if outs:
         torch.autograd.backward(outs, grads, retain_graph=True)
     diffs = [None if leaf is None else leaf.grad for leaf in trace.leaves]
@@ -180,7 +182,7 @@ def _backward_layer(net, pos: int, device) -> None:
             leaf.grad = None
     lazy = _lazy(net, device)
     for j, (b, g) in enumerate(zip(bottoms, diffs)):
-        if net._plan.bottom[pos][j]:
+        if net.backward_needs.bottom[pos][j]:
             if g is None:
                 g = torch.zeros(net.blobs[b].shape, device=device)
-            net.blobs[b]._store(g, "_diff", lazy=lazy)
+            net.blob_state.put(b, g, "diff", lazy=lazy)

@@ -1,0 +1,235 @@
+"""Inference engines (engine/backends): every engine's outputs equal torch's on the small
+deployed-net families, SSD split around its DetectionOutput, and each fallback to torch."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import caffe_compat as caffe
+from caffe_compat.engine.backends import engine as engines
+from caffe_compat.engine.backends.runners import RUNNERS, BackendUnavailable
+from caffe_compat.engine.backends.split import split_plan
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+NETS = Path(__file__).resolve().parents[1] / "benchmarks" / "nets"
+sys.path.insert(0, str(NETS))
+from generate import NETS as GENERATORS  # noqa: E402
+
+SMALL_INPUT = {"ultraface_slim": (60, 80), "ssd_face": (60, 80), "mtcnn_pnet": (24, 32)}
+
+
+def _installed(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+ENGINES = [e for e in ("onnxruntime", "openvino") if _installed(e)]
+
+
+def _prototxt(tmp_path, name: str) -> str:
+    text = GENERATORS[name]().text()
+    if name in SMALL_INPUT:
+        h, w = SMALL_INPUT[name]
+        text = re.sub(r"dim: 3 dim: \d+ dim: \d+", f"dim: 3 dim: {h} dim: {w}", text, count=1)
+    path = tmp_path / f"{name}.prototxt"
+    path.write_text(text)
+    return str(path)
+
+
+def _weights(tmp_path, proto: str) -> str:
+    """Trained-looking weights: BatchNorm statistics and PReLU slopes away from the fillers'."""
+    net = caffe.Net(proto, caffe.TEST)
+    rng = np.random.default_rng(0)
+    for name, blobs in net.params.items():
+        layer = net.layer_dict[name]
+        if layer.type == "BatchNorm":
+            blobs[0].data[...] = rng.normal(0, 0.1, blobs[0].data.shape)
+            blobs[1].data[...] = rng.random(blobs[1].data.shape) + 0.5
+            blobs[2].data[...] = 1
+        elif layer.type == "PReLU":
+            blobs[0].data[...] = rng.uniform(0, 0.5, blobs[0].data.shape)
+    path = tmp_path / "w.caffemodel"
+    net.save(str(path))
+    return str(path)
+
+
+def _forward(net, x):
+    return {k: v.copy() for k, v in net.forward(data=x).items()}
+
+
+@pytest.mark.parametrize("family", ["lenet", "mtcnn_onet", "mtcnn_pnet", "ultraface_slim",
+                                    "ssd_face"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_outputs_equal_torch(tmp_path, family, engine):
+    proto = _prototxt(tmp_path, family)
+    weights = _weights(tmp_path, proto)
+    ref = caffe.Net(proto, weights, caffe.TEST)
+    net = caffe.Net(proto, weights, caffe.TEST, engine=engine)
+    assert net.engine == engine
+    x = np.random.default_rng(1).random(ref.blobs["data"].shape, dtype=np.float32)
+    want, got = _forward(ref, x), _forward(net, x)
+    assert net.engine == engine                  # the first-call check kept it
+    for name in want:
+        scale = max(1.0, float(np.abs(want[name]).max()))
+        assert np.abs(got[name] - want[name]).max() / scale <= engines.TOLERANCE, name
+
+
+def test_ssd_runs_split_around_detection_output(tmp_path):
+    proto = _prototxt(tmp_path, "ssd_face")
+    weights = _weights(tmp_path, proto)
+    net = caffe.Net(proto, weights, caffe.TEST)
+    split = split_plan(net.module)
+    assert [op.fn.type for op in split.suffix] == ["DetectionOutput"]
+    assert set(split.prefix_outputs) == {"mbox_loc", "mbox_conf_flatten", "mbox_priorbox"}
+    chosen = caffe.Net(proto, weights, caffe.TEST, engine=ENGINES[0])
+    assert chosen.engine == ENGINES[0]
+    x = np.random.default_rng(2).random(net.blobs["data"].shape, dtype=np.float32)
+    want, got = _forward(net, x)["detection_out"], _forward(chosen, x)["detection_out"]
+    assert want.shape == got.shape and want.shape[2] > 1           # detections were kept
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert chosen.engine == ENGINES[0]               # not a fallback after the first call
+
+
+def test_auto_keeps_a_measured_engine_and_blobs_read_as_caffe(tmp_path):
+    proto = _prototxt(tmp_path, "mtcnn_rnet")
+    ref = caffe.Net(proto, caffe.TEST)
+    net = caffe.Net(proto, caffe.TEST, engine="auto")
+    ref.share_with(net)
+    assert net.engine in ("torch", *ENGINES)
+    assert "fastest here" in net._fast.choice.reason
+    x = np.random.default_rng(3).random(ref.blobs["data"].shape, dtype=np.float32)
+    _forward(ref, x), _forward(net, x)
+    # an intermediate blob, and backward, come from the torch path as in Caffe
+    np.testing.assert_allclose(net.blobs["pool1"].data, ref.blobs["pool1"].data, rtol=1e-6)
+
+
+def test_changed_weights_are_seen(tmp_path):
+    proto = _prototxt(tmp_path, "lenet")
+    net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
+    ref = caffe.Net(proto, caffe.TEST)
+    x = np.random.default_rng(4).random(ref.blobs["data"].shape, dtype=np.float32)
+    for scale in (2.0, -1.0, 0.5):                    # re-exported once, then torch
+        for target in (net, ref):
+            target.params["ip2"][0].data[...] = scale * np.ones_like(target.params["ip2"][0].data)
+        np.testing.assert_allclose(_forward(net, x)["prob"], _forward(ref, x)["prob"],
+                                   rtol=1e-5, atol=1e-6)
+    assert net.engine == "torch"
+
+
+def test_fallbacks(tmp_path, monkeypatch):
+    proto = _prototxt(tmp_path, "lenet")
+    with pytest.raises(ValueError, match="expected one of"):
+        caffe.Net(proto, caffe.TEST, engine="tensorrt")
+    train = caffe.Net(proto, caffe.TRAIN, engine="onnxruntime")      # no fast path in TRAIN
+    assert train.engine == "torch"
+
+    def missing(*args, **kwargs):
+        raise BackendUnavailable("onnxruntime is not installed")
+    monkeypatch.setitem(RUNNERS, "onnxruntime", missing)
+    net = caffe.Net(proto, caffe.TEST, engine="onnxruntime")
+    assert net.engine == "torch" and "not installed" in net._fast.choice.reason
+
+
+def test_first_call_difference_falls_back(tmp_path):
+    proto = _prototxt(tmp_path, "lenet")
+    net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
+    ref = caffe.Net(proto, caffe.TEST)
+    ref.share_with(net)
+    exported = net._fast.choice.forward
+    honest = exported.runner
+    exported.runner = lambda feed: [v + 1 for v in honest(feed)]     # a broken runtime
+    x = np.random.default_rng(5).random(ref.blobs["data"].shape, dtype=np.float32)
+    np.testing.assert_allclose(_forward(net, x)["prob"], _forward(ref, x)["prob"], rtol=1e-6)
+    assert net.engine == "torch"
+
+
+def test_environment_names_the_engine(monkeypatch):
+    monkeypatch.setenv(engines.ENGINE_ENV, "OpenVINO")
+    assert engines.requested_engine(None) == "openvino"
+    assert engines.requested_engine("torch") == "torch"
+    assert engines.difference({"a": torch.ones(2)}, {"a": torch.ones(3)}) == float("inf")
+
+
+def test_precision_auto_takes_bf16_only_when_close_and_native(tmp_path, monkeypatch):
+    from caffe_compat.engine import precision
+    proto = _prototxt(tmp_path, "mtcnn_onet")
+    weights = _weights(tmp_path, proto)
+    ref = caffe.Net(proto, weights, caffe.TEST)
+    x = np.random.default_rng(6).random(ref.blobs["data"].shape, dtype=np.float32)
+    want = _forward(ref, x)
+    monkeypatch.setattr(precision, "candidates", lambda device, flags=None: ["bf16"])
+    net = caffe.Net(proto, weights, caffe.TEST, precision="auto")
+    assert net.engine in ("torch", "torch-bf16")
+    assert "torch-bf16" in net._fast.choice.reason          # it was measured
+    got = _forward(net, x)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= engines.BF16_TOLERANCE * max(
+            1.0, float(np.abs(want[name]).max()))
+    monkeypatch.setattr(engines, "BF16_TOLERANCE", 0.0)      # bf16 can never be that close
+    strict = caffe.Net(proto, weights, caffe.TEST, precision="auto")
+    assert strict.engine == "torch" and "differ" in strict._fast.choice.reason
+    monkeypatch.setattr(precision, "candidates", lambda device, flags=None: [])
+    plain = caffe.Net(proto, weights, caffe.TEST, precision="auto")
+    assert plain.engine == "torch" and "no native bf16" in plain._fast.choice.reason
+    with pytest.raises(ValueError, match="precision"):
+        caffe.Net(proto, weights, caffe.TEST, precision="fp16")
+
+
+def test_cli_test_through_an_engine_equals_torch(tmp_path, capsys):
+    from caffe_compat.commands import caffe_main
+    proto = _prototxt(tmp_path, "lenet")
+    weights = _weights(tmp_path, proto)
+    lines = {}
+    for engine in ("torch", ENGINES[0]):
+        assert caffe_main.main(["test", "--model", proto, "--weights", weights,
+                                "--iterations", "1", "--engine", engine, "--threads", "1"]) == 0
+        err = capsys.readouterr().err
+        lines[engine] = [l.split("] ", 1)[1] for l in err.splitlines() if "prob = " in l]
+        assert engine == "torch" or f"Inference engine: {engine}" in err
+    values = {e: np.array([float(l.split("= ")[1]) for l in v]) for e, v in lines.items()}
+    assert len(values["torch"]) == 20
+    np.testing.assert_allclose(values[ENGINES[0]], values["torch"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_leave_torch_subnormals_alone(tmp_path, engine):
+    """A runtime must not switch flush-to-zero on for the calling thread (onnxruntime's
+    set_denormal_as_zero does, for the rest of the process)."""
+    proto = _prototxt(tmp_path, "lenet")
+    net = caffe.Net(proto, caffe.TEST, engine=engine)
+    net.forward(data=np.ones(net.blobs["data"].shape, np.float32))
+    tiny = torch.tensor([1e-40]) * torch.tensor([1.0])
+    assert float(tiny) > 0
+
+
+@pytest.mark.skipif("openvino" not in ENGINES, reason="openvino is not installed")
+def test_openvino_nets_freed_in_any_order_leave_signals_working(tmp_path):
+    """Each OpenVINO compiled model swaps the thread's alternate signal stack and puts back
+    the one it found when freed; freed first-in first-out, the thread was left on a freed
+    stack and the next SIGINT killed the process (SIGSEGV)."""
+    import gc
+    import os
+    import signal
+    proto = _prototxt(tmp_path, "lenet")
+    first = caffe.Net(proto, caffe.TEST, engine="openvino")
+    second = caffe.Net(proto, caffe.TEST, engine="openvino")
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda *args: got.append(args[0]))
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert got == [signal.SIGINT]

@@ -1,0 +1,71 @@
+"""Shape-specialised layer calls of the fused plan (Layer.specialized, engine/layers/fast_forms.py)
+equal the layers."""
+import math
+
+import pytest
+import torch
+
+from caffe_compat.engine.layers.base import TEST
+from caffe_compat.engine.net.fuse import fused_for_inference
+from caffe_compat.engine.net.module import build_net
+from google.protobuf import text_format
+from caffe_compat.proto import caffe_pb2
+
+NET = """name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 13 dim: 11 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 6 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "prelu" type: "PReLU" bottom: "conv" top: "conv" prelu_param { filler { type: "uniform" min: -0.5 max: 0.5 } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "perm" type: "Permute" bottom: "pool" top: "perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }
+layer { name: "flat" type: "Reshape" bottom: "perm" top: "flat" reshape_param { shape { dim: 0 dim: -1 dim: 3 } } }
+layer { name: "sm" type: "Softmax" bottom: "flat" top: "sm" softmax_param { axis: -1 } }
+layer { name: "fl" type: "Flatten" bottom: "pool" top: "fl" }
+layer { name: "ip" type: "InnerProduct" bottom: "fl" top: "ip"
+  inner_product_param { num_output: 7 transpose: true weight_filler { type: "gaussian" std: 0.1 }
+                        bias_filler { type: "gaussian" std: 1 } } }
+"""
+
+
+def _net():
+    param = text_format.Parse(NET, caffe_pb2.NetParameter())
+    return build_net(param, TEST)
+
+
+def test_fused_net_with_specialised_ops_equals_the_layers():
+    torch.manual_seed(0)
+    net = _net()
+    x = torch.randn(2, 3, 13, 11)
+    with torch.no_grad():
+        want = net(data=x)
+        fused = fused_for_inference(net)
+        got = fused.outputs(data=x)
+    kinds = {getattr(op.call, "__name__", "") for op in fused.ops}
+    assert {"prelu", "max_pool", "reshape", "softmax", "linear"} <= kinds
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
+def test_other_shape_or_dtype_goes_to_the_layer():
+    net = _net()
+    index = net.layer_names.index("pool")
+    layer = net.layers[index]
+    fast = layer.specialized([net.blob_shapes["conv"]])
+    planned = torch.randn(2, 6, 11, 9)
+    planned[0, :, :4, :4] = -math.inf          # all -inf windows: Caffe's -FLT_MAX
+    torch.testing.assert_close(fast(planned), layer.forward(planned), rtol=0, atol=0)
+    assert float(fast(planned).min()) == pytest.approx(-3.4028234663852886e38)
+    y = torch.randn(1, 6, 9, 9)                        # not the planned shape
+    torch.testing.assert_close(fast(y), layer.forward(y))
+    z = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    torch.testing.assert_close(fast(z), layer.forward(z))
+
+
+def test_slopes_written_in_place_are_seen():
+    net = _net()
+    layer = net.layers[net.layer_names.index("prelu")]
+    fast = layer.specialized([net.blob_shapes["conv"]])
+    x = -torch.ones(2, 6, 11, 9)
+    with torch.no_grad():
+        layer.blobs[0].fill_(0.125)
+    assert float(fast(x).max()) == pytest.approx(-0.125)

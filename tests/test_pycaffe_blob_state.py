@@ -1,0 +1,107 @@
+"""One BlobState per pycaffe Net says where each blob's values are (host, pending, stale).
+
+The transitions a script sees -- a fast forward leaves the inner blobs stale and the first
+read recomputes them; a value left pending on its device is copied in when read, a numpy
+write to it then stands, and the next forward reads the written value -- are tracked by the
+net's ``blob_state`` alone: the Blob views and the torch parameters carry nothing. Values
+are checked against the closed form in float64.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import caffe_compat as caffe
+
+NET = """
+name: "mlp"
+input: "data" input_shape { dim: 2 dim: 5 }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.5 }
+                        bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "r1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "r1" top: "ip2"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip2" top: "prob" }
+"""
+
+
+@pytest.fixture
+def net(tmp_path):
+    path = tmp_path / "mlp.prototxt"
+    path.write_text(NET)
+    caffe.set_random_seed(3)
+    return caffe.Net(str(path), caffe.TEST)
+
+
+def _weights(net, layer):
+    w, b = (p.data.astype(np.float64) for p in net.params[layer])
+    return w, b
+
+
+def _ip1(net, x):
+    w, b = _weights(net, "ip1")
+    return x.astype(np.float64) @ w.T + b
+
+
+def _prob_from_ip1(net, ip1):
+    w, b = _weights(net, "ip2")
+    z = np.maximum(ip1, 0) @ w.T + b
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _snapshot(net):
+    """Every attribute of every Blob view and of every parameter tensor."""
+    blobs = {name: dict(vars(blob)) for name, blob in net.blobs.items()}
+    params = [dict(vars(p)) for p in net.module.parameters()]
+    return blobs, params
+
+
+def test_fast_forward_marks_stale_and_a_read_recomputes(net):
+    assert net.engine == "torch" and net.blob_state.lazy is False
+    x = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    before = _snapshot(net)
+    out = net.forward(data=x)
+    state = net.blob_state
+    assert {n for n in net.blobs if state.is_stale(n)} == {"ip1", "r1", "ip2"}
+    assert not state.is_stale("data") and not state.is_stale("prob")
+    np.testing.assert_allclose(out["prob"], _prob_from_ip1(net, _ip1(net, x)), rtol=1e-5)
+    assert _snapshot(net) == before             # nothing was written on views or tensors
+
+    ip1 = net.blobs["ip1"].data                 # the first read recomputes every stale blob
+    assert not any(state.is_stale(n) for n in net.blobs)
+    np.testing.assert_allclose(ip1, _ip1(net, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.blobs["r1"].data, np.maximum(_ip1(net, x), 0),
+                               rtol=1e-5, atol=1e-6)
+    assert _snapshot(net) == before
+
+    net.forward(data=x)                         # stale again until read
+    assert state.is_stale("ip2")
+    net.blob_state.clear_stale()                # a full forward follows: no recompute
+    assert not state.is_stale("ip2")
+
+
+def test_pending_value_then_numpy_write_reaches_the_next_forward(net):
+    x = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
+    net.blob_state.lazy = True                  # results stay on their device until read
+    held = net.blobs["ip1"].data                # fetched before the forward: zeros
+    before = _snapshot(net)
+    net.blobs["data"].data[...] = x
+    net.forward(start="ip1")                    # layer by layer
+    state = net.blob_state
+    assert state.pending("ip1") == state.pending("ip2") == {"data"}   # prob: returned, read
+    assert not held.any()                       # not copied yet: pending
+    assert _snapshot(net) == before
+
+    np.testing.assert_allclose(net.blobs["ip1"].data, _ip1(net, x), rtol=1e-5, atol=1e-6)
+    assert state.pending("ip1") == set()        # read: copied in, into the held array
+    np.testing.assert_allclose(held, _ip1(net, x), rtol=1e-5, atol=1e-6)
+
+    written = np.array([[1.0, -2.0, 3.0, 0.5], [-1.0, 2.0, 0.0, 4.0]], np.float32)
+    net.blobs["ip1"].data[...] = written        # a numpy write to the host array
+    net.forward(start="relu1")                  # reads ip1 from the host: the write
+    np.testing.assert_allclose(net.blobs["prob"].data, _prob_from_ip1(net, written),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(net.blobs["ip1"].data, written)
+    assert _snapshot(net) == before
