@@ -264,13 +264,15 @@ class FastForward:
         """Give every blob its value: the full forward on the fast forward's ``inputs``
         (run by the net's BlobState when a stale blob is first read)."""
         from caffe_compat._pycaffe.layerwise import forward_range
-        net = self.net
-        net.blob_state.clear_stale()
-        current = {n: net.blobs[n].data.copy() for n in inputs}
+        net, state = self.net, self.net.blob_state
+        state.clear_stale()
+        # through the state, not the views: an input blob reshaped since (``net.reshape``
+        # reads the stale blobs while it reshapes them) takes the forward's shape and back
+        current = {n: torch.from_numpy(state.get(n).copy()) for n in inputs}
         for name, value in inputs.items():
-            net.blobs[name].data = value.contiguous().numpy()
+            state.put(name, value.contiguous())
         try:
             forward_range(net, 0, len(net.module.layers) - 1, net.compute_device())
         finally:
             for name, value in current.items():
-                net.blobs[name].data = value
+                state.put(name, value)
