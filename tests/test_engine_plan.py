@@ -170,3 +170,15 @@ def test_the_timing_rule_is_the_median_of_rotated_alternating_rounds(monkeypatch
     assert times == {"a": 1, "b": 2}
     rounds = [order[i:i + 2] for i in range(2, len(order), 2)]
     assert rounds[0] == ["a", "b"] and rounds[1] == ["b", "a"]
+
+
+def test_caffe_time_through_an_engine_times_its_plan_steps(tmp_path, capsys):
+    from caffe_compat.commands import caffe_main
+    proto = _prototxt(tmp_path, "ssd_face")
+    assert caffe_main.main(["time", "--model", proto, "--phase", "TEST", "--iterations", "2",
+                            "--engine", ENGINES[0], "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    steps = [l.split("] ", 1)[1] for l in err.splitlines() if "\tforward: " in l]
+    assert len(steps) == 2
+    assert steps[0].strip().startswith(f"{ENGINES[0]} (") and "(DetectionOutput)" in steps[1]
+    assert "Average Forward pass" in err

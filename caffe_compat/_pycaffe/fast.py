@@ -102,6 +102,14 @@ _VERSION = operator.attrgetter("_version")
 SHAPES_KEPT = 4          # engine choices kept per input shape (pycaffe nets that alternate)
 
 
+def inference_plan(net) -> EnginePlan | None:
+    """The engine plan ``net.forward()`` runs now; None where it runs torch's fused plan."""
+    fast = getattr(net, "_fast", None)
+    choice = fast.choice if fast is not None else None
+    forward = choice.forward if choice is not None else None
+    return forward if isinstance(forward, EnginePlan) else None
+
+
 class FastForward:
     """One net's fused forward; it marks the blobs it did not write stale in the net's
     ``BlobState``, with the recompute that gives them their values."""
@@ -140,8 +148,9 @@ class FastForward:
 
     def _weights_key(self, params: list[torch.Tensor], touched: tuple) -> tuple:
         """What an engine's exported weights depend on: the tensors (``_numpy_state`` just
-        listed their ids), their in-place versions and their numpy hand-outs."""
-        return self._ids, tuple(map(_VERSION, params)), touched
+        listed their ids), their in-place versions (summed: each only grows, so the sum
+        moves when any does) and their numpy hand-outs."""
+        return self._ids, sum(map(_VERSION, params)), touched
 
     @property
     def engine(self) -> str:
