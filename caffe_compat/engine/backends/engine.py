@@ -9,9 +9,10 @@ stays torch steps; the plan runs through the one executor like every other.
 shapes (pycaffe decides again after a reshape), checks its outputs against torch's on random
 inputs, then times the candidates as pycaffe calls them (inputs copied into the engine's
 bound buffers; torch's fused forward): alternating rounds of one call each, the order
-rotated each round, at least ``MIN_ROUNDS`` and as many as fit in about 0.6 s (at most
-``MAX_ROUNDS``). **The rule: the candidate with the lowest median time is kept** (the
-median of alternated single calls: a neighbour's burst of load moves it least).
+rotated each round, as many rounds as fit in ``BUDGET_S`` (1 s: 200 rounds, the most, for
+a 1 ms net with three candidates; 33 for a 10 ms one), ``MIN_ROUNDS`` (5) for slower nets.
+**The rule: the candidate with the lowest median time is kept** (the median of alternated
+single calls: a neighbour's burst of load moves it least).
 
 Outputs must equal the torch path's within ``TOLERANCE``: max |engine - torch| over an output,
 divided by max(1, max |torch output|); for a split net, over the blobs the engine computes
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 ENGINE_ENV = "CAFFE_COMPAT_ENGINE"
 TOLERANCE = 1e-4
 BF16_TOLERANCE = 3e-2     # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, summed over layers
-MIN_ROUNDS, MAX_ROUNDS = 15, 200
+MIN_ROUNDS, MAX_ROUNDS = 5, 200
+BUDGET_S = 1.0            # seconds of timing at load, beyond the MIN_ROUNDS
 
 Outputs = dict[str, torch.Tensor]
 
@@ -121,7 +123,7 @@ def _candidates(module, request, precision, torch_forward, threads, shapes):
     return built, tolerance, why
 
 
-def median_times(steps: dict[str, Callable[[], object]], budget_s: float = 0.6,
+def median_times(steps: dict[str, Callable[[], object]], budget_s: float = BUDGET_S,
                  rounds: tuple[int, int] = (MIN_ROUNDS, MAX_ROUNDS)) -> dict[str, float]:
     """Each step's median wall time (seconds) over alternating rounds: one warm-up call
     each, then rounds of one call per step, the order rotated each round, as many rounds
