@@ -149,3 +149,22 @@ def test_prefetcher_close_waits_for_the_batch_in_progress():
     assert started.wait(10)
     prefetcher.close()
     assert exited.is_set()
+
+
+def test_a_net_refused_after_its_data_layer_releases_the_database(tmp_path):
+    """A later layer's error must not leave the Data layer's prefetch thread mapping the
+    database: rewriting it in place and opening it again then works, even while the error's
+    traceback (as an interactive session keeps it) still holds the half-built net."""
+    import caffe_compat as caffe
+    folder = _db(tmp_path / "db", n=40)
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(f'layer {{ name: "data" type: "Data" top: "data" top: "label"\n'
+                        f'  data_param {{ source: "{folder}" batch_size: 8 backend: LMDB }} }}\n'
+                        'layer { name: "bad" type: "Convolution" bottom: "data" top: "c" }\n')
+    with pytest.raises(Exception, match="layer 'bad'") as refused:
+        caffe.Net(str(net_file), caffe.TRAIN)
+    other = _db(tmp_path / "other", n=40, fill=7) / "data.mdb"
+    (folder / "data.mdb").write_bytes(other.read_bytes())        # in place: the same inode
+    with open_db(folder) as db:
+        assert len(db.keys()) == 40
+    assert refused.tb is not None

@@ -142,9 +142,11 @@ def changed_in_place(path: str, stamps: dict) -> str | None:
         except OSError:
             continue
         if (st.st_dev, st.st_ino) == (dev, ino) and (st.st_size, st.st_mtime_ns) != (size, mtime):
-            return (f"{os.path.join(path, name)}: modified in place while open (now "
-                    f"{st.st_size} bytes, was {size}); reopen it once the writer is done "
-                    "(writers should build a new file and rename it into place)")
+            change = (f"now {st.st_size} bytes, was {size}" if st.st_size != size
+                      else "same size, new modification time")
+            return (f"{os.path.join(path, name)}: modified in place while open ({change}); "
+                    "reopen it once the writer is done (writers should build a new file "
+                    "and rename it into place)")
     return None
 
 
