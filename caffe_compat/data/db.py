@@ -11,8 +11,10 @@ place on ``close()``, so an interrupted conversion never leaves a half-written d
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +24,8 @@ from caffe_compat.formats.errors import DataError
 
 BACKENDS = ("lmdb", "leveldb")
 COMMIT_EVERY = 1000  # convert_imageset commits a transaction every 1000 records
+FEW_FILES = 16       # mapped files checked before every read; more: every RECHECK_SECONDS
+RECHECK_SECONDS = 0.5
 
 
 def detect_backend(path: str | os.PathLike) -> str:
@@ -64,6 +68,7 @@ class _Handle:
         self.path, self.backend, self.refs = path, backend, 0
         self._keys: list[bytes] | None = None
         self._lock = threading.Lock()
+        self._checked = -math.inf        # when the files were last checked (many files)
         before = _stamps(path, backend)
         probe(path, backend)       # a corrupt database fails here, in a child, not in us
         self.env = self._open()
@@ -90,7 +95,16 @@ class _Handle:
             raise DataError(f"{self.path}: cannot open LevelDB ({exc})") from None
 
     def check(self) -> None:
-        """DataError when a file this handle maps was rewritten in place since it opened."""
+        """DataError when a file this handle maps was rewritten in place since it opened.
+
+        A database of many files (a large LevelDB: one stat each) is checked at most every
+        ``RECHECK_SECONDS``; a stat of each file before every batch would cost more than
+        reading the batch."""
+        if len(self.stamps) > FEW_FILES:
+            now = time.monotonic()
+            if now - self._checked < RECHECK_SECONDS:
+                return
+            self._checked = now
         reason = changed_in_place(self.path, self.stamps)
         if reason is not None:
             raise DataError(reason)
