@@ -174,6 +174,7 @@ class DBReader:
                     values = [txn.get(k) for k in keys]
             else:
                 values = [self._handle.env.get(k) for k in keys]
+        self._handle.check()       # rewritten during the read: the values may be torn
         for k, v in zip(keys, values):
             if v is None:
                 raise DataError(f"{self.path}: key {k!r} disappeared from the database")
