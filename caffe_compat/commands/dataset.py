@@ -142,10 +142,12 @@ class _Decoded:
         from caffe_compat.data.db import DBWriter
         self.path, self.resize = out / SCRATCH, resize
         self._writer, self._reader = DBWriter(self.path, "lmdb", overwrite=True), None
+        self._keys: dict[str, bytes] = {}    # path -> its record's key (paths may be long)
 
     def put(self, rel: str, image) -> None:
         from caffe_compat.data.convert import image_datum
-        self._writer.put(rel, image_datum(image, rel, 0, *self.resize).SerializeToString())
+        key = self._keys[rel] = f"{len(self._keys):08d}".encode()
+        self._writer.put(key, image_datum(image, rel, 0, *self.resize).SerializeToString())
 
     def datum(self, entry):
         """The Datum of an image list entry, labelled."""
@@ -154,7 +156,7 @@ class _Decoded:
         if self._reader is None:
             self._writer.close()
             self._reader = open_db(self.path, "lmdb")
-        datum = caffe_pb2.Datum.FromString(self._reader.get(entry.path.encode()))
+        datum = caffe_pb2.Datum.FromString(self._reader.get(self._keys[entry.path]))
         datum.label = entry.label
         return datum
 
