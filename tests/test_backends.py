@@ -67,10 +67,13 @@ def _forward(net, x):
     score swap places under a 1e-7 difference, which the thread count alone can make)."""
     out = {k: v.copy() for k, v in net.forward(data=x).items()}
     if "detection_out" in out:
-        rows = out["detection_out"].reshape(-1, 7)
-        order = np.lexsort(np.round(rows, 3).T[::-1])
-        out["detection_out"] = rows[order].reshape(out["detection_out"].shape)
+        out["detection_out"] = canonical_detections(out["detection_out"])
     return out
+
+
+def canonical_detections(detections: np.ndarray) -> np.ndarray:
+    rows = detections.reshape(-1, 7)
+    return rows[np.lexsort(np.round(rows, 3).T[::-1])].reshape(detections.shape)
 
 
 @pytest.mark.parametrize("family", ["lenet", "mtcnn_onet", "mtcnn_pnet", "ultraface_slim",
