@@ -101,6 +101,29 @@ def test_a_reshape_decides_again_and_a_known_shape_reuses_its_choice(tmp_path, e
     assert net._fast.choice is first and len(net._fast._by_shape) == 2
 
 
+def test_a_shape_where_torch_was_chosen_does_not_stick(tmp_path, monkeypatch):
+    """Torch chosen at one batch (here: made to), the engine at the other: going back to
+    the first batch takes the engine again."""
+    from caffe_compat._pycaffe import fast
+    real = fast.choose_engine
+
+    def torch_at_batch_3(module, request, torch_forward, **kwargs):
+        if kwargs["shapes"]["data"][0] == 3:
+            return engines.EngineChoice("torch", None, "made to", verified=True)
+        return real(module, request, torch_forward, **kwargs)
+    monkeypatch.setattr(fast, "choose_engine", torch_at_batch_3)
+    ref, net = _pair(tmp_path, "lenet", ENGINES[0])
+    shape = net.blobs["data"].shape
+    rng = np.random.default_rng(7)
+    for batch, engine in ((3, "torch"), (shape[0], ENGINES[0]), (3, "torch")):
+        for target in (net, ref):
+            target.blobs["data"].reshape(batch, *shape[1:])
+            target.reshape()
+        x = rng.random((batch, *shape[1:]), dtype=np.float32)
+        _close(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+        assert net.engine == engine
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_blobs_read_after_the_input_changed_are_those_of_the_last_forward(tmp_path, engine):
     ref, net = _pair(tmp_path, "mtcnn_onet", engine)

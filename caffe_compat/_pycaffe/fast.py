@@ -128,6 +128,7 @@ class FastForward:
         self._engine_key: tuple | None = None
         self._resynced = False
         self._by_shape: dict[tuple, tuple] = {}     # input shapes -> (choice, engine key)
+        self._shapes: tuple = ()                    # the input shapes of ``choice``
         # the engine plan whose runtime writes straight into output blobs (``_direct``;
         # the others, ``_copied``, are copied in), and the BlobState arrays it was bound to
         self._bound: tuple = (None, -1)
@@ -173,13 +174,20 @@ class FastForward:
         self._engine_key = self._weights_key(params, self._numpy_state(params)[0])
         if len(self._by_shape) >= SHAPES_KEPT:
             self._by_shape.clear()
-        self._by_shape[tuple(shapes.values())] = (self.choice, self._engine_key)
+        self._shapes = tuple(shapes.values())
+        self._by_shape[self._shapes] = (self.choice, self._engine_key)
         log.info("net '%s': %s", self.net.module.name, self.choice.reason)
 
     def _engine_plan(self, params, touched: tuple, held: bool) -> EnginePlan | None:
         """The chosen engine plan, its inputs copied in; None where torch must run."""
         choice = self.choice
-        if choice is None or held or choice.forward.__class__ is not EnginePlan:
+        if choice is None or held:
+            return None
+        if choice.forward.__class__ is not EnginePlan:
+            # torch chosen for these shapes: another shape may have its own choice
+            if self._by_shape and self._input_shapes() != self._shapes:
+                self._reshaped()
+                return self._engine_plan(params, touched, held)
             return None
         plan, get = choice.forward, self.net.blob_state.get
         if self._weights_key(params, touched) != self._engine_key:  # changed since export
@@ -204,13 +212,17 @@ class FastForward:
         self._decide(self.choice.name)
         return self._engine_plan(params, touched, held)
 
+    def _input_shapes(self) -> tuple:
+        return tuple(tuple(self.net.blob_state.get(n).shape) for n in self.net.inputs)
+
     def _reshaped(self) -> None:
-        shapes = tuple(tuple(self.net.blob_state.get(n).shape) for n in self.net.inputs)
+        shapes = self._input_shapes()
         kept = self._by_shape.get(shapes)
         if kept is None:
             self._decide(self.request)
         else:
             self.choice, self._engine_key = kept
+            self._shapes = shapes
 
     def run(self) -> None:
         net = self.net
