@@ -84,6 +84,16 @@ def test_outputs_land_in_the_blobs_and_old_arrays_are_left_alone(tmp_path, engin
         np.testing.assert_array_equal(held[name], before[name])   # not written any more
 
 
+def _reshaped_forward_equal(ref, net, batch: int, rng) -> None:
+    """Both nets reshaped to ``batch``; their outputs on one random input equal."""
+    shape = net.blobs["data"].shape
+    for target in (net, ref):
+        target.blobs["data"].reshape(batch, *shape[1:])
+        target.reshape()
+    x = rng.random((batch, *shape[1:]), dtype=np.float32)
+    _close(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_reshape_decides_again_and_a_known_shape_reuses_its_choice(tmp_path, engine):
     ref, net = _pair(tmp_path, "lenet", engine)
@@ -91,11 +101,7 @@ def test_a_reshape_decides_again_and_a_known_shape_reuses_its_choice(tmp_path, e
     shape = net.blobs["data"].shape
     rng = np.random.default_rng(2)
     for batch in (3, shape[0]):
-        for target in (net, ref):
-            target.blobs["data"].reshape(batch, *shape[1:])
-            target.reshape()
-        x = rng.random((batch, *shape[1:]), dtype=np.float32)
-        _close(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+        _reshaped_forward_equal(ref, net, batch, rng)
         assert net.engine == engine
         assert net._fast.choice.forward.inputs["data"].shape[0] == batch
     assert net._fast.choice is first and len(net._fast._by_shape) == 2
@@ -113,14 +119,10 @@ def test_a_shape_where_torch_was_chosen_does_not_stick(tmp_path, monkeypatch):
         return real(module, request, torch_forward, **kwargs)
     monkeypatch.setattr(fast, "choose_engine", torch_at_batch_3)
     ref, net = _pair(tmp_path, "lenet", ENGINES[0])
-    shape = net.blobs["data"].shape
     rng = np.random.default_rng(7)
-    for batch, engine in ((3, "torch"), (shape[0], ENGINES[0]), (3, "torch")):
-        for target in (net, ref):
-            target.blobs["data"].reshape(batch, *shape[1:])
-            target.reshape()
-        x = rng.random((batch, *shape[1:]), dtype=np.float32)
-        _close(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+    for batch, engine in ((3, "torch"), (net.blobs["data"].shape[0], ENGINES[0]),
+                          (3, "torch")):
+        _reshaped_forward_equal(ref, net, batch, rng)
         assert net.engine == engine
 
 
