@@ -21,7 +21,8 @@ from caffe_compat import pycaffe
 from caffe_compat.commands import export as exporting
 from caffe_compat.engine import weights as weights_io
 from caffe_compat.engine.layers.base import TEST
-from caffe_compat.engine.net.fuse import frozen_for_inference, fused_for_inference
+from caffe_compat.engine.net.frozen import frozen_for_inference
+from caffe_compat.engine.net.fuse import fused_for_inference
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2

@@ -27,13 +27,12 @@ original changes (torch's in-place version counter, bumped by ``copy_``/``weight
 and the solver's updates); writes that bypass torch (a numpy view's ``a[...] = v``) must call
 ``InferenceCache.invalidate()``.
 
-``frozen_for_inference(fused, inputs)`` additionally traces, freezes and runs
-``torch.jit.optimize_for_inference`` (oneDNN weight prepacking, conv+ReLU fusion); whether
-that wins is per net and per machine, so the benchmark suite measures it.
+``frozen_for_inference(fused, inputs)`` (engine/net/frozen.py) additionally traces, freezes and
+runs ``torch.jit.optimize_for_inference`` on the steps a trace can keep; whether that wins is
+per net and per machine, so the benchmark suite measures it.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from functools import partial
 from typing import Sequence
@@ -260,23 +259,6 @@ def _fold_chain(plan: list[Step], module: NetModule, pos: int, channels: int, re
                    full_precision=False)
 
 
-def frozen_for_inference(fused: FusedNet, example_inputs: Sequence[torch.Tensor]):
-    """``fused`` traced, frozen and optimized by TorchScript for these input shapes.
-
-    Raises RuntimeError naming the net when it cannot be traced (a Python layer, say)."""
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shapes are fixed
-            warnings.simplefilter("ignore", DeprecationWarning)
-            traced = torch.jit.trace(fused.eval(), tuple(example_inputs), check_trace=False)
-            frozen = torch.jit.freeze(traced)
-            return torch.jit.optimize_for_inference(frozen)
-    except Exception as exc:   # noqa: BLE001 - tracing errors come in many types
-        raise RuntimeError(f"net '{fused.name}' cannot be frozen with TorchScript: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                           ) from exc
-
-
 class ParameterWatch:
     """Lists a net's parameter tensors fast enough to check on every batch-1 forward.
 
@@ -348,5 +330,5 @@ def fusable(module: NetModule) -> bool:
     return module.phase == TEST
 
 
-__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InPlaceSum", "InferenceCache", "fused_for_inference",
-           "frozen_for_inference", "fusable", "ParameterWatch"]
+__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InPlaceSum", "InferenceCache",
+           "fused_for_inference", "fusable", "ParameterWatch"]
