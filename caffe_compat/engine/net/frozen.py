@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from caffe_compat.engine.net.denormals import FlushDenormals
 from caffe_compat.engine.net.fuse import FusedNet
 from caffe_compat.engine.net.plan import Step, execute
 
@@ -72,7 +73,8 @@ def sub_net(fused: FusedNet, steps: Sequence[Step], outputs: Sequence[str],
 
 
 class FrozenNet(nn.Module):
-    """A frozen TorchScript prefix and the executor for the steps a trace cannot keep."""
+    """A frozen TorchScript prefix and the executor for the steps a trace cannot keep (none
+    when the whole plan traces), run with subnormals flushed as a FusedNet is."""
 
     def __init__(self, fused: FusedNet, prefix: torch.jit.ScriptModule,
                  prefix_outputs: list[str], suffix: list[Step]):
@@ -80,23 +82,33 @@ class FrozenNet(nn.Module):
         self.name, self.source = fused.name, fused.source
         self.input_names, self.output_names = fused.input_names, fused.output_names
         self.prefix, self.prefix_outputs, self.suffix = prefix, prefix_outputs, suffix
+        self.flush_denormals = fused.flush_denormals
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.flush_denormals:
+            return self._run(inputs)
+        with FlushDenormals():
+            return self._run(inputs)
+
+    def _run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        made = self.prefix(*inputs)
+        if not self.suffix:
+            return made
         blobs = dict(zip(self.input_names, inputs))
-        blobs.update(zip(self.prefix_outputs, self.prefix(*inputs)))
+        blobs.update(zip(self.prefix_outputs, made))
         execute(self.suffix, blobs, source=self.source)
         return tuple(blobs[name] for name in self.output_names)
 
 
 def frozen_for_inference(fused: FusedNet, example_inputs: Sequence[torch.Tensor]):
-    """``fused`` traced, frozen and optimised by TorchScript for these input shapes: a
-    ScriptModule, or a ``FrozenNet`` when some steps cannot be traced (see the docstring).
+    """``fused`` traced, frozen and optimised by TorchScript for these input shapes, as a
+    ``FrozenNet`` (the steps a trace cannot keep run after the frozen graph).
 
     Raises RuntimeError naming the net when nothing can be frozen or tracing fails."""
     prefix, suffix, outputs = partition(fused.plan, fused.input_names, fused.output_names,
                                         traceable)
     if not suffix:
-        return _freeze(fused, example_inputs)
+        return FrozenNet(fused, _freeze(fused, example_inputs), fused.output_names, [])
     if not prefix or not outputs:
         raise RuntimeError(f"net '{fused.name}' cannot be frozen with TorchScript: its first "
                            f"steps ({suffix[0].name}) cannot be traced")

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from caffe_compat.engine.layers.base import TEST, Layer
+from caffe_compat.engine.net.denormals import FlushDenormals, keep_subnormals
 from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum
 from caffe_compat.engine.net.module import NetModule
 from caffe_compat.engine.net.plan import Step, execute, mark_releases
@@ -60,6 +60,7 @@ class FusedNet(nn.Module):
         self.output_names = list(module.output_names)
         self.plan = plan
         self.steps = nn.ModuleList(s.fn for s in plan if isinstance(s.fn, nn.Module))
+        self.flush_denormals = not keep_subnormals()
         mark_releases(self.plan, set(self.output_names))
 
     @property
@@ -81,8 +82,12 @@ class FusedNet(nn.Module):
         if self.channels_last:
             inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4
                            else t for t in inputs)
-        blobs = execute(self.plan, dict(zip(self.input_names, inputs)), keep_all=False,
-                        source=self.source)
+        feeds = dict(zip(self.input_names, inputs))
+        if self.flush_denormals and not torch.compiler.is_compiling():
+            with FlushDenormals():      # subnormal activations: engine/numerics.py
+                blobs = execute(self.plan, feeds, keep_all=False, source=self.source)
+        else:
+            blobs = execute(self.plan, feeds, keep_all=False, source=self.source)
         return tuple(blobs[name] for name in self.output_names)
 
     def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
