@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caffe_compat.engine.layers.base import Layer
-from caffe_compat.engine.net import winograd
+from caffe_compat.engine.net import conv_forms, winograd
 
 
 class FoldedLinear(nn.Module):
@@ -35,19 +35,40 @@ class FoldedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
         self.conv_args = layer.winograd_geometry()
         self._winograd_u: dict[int, torch.Tensor] = {}     # tile side -> G w G^T
+        self.choose_form = False        # time the forms on the next input (conv_forms.py)
+        self._form = None               # (form, its input shape, it applies the rectifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.choose_form:
+            self._choose(x)
+        form = self._form
+        if form is not None and x.shape == form[1] and x.dtype == torch.float32:
+            y = form[0](x)
+            if form[2]:
+                return y
+        else:
+            y = self._convolve(x)
+        if self.slope is None:
+            return y
+        return F.relu_(y) if self.slope == 0.0 else F.leaky_relu_(y, self.slope)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear map with folded weights, without the rectifier."""
         w, b = self.weight, self.bias
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), (None if b is None else b.to(x.dtype))
         tile = self._winograd_tile(x) if self.conv_args is not None else 0
         if tile:
-            y = winograd.conv3x3(x, self._winograd_weight(tile), b, self.conv_args["padding"])
-        else:
-            y = self._linear(x, w, b)
-        if self.slope is None:
-            return y
-        return F.relu_(y) if self.slope == 0.0 else F.leaky_relu_(y, self.slope)
+            return winograd.conv3x3(x, self._winograd_weight(tile), b, self.conv_args["padding"])
+        return self._linear(x, w, b)
+
+    def _choose(self, x: torch.Tensor) -> None:
+        self.choose_form = False
+        if self.conv_args is None or self.weight.dim() != 4 or x.dim() != 4:
+            return
+        chosen = conv_forms.choose(self._convolve, self.weight.detach(), self.bias, self.conv_args,
+                                   self.slope, x)
+        self._form = None if chosen is None else (chosen[0], x.shape, chosen[1])
 
     def _winograd_tile(self, x: torch.Tensor) -> int:
         a = self.conv_args

@@ -33,6 +33,7 @@ per net and per machine, so the benchmark suite measures it.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from functools import partial
 
@@ -46,6 +47,8 @@ from caffe_compat.engine.net.module import NetModule
 from caffe_compat.engine.net.plan import Step, execute, mark_releases
 from caffe_compat.engine.net.train_fuse import (alias_copies, name_free, plain_layer,
                                                 plan_readers)
+
+log = logging.getLogger(__name__)
 
 
 class FusedNet(nn.Module):
@@ -148,21 +151,43 @@ def inference_pipeline(fold: bool = True, fuse_relu: bool = True,
 
 
 def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = True,
-                        channels_last: bool = False) -> FusedNet:
+                        channels_last: bool = False, measure: bool = False) -> FusedNet:
     """A FusedNet computing ``module``'s outputs (see the module docstring).
 
     ``channels_last``: every 2-D convolution gets its own NHWC copy of its weights and 4-D
     inputs are fed NHWC, so oneDNN runs every convolution in its blocked layout (PyTorch
-    otherwise sends batch-1 1x1 convolutions to its slow im2col path)."""
+    otherwise sends batch-1 1x1 convolutions to its slow im2col path). ``measure``: each
+    small 2-D convolution runs in the form fastest here for its shapes (``measure_forms``;
+    the forms are not all exportable, so exports leave it off)."""
     plan = list(module.plan())
-    for rewrite in inference_pipeline(fold, fuse_relu, channels_last):
+    for rewrite in inference_pipeline(fold, fuse_relu, channels_last or measure):
         plan = rewrite(plan, module)
     plan = [replace(step, direct=True) for step in plan]   # own releases; no module hooks
     specialize_calls(plan, module)
     fused = FusedNet(module, plan)
     if channels_last:
         fused.use_channels_last()
+    if measure:
+        measure_forms(fused, module)
     return fused
+
+
+def measure_forms(fused: FusedNet, module: NetModule) -> None:
+    """One forward on zero inputs of the planned shapes, in which every 2-D FoldedLinear
+    times its forms on the tensor layout it is given (engine/net/conv_forms.py)."""
+    convolutions = [s.fn for s in fused.plan
+                    if isinstance(s.fn, FoldedLinear) and s.fn.conv_args is not None]
+    if not convolutions:
+        return
+    for conv in convolutions:
+        conv.choose_form = True
+    try:
+        with torch.no_grad():
+            fused(*(torch.zeros(module.blob_shapes[n]) for n in fused.input_names))
+    except Exception as exc:   # noqa: BLE001 - a layer refusing zeros: the rest keep their own
+        log.debug("%s: forms not measured past a failing layer: %s", fused.source, exc)
+    for conv in convolutions:
+        conv.choose_form = False
 
 
 def specialize_calls(plan: list[Step], module: NetModule) -> None:
@@ -309,7 +334,8 @@ class InferenceCache:
         """The FusedNet, re-fused if ``params`` (``self.parameters()``) changed."""
         versions = _param_versions(params)
         if self._fused is None or versions != self._versions:
-            self._fused = fused_for_inference(self.module, channels_last=self.channels_last)
+            self._fused = fused_for_inference(self.module, channels_last=self.channels_last,
+                                              measure=True)
             self._versions = versions
         return self._fused
 

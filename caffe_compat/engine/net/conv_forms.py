@@ -1,0 +1,160 @@
+"""Convolution forms for a fused inference plan, chosen by timing them on the net's own shapes.
+
+On a batch-1 forward of a small net no one kernel wins every convolution (benchmarks/NOTES.md,
+measured alternating on the 2-core AMX Xeon): LeNet's 1-channel conv1 takes 55 us through
+``F.conv2d`` and 15 us as an im2col view + one ``addmm``; MTCNN O-Net's 3-channel conv1 takes
+50 us on NCHW memory and 112 us on NHWC, while its conv3/conv4 are 25-40% faster on NHWC;
+oneDNN's primitive with pre-packed weights beats both on some layers and costs ~25 us of
+fixed overhead on others. So a FoldedLinear 2-D convolution with little work
+(``MEASURE_MACS``) times the forms below on the tensor it is given, once, and keeps the
+fastest whose output equals its own direct path's (``TOLERANCE``); the choice is cached per
+geometry and input layout for the process, so a re-fusion (changed weights) costs nothing.
+
+Forms (each returns the convolution with bias; the caller applies a fused rectifier):
+``direct`` the FoldedLinear's own path (Winograd where it applies, else the layer's
+``F.conv2d``) on the tensor as it comes, and the others with their output put in the direct
+path's memory layout (the layers after it were planned for that one); ``nchw`` / ``nhwc`` the same convolution on NCHW /
+NHWC copies of input and weights; ``im2col`` (groups 1, batch 1) the input's patches as a
+strided view and one ``addmm``; ``packed`` oneDNN's convolution with weights reordered once
+(``torch.ops.mkldnn``, where this torch has it; its ReLU fused).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+MEASURE_MACS = 30e6          # above this a kernel's fixed costs no longer decide
+TOLERANCE = 1e-4             # relative to the largest |output|: fp32 summation-order noise
+_CHOICES: dict[tuple, str] = {}
+
+
+def _macs(weight: torch.Tensor, out_shape: torch.Size) -> float:
+    return float(math.prod(weight.shape[1:]) * math.prod(out_shape))
+
+
+def _geometry(args: dict) -> tuple:
+    return tuple(tuple(args[k]) if isinstance(args[k], (tuple, list)) else args[k]
+                 for k in ("stride", "padding", "dilation", "groups"))
+
+
+def _nchw(weight, bias, args) -> Callable:
+    w = weight.contiguous()
+    return lambda x: F.conv2d(x.contiguous(), w, bias, args["stride"], args["padding"],
+                              args["dilation"], args["groups"])
+
+
+def _nhwc(weight, bias, args) -> Callable:
+    w, cl = weight.contiguous(memory_format=torch.channels_last), torch.channels_last
+    return lambda x: F.conv2d(x.contiguous(memory_format=cl), w, bias, args["stride"],
+                              args["padding"], args["dilation"], args["groups"])
+
+
+def _im2col(weight, bias, args, in_shape, out_shape) -> Callable | None:
+    """Patches of a batch-1 input as an (C*kh*kw, OH*OW) strided view, times the weights."""
+    if args["groups"] != 1 or tuple(args["dilation"]) != (1, 1) or in_shape[0] != 1:
+        return None
+    cout, c, kh, kw = weight.shape
+    oh, ow = out_shape[2], out_shape[3]
+    (sh, sw), (ph, pw) = args["stride"], args["padding"]
+    matrix = weight.reshape(cout, -1).contiguous()
+    column = (torch.zeros(cout, 1) if bias is None else bias.reshape(cout, 1)).to(weight)
+
+    def im2col(x: torch.Tensor) -> torch.Tensor:
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        _, s_c, s_h, s_w = x.stride()
+        patches = x.as_strided((c, kh, kw, oh, ow), (s_c, s_h, s_w, s_h * sh, s_w * sw),
+                               x.storage_offset())
+        return torch.addmm(column, matrix, patches.reshape(c * kh * kw, oh * ow)).view(
+            1, cout, oh, ow)
+    return im2col
+
+
+def _packed(weight, bias, args, in_shape, slope) -> Callable | None:
+    """oneDNN's convolution on weights reordered once for this input shape; ReLU fused."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    if ops is None or not hasattr(ops, "_convolution_pointwise") or \
+            not torch.backends.mkldnn.is_available() or slope not in (None, 0.0):
+        return None
+    geo = [list(args[k]) for k in ("padding", "stride", "dilation")]
+    try:
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.contiguous().to_mkldnn(), *geo, args["groups"], list(in_shape))
+    except (RuntimeError, NotImplementedError):
+        return None
+    attr = "none" if slope is None else "relu"
+    conv = ops._convolution_pointwise
+    return lambda x: conv(x, packed, bias, *geo, args["groups"], attr, [], "")
+
+
+def _laid_out(form: Callable, layout: torch.memory_format) -> Callable:
+    """``form`` with its output in ``layout``: the layers after a convolution get the layout
+    they were planned for (max pooling on NCHW memory took 5x its NHWC time on R-Net)."""
+    return lambda x: form(x).contiguous(memory_format=layout)
+
+
+def candidates(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, args: dict,
+               x: torch.Tensor, want: torch.Tensor, slope) -> dict[str, tuple]:
+    """name -> (form, applies the rectifier itself); every form's output is laid out as
+    ``want`` (the direct path's output) is."""
+    layout = torch.channels_last if (want.is_contiguous(memory_format=torch.channels_last)
+                                     and not want.is_contiguous()) else torch.contiguous_format
+    forms = {"nchw": _nchw(weight, bias, args), "nhwc": _nhwc(weight, bias, args),
+             "im2col": _im2col(weight, bias, args, x.shape, want.shape),
+             "packed": _packed(weight, bias, args, x.shape, slope)}
+    found = {"direct": (direct, False)}
+    found.update((name, (_laid_out(form, layout), name == "packed" and slope is not None))
+                 for name, form in forms.items() if form is not None)
+    return found
+
+
+def fastest(forms: dict[str, Callable], x: torch.Tensor, rounds: int = 3,
+            budget_s: float = 3e-4) -> str:
+    """The form with the least time per call (best of ``rounds``, alternating; each round
+    about ``budget_s`` of calls per form, at least one)."""
+    start = time.perf_counter()
+    forms["direct"](x)
+    calls = max(1, min(5, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+    best = {name: math.inf for name in forms}
+    for _ in range(rounds):
+        for name, form in forms.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                form(x)
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return min(best, key=best.get)
+
+
+def choose(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, args: dict,
+           slope, x: torch.Tensor) -> tuple[Callable, bool] | None:
+    """The fastest form for tensors shaped and laid out as ``x`` (None: keep ``direct``) and
+    whether it applies ``slope``. Timed and checked on random values of that layout."""
+    with torch.no_grad():
+        x = torch.randn_like(x)
+        want = direct(x)
+        if _macs(weight, want.shape) > MEASURE_MACS or x.dtype != torch.float32:
+            return None
+        forms = candidates(direct, weight, bias, args, x, want, slope)
+        key = (tuple(weight.shape), _geometry(args), tuple(x.shape), x.stride(),
+               slope is None, tuple(forms))
+        scale = max(1.0, float(want.abs().max()))
+        if slope is not None:
+            want = F.leaky_relu(want, slope)
+        agree = {}
+        for name, (form, rectifies) in forms.items():
+            got = form(x)
+            if not rectifies and slope is not None:
+                got = F.leaky_relu(got, slope)
+            if got.shape == want.shape and float((got - want).abs().max()) <= TOLERANCE * scale:
+                agree[name] = form
+        if key not in _CHOICES:
+            _CHOICES[key] = fastest(agree, x) if len(agree) > 1 else "direct"
+        name = _CHOICES[key]
+        return None if name == "direct" or name not in agree else (agree[name], forms[name][1])
+
+
+__all__ = ["choose", "candidates", "fastest", "MEASURE_MACS", "TOLERANCE"]
