@@ -65,8 +65,13 @@ def _lenet_like(tmp_path):
         'convolution_param { num_output: 12 kernel_size: 3 pad: 1 weight_filler { type: "msra" } '
         'bias_filler { type: "gaussian" std: 0.1 } } }\n'
         'layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }\n'
-        'layer { name: "ip" type: "InnerProduct" bottom: "conv2" top: "ip" '
-        'inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }\n')
+        # two InnerProducts on the NHWC map: one folded with its ReLU, one on its own
+        'layer { name: "ipa" type: "InnerProduct" bottom: "conv2" top: "ipa" '
+        'inner_product_param { num_output: 5 weight_filler { type: "xavier" } '
+        'bias_filler { type: "gaussian" std: 0.1 } } }\n'
+        'layer { name: "relua" type: "ReLU" bottom: "ipa" top: "ipa" }\n'
+        'layer { name: "ipb" type: "InnerProduct" bottom: "conv2" top: "ipb" '
+        'inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }\n')
     torch.manual_seed(0)
     return build_net(read_text_proto(str(path), caffe_pb2.NetParameter), caffe_pb2.TEST,
                      source=str(path)).eval()
@@ -86,8 +91,24 @@ def test_measured_net_equals_the_net(tmp_path, monkeypatch, channels_last, force
     if forced in ("nchw", "nhwc", "im2col"):
         assert all(c._form is not None for c in convs)
     x = torch.randn(1, 1, 20, 20, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        assert [s.fn._form[3] for s in measured.plan if s.name == "ipa"] == ["nhwc columns"]
     with torch.no_grad():
-        want = net(data=x)["ip"]
-        torch.testing.assert_close(measured(x)[0], want, rtol=1e-5, atol=1e-5)
+        want = net(data=x)
+        for name, got in measured.outputs(data=x).items():
+            torch.testing.assert_close(got, want[name], rtol=1e-5, atol=1e-5)
         two = torch.cat([x, x])                       # another shape: the layer's own path
-        torch.testing.assert_close(measured(two)[0], want.expand(2, -1), rtol=1e-5, atol=1e-5)
+        for name, got in measured.outputs(data=two).items():
+            torch.testing.assert_close(got, want[name].expand(2, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_nhwc_ordered_weights_follow_in_place_changes(tmp_path):
+    net = _lenet_like(tmp_path)
+    fused = fused_for_inference(net, channels_last=True, measure=True)
+    x = torch.randn(1, 1, 20, 20, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = fused.outputs(data=x)["ipb"]
+        net.layers[net.layer_index("ipb")].blobs[0].mul_(-2.0)    # the layer's own blob
+        torch.testing.assert_close(fused.outputs(data=x)["ipb"], net(data=x)["ipb"],
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, net(data=x)["ipb"].detach())

@@ -171,6 +171,12 @@ class Layer(nn.Module):
                     bias: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def flattened_linear(self) -> bool:
+        """``linear_with(x, W, b) == F.linear(x.reshape(len(x), -1), W, b)`` (an InnerProduct on
+        axis 1, untransposed): a plan may then reorder W's columns to read x's memory in
+        another order (NHWC) without a copy."""
+        return False
+
     def specialized(self, bottom_shapes: list[Shape]):
         """A faster equivalent of ``forward`` for these planned bottom shapes, built once when
         an inference plan is fused (forms in engine/layers/fast_forms.py), or None. It must

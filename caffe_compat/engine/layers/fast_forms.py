@@ -71,12 +71,43 @@ def _inner_product(layer: Layer, shape: Shape) -> Callable | None:
     w = weight.t() if layer.transpose else weight
     b = layer.blobs[1].detach() if layer.bias_term else None
     k = layer.K
+    nhwc = NHWCColumns(weight) if layer.flattened_linear() and len(shape) == 4 else None
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != w.dtype:
             return layer.forward(x)
+        if nhwc is not None and nhwc.applies(x):
+            return F.linear(nhwc.rows(x), nhwc.weight(x.shape), b)
         return F.linear(x.reshape(x.shape[0], k), w, b)
     return linear
+
+
+class NHWCColumns:
+    """An InnerProduct's ``[N, C*H*W]`` weights with their columns in H, W, C order, for a
+    channels-last 4-D bottom: Caffe flattens C, H, W, which on NHWC memory costs a copy
+    (MTCNN O-Net's conv5: 2 of its 3 aten calls); in H, W, C order the rows are a view.
+    Remade when the weights change in place (their version counter)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.source = weight
+        self._made: tuple[int, torch.Tensor] | None = None
+
+    @staticmethod
+    def applies(x: torch.Tensor) -> bool:
+        return x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+    def weight(self, shape: torch.Size) -> torch.Tensor:
+        version = self.source._version
+        if self._made is None or self._made[0] != version:
+            n, (c, h, w) = self.source.shape[0], shape[1:]
+            self._made = (version, self.source.reshape(n, c, h, w).permute(0, 2, 3, 1)
+                          .reshape(n, c * h * w).contiguous())
+        return self._made[1]
 
 
 def _softmax(layer: Layer, shape: Shape) -> Callable:

@@ -98,17 +98,23 @@ def _laid_out(form: Callable, layout: torch.memory_format) -> Callable:
 
 
 def candidates(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, args: dict,
-               x: torch.Tensor, want: torch.Tensor, slope) -> dict[str, tuple]:
-    """name -> (form, applies the rectifier itself); every form's output is laid out as
-    ``want`` (the direct path's output) is."""
-    layout = torch.channels_last if (want.is_contiguous(memory_format=torch.channels_last)
-                                     and not want.is_contiguous()) else torch.contiguous_format
-    forms = {"nchw": _nchw(weight, bias, args), "nhwc": _nhwc(weight, bias, args),
+               x: torch.Tensor, want: torch.Tensor, slope,
+               layout: torch.memory_format | None = None) -> dict[str, tuple]:
+    """name -> (form, applies the rectifier itself); every form's output is laid out in
+    ``layout`` (default: as ``want``, the direct path's output, is)."""
+    if layout is None:
+        layout = torch.channels_last if (want.is_contiguous(memory_format=torch.channels_last)
+                                         and not want.is_contiguous()) \
+            else torch.contiguous_format
+    forms = {"direct": direct, "nchw": _nchw(weight, bias, args), "nhwc": _nhwc(weight, bias, args),
              "im2col": _im2col(weight, bias, args, x.shape, want.shape),
              "packed": _packed(weight, bias, args, x.shape, slope)}
-    found = {"direct": (direct, False)}
-    found.update((name, (_laid_out(form, layout), name == "packed" and slope is not None))
-                 for name, form in forms.items() if form is not None)
+    found = {}
+    for name, form in forms.items():
+        if form is not None:
+            keep = name == "direct" and want.is_contiguous(memory_format=layout)
+            found[name] = (form if keep else _laid_out(form, layout),
+                           name == "packed" and slope is not None)
     return found
 
 
@@ -130,21 +136,23 @@ def fastest(forms: dict[str, Callable], x: torch.Tensor, rounds: int = 3,
 
 
 def choose(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, args: dict,
-           slope, x: torch.Tensor) -> tuple[Callable, bool] | None:
-    """The fastest form for tensors shaped and laid out as ``x`` (None: keep ``direct``) and
-    whether it applies ``slope``. Timed and checked on random values of that layout."""
+           slope, x: torch.Tensor, layout: torch.memory_format | None = None
+           ) -> tuple[Callable, bool, str] | None:
+    """(the fastest form for tensors shaped and laid out as ``x``, whether it applies
+    ``slope``, its name), or None where the direct path is kept as it is. Timed and checked
+    on random values of that layout; outputs in ``layout`` (see ``candidates``)."""
     with torch.no_grad():
         x = torch.randn_like(x)
         want = direct(x)
         if _macs(weight, want.shape) > MEASURE_MACS or x.dtype != torch.float32:
             return None
-        forms = candidates(direct, weight, bias, args, x, want, slope)
+        forms = candidates(direct, weight, bias, args, x, want, slope, layout)
         key = (tuple(weight.shape), _geometry(args), tuple(x.shape), x.stride(),
-               slope is None, tuple(forms))
+               slope is None, tuple(forms), layout)
         scale = max(1.0, float(want.abs().max()))
         if slope is not None:
             want = F.leaky_relu(want, slope)
-        agree = {}
+        agree = {"direct": forms["direct"][0]}     # the reference, even if a conversion
         for name, (form, rectifies) in forms.items():
             got = form(x)
             if not rectifies and slope is not None:
@@ -153,8 +161,10 @@ def choose(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, ar
                 agree[name] = form
         if key not in _CHOICES:
             _CHOICES[key] = fastest(agree, x) if len(agree) > 1 else "direct"
-        name = _CHOICES[key]
-        return None if name == "direct" or name not in agree else (agree[name], forms[name][1])
+        name = _CHOICES[key] if _CHOICES[key] in agree else "direct"
+        if agree.get(name, direct) is direct:
+            return None                       # the direct path, already in the layout
+        return agree[name], forms[name][1], name
 
 
 __all__ = ["choose", "candidates", "fastest", "MEASURE_MACS", "TOLERANCE"]

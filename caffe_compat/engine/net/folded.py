@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caffe_compat.engine.layers.base import Layer
+from caffe_compat.engine.layers.fast_forms import NHWCColumns
 from caffe_compat.engine.net import conv_forms, winograd
 
 
@@ -34,9 +35,11 @@ class FoldedLinear(nn.Module):
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
         self.conv_args = layer.winograd_geometry()
+        self.flat_linear = layer.flattened_linear()
         self._winograd_u: dict[int, torch.Tensor] = {}     # tile side -> G w G^T
         self.choose_form = False        # time the forms on the next input (conv_forms.py)
-        self._form = None               # (form, its input shape, it applies the rectifier)
+        self._form = None               # (form, its input shape, applies the rectifier, name)
+        self.output_layout = None       # a channels-last plan's layout (its FusedNet sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.choose_form:
@@ -64,11 +67,16 @@ class FoldedLinear(nn.Module):
 
     def _choose(self, x: torch.Tensor) -> None:
         self.choose_form = False
+        if self.flat_linear and self.weight.dim() == 2 and NHWCColumns.applies(x):
+            columns, b = NHWCColumns(self.weight.detach()), self.bias
+            self._form = (lambda t: F.linear(columns.rows(t), columns.weight(t.shape), b),
+                          x.shape, False, "nhwc columns")
+            return
         if self.conv_args is None or self.weight.dim() != 4 or x.dim() != 4:
             return
         chosen = conv_forms.choose(self._convolve, self.weight.detach(), self.bias, self.conv_args,
-                                   self.slope, x)
-        self._form = None if chosen is None else (chosen[0], x.shape, chosen[1])
+                                   self.slope, x, self.output_layout)
+        self._form = None if chosen is None else (chosen[0], x.shape, chosen[1], chosen[2])
 
     def _winograd_tile(self, x: torch.Tensor) -> int:
         a = self.conv_args

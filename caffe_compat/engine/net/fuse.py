@@ -80,6 +80,7 @@ class FusedNet(nn.Module):
             if isinstance(step.fn, FoldedLinear) and step.fn.weight.dim() == 4:
                 step.fn.weight.data = step.fn.weight.data.contiguous(
                     memory_format=torch.channels_last)
+                step.fn.output_layout = torch.channels_last
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.channels_last:
@@ -173,10 +174,10 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
 
 
 def measure_forms(fused: FusedNet, module: NetModule) -> None:
-    """One forward on zero inputs of the planned shapes, in which every 2-D FoldedLinear
-    times its forms on the tensor layout it is given (engine/net/conv_forms.py)."""
-    convolutions = [s.fn for s in fused.plan
-                    if isinstance(s.fn, FoldedLinear) and s.fn.conv_args is not None]
+    """One forward on zero inputs of the planned shapes, in which every FoldedLinear picks
+    its form for the tensor layout it is given: a 2-D convolution by timing
+    (engine/net/conv_forms.py), an InnerProduct on NHWC memory with NHWC-ordered weights."""
+    convolutions = [s.fn for s in fused.plan if isinstance(s.fn, FoldedLinear)]
     if not convolutions:
         return
     for conv in convolutions:
