@@ -17,9 +17,11 @@ max_pool2d on 1-element tensors -- says what a step costs besides its arithmetic
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -79,6 +81,20 @@ def step_times(fused, x, forwards: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
+def executor_alone(fused, x, forwards: int) -> float:
+    """µs of ``fused``'s forward when every step returns its output at once (no arithmetic):
+    the executor, the FusedNet's call wrapper and the flush-to-zero switch."""
+    blobs = execute(fused.plan, {fused.input_names[0]: x}, keep_all=True)
+    plan = [copy.copy(step) for step in fused.plan]
+    for step in plan:
+        if step.call is not None:
+            made = tuple(blobs[t] for t in step.tops)
+            step.call = (lambda *args, made=made[0] if len(made) == 1 else made: made)
+    empty = copy.copy(fused)
+    empty.plan = plan
+    return median_us(lambda: empty(x), forwards)
+
+
 def aten_calls(fused, x) -> dict[str, int]:
     hooks = StepRanges()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -97,7 +113,7 @@ def floors(calls: int) -> dict[str, float]:
             "F.max_pool2d (1 element)": median_us(lambda: F.max_pool2d(one, 1), calls)}
 
 
-def profile(name: str, forwards: int) -> tuple[float, list[tuple[str, str, float, int]]]:
+def profile(name: str, forwards: int) -> tuple[float, float, list[tuple[str, str, float, int]]]:
     torch.manual_seed(0)
     net = build_net(deploy_param(HERE / "nets" / f"{name}.prototxt", 1, None), caffe_pb2.TEST,
                     source=name).eval()
@@ -107,6 +123,7 @@ def profile(name: str, forwards: int) -> tuple[float, list[tuple[str, str, float
     with torch.no_grad():
         wall = median_us(lambda: fused(x), forwards)
         per_step = step_times(fused, x, forwards)
+        alone = executor_alone(fused, x, forwards)
         counts = aten_calls(fused, x)
     rows = []
     for step in fused.plan:
@@ -115,7 +132,43 @@ def profile(name: str, forwards: int) -> tuple[float, list[tuple[str, str, float
         if form is not None:
             kind += f" ({form[3]})"
         rows.append((step.name, kind, per_step[step.name], counts.get(step.name, 0)))
-    return wall, rows
+    return wall, alone, rows
+
+
+def compare(name: str, forwards: int, rounds: int, work: Path) -> dict[str, float]:
+    """Median µs per forward, best of ``rounds`` alternating: the fused channels-last net as
+    before this change (direct convolutions, IEEE subnormals) and as now (measured forms,
+    flush-to-zero), and pycaffe's net.forward() on the torch engine with each inside."""
+    from caffe_compat import pycaffe
+    from caffe_compat.engine import weights as weights_io
+    from suite.timing import alternate
+    torch.manual_seed(0)
+    param = deploy_param(HERE / "nets" / f"{name}.prototxt", 1, None)
+    (work / f"{name}.prototxt").write_text(str(param))
+    net = build_net(param, caffe_pb2.TEST, source=name).eval()
+    randomize_statistics(net)
+    weights_io.save(net, str(work / f"{name}.caffemodel"))
+    x = torch.randn(*net.blob_shapes["data"])
+    before = fused_for_inference(net, channels_last=True)
+    before.flush_denormals = False
+    after = fused_for_inference(net, channels_last=True, measure=True)
+    nets = {}
+    for key in ("pycaffe before", "pycaffe after"):
+        nets[key] = pycaffe.Net(str(work / f"{name}.prototxt"),
+                                str(work / f"{name}.caffemodel"), pycaffe.TEST)
+        nets[key].forward(data=x.numpy())
+    cache = nets["pycaffe before"]._fast.cache
+    cache._fused = fused_for_inference(cache.module, channels_last=True)
+    cache._fused.flush_denormals = False
+
+    def forward(pnet):
+        pnet.blobs["data"].data[...] = x.numpy()
+        return pnet.forward()
+    with torch.no_grad():
+        times = alternate({"torch before": lambda: before(x), "torch after": lambda: after(x),
+                           **{k: (lambda n=n: forward(n)) for k, n in nets.items()}},
+                          forwards, rounds)
+    return {k: v["ms"] * 1000 for k, v in times.items()}
 
 
 def report(nets: list[str], forwards: int) -> str:
@@ -126,13 +179,26 @@ def report(nets: list[str], forwards: int) -> str:
              "", "Floors (µs per call): " + ", ".join(
                  f"{k} {v:.2f}" for k, v in floors(forwards * 5).items()), ""]
     for name in nets:
-        wall, rows = profile(name, forwards)
+        wall, alone, rows = profile(name, forwards)
         steps = sum(r[2] for r in rows)
-        lines += [f"## {name}: {wall:.0f} µs per forward; steps {steps:.0f} µs, executor and "
-                  f"call wrapper {wall - steps:.0f} µs; {sum(r[3] for r in rows)} aten calls",
+        lines += [f"## {name}: {wall:.0f} µs per forward; its steps {steps:.0f} µs (medians "
+                  f"per step: fewer preemptions than a whole forward), the executor with "
+                  f"every step's arithmetic removed {alone:.1f} µs; "
+                  f"{sum(r[3] for r in rows)} aten calls",
                   "", "| step | op (form) | µs | aten calls |", "|---|---|---|---|"]
         lines += [f"| {n} | {k} | {t:.1f} | {c} |" for n, k, t, c in rows]
         lines.append("")
+    lines += ["## Before and after (µs per forward, median of the best of 5 alternating rounds)",
+              "", "| net | torch before | torch after | pycaffe before | pycaffe after |",
+              "|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as work:
+        for name in nets:
+            t = compare(name, forwards, 5, Path(work))
+            lines.append(f"| {name} | {t['torch before']:.0f} | {t['torch after']:.0f} | "
+                         f"{t['pycaffe before']:.0f} | {t['pycaffe after']:.0f} |")
+    lines += ["", "torch: the fused channels-last net called directly; before = direct "
+              "convolutions and IEEE subnormals (main before this change), after = measured "
+              "forms and flush-to-zero.", ""]
     lines.append(f"Load average at the end: {tuple(round(v, 1) for v in os.getloadavg())}.")
     return "\n".join(lines) + "\n"
 

@@ -10,13 +10,14 @@ fixed overhead on others. So a FoldedLinear 2-D convolution with little work
 fastest whose output equals its own direct path's (``TOLERANCE``); the choice is cached per
 geometry and input layout for the process, so a re-fusion (changed weights) costs nothing.
 
-Forms (each returns the convolution with bias; the caller applies a fused rectifier):
-``direct`` the FoldedLinear's own path (Winograd where it applies, else the layer's
-``F.conv2d``) on the tensor as it comes, and the others with their output put in the direct
-path's memory layout (the layers after it were planned for that one); ``nchw`` / ``nhwc`` the same convolution on NCHW /
-NHWC copies of input and weights; ``im2col`` (groups 1, batch 1) the input's patches as a
-strided view and one ``addmm``; ``packed`` oneDNN's convolution with weights reordered once
-(``torch.ops.mkldnn``, where this torch has it; its ReLU fused).
+Forms (each returns the convolution with bias; the caller applies a fused rectifier unless
+the form did): ``direct`` the FoldedLinear's own path (Winograd where it applies, else the
+layer's ``F.conv2d``) on the tensor as it comes; ``nchw`` / ``nhwc`` the same convolution on
+NCHW / NHWC copies of input and weights; ``im2col`` (groups 1, batch 1) the input's patches
+as a strided view and one ``addmm``; ``packed`` oneDNN's convolution with weights reordered
+once (``torch.ops.mkldnn``, where this torch has it; its ReLU fused). Every output is put in
+the plan's layout (NHWC in a channels-last plan, else the direct path's): the layers after a
+convolution were planned for it.
 """
 from __future__ import annotations
 

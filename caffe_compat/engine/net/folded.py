@@ -1,8 +1,11 @@
 """The ops a fused inference plan runs in place of layers (engine/net/fuse.py builds it).
 
 ``FoldedLinear``: a linear layer (Convolution, InnerProduct) whose weights carry the
-per-channel affine map of the layers after it (BatchNorm, Scale, Bias: their ``affine``), with an optional fused (leaky) ReLU; mid-sized
-3x3 convolutions run as Winograd (engine/net/winograd.py). ``InPlaceReLU``: a ReLU on a
+per-channel affine map of the layers after it (BatchNorm, Scale, Bias: their ``affine``),
+with an optional fused (leaky) ReLU; mid-sized 3x3 convolutions run as Winograd
+(engine/net/winograd.py); in a measured plan a small 2-D convolution runs in the form timed
+fastest (engine/net/conv_forms.py) and an InnerProduct on NHWC memory with NHWC-ordered
+weights (engine/layers/fast_forms.py). ``InPlaceReLU``: a ReLU on a
 tensor nothing else reads. ``InPlaceSum``: an Eltwise SUM accumulated into such a tensor.
 """
 from __future__ import annotations
