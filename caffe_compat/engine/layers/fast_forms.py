@@ -113,9 +113,30 @@ class NHWCColumns:
 def _softmax(layer: Layer, shape: Shape) -> Callable:
     axis = layer.param.softmax_param.axis
     dim = axis + len(shape) if axis < 0 else axis
+    if _narrow_last_axis(shape, dim):
+        return _softmax_moved(layer, shape, dim)
 
     def softmax(x: torch.Tensor) -> torch.Tensor:
         return F.softmax(x, dim=dim) if x.dim() == len(shape) else layer.forward(x)
+    return softmax
+
+
+def _narrow_last_axis(shape: Shape, dim: int) -> bool:
+    """Softmax over a last axis narrower than one AVX-512 vector, on many rows: torch's kernel
+    then runs row by row (UltraFace's scores, [1, 4420, 2]: 233 us; moved to the front, 31 us;
+    [1, 4420, 8]: 652 against 72 us; the same or slower from 16 wide or below ~128 rows)."""
+    rows = math.prod(shape[:dim]) if shape else 0
+    return dim == len(shape) - 1 and shape[dim] < 16 and rows >= 128
+
+
+def _softmax_moved(layer: Layer, shape: Shape, dim: int) -> Callable:
+    planned = torch.Size(shape)
+
+    def softmax(x: torch.Tensor) -> torch.Tensor:
+        if x.shape != planned:
+            return layer.forward(x)
+        moved = x.movedim(dim, 0).contiguous()
+        return torch.softmax(moved, 0).movedim(0, dim).contiguous()
     return softmax
 
 
