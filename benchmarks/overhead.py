@@ -135,6 +135,16 @@ def profile(name: str, forwards: int) -> tuple[float, float, list[tuple[str, str
     return wall, alone, rows
 
 
+def as_before(fused):
+    """``fused`` (unmeasured) as the code before this change ran it: IEEE subnormals, and
+    a narrow softmax through torch's own kernel."""
+    fused.flush_denormals = False
+    for step in fused.plan:
+        if getattr(step.call, "__qualname__", "").startswith("_softmax_moved"):
+            step.call = step.fn.forward
+    return fused
+
+
 def compare(name: str, forwards: int, rounds: int, work: Path) -> dict[str, float]:
     """Median µs per forward, best of ``rounds`` alternating: the fused channels-last net as
     before this change (direct convolutions, IEEE subnormals) and as now (measured forms,
@@ -149,8 +159,7 @@ def compare(name: str, forwards: int, rounds: int, work: Path) -> dict[str, floa
     randomize_statistics(net)
     weights_io.save(net, str(work / f"{name}.caffemodel"))
     x = torch.randn(*net.blob_shapes["data"])
-    before = fused_for_inference(net, channels_last=True)
-    before.flush_denormals = False
+    before = as_before(fused_for_inference(net, channels_last=True))
     after = fused_for_inference(net, channels_last=True, measure=True)
     nets = {}
     for key in ("pycaffe before", "pycaffe after"):
@@ -158,8 +167,7 @@ def compare(name: str, forwards: int, rounds: int, work: Path) -> dict[str, floa
                                 str(work / f"{name}.caffemodel"), pycaffe.TEST)
         nets[key].forward(data=x.numpy())
     cache = nets["pycaffe before"]._fast.cache
-    cache._fused = fused_for_inference(cache.module, channels_last=True)
-    cache._fused.flush_denormals = False
+    cache._fused = as_before(fused_for_inference(cache.module, channels_last=True))
 
     def forward(pnet):
         pnet.blobs["data"].data[...] = x.numpy()
@@ -197,8 +205,9 @@ def report(nets: list[str], forwards: int) -> str:
             lines.append(f"| {name} | {t['torch before']:.0f} | {t['torch after']:.0f} | "
                          f"{t['pycaffe before']:.0f} | {t['pycaffe after']:.0f} |")
     lines += ["", "torch: the fused channels-last net called directly; before = direct "
-              "convolutions and IEEE subnormals (main before this change), after = measured "
-              "forms and flush-to-zero.", ""]
+              "convolutions, a narrow softmax through torch's kernel and IEEE subnormals (what "
+              "main ran before this change), after = measured forms, the moved softmax and "
+              "flush-to-zero. pycaffe: net.forward() on the torch engine with each inside.", ""]
     lines.append(f"Load average at the end: {tuple(round(v, 1) for v in os.getloadavg())}.")
     return "\n".join(lines) + "\n"
 

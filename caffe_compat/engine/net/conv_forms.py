@@ -33,8 +33,14 @@ TOLERANCE = 1e-4             # relative to the largest |output|: fp32 summation-
 _CHOICES: dict[tuple, str] = {}
 
 
-def _macs(weight: torch.Tensor, out_shape: torch.Size) -> float:
-    return float(math.prod(weight.shape[1:]) * math.prod(out_shape))
+def worth_measuring(weight_shape, in_shape, args: dict) -> bool:
+    """A 2-D convolution of these shapes has little enough work (``MEASURE_MACS``) for a
+    kernel's fixed costs to decide which form is fastest."""
+    if len(in_shape) != 4 or len(weight_shape) != 4:
+        return False
+    out = [(in_shape[2 + i] + 2 * args["padding"][i] - args["dilation"][i]
+            * (weight_shape[2 + i] - 1) - 1) // args["stride"][i] + 1 for i in range(2)]
+    return 0 < math.prod(weight_shape) * in_shape[0] * out[0] * out[1] <= MEASURE_MACS
 
 
 def _geometry(args: dict) -> tuple:
@@ -142,11 +148,11 @@ def choose(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, ar
     """(the fastest form for tensors shaped and laid out as ``x``, whether it applies
     ``slope``, its name), or None where the direct path is kept as it is. Timed and checked
     on random values of that layout; outputs in ``layout`` (see ``candidates``)."""
+    if not worth_measuring(weight.shape, x.shape, args) or x.dtype != torch.float32:
+        return None
     with torch.no_grad():
         x = torch.randn_like(x)
         want = direct(x)
-        if _macs(weight, want.shape) > MEASURE_MACS or x.dtype != torch.float32:
-            return None
         forms = candidates(direct, weight, bias, args, x, want, slope, layout)
         key = (tuple(weight.shape), _geometry(args), tuple(x.shape), x.stride(),
                slope is None, tuple(forms), layout)
@@ -168,4 +174,4 @@ def choose(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, ar
         return agree[name], forms[name][1], name
 
 
-__all__ = ["choose", "candidates", "fastest", "MEASURE_MACS", "TOLERANCE"]
+__all__ = ["choose", "candidates", "fastest", "worth_measuring", "MEASURE_MACS", "TOLERANCE"]

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from caffe_compat.engine.layers.base import TEST, Layer
+from caffe_compat.engine.net import conv_forms
 from caffe_compat.engine.net.denormals import FlushDenormals, keep_subnormals
 from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum
 from caffe_compat.engine.net.module import NetModule
@@ -82,11 +83,15 @@ class FusedNet(nn.Module):
                     memory_format=torch.channels_last)
                 step.fn.output_layout = torch.channels_last
 
+    def laid_out(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The inputs in the memory layout the plan runs in."""
+        if not self.channels_last:
+            return inputs
+        return tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                     for t in inputs)
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.channels_last:
-            inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4
-                           else t for t in inputs)
-        feeds = dict(zip(self.input_names, inputs))
+        feeds = dict(zip(self.input_names, self.laid_out(inputs)))
         if self.flush_denormals and not torch.compiler.is_compiling():
             with FlushDenormals():      # subnormal activations: engine/numerics.py
                 blobs = execute(self.plan, feeds, keep_all=False, source=self.source)
@@ -174,21 +179,26 @@ def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = 
 
 
 def measure_forms(fused: FusedNet, module: NetModule) -> None:
-    """One forward on zero inputs of the planned shapes, in which every FoldedLinear picks
-    its form for the tensor layout it is given: a 2-D convolution by timing
-    (engine/net/conv_forms.py), an InnerProduct on NHWC memory with NHWC-ordered weights."""
-    convolutions = [s.fn for s in fused.plan if isinstance(s.fn, FoldedLinear)]
-    if not convolutions:
+    """A forward on zero inputs of the planned shapes, up to the last FoldedLinear that may
+    pick a form for the tensor layout it is given: a small 2-D convolution by timing
+    (engine/net/conv_forms.py), an InnerProduct on a 4-D bottom with NHWC-ordered weights."""
+    chosen = [pos for pos, s in enumerate(fused.plan) if isinstance(s.fn, FoldedLinear) and (
+        s.fn.flat_linear and len(module.blob_shapes[s.bottoms[0]]) == 4
+        or s.fn.conv_args is not None and conv_forms.worth_measuring(
+            s.fn.weight.shape, module.blob_shapes[s.bottoms[0]], s.fn.conv_args))]
+    if not chosen:
         return
-    for conv in convolutions:
-        conv.choose_form = True
+    for pos in chosen:
+        fused.plan[pos].fn.choose_form = True
+    feeds = dict(zip(fused.input_names, fused.laid_out(
+        tuple(torch.zeros(module.blob_shapes[n]) for n in fused.input_names))))
     try:
         with torch.no_grad():
-            fused(*(torch.zeros(module.blob_shapes[n]) for n in fused.input_names))
+            execute(fused.plan, feeds, end=chosen[-1], keep_all=False, source=fused.source)
     except Exception as exc:   # noqa: BLE001 - a layer refusing zeros: the rest keep their own
         log.debug("%s: forms not measured past a failing layer: %s", fused.source, exc)
-    for conv in convolutions:
-        conv.choose_form = False
+    for pos in chosen:
+        fused.plan[pos].fn.choose_form = False
 
 
 def specialize_calls(plan: list[Step], module: NetModule) -> None:
