@@ -102,3 +102,17 @@ def test_torchscript_export_refuses_a_detector(tmp_path):
     with pytest.raises(CliError, match="'det' \\(DetectionOutput\\).*cannot be traced"):
         export(str(proto), None, "torchscript", str(out))
     assert not out.exists()
+
+
+def test_max_pooling_net_freezes(tmp_path):
+    """The specialised max pooling traces into a graph TorchScript can optimise (its
+    clamp_(min=...) made optimize_for_inference fail an internal assert: LeNet, MTCNN)."""
+    text = ('name: "pool" layer { name: "data" type: "Input" top: "data" '
+            'input_param { shape { dim: 1 dim: 2 dim: 9 dim: 9 } } }\n'
+            'layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" '
+            'pooling_param { pool: MAX kernel_size: 3 stride: 2 } }\n')
+    net = _build(text, tmp_path)
+    x = torch.randn(1, 2, 9, 9)
+    frozen = frozen_for_inference(fused_for_inference(net), [x])
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x)[0], net(data=x)["pool"], rtol=0, atol=0)

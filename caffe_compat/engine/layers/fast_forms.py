@@ -60,7 +60,8 @@ def _pooling(layer: Layer, shape: Shape) -> Callable | None:
         if x.shape != planned or x.dtype != torch.float32:
             return layer.forward(x)
         # -FLT_MAX where no element beats it (all -inf windows), as the layer does
-        return F.max_pool2d(x, k, stride, pad, ceil_mode=ceil).clamp_(min=-FLT_MAX)
+        # (clamp_min_: TorchScript's optimize_for_inference fails on clamp_(min=...))
+        return F.max_pool2d(x, k, stride, pad, ceil_mode=ceil).clamp_min_(-FLT_MAX)
     return max_pool
 
 
