@@ -93,7 +93,7 @@ class FusedNet(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feeds = dict(zip(self.input_names, self.laid_out(inputs)))
         if self.flush_denormals and not torch.compiler.is_compiling():
-            with FlushDenormals():      # subnormal activations: engine/numerics.py
+            with FlushDenormals():      # subnormal activations: engine/net/denormals.py
                 blobs = execute(self.plan, feeds, keep_all=False, source=self.source)
         else:
             blobs = execute(self.plan, feeds, keep_all=False, source=self.source)
