@@ -125,10 +125,11 @@ def candidates(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None
     return found
 
 
-def fastest(forms: dict[str, Callable], x: torch.Tensor, rounds: int = 3,
-            budget_s: float = 3e-4) -> str:
+def fastest(forms: dict[str, Callable], x: torch.Tensor, rounds: int = 5,
+            budget_s: float = 3e-4, margin: float = 0.9) -> str:
     """The form with the least time per call (best of ``rounds``, alternating; each round
-    about ``budget_s`` of calls per form, at least one)."""
+    about ``budget_s`` of calls per form, at least one), if it takes under ``margin`` of the
+    direct path's time: a choice made in a noisy second must not cost more than it wins."""
     start = time.perf_counter()
     forms["direct"](x)
     calls = max(1, min(5, int(budget_s / max(time.perf_counter() - start, 1e-6))))
@@ -139,7 +140,8 @@ def fastest(forms: dict[str, Callable], x: torch.Tensor, rounds: int = 3,
             for _ in range(calls):
                 form(x)
             best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    return min(best, key=best.get)
+    winner = min(best, key=best.get)
+    return winner if best[winner] < margin * best["direct"] else "direct"
 
 
 def choose(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, args: dict,
