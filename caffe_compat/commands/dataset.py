@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 from caffe_compat.commands.common import CliError, add_debug_flag, say
@@ -36,6 +37,7 @@ from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.errors import DataError
 
 SUMMARY = "dataset.json"
+SCRATCH = ".decoded_lmdb"      # the photos decoded by the scan, while the data set is built
 DEFAULT_RESIZE = (72, 72)
 DEFAULT_VAL_PERCENT = 20.0
 SHEET_PER_CLASS = 8
@@ -71,9 +73,10 @@ def parse_per_class(text: str) -> tuple[int, int]:
     return train, val
 
 
-def scan_folder(folder: Path, progress=None, exclude: Path | None = None):
+def scan_folder(folder: Path, progress=None, exclude: Path | None = None, keep=None):
     """(classes, {class: [readable relative paths]}, [{"path", "reason"}]) for ``folder``;
-    ``exclude`` (the output folder, when it lies inside) is not looked at."""
+    ``exclude`` (the output folder, when it lies inside) is not looked at; ``keep(path,
+    image)`` receives each image decoded (so that nothing decodes it again)."""
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder does not exist")
     candidates, skipped = [], []
@@ -93,11 +96,14 @@ def scan_folder(folder: Path, progress=None, exclude: Path | None = None):
     files: dict[str, list[str]] = {}
     for done, rel in enumerate(bar(candidates, total=len(candidates), desc="check images"), 1):
         try:
-            images.read_image(os.fspath(folder / rel))
-            files.setdefault(rel.split("/")[0], []).append(rel)
+            image = images.read_image(os.fspath(folder / rel))
         except DataError:
             skipped.append({"path": rel, "reason": "could not be decoded (corrupt or not an "
                                                    "image)"})
+        else:
+            files.setdefault(rel.split("/")[0], []).append(rel)
+            if keep:
+                keep(rel, image)
         if progress:
             progress("scan", done, len(candidates))
     if not files:
@@ -127,7 +133,46 @@ def _sheet(folder: Path, classes, train, out: Path) -> str:
     return contact_sheet(rows, out / "contact_sheet.png")
 
 
-def _databases(folder: Path, out: Path, lists, resize, backend, progress) -> dict:
+class _Decoded:
+    """Each readable photo, decoded once by the scan and resized to the stored size, kept as
+    its Datum (label 0) in a scratch LMDB inside OUT until the train/val databases are
+    written: the same bytes convert_imageset would write, without decoding the photo again."""
+
+    def __init__(self, out: Path, resize):
+        from caffe_compat.data.db import DBWriter
+        self.path, self.resize = out / SCRATCH, resize
+        self._writer, self._reader = DBWriter(self.path, "lmdb", overwrite=True), None
+        self._keys: dict[str, bytes] = {}    # path -> its record's key (paths may be long)
+
+    def put(self, rel: str, image) -> None:
+        from caffe_compat.data.convert import image_datum
+        key = self._keys[rel] = f"{len(self._keys):08d}".encode()
+        self._writer.put(key, image_datum(image, rel, 0, *self.resize).SerializeToString())
+
+    def datum(self, entry):
+        """The Datum of an image list entry, labelled."""
+        from caffe_compat.data.db import open_db
+        from caffe_compat.proto import caffe_pb2
+        if self._reader is None:
+            self._writer.close()
+            self._reader = open_db(self.path, "lmdb")
+        datum = caffe_pb2.Datum.FromString(self._reader.get(self._keys[entry.path]))
+        datum.label = entry.label
+        return datum
+
+    def __enter__(self) -> "_Decoded":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from caffe_compat.formats.atomic import discard_temporary
+        if self._reader is not None:
+            self._reader.close()
+        else:
+            self._writer.abort()
+        discard_temporary(self.path)
+
+
+def _databases(folder: Path, out: Path, lists, resize, backend, progress, datums) -> dict:
     from caffe_compat.data.convert import compute_mean, convert_imageset
     from caffe_compat.formats.blob_io import write_blobproto
     paths = {}
@@ -137,7 +182,7 @@ def _databases(folder: Path, out: Path, lists, resize, backend, progress) -> dic
             progress(f"{split}_db", 0, 1)
         convert_imageset(os.fspath(folder) + os.sep, os.fspath(list_file), os.fspath(db),
                          backend=backend, resize_height=resize[0], resize_width=resize[1],
-                         overwrite=True)
+                         overwrite=True, datums=datums)
         paths[f"{split}_db"] = db.name
     if progress:
         progress("mean", 0, 1)
@@ -164,17 +209,27 @@ def build_dataset(folder, out, *, resize=DEFAULT_RESIZE, val_percent=None, per_c
         raise CliError("give --val-percent or --per-class, not both")
     if backend not in ("lmdb", "leveldb"):
         raise CliError(f"--backend {backend}: expected lmdb or leveldb")
-    classes, files, skipped = scan_folder(folder, progress, out.resolve())
-    (train, val), counts = _split(classes, files, val_percent, per_class, seed)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder does not exist")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"{out}: cannot create the data set folder ({exc.strerror})") from None
-    write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
-    lists = {"train": out / "train.txt", "val": out / "val.txt"}
-    write_image_list(lists["train"], train)
-    write_image_list(lists["val"], val)
-    paths = _databases(folder, out, lists, (height, width), backend, progress)
+    try:
+        with _Decoded(out, (height, width)) as decoded:
+            classes, files, skipped = scan_folder(folder, progress, out.resolve(), decoded.put)
+            (train, val), counts = _split(classes, files, val_percent, per_class, seed)
+            write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
+            lists = {"train": out / "train.txt", "val": out / "val.txt"}
+            write_image_list(lists["train"], train)
+            write_image_list(lists["val"], val)
+            paths = _databases(folder, out, lists, (height, width), backend, progress,
+                               decoded.datum)
+    except BaseException:
+        if created:                  # a refused data set leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if progress:
         progress("contact_sheet", 0, 1)
     _sheet(folder, classes, train, out)
