@@ -8,7 +8,9 @@ classifier bundle, through the same solver loop as ``caffe train``.
               [--threads N|auto] [--gpu 0]
 
 NAME is a folder of models/ (alexnet_64, vgg16_64, ...) or a train_val prototxt with Data
-layers. DIR receives:
+layers. A landmark model (a Data layer with a third ``landmarks`` top, vgg16_landmark_64)
+trains on a FOLDER holding a DeepFashion ``list_landmarks.txt`` or a DATASET built with
+``--landmarks``; its bundle keeps the heatmap branch. DIR receives:
 
 - ``dataset/``: the data set (``caffe dataset``) when given a FOLDER; the images are stored at
   ``--resize`` (default: the model's crop plus an eighth, 72×72 for a 64×64 crop);
@@ -47,6 +49,7 @@ from caffe_compat.proto import caffe_pb2
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_EPOCHS = 30
+LANDMARK_FILE = "list_landmarks.txt"    # in a FOLDER: landmarks for a model that reads them
 # Small data sets: smaller batches, so that an epoch has at least 20 updates (96 photos: batch
 # 4, 24 updates; 400: the model's 20). With 10 per epoch (batch 9) alexnet_64 on 96 shape
 # photos reached 0.77 and 0.65 held-out on two seeds of five (README, fit).
@@ -142,10 +145,13 @@ def _dataset(args, out: Path, net, net_source: str) -> tuple[Path, dict]:
     if args.resume and datasets.is_dataset(folder):
         return folder, datasets.read_dataset(folder)
     resize = tuple(args.resize) if args.resize else default_resize(net, net_source)
+    marks = Path(args.source) / LANDMARK_FILE
+    wants_marks = netedit.data_layers(net, net_source).landmark_top is not None
     say(f"building the data set of {os.path.abspath(args.source)} in {folder.resolve()}")
     summary = datasets.build_dataset(args.source, folder, resize=resize,
                                      val_percent=args.val_percent, per_class=args.per_class,
-                                     seed=args.seed, backend=args.backend)
+                                     seed=args.seed, backend=args.backend,
+                                     landmarks=marks if wants_marks and marks.is_file() else None)
     datasets.report(summary, folder)
     return folder, summary
 
@@ -336,6 +342,11 @@ def prepare(args, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data_dir, summary = _dataset(args, out, net, os.fspath(train_val))
     layers = netedit.data_layers(net, os.fspath(train_val))
+    if layers.landmark_top and not summary.get("landmarks"):
+        raise CliError(f"{train_val}: the model reads landmarks (data layer top "
+                       f"'{layers.landmark_top}') but the data set at {data_dir} has none: build "
+                       f"it with caffe dataset --landmarks FILE (or put a {LANDMARK_FILE} in "
+                       "the image folder)")
     model_batch = (layers.train or layers.test).data_param.batch_size or 32
     sizes = plan(summary, model_batch, args.epochs or DEFAULT_EPOCHS, args.batch_size)
     write_net(args, out, data_dir, summary, net, os.fspath(train_val), sizes)
@@ -382,7 +393,8 @@ def _finish(out: Path, args, facts: dict, result, started: float) -> dict:
                  info={"val_accuracy": fields["val_accuracy"], "dataset": summary,
                        "model": args.model,
                        "name": Path(args.out).name, "command": getattr(args, "command", None)
-                       or "caffe fit"})
+                       or "caffe fit"},
+                 landmark_names=(summary.get("landmarks") or {}).get("names"))
     return _record(out, status="done", weights=os.fspath(Path(weights).resolve()), **fields)
 
 

@@ -34,6 +34,11 @@ class DatasetRequest(BaseModel):
                                                     "40/10) instead of val_percent")
     seed: int = 0
     backend: str = "lmdb"
+    landmarks: str | bool | None = Field(None, description="a DeepFashion list_landmarks.txt "
+                                         "under the data root whose landmarks every record "
+                                         "carries (for landmark models); default: the "
+                                         "folder's own list_landmarks.txt if any; '' or false: "
+                                         "none")
 
 
 class JobRequest(BaseModel):
@@ -281,6 +286,8 @@ class ProtocolRequest(BaseModel):
     val_percent: float | None = None
     resize: list[int] | None = None
     seed: int = 0
+    landmarks: str | bool | None = Field(None, description="as for a dataset (default: the "
+                                         "folder's list_landmarks.txt if any)")
     name: str | None = None
 
 

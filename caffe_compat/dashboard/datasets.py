@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from caffe_compat.commands.build_progress import read_status
 from caffe_compat.dashboard.safety import Refused, check_folder_links, contained
 from caffe_compat.dashboard.settings import Settings
 from caffe_compat.dashboard.store import Store
@@ -22,6 +23,7 @@ from caffe_compat.formats.blob_io import read_blobproto
 TABLE = "datasets"
 BACKENDS = ("lmdb", "leveldb")
 DEFAULT_RESIZE = (72, 72)          # caffe dataset's: room for a 64x64 crop
+LANDMARK_FILE = "list_landmarks.txt"   # beside the class folders: used unless told otherwise
 
 
 def data_dir(settings: Settings, ident: int) -> Path:
@@ -70,6 +72,7 @@ def create(settings: Settings, store: Store, workers: Workers, body: dict) -> in
                            "a classifier needs two or more")
     options = _options(body)
     options["folder"] = str(folder)
+    options["landmarks"] = _landmark_file(settings, folder, body.get("landmarks"))
     name = str(body.get("name") or folder.name)[:100]
     ident = store.add(TABLE, name, "queued", options)
     out = data_dir(settings, ident)
@@ -77,9 +80,31 @@ def create(settings: Settings, store: Store, workers: Workers, body: dict) -> in
         ["--val-percent", f"{options['val_percent']:g}"]
     argv = ["dataset", str(folder), str(out), "--resize", *map(str, options["resize"]),
             *split, "--seed", str(options["seed"]), "--backend", options["backend"]]
+    if options["landmarks"]:
+        argv += ["--landmarks", options["landmarks"]]
+    argv += ["--status", str(status_path(settings, ident))]
     workers.run(TABLE, ident, argv, settings.folder(TABLE, ident), on_success="ready",
                 result_of=lambda: _summary(out))
     return ident
+
+
+def _landmark_file(settings: Settings, folder: Path, given) -> str | None:
+    """The landmark list the records carry: ``given`` (under the data root), else the
+    folder's own list_landmarks.txt when it has one (``""`` or false: none)."""
+    if given is None or given is True:
+        auto = folder / LANDMARK_FILE
+        if auto.is_file() and not auto.is_symlink():
+            return str(auto)
+        if given is True:
+            raise Refused(400, f"landmarks: the folder has no {LANDMARK_FILE}; name the file")
+        return None
+    if not given:
+        return None
+    path = contained(settings.data_root, str(given), "landmarks")
+    if not path.is_file():
+        raise Refused(400, f"landmarks '{given}' is not a file (DeepFashion's "
+                           "list_landmarks.txt)")
+    return str(path)
 
 
 def _summary(out: Path) -> dict:
@@ -97,7 +122,13 @@ def describe(settings: Settings, store: Store, ident: int) -> dict:
         raise Refused(404, f"no dataset {ident}")
     out = data_dir(settings, ident)
     record["files"] = sorted(p.name for p in out.glob("*")) if out.is_dir() else []
+    record["progress"] = read_status(status_path(settings, ident))
     return record
+
+
+def status_path(settings: Settings, ident: int) -> Path:
+    """Where the build keeps its progress (``caffe dataset --status``)."""
+    return settings.folder(TABLE, ident) / "status.json"
 
 
 def mean_png(settings: Settings, ident: int) -> bytes:
@@ -123,4 +154,5 @@ def contact_sheet(settings: Settings, ident: int) -> Path:
     return path
 
 
-__all__ = ["create", "describe", "mean_png", "contact_sheet", "data_dir", "classes_of"]
+__all__ = ["create", "describe", "mean_png", "contact_sheet", "data_dir", "classes_of",
+           "status_path"]

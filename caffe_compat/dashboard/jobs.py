@@ -10,6 +10,7 @@ import json
 import threading
 from pathlib import Path
 
+from caffe_compat.commands import netedit
 from caffe_compat.dashboard import datasets, netinfo, solverform
 from caffe_compat.dashboard.safety import Refused
 from caffe_compat.dashboard.settings import Settings
@@ -17,6 +18,7 @@ from caffe_compat.dashboard.store import RUNNING, Store
 from caffe_compat.dashboard.workers import Workers
 from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.blob_io import read_text_proto
+from caffe_compat.formats.errors import CaffeCompatError
 from caffe_compat.proto import caffe_pb2
 
 TABLE = "jobs"
@@ -51,6 +53,7 @@ class Jobs:
         waits for it, and fails if the build fails)."""
         dataset = self._ready_dataset(body.get("dataset"), dataset_pending)
         model = self.model_of(body)
+        self._check_landmarks(model, dataset)
         epochs = checked_epochs(body.get("epochs", 10))
         precision = body.get("precision", "fp32")
         if precision not in PRECISIONS:
@@ -105,6 +108,22 @@ class Jobs:
                                f"(known: {known}); or give 'prototxt'")
         return {"name": name, "text": None,
                 "solver": netinfo.model_file(self.settings.models_dir, name, "solver.prototxt")}
+
+    def _check_landmarks(self, model: dict, dataset: dict) -> None:
+        """A landmark model (its Data layer's third top) needs records with landmarks."""
+        text = model["text"] if model["text"] is not None else \
+            netinfo.model_file(self.settings.models_dir, model["name"]).read_text("utf-8")
+        try:
+            top = netedit.data_layers(netinfo.parse(text, "train_val.prototxt"),
+                                      model["name"]).landmark_top
+        except (CaffeCompatError, ValueError) as exc:
+            raise Refused(400, str(exc)) from None
+        has = dataset["result"].get("landmarks") if dataset["state"] == "ready" else \
+            dataset["options"].get("landmarks")
+        if top and not has:
+            raise Refused(400, f"model '{model['name']}' reads landmarks (data layer top "
+                               f"'{top}') but dataset {dataset['id']} has none: build it from "
+                               "a folder with a list_landmarks.txt (or give 'landmarks')")
 
     def _weights(self, given) -> str | None:
         """Fine-tune from a finished job's bundle (``"job:<id>"``) or an uploaded file id."""

@@ -34,7 +34,7 @@ def create(services, body: dict) -> int:
         first_seed = int(body.get("seed", 0))
     except (TypeError, ValueError):
         raise Refused(400, "seed must be a whole number") from None
-    split = {k: body[k] for k in ("resize", "val_percent", "per_class", "backend")
+    split = {k: body[k] for k in ("resize", "val_percent", "per_class", "backend", "landmarks")
              if body.get(k) is not None}
     name = str(body.get("name") or f"{body.get('model')} × {runs} splits")[:100]
     ids = {"datasets": [], "jobs": []}

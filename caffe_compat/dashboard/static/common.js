@@ -30,15 +30,6 @@ function showError(form, err) {
   if (slot) { slot.textContent = err ? err.message : ""; }
 }
 
-function pollUntilDone(url, finalStates) {
-  const timer = setInterval(async () => {
-    try {
-      const record = await api("GET", url);
-      if (finalStates.includes(record.state)) { clearInterval(timer); location.reload(); }
-    } catch (err) { clearInterval(timer); }
-  }, 1000);
-}
-
 function formatSeconds(s) {
   if (!Number.isFinite(s)) { return "?"; }
   s = Math.round(s);

@@ -9,6 +9,7 @@ document.getElementById("new-dataset").addEventListener("submit", async event =>
     const body = {folder: f.folder.value, resize: [Number(f.height.value), Number(f.width.value)],
                   val_percent: Number(f.val_percent.value), seed: Number(f.seed.value)};
     if (f.elements["name"].value) { body.name = f.elements["name"].value; }
+    if (f.landmarks.value) { body.landmarks = f.landmarks.value; }
     const created = await api("POST", "/api/datasets", body);
     location.href = `/datasets/${created.id}`;
   } catch (err) { showError(f, err); }

@@ -53,6 +53,8 @@ function showState(record) {
 function renderPredictions(slot, results) {
   slot.replaceChildren();
   for (const r of results) {
+    const item = document.createElement("div");
+    item.className = "prediction";
     const table = document.createElement("table");
     table.className = "predictions";
     const caption = table.createCaption();
@@ -64,8 +66,26 @@ function renderPredictions(slot, results) {
       bar.innerHTML = `<span class="bar" style="width:${(100 * t.probability).toFixed(1)}%"></span>`;
       row.insertCell().textContent = (100 * t.probability).toFixed(2) + " %";
     }
-    slot.appendChild(table);
+    if (r.overlay) { item.appendChild(landmarkFigure(r)); }
+    item.appendChild(table);
+    slot.appendChild(item);
   }
+}
+
+function landmarkFigure(r) {
+  // A landmark model: its heatmaps over the photo, and where each landmark peaks.
+  const figure = document.createElement("figure");
+  figure.className = "landmarks";
+  const img = document.createElement("img");
+  img.src = r.overlay;
+  img.alt = `predicted landmark heatmaps over ${r.image}`;
+  figure.appendChild(img);
+  const caption = document.createElement("figcaption");
+  caption.textContent = r.landmarks.filter(p => p.shown)
+    .map(p => `${p.index} ${p.name.replace("_", " ")} (${Math.round(p.x)}, ${Math.round(p.y)})`)
+    .join(" · ") || "no landmark stands out";
+  figure.appendChild(caption);
+  return figure;
 }
 
 function renderScore(slot, summary) {
