@@ -3,8 +3,9 @@
 The net saw the photo resized to the bundle's stored size and centre-cropped to its input;
 its heatmaps cover that crop. The picture is the photo (enlarged to at least
 ``MIN_SIDE`` px so a 28-pixel image is readable), darkened outside the crop, with the
-heatmaps' per-pixel maximum over the K landmarks laid over the crop in colour (opacity
-growing with the value, so cold regions keep the photo), and a numbered marker at each
+heatmaps' per-pixel maximum over the K landmarks laid over the crop in colour (scaled to
+[0, 1], square-rooted so a peak's surroundings show too; opacity growing with the value, so
+cold regions keep the photo), and a numbered marker at each
 landmark's argmax whose peak reaches half the strongest one's (a landmark the training never
 saw visible has a flat, low map).
 """
@@ -75,6 +76,7 @@ def overlay_png(photo: np.ndarray, maps: np.ndarray, spec: dict, points: list[di
     shaded[y0:y1, x0:x1] = canvas[y0:y1, x0:x1]
     heat = maps.max(axis=0)
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+    heat = np.sqrt(heat)          # the spread around each peak shows, not only its top
     heat = cv2.resize(heat.astype(np.float32), (x1 - x0, y1 - y0),
                       interpolation=cv2.INTER_LINEAR)
     colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)

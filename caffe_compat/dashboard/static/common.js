@@ -30,6 +30,13 @@ function showError(form, err) {
   if (slot) { slot.textContent = err ? err.message : ""; }
 }
 
+function mainLoss(outputs) {
+  // The net's main loss, as the PNG plot picks it: the output named "loss", else the first
+  // loss-like name; other losses (e.g. landmark_loss) are auxiliary, on their own scale.
+  const names = Object.keys(outputs || {});
+  return names.includes("loss") ? "loss" : names.find(n => /loss/i.test(n)) || null;
+}
+
 function formatSeconds(s) {
   if (!Number.isFinite(s)) { return "?"; }
   s = Math.round(s);

@@ -24,8 +24,8 @@ async function startCompare(ids) {
     }
     const row = table.insertRow();
     const acc = Object.entries(last).find(([n]) => /accuracy/i.test(n));
-    const lossValue = Object.entries(last).find(([n]) => /loss/i.test(n));
+    const main = mainLoss(last);
     for (const v of [`job ${id}`, lastIter, acc ? acc[1].toFixed(4) : "—",
-                     lossValue ? lossValue[1].toFixed(4) : "—"]) { row.insertCell().textContent = v; }
+                     main ? last[main].toFixed(4) : "—"]) { row.insertCell().textContent = v; }
   }
 }

@@ -11,23 +11,28 @@ function chartsFor(page) {
 }
 
 function plotPoint(charts, p) {
-  // The chart a value goes to follows its name: accuracies, losses, the rest (auxiliary).
+  // The chart a value goes to follows its name: the main loss, accuracies, the rest
+  // (auxiliary outputs such as landmark_loss, whose scale is unrelated to the main loss).
   const outputs = p.outputs || {};
+  const main = mainLoss(outputs);
   if (p.kind === "train") {
-    charts.loss.add("train loss", p.iter, p.loss);
+    // the solver's loss is the weighted sum of every loss: with auxiliary losses the main
+    // one is drawn from its own output (and the smoothed total, of another scale, is not)
+    const alone = Object.keys(outputs).every(n => n === main || !/loss/i.test(n));
+    charts.loss.add("train loss", p.iter, alone || !main ? p.loss : outputs[main]);
     // smoothed = loss when the solver's average_loss is 1: drawn only once it differs
     charts.smoothed.push([p.iter, p.smoothed_loss]);
     charts.smoothedDiffers = charts.smoothedDiffers || p.smoothed_loss !== p.loss;
-    if (charts.smoothedDiffers) { charts.loss.set("smoothed", charts.smoothed); }
+    if (charts.smoothedDiffers && alone) { charts.loss.set("smoothed", charts.smoothed); }
     charts.lr.add("lr", p.iter, p.lr);
     for (const [name, v] of Object.entries(outputs)) {
-      if (name !== "loss") { charts.aux.add(`train ${name}`, p.iter, v); }
+      if (name !== main) { charts.aux.add(`train ${name}`, p.iter, v); }
     }
   } else if (p.kind === "test") {
     const net = p.net ? `test#${p.net}` : "test";
     for (const [name, v] of Object.entries(outputs)) {
       if (/accuracy/i.test(name)) { charts.accuracy.add(`${net} ${name}`, p.iter, v); }
-      else if (/loss/i.test(name)) { charts.loss.add(`${net} ${name}`, p.iter, v); }
+      else if (name === main) { charts.loss.add(`${net} ${name}`, p.iter, v); }
       else { charts.aux.add(`${net} ${name}`, p.iter, v); }
     }
   }
