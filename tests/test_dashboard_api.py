@@ -191,7 +191,8 @@ def test_stop_resume_and_classify_refusals(env):
     big = {"image": ("a.png", b"\x89PNG" + b"0" * settings.max_upload_bytes, "image/png")}
     assert client.post(f"/api/jobs/{ident}/classify", files=big).status_code == 413
     assert client.post(f"/api/jobs/{ident}/classify").status_code == 422
-    assert client.get(f"/api/jobs/{ident}/bundle.zip").status_code == 404
+    no_model = client.get(f"/api/jobs/{ident}/bundle.zip")
+    assert no_model.status_code == 409 and "no trained weights" in no_model.json()["error"]
 
 
 def test_a_restart_marks_running_work_interrupted(tmp_path):

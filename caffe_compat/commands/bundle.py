@@ -153,7 +153,8 @@ def _find_labels(db_path: str) -> str:
 
 
 def bundle_from_solver(solver: str, weights: str, out, labels_file: str | None = None,
-                       info: dict | None = None) -> dict:
+                       info: dict | None = None,
+                       landmark_names: list[str] | None = None) -> dict:
     """A bundle from a ``caffe train`` run's solver and a caffemodel it wrote."""
     from caffe_compat.engine.solver.params import read_solver_param, train_net_spec
     param = read_solver_param(solver)
@@ -174,7 +175,7 @@ def bundle_from_solver(solver: str, weights: str, out, labels_file: str | None =
     info.setdefault("name", net.name or Path(out).name)
     return write_bundle(out, train_val=net, source=spec.source, weights=weights,
                         labels=read_labels_file(labels_file), stored=stored, mean_file=mean,
-                        info=info)
+                        info=info, landmark_names=landmark_names)
 
 
 _LOADED: dict = {}

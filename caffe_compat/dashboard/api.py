@@ -11,10 +11,9 @@ from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from caffe_compat.dashboard import (datasets, importer, inference, netinfo, protocols,
-                                    scoring)
-from caffe_compat.dashboard.jobs import (FINISHED, bundle_dir, metrics_path, read_metrics_from,
-                                         run_dir)
+from caffe_compat.dashboard import (bundles, datasets, importer, inference, netinfo,
+                                    protocols, scoring)
+from caffe_compat.dashboard.jobs import FINISHED, metrics_path, read_metrics_from, run_dir
 from caffe_compat.dashboard.safety import Refused, read_upload
 
 router = APIRouter(prefix="/api")
@@ -222,7 +221,8 @@ async def job_stream(request: Request, ident: int) -> StreamingResponse:
 
 
 def _brief(record: dict) -> dict:
-    return {k: record.get(k) for k in ("id", "state", "error", "progress", "bundle", "log")}
+    return {k: record.get(k) for k in ("id", "state", "error", "progress", "bundle", "snapshot",
+                                       "log")}
 
 
 @router.post("/jobs/{ident}/stop")
@@ -244,26 +244,29 @@ def job_log(request: Request, ident: int) -> Response:
 
 
 @router.get("/jobs/{ident}/bundle.zip")
-def job_bundle(request: Request, ident: int) -> Response:
+async def job_bundle(request: Request, ident: int) -> Response:
+    """The job's model bundle (a stopped job's: made from its newest snapshot)."""
     s = _services(request)
-    s.jobs.get(ident)
-    bundle = bundle_dir(s.settings, ident)
-    if not bundle.is_dir():
-        raise Refused(404, f"job {ident} has no bundle yet")
+    bundle, which = await asyncio.to_thread(bundles.usable, s.settings, s.jobs.get(ident))
+    name = f"job{ident}_bundle" if which == "final weights" else \
+        f"job{ident}_iter{bundle.name}_bundle"
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(p for p in bundle.rglob("*") if p.is_file() and not p.is_symlink()):
-            archive.write(path, f"job{ident}_bundle/{path.relative_to(bundle)}")
+            archive.write(path, f"{name}/{path.relative_to(bundle)}")
     return Response(buffer.getvalue(), media_type="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="job{ident}_bundle.zip"'})
+        "Content-Disposition": f'attachment; filename="{name}.zip"'})
 
 
 @router.post("/jobs/{ident}/classify")
 async def classify(request: Request, ident: int, image: list[UploadFile] = File(...),
                    top_k: int = 5) -> dict:
-    """Top-k labels with probabilities for one or more uploaded images (field ``image``)."""
+    """Top-k labels with probabilities for one or more uploaded images (field ``image``);
+    a landmark model's also carry ``landmarks`` and an ``overlay`` PNG (data URL) of its
+    heatmaps over the photo. ``weights`` says which: the final ones or a stopped job's
+    newest snapshot."""
     s = _services(request)
-    s.jobs.get(ident)
+    record = s.jobs.get(ident)
     if len(image) > 64:
         raise Refused(413, f"{len(image)} images at once; at most 64")
     decoded = []
@@ -271,9 +274,9 @@ async def classify(request: Request, ident: int, image: list[UploadFile] = File(
         data = await read_upload(upload, s.settings.max_upload_bytes, upload.filename or "image")
         decoded.append((upload.filename or "image", inference.decode_image(data, upload.filename
                                                                            or "image")))
-    results = await asyncio.to_thread(inference.classify, bundle_dir(s.settings, ident),
-                                      decoded, top_k)
-    return {"job": ident, "results": results}
+    bundle, which = await asyncio.to_thread(bundles.usable, s.settings, record)
+    results = await asyncio.to_thread(inference.classify, bundle, decoded, top_k)
+    return {"job": ident, "weights": which, "results": results}
 
 
 class ProtocolRequest(BaseModel):
@@ -317,9 +320,9 @@ class ScoreRequest(BaseModel):
 async def score_job(request: Request, ident: int, body: ScoreRequest) -> dict:
     """Accuracy, per-class precision/recall and the confusion matrix on a labelled folder."""
     s = _services(request)
-    s.jobs.get(ident)
-    return await asyncio.to_thread(scoring.score, s.settings, ident,
-                                   bundle_dir(s.settings, ident), body.folder)
+    bundle, which = await asyncio.to_thread(bundles.usable, s.settings, s.jobs.get(ident))
+    summary = await asyncio.to_thread(scoring.score, s.settings, ident, bundle, body.folder)
+    return dict(summary, weights=which)
 
 
 @router.get("/jobs/{ident}/scores/{number}/{name}")

@@ -116,6 +116,14 @@ def _summary(out: Path) -> dict:
         raise ValueError(f"{path}: {exc}") from None
 
 
+def summary_of(settings: Settings, ident: int) -> dict:
+    """A ready data set's dataset.json; 409 naming it when unreadable."""
+    try:
+        return _summary(data_dir(settings, ident))
+    except ValueError as exc:
+        raise Refused(409, f"dataset {ident}: {exc}") from None
+
+
 def describe(settings: Settings, store: Store, ident: int) -> dict:
     record = store.get(TABLE, ident)
     if record is None:
@@ -155,4 +163,4 @@ def contact_sheet(settings: Settings, ident: int) -> Path:
 
 
 __all__ = ["create", "describe", "mean_png", "contact_sheet", "data_dir", "classes_of",
-           "status_path"]
+           "status_path", "summary_of"]

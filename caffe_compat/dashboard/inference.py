@@ -39,8 +39,7 @@ def classifier_for(bundle: Path):
     from caffe_compat import Classifier
     weights = bundle / "weights.caffemodel"
     if not weights.is_file():
-        raise Refused(409, "this job has no bundle yet (it is written when training ends or "
-                           "stops)")
+        raise Refused(409, f"{bundle}: the bundle has no {weights.name}")
     key = (str(bundle), weights.stat().st_mtime)
     with _LOCK:
         if key not in _CACHE:

@@ -7,6 +7,7 @@ pasted, and ``run/``: ``caffe fit --out`` (train_val/solver prototxt, snapshots/
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -26,6 +27,7 @@ FINISHED = ("done", "failed", "stopped", "interrupted")
 RESUMABLE = ("stopped", "interrupted", "failed")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 TAIL_BYTES = 64 << 10
+_SNAPSHOT = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 
 def run_dir(settings: Settings, ident: int) -> Path:
@@ -38,6 +40,16 @@ def metrics_path(settings: Settings, ident: int) -> Path:
 
 def bundle_dir(settings: Settings, ident: int) -> Path:
     return run_dir(settings, ident) / "bundle"
+
+
+def newest_snapshot(settings: Settings, job: int) -> tuple[int, Path] | None:
+    """(iteration, caffemodel) of the run's newest snapshot, if any."""
+    found = []
+    for path in (run_dir(settings, job) / "snapshots").glob("*.caffemodel"):
+        match = _SNAPSHOT.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found) if found else None
 
 
 class Jobs:
@@ -217,6 +229,8 @@ class Jobs:
         points, _ = read_metrics_from(path, start)
         record["progress"] = progress(points, self.max_iter(ident))
         record["bundle"] = (bundle_dir(self.settings, ident) / "weights.caffemodel").is_file()
+        snapshot = newest_snapshot(self.settings, ident)
+        record["snapshot"] = snapshot[0] if snapshot else None     # its newest, by iteration
         record["log"] = (run_dir(self.settings, ident) / "train.log").is_file()
         return record
 
@@ -280,4 +294,4 @@ def progress(points: list[dict], max_iter: int | None) -> dict:
 
 __all__ = ["Jobs", "checked_epochs", "read_metrics", "read_metrics_from", "progress", "run_dir",
            "metrics_path",
-           "bundle_dir", "FINISHED", "TABLE"]
+           "bundle_dir", "newest_snapshot", "FINISHED", "TABLE"]

@@ -52,7 +52,10 @@ function showState(record) {
   document.getElementById("progress").textContent = parts.join(" · ");
   document.getElementById("stop").disabled = !["queued", "running"].includes(record.state);
   document.getElementById("resume").disabled = !["stopped", "interrupted", "failed"].includes(record.state);
-  document.getElementById("bundle-link").hidden = !record.bundle;
+  const link = document.getElementById("bundle-link");
+  link.hidden = !record.bundle && record.snapshot === null;
+  link.textContent = record.bundle ? "bundle (.zip)"
+                                   : `bundle of the iteration ${record.snapshot} snapshot (.zip)`;
 }
 
 function renderPredictions(slot, results) {
@@ -98,7 +101,7 @@ function renderScore(slot, summary) {
   const head = document.createElement("p");
   head.id = "score-accuracy";
   head.textContent = `accuracy ${(100 * summary.accuracy).toFixed(2)} % ` +
-                     `(${summary.correct} of ${summary.images} images)`;
+                     `(${summary.correct} of ${summary.images} images), ${summary.weights}`;
   slot.appendChild(head);
   const table = document.createElement("table");
   table.insertRow().innerHTML = "<th>class</th><th>precision</th><th>recall</th><th>images</th>";
@@ -162,6 +165,7 @@ function startJobPage(id) {
     try {
       const answer = await api("POST", `/api/jobs/${id}/classify?top_k=${f.top_k.value}`, data);
       renderPredictions(document.getElementById("predictions"), answer.results);
+      document.getElementById("classified-with").textContent = `with the ${answer.weights}`;
     } catch (err) { showError(f, err); }
   });
 }
