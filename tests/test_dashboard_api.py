@@ -307,6 +307,8 @@ def test_protocol_summary_is_mean_and_sample_std():
     assert result["n"] == 3 and result["mean"] == pytest.approx(0.7)
     assert result["std"] == pytest.approx(0.2)             # sqrt(((0.2)^2 * 2) / 2)
     assert result["text"] == "70.00 ± 20.00 %"
+    one = summary([0.25])                                  # while the other runs train
+    assert one["std"] is None and one["text"] == "25.00 % (one run so far)"
 
 
 def test_protocol_requests_are_checked_before_anything_is_built(env):

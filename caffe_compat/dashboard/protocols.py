@@ -9,7 +9,6 @@ paper's 40/10 images per class) and trains once that split is ready. Its state f
 from __future__ import annotations
 
 import json
-import math
 import statistics
 
 from caffe_compat.dashboard import datasets
@@ -70,7 +69,10 @@ def summary(accuracies: list[float]) -> dict:
     if not accuracies:
         return {"n": 0}
     mean = statistics.fmean(accuracies)
-    std = statistics.stdev(accuracies) if len(accuracies) > 1 else math.nan
+    if len(accuracies) == 1:          # no spread yet: say so rather than "± nan"
+        return {"n": 1, "mean": mean, "std": None,
+                "text": f"{100 * mean:.2f} % (one run so far)"}
+    std = statistics.stdev(accuracies)
     return {"n": len(accuracies), "mean": mean, "std": std,
             "text": f"{100 * mean:.2f} ± {100 * std:.2f} %"}
 

@@ -19,7 +19,9 @@ function plotPoint(charts, p) {
     // the solver's loss is the weighted sum of every loss: with auxiliary losses the main
     // one is drawn from its own output (and the smoothed total, of another scale, is not)
     const alone = Object.keys(outputs).every(n => n === main || !/loss/i.test(n));
-    charts.loss.add("train loss", p.iter, alone || !main ? p.loss : outputs[main]);
+    const loss = trainLoss(p);
+    charts.loss.add("train loss", p.iter, loss);
+    if (charts.epochMean) { charts.loss.add("train, epoch mean", p.iter, charts.epochMean.push(loss)); }
     // smoothed = loss when the solver's average_loss is 1: drawn only once it differs
     charts.smoothed.push([p.iter, p.smoothed_loss]);
     charts.smoothedDiffers = charts.smoothedDiffers || p.smoothed_loss !== p.loss;
@@ -120,7 +122,7 @@ function renderScore(slot, summary) {
   }
 }
 
-function startJobPage(id) {
+function startJobPage(id, perEpoch) {
   const charts = chartsFor(document);
   let source = null;
   const listen = () => {
@@ -129,6 +131,8 @@ function startJobPage(id) {
       chart.schedule();
     }
     charts.smoothed = [];
+    // a noisy per-iteration loss reads better beside its mean over the last epoch
+    charts.epochMean = perEpoch > 1 ? new RunningMean(perEpoch) : null;
     charts.aux.container.hidden = true;
     source = new EventSource(`/api/jobs/${id}/stream`);
     source.addEventListener("metric", e => plotPoint(charts, JSON.parse(e.data)));
