@@ -365,3 +365,15 @@ def test_workers_left_by_a_killed_server_are_stopped_at_the_next_start(tmp_path)
         if orphan.poll() is None:
             orphan.kill()
         orphan.wait()
+
+
+def test_lists_carry_the_progress_of_running_work(env):
+    client, settings, _ = env
+    running = _job_record(settings, "running", POINTS)
+    done = _job_record(settings, "done", POINTS)
+    rows = {j["id"]: j for j in client.get("/api/jobs").json()}
+    assert rows[running]["progress"]["iter"] == 3
+    assert rows[running]["progress"]["images_per_second"] == pytest.approx(8.0)
+    assert "progress" not in rows[done]                    # finished rows stay light
+    page = client.get("/").text
+    assert f'<tr data-id="{running}">' in page and 'data-role="progress"' in page

@@ -118,17 +118,20 @@ def test_overlay_draws_the_heat_over_the_crop_and_marks_the_peak():
 
 def test_build_progress_counts_records_and_extrapolates():
     from caffe_compat.commands.build_progress import BuildProgress
-    ticks = iter(range(100))
-    progress = BuildProgress(None, log_lines=False, clock=lambda: float(next(ticks)))
+    now = [0.0]
+    progress = BuildProgress(None, log_lines=False, clock=lambda: now[0])
     for done in range(1, 11):                 # 10 images checked, one second each
+        now[0] = done
         progress("scan", done, 10)
+    assert progress.state()["eta_seconds"] is None          # no record written yet
     progress("split", 8, 10)
-    for done in range(1, 5):
+    for done in range(1, 5):                  # records: the first at t=11, then 2 s each
+        now[0] = 11 + 2 * (done - 1)
         progress("train_db", done, 8)
     state = progress.state()
     assert (state["records_done"], state["records_total"], state["images_checked"]) == (4, 10, 10)
-    units, elapsed = 14, state["elapsed_seconds"]
-    assert state["eta_seconds"] == pytest.approx(elapsed / units * (20 - units), abs=0.1)
+    assert state["elapsed_seconds"] == 17
+    assert state["eta_seconds"] == pytest.approx(6 / 3 * 6)   # 3 records in 6 s, 6 to go
     assert progress.state(finished=True)["stage"] == "done"
 
 

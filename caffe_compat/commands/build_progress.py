@@ -2,9 +2,9 @@
 progress lines in the log and, with ``--status FILE``, a JSON file a dashboard reads.
 
 The build checks every image (stage ``scan``), then writes the training and validation
-records (``train_db``, ``val_db``), computes the mean and draws the contact sheet. The ETA
-counts each image checked and each record written as one unit of work (both decode one
-image file) and extrapolates the pace so far.
+records (``train_db``, ``val_db``), computes the mean and draws the contact sheet. Writing
+the records takes most of the time (each is decoded, resized, encoded and stored; the scan
+only decodes), so the ETA extrapolates the records' own pace once the first is written.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class BuildProgress:
         self._written = -WRITE_EVERY
         self._logged_step = {}
         self._logged_at = self.started
+        self._records_started = None       # (time, records) when writing began
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage == "split":
@@ -43,6 +44,8 @@ class BuildProgress:
             self.images_total = total
         elif stage in self.records_done:
             self.records_done[stage] = done
+            if self._records_started is None and done:      # the pace counts from here
+                self._records_started = (self.clock(), sum(self.records_done.values()))
         self._log(stage, done, total)
         if self.clock() - self._written >= WRITE_EVERY or done == total:
             self._write()
@@ -51,11 +54,12 @@ class BuildProgress:
         elapsed = self.clock() - self.started
         records = sum(self.records_done.values())
         checked = self.stage_done if self.stage == "scan" else self.images_total
-        units = checked + records
-        total_units = self.images_total + (self.records_total or 0)
         eta = None
-        if self.records_total is not None and units and not finished:
-            eta = max(0.0, elapsed / units * (total_units - units))
+        if self._records_started is not None and self.records_total and not finished:
+            since, before = self._records_started
+            written = records - before
+            if written > 0:
+                eta = (self.clock() - since) / written * max(0, self.records_total - records)
         return {"stage": "done" if finished else self.stage, "stage_done": self.stage_done,
                 "stage_total": self.stage_total, "images_checked": checked,
                 "images_total": self.images_total, "records_done": records,

@@ -15,6 +15,7 @@ from caffe_compat.dashboard import (bundles, datasets, importer, inference, neti
                                     protocols, scoring)
 from caffe_compat.dashboard.jobs import FINISHED, metrics_path, read_metrics_from, run_dir
 from caffe_compat.dashboard.safety import Refused, read_upload
+from caffe_compat.dashboard.store import RUNNING
 
 router = APIRouter(prefix="/api")
 POLL_SECONDS = 0.5
@@ -72,7 +73,10 @@ def health(request: Request) -> dict:
 # -- datasets -------------------------------------------------------------------------------
 @router.get("/datasets")
 def list_datasets(request: Request) -> list[dict]:
-    return _services(request).store.all(datasets.TABLE)
+    """Every data set, newest first; a build in progress with its ``progress``."""
+    s = _services(request)
+    return [datasets.describe(s.settings, s.store, r["id"]) if r["state"] in RUNNING else r
+            for r in s.store.all(datasets.TABLE)]
 
 
 @router.post("/datasets", status_code=201)
@@ -172,7 +176,10 @@ async def upload_weights(request: Request, file: UploadFile = File(...)) -> dict
 # -- jobs -----------------------------------------------------------------------------------
 @router.get("/jobs")
 def list_jobs(request: Request) -> list[dict]:
-    return _services(request).store.all("jobs")
+    """Every job, newest first; a running one with its ``progress`` (iteration, ETA)."""
+    s = _services(request)
+    return [s.jobs.describe(r["id"]) if r["state"] in RUNNING else r
+            for r in s.store.all("jobs")]
 
 
 @router.post("/jobs", status_code=201)

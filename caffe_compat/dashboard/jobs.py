@@ -191,7 +191,8 @@ class Jobs:
             argv += ["--batch-size", str(options["batch_size"])]
         if resume:
             argv.append("--resume")
-        self.workers.run(TABLE, ident, argv, folder, on_success="done")
+        self.workers.run(TABLE, ident, argv, folder, on_success="done",
+                         result_of=lambda: fit_summary(self.settings, ident))
 
     def stop(self, ident: int) -> dict:
         record = self.get(ident)
@@ -240,6 +241,16 @@ class Jobs:
             return read_text_proto(solver, caffe_pb2.SolverParameter).max_iter or None
         except (OSError, ValueError):
             return None
+
+
+def fit_summary(settings: Settings, ident: int) -> dict:
+    """What the job's list row shows of a finished ``caffe fit``: its fit.json's validation
+    accuracy, iterations and seconds (nothing when it wrote none)."""
+    try:
+        record = json.loads((run_dir(settings, ident) / "fit.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: record.get(k) for k in ("val_accuracy", "iterations", "seconds")}
 
 
 def checked_epochs(value) -> int:
@@ -292,6 +303,6 @@ def progress(points: list[dict], max_iter: int | None) -> dict:
             "images_per_second": images / seconds if seconds else None, "eta_seconds": eta}
 
 
-__all__ = ["Jobs", "checked_epochs", "read_metrics", "read_metrics_from", "progress", "run_dir",
+__all__ = ["Jobs", "checked_epochs", "fit_summary", "read_metrics", "read_metrics_from", "progress", "run_dir",
            "metrics_path",
            "bundle_dir", "newest_snapshot", "FINISHED", "TABLE"]
