@@ -377,3 +377,20 @@ def test_lists_carry_the_progress_of_running_work(env):
     assert "progress" not in rows[done]                    # finished rows stay light
     page = client.get("/").text
     assert f'<tr data-id="{running}">' in page and 'data-role="progress"' in page
+
+
+def test_protocol_table_by_epoch_is_mean_and_std_of_each_epochs_test(env):
+    from caffe_compat.dashboard.protocols import by_epoch
+    _, settings, _ = env
+    jobs = []
+    for accuracies in ([0.5, 0.7, 0.9, 0.8], [0.3, 0.5, 0.7]):      # the second stopped early
+        points = [{"kind": "test", "iter": 0, "net": 0, "outputs": {"accuracy": 0.1}}]
+        points += [{"kind": "test", "iter": 2 * (e + 1), "net": 0, "outputs": {"accuracy": a}}
+                   for e, a in enumerate(accuracies)]
+        jobs.append(_job_record(settings, "done", points))
+        (settings.folder("jobs", jobs[-1]) / "run" / "solver.prototxt").write_text(
+            "test_interval: 2\nmax_iter: 8\n")
+    table = by_epoch(settings, jobs, epochs=4, rows=2)
+    assert [row["epoch"] for row in table] == [2, 4]
+    assert table[0]["mean"] == pytest.approx(0.6) and table[0]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert table[1]["n"] == 1 and table[1]["mean"] == pytest.approx(0.8)

@@ -228,8 +228,8 @@ async def job_stream(request: Request, ident: int) -> StreamingResponse:
 
 
 def _brief(record: dict) -> dict:
-    return {k: record.get(k) for k in ("id", "state", "error", "progress", "bundle", "snapshot",
-                                       "log")}
+    return {k: record.get(k) for k in ("id", "state", "error", "progress", "result", "bundle",
+                                       "snapshot", "log")}
 
 
 @router.post("/jobs/{ident}/stop")

@@ -236,11 +236,16 @@ class Jobs:
         return record
 
     def max_iter(self, ident: int) -> int | None:
-        solver = run_dir(self.settings, ident) / "solver.prototxt"
-        try:
-            return read_text_proto(solver, caffe_pb2.SolverParameter).max_iter or None
-        except (OSError, ValueError):
-            return None
+        return run_solver(self.settings, ident).max_iter or None
+
+
+def run_solver(settings: Settings, ident: int) -> caffe_pb2.SolverParameter:
+    """The solver ``caffe fit`` wrote for the job (empty before it has: fields read 0)."""
+    try:
+        return read_text_proto(run_dir(settings, ident) / "solver.prototxt",
+                               caffe_pb2.SolverParameter)
+    except (OSError, ValueError):
+        return caffe_pb2.SolverParameter()
 
 
 def fit_summary(settings: Settings, ident: int) -> dict:
@@ -303,6 +308,6 @@ def progress(points: list[dict], max_iter: int | None) -> dict:
             "images_per_second": images / seconds if seconds else None, "eta_seconds": eta}
 
 
-__all__ = ["Jobs", "checked_epochs", "fit_summary", "read_metrics", "read_metrics_from", "progress", "run_dir",
+__all__ = ["Jobs", "checked_epochs", "fit_summary", "run_solver", "read_metrics", "read_metrics_from", "progress", "run_dir",
            "metrics_path",
            "bundle_dir", "newest_snapshot", "FINISHED", "TABLE"]

@@ -12,7 +12,8 @@ import json
 import statistics
 
 from caffe_compat.dashboard import datasets
-from caffe_compat.dashboard.jobs import checked_epochs, metrics_path, read_metrics, run_dir
+from caffe_compat.dashboard.jobs import (checked_epochs, metrics_path, read_metrics, run_dir,
+                                         run_solver)
 from caffe_compat.dashboard.safety import Refused
 
 TABLE = "protocols"
@@ -77,6 +78,31 @@ def summary(accuracies: list[float]) -> dict:
             "text": f"{100 * mean:.2f} ± {100 * std:.2f} %"}
 
 
+def epoch_accuracies(settings, job: int) -> dict[int, float]:
+    """Test accuracy after each epoch of a job (``caffe fit`` tests once per epoch:
+    test_interval is the epoch's iteration count)."""
+    interval = run_solver(settings, job).test_interval
+    if not interval:
+        return {}
+    return {p["iter"] // interval: float(p["outputs"]["accuracy"])
+            for p in read_metrics(metrics_path(settings, job))
+            if p.get("kind") == "test" and not p.get("net") and p["iter"] % interval == 0
+            and "accuracy" in p.get("outputs", {}) and p["iter"] > 0}
+
+
+def by_epoch(settings, jobs: list[int], epochs: int, rows: int = 5) -> list[dict]:
+    """Table 1's columns: mean ± std of the runs' test accuracy at ``rows`` evenly spaced
+    epochs (the paper's 10, 20, ..., 50 for 50 epochs), over the runs that reached each."""
+    step = max(1, epochs // rows)
+    per_job = [epoch_accuracies(settings, job) for job in jobs]
+    table = []
+    for epoch in range(step, epochs + 1, step):
+        values = [acc[epoch] for acc in per_job if epoch in acc]
+        if values:
+            table.append({"epoch": epoch, **summary(values)})
+    return table
+
+
 def describe(services, ident: int) -> dict:
     record = services.store.get(TABLE, ident)
     if record is None:
@@ -96,6 +122,8 @@ def describe(services, ident: int) -> dict:
     record["runs"] = runs
     record["summary"] = summary([r["val_accuracy"] for r in runs
                                  if r["val_accuracy"] is not None])
+    record["by_epoch"] = by_epoch(services.settings, record["options"]["jobs"],
+                                  int(record["options"]["epochs"]))
     return record
 
 

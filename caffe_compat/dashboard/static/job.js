@@ -51,6 +51,11 @@ function showState(record) {
   if (p.iter !== undefined) { parts.push(`iteration ${p.iter}${p.max_iter ? " / " + p.max_iter : ""}`); }
   if (p.images_per_second) { parts.push(`${p.images_per_second.toFixed(1)} images/s`); }
   if (p.eta_seconds && !FINAL_STATES.includes(record.state)) { parts.push(`ETA ${formatSeconds(p.eta_seconds)}`); }
+  const result = record.result || {};
+  if (FINAL_STATES.includes(record.state) && result.seconds) { parts.push(`took ${formatSeconds(result.seconds)}`); }
+  if (result.val_accuracy !== undefined && result.val_accuracy !== null) {
+    parts.push(`validation accuracy ${(100 * result.val_accuracy).toFixed(2)} %`);
+  }
   document.getElementById("progress").textContent = parts.join(" · ");
   document.getElementById("stop").disabled = !["queued", "running"].includes(record.state);
   document.getElementById("resume").disabled = !["stopped", "interrupted", "failed"].includes(record.state);
