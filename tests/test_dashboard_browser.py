@@ -112,6 +112,9 @@ def test_dataset_job_live_curve_and_classify(browser, server, shots, tmp_path):
     assert browser.find_element(By.ID, "state").text == "done", \
         browser.find_element(By.ID, "error").text
     _wait(browser, lambda d: _points(d, "chart-accuracy") > 0)
+    # the noisy per-iteration loss has its mean over the last epoch beside it
+    _wait(browser, lambda d: "train, epoch mean" in d.find_element(By.ID, "chart-loss").text)
+    assert "validation accuracy" in browser.find_element(By.ID, "progress").text
     import cv2
     image = tmp_path / "circle.png"
     cv2.imwrite(str(image), draw("circle", 4242))

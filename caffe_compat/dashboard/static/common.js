@@ -64,6 +64,7 @@ function iterationsPerEpoch(record) {
 
 function formatSeconds(s) {
   if (!Number.isFinite(s)) { return "?"; }
+  if (s < 1) { return "under 1 s"; }
   s = Math.round(s);
   const h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), r = s % 60;
   return h ? `${h} h ${m} min` : m ? `${m} min ${r} s` : `${r} s`;

@@ -127,9 +127,9 @@ function renderScore(slot, summary) {
   }
 }
 
-function startJobPage(id, perEpoch) {
+function startJobPage(id, epochs) {
   const charts = chartsFor(document);
-  let source = null;
+  let source = null, perEpoch = 0;
   const listen = () => {
     for (const chart of [charts.loss, charts.accuracy, charts.lr, charts.aux]) {
       chart.series.clear();
@@ -141,7 +141,14 @@ function startJobPage(id, perEpoch) {
     charts.aux.container.hidden = true;
     source = new EventSource(`/api/jobs/${id}/stream`);
     source.addEventListener("metric", e => plotPoint(charts, JSON.parse(e.data)));
-    source.addEventListener("state", e => showState(JSON.parse(e.data)));
+    source.addEventListener("state", e => {
+      const record = JSON.parse(e.data);
+      showState(record);
+      // the run's length is known once caffe fit has written its solver: replay the stream
+      // with the epoch mean from the start
+      const known = iterationsPerEpoch({progress: record.progress, options: {epochs}});
+      if (known && !perEpoch) { perEpoch = known; source.close(); listen(); }
+    });
     source.addEventListener("end", () => source.close());
   };
   listen();
