@@ -264,14 +264,15 @@ def test_solver_fields_give_the_job_its_own_model_files(env):
     assert (folder / "train_val.prototxt").read_text() == library.read_text()
 
 
-def _write_db(path, labels):
+def _write_db(path, labels, landmarks: int = 0):
     import numpy as np
     from caffe_compat.data.db import DBWriter
     from caffe_compat.formats.blob_io import array_to_datum
     with DBWriter(path, "lmdb") as db:
         for i, label in enumerate(labels):
-            image = np.full((3, 12, 10), i, np.uint8)
-            db.put(f"{i:08d}", array_to_datum(image, label).SerializeToString())
+            datum = array_to_datum(np.full((3, 12, 10), i, np.uint8), label)
+            datum.float_data.extend([1.0, 2.0, 1.0] * landmarks)   # convert_imageset --landmarks
+            db.put(f"{i:08d}", datum.SerializeToString())
 
 
 def test_existing_databases_are_imported_with_their_counts(env):
@@ -294,6 +295,13 @@ def test_existing_databases_are_imported_with_their_counts(env):
                                           "c": {"train": 1, "val": 1}}
     assert client.get(f"/api/datasets/{ident}/mean.png").content[:4] == b"\x89PNG"
     assert "dbs/train_lmdb" in client.get(f"/datasets/{ident}").text
+    assert record["result"]["landmarks"] is None
+    _write_db(root / "marked_train", [0, 1], landmarks=8)
+    _write_db(root / "marked_val", [1, 0], landmarks=8)
+    marked = client.post("/api/datasets/import", json={
+        **body, "train_db": "dbs/marked_train", "val_db": "dbs/marked_val"}).json()["id"]
+    landmarks = client.get(f"/api/datasets/{marked}").json()["result"]["landmarks"]
+    assert landmarks["count"] == 8 and landmarks["names"][-1] == "right_hem"
     (root / "two.txt").write_text("a\nb\n")
     for change, status in (({"train_db": "/tmp"}, 403), ({"labels": "dbs/two.txt"}, 400),
                            ({"mean": "dbs/none"}, 404), ({"val_db": "dbs/labels.txt"}, 400)):

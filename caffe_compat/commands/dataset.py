@@ -228,13 +228,12 @@ def _landmarks(path) -> dict | None:
     """The landmark file's path, landmarks per image and their names; DataError if unreadable."""
     if path is None:
         return None
-    from caffe_compat.data.landmarks import NAMES, read_landmarks
+    from caffe_compat.data.landmarks import landmark_names, read_landmarks
     marks = read_landmarks(path)
     if not marks:
         raise DataError(f"{path}: no landmark lines")
     count = len(next(iter(marks.values())))
-    names = list(NAMES[:count]) if count <= len(NAMES) else [str(i) for i in range(count)]
-    return {"path": Path(path).resolve(), "count": count, "names": names}
+    return {"path": Path(path).resolve(), "count": count, "names": landmark_names(count)}
 
 
 def _command_line(folder, out, resize, val_percent, per_class, seed, backend,

@@ -31,6 +31,11 @@ NUM_LANDMARKS = len(NAMES)
 _SLOTS = {1: (0, 1, 2, 3, 6, 7), 2: (4, 5, 6, 7), 3: tuple(range(8))}
 
 
+def landmark_names(count: int) -> list[str]:
+    """Names of ``count`` landmarks: DeepFashion's eight when they fit, else their numbers."""
+    return list(NAMES[:count]) if count <= NUM_LANDMARKS else [str(i) for i in range(count)]
+
+
 # ---------------------------------------------------------------------------- file format
 
 
