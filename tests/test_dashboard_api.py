@@ -402,3 +402,11 @@ def test_protocol_table_by_epoch_is_mean_and_std_of_each_epochs_test(env):
     assert [row["epoch"] for row in table] == [2, 4]
     assert table[0]["mean"] == pytest.approx(0.6) and table[0]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert table[1]["n"] == 1 and table[1]["mean"] == pytest.approx(0.8)
+
+
+def test_a_landmark_protocol_on_a_folder_without_landmarks_builds_nothing(env):
+    client, settings, _ = env
+    refused = client.post("/api/protocols", json={"folder": "shapes", "runs": 2,
+                                                  "model": "vgg16_landmark_64"})
+    assert refused.status_code == 400 and "reads landmarks" in refused.json()["error"]
+    assert client.get("/api/datasets").json() == []

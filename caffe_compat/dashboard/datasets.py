@@ -72,7 +72,7 @@ def create(settings: Settings, store: Store, workers: Workers, body: dict) -> in
                            "a classifier needs two or more")
     options = _options(body)
     options["folder"] = str(folder)
-    options["landmarks"] = _landmark_file(settings, folder, body.get("landmarks"))
+    options["landmarks"] = landmark_file(settings, folder, body.get("landmarks"))
     name = str(body.get("name") or folder.name)[:100]
     ident = store.add(TABLE, name, "queued", options)
     out = data_dir(settings, ident)
@@ -88,7 +88,7 @@ def create(settings: Settings, store: Store, workers: Workers, body: dict) -> in
     return ident
 
 
-def _landmark_file(settings: Settings, folder: Path, given) -> str | None:
+def landmark_file(settings: Settings, folder: Path, given) -> str | None:
     """The landmark list the records carry: ``given`` (under the data root), else the
     folder's own list_landmarks.txt when it has one (``""`` or false: none)."""
     if given is None or given is True:
@@ -163,4 +163,4 @@ def contact_sheet(settings: Settings, ident: int) -> Path:
 
 
 __all__ = ["create", "describe", "mean_png", "contact_sheet", "data_dir", "classes_of",
-           "status_path", "summary_of"]
+           "status_path", "summary_of", "landmark_file", "LANDMARK_FILE"]

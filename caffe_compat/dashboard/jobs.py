@@ -121,15 +121,20 @@ class Jobs:
         return {"name": name, "text": None,
                 "solver": netinfo.model_file(self.settings.models_dir, name, "solver.prototxt")}
 
-    def _check_landmarks(self, model: dict, dataset: dict) -> None:
-        """A landmark model (its Data layer's third top) needs records with landmarks."""
+    def landmark_top(self, model: dict) -> str | None:
+        """The landmarks top of a model's Data layer (a landmark model), else None; 400 when
+        its data layers are none that caffe fit can feed."""
         text = model["text"] if model["text"] is not None else \
             netinfo.model_file(self.settings.models_dir, model["name"]).read_text("utf-8")
         try:
-            top = netedit.data_layers(netinfo.parse(text, "train_val.prototxt"),
-                                      model["name"]).landmark_top
+            return netedit.data_layers(netinfo.parse(text, "train_val.prototxt"),
+                                       model["name"]).landmark_top
         except (CaffeCompatError, ValueError) as exc:
             raise Refused(400, str(exc)) from None
+
+    def _check_landmarks(self, model: dict, dataset: dict) -> None:
+        """A landmark model (its Data layer's third top) needs records with landmarks."""
+        top = self.landmark_top(model)
         has = dataset["result"].get("landmarks") if dataset["state"] == "ready" else \
             dataset["options"].get("landmarks")
         if top and not has:

@@ -14,7 +14,7 @@ import statistics
 from caffe_compat.dashboard import datasets
 from caffe_compat.dashboard.jobs import (checked_epochs, metrics_path, read_metrics, run_dir,
                                          run_solver)
-from caffe_compat.dashboard.safety import Refused
+from caffe_compat.dashboard.safety import Refused, contained
 
 TABLE = "protocols"
 MAX_RUNS = 20
@@ -28,7 +28,15 @@ def create(services, body: dict) -> int:
         raise Refused(400, "runs must be a whole number") from None
     if not 2 <= runs <= MAX_RUNS:
         raise Refused(400, f"runs {runs}: 2..{MAX_RUNS} (a mean ± std needs two)")
-    services.jobs.model_of(body)                   # refuse before anything is built
+    model = services.jobs.model_of(body)           # refuse before anything is built
+    if services.jobs.landmark_top(model):
+        if not isinstance(body.get("folder"), str):
+            raise Refused(400, "give 'folder': class sub-folders under the data root")
+        folder = contained(services.settings.data_root, body["folder"], "folder")
+        if not datasets.landmark_file(services.settings, folder, body.get("landmarks")):
+            raise Refused(400, f"model '{model['name']}' reads landmarks but folder "
+                               f"'{body['folder']}' has no {datasets.LANDMARK_FILE} (or "
+                               "give 'landmarks')")
     checked_epochs(body.get("epochs", 10))
     try:
         first_seed = int(body.get("seed", 0))
