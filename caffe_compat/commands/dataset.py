@@ -42,6 +42,7 @@ from caffe_compat.formats.errors import DataError
 SUMMARY = "dataset.json"
 DEFAULT_RESIZE = (72, 72)
 DEFAULT_VAL_PERCENT = 20.0
+LANDMARK_FILE = "list_landmarks.txt"    # DeepFashion's name: beside the class folders
 SHEET_PER_CLASS = 8
 
 
@@ -292,4 +293,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 __all__ = ["add_arguments", "build_dataset", "is_dataset", "read_dataset", "main",
-           "parse_per_class", "SUMMARY"]
+           "parse_per_class", "SUMMARY", "LANDMARK_FILE"]

@@ -49,7 +49,6 @@ from caffe_compat.proto import caffe_pb2
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_EPOCHS = 30
-LANDMARK_FILE = "list_landmarks.txt"    # in a FOLDER: landmarks for a model that reads them
 # Small data sets: smaller batches, so that an epoch has at least 20 updates (96 photos: batch
 # 4, 24 updates; 400: the model's 20). With 10 per epoch (batch 9) alexnet_64 on 96 shape
 # photos reached 0.77 and 0.65 held-out on two seeds of five (README, fit).
@@ -145,7 +144,7 @@ def _dataset(args, out: Path, net, net_source: str) -> tuple[Path, dict]:
     if args.resume and datasets.is_dataset(folder):
         return folder, datasets.read_dataset(folder)
     resize = tuple(args.resize) if args.resize else default_resize(net, net_source)
-    marks = Path(args.source) / LANDMARK_FILE
+    marks = Path(args.source) / datasets.LANDMARK_FILE
     wants_marks = netedit.data_layers(net, net_source).landmark_top is not None
     say(f"building the data set of {os.path.abspath(args.source)} in {folder.resolve()}")
     summary = datasets.build_dataset(args.source, folder, resize=resize,
@@ -344,9 +343,9 @@ def prepare(args, out: Path) -> dict:
     layers = netedit.data_layers(net, os.fspath(train_val))
     if layers.landmark_top and not summary.get("landmarks"):
         raise CliError(f"{train_val}: the model reads landmarks (data layer top "
-                       f"'{layers.landmark_top}') but the data set at {data_dir} has none: build "
-                       f"it with caffe dataset --landmarks FILE (or put a {LANDMARK_FILE} in "
-                       "the image folder)")
+                       f"'{layers.landmark_top}') but the data set at {data_dir} has none: "
+                       "build it with caffe dataset --landmarks FILE (or put a "
+                       f"{datasets.LANDMARK_FILE} in the image folder)")
     model_batch = (layers.train or layers.test).data_param.batch_size or 32
     sizes = plan(summary, model_batch, args.epochs or DEFAULT_EPOCHS, args.batch_size)
     write_net(args, out, data_dir, summary, net, os.fspath(train_val), sizes)

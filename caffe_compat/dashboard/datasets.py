@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from caffe_compat.commands.build_progress import read_status
+from caffe_compat.commands.dataset import LANDMARK_FILE
 from caffe_compat.dashboard.safety import Refused, check_folder_links, contained
 from caffe_compat.dashboard.settings import Settings
 from caffe_compat.dashboard.store import Store
@@ -23,7 +24,6 @@ from caffe_compat.formats.blob_io import read_blobproto
 TABLE = "datasets"
 BACKENDS = ("lmdb", "leveldb")
 DEFAULT_RESIZE = (72, 72)          # caffe dataset's: room for a 64x64 crop
-LANDMARK_FILE = "list_landmarks.txt"   # beside the class folders: used unless told otherwise
 
 
 def data_dir(settings: Settings, ident: int) -> Path:
@@ -163,4 +163,4 @@ def contact_sheet(settings: Settings, ident: int) -> Path:
 
 
 __all__ = ["create", "describe", "mean_png", "contact_sheet", "data_dir", "classes_of",
-           "status_path", "summary_of", "landmark_file", "LANDMARK_FILE"]
+           "status_path", "summary_of", "landmark_file"]

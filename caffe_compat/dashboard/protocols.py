@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 
+from caffe_compat.commands.dataset import LANDMARK_FILE
 from caffe_compat.dashboard import datasets
 from caffe_compat.dashboard.jobs import (checked_epochs, metrics_path, read_metrics, run_dir,
                                          run_solver)
@@ -35,7 +36,7 @@ def create(services, body: dict) -> int:
         folder = contained(services.settings.data_root, body["folder"], "folder")
         if not datasets.landmark_file(services.settings, folder, body.get("landmarks")):
             raise Refused(400, f"model '{model['name']}' reads landmarks but folder "
-                               f"'{body['folder']}' has no {datasets.LANDMARK_FILE} (or "
+                               f"'{body['folder']}' has no {LANDMARK_FILE} (or "
                                "give 'landmarks')")
     checked_epochs(body.get("epochs", 10))
     try:
