@@ -313,6 +313,6 @@ def progress(points: list[dict], max_iter: int | None) -> dict:
             "images_per_second": images / seconds if seconds else None, "eta_seconds": eta}
 
 
-__all__ = ["Jobs", "checked_epochs", "fit_summary", "run_solver", "read_metrics", "read_metrics_from", "progress", "run_dir",
-           "metrics_path",
-           "bundle_dir", "newest_snapshot", "FINISHED", "TABLE"]
+__all__ = ["Jobs", "checked_epochs", "fit_summary", "run_solver", "read_metrics",
+           "read_metrics_from", "progress", "run_dir", "metrics_path", "bundle_dir",
+           "newest_snapshot", "FINISHED", "TABLE"]
