@@ -1,7 +1,8 @@
 """A landmark model in a real headless Chromium: a data set built from a folder with a
 list_landmarks.txt says its records carry landmarks, a job trains the tiny landmark net, and
-classifying a photo on the job page shows the predicted heatmaps over it. Screenshots go to
-$DASHBOARD_SCREENSHOTS (default: the test's temporary folder)."""
+classifying a photo on the job page shows the predicted heatmaps over it; a data set page
+follows a build's progress live. Screenshots go to $DASHBOARD_SCREENSHOTS (default: the
+test's temporary folder)."""
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ def test_classify_draws_the_landmark_heatmaps_over_the_photo(tmp_path):
             assert "8 landmarks" in note and "left_collar" in note
             browser.save_screenshot(str(shots / "dataset_landmarks.png"))
             dataset = int(browser.current_url.rstrip("/").rsplit("/", 1)[1])
+            _building_page_follows_the_status(browser, server, tmp_path / "work", shots)
             job = server.call("POST", "/api/jobs", {"dataset": dataset, "epochs": 2,
                                                     "prototxt": TINY_LANDMARK_NET})["id"]
             browser.get(f"{server.url}/jobs/{job}")
@@ -70,3 +72,35 @@ def test_classify_draws_the_landmark_heatmaps_over_the_photo(tmp_path):
             browser.save_screenshot(str(shots / "classify_landmarks.png"))
     finally:
         browser.quit()
+
+
+def _building_page_follows_the_status(browser, server, work: Path, shots: Path) -> None:
+    """A build in progress (its record and its ``caffe dataset --status`` file, written as
+    the worker does) shows records done / total and the ETA, and the page moves on by itself
+    when the build is over."""
+    import json
+
+    from caffe_compat.dashboard.store import Store
+    store = Store(work / "dashboard.sqlite")
+    ident = store.add("datasets", "building", "running", {"folder": "x", "resize": [32, 32],
+                                                          "val_percent": 20, "seed": 0})
+    status = work / "datasets" / str(ident) / "status.json"
+    status.parent.mkdir(parents=True)
+    state = {"stage": "train_db", "stage_done": 3, "stage_total": 8, "images_checked": 10,
+             "images_total": 10, "records_done": 3, "records_total": 10,
+             "elapsed_seconds": 4.0, "eta_seconds": 65.0}
+    status.write_text(json.dumps(state))
+    try:
+        browser.get(f"{server.url}/datasets/{ident}")
+        text = _wait(browser, lambda d: "records" in d.find_element(By.ID, "build-progress").text
+                     and d.find_element(By.ID, "build-progress").text)
+        assert text == "3 / 10 records · ETA 1 min 5 s"
+        width = browser.execute_script("return document.getElementById('build-bar').style.width")
+        assert width == "65%"                              # (10 checked + 3 written) / 20
+        status.write_text(json.dumps(dict(state, records_done=7, stage_done=7)))
+        _wait(browser, lambda d: d.find_element(By.ID, "build-progress").text.startswith("7 / 10"))
+        browser.save_screenshot(str(shots / "dataset_building.png"))
+        store.update("datasets", ident, state="failed", error="stopped by the test")
+        _wait(browser, lambda d: d.find_elements(By.ID, "error"))      # reloaded when over
+    finally:
+        store.close()
