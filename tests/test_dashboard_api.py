@@ -410,3 +410,25 @@ def test_a_landmark_protocol_on_a_folder_without_landmarks_builds_nothing(env):
                                                   "model": "vgg16_landmark_64"})
     assert refused.status_code == 400 and "reads landmarks" in refused.json()["error"]
     assert client.get("/api/datasets").json() == []
+
+
+def test_a_fine_tuning_library_model_needs_its_pretrained_weights(env, tmp_path):
+    import shutil
+    client, settings, _ = env
+    store = Store(settings.database)
+    ready = store.add("datasets", "r", "ready", {})
+    store.close()
+    models = tmp_path / "lib" / "models"
+    shutil.copytree(settings.models_dir / "alexnet_64_finetune", models / "alexnet_64_finetune")
+    settings.models_dir = models
+    refused = client.post("/api/jobs", json={"dataset": ready, "model": "alexnet_64_finetune"})
+    assert refused.status_code == 400 and "alexnet_64_pretrained.caffemodel" in \
+        refused.json()["error"] and "does not exist" in refused.json()["error"]
+    pretrained = tmp_path / "lib" / "runs/pretrain/alexnet_64/alexnet_64_pretrained.caffemodel"
+    pretrained.parent.mkdir(parents=True)
+    pretrained.write_bytes(b"")
+    job = client.post("/api/jobs", json={"dataset": ready, "model": "alexnet_64_finetune"})
+    assert job.status_code == 201
+    record = client.get(f"/api/jobs/{job.json()['id']}").json()
+    assert record["options"]["weights"] == str(pretrained.resolve())
+    client.post(f"/api/jobs/{job.json()['id']}/stop")

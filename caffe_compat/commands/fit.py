@@ -16,8 +16,10 @@ trains on a FOLDER holding a DeepFashion ``list_landmarks.txt`` or a DATASET bui
   ``--resize`` (default: the model's crop plus an eighth, 72×72 for a 64×64 crop);
 - ``train_val.prototxt``: the model reading that data set, its classifier sized to the class
   count (renamed ``<name>_fit`` at lr_mult 10/20 when fine-tuning from ``--weights``, so the
-  pretrained file leaves it at its fillers); ``solver.prototxt``: the model's solver settings
-  (base_lr a tenth when fine-tuning) over ``--epochs`` epochs, the learning rate falling
+  pretrained file leaves it at its fillers; a model whose solver names ``weights:``, as
+  models/*_finetune do, fine-tunes from those unless ``--weights`` says otherwise);
+  ``solver.prototxt``: the model's solver settings (base_lr a tenth when fine-tuning with a
+  from-scratch solver) over ``--epochs`` epochs, the learning rate falling
   linearly to 0 at the last iteration ("poly", power 1), gradients clipped at an L2 norm of 10
   unless the model's solver says otherwise, batches small enough for 20 updates per epoch
   (batch 4 at least), a test on the whole validation set after every epoch, snapshots under
@@ -43,11 +45,11 @@ from pathlib import Path
 from caffe_compat.commands import dataset as datasets, device as devices, netedit
 from caffe_compat.commands.bundle import write_bundle
 from caffe_compat.commands.common import CliError, add_debug_flag, say
+from caffe_compat.commands.model_library import model_files, model_weights
 from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_EPOCHS = 30
 # Small data sets: smaller batches, so that an epoch has at least 20 updates (96 photos: batch
 # 4, 24 updates; 400: the model's 20). With 10 per epoch (batch 9) alexnet_64 on 96 shape
@@ -111,20 +113,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- the model
-
-
-def model_files(model: str) -> tuple[Path, Path | None]:
-    """(train_val, solver or None) of a models/ NAME, a model folder or a prototxt path."""
-    path = Path(model)
-    if path.is_file():
-        solver = path.with_name("solver.prototxt")
-        return path, solver if solver.is_file() else None
-    folder = path if (path / "train_val.prototxt").is_file() else MODELS / model
-    if (folder / "train_val.prototxt").is_file():
-        return folder / "train_val.prototxt", folder / "solver.prototxt"
-    known = sorted(p.parent.name for p in MODELS.glob("*/train_val.prototxt"))
-    raise CliError(f"--model {model}: neither a prototxt file nor a model folder under "
-                   f"{MODELS} (known: {', '.join(known) or 'none'})")
 
 
 def default_resize(net: caffe_pb2.NetParameter, source: str) -> tuple[int, int]:
@@ -210,8 +198,8 @@ def write_solver(args, out: Path, solver_file: Path | None, sizes: dict) -> None
             setattr(param, name, value)
     for name, value in LR_SCHEDULE.items():   # the model's schedule was for another length
         setattr(param, name, value)
-    if args.weights:
-        param.base_lr = param.base_lr / 10
+    if args.weights and not (base is not None and base.weights):
+        param.base_lr = param.base_lr / 10     # a fine-tuning solver has its own rate already
     if args.solver_type:
         param.type = args.solver_type
     if args.base_lr is not None:
@@ -336,6 +324,13 @@ def prepare(args, out: Path) -> dict:
     if args.weights and not os.path.isfile(args.weights):
         raise CliError(f"--weights {args.weights}: no such file")
     train_val, solver_file = model_files(args.model)
+    pretrained = model_weights(solver_file)
+    if pretrained is not None and not args.weights:
+        if not pretrained.is_file():
+            raise CliError(f"{solver_file}: the model fine-tunes from weights {pretrained}, "
+                           "which does not exist (its readme says how it is made), or pass "
+                           "--weights")
+        args.weights = os.fspath(pretrained)
     net = read_text_proto(os.fspath(train_val), caffe_pb2.NetParameter)
     netedit.data_layers(net, os.fspath(train_val))          # fail before building data
     out.mkdir(parents=True, exist_ok=True)
@@ -424,4 +419,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "fit", "fit_args", "prepare", "plan", "model_files", "main"]
+__all__ = ["add_arguments", "fit", "fit_args", "prepare", "plan", "model_files",
+           "model_weights", "main"]

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from caffe_compat.commands import netedit
+from caffe_compat.commands.model_library import model_weights
 from caffe_compat.dashboard import datasets, netinfo, solverform
 from caffe_compat.dashboard.safety import Refused
 from caffe_compat.dashboard.settings import Settings
@@ -75,7 +76,8 @@ class Jobs:
         if batch is not None and not (isinstance(batch, int) and 1 <= batch <= 4096):
             raise Refused(400, f"batch_size {batch}: a whole number 1..4096")
         options = {"dataset": dataset["id"], "epochs": epochs, "precision": precision,
-                   "model": model["name"], "weights": self._weights(body.get("weights")),
+                   "model": model["name"],
+                   "weights": self._weights(body.get("weights")) or self._own_weights(model),
                    "solver": solver, "batch_size": batch}
         own_solver = solverform.solver_text(model["solver"], solver) if solver else None
         ident = self.store.add(TABLE, str(body.get("name") or f"{model['name']} on "
@@ -141,6 +143,19 @@ class Jobs:
             raise Refused(400, f"model '{model['name']}' reads landmarks (data layer top "
                                f"'{top}') but dataset {dataset['id']} has none: build it from "
                                "a folder with a list_landmarks.txt (or give 'landmarks')")
+
+    def _own_weights(self, model: dict) -> str | None:
+        """The caffemodel a library model's own solver fine-tunes from (models/*_finetune);
+        400 saying how to make it when it is missing."""
+        pretrained = model_weights(model["solver"])
+        if pretrained is None:
+            return None
+        if not pretrained.is_file():
+            raise Refused(400, f"model '{model['name']}' fine-tunes from {pretrained} (its "
+                               "solver's weights:), which does not exist: its readme says how "
+                               "to make it; or give 'weights' (an uploaded caffemodel or "
+                               "job:<id>)")
+        return str(pretrained)
 
     def _weights(self, given) -> str | None:
         """Fine-tune from a finished job's bundle (``"job:<id>"``) or an uploaded file id."""
