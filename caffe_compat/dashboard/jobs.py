@@ -77,7 +77,7 @@ class Jobs:
             raise Refused(400, f"batch_size {batch}: a whole number 1..4096")
         options = {"dataset": dataset["id"], "epochs": epochs, "precision": precision,
                    "model": model["name"],
-                   "weights": self._weights(body.get("weights")) or self._own_weights(model),
+                   "weights": self._weights(body.get("weights")) or self.own_weights(model),
                    "solver": solver, "batch_size": batch}
         own_solver = solverform.solver_text(model["solver"], solver) if solver else None
         ident = self.store.add(TABLE, str(body.get("name") or f"{model['name']} on "
@@ -144,7 +144,7 @@ class Jobs:
                                f"'{top}') but dataset {dataset['id']} has none: build it from "
                                "a folder with a list_landmarks.txt (or give 'landmarks')")
 
-    def _own_weights(self, model: dict) -> str | None:
+    def own_weights(self, model: dict) -> str | None:
         """The caffemodel a library model's own solver fine-tunes from (models/*_finetune);
         400 saying how to make it when it is missing."""
         pretrained = model_weights(model["solver"])

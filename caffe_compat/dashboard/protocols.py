@@ -30,6 +30,7 @@ def create(services, body: dict) -> int:
     if not 2 <= runs <= MAX_RUNS:
         raise Refused(400, f"runs {runs}: 2..{MAX_RUNS} (a mean ± std needs two)")
     model = services.jobs.model_of(body)           # refuse before anything is built
+    services.jobs.own_weights(model)
     if services.jobs.landmark_top(model):
         if not isinstance(body.get("folder"), str):
             raise Refused(400, "give 'folder': class sub-folders under the data root")
