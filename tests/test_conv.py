@@ -187,6 +187,8 @@ def test_weights_read_each_call():
     ("Convolution", "num_output: 2 kernel_size: 3 stride_w: 2", (1, 3, 5, 5),
      "stride_h and stride_w must be given together"),
     ("Convolution", "num_output: 2 kernel_size: 0", (1, 3, 5, 5), "kernel_size must be positive"),
+    ("Im2col", "kernel_size: 3 stride: 0", (1, 3, 5, 5),
+     "stride must be positive in every spatial dimension, got [0, 0]"),
     ("Convolution", "kernel_size: 3", (1, 3, 5, 5), "num_output must be set"),
     ("Convolution", "num_output: 4 kernel_size: 3 group: 2", (1, 3, 5, 5),
      "input channels (3) must be a multiple of group (2)"),

@@ -116,3 +116,29 @@ def test_output_inside_the_folder_is_not_a_class(photos):
     again = build_dataset(photos, photos / "built", resize=(16, 16))
     assert again["classes"] == ["bag", "sandal", "trouser"]
     assert not any(item["path"].startswith("built/") for item in again["skipped"])
+
+
+def test_each_photo_is_decoded_once(photos, tmp_path, monkeypatch):
+    """The scan's decode is the one written to the databases (the contact sheet still reads
+    its few thumbnails' files); the scratch database of decoded photos is gone afterwards."""
+    from collections import Counter
+    from caffe_compat.formats import images
+    reads, real = Counter(), images.read_image
+    monkeypatch.setattr(images, "read_image", lambda path, *a, **k: reads.update([path])
+                        or real(path, *a, **k))
+    out = tmp_path / "ds"
+    summary = build_dataset(photos, out, resize=(20, 20), per_class="6/4")
+    sheet = [line.split()[0] for line in (out / "train.txt").read_text().splitlines()]
+    sheet = {p for c in summary["classes"] for p in [q for q in sheet if q.startswith(c + "/")][:8]}
+    for path, count in reads.items():
+        rel = path[len(str(photos)) + 1:]
+        assert count == 1 + (rel in sheet), (rel, count)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["contact_sheet.png", "dataset.json", "labels.txt", "mean.binaryproto", "train.txt",
+         "train_lmdb", "val.txt", "val_lmdb"])
+
+
+def test_a_refused_data_set_leaves_no_folder(photos, tmp_path):
+    with pytest.raises(Exception, match="too few images"):
+        build_dataset(photos, tmp_path / "ds", per_class="40/10")
+    assert not (tmp_path / "ds").exists()

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import caffe_compat as caffe
-from caffe_compat._pycaffe import fast as _net_fast
 from caffe_compat.engine.layers import Layer, register
 from caffe_compat.engine.layers.base import layer_types
 from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU
@@ -120,13 +119,23 @@ def test_every_plan_computes_the_same(type_name, text, bottoms, tmp_path):
     for name, value in outputs.items():
         _close(lean[name], value, f"lean {name}")
         _close(fused[name], value, f"fused {name}")
-    if _net_fast.eligible(net):                                   # pycaffe's fast path
-        for name, x in feed.items():
-            net.blobs[name].data[...] = x.numpy()
-        fast = net.forward()
-        for name, value in outputs.items():
-            _close(torch.from_numpy(np.asarray(fast[name])), value, f"pycaffe fast {name}")
+    for name, x in feed.items():                                  # pycaffe's forward()
+        net.blobs[name].data[...] = x.numpy()
+    pycaffe = net.forward()
+    path = "fast" if net.fast_path else "layer-by-layer"
+    for name, value in outputs.items():
+        _close(torch.from_numpy(np.asarray(pycaffe[name])), value, f"pycaffe {path} {name}")
     _same_gradients(module, feed)
+
+
+def test_input_fed_test_nets_take_the_fast_path(tmp_path):
+    """The comparison above reaches pycaffe's fast path: a generated TEST net takes it, the
+    same net in the TRAIN phase does not (a training forward needs every blob)."""
+    (name, text, bottoms), = [e for e in _examples() if e[0] == "Convolution"]
+    path = tmp_path / "net.prototxt"
+    path.write_text(_net_text(name, text, bottoms()))
+    assert caffe.Net(str(path), caffe.TEST).fast_path
+    assert not caffe.Net(str(path), caffe.TRAIN).fast_path
 
 
 def _same_gradients(module, feed) -> None:

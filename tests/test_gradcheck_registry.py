@@ -68,7 +68,8 @@ EXAMPLES = {
                      lambda: [rand(2, 3, 2, 2)], caffe.TEST),
     "LRN": (filled("LRN", "lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 2 }"),
             lambda: [rand(2, 5, 3, 3)], caffe.TEST),
-    "Log": (filled("Log", "log_param { shift: 3 }"), lambda: [rand(2, 3, 2, 2)], caffe.TEST),
+    "Log": (filled("Log", "log_param { shift: 3 }"),             # x + 3 > 0 whatever the draw
+            lambda: [rand(2, 3, 2, 2).clamp(min=-2.5)], caffe.TEST),
     "PReLU": (filled("PReLU", 'prelu_param { filler { type: "gaussian" } }'),
               lambda: [away_from_zero(2, 3, 2, 2)], caffe.TEST),
     "Pooling": (filled("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }"),

@@ -204,8 +204,8 @@ def test_scale_bias_default_fillers_and_values():
 
 
 @pytest.mark.parametrize("text,shapes,match", [
-    ('type: "Scale" scale_param { axis: 4 }', [(2, 3, 4, 5)], r"axis \(4\) out of range for a 4-D bottom"),
-    ('type: "Scale" scale_param { axis: -5 }', [(2, 3, 4, 5)], r"axis \(-5\) out of range"),
+    ('type: "Scale" scale_param { axis: 4 }', [(2, 3, 4, 5)], r"axis 4 is out of range for a 4-D bottom"),
+    ('type: "Scale" scale_param { axis: -5 }', [(2, 3, 4, 5)], r"axis -5 is out of range"),
     ('type: "Scale" scale_param { axis: 2 num_axes: 3 }', [(2, 3, 4, 5)], r"axis \(2\) \+ num_axes \(3\) exceeds"),
     ('type: "Scale" scale_param { num_axes: -2 }', [(2, 3)], r"num_axes \(-2\) must be non-negative"),
     ('type: "Scale"', [(2, 3, 4), (4,)], r"scale shape \[4\] does not match bottom shape \[2, 3, 4\]"),

@@ -90,6 +90,13 @@ class Net:
         """The engine computing ``forward()``'s outputs: torch, onnxruntime or openvino."""
         return "torch" if self._fast is None else self._fast.engine
 
+    @property
+    def fast_path(self) -> bool:
+        """Whether a plain ``forward()`` runs the outputs-only fused net (a TEST net fed by
+        Input layers, without Python layers or sinks; ``_pycaffe/fast.py``) rather than
+        every layer in turn. Either way the blobs read the same; fixed when the net is built."""
+        return self._fast is not None
+
     @classmethod
     def from_module(cls, module: NetModule) -> "Net":
         net = cls.__new__(cls)

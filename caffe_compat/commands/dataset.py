@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.errors import DataError
 
 SUMMARY = "dataset.json"
+SCRATCH = ".decoded_lmdb"      # the photos decoded by the scan, while the data set is built
 DEFAULT_RESIZE = (72, 72)
 DEFAULT_VAL_PERCENT = 20.0
 LANDMARK_FILE = "list_landmarks.txt"    # DeepFashion's name: beside the class folders
@@ -82,9 +84,10 @@ def parse_per_class(text: str) -> tuple[int, int]:
     return train, val
 
 
-def scan_folder(folder: Path, progress=None, exclude: Path | None = None):
+def scan_folder(folder: Path, progress=None, exclude: Path | None = None, keep=None):
     """(classes, {class: [readable relative paths]}, [{"path", "reason"}]) for ``folder``;
-    ``exclude`` (the output folder, when it lies inside) is not looked at."""
+    ``exclude`` (the output folder, when it lies inside) is not looked at; ``keep(path,
+    image)`` receives each image decoded (so that nothing decodes it again)."""
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder does not exist")
     candidates, skipped = [], []
@@ -104,11 +107,14 @@ def scan_folder(folder: Path, progress=None, exclude: Path | None = None):
     files: dict[str, list[str]] = {}
     for done, rel in enumerate(bar(candidates, total=len(candidates), desc="check images"), 1):
         try:
-            images.read_image(os.fspath(folder / rel))
-            files.setdefault(rel.split("/")[0], []).append(rel)
+            image = images.read_image(os.fspath(folder / rel))
         except DataError:
             skipped.append({"path": rel, "reason": "could not be decoded (corrupt or not an "
                                                    "image)"})
+        else:
+            files.setdefault(rel.split("/")[0], []).append(rel)
+            if keep:
+                keep(rel, image)
         if progress:
             progress("scan", done, len(candidates))
     if not files:
@@ -138,7 +144,48 @@ def _sheet(folder: Path, classes, train, out: Path) -> str:
     return contact_sheet(rows, out / "contact_sheet.png")
 
 
-def _databases(folder: Path, out: Path, lists, resize, backend, progress,
+class _Decoded:
+    """Each readable photo, decoded once by the scan and resized to the stored size, kept as
+    its Datum (label 0; its landmarks, when given, in float_data) in a scratch LMDB inside OUT
+    until the train/val databases are written: the same bytes convert_imageset would write,
+    without decoding the photo again."""
+
+    def __init__(self, out: Path, resize, landmarks: dict | None = None):
+        from caffe_compat.data.db import DBWriter
+        self.path, self.resize, self.landmarks = out / SCRATCH, resize, landmarks or {}
+        self._writer, self._reader = DBWriter(self.path, "lmdb", overwrite=True), None
+        self._keys: dict[str, bytes] = {}    # path -> its record's key (paths may be long)
+
+    def put(self, rel: str, image) -> None:
+        from caffe_compat.data.convert import image_datum
+        key = self._keys[rel] = f"{len(self._keys):08d}".encode()
+        datum = image_datum(image, rel, 0, *self.resize, landmarks=self.landmarks.get(rel))
+        self._writer.put(key, datum.SerializeToString())
+
+    def datum(self, entry):
+        """The Datum of an image list entry, labelled."""
+        from caffe_compat.data.db import open_db
+        from caffe_compat.proto import caffe_pb2
+        if self._reader is None:
+            self._writer.close()
+            self._reader = open_db(self.path, "lmdb")
+        datum = caffe_pb2.Datum.FromString(self._reader.get(self._keys[entry.path]))
+        datum.label = entry.label
+        return datum
+
+    def __enter__(self) -> "_Decoded":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from caffe_compat.formats.atomic import discard_temporary
+        if self._reader is not None:
+            self._reader.close()
+        else:
+            self._writer.abort()
+        discard_temporary(self.path)
+
+
+def _databases(folder: Path, out: Path, lists, resize, backend, progress, datums,
                landmarks: Path | None = None) -> dict:
     from caffe_compat.data.convert import compute_mean, convert_imageset
     from caffe_compat.formats.blob_io import write_blobproto
@@ -151,7 +198,7 @@ def _databases(folder: Path, out: Path, lists, resize, backend, progress,
             if progress else None
         convert_imageset(os.fspath(folder) + os.sep, os.fspath(list_file), os.fspath(db),
                          backend=backend, resize_height=resize[0], resize_width=resize[1],
-                         overwrite=True, on_record=each,
+                         overwrite=True, datums=datums, on_record=each,
                          landmark_file=os.fspath(landmarks) if landmarks else None)
         paths[f"{split}_db"] = db.name
     if progress:
@@ -184,23 +231,32 @@ def build_dataset(folder, out, *, resize=DEFAULT_RESIZE, val_percent=None, per_c
         raise CliError("give --val-percent or --per-class, not both")
     if backend not in ("lmdb", "leveldb"):
         raise CliError(f"--backend {backend}: expected lmdb or leveldb")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder does not exist")
     marks = _landmarks(landmarks)
-    classes, files, skipped = scan_folder(folder, progress, out.resolve())
-    if marks is not None:            # the landmark file itself is no stray file
-        skipped = [s for s in skipped if folder / s["path"] != marks["path"]]
-    (train, val), counts = _split(classes, files, val_percent, per_class, seed)
-    if progress:
-        progress("split", len(train), len(train) + len(val))
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"{out}: cannot create the data set folder ({exc.strerror})") from None
-    write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
-    lists = {"train": out / "train.txt", "val": out / "val.txt"}
-    write_image_list(lists["train"], train)
-    write_image_list(lists["val"], val)
-    paths = _databases(folder, out, lists, (height, width), backend, progress,
-                       marks["path"] if marks else None)
+    try:
+        with _Decoded(out, (height, width), marks and marks["table"]) as decoded:
+            classes, files, skipped = scan_folder(folder, progress, out.resolve(), decoded.put)
+            if marks is not None:            # the landmark file itself is no stray file
+                skipped = [s for s in skipped if folder / s["path"] != marks["path"]]
+            (train, val), counts = _split(classes, files, val_percent, per_class, seed)
+            if progress:
+                progress("split", len(train), len(train) + len(val))
+            write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
+            lists = {"train": out / "train.txt", "val": out / "val.txt"}
+            write_image_list(lists["train"], train)
+            write_image_list(lists["val"], val)
+            paths = _databases(folder, out, lists, (height, width), backend, progress,
+                               decoded.datum, marks["path"] if marks else None)
+    except BaseException:
+        if created:                  # a refused data set leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if progress:
         progress("contact_sheet", 0, 1)
     _sheet(folder, classes, train, out)
@@ -234,7 +290,8 @@ def _landmarks(path) -> dict | None:
     if not marks:
         raise DataError(f"{path}: no landmark lines")
     count = len(next(iter(marks.values())))
-    return {"path": Path(path).resolve(), "count": count, "names": landmark_names(count)}
+    return {"path": Path(path).resolve(), "count": count, "names": landmark_names(count),
+            "table": marks}
 
 
 def _command_line(folder, out, resize, val_percent, per_class, seed, backend,

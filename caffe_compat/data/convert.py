@@ -38,8 +38,16 @@ def make_datum(path: str, label: int, resize_height: int = 0, resize_width: int 
                is_color: bool = True, encoding: str = "", landmarks: np.ndarray | None = None,
                where: str | None = None):
     """Caffe's ReadImageToDatum (+ landmarks in float_data). DataError if unreadable."""
-    from caffe_compat.proto import caffe_pb2
     img = images.read_image(path, 0, 0, is_color, where)
+    return image_datum(img, path, label, resize_height, resize_width, is_color, encoding,
+                       landmarks)
+
+
+def image_datum(img: np.ndarray, path: str, label: int, resize_height: int = 0,
+                resize_width: int = 0, is_color: bool = True, encoding: str = "",
+                landmarks: np.ndarray | None = None):
+    """The Datum ``make_datum`` builds from the image file ``path``, decoded as ``img``."""
+    from caffe_compat.proto import caffe_pb2
     src_hw = img.shape[:2]
     if resize_height > 0 and resize_width > 0:
         import cv2
@@ -85,14 +93,17 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
                      resize_width: int = 0, check_size: bool = False, encoded: bool = False,
                      encode_type: str = "", landmark_file: str | None = None,
                      seed: int | None = None, overwrite: bool = False,
-                     show_progress: bool | None = None,
+                     show_progress: bool | None = None, datums=None,
                      on_record=None) -> ConvertReport:
     """Build a Datum database from an image list, exactly as Caffe's convert_imageset.
 
     Keys are ``%08d_<path>`` with the index of the line (after the optional shuffle);
     unreadable images are reported and skipped but still use up their index. The database
     appears at ``db_name`` only when complete; DataError if no image could be written.
-    ``on_record(done, total)`` is called after each list entry (written or skipped).
+    ``datums(entry)``, when given, supplies each entry's Datum from images decoded earlier
+    (``caffe dataset`` decodes every photo once, while it checks them) instead of reading it;
+    with ``landmark_file`` it must carry the entry's landmarks (every entry must still have
+    some in the file). ``on_record(done, total)`` is called after each list entry (written or skipped).
     """
     _check_convert_options(resize_height, resize_width, encode_type)
     entries = read_image_list(list_file)
@@ -116,8 +127,9 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
             if encoded and not enc:
                 enc = images.file_extension(entry.path)
             try:
-                datum = make_datum(root_folder + entry.path, entry.label, resize_height,
-                                   resize_width, not gray, enc, lm, where)
+                datum = datums(entry) if datums else make_datum(
+                    root_folder + entry.path, entry.label, resize_height, resize_width,
+                    not gray, enc, lm, where)
             except DataError as exc:
                 report.skipped.append(str(exc))
                 log.warning("%s (skipped)", exc)

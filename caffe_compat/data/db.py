@@ -11,17 +11,21 @@ place on ``close()``, so an interrupted conversion never leaves a half-written d
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
 from caffe_compat.formats.atomic import commit_temporary, discard_temporary, fresh_temporary
-from caffe_compat.data.db_guard import probe
+from caffe_compat.data.db_guard import changed_in_place, file_stamps, probe, replaced
 from caffe_compat.formats.errors import DataError
 
 BACKENDS = ("lmdb", "leveldb")
 COMMIT_EVERY = 1000  # convert_imageset commits a transaction every 1000 records
+FEW_FILES = 16       # mapped files checked before every read; more: every RECHECK_SECONDS
+RECHECK_SECONDS = 0.5
 
 
 def detect_backend(path: str | os.PathLike) -> str:
@@ -50,6 +54,13 @@ def normalize_backend(backend) -> str:
 # ---------------------------------------------------------------------------- reading
 
 
+def _stamps(path: str, backend: str) -> dict:
+    try:
+        return file_stamps(path, backend)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the database ({exc.strerror or exc})") from None
+
+
 class _Handle:
     """One open database shared by all readers of a path in this process."""
 
@@ -57,24 +68,56 @@ class _Handle:
         self.path, self.backend, self.refs = path, backend, 0
         self._keys: list[bytes] | None = None
         self._lock = threading.Lock()
+        self._checked = -math.inf        # when the files were last checked (many files)
+        before = _stamps(path, backend)
         probe(path, backend)       # a corrupt database fails here, in a child, not in us
-        if backend == "lmdb":
+        self.env = self._open()
+        self.stamps = before
+        try:
+            self.check()           # rewritten while it was probed: the probe proved nothing
+            self.stamps = _stamps(path, backend)   # LevelDB's open adds files of its own
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self):
+        if self.backend == "lmdb":
             import lmdb
             try:
-                self.env = lmdb.open(path, readonly=True, lock=False, readahead=False,
-                                     max_readers=1024, subdir=True)
+                return lmdb.open(self.path, readonly=True, lock=False, readahead=False,
+                                 max_readers=1024, subdir=True)
             except lmdb.Error as exc:
-                raise DataError(f"{path}: cannot open LMDB ({exc})") from None
-        else:
-            import plyvel
-            try:
-                self.env = plyvel.DB(path, create_if_missing=False)
-            except plyvel.Error as exc:
-                raise DataError(f"{path}: cannot open LevelDB ({exc})") from None
+                raise DataError(f"{self.path}: cannot open LMDB ({exc})") from None
+        import plyvel
+        try:
+            return plyvel.DB(self.path, create_if_missing=False)
+        except plyvel.Error as exc:
+            raise DataError(f"{self.path}: cannot open LevelDB ({exc})") from None
+
+    def check(self) -> None:
+        """DataError when a file this handle maps was rewritten in place since it opened.
+
+        A database of many files (a large LevelDB: one stat each) is checked at most every
+        ``RECHECK_SECONDS``; a stat of each file before every batch would cost more than
+        reading the batch."""
+        if len(self.stamps) > FEW_FILES:
+            now = time.monotonic()
+            if now - self._checked < RECHECK_SECONDS:
+                return
+            self._checked = now
+        reason = changed_in_place(self.path, self.stamps)
+        if reason is not None:
+            raise DataError(reason)
+
+    def stale(self) -> bool:
+        """Whether the database at the path is no longer (or no longer safely) this one."""
+        return (replaced(self.path, self.backend, self.stamps)
+                or changed_in_place(self.path, self.stamps) is not None)
 
     def keys(self) -> list[bytes]:
         with self._lock, library_errors(self.path, self.backend):
             if self._keys is None:
+                self.check()
                 if self.backend == "lmdb":
                     with self.env.begin() as txn:
                         self._keys = list(txn.cursor().iternext(keys=True, values=False))
@@ -117,18 +160,21 @@ class DBReader:
 
     def __len__(self) -> int:
         if self.backend == "lmdb" and self._handle._keys is None:
+            self._handle.check()
             with library_errors(self.path, self.backend):
                 return self._handle.env.stat()["entries"]
         return len(self.keys())
 
     def get_many(self, keys) -> list[bytes]:
         """The values of ``keys`` (one read transaction). A missing key is a DataError."""
+        self._handle.check()
         with library_errors(self.path, self.backend):
             if self.backend == "lmdb":
                 with self._handle.env.begin(buffers=False) as txn:
                     values = [txn.get(k) for k in keys]
             else:
                 values = [self._handle.env.get(k) for k in keys]
+        self._handle.check()       # rewritten during the read: the values may be torn
         for k, v in zip(keys, values):
             if v is None:
                 raise DataError(f"{self.path}: key {k!r} disappeared from the database")
@@ -139,12 +185,20 @@ class DBReader:
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Stream (key, value) pairs in key order without loading the key list."""
+        self._handle.check()
         with library_errors(self.path, self.backend):
             if self.backend == "lmdb":
                 with self._handle.env.begin(buffers=False) as txn:
-                    yield from txn.cursor()
+                    yield from self._checked(txn.cursor())
             else:
-                yield from self._handle.env.iterator()
+                yield from self._checked(self._handle.env.iterator())
+
+    def _checked(self, pairs, every: int = 256):
+        """``pairs``, with the in-place-change check repeated every ``every`` records."""
+        for i, pair in enumerate(pairs, 1):
+            if i % every == 0:
+                self._handle.check()
+            yield pair
 
     def first(self) -> tuple[bytes, bytes]:
         """The first record; DataError when the database is empty."""
@@ -159,7 +213,9 @@ class DBReader:
         with _HANDLES_LOCK:
             self._handle.refs -= 1
             if self._handle.refs == 0:
-                _HANDLES.pop((self._handle.path, self.backend), None)
+                key = (self._handle.path, self.backend)
+                if _HANDLES.get(key) is self._handle:
+                    del _HANDLES[key]
                 self._handle.close()
 
     def __enter__(self) -> "DBReader":
@@ -190,6 +246,10 @@ def open_db(path: str | os.PathLike, backend: str | int | None = None) -> DBRead
     key = (os.path.realpath(path), found)
     with _HANDLES_LOCK:
         handle = _HANDLES.get(key)
+        if handle is not None and handle.stale():
+            _refuse_second_open(handle, os.fspath(path))
+            del _HANDLES[key]      # its readers keep the old files; new readers get the new
+            handle = None
         if handle is None:
             handle = _Handle(key[0], found)
             _HANDLES[key] = handle
@@ -197,6 +257,15 @@ def open_db(path: str | os.PathLike, backend: str | int | None = None) -> DBRead
     reader = DBReader(handle)
     reader.path = os.fspath(path)
     return reader
+
+
+def _refuse_second_open(handle: _Handle, path: str) -> None:
+    """A database rewritten in place cannot be opened again while a reader still maps it
+    (both libraries refuse a second open of the same files): say which reader to close."""
+    reason = changed_in_place(handle.path, handle.stamps)
+    if reason is not None:
+        raise DataError(f"{reason}; another reader in this process still has it open "
+                        "(close the nets reading it first)")
 
 
 # ---------------------------------------------------------------------------- writing

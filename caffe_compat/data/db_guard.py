@@ -10,8 +10,17 @@ before a database is opened in this process:
    and tree roots that lie inside the file. This catches every truncation, cheaply.
 2. ``probe``: ``db_probe.py`` walks the whole database (keys by cursor, each value looked up
    from the root) in a child process, so a crash kills the child and becomes a DataError
-   naming the database. Once a (path, size, mtime) has passed, it is not probed again in this
-   process; the Data layer's reads then run in-process at full speed.
+   naming the database. Once a database's files (device, inode, size, mtime, ctime) have
+   passed, they are not probed again in this process; the Data layer's reads then run
+   in-process at full speed. A pass is remembered only for files last changed well before the
+   probe started: two writes within one timestamp tick leave the same size and times, so a
+   file changed that recently could change again unseen (git's "racy clean" rule).
+
+Both libraries map the files they read. A file truncated under the mapping makes the next read
+fault (SIGBUS), so readers take ``file_stamps`` when they open and ask ``changed_in_place``
+before each read: a mapped file rewritten in place becomes a DataError naming it. A file
+replaced by a new one (written elsewhere and renamed, as our writers do) is harmless: the
+mapping keeps the old file alive.
 
 ``$CAFFE_COMPAT_DB_PROBE``: ``full`` (default) copies every value in the child when data.mdb
 is at most ``FULL_PROBE_BYTES``, else only the trees are walked; ``tree`` always walks the
@@ -25,6 +34,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from caffe_compat.formats.errors import DataError
@@ -36,7 +46,8 @@ P_META = 0x08
 INVALID_PAGE = 0xFFFFFFFFFFFFFFFF    # P_INVALID: the root of an empty tree
 FULL_PROBE_BYTES = 4 << 30
 _DB_RECORD = struct.Struct("<IHH5Q")  # MDB_db: pad/psize, flags, depth, 3 page counts, entries, root
-_VERIFIED: set[tuple[str, int, int]] = set()
+RACY_SECONDS = 2.0                   # a file changed this recently may change again unseen
+_VERIFIED: set[tuple] = set()
 _VERIFIED_LOCK = threading.Lock()
 
 
@@ -103,15 +114,64 @@ def _probe_mode() -> str:
     return mode
 
 
-def _state(path: str, backend: str) -> tuple[str, int, int]:
-    """What identifies the database's current content: its main file's size and mtime."""
+def _mapped_files(path: str, backend: str) -> list[Path]:
+    """The files the library maps: data.mdb, or LevelDB's LOCK and table files."""
     folder = Path(path)
-    files = [folder / "data.mdb"] if backend == "lmdb" else list(folder.iterdir())
-    size = mtime = 0
+    if backend == "lmdb":
+        return [folder / "data.mdb"]
+    return [f for f in folder.iterdir() if f.suffix in (".ldb", ".sst") or f.name == "LOCK"]
+
+
+def file_stamps(path: str, backend: str) -> dict[str, tuple[int, int, int, int]]:
+    """name -> (device, inode, size, mtime_ns) of each file the reader maps."""
+    stamps = {}
+    for f in _mapped_files(path, backend):
+        st = f.stat()
+        stamps[f.name] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return stamps
+
+
+def changed_in_place(path: str, stamps: dict) -> str | None:
+    """Why reading through a mapping made at ``stamps`` is unsafe now, or None.
+
+    Only a file that is still the same inode but has another size or mtime counts: a deleted
+    or replaced file stays alive behind the mapping (LevelDB's compactions delete files)."""
+    for name, (dev, ino, size, mtime) in stamps.items():
+        try:
+            st = os.stat(os.path.join(path, name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (dev, ino) and (st.st_size, st.st_mtime_ns) != (size, mtime):
+            change = (f"now {st.st_size} bytes, was {size}" if st.st_size != size
+                      else "same size, new modification time")
+            return (f"{os.path.join(path, name)}: modified in place while open ({change}); "
+                    "reopen it once the writer is done (writers should build a new file "
+                    "and rename it into place)")
+    return None
+
+
+def replaced(path: str, backend: str, stamps: dict) -> bool:
+    """Whether the database at ``path`` is no longer the files a reader opened."""
+    name = "data.mdb" if backend == "lmdb" else "LOCK"
+    try:
+        st = os.stat(os.path.join(path, name))
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) != stamps.get(name, (None, None, 0, 0))[:2]
+
+
+def _state(path: str, backend: str) -> tuple:
+    """What identifies the database's current content, and whether it changed so recently
+    that a later write could leave the same identity (then a pass is not remembered)."""
+    folder = Path(path)
+    files = [folder / "data.mdb"] if backend == "lmdb" else sorted(folder.iterdir())
+    state, newest = [os.path.realpath(path)], 0
     for f in files:
         st = f.stat()
-        size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
-    return os.path.realpath(path), size, mtime
+        state.append((f.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+    racy = newest > time.time_ns() - RACY_SECONDS * 1e9
+    return tuple(state), racy
 
 
 def probe(path: str, backend: str) -> None:
@@ -122,16 +182,18 @@ def probe(path: str, backend: str) -> None:
     if mode == "off":
         return
     try:
-        state = _state(path, backend)
+        state, racy = _state(path, backend)
     except OSError as exc:
         raise DataError(f"{path}: cannot read the database ({exc.strerror or exc})") from None
     with _VERIFIED_LOCK:
         if state in _VERIFIED:
             return
-    full = mode == "full" and state[1] <= FULL_PROBE_BYTES
-    _run_child(path, backend, full, timeout=60 + state[1] / 20e6)
-    with _VERIFIED_LOCK:
-        _VERIFIED.add(state)
+    size = sum(entry[3] for entry in state[1:])
+    full = mode == "full" and size <= FULL_PROBE_BYTES
+    _run_child(path, backend, full, timeout=60 + size / 20e6)
+    if not racy:
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(state)
 
 
 def _run_child(path: str, backend: str, full: bool, timeout: float) -> None:

@@ -13,6 +13,9 @@ import time
 from typing import Any, Callable
 
 
+JOIN_SECONDS = 60.0   # close() waits this long for a worker's batch in progress
+
+
 def default_workers(depth: int) -> int:
     """Worker threads: $CAFFE_COMPAT_DATA_WORKERS, else half the cores (1..4), at most depth."""
     env = os.environ.get("CAFFE_COMPAT_DATA_WORKERS")
@@ -101,8 +104,14 @@ class Prefetcher:
         """Index of the batch ``next()`` returns next."""
         return self._next_take
 
-    def close(self) -> None:
+    def close(self, timeout: float = JOIN_SECONDS) -> None:
+        """Stop the workers and wait (up to ``timeout`` s) for the batch each is making, so
+        the caller may change or delete the files they read once this returns."""
         with self._cond:
             self._closed = True
             self._ready.clear()
             self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t is not threading.current_thread():   # the finalizer may run on a worker
+                t.join(max(0.0, deadline - time.monotonic()))

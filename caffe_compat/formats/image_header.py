@@ -48,7 +48,8 @@ def _png_chunks_fit(data: bytes) -> None:
         pos += 12 + length
 
 
-def _jpeg(data: bytes):
+def _jpeg_segments(data: bytes):
+    """(marker, position) of each JPEG marker up to and including the first scan's (SOS)."""
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
@@ -60,16 +61,34 @@ def _jpeg(data: bytes):
         if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
+        yield marker, pos
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker == 0xDA or length < 2:
+            return
+        pos += 2 + length
+
+
+def _jpeg(data: bytes):
+    for marker, pos in _jpeg_segments(data):
         if marker in _JPEG_SOF:
             if pos + 10 > len(data):
                 break
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             return width, height, max(1, data[pos + 9])
-        if length < 2:
-            break
-        pos += 2 + length
     raise DataError("encoded JPEG has no frame header (truncated or corrupt)")
+
+
+def jpeg_is_truncated(data: bytes) -> bool:
+    """Whether a JPEG file stops before its end-of-image marker: libjpeg then prints
+    "Premature end of JPEG file" on stderr and decodes the missing part grey (the marker
+    cannot occur inside scan data, where every 0xFF byte is stuffed or starts a marker)."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    try:
+        scans = [pos for marker, pos in _jpeg_segments(data) if marker == 0xDA]
+    except DataError:
+        return False            # malformed: libjpeg refuses it with an error, not a warning
+    return not scans or data.rfind(b"\xff\xd9", scans[0]) < 0    # from the end: fast
 
 
 def _bmp(data: bytes):

@@ -1,14 +1,23 @@
 """Reading, resizing and encoding images as Caffe's ``io.cpp`` does (OpenCV, BGR, uint8)."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import cv2
 import numpy as np
 
 from caffe_compat.formats.budget import check_bytes
+from caffe_compat.formats.c_stderr import c_stderr_lines
 from caffe_compat.formats.errors import CaffeCompatError, DataError, with_context
-from caffe_compat.formats.image_header import check_encoded_size
+from caffe_compat.formats.image_header import check_encoded_size, jpeg_is_truncated
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()     # truncated JPEGs already reported
+# libjpeg's warnings (jerror.h, JWRN_*): what it prints on stderr while decoding a damaged file
+_LIBJPEG_WARNING = re.compile(r"(Premature end of JPEG file|Corrupt JPEG data|Warning: |Invalid "
+                              r"SOS parameters|Inconsistent progression|Application transferred)")
 
 
 def read_image(path: str, height: int = 0, width: int = 0, is_color: bool = True,
@@ -39,13 +48,29 @@ def imread_checked(path: str, flag: int, label: str) -> np.ndarray | None:
     try:
         check_bytes(os.path.getsize(path), label, "the file")
         with open(path, "rb") as f:
-            _check_header(f.read(), label)
+            data = f.read()
+        _check_header(data, label)
     except OSError as exc:
         raise DataError(f"{label} cannot be read ({exc.strerror or exc})") from None
     try:
-        return cv2.imread(path, flag)
+        if not jpeg_is_truncated(data):
+            return cv2.imread(path, flag)
+        return _read_truncated_jpeg(path, flag, label)
     except cv2.error as exc:
         raise DataError(f"{label} could not be decoded ({_opencv_reason(exc)})") from None
+
+
+def _read_truncated_jpeg(path: str, flag: int, label: str) -> np.ndarray | None:
+    """imread of a JPEG that ends early, as Caffe reads it (libjpeg decodes the missing part
+    grey), with libjpeg's own stderr line turned into one warning naming the file."""
+    with c_stderr_lines(_LIBJPEG_WARNING) as said:
+        img = cv2.imread(path, flag)
+    if img is not None and path not in _WARNED:     # once per file: epochs re-read it
+        _WARNED.add(path)
+        libjpeg = f" (libjpeg: {said[0]})" if said else ""
+        log.warning("%s is a truncated JPEG: it ends before its end-of-image marker, so the "
+                    "rest of the picture decodes grey%s", label, libjpeg)
+    return img
 
 
 def imdecode_checked(data: bytes, flag: int, label: str) -> np.ndarray | None:

@@ -37,6 +37,19 @@ def labels_in_range(layer: Layer, labels: torch.Tensor, valid: torch.Tensor | No
     return inside
 
 
+def label_sizes(layer: Layer, shape: Shape, label_shape: Shape, axis: int,
+                axis_name: str) -> tuple[int, int, int]:
+    """(outer, classes, inner) of scores ``shape`` with the classes on ``axis``, for Accuracy
+    and the softmax losses; the layer's error unless there is one label per position."""
+    outer, classes, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+    if outer * inner != math.prod(label_shape):
+        raise layer.error(
+            f"number of labels ({math.prod(label_shape)}, shape {list(label_shape)}) must "
+            f"match number of predictions ({outer * inner}): with {axis_name} {axis} and "
+            f"prediction shape {list(shape)}, labels must count outer*inner = "
+            f"{outer}*{inner}, with integer values in [0, {classes})")
+    return outer, classes, inner
+
 
 @register
 class Accuracy(Layer):
@@ -64,17 +77,10 @@ class Accuracy(Layer):
 
     def _sizes(self, shape: Shape, label_shape: Shape) -> tuple[int, int, int]:
         axis = canonical_axis(self, self.param.accuracy_param.axis, len(shape))
-        outer, classes, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
-        if self.top_k > classes:
+        if self.top_k > shape[axis]:
             raise self.error(f"top_k ({self.top_k}) must not exceed the number of classes "
-                             f"({classes})")
-        if outer * inner != math.prod(label_shape):
-            raise self.error(
-                f"number of labels ({math.prod(label_shape)}, shape {list(label_shape)}) must "
-                f"match number of predictions ({outer * inner}): with label axis {axis} and "
-                f"prediction shape {list(shape)}, labels must count outer*inner = "
-                f"{outer}*{inner}")
-        return outer, classes, inner
+                             f"({shape[axis]})")
+        return label_sizes(self, shape, label_shape, axis, "label axis")
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         shape = tuple(bottom_shapes[0])

@@ -21,7 +21,7 @@ from caffe_compat.engine.layers import fast_forms
 def canonical_axis(layer: Layer, axis: int, ndim: int, what: str = "axis") -> int:
     """Caffe's CanonicalAxisIndex: negative axes count from the end; out of range is an error."""
     if not -ndim <= axis < ndim:
-        raise layer.error(f"{what} ({axis}) is out of range for a {ndim}-D bottom "
+        raise layer.error(f"{what} {axis} is out of range for a {ndim}-D bottom "
                           f"(valid: {-ndim} to {ndim - 1})")
     return axis + ndim if axis < 0 else axis
 

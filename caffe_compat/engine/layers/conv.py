@@ -18,18 +18,11 @@ import torch.nn.functional as F
 
 from caffe_compat.engine.fillers import FillerError, fill
 from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.engine.layers.common import canonical_axis
 
 log = logging.getLogger(__name__)
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def canonical_axis(layer: Layer, axis: int, num_axes: int, what: str = "axis") -> int:
-    """Caffe's CanonicalAxisIndex: negative axes count from the end; out of range is an error."""
-    if not -num_axes <= axis < num_axes:
-        raise layer.error(f"{what} {axis} is out of range for a {num_axes}-D bottom "
-                          f"(valid: {-num_axes}..{num_axes - 1})")
-    return axis + num_axes if axis < 0 else axis
 
 
 class _BaseConvolution(Layer):
@@ -52,17 +45,7 @@ class _BaseConvolution(Layer):
             raise self.error(f"{self.num_spatial} spatial axes after channel axis {self.axis} "
                              f"(bottom shape {list(shape0)}); only 1-D, 2-D and 3-D convolution "
                              "are supported")
-        self.kernel = self._spatial("kernel", list(cp.kernel_size), cp.HasField("kernel_h"),
-                                    cp.HasField("kernel_w"), cp.kernel_h, cp.kernel_w, None)
-        self.stride = self._spatial("stride", list(cp.stride), cp.HasField("stride_h"),
-                                    cp.HasField("stride_w"), cp.stride_h, cp.stride_w, 1)
-        self.pad = self._spatial("pad", list(cp.pad), cp.HasField("pad_h"), cp.HasField("pad_w"),
-                                 cp.pad_h, cp.pad_w, 0)
-        self.dilation = self._spatial("dilation", list(cp.dilation), False, False, 0, 0, 1)
-        for name, values, low in (("kernel_size", self.kernel, 1), ("stride", self.stride, 1),
-                                  ("dilation", self.dilation, 1)):
-            if min(values) < low:
-                raise self.error(f"{name} must be positive in every spatial dimension, got {values}")
+        self._kernel_params(cp)
 
         self.channels = shape0[self.axis]
         self.num_output = cp.num_output
@@ -92,6 +75,20 @@ class _BaseConvolution(Layer):
                                      (self.num_output,), "bias_filler"))
 
     # -- parameter parsing --------------------------------------------------------------
+    def _kernel_params(self, cp) -> None:
+        """kernel, stride, pad and dilation per spatial axis from ``convolution_param``."""
+        self.kernel = self._spatial("kernel", list(cp.kernel_size), cp.HasField("kernel_h"),
+                                    cp.HasField("kernel_w"), cp.kernel_h, cp.kernel_w, None)
+        self.stride = self._spatial("stride", list(cp.stride), cp.HasField("stride_h"),
+                                    cp.HasField("stride_w"), cp.stride_h, cp.stride_w, 1)
+        self.pad = self._spatial("pad", list(cp.pad), cp.HasField("pad_h"), cp.HasField("pad_w"),
+                                 cp.pad_h, cp.pad_w, 0)
+        self.dilation = self._spatial("dilation", list(cp.dilation), False, False, 0, 0, 1)
+        for name, values in (("kernel_size", self.kernel), ("stride", self.stride),
+                             ("dilation", self.dilation)):
+            if min(values) < 1:
+                raise self.error(f"{name} must be positive in every spatial dimension, got {values}")
+
     def _spatial(self, name: str, values: list[int], has_h: bool, has_w: bool, h: int, w: int,
                  default: int | None) -> list[int]:
         """One value per spatial axis from `name` (once or per axis) or `name_h`/`name_w`."""
@@ -249,15 +246,7 @@ class Im2col(Convolution):
         if self.num_spatial != 2:
             raise self.error(f"only 2-D im2col is supported (bottom {list(shape0)} has "
                              f"{self.num_spatial} spatial axes after axis {self.axis})")
-        self.kernel = self._spatial("kernel", list(cp.kernel_size), cp.HasField("kernel_h"),
-                                    cp.HasField("kernel_w"), cp.kernel_h, cp.kernel_w, None)
-        self.stride = self._spatial("stride", list(cp.stride), cp.HasField("stride_h"),
-                                    cp.HasField("stride_w"), cp.stride_h, cp.stride_w, 1)
-        self.pad = self._spatial("pad", list(cp.pad), cp.HasField("pad_h"), cp.HasField("pad_w"),
-                                 cp.pad_h, cp.pad_w, 0)
-        self.dilation = self._spatial("dilation", list(cp.dilation), False, False, 0, 0, 1)
-        if min(self.kernel + self.stride + self.dilation) < 1:
-            raise self.error("kernel_size, stride and dilation must be positive")
+        self._kernel_params(cp)
         self.channels = shape0[self.axis]
         self.num_output = self.channels * math.prod(self.kernel)
         self.group, self.bias_term = 1, False

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from caffe_compat.engine.fillers import FillerError, fill
 from caffe_compat.engine.layers.base import Layer, Shape, register
-from caffe_compat.engine.layers.conv import canonical_axis
+from caffe_compat.engine.layers.common import canonical_axis
 from caffe_compat.engine.layers import fast_forms
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from caffe_compat.engine.layers.accuracy import labels_in_range
+from caffe_compat.engine.layers.accuracy import label_sizes, labels_in_range
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.common import canonical_axis, pack
 from caffe_compat.proto import caffe_pb2
@@ -119,14 +119,7 @@ class _SoftmaxLoss(_LossLayer):
     def _sizes(self, shape: Shape, label_shape: Shape) -> tuple[int, int, int, int]:
         """(axis, outer, classes, inner) after checking the label count."""
         axis = self._axis(len(shape))
-        outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
-        if outer * inner != math.prod(label_shape):
-            raise self.error(
-                f"number of labels ({math.prod(label_shape)}, shape {list(label_shape)}) must "
-                f"match number of predictions ({outer * inner}): with {self._axis_field} {axis} "
-                f"and prediction shape {list(shape)}, labels must count outer*inner = "
-                f"{outer}*{inner}, with integer values in [0, {shape[axis]})")
-        return axis, outer, shape[axis], inner
+        return (axis, *label_sizes(self, shape, label_shape, axis, self._axis_field))
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         self._check_first_dim(bottom_shapes)

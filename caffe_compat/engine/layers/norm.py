@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from caffe_compat.engine.fillers import fill
 from caffe_compat.engine.layers.base import REDUCED_DTYPES, TEST, Layer, Shape, register
+from caffe_compat.engine.layers.common import canonical_axis
 from caffe_compat.proto import caffe_pb2
 
 
@@ -151,13 +152,6 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in REDUCED_DTYPES else x.dtype
 
 
-def _canonical_axis(layer: Layer, axis: int, ndim: int) -> int:
-    if not -ndim <= axis < ndim:
-        raise layer.error(f"axis ({axis}) out of range for a {ndim}-D bottom "
-                          f"(valid: {-ndim} to {ndim - 1})")
-    return axis + ndim if axis < 0 else axis
-
-
 class _Broadcast(Layer):
     """Shared part of Scale and Bias: an operand broadcast over bottom 0's axes
     ``[axis, axis + operand.ndim)``, taken from bottom 1 or learned as blob 0."""
@@ -173,7 +167,7 @@ class _Broadcast(Layer):
         if len(bottom_shapes) > 1:
             shape = tuple(bottom_shapes[1])
         else:
-            axis = _canonical_axis(self, p.axis, ndim)
+            axis = canonical_axis(self, p.axis, ndim)
             if p.num_axes < -1:
                 raise self.error(f"num_axes ({p.num_axes}) must be non-negative, or -1 to "
                                  "extend to the last axis of the bottom")
@@ -183,7 +177,7 @@ class _Broadcast(Layer):
                                  f"{ndim} axes of bottom shape {list(x_shape)}")
             shape = x_shape[axis:end]
         # A scalar operand lines up with axis 0 whatever axis says (Caffe does the same).
-        self.axis = 0 if len(shape) == 0 else _canonical_axis(self, p.axis, ndim)
+        self.axis = 0 if len(shape) == 0 else canonical_axis(self, p.axis, ndim)
         if x_shape[self.axis:self.axis + len(shape)] != shape:
             raise self.error(f"{self.operand_name} shape {list(shape)} does not match bottom shape "
                              f"{list(x_shape)} at axes {self.axis}..{self.axis + len(shape) - 1}")

@@ -68,7 +68,12 @@ class NetModule(nn.Module):
         self.top_names: dict[str, list[str]] = {}
         self._plan: list[Step] = []         # layer by layer (engine/net/plan.py)
         self._anonymous: set[str] = set()     # AutoTopBlobs tops: not outputs, not readable
-        self._build(net_param)
+        try:
+            self._build(net_param)
+        except BaseException:
+            for layer in self.layers:   # a refused net leaves no data thread reading a file
+                getattr(layer, "close", lambda: None)()
+            raise
 
     # -- construction -----------------------------------------------------------------
     def _build(self, net: caffe_pb2.NetParameter) -> None:
