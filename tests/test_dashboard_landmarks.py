@@ -123,7 +123,13 @@ def test_build_progress_counts_records_and_extrapolates():
     for done in range(1, 11):                 # 10 images checked, one second each
         now[0] = done
         progress("scan", done, 10)
-    assert progress.state()["eta_seconds"] is None          # no record written yet
+    # 1 s an image: the scan is over, the 10 records are estimated at the scan's pace
+    assert progress.state()["eta_seconds"] == pytest.approx(10)
+    now[0] = 5
+    progress("scan", 5, 10)                   # (as if halfway: 5 images left + 10 records)
+    assert progress.state()["eta_seconds"] == pytest.approx(15)
+    now[0] = 10
+    progress("scan", 10, 10)
     progress("split", 8, 10)
     for done in range(1, 5):                  # records: the first at t=11, then 2 s each
         now[0] = 11 + 2 * (done - 1)

@@ -1,10 +1,11 @@
 """Progress of a data set build (``caffe dataset``): records done / total and the ETA, as
 progress lines in the log and, with ``--status FILE``, a JSON file a dashboard reads.
 
-The build checks every image (stage ``scan``), then writes the training and validation
-records (``train_db``, ``val_db``), computes the mean and draws the contact sheet. Writing
-the records takes most of the time (each is decoded, resized, encoded and stored; the scan
-only decodes), so the ETA extrapolates the records' own pace once the first is written.
+The build checks every image (stage ``scan``: each photo is decoded and resized once), then
+writes the training and validation records (``train_db``, ``val_db``), computes the mean and
+draws the contact sheet. The ETA extrapolates each stage's own pace: while the scan runs,
+the images left at the scan's pace and as many records again at that pace (an upper bound:
+writing a record decodes nothing); once records are written, their own pace.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class BuildProgress:
         self._logged_step = {}
         self._logged_at = self.started
         self._records_started = None       # (time, records) when writing began
+        self._scan_seconds = 0.0           # from the start to the last image checked
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage == "split":
@@ -42,6 +44,7 @@ class BuildProgress:
             self.stage, self.stage_done, self.stage_total = stage, done, total
         if stage == "scan":
             self.images_total = total
+            self._scan_seconds = self.clock() - self.started
         elif stage in self.records_done:
             self.records_done[stage] = done
             if self._records_started is None and done:      # the pace counts from here
@@ -55,11 +58,17 @@ class BuildProgress:
         records = sum(self.records_done.values())
         checked = self.stage_done if self.stage == "scan" else self.images_total
         eta = None
-        if self._records_started is not None and self.records_total and not finished:
+        if finished:
+            pass
+        elif self._records_started is not None and self.records_total:
             since, before = self._records_started
             written = records - before
             if written > 0:
                 eta = (self.clock() - since) / written * max(0, self.records_total - records)
+        elif checked and self._scan_seconds:
+            per_image = self._scan_seconds / checked
+            records_left = self.records_total or self.images_total
+            eta = per_image * (self.images_total - checked + records_left)
         return {"stage": "done" if finished else self.stage, "stage_done": self.stage_done,
                 "stage_total": self.stage_total, "images_checked": checked,
                 "images_total": self.images_total, "records_done": records,

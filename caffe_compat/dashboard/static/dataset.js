@@ -3,10 +3,8 @@
 
 function buildText(p) {
   if (!p) { return "starting"; }
-  if (p.stage === "scan") {
-    return `checking images ${p.images_checked} / ${p.images_total}`;
-  }
-  const parts = [`${p.records_done} / ${p.records_total} records`];
+  const parts = [p.stage === "scan" ? `checking images ${p.images_checked} / ${p.images_total}`
+                                    : `${p.records_done} / ${p.records_total} records`];
   if (p.stage === "mean") { parts.push("computing the mean image"); }
   if (p.stage === "contact_sheet") { parts.push("drawing the sample sheet"); }
   if (p.eta_seconds !== null && p.eta_seconds !== undefined) {
@@ -16,7 +14,7 @@ function buildText(p) {
 }
 
 function buildShare(p) {
-  // images checked and records written are one unit of work each (the ETA's measure)
+  // the bar: images checked and records written, one unit of work each
   if (!p) { return 0; }
   const total = p.images_total + (p.records_total || p.images_total);
   return total ? (p.images_checked + p.records_done) / total : 0;
