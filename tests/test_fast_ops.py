@@ -69,3 +69,24 @@ def test_slopes_written_in_place_are_seen():
     with torch.no_grad():
         layer.blobs[0].fill_(0.125)
     assert float(fast(x).max()) == pytest.approx(-0.125)
+
+
+@pytest.mark.parametrize("rows, width", [(300, 2), (200, 7), (64, 2), (300, 16)])
+def test_softmax_over_a_narrow_last_axis(rows, width):
+    text = ('name: "sm" layer { name: "data" type: "Input" top: "data" input_param { shape { '
+            f'dim: 1 dim: {rows} dim: {width} }} }} }}\n'
+            'layer { name: "sm" type: "Softmax" bottom: "data" top: "sm" '
+            'softmax_param { axis: 2 } }')
+    net = build_net(text_format.Parse(text, caffe_pb2.NetParameter()), TEST)
+    layer = net.layers[net.layer_names.index("sm")]
+    fast = layer.specialized([(1, rows, width)])
+    x = torch.randn(1, rows, width, generator=torch.Generator().manual_seed(5)) * 20
+    got = fast(x)
+    exact = torch.softmax(x.double(), 2)
+    assert got.is_contiguous() and got.shape == x.shape
+    # as close to float64 as the layer's own kernel, and equal to it within float32 rounding
+    assert float((got - exact).abs().max()) <= 2 * max(
+        float((layer.forward(x) - exact).abs().max()), 1e-8)
+    torch.testing.assert_close(got, layer.forward(x), rtol=1e-6, atol=1e-7)
+    assert fast.__qualname__.startswith("_softmax_moved") == (rows >= 128 and width < 16)
+    torch.testing.assert_close(fast(x[:, :10]), layer.forward(x[:, :10]))   # another shape

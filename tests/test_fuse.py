@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from caffe_compat.engine.layers.base import TEST, TRAIN
+from caffe_compat.engine.net.frozen import frozen_for_inference
 from caffe_compat.engine.net.fuse import (FoldedLinear, InferenceCache, InPlaceReLU, InPlaceSum,
-                                          frozen_for_inference, fusable, fused_for_inference)
+                                          fusable, fused_for_inference)
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2

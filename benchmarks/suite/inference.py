@@ -2,7 +2,9 @@
 
 Candidates (all fp32, same threads): ``module`` (NetModule.forward), ``fused``
 (engine.net.fuse), ``fused_cl`` (fused, channels_last weights and input; ``fused_cl_direct``
-the same with $CAFFE_COMPAT_WINOGRAD=off, the Winograd lever's baseline), ``frozen``
+the same with $CAFFE_COMPAT_WINOGRAD=off, the Winograd lever's baseline), ``fused_forms``
+(fused_cl with each small convolution in the form timed fastest, engine/net/conv_forms.py:
+what pycaffe's torch engine runs), ``frozen``
 (fused + torch.jit freeze/optimize_for_inference), ``pycaffe`` (caffe_compat.Net.forward
 with the input written to its blob), ``torchscript`` and ``onnxruntime`` (the files
 tools/export.py writes, run by torch and by onnxruntime) and ``opencv`` (cv2.dnn reading the
@@ -21,7 +23,8 @@ from caffe_compat import pycaffe
 from caffe_compat.commands import export as exporting
 from caffe_compat.engine import weights as weights_io
 from caffe_compat.engine.layers.base import TEST
-from caffe_compat.engine.net.fuse import frozen_for_inference, fused_for_inference
+from caffe_compat.engine.net.frozen import frozen_for_inference
+from caffe_compat.engine.net.fuse import fused_for_inference
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
@@ -108,6 +111,9 @@ def build_candidates(name: str, prototxt: Path, batch: int, size: int | None, wo
         cands["fused_cl"] = lambda: fused_cl(x)[0]
         if "fused_cl_direct" not in skip:
             cands["fused_cl_direct"] = _without_winograd(lambda: fused_cl(x)[0])
+    if "fused_forms" not in skip:
+        fused_forms = fused_for_inference(net, channels_last=True, measure=True)
+        cands["fused_forms"] = lambda: fused_forms(x)[0]
     _add_frozen(cands, notes, fused, x, skip)
     if "pycaffe" not in skip:
         pnet = pycaffe.Net(str(deploy), str(caffemodel), TEST)

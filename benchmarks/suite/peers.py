@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 PEERS = ("opencv", "onnxruntime", "openvino")
-OURS = ("module", "fused", "fused_cl", "frozen", "pycaffe")
+OURS = ("module", "fused", "fused_cl", "fused_forms", "frozen", "pycaffe")
 
 
 def _ms(v) -> str:

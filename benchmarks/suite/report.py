@@ -15,10 +15,10 @@ CAFFE_REFERENCE = {
     ("vgg16", 8, 224): {"ms": 6092.0, "peak_memory_gb": 2.45},
     ("vgg16", 32, 32): {"ms": 844.0, "range": "829-859 ms"},
 }
-INFERENCE_ORDER = ["module", "fused", "fused_cl", "fused_cl_direct", "frozen", "pycaffe",
-                   "pycaffe_auto", "pycaffe_onnxruntime", "pycaffe_openvino", "torchscript",
-                   "onnxruntime", "openvino", "opencv"]
-OURS = ("module", "fused", "fused_cl", "frozen")
+INFERENCE_ORDER = ["module", "fused", "fused_cl", "fused_cl_direct", "fused_forms", "frozen",
+                   "pycaffe", "pycaffe_auto", "pycaffe_onnxruntime", "pycaffe_openvino",
+                   "torchscript", "onnxruntime", "openvino", "opencv"]
+OURS = ("module", "fused", "fused_cl", "fused_forms", "frozen")
 
 
 def _ms(v) -> str:

@@ -28,6 +28,7 @@ import torch
 from caffe_compat.commands.common import CliError, add_debug_flag, caffe_argv, run
 from caffe_compat.engine import weights as weights_io
 from caffe_compat.engine.backends.onnx_export import export_onnx
+from caffe_compat.engine.net.frozen import traceable
 from caffe_compat.engine.net.fuse import fused_for_inference
 from caffe_compat.engine.net.module import NetModule, build_net
 from caffe_compat.formats.atomic import atomic_path
@@ -82,7 +83,16 @@ def exportable(net: NetModule, fuse: bool = True) -> torch.nn.Module:
 
 
 def export_torchscript(model: torch.nn.Module, inputs: Sequence[torch.Tensor], path) -> None:
-    """Trace and freeze (weights become constants); portable, unlike optimize_for_inference."""
+    """Trace and freeze (weights become constants); portable, unlike optimize_for_inference.
+
+    Refuses a net with a layer a trace cannot keep (``Layer.traceable``): the file would give
+    the example input's output of that layer (SSD's detections) for every input."""
+    held = [step for step in getattr(model, "plan", ()) if not traceable(step)]
+    if held:
+        raise CliError(f"layer '{held[0].name}' ({held[0].fn.type}) computes on the host and "
+                       "cannot be traced: a TorchScript file would return the example input's "
+                       "output for every input; export the net without it (delete the layer "
+                       "from the prototxt) and apply it to the file's outputs")
     with torch.no_grad(), warnings.catch_warnings():
         # Shape arithmetic in the layers is constant for the traced shapes: that is intended.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -7,6 +7,8 @@
   many), unless $CAFFE_COMPAT_KEEP_SUBNORMALS=1. The change to any output is below
   1.2e-38 x (sum of |inputs| it multiplies): invisible at float32 resolution of a normal
   output (tests/test_numerics.py checks a net against float64 with the exact weights).
+- **Subnormal activations.** An inference forward flushes them to zero for the duration of
+  the call (engine/net/denormals.py, where $CAFFE_COMPAT_KEEP_SUBNORMALS is read too).
 - **Threads.** $CAFFE_COMPAT_THREADS (or a command's ``--threads``) sets torch's thread count.
   Without it, a machine already busy gets fewer threads: ``default_threads`` takes the CPUs
   this process may use minus the other work the 1-minute load average shows, at least one.
@@ -23,10 +25,11 @@ import logging
 import os
 import sys
 
+from caffe_compat.engine.net.denormals import KEEP_SUBNORMALS_ENV, keep_subnormals
+
 log = logging.getLogger(__name__)
 
 THREADS_ENV = "CAFFE_COMPAT_THREADS"
-KEEP_SUBNORMALS_ENV = "CAFFE_COMPAT_KEEP_SUBNORMALS"
 FLOAT32_TINY = 1.1754943508222875e-38      # smallest normal float32, 2**-126
 
 
@@ -95,9 +98,6 @@ def flush_subnormals_(tensor) -> int:
     return count
 
 
-def keep_subnormals() -> bool:
-    return os.environ.get(KEEP_SUBNORMALS_ENV, "") not in ("", "0")
-
-
 __all__ = ["prefer_passive_wait", "usable_cpus", "default_threads", "parse_threads",
-           "configure_threads", "flush_subnormals_", "keep_subnormals", "THREADS_ENV"]
+           "configure_threads", "flush_subnormals_", "keep_subnormals", "THREADS_ENV",
+           "KEEP_SUBNORMALS_ENV"]

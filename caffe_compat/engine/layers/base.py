@@ -71,6 +71,10 @@ class Layer(nn.Module):
         exports_to_onnx: an exporter can express the layer as graph ops (False for layers
             computing on the host or in user code: they run in torch after an exported
             prefix, engine/backends/split.py).
+        traceable: a trace of ``forward`` (torch.jit.trace) replays it on other data of the
+            same shapes. False for a layer computing on the host, branching on values or
+            making a data-dependent number of rows: a trace would keep its example output as
+            a constant (engine/net/frozen.py leaves it out of the frozen graph).
         is_alias: every top is its bottom unchanged (Split; Dropout at TEST): fused plans
             give the tops the bottom's tensor and run nothing. May be set per instance.
     """
@@ -85,6 +89,7 @@ class Layer(nn.Module):
     family: str = ""
     origin: str = "BVLC"
     exports_to_onnx: bool = True
+    traceable: bool = True
     is_alias: bool = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
@@ -165,6 +170,12 @@ class Layer(nn.Module):
     def linear_with(self, x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def flattened_linear(self) -> bool:
+        """``linear_with(x, W, b) == F.linear(x.reshape(len(x), -1), W, b)`` (an InnerProduct on
+        axis 1, untransposed): a plan may then reorder W's columns to read x's memory in
+        another order (NHWC) without a copy."""
+        return False
 
     def specialized(self, bottom_shapes: list[Shape]):
         """A faster equivalent of ``forward`` for these planned bottom shapes, built once when

@@ -78,6 +78,9 @@ class InnerProduct(Layer):
         return F.linear(x.reshape(x.shape[0], self.K), w.t() if self.transpose else w,
                         None if bias is None else bias.to(x.dtype))
 
+    def flattened_linear(self) -> bool:
+        return self.axis == 1 and not self.transpose
+
     def weight_out_axis(self) -> int:
         return 1 if self.transpose else 0
 

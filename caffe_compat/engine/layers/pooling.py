@@ -315,6 +315,7 @@ class ROIPooling(Layer):
 
     type = "ROIPooling"
     exports_to_onnx = False
+    traceable = False
     origin = "rbgirshick/caffe-fast-rcnn"
     num_bottoms = (2, 2)
     no_grad_bottoms = (1,)

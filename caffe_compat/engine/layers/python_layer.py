@@ -185,6 +185,7 @@ class Python(Layer):
 
     type = "Python"
     exports_to_onnx = False
+    traceable = False
     num_bottoms = (0, None)
     num_tops = (0, None)
     runs_user_code = True

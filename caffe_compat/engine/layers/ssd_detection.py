@@ -106,6 +106,7 @@ class DetectionOutput(Layer):
 
     type = "DetectionOutput"
     exports_to_onnx = False
+    traceable = False
     family = "ssd"
     origin = SSD
     num_bottoms = (3, 3)

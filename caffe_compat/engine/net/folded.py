@@ -1,8 +1,11 @@
 """The ops a fused inference plan runs in place of layers (engine/net/fuse.py builds it).
 
 ``FoldedLinear``: a linear layer (Convolution, InnerProduct) whose weights carry the
-per-channel affine map of the layers after it (BatchNorm, Scale, Bias: their ``affine``), with an optional fused (leaky) ReLU; mid-sized
-3x3 convolutions run as Winograd (engine/net/winograd.py). ``InPlaceReLU``: a ReLU on a
+per-channel affine map of the layers after it (BatchNorm, Scale, Bias: their ``affine``),
+with an optional fused (leaky) ReLU; mid-sized 3x3 convolutions run as Winograd
+(engine/net/winograd.py); in a measured plan a small 2-D convolution runs in the form timed
+fastest (engine/net/conv_forms.py) and an InnerProduct on NHWC memory with NHWC-ordered
+weights (engine/layers/fast_forms.py). ``InPlaceReLU``: a ReLU on a
 tensor nothing else reads. ``InPlaceSum``: an Eltwise SUM accumulated into such a tensor.
 """
 from __future__ import annotations
@@ -12,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from caffe_compat.engine.layers.base import Layer
-from caffe_compat.engine.net import winograd
+from caffe_compat.engine.layers.fast_forms import NHWCColumns
+from caffe_compat.engine.net import conv_forms, winograd
 
 
 class FoldedLinear(nn.Module):
@@ -34,20 +38,48 @@ class FoldedLinear(nn.Module):
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
         self.conv_args = layer.winograd_geometry()
+        self.flat_linear = layer.flattened_linear()
         self._winograd_u: dict[int, torch.Tensor] = {}     # tile side -> G w G^T
+        self.choose_form = False        # time the forms on the next input (conv_forms.py)
+        self._form = None               # (form, its input shape, applies the rectifier, name)
+        self.output_layout = None       # a channels-last plan's layout (its FusedNet sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.choose_form:
+            self._choose(x)
+        form = self._form
+        if form is not None and x.shape == form[1] and x.dtype == torch.float32:
+            y = form[0](x)
+            if form[2]:
+                return y
+        else:
+            y = self._convolve(x)
+        if self.slope is None:
+            return y
+        return F.relu_(y) if self.slope == 0.0 else F.leaky_relu_(y, self.slope)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear map with folded weights, without the rectifier."""
         w, b = self.weight, self.bias
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), (None if b is None else b.to(x.dtype))
         tile = self._winograd_tile(x) if self.conv_args is not None else 0
         if tile:
-            y = winograd.conv3x3(x, self._winograd_weight(tile), b, self.conv_args["padding"])
-        else:
-            y = self._linear(x, w, b)
-        if self.slope is None:
-            return y
-        return F.relu_(y) if self.slope == 0.0 else F.leaky_relu_(y, self.slope)
+            return winograd.conv3x3(x, self._winograd_weight(tile), b, self.conv_args["padding"])
+        return self._linear(x, w, b)
+
+    def _choose(self, x: torch.Tensor) -> None:
+        self.choose_form = False
+        if self.flat_linear and self.weight.dim() == 2 and NHWCColumns.applies(x):
+            columns, b = NHWCColumns(self.weight.detach()), self.bias
+            self._form = (lambda t: F.linear(columns.rows(t), columns.weight(t.shape), b),
+                          x.shape, False, "nhwc columns")
+            return
+        if self.conv_args is None or self.weight.dim() != 4 or x.dim() != 4:
+            return
+        chosen = conv_forms.choose(self._convolve, self.weight.detach(), self.bias, self.conv_args,
+                                   self.slope, x, self.output_layout)
+        self._form = None if chosen is None else (chosen[0], x.shape, chosen[1], chosen[2])
 
     def _winograd_tile(self, x: torch.Tensor) -> int:
         a = self.conv_args

@@ -27,26 +27,29 @@ original changes (torch's in-place version counter, bumped by ``copy_``/``weight
 and the solver's updates); writes that bypass torch (a numpy view's ``a[...] = v``) must call
 ``InferenceCache.invalidate()``.
 
-``frozen_for_inference(fused, inputs)`` additionally traces, freezes and runs
-``torch.jit.optimize_for_inference`` (oneDNN weight prepacking, conv+ReLU fusion); whether
-that wins is per net and per machine, so the benchmark suite measures it.
+``frozen_for_inference(fused, inputs)`` (engine/net/frozen.py) additionally traces, freezes and
+runs ``torch.jit.optimize_for_inference`` on the steps a trace can keep; whether that wins is
+per net and per machine, so the benchmark suite measures it.
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import replace
 from functools import partial
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from caffe_compat.engine.layers.base import TEST, Layer
+from caffe_compat.engine.net import conv_forms
+from caffe_compat.engine.net.denormals import FlushDenormals, keep_subnormals
 from caffe_compat.engine.net.folded import FoldedLinear, InPlaceReLU, InPlaceSum
 from caffe_compat.engine.net.module import NetModule
 from caffe_compat.engine.net.plan import Step, execute, mark_releases
 from caffe_compat.engine.net.train_fuse import (alias_copies, name_free, plain_layer,
                                                 plan_readers)
+
+log = logging.getLogger(__name__)
 
 
 class FusedNet(nn.Module):
@@ -61,6 +64,7 @@ class FusedNet(nn.Module):
         self.output_names = list(module.output_names)
         self.plan = plan
         self.steps = nn.ModuleList(s.fn for s in plan if isinstance(s.fn, nn.Module))
+        self.flush_denormals = not keep_subnormals()
         mark_releases(self.plan, set(self.output_names))
 
     @property
@@ -77,13 +81,22 @@ class FusedNet(nn.Module):
             if isinstance(step.fn, FoldedLinear) and step.fn.weight.dim() == 4:
                 step.fn.weight.data = step.fn.weight.data.contiguous(
                     memory_format=torch.channels_last)
+                step.fn.output_layout = torch.channels_last
+
+    def laid_out(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The inputs in the memory layout the plan runs in."""
+        if not self.channels_last:
+            return inputs
+        return tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                     for t in inputs)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.channels_last:
-            inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4
-                           else t for t in inputs)
-        blobs = execute(self.plan, dict(zip(self.input_names, inputs)), keep_all=False,
-                        source=self.source)
+        feeds = dict(zip(self.input_names, self.laid_out(inputs)))
+        if self.flush_denormals and not torch.compiler.is_compiling():
+            with FlushDenormals():      # subnormal activations: engine/net/denormals.py
+                blobs = execute(self.plan, feeds, keep_all=False, source=self.source)
+        else:
+            blobs = execute(self.plan, feeds, keep_all=False, source=self.source)
         return tuple(blobs[name] for name in self.output_names)
 
     def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,21 +157,48 @@ def inference_pipeline(fold: bool = True, fuse_relu: bool = True,
 
 
 def fused_for_inference(module: NetModule, fold: bool = True, fuse_relu: bool = True,
-                        channels_last: bool = False) -> FusedNet:
+                        channels_last: bool = False, measure: bool = False) -> FusedNet:
     """A FusedNet computing ``module``'s outputs (see the module docstring).
 
     ``channels_last``: every 2-D convolution gets its own NHWC copy of its weights and 4-D
     inputs are fed NHWC, so oneDNN runs every convolution in its blocked layout (PyTorch
-    otherwise sends batch-1 1x1 convolutions to its slow im2col path)."""
+    otherwise sends batch-1 1x1 convolutions to its slow im2col path). ``measure``: each
+    small 2-D convolution runs in the form fastest here for its shapes (``measure_forms``;
+    the forms are not all exportable, so exports leave it off)."""
     plan = list(module.plan())
-    for rewrite in inference_pipeline(fold, fuse_relu, channels_last):
+    for rewrite in inference_pipeline(fold, fuse_relu, channels_last or measure):
         plan = rewrite(plan, module)
     plan = [replace(step, direct=True) for step in plan]   # own releases; no module hooks
     specialize_calls(plan, module)
     fused = FusedNet(module, plan)
     if channels_last:
         fused.use_channels_last()
+    if measure:
+        measure_forms(fused, module)
     return fused
+
+
+def measure_forms(fused: FusedNet, module: NetModule) -> None:
+    """A forward on zero inputs of the planned shapes, up to the last FoldedLinear that may
+    pick a form for the tensor layout it is given: a small 2-D convolution by timing
+    (engine/net/conv_forms.py), an InnerProduct on a 4-D bottom with NHWC-ordered weights."""
+    chosen = [pos for pos, s in enumerate(fused.plan) if isinstance(s.fn, FoldedLinear) and (
+        s.fn.flat_linear and len(module.blob_shapes[s.bottoms[0]]) == 4
+        or s.fn.conv_args is not None and conv_forms.worth_measuring(
+            s.fn.weight.shape, module.blob_shapes[s.bottoms[0]], s.fn.conv_args))]
+    if not chosen:
+        return
+    for pos in chosen:
+        fused.plan[pos].fn.choose_form = True
+    feeds = dict(zip(fused.input_names, fused.laid_out(
+        tuple(torch.zeros(module.blob_shapes[n]) for n in fused.input_names))))
+    try:
+        with torch.no_grad():
+            execute(fused.plan, feeds, end=chosen[-1], keep_all=False, source=fused.source)
+    except Exception as exc:   # noqa: BLE001 - a layer refusing zeros: the rest keep their own
+        log.debug("%s: forms not measured past a failing layer: %s", fused.source, exc)
+    for pos in chosen:
+        fused.plan[pos].fn.choose_form = False
 
 
 def specialize_calls(plan: list[Step], module: NetModule) -> None:
@@ -260,23 +300,6 @@ def _fold_chain(plan: list[Step], module: NetModule, pos: int, channels: int, re
                    full_precision=False)
 
 
-def frozen_for_inference(fused: FusedNet, example_inputs: Sequence[torch.Tensor]):
-    """``fused`` traced, frozen and optimized by TorchScript for these input shapes.
-
-    Raises RuntimeError naming the net when it cannot be traced (a Python layer, say)."""
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shapes are fixed
-            warnings.simplefilter("ignore", DeprecationWarning)
-            traced = torch.jit.trace(fused.eval(), tuple(example_inputs), check_trace=False)
-            frozen = torch.jit.freeze(traced)
-            return torch.jit.optimize_for_inference(frozen)
-    except Exception as exc:   # noqa: BLE001 - tracing errors come in many types
-        raise RuntimeError(f"net '{fused.name}' cannot be frozen with TorchScript: "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                           ) from exc
-
-
 class ParameterWatch:
     """Lists a net's parameter tensors fast enough to check on every batch-1 forward.
 
@@ -322,7 +345,8 @@ class InferenceCache:
         """The FusedNet, re-fused if ``params`` (``self.parameters()``) changed."""
         versions = _param_versions(params)
         if self._fused is None or versions != self._versions:
-            self._fused = fused_for_inference(self.module, channels_last=self.channels_last)
+            self._fused = fused_for_inference(self.module, channels_last=self.channels_last,
+                                              measure=True)
             self._versions = versions
         return self._fused
 
@@ -348,5 +372,5 @@ def fusable(module: NetModule) -> bool:
     return module.phase == TEST
 
 
-__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InPlaceSum", "InferenceCache", "fused_for_inference",
-           "frozen_for_inference", "fusable", "ParameterWatch"]
+__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InPlaceSum", "InferenceCache",
+           "fused_for_inference", "fusable", "ParameterWatch"]
