@@ -128,10 +128,33 @@ class BundleClassifier(Classifier):
 
     def forward_blobs(self, batch: np.ndarray) -> np.ndarray:
         """(N, classes) for an N×C×H×W batch of preprocessed blobs."""
+        return self._forward(batch, [self.output_name])[0].reshape(len(batch), -1)
+
+    def _forward(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
         self.blobs[self.input_name].reshape(*batch.shape)
         self.reshape()
-        out = self.forward(blobs=[self.output_name], **{self.input_name: batch})
-        return np.array(out[self.output_name]).reshape(len(batch), -1)
+        out = self.forward(blobs=names, **{self.input_name: batch})
+        return [np.array(out[name], copy=True) for name in names]
+
+    @property
+    def heatmap_blob(self) -> str | None:
+        """A landmark model's heatmap blob (preprocess.json ``heatmap_blob``), else None."""
+        return self.preprocess.spec.get("heatmap_blob")
+
+    def probabilities_and_heatmaps(self, images, batch_size: int = 64):
+        """(N, classes) probabilities and (N, K, H', W') heatmaps of a landmark bundle, one
+        forward pass per batch; ValueError for a bundle without a heatmap branch."""
+        name = self.heatmap_blob
+        if not name or name not in self.blobs:
+            raise ValueError(f"{self.folder}: not a landmark model (preprocess.json names no "
+                             "heatmap_blob of the deploy net)")
+        images, probs, maps = list(images), [], []
+        for start in range(0, len(images), max(1, batch_size)):
+            batch = np.stack([self.blob(i) for i in images[start:start + batch_size]])
+            p, m = self._forward(batch, [self.output_name, name])
+            probs.append(p.reshape(len(batch), -1))
+            maps.append(m)
+        return np.concatenate(probs), np.concatenate(maps)
 
     def top_k(self, image, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` most probable (label, probability) pairs for one image file or array."""

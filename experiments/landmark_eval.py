@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from caffe_compat.data.landmarks import NAMES, render_heatmaps
+from caffe_compat.data.landmarks import (NAMES, heatmap_argmax,  # noqa: F401 (re-export)
+                                         map_to_input, render_heatmaps)
 from caffe_compat.data.transformer import TEST, DataTransformer, Draw
 from caffe_compat.formats.errors import DataError
 
@@ -69,23 +70,6 @@ def centre_crop(records: Records, side: int, mean_file: str | None = None,
     marks = np.stack([transformer.apply_landmarks(lm, draw, img.shape)
                       for img, lm in zip(records.images, records.landmarks)])
     return data, marks
-
-
-def heatmap_argmax(maps: np.ndarray) -> np.ndarray:
-    """(N, K, H, W) maps → (N, K, 2) float (x, y) of each map's maximum (first one on ties)."""
-    maps = np.asarray(maps)
-    n, k, h, w = maps.shape
-    flat = maps.reshape(n, k, h * w).argmax(axis=2)
-    return np.stack([flat % w, flat // w], axis=2).astype(np.float32)
-
-
-def map_to_input(xy: np.ndarray, map_hw, input_hw) -> np.ndarray:
-    """Map-pixel (x, y) → input pixels, between pixel centres (x' = (x + 0.5)·W/W' − 0.5)."""
-    (mh, mw), (ih, iw) = map_hw, input_hw
-    out = np.array(xy, dtype=np.float32, copy=True)
-    out[..., 0] = (out[..., 0] + 0.5) * (iw / mw) - 0.5
-    out[..., 1] = (out[..., 1] + 0.5) * (ih / mh) - 0.5
-    return out
 
 
 def outside_input(landmarks: np.ndarray, input_hw) -> np.ndarray:

@@ -191,7 +191,8 @@ def test_stop_resume_and_classify_refusals(env):
     big = {"image": ("a.png", b"\x89PNG" + b"0" * settings.max_upload_bytes, "image/png")}
     assert client.post(f"/api/jobs/{ident}/classify", files=big).status_code == 413
     assert client.post(f"/api/jobs/{ident}/classify").status_code == 422
-    assert client.get(f"/api/jobs/{ident}/bundle.zip").status_code == 404
+    no_model = client.get(f"/api/jobs/{ident}/bundle.zip")
+    assert no_model.status_code == 409 and "no trained weights" in no_model.json()["error"]
 
 
 def test_a_restart_marks_running_work_interrupted(tmp_path):
@@ -263,14 +264,15 @@ def test_solver_fields_give_the_job_its_own_model_files(env):
     assert (folder / "train_val.prototxt").read_text() == library.read_text()
 
 
-def _write_db(path, labels):
+def _write_db(path, labels, landmarks: int = 0):
     import numpy as np
     from caffe_compat.data.db import DBWriter
     from caffe_compat.formats.blob_io import array_to_datum
     with DBWriter(path, "lmdb") as db:
         for i, label in enumerate(labels):
-            image = np.full((3, 12, 10), i, np.uint8)
-            db.put(f"{i:08d}", array_to_datum(image, label).SerializeToString())
+            datum = array_to_datum(np.full((3, 12, 10), i, np.uint8), label)
+            datum.float_data.extend([1.0, 2.0, 1.0] * landmarks)   # convert_imageset --landmarks
+            db.put(f"{i:08d}", datum.SerializeToString())
 
 
 def test_existing_databases_are_imported_with_their_counts(env):
@@ -293,6 +295,13 @@ def test_existing_databases_are_imported_with_their_counts(env):
                                           "c": {"train": 1, "val": 1}}
     assert client.get(f"/api/datasets/{ident}/mean.png").content[:4] == b"\x89PNG"
     assert "dbs/train_lmdb" in client.get(f"/datasets/{ident}").text
+    assert record["result"]["landmarks"] is None
+    _write_db(root / "marked_train", [0, 1], landmarks=8)
+    _write_db(root / "marked_val", [1, 0], landmarks=8)
+    marked = client.post("/api/datasets/import", json={
+        **body, "train_db": "dbs/marked_train", "val_db": "dbs/marked_val"}).json()["id"]
+    landmarks = client.get(f"/api/datasets/{marked}").json()["result"]["landmarks"]
+    assert landmarks["count"] == 8 and landmarks["names"][-1] == "right_hem"
     (root / "two.txt").write_text("a\nb\n")
     for change, status in (({"train_db": "/tmp"}, 403), ({"labels": "dbs/two.txt"}, 400),
                            ({"mean": "dbs/none"}, 404), ({"val_db": "dbs/labels.txt"}, 400)):
@@ -306,6 +315,8 @@ def test_protocol_summary_is_mean_and_sample_std():
     assert result["n"] == 3 and result["mean"] == pytest.approx(0.7)
     assert result["std"] == pytest.approx(0.2)             # sqrt(((0.2)^2 * 2) / 2)
     assert result["text"] == "70.00 ± 20.00 %"
+    one = summary([0.25])                                  # while the other runs train
+    assert one["std"] is None and one["text"] == "25.00 % (one run so far)"
 
 
 def test_protocol_requests_are_checked_before_anything_is_built(env):
@@ -362,3 +373,62 @@ def test_workers_left_by_a_killed_server_are_stopped_at_the_next_start(tmp_path)
         if orphan.poll() is None:
             orphan.kill()
         orphan.wait()
+
+
+def test_lists_carry_the_progress_of_running_work(env):
+    client, settings, _ = env
+    running = _job_record(settings, "running", POINTS)
+    done = _job_record(settings, "done", POINTS)
+    rows = {j["id"]: j for j in client.get("/api/jobs").json()}
+    assert rows[running]["progress"]["iter"] == 3
+    assert rows[running]["progress"]["images_per_second"] == pytest.approx(8.0)
+    assert "progress" not in rows[done]                    # finished rows stay light
+    page = client.get("/").text
+    assert f'<tr data-id="{running}">' in page and 'data-role="progress"' in page
+
+
+def test_protocol_table_by_epoch_is_mean_and_std_of_each_epochs_test(env):
+    from caffe_compat.dashboard.protocols import by_epoch
+    _, settings, _ = env
+    jobs = []
+    for accuracies in ([0.5, 0.7, 0.9, 0.8], [0.3, 0.5, 0.7]):      # the second stopped early
+        points = [{"kind": "test", "iter": 0, "net": 0, "outputs": {"accuracy": 0.1}}]
+        points += [{"kind": "test", "iter": 2 * (e + 1), "net": 0, "outputs": {"accuracy": a}}
+                   for e, a in enumerate(accuracies)]
+        jobs.append(_job_record(settings, "done", points))
+        (settings.folder("jobs", jobs[-1]) / "run" / "solver.prototxt").write_text(
+            "test_interval: 2\nmax_iter: 8\n")
+    table = by_epoch(settings, jobs, epochs=4, rows=2)
+    assert [row["epoch"] for row in table] == [2, 4]
+    assert table[0]["mean"] == pytest.approx(0.6) and table[0]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert table[1]["n"] == 1 and table[1]["mean"] == pytest.approx(0.8)
+
+
+def test_a_landmark_protocol_on_a_folder_without_landmarks_builds_nothing(env):
+    client, settings, _ = env
+    refused = client.post("/api/protocols", json={"folder": "shapes", "runs": 2,
+                                                  "model": "vgg16_landmark_64"})
+    assert refused.status_code == 400 and "reads landmarks" in refused.json()["error"]
+    assert client.get("/api/datasets").json() == []
+
+
+def test_a_fine_tuning_library_model_needs_its_pretrained_weights(env, tmp_path):
+    import shutil
+    client, settings, _ = env
+    store = Store(settings.database)
+    ready = store.add("datasets", "r", "ready", {})
+    store.close()
+    models = tmp_path / "lib" / "models"
+    shutil.copytree(settings.models_dir / "alexnet_64_finetune", models / "alexnet_64_finetune")
+    settings.models_dir = models
+    refused = client.post("/api/jobs", json={"dataset": ready, "model": "alexnet_64_finetune"})
+    assert refused.status_code == 400 and "alexnet_64_pretrained.caffemodel" in \
+        refused.json()["error"] and "does not exist" in refused.json()["error"]
+    pretrained = tmp_path / "lib" / "runs/pretrain/alexnet_64/alexnet_64_pretrained.caffemodel"
+    pretrained.parent.mkdir(parents=True)
+    pretrained.write_bytes(b"")
+    job = client.post("/api/jobs", json={"dataset": ready, "model": "alexnet_64_finetune"})
+    assert job.status_code == 201
+    record = client.get(f"/api/jobs/{job.json()['id']}").json()
+    assert record["options"]["weights"] == str(pretrained.resolve())
+    client.post(f"/api/jobs/{job.json()['id']}/stop")

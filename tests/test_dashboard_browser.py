@@ -112,6 +112,9 @@ def test_dataset_job_live_curve_and_classify(browser, server, shots, tmp_path):
     assert browser.find_element(By.ID, "state").text == "done", \
         browser.find_element(By.ID, "error").text
     _wait(browser, lambda d: _points(d, "chart-accuracy") > 0)
+    # the noisy per-iteration loss has its mean over the last epoch beside it
+    _wait(browser, lambda d: "train, epoch mean" in d.find_element(By.ID, "chart-loss").text)
+    assert "validation accuracy" in browser.find_element(By.ID, "progress").text
     import cv2
     image = tmp_path / "circle.png"
     cv2.imwrite(str(image), draw("circle", 4242))
@@ -129,3 +132,11 @@ def test_dataset_job_live_curve_and_classify(browser, server, shots, tmp_path):
     browser.save_screenshot(str(shots / "compare.png"))
     browser.get(server.url + "/")
     browser.save_screenshot(str(shots / "home.png"))
+    # the models page trains a library model as it is (its own solver and pretraining)
+    browser.get(server.url + "/models?name=alexnet_64")
+    _wait(browser, lambda d: "valid" in d.find_element(By.ID, "summary").text)
+    browser.find_element(By.CSS_SELECTOR, "#train-this button").click()
+    _wait(browser, lambda d: "/jobs/" in d.current_url)
+    assert browser.find_element(By.TAG_NAME, "h1").text.endswith("alexnet_64 on shapes")
+    server.call("POST", "/api/jobs/" + browser.current_url.rstrip("/").rsplit("/", 1)[1] +
+                "/stop")

@@ -122,6 +122,8 @@ def test_the_paper_protocol_trains_one_run_per_seeded_split(tmp_path):
         accuracies = [r["val_accuracy"] for r in record["runs"]]
         assert record["summary"]["n"] == 2
         assert record["summary"]["mean"] == pytest.approx(sum(accuracies) / 2)
+        assert [row["epoch"] for row in record["by_epoch"]] == [1]      # the last test
+        assert record["by_epoch"][0]["mean"] == pytest.approx(record["summary"]["mean"])
         status, page = server.request("GET", f"/protocols/{ident}")
         assert status == 200 and record["summary"]["text"] in page
         status, page = server.request("GET", "/")

@@ -196,3 +196,25 @@ def test_classify_a_labelled_list_reports_accuracy(run, capsys, tmp_path):
     assert classify_cmd.main([str(listing), "--bundle", str(run["dir"] / "bundle")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == \
         f"accuracy {hits / 12:.4f} ({hits}/12 listed labels)"
+
+
+def test_a_fine_tuning_model_starts_from_its_own_solvers_weights(run, tmp_path, capsys):
+    """models/*_finetune name their pretrained caffemodel in the solver (weights:): fit
+    fine-tunes from it at the model's own rate (not a tenth of it again), and says what to
+    do when it is missing."""
+    from caffe_compat.commands.model_library import MODELS
+    model = tmp_path / "models" / "alexnet_64_finetune"
+    shutil.copytree(MODELS / "alexnet_64_finetune", model)
+    argv = ["fit", run["dir"] / "dataset", "--model", model, "--out", tmp_path / "ft",
+            "--epochs", 1, "--progress", "never"]
+    assert caffe(*argv) == 1
+    assert "alexnet_64_pretrained.caffemodel, which does not exist" in capsys.readouterr().err
+    pretrained = tmp_path / "runs/pretrain/alexnet_64/alexnet_64_pretrained.caffemodel"
+    pretrained.parent.mkdir(parents=True)
+    shutil.copyfile(run["dir"] / "bundle/weights.caffemodel", pretrained)
+    assert caffe(*argv) == 0
+    solver = read_text_proto(str(tmp_path / "ft/solver.prototxt"), caffe_pb2.SolverParameter)
+    assert list(solver.weights) == [str(pretrained.resolve())]
+    assert solver.base_lr == pytest.approx(0.001)                  # the model's solver's
+    log = (tmp_path / "ft/train.log").read_text()      # every layer but the new classifier
+    assert "keep their initial values: fc8_fashion50_fit" in log

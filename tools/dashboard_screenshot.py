@@ -3,15 +3,21 @@
 Chromium while ``caffe dashboard`` trains alexnet_64 on data/fashion50.
 
     python tools/dashboard_screenshot.py [--out docs/dashboard_job.png] [--epochs 12]
-                                         [--tests 4] [--folder fashion50]
+                                         [--tests 4] [--folder fashion50] [--model alexnet_64]
+    python tools/dashboard_screenshot.py --model vgg16_landmark_64 --epochs 20 \
+        --classify-out docs/dashboard_landmarks.png [--photos 3]
 
 Starts the real server on a free loopback port with ``data/`` as its data root and a
 temporary workdir, builds the data set, starts the job, waits until ``--tests`` test passes
-are on the curves, saves the screenshot, then stops the server with SIGINT.
+are on the curves, saves the screenshot, then stops the server with SIGINT. With
+``--classify-out`` it waits for the job to finish instead, classifies ``--photos`` validation
+photos of different classes on the job page and saves the Classify card (for a landmark
+model: the predicted heatmaps over each photo).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -34,6 +40,41 @@ def _crop(path: str, bottom: int) -> None:
                 .tobytes())
 
 
+def _photos(data: Path, count: int) -> list[str]:
+    """The first validation photo of ``count`` different classes (held out of training)."""
+    summary = json.loads((data / "dataset.json").read_text())
+    seen, picks = set(), []
+    for line in (data / summary["files"]["val_list"]).read_text().splitlines():
+        path, label = line.rsplit(" ", 1)
+        if label not in seen:
+            seen.add(label)
+            picks.append(str(Path(summary["folder"]) / path))
+    return picks[:count]
+
+
+def _classify_card(server, job: int, photos: list[str], out: str) -> int:
+    from selenium.webdriver.common.by import By
+    browser = headless_chromium(1200, 2400)        # tall: the card must be in view whole
+    try:
+        browser.get(f"{server.url}/jobs/{job}")
+        browser.find_element(By.CSS_SELECTOR, "#classify input[type=file]"
+                             ).send_keys("\n".join(photos))
+        browser.find_element(By.CSS_SELECTOR, "#classify button").click()
+        for _ in range(300):
+            if browser.find_elements(By.CSS_SELECTOR, "#predictions table"):
+                break
+            time.sleep(0.2)
+        time.sleep(1)                          # the overlay images decode
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        card = browser.find_element(By.ID, "classify")
+        browser.execute_script("arguments[0].scrollIntoView()", card)
+        card.screenshot(out)
+    finally:
+        browser.quit()
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--tests", type=int, default=4,
                     help="take the picture once this many test passes are drawn")
+    ap.add_argument("--classify-out", help="after training, classify photos and save the "
+                                           "Classify card here (the job page is not taken)")
+    ap.add_argument("--photos", type=int, default=3, help="validation photos to classify")
     args = ap.parse_args(argv)
     missing = chromium_missing()
     if missing:
@@ -57,6 +101,13 @@ def main(argv=None) -> int:
             return 1
         job = server.call("POST", "/api/jobs", {"dataset": dataset, "model": args.model,
                                                 "epochs": args.epochs})["id"]
+        if args.classify_out:
+            done = server.wait_state("jobs", job, ("done", "failed", "stopped"), 7200)
+            if done["state"] != "done":
+                print(f"error: the job {done['state']}: {done['error']}", file=sys.stderr)
+                return 1
+            photos = _photos(Path(work) / "datasets" / str(dataset) / "data", args.photos)
+            return _classify_card(server, job, photos, args.classify_out)
         while sum(p["kind"] == "test" for p in server.call("GET", f"/api/jobs/{job}/metrics")
                   ) < args.tests:
             if server.call("GET", f"/api/jobs/{job}")["state"] not in ("queued", "running"):

@@ -85,11 +85,14 @@ def model_card(summary: dict) -> str:
 
 
 def write_bundle(out, *, train_val: caffe_pb2.NetParameter, source: str, weights: str,
-                 labels: list[str], stored, mean_file: str | None, info: dict) -> dict:
+                 labels: list[str], stored, mean_file: str | None, info: dict,
+                 landmark_names: list[str] | None = None) -> dict:
     """Write bundle folder ``out`` (atomically); returns preprocess.json's content.
 
     ``stored`` is the C×H×W size of the database images; ``mean_file`` the mean the TEST
     layer subtracted; ``info`` goes into the model card (val_accuracy, dataset, command).
+    A landmark model (a Data layer with a landmarks top) keeps its heatmap branch in the
+    deploy net; preprocess.json names that blob (``heatmap_blob``) and ``landmark_names``.
     """
     layers = netedit.data_layers(train_val, source)
     transform = layers.test.transform_param
@@ -97,6 +100,10 @@ def write_bundle(out, *, train_val: caffe_pb2.NetParameter, source: str, weights
     shape = [1, int(stored[0]), crop or int(stored[1]), crop or int(stored[2])]
     deploy = netedit.deploy_net(train_val, shape, source)
     spec = preprocess_spec(transform, stored, layers.data_top, shape, bool(mean_file))
+    heatmaps = netedit.landmark_outputs(train_val, source)
+    if heatmaps:        # a landmark model: where its heatmaps come out, and what they mean
+        spec["heatmap_blob"] = heatmaps[0]
+        spec["landmark_names"] = list(landmark_names or [])
     classes = netedit.num_output(netedit.classifier_layer(train_val, layers.label_top, source))
     if len(labels) < classes:
         raise CliError(f"{len(labels)} label(s) for a classifier with {classes} outputs; "
@@ -146,7 +153,8 @@ def _find_labels(db_path: str) -> str:
 
 
 def bundle_from_solver(solver: str, weights: str, out, labels_file: str | None = None,
-                       info: dict | None = None) -> dict:
+                       info: dict | None = None,
+                       landmark_names: list[str] | None = None) -> dict:
     """A bundle from a ``caffe train`` run's solver and a caffemodel it wrote."""
     from caffe_compat.engine.solver.params import read_solver_param, train_net_spec
     param = read_solver_param(solver)
@@ -167,7 +175,7 @@ def bundle_from_solver(solver: str, weights: str, out, labels_file: str | None =
     info.setdefault("name", net.name or Path(out).name)
     return write_bundle(out, train_val=net, source=spec.source, weights=weights,
                         labels=read_labels_file(labels_file), stored=stored, mean_file=mean,
-                        info=info)
+                        info=info, landmark_names=landmark_names)
 
 
 _LOADED: dict = {}

@@ -1,7 +1,7 @@
 """``caffe dataset``: a folder of class sub-folders → a Caffe data set ready to train on.
 
     caffe dataset FOLDER OUT [--resize H W] [--val-percent P | --per-class 40/10] [--seed S]
-                  [--backend lmdb|leveldb]
+                  [--backend lmdb|leveldb] [--landmarks list_landmarks.txt]
 
 FOLDER holds one sub-folder per class (FOLDER/<class>/<image>). Writes into OUT:
 
@@ -13,6 +13,9 @@ FOLDER holds one sub-folder per class (FOLDER/<class>/<image>). Writes into OUT:
   convert_imageset databases, colour BGR resized to ``--resize H W`` (default 72 72);
 - ``mean.binaryproto``: the mean image of the training database (compute_image_mean);
 - ``contact_sheet.png``: a few images of every class, to check the labels at a glance;
+- with ``--landmarks FILE`` (DeepFashion's list_landmarks.txt, image names relative to
+  FOLDER): every record carries its image's landmarks (``float_data``, as convert_imageset
+  --landmarks), so a model whose Data layer has a third ``landmarks`` top trains on it;
 - ``dataset.json``: the summary (classes, per-class train/val counts, skipped files and why,
   resize, backend, seed, the command). A folder holding dataset.json is a DATASET that
   ``caffe fit`` trains on directly.
@@ -26,11 +29,12 @@ import argparse
 import os
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from caffe_compat.commands.common import CliError, add_debug_flag, say
 from caffe_compat.commands.sheets import contact_sheet
-from caffe_compat.data.image_list import write_image_list
+from caffe_compat.data.image_list import read_image_list, write_image_list
 from caffe_compat.data.split import IMAGE_EXTENSIONS, percent_counts, split_counts
 from caffe_compat.formats import images
 from caffe_compat.formats.atomic import write_text
@@ -40,6 +44,7 @@ SUMMARY = "dataset.json"
 SCRATCH = ".decoded_lmdb"      # the photos decoded by the scan, while the data set is built
 DEFAULT_RESIZE = (72, 72)
 DEFAULT_VAL_PERCENT = 20.0
+LANDMARK_FILE = "list_landmarks.txt"    # DeepFashion's name: beside the class folders
 SHEET_PER_CLASS = 8
 
 
@@ -59,6 +64,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     ap.add_argument("--backend", choices=("lmdb", "leveldb"), default="lmdb",
                     help="database backend (default lmdb)")
+    ap.add_argument("--status", metavar="FILE",
+                    help="keep FILE (JSON) up to date with the stage, records done / total and "
+                         "the ETA while building (for a dashboard or script to show)")
+    ap.add_argument("--landmarks", metavar="FILE",
+                    help="DeepFashion list_landmarks.txt (names relative to FOLDER): store each "
+                         "image's landmarks in its record")
     add_debug_flag(ap)
 
 
@@ -135,19 +146,21 @@ def _sheet(folder: Path, classes, train, out: Path) -> str:
 
 class _Decoded:
     """Each readable photo, decoded once by the scan and resized to the stored size, kept as
-    its Datum (label 0) in a scratch LMDB inside OUT until the train/val databases are
-    written: the same bytes convert_imageset would write, without decoding the photo again."""
+    its Datum (label 0; its landmarks, when given, in float_data) in a scratch LMDB inside OUT
+    until the train/val databases are written: the same bytes convert_imageset would write,
+    without decoding the photo again."""
 
-    def __init__(self, out: Path, resize):
+    def __init__(self, out: Path, resize, landmarks: dict | None = None):
         from caffe_compat.data.db import DBWriter
-        self.path, self.resize = out / SCRATCH, resize
+        self.path, self.resize, self.landmarks = out / SCRATCH, resize, landmarks or {}
         self._writer, self._reader = DBWriter(self.path, "lmdb", overwrite=True), None
         self._keys: dict[str, bytes] = {}    # path -> its record's key (paths may be long)
 
     def put(self, rel: str, image) -> None:
         from caffe_compat.data.convert import image_datum
         key = self._keys[rel] = f"{len(self._keys):08d}".encode()
-        self._writer.put(key, image_datum(image, rel, 0, *self.resize).SerializeToString())
+        datum = image_datum(image, rel, 0, *self.resize, landmarks=self.landmarks.get(rel))
+        self._writer.put(key, datum.SerializeToString())
 
     def datum(self, entry):
         """The Datum of an image list entry, labelled."""
@@ -172,33 +185,42 @@ class _Decoded:
         discard_temporary(self.path)
 
 
-def _databases(folder: Path, out: Path, lists, resize, backend, progress, datums) -> dict:
+def _databases(folder: Path, out: Path, lists, resize, backend, progress, datums,
+               landmarks: Path | None = None) -> dict:
     from caffe_compat.data.convert import compute_mean, convert_imageset
     from caffe_compat.formats.blob_io import write_blobproto
     paths = {}
     for split, list_file in lists.items():
         db = out / f"{split}_{backend}"
         if progress:
-            progress(f"{split}_db", 0, 1)
+            progress(f"{split}_db", 0, len(read_image_list(os.fspath(list_file))))
+        each = (lambda done, total, stage=f"{split}_db": progress(stage, done, total)) \
+            if progress else None
         convert_imageset(os.fspath(folder) + os.sep, os.fspath(list_file), os.fspath(db),
                          backend=backend, resize_height=resize[0], resize_width=resize[1],
-                         overwrite=True, datums=datums)
+                         overwrite=True, datums=datums, on_record=each,
+                         landmark_file=os.fspath(landmarks) if landmarks else None)
         paths[f"{split}_db"] = db.name
     if progress:
         progress("mean", 0, 1)
     write_blobproto(out / "mean.binaryproto", compute_mean(os.fspath(out / paths["train_db"]),
                                                            backend))
+    if progress:
+        progress("mean", 1, 1)
     paths["mean"] = "mean.binaryproto"
     return paths
 
 
 def build_dataset(folder, out, *, resize=DEFAULT_RESIZE, val_percent=None, per_class=None,
-                  seed: int = 0, backend: str = "lmdb", progress=None, command=None) -> dict:
+                  seed: int = 0, backend: str = "lmdb", progress=None, command=None,
+                  landmarks=None) -> dict:
     """Build the data set of ``folder`` into ``out``; returns the summary (dataset.json).
 
     ``per_class`` is (train, val) or 'TRAIN/VAL'; else ``val_percent`` (default 20) of each
-    class is held out. ``progress(stage, done, total)`` is called as work advances (stages
-    scan, train_db, val_db, mean, contact_sheet).
+    class is held out. ``landmarks``: a list_landmarks.txt whose landmarks every record
+    carries. ``progress(stage, done, total)`` is called as work advances: ``scan`` per
+    image checked, ``split`` once (done = training records, total = all records),
+    ``train_db`` / ``val_db`` per record, ``mean`` and ``contact_sheet`` (0 then 1 of 1).
     """
     import json
     folder, out = Path(folder).resolve(), Path(out)
@@ -211,21 +233,26 @@ def build_dataset(folder, out, *, resize=DEFAULT_RESIZE, val_percent=None, per_c
         raise CliError(f"--backend {backend}: expected lmdb or leveldb")
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder does not exist")
+    marks = _landmarks(landmarks)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"{out}: cannot create the data set folder ({exc.strerror})") from None
     try:
-        with _Decoded(out, (height, width)) as decoded:
+        with _Decoded(out, (height, width), marks and marks["table"]) as decoded:
             classes, files, skipped = scan_folder(folder, progress, out.resolve(), decoded.put)
+            if marks is not None:            # the landmark file itself is no stray file
+                skipped = [s for s in skipped if folder / s["path"] != marks["path"]]
             (train, val), counts = _split(classes, files, val_percent, per_class, seed)
+            if progress:
+                progress("split", len(train), len(train) + len(val))
             write_text(out / "labels.txt", "".join(f"{c}\n" for c in classes))
             lists = {"train": out / "train.txt", "val": out / "val.txt"}
             write_image_list(lists["train"], train)
             write_image_list(lists["val"], val)
             paths = _databases(folder, out, lists, (height, width), backend, progress,
-                               decoded.datum)
+                               decoded.datum, marks["path"] if marks else None)
     except BaseException:
         if created:                  # a refused data set leaves no folder behind
             shutil.rmtree(out, ignore_errors=True)
@@ -233,30 +260,50 @@ def build_dataset(folder, out, *, resize=DEFAULT_RESIZE, val_percent=None, per_c
     if progress:
         progress("contact_sheet", 0, 1)
     _sheet(folder, classes, train, out)
+    if progress:
+        progress("contact_sheet", 1, 1)
     summary = {
         "folder": os.fspath(folder), "classes": classes,
         "counts": {c: {"train": counts[c][0], "val": counts[c][1]} for c in classes},
         "train_count": len(train), "val_count": len(val), "skipped": skipped,
         "resize": [height, width], "channels": 3, "backend": backend, "seed": seed,
+        "landmarks": ({"file": os.fspath(marks["path"]), "count": marks["count"],
+                       "names": marks["names"]} if marks else None),
         "split": ({"per_class": list(parse_per_class(per_class) if isinstance(per_class, str)
                                      else per_class)} if per_class is not None else
                   {"val_percent": DEFAULT_VAL_PERCENT if val_percent is None else val_percent}),
         "files": {"labels": "labels.txt", "train_list": "train.txt", "val_list": "val.txt",
                   **paths, "contact_sheet": "contact_sheet.png"},
         "command": command or _command_line(folder, out, (height, width), val_percent,
-                                            per_class, seed, backend),
+                                            per_class, seed, backend, landmarks),
     }
     write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _command_line(folder, out, resize, val_percent, per_class, seed, backend) -> str:
+def _landmarks(path) -> dict | None:
+    """The landmark file's path, landmarks per image and their names; DataError if unreadable."""
+    if path is None:
+        return None
+    from caffe_compat.data.landmarks import landmark_names, read_landmarks
+    marks = read_landmarks(path)
+    if not marks:
+        raise DataError(f"{path}: no landmark lines")
+    count = len(next(iter(marks.values())))
+    return {"path": Path(path).resolve(), "count": count, "names": landmark_names(count),
+            "table": marks}
+
+
+def _command_line(folder, out, resize, val_percent, per_class, seed, backend,
+                  landmarks=None) -> str:
     split = (f"--per-class {'/'.join(map(str, per_class))}" if isinstance(per_class, tuple)
              else f"--per-class {per_class}" if per_class is not None
              else f"--val-percent {val_percent:g}" if val_percent is not None else "")
     words = ["caffe", "dataset", os.fspath(folder), os.fspath(out), "--resize",
              str(resize[0]), str(resize[1])] + split.split() + ["--seed", str(seed),
                                                                 "--backend", backend]
+    if landmarks:
+        words += ["--landmarks", os.fspath(landmarks)]
     return shlex.join(words)
 
 
@@ -290,13 +337,17 @@ def report(summary: dict, out) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from caffe_compat.commands.build_progress import BuildProgress
     command = getattr(args, "command_line", None)
+    progress = BuildProgress(args.status, log_lines=not sys.stderr.isatty())
     summary = build_dataset(args.folder, args.out, resize=args.resize,
                             val_percent=args.val_percent, per_class=args.per_class,
-                            seed=args.seed, backend=args.backend, command=command)
+                            seed=args.seed, backend=args.backend, command=command,
+                            landmarks=args.landmarks, progress=progress)
+    progress.finish()
     report(summary, args.out)
     return 0
 
 
 __all__ = ["add_arguments", "build_dataset", "is_dataset", "read_dataset", "main",
-           "parse_per_class", "SUMMARY"]
+           "parse_per_class", "SUMMARY", "LANDMARK_FILE"]

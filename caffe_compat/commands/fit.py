@@ -8,14 +8,18 @@ classifier bundle, through the same solver loop as ``caffe train``.
               [--threads N|auto] [--gpu 0]
 
 NAME is a folder of models/ (alexnet_64, vgg16_64, ...) or a train_val prototxt with Data
-layers. DIR receives:
+layers. A landmark model (a Data layer with a third ``landmarks`` top, vgg16_landmark_64)
+trains on a FOLDER holding a DeepFashion ``list_landmarks.txt`` or a DATASET built with
+``--landmarks``; its bundle keeps the heatmap branch. DIR receives:
 
 - ``dataset/``: the data set (``caffe dataset``) when given a FOLDER; the images are stored at
   ``--resize`` (default: the model's crop plus an eighth, 72×72 for a 64×64 crop);
 - ``train_val.prototxt``: the model reading that data set, its classifier sized to the class
   count (renamed ``<name>_fit`` at lr_mult 10/20 when fine-tuning from ``--weights``, so the
-  pretrained file leaves it at its fillers); ``solver.prototxt``: the model's solver settings
-  (base_lr a tenth when fine-tuning) over ``--epochs`` epochs, the learning rate falling
+  pretrained file leaves it at its fillers; a model whose solver names ``weights:``, as
+  models/*_finetune do, fine-tunes from those unless ``--weights`` says otherwise);
+  ``solver.prototxt``: the model's solver settings (base_lr a tenth when fine-tuning with a
+  from-scratch solver) over ``--epochs`` epochs, the learning rate falling
   linearly to 0 at the last iteration ("poly", power 1), gradients clipped at an L2 norm of 10
   unless the model's solver says otherwise, batches small enough for 20 updates per epoch
   (batch 4 at least), a test on the whole validation set after every epoch, snapshots under
@@ -41,11 +45,11 @@ from pathlib import Path
 from caffe_compat.commands import dataset as datasets, device as devices, netedit
 from caffe_compat.commands.bundle import write_bundle
 from caffe_compat.commands.common import CliError, add_debug_flag, say
+from caffe_compat.commands.model_library import model_files, model_weights
 from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_EPOCHS = 30
 # Small data sets: smaller batches, so that an epoch has at least 20 updates (96 photos: batch
 # 4, 24 updates; 400: the model's 20). With 10 per epoch (batch 9) alexnet_64 on 96 shape
@@ -111,20 +115,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- the model
 
 
-def model_files(model: str) -> tuple[Path, Path | None]:
-    """(train_val, solver or None) of a models/ NAME, a model folder or a prototxt path."""
-    path = Path(model)
-    if path.is_file():
-        solver = path.with_name("solver.prototxt")
-        return path, solver if solver.is_file() else None
-    folder = path if (path / "train_val.prototxt").is_file() else MODELS / model
-    if (folder / "train_val.prototxt").is_file():
-        return folder / "train_val.prototxt", folder / "solver.prototxt"
-    known = sorted(p.parent.name for p in MODELS.glob("*/train_val.prototxt"))
-    raise CliError(f"--model {model}: neither a prototxt file nor a model folder under "
-                   f"{MODELS} (known: {', '.join(known) or 'none'})")
-
-
 def default_resize(net: caffe_pb2.NetParameter, source: str) -> tuple[int, int]:
     """The model's crop plus an eighth for jitter (64 → 72), or the data set default."""
     crop = netedit.data_layers(net, source).test.transform_param.crop_size
@@ -142,10 +132,13 @@ def _dataset(args, out: Path, net, net_source: str) -> tuple[Path, dict]:
     if args.resume and datasets.is_dataset(folder):
         return folder, datasets.read_dataset(folder)
     resize = tuple(args.resize) if args.resize else default_resize(net, net_source)
+    marks = Path(args.source) / datasets.LANDMARK_FILE
+    wants_marks = netedit.data_layers(net, net_source).landmark_top is not None
     say(f"building the data set of {os.path.abspath(args.source)} in {folder.resolve()}")
     summary = datasets.build_dataset(args.source, folder, resize=resize,
                                      val_percent=args.val_percent, per_class=args.per_class,
-                                     seed=args.seed, backend=args.backend)
+                                     seed=args.seed, backend=args.backend,
+                                     landmarks=marks if wants_marks and marks.is_file() else None)
     datasets.report(summary, folder)
     return folder, summary
 
@@ -205,8 +198,8 @@ def write_solver(args, out: Path, solver_file: Path | None, sizes: dict) -> None
             setattr(param, name, value)
     for name, value in LR_SCHEDULE.items():   # the model's schedule was for another length
         setattr(param, name, value)
-    if args.weights:
-        param.base_lr = param.base_lr / 10
+    if args.weights and not (base is not None and base.weights):
+        param.base_lr = param.base_lr / 10     # a fine-tuning solver has its own rate already
     if args.solver_type:
         param.type = args.solver_type
     if args.base_lr is not None:
@@ -331,11 +324,23 @@ def prepare(args, out: Path) -> dict:
     if args.weights and not os.path.isfile(args.weights):
         raise CliError(f"--weights {args.weights}: no such file")
     train_val, solver_file = model_files(args.model)
+    pretrained = model_weights(solver_file)
+    if pretrained is not None and not args.weights:
+        if not pretrained.is_file():
+            raise CliError(f"{solver_file}: the model fine-tunes from weights {pretrained}, "
+                           "which does not exist (its readme says how it is made), or pass "
+                           "--weights")
+        args.weights = os.fspath(pretrained)
     net = read_text_proto(os.fspath(train_val), caffe_pb2.NetParameter)
     netedit.data_layers(net, os.fspath(train_val))          # fail before building data
     out.mkdir(parents=True, exist_ok=True)
     data_dir, summary = _dataset(args, out, net, os.fspath(train_val))
     layers = netedit.data_layers(net, os.fspath(train_val))
+    if layers.landmark_top and not summary.get("landmarks"):
+        raise CliError(f"{train_val}: the model reads landmarks (data layer top "
+                       f"'{layers.landmark_top}') but the data set at {data_dir} has none: "
+                       "build it with caffe dataset --landmarks FILE (or put a "
+                       f"{datasets.LANDMARK_FILE} in the image folder)")
     model_batch = (layers.train or layers.test).data_param.batch_size or 32
     sizes = plan(summary, model_batch, args.epochs or DEFAULT_EPOCHS, args.batch_size)
     write_net(args, out, data_dir, summary, net, os.fspath(train_val), sizes)
@@ -382,7 +387,8 @@ def _finish(out: Path, args, facts: dict, result, started: float) -> dict:
                  info={"val_accuracy": fields["val_accuracy"], "dataset": summary,
                        "model": args.model,
                        "name": Path(args.out).name, "command": getattr(args, "command", None)
-                       or "caffe fit"})
+                       or "caffe fit"},
+                 landmark_names=(summary.get("landmarks") or {}).get("names"))
     return _record(out, status="done", weights=os.fspath(Path(weights).resolve()), **fields)
 
 
@@ -413,4 +419,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "fit", "fit_args", "prepare", "plan", "model_files", "main"]
+__all__ = ["add_arguments", "fit", "fit_args", "prepare", "plan", "model_files",
+           "model_weights", "main"]

@@ -23,11 +23,13 @@ class NetEditError(CaffeCompatError):
 
 @dataclass
 class DataLayers:
-    """The train_val's image data layers by phase, and the blob names they make."""
+    """The train_val's image data layers by phase, and the blob names they make
+    (``landmark_top``: a Data layer's third top, the records' landmarks, else None)."""
     train: caffe_pb2.LayerParameter | None
     test: caffe_pb2.LayerParameter | None
     data_top: str
     label_top: str
+    landmark_top: str | None = None
 
 
 def _phases(layer) -> set[int]:
@@ -48,11 +50,30 @@ def data_layers(net: caffe_pb2.NetParameter, source: str) -> DataLayers:
     if test is None:
         raise NetEditError(f"{source}: no Data or ImageData layer in the TEST phase (a "
                            "classifier bundle needs the TEST preprocessing)")
-    if len(test.top) != 2:
+    if len(test.top) not in (2, 3) or (len(test.top) == 3 and test.type != "Data"):
         raise NetEditError(f"{source}: the TEST data layer '{test.name}' has {len(test.top)} "
                            f"tops ({', '.join(test.top)}); fit and bundle handle classifiers "
-                           "fed (data, label) only (no landmarks or other extra tops)")
-    return DataLayers(found[0], test, test.top[0], test.top[1])
+                           "fed (data, label), or a Data layer's (data, label, landmarks)")
+    return DataLayers(found[0], test, test.top[0], test.top[1],
+                      test.top[2] if len(test.top) == 3 else None)
+
+
+def landmark_outputs(net: caffe_pb2.NetParameter, source: str) -> list[str]:
+    """The blobs the net predicts landmarks in (e.g. ``heatmaps``): those a TEST loss layer
+    compares with something made from the landmarks top (the landmark loss's other bottom;
+    a layer that only reads the image beside the landmarks, as LandmarkHeatmap may, is no
+    comparison)."""
+    from caffe_compat.engine.net.assemble import filter_net
+    top = data_layers(net, source).landmark_top
+    if top is None:
+        return []
+    derived, found = {top}, []
+    for layer in filter_net(net, caffe_pb2.NetState(phase=caffe_pb2.TEST), source).layer:
+        if derived & set(layer.bottom):
+            if layer.type.endswith("Loss") or any(w for w in layer.loss_weight):
+                found += [b for b in layer.bottom if b not in derived and b not in found]
+            derived |= set(layer.top) - set(layer.bottom)
+    return found
 
 
 def classifier_layer(net: caffe_pb2.NetParameter, label_top: str,
@@ -127,7 +148,7 @@ def deploy_net(net: caffe_pb2.NetParameter, input_shape, source: str) -> caffe_p
     deploy = caffe_pb2.NetParameter(name=net.name)
     entry = deploy.layer.add(name="input", type="Input", top=[layers.data_top])
     entry.input_param.shape.add(dim=[int(d) for d in input_shape])
-    dropped = {layers.label_top}
+    dropped = {layers.label_top, layers.landmark_top} - {None}
     for layer in test.layer:
         if layer.type in IMAGE_DATA_TYPES:      # the Input above makes its data top
             continue
@@ -151,4 +172,4 @@ def text(net: caffe_pb2.NetParameter, head: str = "") -> str:
 
 
 __all__ = ["NetEditError", "DataLayers", "data_layers", "classifier_layer", "num_output",
-           "set_classes", "point_data", "deploy_net", "text"]
+           "set_classes", "point_data", "deploy_net", "landmark_outputs", "text"]

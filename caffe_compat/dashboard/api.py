@@ -11,11 +11,11 @@ from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from caffe_compat.dashboard import (datasets, importer, inference, netinfo, protocols,
-                                    scoring)
-from caffe_compat.dashboard.jobs import (FINISHED, bundle_dir, metrics_path, read_metrics_from,
-                                         run_dir)
+from caffe_compat.dashboard import (bundles, datasets, importer, inference, netinfo,
+                                    protocols, scoring)
+from caffe_compat.dashboard.jobs import FINISHED, metrics_path, read_metrics_from, run_dir
 from caffe_compat.dashboard.safety import Refused, read_upload
+from caffe_compat.dashboard.store import RUNNING
 
 router = APIRouter(prefix="/api")
 POLL_SECONDS = 0.5
@@ -34,6 +34,11 @@ class DatasetRequest(BaseModel):
                                                     "40/10) instead of val_percent")
     seed: int = 0
     backend: str = "lmdb"
+    landmarks: str | bool | None = Field(None, description="a DeepFashion list_landmarks.txt "
+                                         "under the data root whose landmarks every record "
+                                         "carries (for landmark models); default: the "
+                                         "folder's own list_landmarks.txt if any; '' or false: "
+                                         "none")
 
 
 class JobRequest(BaseModel):
@@ -68,7 +73,10 @@ def health(request: Request) -> dict:
 # -- datasets -------------------------------------------------------------------------------
 @router.get("/datasets")
 def list_datasets(request: Request) -> list[dict]:
-    return _services(request).store.all(datasets.TABLE)
+    """Every data set, newest first; a build in progress with its ``progress``."""
+    s = _services(request)
+    return [datasets.describe(s.settings, s.store, r["id"]) if r["state"] in RUNNING else r
+            for r in s.store.all(datasets.TABLE)]
 
 
 @router.post("/datasets", status_code=201)
@@ -168,7 +176,10 @@ async def upload_weights(request: Request, file: UploadFile = File(...)) -> dict
 # -- jobs -----------------------------------------------------------------------------------
 @router.get("/jobs")
 def list_jobs(request: Request) -> list[dict]:
-    return _services(request).store.all("jobs")
+    """Every job, newest first; a running one with its ``progress`` (iteration, ETA)."""
+    s = _services(request)
+    return [s.jobs.describe(r["id"]) if r["state"] in RUNNING else r
+            for r in s.store.all("jobs")]
 
 
 @router.post("/jobs", status_code=201)
@@ -217,7 +228,8 @@ async def job_stream(request: Request, ident: int) -> StreamingResponse:
 
 
 def _brief(record: dict) -> dict:
-    return {k: record.get(k) for k in ("id", "state", "error", "progress", "bundle", "log")}
+    return {k: record.get(k) for k in ("id", "state", "error", "progress", "result", "bundle",
+                                       "snapshot", "log")}
 
 
 @router.post("/jobs/{ident}/stop")
@@ -239,26 +251,29 @@ def job_log(request: Request, ident: int) -> Response:
 
 
 @router.get("/jobs/{ident}/bundle.zip")
-def job_bundle(request: Request, ident: int) -> Response:
+async def job_bundle(request: Request, ident: int) -> Response:
+    """The job's model bundle (a stopped job's: made from its newest snapshot)."""
     s = _services(request)
-    s.jobs.get(ident)
-    bundle = bundle_dir(s.settings, ident)
-    if not bundle.is_dir():
-        raise Refused(404, f"job {ident} has no bundle yet")
+    bundle, which = await asyncio.to_thread(bundles.usable, s.settings, s.jobs.get(ident))
+    name = f"job{ident}_bundle" if which == "final weights" else \
+        f"job{ident}_iter{bundle.name}_bundle"
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(p for p in bundle.rglob("*") if p.is_file() and not p.is_symlink()):
-            archive.write(path, f"job{ident}_bundle/{path.relative_to(bundle)}")
+            archive.write(path, f"{name}/{path.relative_to(bundle)}")
     return Response(buffer.getvalue(), media_type="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="job{ident}_bundle.zip"'})
+        "Content-Disposition": f'attachment; filename="{name}.zip"'})
 
 
 @router.post("/jobs/{ident}/classify")
 async def classify(request: Request, ident: int, image: list[UploadFile] = File(...),
                    top_k: int = 5) -> dict:
-    """Top-k labels with probabilities for one or more uploaded images (field ``image``)."""
+    """Top-k labels with probabilities for one or more uploaded images (field ``image``);
+    a landmark model's also carry ``landmarks`` and an ``overlay`` PNG (data URL) of its
+    heatmaps over the photo. ``weights`` says which: the final ones or a stopped job's
+    newest snapshot."""
     s = _services(request)
-    s.jobs.get(ident)
+    record = s.jobs.get(ident)
     if len(image) > 64:
         raise Refused(413, f"{len(image)} images at once; at most 64")
     decoded = []
@@ -266,9 +281,9 @@ async def classify(request: Request, ident: int, image: list[UploadFile] = File(
         data = await read_upload(upload, s.settings.max_upload_bytes, upload.filename or "image")
         decoded.append((upload.filename or "image", inference.decode_image(data, upload.filename
                                                                            or "image")))
-    results = await asyncio.to_thread(inference.classify, bundle_dir(s.settings, ident),
-                                      decoded, top_k)
-    return {"job": ident, "results": results}
+    bundle, which = await asyncio.to_thread(bundles.usable, s.settings, record)
+    results = await asyncio.to_thread(inference.classify, bundle, decoded, top_k)
+    return {"job": ident, "weights": which, "results": results}
 
 
 class ProtocolRequest(BaseModel):
@@ -281,6 +296,8 @@ class ProtocolRequest(BaseModel):
     val_percent: float | None = None
     resize: list[int] | None = None
     seed: int = 0
+    landmarks: str | bool | None = Field(None, description="as for a dataset (default: the "
+                                         "folder's list_landmarks.txt if any)")
     name: str | None = None
 
 
@@ -310,9 +327,9 @@ class ScoreRequest(BaseModel):
 async def score_job(request: Request, ident: int, body: ScoreRequest) -> dict:
     """Accuracy, per-class precision/recall and the confusion matrix on a labelled folder."""
     s = _services(request)
-    s.jobs.get(ident)
-    return await asyncio.to_thread(scoring.score, s.settings, ident,
-                                   bundle_dir(s.settings, ident), body.folder)
+    bundle, which = await asyncio.to_thread(bundles.usable, s.settings, s.jobs.get(ident))
+    summary = await asyncio.to_thread(scoring.score, s.settings, ident, bundle, body.folder)
+    return dict(summary, weights=which)
 
 
 @router.get("/jobs/{ident}/scores/{number}/{name}")

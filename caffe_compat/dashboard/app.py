@@ -44,6 +44,7 @@ class Services:
                                       else "failed"), "dashboard:recover")
         self.workers = Workers(settings, self.store)
         self.jobs = Jobs(settings, self.store, self.workers)
+        self.jobs.start_queued()        # jobs that were waiting for a slot when it stopped
 
     def close(self) -> None:
         self.workers.shutdown()

@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from caffe_compat.commands.build_progress import read_status
+from caffe_compat.commands.dataset import LANDMARK_FILE
 from caffe_compat.dashboard.safety import Refused, check_folder_links, contained
 from caffe_compat.dashboard.settings import Settings
 from caffe_compat.dashboard.store import Store
@@ -70,6 +72,7 @@ def create(settings: Settings, store: Store, workers: Workers, body: dict) -> in
                            "a classifier needs two or more")
     options = _options(body)
     options["folder"] = str(folder)
+    options["landmarks"] = landmark_file(settings, folder, body.get("landmarks"))
     name = str(body.get("name") or folder.name)[:100]
     ident = store.add(TABLE, name, "queued", options)
     out = data_dir(settings, ident)
@@ -77,9 +80,31 @@ def create(settings: Settings, store: Store, workers: Workers, body: dict) -> in
         ["--val-percent", f"{options['val_percent']:g}"]
     argv = ["dataset", str(folder), str(out), "--resize", *map(str, options["resize"]),
             *split, "--seed", str(options["seed"]), "--backend", options["backend"]]
+    if options["landmarks"]:
+        argv += ["--landmarks", options["landmarks"]]
+    argv += ["--status", str(status_path(settings, ident))]
     workers.run(TABLE, ident, argv, settings.folder(TABLE, ident), on_success="ready",
                 result_of=lambda: _summary(out))
     return ident
+
+
+def landmark_file(settings: Settings, folder: Path, given) -> str | None:
+    """The landmark list the records carry: ``given`` (under the data root), else the
+    folder's own list_landmarks.txt when it has one (``""`` or false: none)."""
+    if given is None or given is True:
+        auto = folder / LANDMARK_FILE
+        if auto.is_file() and not auto.is_symlink():
+            return str(auto)
+        if given is True:
+            raise Refused(400, f"landmarks: the folder has no {LANDMARK_FILE}; name the file")
+        return None
+    if not given:
+        return None
+    path = contained(settings.data_root, str(given), "landmarks")
+    if not path.is_file():
+        raise Refused(400, f"landmarks '{given}' is not a file (DeepFashion's "
+                           "list_landmarks.txt)")
+    return str(path)
 
 
 def _summary(out: Path) -> dict:
@@ -91,13 +116,27 @@ def _summary(out: Path) -> dict:
         raise ValueError(f"{path}: {exc}") from None
 
 
+def summary_of(settings: Settings, ident: int) -> dict:
+    """A ready data set's dataset.json; 409 naming it when unreadable."""
+    try:
+        return _summary(data_dir(settings, ident))
+    except ValueError as exc:
+        raise Refused(409, f"dataset {ident}: {exc}") from None
+
+
 def describe(settings: Settings, store: Store, ident: int) -> dict:
     record = store.get(TABLE, ident)
     if record is None:
         raise Refused(404, f"no dataset {ident}")
     out = data_dir(settings, ident)
     record["files"] = sorted(p.name for p in out.glob("*")) if out.is_dir() else []
+    record["progress"] = read_status(status_path(settings, ident))
     return record
+
+
+def status_path(settings: Settings, ident: int) -> Path:
+    """Where the build keeps its progress (``caffe dataset --status``)."""
+    return settings.folder(TABLE, ident) / "status.json"
 
 
 def mean_png(settings: Settings, ident: int) -> bytes:
@@ -123,4 +162,5 @@ def contact_sheet(settings: Settings, ident: int) -> Path:
     return path
 
 
-__all__ = ["create", "describe", "mean_png", "contact_sheet", "data_dir", "classes_of"]
+__all__ = ["create", "describe", "mean_png", "contact_sheet", "data_dir", "classes_of",
+           "status_path", "summary_of", "landmark_file"]

@@ -17,6 +17,7 @@ from caffe_compat.dashboard.settings import Settings
 from caffe_compat.dashboard.store import Store
 from caffe_compat.data.bundle import read_labels_file
 from caffe_compat.data.db import detect_backend, open_db
+from caffe_compat.data.landmarks import landmark_names
 from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.blob_io import datum_to_array
 from caffe_compat.formats.errors import CaffeCompatError
@@ -33,10 +34,12 @@ def _database(settings: Settings, text, what: str) -> Path:
     return path
 
 
-def _read(path: Path, classes: int) -> tuple[list[int], Counter, str]:
-    """(C, H, W) of the first record, the label counts, the backend."""
+def _read(path: Path, classes: int) -> tuple[list[int], Counter, str, int]:
+    """(C, H, W) of the first record, the label counts, the backend, and the landmarks every
+    record carries (convert_imageset --landmarks: 3 floats each; 0 when any record has
+    none)."""
     counts: Counter = Counter()
-    shape = None
+    shape, landmark_floats = None, None
     try:
         backend = detect_backend(path)
         with open_db(path, backend) as db:
@@ -44,6 +47,8 @@ def _read(path: Path, classes: int) -> tuple[list[int], Counter, str]:
                 datum = caffe_pb2.Datum.FromString(value)
                 if shape is None:
                     shape = list(datum_to_array(datum).shape)
+                floats = len(datum.float_data) if datum.data or datum.encoded else 0
+                landmark_floats = floats if landmark_floats in (None, floats) else 0
                 if not 0 <= datum.label < classes:
                     raise Refused(400, f"{path.name}: a record has label {datum.label}; the "
                                        f"labels file names {classes} classes")
@@ -52,7 +57,8 @@ def _read(path: Path, classes: int) -> tuple[list[int], Counter, str]:
         raise Refused(400, f"{path.name}: {exc}") from None
     if shape is None:
         raise Refused(400, f"{path.name}: the database is empty")
-    return shape, counts, backend
+    marks = landmark_floats // 3 if landmark_floats and landmark_floats % 3 == 0 else 0
+    return shape, counts, backend, marks
 
 
 def import_databases(settings: Settings, store: Store, body: dict) -> int:
@@ -67,8 +73,8 @@ def import_databases(settings: Settings, store: Store, body: dict) -> int:
         raise Refused(400, str(exc)) from None
     if len(labels) < 2:
         raise Refused(400, f"labels '{body.get('labels')}': two or more classes, one a line")
-    shape, train_counts, backend = _read(train, len(labels))
-    val_shape, val_counts, val_backend = _read(val, len(labels))
+    shape, train_counts, backend, marks = _read(train, len(labels))
+    val_shape, val_counts, val_backend, val_marks = _read(val, len(labels))
     if val_shape != shape or val_backend != backend:
         raise Refused(400, f"train_db holds {backend} {shape} records but val_db {val_backend} "
                            f"{val_shape}")
@@ -78,6 +84,8 @@ def import_databases(settings: Settings, store: Store, body: dict) -> int:
                    for i, name in enumerate(labels)},
         "train_count": sum(train_counts.values()), "val_count": sum(val_counts.values()),
         "skipped": [], "resize": shape[1:], "channels": shape[0], "backend": backend,
+        "landmarks": ({"file": None, "count": marks, "names": landmark_names(marks)}
+                      if marks and marks == val_marks else None),
         "files": {"labels": str(labels_path), "train_db": str(train), "val_db": str(val),
                   "mean": str(mean)},
     }

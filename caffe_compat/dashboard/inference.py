@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from caffe_compat.dashboard import overlay
 from caffe_compat.dashboard.safety import Refused
 from caffe_compat.formats.errors import DataError
 from caffe_compat.formats.image_header import image_size
@@ -38,8 +39,7 @@ def classifier_for(bundle: Path):
     from caffe_compat import Classifier
     weights = bundle / "weights.caffemodel"
     if not weights.is_file():
-        raise Refused(409, "this job has no bundle yet (it is written when training ends or "
-                           "stops)")
+        raise Refused(409, f"{bundle}: the bundle has no {weights.name}")
     key = (str(bundle), weights.stat().st_mtime)
     with _LOCK:
         if key not in _CACHE:
@@ -50,17 +50,34 @@ def classifier_for(bundle: Path):
 
 def classify(bundle: Path, images: list[tuple[str, np.ndarray]], top_k: int = 5) -> list[dict]:
     """Per image: the top-k labels with their probabilities, best first (the bundle's own
-    preprocessing: resize, mean, centre crop, scale)."""
+    preprocessing: resize, mean, centre crop, scale). A landmark model's results also carry
+    ``landmarks`` (name, x, y in the photo's pixels, peak) and ``overlay``, a PNG data URL of
+    its heatmaps over the photo."""
     classifier = classifier_for(bundle)
+    arrays = [image for _, image in images]
     with _LOCK:
-        probabilities = classifier.probabilities([image for _, image in images])
+        if classifier.heatmap_blob:
+            probabilities, maps = classifier.probabilities_and_heatmaps(arrays)
+        else:
+            probabilities, maps = classifier.probabilities(arrays), None
     out = []
-    for (name, _), probs in zip(images, probabilities):
+    for n, ((name, image), probs) in enumerate(zip(images, probabilities)):
         order = np.argsort(-probs, kind="stable")[:max(1, top_k)]
         out.append({"image": name, "top": [
             {"label": classifier.labels[i], "index": int(i), "probability": float(probs[i])}
             for i in order]})
+        if maps is not None:
+            out[-1].update(_landmarks(classifier.preprocess.spec, image, maps[n]))
     return out
+
+
+def _landmarks(spec: dict, image: np.ndarray, maps: np.ndarray) -> dict:
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    points = overlay.landmark_points(maps, spec, image.shape[:2],
+                                     spec.get("landmark_names") or [])
+    return {"landmarks": points,
+            "overlay": overlay.data_url(overlay.overlay_png(image, maps, spec, points))}
 
 
 __all__ = ["decode_image", "classify", "classifier_for"]

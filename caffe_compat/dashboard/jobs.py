@@ -7,9 +7,12 @@ pasted, and ``run/``: ``caffe fit --out`` (train_val/solver prototxt, snapshots/
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
+from caffe_compat.commands import netedit
+from caffe_compat.commands.model_library import model_weights
 from caffe_compat.dashboard import datasets, netinfo, solverform
 from caffe_compat.dashboard.safety import Refused
 from caffe_compat.dashboard.settings import Settings
@@ -17,6 +20,7 @@ from caffe_compat.dashboard.store import RUNNING, Store
 from caffe_compat.dashboard.workers import Workers
 from caffe_compat.formats.atomic import write_text
 from caffe_compat.formats.blob_io import read_text_proto
+from caffe_compat.formats.errors import CaffeCompatError
 from caffe_compat.proto import caffe_pb2
 
 TABLE = "jobs"
@@ -24,6 +28,7 @@ FINISHED = ("done", "failed", "stopped", "interrupted")
 RESUMABLE = ("stopped", "interrupted", "failed")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 TAIL_BYTES = 64 << 10
+_SNAPSHOT = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 
 def run_dir(settings: Settings, ident: int) -> Path:
@@ -36,6 +41,16 @@ def metrics_path(settings: Settings, ident: int) -> Path:
 
 def bundle_dir(settings: Settings, ident: int) -> Path:
     return run_dir(settings, ident) / "bundle"
+
+
+def newest_snapshot(settings: Settings, job: int) -> tuple[int, Path] | None:
+    """(iteration, caffemodel) of the run's newest snapshot, if any."""
+    found = []
+    for path in (run_dir(settings, job) / "snapshots").glob("*.caffemodel"):
+        match = _SNAPSHOT.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found) if found else None
 
 
 class Jobs:
@@ -51,6 +66,7 @@ class Jobs:
         waits for it, and fails if the build fails)."""
         dataset = self._ready_dataset(body.get("dataset"), dataset_pending)
         model = self.model_of(body)
+        self._check_landmarks(model, dataset)
         epochs = checked_epochs(body.get("epochs", 10))
         precision = body.get("precision", "fp32")
         if precision not in PRECISIONS:
@@ -60,7 +76,8 @@ class Jobs:
         if batch is not None and not (isinstance(batch, int) and 1 <= batch <= 4096):
             raise Refused(400, f"batch_size {batch}: a whole number 1..4096")
         options = {"dataset": dataset["id"], "epochs": epochs, "precision": precision,
-                   "model": model["name"], "weights": self._weights(body.get("weights")),
+                   "model": model["name"],
+                   "weights": self._weights(body.get("weights")) or self.own_weights(model),
                    "solver": solver, "batch_size": batch}
         own_solver = solverform.solver_text(model["solver"], solver) if solver else None
         ident = self.store.add(TABLE, str(body.get("name") or f"{model['name']} on "
@@ -105,6 +122,40 @@ class Jobs:
                                f"(known: {known}); or give 'prototxt'")
         return {"name": name, "text": None,
                 "solver": netinfo.model_file(self.settings.models_dir, name, "solver.prototxt")}
+
+    def landmark_top(self, model: dict) -> str | None:
+        """The landmarks top of a model's Data layer (a landmark model), else None; 400 when
+        its data layers are none that caffe fit can feed."""
+        text = model["text"] if model["text"] is not None else \
+            netinfo.model_file(self.settings.models_dir, model["name"]).read_text("utf-8")
+        try:
+            return netedit.data_layers(netinfo.parse(text, "train_val.prototxt"),
+                                       model["name"]).landmark_top
+        except (CaffeCompatError, ValueError) as exc:
+            raise Refused(400, str(exc)) from None
+
+    def _check_landmarks(self, model: dict, dataset: dict) -> None:
+        """A landmark model (its Data layer's third top) needs records with landmarks."""
+        top = self.landmark_top(model)
+        has = dataset["result"].get("landmarks") if dataset["state"] == "ready" else \
+            dataset["options"].get("landmarks")
+        if top and not has:
+            raise Refused(400, f"model '{model['name']}' reads landmarks (data layer top "
+                               f"'{top}') but dataset {dataset['id']} has none: build it from "
+                               "a folder with a list_landmarks.txt (or give 'landmarks')")
+
+    def own_weights(self, model: dict) -> str | None:
+        """The caffemodel a library model's own solver fine-tunes from (models/*_finetune);
+        400 saying how to make it when it is missing."""
+        pretrained = model_weights(model["solver"])
+        if pretrained is None:
+            return None
+        if not pretrained.is_file():
+            raise Refused(400, f"model '{model['name']}' fine-tunes from {pretrained} (its "
+                               "solver's weights:), which does not exist: its readme says how "
+                               "to make it; or give 'weights' (an uploaded caffemodel or "
+                               "job:<id>)")
+        return str(pretrained)
 
     def _weights(self, given) -> str | None:
         """Fine-tune from a finished job's bundle (``"job:<id>"``) or an uploaded file id."""
@@ -160,7 +211,8 @@ class Jobs:
             argv += ["--batch-size", str(options["batch_size"])]
         if resume:
             argv.append("--resume")
-        self.workers.run(TABLE, ident, argv, folder, on_success="done")
+        self.workers.run(TABLE, ident, argv, folder, on_success="done",
+                         result_of=lambda: fit_summary(self.settings, ident))
 
     def stop(self, ident: int) -> dict:
         record = self.get(ident)
@@ -198,15 +250,32 @@ class Jobs:
         points, _ = read_metrics_from(path, start)
         record["progress"] = progress(points, self.max_iter(ident))
         record["bundle"] = (bundle_dir(self.settings, ident) / "weights.caffemodel").is_file()
+        snapshot = newest_snapshot(self.settings, ident)
+        record["snapshot"] = snapshot[0] if snapshot else None     # its newest, by iteration
         record["log"] = (run_dir(self.settings, ident) / "train.log").is_file()
         return record
 
     def max_iter(self, ident: int) -> int | None:
-        solver = run_dir(self.settings, ident) / "solver.prototxt"
-        try:
-            return read_text_proto(solver, caffe_pb2.SolverParameter).max_iter or None
-        except (OSError, ValueError):
-            return None
+        return run_solver(self.settings, ident).max_iter or None
+
+
+def run_solver(settings: Settings, ident: int) -> caffe_pb2.SolverParameter:
+    """The solver ``caffe fit`` wrote for the job (empty before it has: fields read 0)."""
+    try:
+        return read_text_proto(run_dir(settings, ident) / "solver.prototxt",
+                               caffe_pb2.SolverParameter)
+    except (OSError, ValueError):
+        return caffe_pb2.SolverParameter()
+
+
+def fit_summary(settings: Settings, ident: int) -> dict:
+    """What the job's list row shows of a finished ``caffe fit``: its fit.json's validation
+    accuracy, iterations and seconds (nothing when it wrote none)."""
+    try:
+        record = json.loads((run_dir(settings, ident) / "fit.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: record.get(k) for k in ("val_accuracy", "iterations", "seconds")}
 
 
 def checked_epochs(value) -> int:
@@ -259,6 +328,6 @@ def progress(points: list[dict], max_iter: int | None) -> dict:
             "images_per_second": images / seconds if seconds else None, "eta_seconds": eta}
 
 
-__all__ = ["Jobs", "checked_epochs", "read_metrics", "read_metrics_from", "progress", "run_dir",
-           "metrics_path",
-           "bundle_dir", "FINISHED", "TABLE"]
+__all__ = ["Jobs", "checked_epochs", "fit_summary", "run_solver", "read_metrics",
+           "read_metrics_from", "progress", "run_dir", "metrics_path", "bundle_dir",
+           "newest_snapshot", "FINISHED", "TABLE"]

@@ -28,7 +28,7 @@ def score(settings: Settings, job: int, bundle: Path, folder_text: str) -> dict:
         raise Refused(400, f"folder '{folder_text}' is a file, not a folder of class folders")
     check_folder_links(folder, settings.data_root)
     if not (bundle / "weights.caffemodel").is_file():
-        raise Refused(409, f"job {job} has no bundle yet (written when training ends)")
+        raise Refused(409, f"{bundle}: the bundle has no weights.caffemodel")
     root = scores_dir(settings, job)
     root.mkdir(parents=True, exist_ok=True)
     number = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)

@@ -81,6 +81,7 @@ class Workers:
         self._stopping: set[int] = set()
         self._lock = threading.Lock()
         self._closing = False          # server exit: records say interrupted, not the exit code
+        self._waiters: set[threading.Thread] = set()   # joined at shutdown, before the store
         self.after_exit = None         # called after each child's exit (the job queue)
 
     # -- starting ---------------------------------------------------------------------------
@@ -91,6 +92,9 @@ class Workers:
         On exit 0 the record gets state ``on_success`` together with ``result_of()`` (read
         before the state changes, so a reader never sees the state without its result; an
         exception there fails the record); ``after_exit()`` runs after every exit."""
+        with self._lock:
+            if self._closing:          # the server is stopping: the record stays as it is
+                return
         cwd.mkdir(parents=True, exist_ok=True)
         log = open(cwd / WORKER_LOG, "ab")
         try:
@@ -102,14 +106,23 @@ class Workers:
             return
         finally:
             log.close()
+        self.store.update(table, ident, state="running", pid=proc.pid, error=None)
+        waiter = threading.Thread(target=self._wait,
+                                  args=(table, ident, proc, cwd, on_success, result_of),
+                                  daemon=True, name=f"{table}-{ident}")
         with self._lock:
             self._procs[(table, ident)] = proc
-        self.store.update(table, ident, state="running", pid=proc.pid, error=None)
-        threading.Thread(target=self._wait,
-                         args=(table, ident, proc, cwd, on_success, result_of),
-                         daemon=True, name=f"{table}-{ident}").start()
+            self._waiters.add(waiter)
+        waiter.start()
 
     def _wait(self, table, ident, proc, cwd, on_success, result_of) -> None:
+        try:
+            self._record_exit(table, ident, proc, cwd, on_success, result_of)
+        finally:
+            with self._lock:
+                self._waiters.discard(threading.current_thread())
+
+    def _record_exit(self, table, ident, proc, cwd, on_success, result_of) -> None:
         code = proc.wait()
         with self._lock:
             self._procs.pop((table, ident), None)
@@ -130,7 +143,9 @@ class Workers:
         else:
             self.store.update(table, ident, state="failed", pid=None,
                               error=f"exit status {code}: {last_error(cwd / WORKER_LOG)}")
-        if self.after_exit is not None:
+        with self._lock:
+            closing = self._closing
+        if self.after_exit is not None and not closing:
             self.after_exit()
 
     # -- stopping ---------------------------------------------------------------------------
@@ -153,7 +168,9 @@ class Workers:
 
     def shutdown(self, wait: float = 60.0) -> None:
         """Server exit: every running job is asked to snapshot and stop; those still alive
-        after ``wait`` seconds are killed. Their records read ``interrupted`` (resumable)."""
+        after ``wait`` seconds are killed. Their records read ``interrupted`` (resumable).
+        Returns once every waiter thread has finished with the store (the caller closes it
+        next; a waiter still writing would meet a closed database)."""
         with self._lock:
             procs = dict(self._procs)
             self._closing = True
@@ -173,6 +190,10 @@ class Workers:
         for (table, ident) in procs:
             self.store.update(table, ident, pid=None, state="interrupted" if table == "jobs"
                               else "failed")
+        with self._lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.join(timeout=wait)
 
 
 __all__ = ["Workers", "child_env", "last_error", "stop_orphans", "is_our_worker", "CAFFE",

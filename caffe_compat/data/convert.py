@@ -93,14 +93,17 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
                      resize_width: int = 0, check_size: bool = False, encoded: bool = False,
                      encode_type: str = "", landmark_file: str | None = None,
                      seed: int | None = None, overwrite: bool = False,
-                     show_progress: bool | None = None, datums=None) -> ConvertReport:
+                     show_progress: bool | None = None, datums=None,
+                     on_record=None) -> ConvertReport:
     """Build a Datum database from an image list, exactly as Caffe's convert_imageset.
 
     Keys are ``%08d_<path>`` with the index of the line (after the optional shuffle);
     unreadable images are reported and skipped but still use up their index. The database
     appears at ``db_name`` only when complete; DataError if no image could be written.
     ``datums(entry)``, when given, supplies each entry's Datum from images decoded earlier
-    (``caffe dataset`` decodes every photo once, while it checks them) instead of reading it.
+    (``caffe dataset`` decodes every photo once, while it checks them) instead of reading it;
+    with ``landmark_file`` it must carry the entry's landmarks (every entry must still have
+    some in the file). ``on_record(done, total)`` is called after each list entry (written or skipped).
     """
     _check_convert_options(resize_height, resize_width, encode_type)
     entries = read_image_list(list_file)
@@ -130,6 +133,8 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
             except DataError as exc:
                 report.skipped.append(str(exc))
                 log.warning("%s (skipped)", exc)
+                if on_record is not None:
+                    on_record(index + 1, len(entries))
                 continue
             if check_size and not datum.encoded:
                 if data_size is None:
@@ -139,6 +144,8 @@ def convert_imageset(root_folder: str, list_file: str, db_name: str, *, gray: bo
                                     f"the first had {data_size} (--check_size)")
             writer.put(f"{index:08d}_{entry.path}", datum.SerializeToString())
             report.written += 1
+            if on_record is not None:
+                on_record(index + 1, len(entries))
         if report.written == 0:
             raise DataError(f"{list_file}: no image could be read; database '{db_name}' "
                             "not written")

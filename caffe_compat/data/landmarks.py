@@ -31,6 +31,11 @@ NUM_LANDMARKS = len(NAMES)
 _SLOTS = {1: (0, 1, 2, 3, 6, 7), 2: (4, 5, 6, 7), 3: tuple(range(8))}
 
 
+def landmark_names(count: int) -> list[str]:
+    """Names of ``count`` landmarks: DeepFashion's eight when they fit, else their numbers."""
+    return list(NAMES[:count]) if count <= NUM_LANDMARKS else [str(i) for i in range(count)]
+
+
 # ---------------------------------------------------------------------------- file format
 
 
@@ -144,6 +149,23 @@ def render_heatmaps(landmarks, height: int, width: int, sigma: float = 0.0, scal
 
 
 # ---------------------------------------------------------------------------- silhouettes
+
+
+def heatmap_argmax(maps: np.ndarray) -> np.ndarray:
+    """(N, K, H, W) maps → (N, K, 2) float (x, y) of each map's maximum (first one on ties)."""
+    maps = np.asarray(maps)
+    n, k, h, w = maps.shape
+    flat = maps.reshape(n, k, h * w).argmax(axis=2)
+    return np.stack([flat % w, flat // w], axis=2).astype(np.float32)
+
+
+def map_to_input(xy: np.ndarray, map_hw, input_hw) -> np.ndarray:
+    """Map-pixel (x, y) → input pixels, between pixel centres (x' = (x + 0.5)·W/W' − 0.5)."""
+    (mh, mw), (ih, iw) = map_hw, input_hw
+    out = np.array(xy, dtype=np.float32, copy=True)
+    out[..., 0] = (out[..., 0] + 0.5) * (iw / mw) - 0.5
+    out[..., 1] = (out[..., 1] + 0.5) * (ih / mh) - 0.5
+    return out
 
 
 def silhouette_mask(img: np.ndarray) -> np.ndarray | None:

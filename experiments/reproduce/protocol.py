@@ -190,10 +190,9 @@ def resolve_like_caffe(entry: str, solver_path: Path) -> tuple[Path | None, list
     """A path a solver file names (``net:``, ``weights:``) as ``caffe train`` run from the
     checkout reads it, falling back to the solver file's folder: (the existing file or None,
     the candidates tried)."""
+    from caffe_compat.commands.model_library import resolve_path
     repo = Path(__file__).resolve().parents[2]
-    tried = [Path(entry)] if os.path.isabs(entry) else \
-        [repo / entry, Path(solver_path).resolve().parent / entry]
-    return next((t.resolve() for t in tried if t.is_file()), None), tried
+    return resolve_path(entry, [repo, Path(solver_path).resolve().parent])
 
 
 def embed_net(sp: caffe_pb2.SolverParameter, solver_path: Path, data: SplitData,

@@ -9,6 +9,7 @@ document.getElementById("new-dataset").addEventListener("submit", async event =>
     const body = {folder: f.folder.value, resize: [Number(f.height.value), Number(f.width.value)],
                   val_percent: Number(f.val_percent.value), seed: Number(f.seed.value)};
     if (f.elements["name"].value) { body.name = f.elements["name"].value; }
+    if (f.landmarks.value) { body.landmarks = f.landmarks.value; }
     const created = await api("POST", "/api/datasets", body);
     location.href = `/datasets/${created.id}`;
   } catch (err) { showError(f, err); }
@@ -65,3 +66,62 @@ document.getElementById("new-protocol").addEventListener("submit", async event =
     location.href = `/protocols/${created.id}`;
   } catch (err) { showError(f, err); }
 });
+
+// The lists follow the work: states, build and training progress, accuracies, every 2 s
+// while anything is queued or running (the forms above are left alone).
+function rowOf(table, id) { return document.querySelector(`#${table} tr[data-id="${id}"]`); }
+
+function setState(row, state) {
+  const cell = row.querySelector(".state");
+  cell.textContent = state;
+  cell.className = `state ${state}`;
+}
+
+function datasetRow(d) {
+  const row = rowOf("datasets", d.id);
+  if (!row) { return; }
+  const p = d.progress;
+  setState(row, d.state);
+  if (p && ["queued", "running"].includes(d.state)) {
+    row.querySelector("[data-role=images]").textContent = p.records_total
+      ? `${p.records_done} / ${p.records_total} records` : `checking ${p.images_checked} / ${p.images_total}`;
+  } else if (d.result && d.result.train_count !== undefined) {
+    row.querySelector("[data-role=classes]").textContent = (d.result.classes || []).length;
+    row.querySelector("[data-role=images]").textContent = `${d.result.train_count} / ${d.result.val_count}`;
+    const select = document.querySelector("#new-job select[name=dataset]");
+    if (d.state === "ready" && !select.querySelector(`option[value="${d.id}"]`)) {
+      select.add(new Option(`${d.id}: ${d.name}`, d.id), 0);
+    }
+  }
+}
+
+function jobRow(j) {
+  const row = rowOf("jobs", j.id);
+  if (!row) { return; }
+  setState(row, j.state);
+  const p = j.progress || {};
+  const parts = [];
+  if (j.state === "running" && p.max_iter) {
+    parts.push(`${Math.round(100 * p.iter / p.max_iter)} %`);
+    if (p.eta_seconds) { parts.push(`ETA ${formatSeconds(p.eta_seconds)}`); }
+  }
+  row.querySelector("[data-role=progress]").textContent = parts.join(" · ");
+  const acc = (j.result || {}).val_accuracy;
+  if (acc !== undefined && acc !== null) {
+    row.querySelector("[data-role=accuracy]").textContent = acc.toFixed(4);
+  }
+}
+
+async function followLists() {
+  const busy = () => [...document.querySelectorAll("#datasets .state, #jobs .state")]
+    .some(cell => ["queued", "running"].includes(cell.textContent));
+  while (busy()) {
+    try {
+      (await api("GET", "/api/datasets")).forEach(datasetRow);
+      (await api("GET", "/api/jobs")).forEach(jobRow);
+    } catch (err) { return; }
+    await new Promise(resolve => setTimeout(resolve, 2000));
+  }
+}
+
+followLists();

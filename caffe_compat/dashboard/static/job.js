@@ -11,23 +11,30 @@ function chartsFor(page) {
 }
 
 function plotPoint(charts, p) {
-  // The chart a value goes to follows its name: accuracies, losses, the rest (auxiliary).
+  // The chart a value goes to follows its name: the main loss, accuracies, the rest
+  // (auxiliary outputs such as landmark_loss, whose scale is unrelated to the main loss).
   const outputs = p.outputs || {};
+  const main = mainLoss(outputs);
   if (p.kind === "train") {
-    charts.loss.add("train loss", p.iter, p.loss);
+    // the solver's loss is the weighted sum of every loss: with auxiliary losses the main
+    // one is drawn from its own output (and the smoothed total, of another scale, is not)
+    const alone = Object.keys(outputs).every(n => n === main || !/loss/i.test(n));
+    const loss = trainLoss(p);
+    charts.loss.add("train loss", p.iter, loss);
+    if (charts.epochMean) { charts.loss.add("train, epoch mean", p.iter, charts.epochMean.push(loss)); }
     // smoothed = loss when the solver's average_loss is 1: drawn only once it differs
     charts.smoothed.push([p.iter, p.smoothed_loss]);
     charts.smoothedDiffers = charts.smoothedDiffers || p.smoothed_loss !== p.loss;
-    if (charts.smoothedDiffers) { charts.loss.set("smoothed", charts.smoothed); }
+    if (charts.smoothedDiffers && alone) { charts.loss.set("smoothed", charts.smoothed); }
     charts.lr.add("lr", p.iter, p.lr);
     for (const [name, v] of Object.entries(outputs)) {
-      if (name !== "loss") { charts.aux.add(`train ${name}`, p.iter, v); }
+      if (name !== main) { charts.aux.add(`train ${name}`, p.iter, v); }
     }
   } else if (p.kind === "test") {
     const net = p.net ? `test#${p.net}` : "test";
     for (const [name, v] of Object.entries(outputs)) {
       if (/accuracy/i.test(name)) { charts.accuracy.add(`${net} ${name}`, p.iter, v); }
-      else if (/loss/i.test(name)) { charts.loss.add(`${net} ${name}`, p.iter, v); }
+      else if (name === main) { charts.loss.add(`${net} ${name}`, p.iter, v); }
       else { charts.aux.add(`${net} ${name}`, p.iter, v); }
     }
   }
@@ -44,15 +51,25 @@ function showState(record) {
   if (p.iter !== undefined) { parts.push(`iteration ${p.iter}${p.max_iter ? " / " + p.max_iter : ""}`); }
   if (p.images_per_second) { parts.push(`${p.images_per_second.toFixed(1)} images/s`); }
   if (p.eta_seconds && !FINAL_STATES.includes(record.state)) { parts.push(`ETA ${formatSeconds(p.eta_seconds)}`); }
+  const result = record.result || {};
+  if (FINAL_STATES.includes(record.state) && result.seconds) { parts.push(`took ${formatSeconds(result.seconds)}`); }
+  if (result.val_accuracy !== undefined && result.val_accuracy !== null) {
+    parts.push(`validation accuracy ${(100 * result.val_accuracy).toFixed(2)} %`);
+  }
   document.getElementById("progress").textContent = parts.join(" · ");
   document.getElementById("stop").disabled = !["queued", "running"].includes(record.state);
   document.getElementById("resume").disabled = !["stopped", "interrupted", "failed"].includes(record.state);
-  document.getElementById("bundle-link").hidden = !record.bundle;
+  const link = document.getElementById("bundle-link");
+  link.hidden = !record.bundle && record.snapshot === null;
+  link.textContent = record.bundle ? "bundle (.zip)"
+                                   : `bundle of the iteration ${record.snapshot} snapshot (.zip)`;
 }
 
 function renderPredictions(slot, results) {
   slot.replaceChildren();
   for (const r of results) {
+    const item = document.createElement("div");
+    item.className = "prediction";
     const table = document.createElement("table");
     table.className = "predictions";
     const caption = table.createCaption();
@@ -64,8 +81,26 @@ function renderPredictions(slot, results) {
       bar.innerHTML = `<span class="bar" style="width:${(100 * t.probability).toFixed(1)}%"></span>`;
       row.insertCell().textContent = (100 * t.probability).toFixed(2) + " %";
     }
-    slot.appendChild(table);
+    if (r.overlay) { item.appendChild(landmarkFigure(r)); }
+    item.appendChild(table);
+    slot.appendChild(item);
   }
+}
+
+function landmarkFigure(r) {
+  // A landmark model: its heatmaps over the photo, and where each landmark peaks.
+  const figure = document.createElement("figure");
+  figure.className = "landmarks";
+  const img = document.createElement("img");
+  img.src = r.overlay;
+  img.alt = `predicted landmark heatmaps over ${r.image}`;
+  figure.appendChild(img);
+  const caption = document.createElement("figcaption");
+  caption.textContent = r.landmarks.filter(p => p.shown)
+    .map(p => `${p.index} ${p.name.replace("_", " ")} (${Math.round(p.x)}, ${Math.round(p.y)})`)
+    .join(" · ") || "no landmark stands out";
+  figure.appendChild(caption);
+  return figure;
 }
 
 function renderScore(slot, summary) {
@@ -73,7 +108,7 @@ function renderScore(slot, summary) {
   const head = document.createElement("p");
   head.id = "score-accuracy";
   head.textContent = `accuracy ${(100 * summary.accuracy).toFixed(2)} % ` +
-                     `(${summary.correct} of ${summary.images} images)`;
+                     `(${summary.correct} of ${summary.images} images), ${summary.weights}`;
   slot.appendChild(head);
   const table = document.createElement("table");
   table.insertRow().innerHTML = "<th>class</th><th>precision</th><th>recall</th><th>images</th>";
@@ -92,19 +127,28 @@ function renderScore(slot, summary) {
   }
 }
 
-function startJobPage(id) {
+function startJobPage(id, epochs) {
   const charts = chartsFor(document);
-  let source = null;
+  let source = null, perEpoch = 0;
   const listen = () => {
     for (const chart of [charts.loss, charts.accuracy, charts.lr, charts.aux]) {
       chart.series.clear();
       chart.schedule();
     }
     charts.smoothed = [];
+    // a noisy per-iteration loss reads better beside its mean over the last epoch
+    charts.epochMean = perEpoch > 1 ? new RunningMean(perEpoch) : null;
     charts.aux.container.hidden = true;
     source = new EventSource(`/api/jobs/${id}/stream`);
     source.addEventListener("metric", e => plotPoint(charts, JSON.parse(e.data)));
-    source.addEventListener("state", e => showState(JSON.parse(e.data)));
+    source.addEventListener("state", e => {
+      const record = JSON.parse(e.data);
+      showState(record);
+      // the run's length is known once caffe fit has written its solver: replay the stream
+      // with the epoch mean from the start
+      const known = iterationsPerEpoch({progress: record.progress, options: {epochs}});
+      if (known && !perEpoch) { perEpoch = known; source.close(); listen(); }
+    });
     source.addEventListener("end", () => source.close());
   };
   listen();
@@ -137,6 +181,7 @@ function startJobPage(id) {
     try {
       const answer = await api("POST", `/api/jobs/${id}/classify?top_k=${f.top_k.value}`, data);
       renderPredictions(document.getElementById("predictions"), answer.results);
+      document.getElementById("classified-with").textContent = `with the ${answer.weights}`;
     } catch (err) { showError(f, err); }
   });
 }

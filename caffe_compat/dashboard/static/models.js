@@ -9,6 +9,7 @@
   const summary = document.getElementById("summary");
   const phase = document.getElementById("phase");
   let timer = null, generation = 0, badLines = new Set();
+  const library = text.dataset.model, original = text.value;
 
   function renderGutter() {
     const count = text.value.split("\n").length;
@@ -79,10 +80,13 @@
     event.preventDefault();
     const f = event.target;
     showError(f, null);
+    // the library model as it is (its own solver, and pretraining for *_finetune), or the
+    // edited text
+    const body = {dataset: Number(f.dataset.value), epochs: Number(f.epochs.value)};
+    if (library && text.value === original) { body.model = library; }
+    else { body.prototxt = text.value; body.name = `${library || "new model"} (edited)`; }
     try {
-      const created = await api("POST", "/api/jobs", {dataset: Number(f.dataset.value),
-        prototxt: text.value, epochs: Number(f.epochs.value),
-        name: `${document.getElementById("model-name").textContent} (edited)`});
+      const created = await api("POST", "/api/jobs", body);
       location.href = `/jobs/${created.id}`;
     } catch (err) { showError(f, err); }
   });
