@@ -105,3 +105,24 @@ def test_pending_value_then_numpy_write_reaches_the_next_forward(net):
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(net.blobs["ip1"].data, written)
     assert _snapshot(net) == before
+
+
+def test_reshape_after_a_fast_forward_at_another_batch(net):
+    """``net.reshape()`` reads the blobs a fast forward left stale while it reshapes them;
+    the recompute ran the old batch's inputs through the already reshaped input blob
+    (a broadcast error). Now the stale blobs keep the last forward's values (Caffe keeps a
+    blob's values when its count is unchanged) and the next forward uses the new shape."""
+    x = np.arange(15, dtype=np.float32).reshape(3, 5) / 15
+    net.blobs["data"].reshape(3, 5)
+    net.reshape()
+    net.forward(data=x)
+    w, b = _weights(net, "ip1")
+    net.blobs["data"].reshape(3, 5)               # same shape: the inner values stand
+    net.reshape()
+    np.testing.assert_allclose(net.blobs["ip1"].data, x @ w.T + b, rtol=1e-5)
+    net.blobs["data"].reshape(1, 5)
+    net.reshape()
+    assert net.blobs["ip1"].data.shape == (1, 4)
+    out = net.forward(data=x[:1])["prob"]
+    assert out.shape == (1, 3)
+    np.testing.assert_allclose(net.blobs["ip1"].data, x[:1] @ w.T + b, rtol=1e-5)

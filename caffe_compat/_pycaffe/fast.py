@@ -14,18 +14,25 @@ an array was handed out since the last fusion (``ParamViews``' generation counte
 still held by the caller.
 
 Engines (``caffe.Net(..., engine=...)``, engine/backends/engine.py): an onnxruntime or OpenVINO
-engine computes the outputs instead of the fused net. Its weights are the export's: after
-the net's parameters change it is exported again once; a second change, or a numpy view of a
+engine plan (the fused plan with its exportable prefix as one runtime step, run by the one
+executor) computes the outputs instead. The input blobs are copied straight into the
+runtime's bound input buffers, which are also the snapshot a stale read recomputes from, so
+a call costs one copy of the inputs, the runtime call and one copy of the outputs into their
+blobs. The choice is per input shape: after a reshape the engine is chosen (``auto``:
+measured) again for the new shapes. The weights are the export's: after the net's
+parameters change it is exported again once; a second change, or a numpy view of a
 parameter still held by the caller, sends forwards to the torch path.
 """
 from __future__ import annotations
 
 import logging
+import operator
 import weakref
 
+import numpy as np
 import torch
 
-from caffe_compat.engine.backends.engine import (ExportedForward, ReducedForward, choose_engine,
+from caffe_compat.engine.backends.engine import (EnginePlan, ReducedForward, choose_engine,
                                                  first_call_check)
 from caffe_compat.engine.net.fuse import InferenceCache, fusable
 
@@ -91,14 +98,16 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
     PARAM_VIEWS.note(param, array)
 
 
-def _engine_key(params: list[torch.Tensor], touched: tuple) -> tuple:
-    """What the engine's exported weights depend on: the tensors, their in-place versions and
-    their numpy hand-outs (``touched``: the generations ``_numpy_state`` gives)."""
-    return tuple(map(id, params)), [p._version for p in params], touched
+_VERSION = operator.attrgetter("_version")
+SHAPES_KEPT = 4          # engine choices kept per input shape (pycaffe nets that alternate)
 
 
-def _numpy_state(params: list[torch.Tensor]) -> tuple[tuple, bool]:
-    return PARAM_VIEWS.state(params)
+def inference_plan(net) -> EnginePlan | None:
+    """The engine plan ``net.forward()`` runs now; None where it runs torch's fused plan."""
+    fast = getattr(net, "_fast", None)
+    choice = fast.choice if fast is not None else None
+    forward = choice.forward if choice is not None else None
+    return forward if isinstance(forward, EnginePlan) else None
 
 
 class FastForward:
@@ -111,59 +120,109 @@ class FastForward:
         self._touched: tuple | None = None
         skip = set(net.inputs) | set(net.outputs)       # what a fast forward writes
         self._skipped = frozenset(n for n in net.blobs if n not in skip)
+        self._outputs = tuple(net.module.output_names)
         self._handouts, self._ids, self._held = -1, (), True   # see _numpy_state
         self._generations: tuple = ()  # what _numpy_state found last
         self.choice = None            # engine/backends EngineChoice; None: torch
-        self.precision = "fp32"
+        self.request, self.precision = "torch", "fp32"
         self._engine_key: tuple | None = None
         self._resynced = False
+        self._by_shape: dict[tuple, tuple] = {}     # input shapes -> (choice, engine key)
+        self._shapes: tuple = ()                    # the input shapes of ``choice``
+        # the engine plan whose runtime writes straight into output blobs (``_direct``;
+        # the others, ``_copied``, are copied in), and the BlobState arrays it was bound to
+        self._bound: tuple = (None, -1)
+        self._direct: tuple[str, ...] = ()
+        self._copied = self._outputs
 
     def _numpy_state(self, params: list[torch.Tensor]) -> tuple[tuple, bool]:
-        """``_numpy_state(params)``, skipped while no numpy view was handed out since a call
-        that found none alive, for the same parameter tensors (a view, once dead, stays
+        """``PARAM_VIEWS.state(params)``, skipped while no numpy view was handed out since a
+        call that found none alive, for the same parameter tensors (a view, once dead, stays
         dead): 16 params cost ~15 us a call, a quarter of an MTCNN R-Net's forward."""
         ids = tuple(map(id, params))
         if PARAM_VIEWS.handouts == self._handouts and ids == self._ids and not self._held:
             return self._generations, False
-        generations, held = _numpy_state(params)
+        generations, held = PARAM_VIEWS.state(params)
         self._handouts, self._ids, self._held = PARAM_VIEWS.handouts, ids, held
         self._generations = generations
         return generations, held
+
+    def _weights_key(self, params: list[torch.Tensor], touched: tuple) -> tuple:
+        """What an engine's exported weights depend on: the tensors (``_numpy_state`` just
+        listed their ids), their in-place versions (summed: each only grows, so the sum
+        moves when any does) and their numpy hand-outs."""
+        return self._ids, sum(map(_VERSION, params)), touched
 
     @property
     def engine(self) -> str:
         return "torch" if self.choice is None else self.choice.name
 
+    def _torch_forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.cache.outputs_for(self.cache.parameters(), inputs)
+
     def use_engine(self, request: str | None, precision: str = "fp32") -> None:
-        """Pick the engine (``auto`` measures them) for the net's current weights."""
+        """Pick the engine (``auto`` measures them) for the net's weights and input shapes."""
+        self.request, self.precision = request, precision
+        self._by_shape.clear()
+        self._decide(request)
+
+    def _decide(self, request: str | None) -> None:
         params = self.cache.parameters()
-        self.precision = precision
-        self.choice = choose_engine(self.net.module, request,
-                                    lambda inputs: self.cache.outputs_for(params, inputs),
-                                    precision=precision)
-        self._engine_key = _engine_key(params, self._numpy_state(params)[0])
+        shapes = {n: tuple(self.net.blob_state.get(n).shape) for n in self.net.inputs}
+        self.choice = choose_engine(self.net.module, request, self._torch_forward,
+                                    precision=self.precision, shapes=shapes)
+        self._engine_key = self._weights_key(params, self._numpy_state(params)[0])
+        if len(self._by_shape) >= SHAPES_KEPT:
+            self._by_shape.clear()
+        self._shapes = tuple(shapes.values())
+        self._by_shape[self._shapes] = (self.choice, self._engine_key)
         log.info("net '%s': %s", self.net.module.name, self.choice.reason)
 
-    def _engine_outputs(self, params, inputs, touched: tuple, held: bool):
-        """The chosen engine's outputs, or None where the torch path must run."""
+    def _engine_plan(self, params, touched: tuple, held: bool) -> EnginePlan | None:
+        """The chosen engine plan, its inputs copied in; None where torch must run."""
         choice = self.choice
-        if choice is None or choice.forward is None or held or not choice.forward.accepts(inputs):
+        if choice is None or held:
             return None
-        if _engine_key(params, touched) != self._engine_key:       # weights changed since the export
-            if self._resynced:
-                log.info("net '%s': weights changed again; engine torch from now on",
-                         self.net.module.name)
-                self.choice = None
-                return None
-            self._resynced = True
-            self.use_engine(choice.name.replace(ReducedForward.name, "torch"), self.precision)
-            return self._engine_outputs(params, inputs, touched, held)
-        outputs = choice.forward(inputs)
-        if not choice.verified:
-            want = self.cache.outputs_for(params, inputs)
-            self.choice = first_call_check(choice, outputs, want)
-            return outputs if self.choice is choice else want
-        return outputs
+        if choice.forward.__class__ is not EnginePlan:
+            # torch chosen for these shapes: another shape may have its own choice
+            if self._by_shape and self._input_shapes() != self._shapes:
+                self._reshaped()
+                return self._engine_plan(params, touched, held)
+            return None
+        plan, get = choice.forward, self.net.blob_state.get
+        if self._weights_key(params, touched) != self._engine_key:  # changed since export
+            return self._resync(params, touched, held)
+        for name, bound in plan.input_arrays.items():
+            host = get(name)
+            if host.shape != bound.shape:
+                self._reshaped()                        # another shape: another choice
+                return self._engine_plan(params, touched, held)
+            np.copyto(bound, host)      # the snapshot a stale read recomputes from, too
+        return plan
+
+    def _resync(self, params, touched: tuple, held: bool) -> EnginePlan | None:
+        """The weights changed since the export: export again, once; then torch."""
+        if self._resynced:
+            log.info("net '%s': weights changed again; engine torch from now on",
+                     self.net.module.name)
+            self.choice = None
+            return None
+        self._resynced = True
+        self._by_shape.clear()
+        self._decide(self.choice.name)
+        return self._engine_plan(params, touched, held)
+
+    def _input_shapes(self) -> tuple:
+        return tuple(tuple(self.net.blob_state.get(n).shape) for n in self.net.inputs)
+
+    def _reshaped(self) -> None:
+        shapes = self._input_shapes()
+        kept = self._by_shape.get(shapes)
+        if kept is None:
+            self._decide(self.request)
+        else:
+            self.choice, self._engine_key = kept
+            self._shapes = shapes
 
     def run(self) -> None:
         net = self.net
@@ -172,25 +231,53 @@ class FastForward:
         if held or touched != self._touched:
             self.cache.invalidate()
             self._touched = touched
-        inputs = {n: self._snapshot(net.blobs[n].data) for n in net.inputs}
-        outputs = self._engine_outputs(params, inputs, touched, held)
-        if outputs is None:
-            outputs = self.cache.outputs_for(params, inputs)
+        plan = self._engine_plan(params, touched, held)
         state = net.blob_state
-        for name in net.module.output_names:
+        if plan is not None:
+            if self._bound[0] is not plan or self._bound[1] != state.arrays_replaced:
+                self._bind(plan)
+            inputs = plan.inputs
+            outputs = plan.run(inputs)
+            if not self.choice.verified:
+                outputs = self._checked(outputs, inputs)
+            state.written(self._direct)
+            copied = self._copied
+        else:
+            inputs = {n: self._snapshot(state.get(n)) for n in net.inputs}
+            reduced = self.choice is not None and isinstance(self.choice.forward,
+                                                             ReducedForward)
+            outputs = self.choice.forward(inputs) if reduced else \
+                self.cache.outputs_for(params, inputs)
+            copied = self._outputs
+        for name in copied:
             state.put(name, outputs[name])
         state.mark_stale(self._skipped, lambda: self.materialize(inputs))
+
+    def _bind(self, plan: EnginePlan) -> None:
+        """The runtime writes the output blobs' host arrays itself (not under ``lazy``,
+        whose values stay pending on their device)."""
+        state = self.net.blob_state
+        arrays = {} if state.lazy else {n: state.host_data(n) for n in self._outputs}
+        self._direct = tuple(plan.bind_outputs(arrays))
+        self._copied = tuple(n for n in self._outputs if n not in self._direct)
+        self._bound = (plan, state.arrays_replaced)
+
+    def _checked(self, outputs, inputs):
+        """The first real call's outputs, checked against torch's (torch's if they differ)."""
+        choice = self.choice
+        want = self._torch_forward(inputs)
+        self.choice = first_call_check(choice, outputs, want)
+        if self.choice is choice:
+            return outputs
+        self._by_shape.clear()
+        self._direct, self._copied = (), self._outputs      # torch's values are put
+        return want
 
     def _snapshot(self, array) -> torch.Tensor:
         """A private copy of an input blob, made straight in the layout the fused net runs
         (NHWC for 4-D inputs of a channels_last net: one copy instead of two)."""
-        if self.choice is not None and isinstance(self.choice.forward, ExportedForward):
-            return torch.from_numpy(array.copy())     # an engine takes NCHW arrays as they are
         t = torch.from_numpy(array)
-        on_torch = self.choice is None or self.choice.forward is None or \
-            isinstance(self.choice.forward, ReducedForward)
-        nhwc = self.cache.channels_last and on_torch
-        layout = torch.channels_last if nhwc and t.dim() == 4 \
+        layout = torch.channels_last if self.cache.channels_last and t.dim() == 4 \
             else torch.contiguous_format
         return torch.empty_like(t, memory_format=layout).copy_(t)
 
@@ -198,13 +285,15 @@ class FastForward:
         """Give every blob its value: the full forward on the fast forward's ``inputs``
         (run by the net's BlobState when a stale blob is first read)."""
         from caffe_compat._pycaffe.layerwise import forward_range
-        net = self.net
-        net.blob_state.clear_stale()
-        current = {n: net.blobs[n].data.copy() for n in inputs}
+        net, state = self.net, self.net.blob_state
+        state.clear_stale()
+        # through the state, not the views: an input blob reshaped since (``net.reshape``
+        # reads the stale blobs while it reshapes them) takes the forward's shape and back
+        current = {n: torch.from_numpy(state.get(n).copy()) for n in inputs}
         for name, value in inputs.items():
-            net.blobs[name].data = value.contiguous().numpy()
+            state.put(name, value.contiguous())
         try:
             forward_range(net, 0, len(net.module.layers) - 1, net.compute_device())
         finally:
             for name, value in current.items():
-                net.blobs[name].data = value
+                state.put(name, value)

@@ -39,11 +39,15 @@ class BlobState:
         self._recompute: Callable[[], None] | None = None
         self._traces: dict[int, object] = {}
         self.lazy = False       # leave results pending on the CPU too (the GPU path, tested)
+        # bumped whenever a host array is replaced by a new one (add, reshape, a new shape):
+        # an engine writing straight into output arrays binds them again when it changes
+        self.arrays_replaced = 0
 
     def add(self, name: str, shape: Iterable[int]) -> None:
         """A new blob of ``shape``, zero data and diff on the host."""
         shape = tuple(int(d) for d in shape)
         self._host[name] = {w: np.zeros(shape, np.float32) for w in WHICH}
+        self.arrays_replaced += 1
 
     # -- staleness ----------------------------------------------------------------------
     def mark_stale(self, names: frozenset[str], recompute: Callable[[], None]) -> None:
@@ -85,6 +89,18 @@ class BlobState:
                 self._copy_in(name, tensor, which)
         return self._host[name][which]
 
+    def written(self, names: Iterable[str]) -> None:
+        """The engine wrote new values straight into these blobs' host data arrays (the
+        arrays ``host_data`` gave): nothing pending may overwrite them on a read."""
+        if self._pending:
+            for name in names:
+                self._pending.pop((name, "data"), None)
+
+    def host_data(self, name: str) -> np.ndarray:
+        """The blob's host data array itself, for an engine to write into (then
+        ``written``); valid while ``arrays_replaced`` is unchanged."""
+        return self._host[name]["data"]
+
     def put(self, name: str, tensor: torch.Tensor, which: str = "data",
             lazy: bool = False) -> None:
         """New values from the engine; ``lazy`` leaves them on their device until read."""
@@ -123,6 +139,7 @@ class BlobState:
             self._host[name] = {w: host[w].reshape(shape) for w in WHICH}
         else:
             self._host[name] = {w: np.zeros(shape, np.float32) for w in WHICH}
+        self.arrays_replaced += 1
 
     def _copy_in(self, name: str, tensor: torch.Tensor, which: str) -> None:
         arrays = self._host[name]
@@ -136,6 +153,7 @@ class BlobState:
             np.copyto(current, value)
             return
         arrays[which] = value.copy()
+        self.arrays_replaced += 1
         other = "diff" if which == "data" else "data"
         if arrays[other].shape != value.shape and (name, other) not in self._pending:
             arrays[other] = np.zeros(value.shape, np.float32)

@@ -97,11 +97,11 @@ def input_feed(module: NetModule, device: torch.device) -> dict[str, torch.Tenso
     return feed
 
 
-def engine_forward(module: NetModule, engine: str | None, precision: str = "fp32"):
-    """``feed -> (loss, outputs)`` through the inference engine ``engine`` names, or None
-    where the net runs its own forward (torch asked for or chosen, or a net the engines do
-    not serve: data layers, Python layers, the TRAIN phase). ``precision`` "auto": bf16
-    competes too (engine/backends/engine.py)."""
+def engine_net(module: NetModule, engine: str | None, precision: str = "fp32") -> Net | None:
+    """The pycaffe Net whose ``forward`` runs ``module`` through the inference engine
+    ``engine`` names, or None where the net runs its own forward (torch asked for or chosen,
+    or a net the engines do not serve: data layers, Python layers, the TRAIN phase).
+    ``precision`` "auto": bf16 competes too (engine/backends/engine.py)."""
     from caffe_compat.engine.backends.engine import requested_engine
     precision = "auto" if precision == devices.AUTO and module.phase == caffe_pb2.TEST \
         else "fp32"
@@ -112,7 +112,11 @@ def engine_forward(module: NetModule, engine: str | None, precision: str = "fp32
     if net.engine == "torch":
         return None
     glog.info(f"Inference engine: {net.engine}", "caffe.cpp:290")
+    return net
 
+
+def net_forward(net: Net, module: NetModule):
+    """``feed -> (loss, outputs)`` through ``net.forward``."""
     def forward(**feed):
         out = net.forward(**{n: t.detach().cpu().float().numpy() for n, t in feed.items()})
         outputs = {n: torch.from_numpy(v.copy()) for n, v in out.items()}
@@ -120,6 +124,12 @@ def engine_forward(module: NetModule, engine: str | None, precision: str = "fp32
                    for n, w in module.loss_weights.items() if n in outputs)
         return torch.tensor(float(loss)), outputs
     return forward
+
+
+def engine_forward(module: NetModule, engine: str | None, precision: str = "fp32"):
+    """``feed -> (loss, outputs)`` through ``engine_net``, or None where that is None."""
+    net = engine_net(module, engine, precision)
+    return None if net is None else net_forward(net, module)
 
 
 @dataclass
@@ -171,4 +181,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 __all__ = ["add_arguments", "add_net_arguments", "load_net", "input_feed", "score", "main",
-           "TestResult", "engine_forward"]
+           "TestResult", "engine_forward", "engine_net", "net_forward"]

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from caffe_compat.commands import device as devices
-from caffe_compat.commands.test_cmd import (add_net_arguments, engine_forward, input_feed,
-                                            load_net)
+from caffe_compat._pycaffe.fast import inference_plan
+from caffe_compat.commands.test_cmd import (add_net_arguments, engine_net, input_feed,
+                                            load_net, net_forward)
 from caffe_compat.engine.net.module import NetModule
 from caffe_compat.engine.net.plan import Step, execute
 from caffe_compat.formats import glog
@@ -202,11 +203,13 @@ def _log_table(result: TimeResult, forward_only: bool) -> None:
 
 def time_engine(module: NetModule, iterations: int, engine: str | None,
                 precision: str = "fp32") -> float | None:
-    """Whole-net forward timings through an inference engine (no per-layer table: the
-    engine runs the net as one graph); None where the net runs on torch layer by layer."""
-    forward = engine_forward(module, engine, precision)
-    if forward is None:
+    """Whole-net forward timings through an inference engine, then the engine plan's steps
+    timed one at a time (the exported prefix is one step; an SSD's DetectionOutput another);
+    None where the net runs on torch layer by layer."""
+    net = engine_net(module, engine, precision)
+    if net is None:
         return None
+    forward = net_forward(net, module)
     feed = input_feed(module, torch.device("cpu"))
     forward(**feed)                                    # first call: checked against torch
     glog.info("*** Benchmark begins ***", "caffe.cpp:377")
@@ -218,10 +221,44 @@ def time_engine(module: NetModule, iterations: int, engine: str | None,
         glog.info(f"Iteration: {it + 1} forward time: "
                   f"{num((time.perf_counter() - t_iter) * 1e3)} ms.", "caffe.cpp:408")
     total = (time.perf_counter() - start) * 1e3
+    plan = inference_plan(net)
+    if plan is not None:
+        _log_engine_steps(module, plan, feed, iterations)
     glog.info(f"Average Forward pass: {num(total / iterations)} ms.", "caffe.cpp:423")
     glog.info(f"Total Time: {num(total)} ms.", "caffe.cpp:429")
     glog.info("*** Benchmark ends ***", "caffe.cpp:430")
     return total / iterations
+
+
+class _EngineStepTimer:
+    """Executor hooks timing each step of an engine plan."""
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+        self._t0 = 0.0
+
+    def before(self, step: Step, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        self._t0 = time.perf_counter()
+        return args
+
+    def after(self, step: Step, args, outs) -> None:
+        key = id(step)
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - self._t0
+
+
+def _log_engine_steps(module: NetModule, plan, feed: dict, iterations: int) -> None:
+    """Caffe's per-layer table for the engine plan, run by the executor with timing hooks."""
+    timer = _EngineStepTimer()
+    inputs = {n: feed[n].detach().cpu().float() for n in plan.inputs}
+    with torch.no_grad():
+        for _ in range(iterations):
+            execute(plan.plan, dict(inputs), hooks=timer, source=module.source)
+    glog.info("Average time per step of the engine plan: ", "caffe.cpp:411")
+    for step in plan.plan:
+        layer = module.layers[step.index]
+        label = step.name if step.fn is plan.call else f"{step.name} ({layer.type})"
+        ms = timer.seconds.get(id(step), 0.0) * 1e3 / iterations
+        glog.info(f"{label:>24}\tforward: {num(ms)} ms.", "caffe.cpp:415")
 
 
 def main(args: argparse.Namespace) -> int:

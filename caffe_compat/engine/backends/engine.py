@@ -1,15 +1,22 @@
 """Inference engines for a TEST net, chosen by name or by measurement.
 
 ``engine="torch"`` is the fused plan (engine/net/fuse.py). ``"onnxruntime"`` and
-``"openvino"`` run the net's exportable prefix (split.py) in that runtime and the rest (an
-SSD's DetectionOutput, R-CNN's ROIPooling) in torch on its outputs. ``"auto"`` builds every
-engine whose package is installed, checks its outputs against torch's on random inputs of the
-net's own shape, times them alternately (best of ``ROUNDS`` to 100 single calls each, about
-half a second in all) and keeps the fastest.
+``"openvino"`` are a pass of that plan (plan_pass.py): the net's exportable prefix becomes
+one step running in that runtime, the rest (an SSD's DetectionOutput, R-CNN's ROIPooling)
+stays torch steps; the plan runs through the one executor like every other.
+
+``"auto"`` builds every engine whose package is installed for the net's *actual* input
+shapes (pycaffe decides again after a reshape), checks its outputs against torch's on random
+inputs, then times the candidates as pycaffe calls them (inputs copied into the engine's
+bound buffers; torch's fused forward): alternating rounds of one call each, the order
+rotated each round, as many rounds as fit in ``BUDGET_S`` (1 s: 200 rounds, the most, for
+a 1 ms net with three candidates; 33 for a 10 ms one), ``MIN_ROUNDS`` (5) for slower nets.
+**The rule: the candidate with the lowest median time is kept** (the median of alternated
+single calls: a neighbour's burst of load moves it least).
 
 Outputs must equal the torch path's within ``TOLERANCE``: max |engine - torch| over an output,
 divided by max(1, max |torch output|); for a split net, over the blobs the engine computes
-(the inputs of its DetectionOutput, say: see ``ExportedForward.difference``). That is
+(the inputs of its DetectionOutput, say: see ``EnginePlan.difference``). That is
 checked at load on random inputs and again on the first real call
 (``EngineChoice.verified``); a difference there, a failed export or a missing package leaves
 the net on torch with a log line saying why. ``precision="auto"``
@@ -21,27 +28,25 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 
 from caffe_compat.engine.backends import ENGINES
-from caffe_compat.engine.backends.onnx_export import export_onnx
-from caffe_compat.engine.backends.runners import RUNNERS, BackendUnavailable
-from caffe_compat.engine.backends.split import Split, run_suffix, split_plan
+from caffe_compat.engine.backends.plan_pass import EnginePlan, engine_plans
+from caffe_compat.engine.backends.runners import RUNNERS
 from caffe_compat.engine.net.module import NetModule
-from caffe_compat.engine.precision import best_times
 
 log = logging.getLogger(__name__)
 
 ENGINE_ENV = "CAFFE_COMPAT_ENGINE"
 TOLERANCE = 1e-4
 BF16_TOLERANCE = 3e-2     # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, summed over layers
-ROUNDS = 7
+MIN_ROUNDS, MAX_ROUNDS = 5, 200
+BUDGET_S = 1.0            # seconds of timing at load, beyond the MIN_ROUNDS
 
 Outputs = dict[str, torch.Tensor]
 
@@ -52,44 +57,6 @@ def requested_engine(engine: str | None) -> str:
     if name not in ENGINES:
         raise ValueError(f"engine {name!r}: expected one of {', '.join(ENGINES)}")
     return name
-
-
-class ExportedForward:
-    """The exported prefix in one runtime, then the suffix in torch."""
-
-    def __init__(self, split: Split, runner, name: str, shapes: dict[str, tuple]):
-        self.split, self.runner, self.name = split, runner, name
-        self.shapes = {n: torch.Size(shapes[n]) for n in split.prefix_inputs}
-
-    def accepts(self, inputs: Outputs) -> bool:
-        """The export has fixed shapes: a reshaped input blob goes to torch."""
-        return all(inputs[n].shape == s for n, s in self.shapes.items())
-
-    def __call__(self, inputs: Outputs) -> Outputs:
-        feed = {n: np.ascontiguousarray(inputs[n].numpy()) for n in self.split.prefix_inputs}
-        values = self.runner(feed)
-        made = {n: torch.from_numpy(np.asarray(v))
-                for n, v in zip(self.split.prefix_outputs, values)}
-        self.last = (inputs, made)
-        blobs = {**inputs, **made}
-        if self.split.suffix:
-            with torch.no_grad():
-                run_suffix(self.split.suffix, blobs)
-        return {n: blobs[n] for n in self.split.output_names}
-
-    def difference(self, outputs: Outputs, reference: Outputs) -> float:
-        """How far the last call's exported part is from torch computing the same blobs.
-
-        The exported part is what this engine computes; the suffix runs torch's own layers
-        on it. Comparing there, not at the net's outputs, keeps a DetectionOutput's
-        thresholds (a score at 0.3000001 against 0.2999999 keeps one more box) from
-        turning a 1e-7 difference into a different detection list."""
-        if not self.split.suffix:
-            return difference(outputs, reference)
-        inputs, made = self.last
-        with torch.no_grad():
-            want = self.split.prefix(*(inputs[n] for n in self.split.prefix_inputs))
-        return difference(made, dict(zip(self.split.prefix_outputs, want)))
 
 
 def difference(got: Outputs, want: Outputs) -> float:
@@ -105,44 +72,9 @@ def difference(got: Outputs, want: Outputs) -> float:
     return worst
 
 
-def random_inputs(module: NetModule, seed: int = 0) -> Outputs:
+def random_inputs(shapes: dict[str, tuple], seed: int = 0) -> Outputs:
     gen = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(*module.blob_shapes[n], generator=gen) for n in module.input_names}
-
-
-def build_exported(module: NetModule, names: list[str], threads: int,
-                   workdir: str) -> tuple[dict[str, ExportedForward], dict[str, str]]:
-    """The exported engines among ``names`` that load, and why the others did not."""
-    built, why = {}, {}
-    split = split_plan(module)
-    if split.prefix is None:
-        return built, {n: "no layer at the start of the net can be exported" for n in names}
-    path = os.path.join(workdir, "prefix.onnx")
-    example = [torch.rand(*module.blob_shapes[n]) for n in split.prefix_inputs]
-    try:
-        _export(split, example, path)
-    except Exception as exc:   # noqa: BLE001 - exporter errors come in many types
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        return built, {n: f"the ONNX export failed ({text})" for n in names}
-    for name in names:
-        try:
-            built[name] = ExportedForward(split, RUNNERS[name](
-                path, split.prefix_inputs, split.prefix_outputs, threads), name,
-                module.blob_shapes)
-        except BackendUnavailable as exc:
-            why[name] = str(exc)
-        except Exception as exc:   # noqa: BLE001 - a runtime that cannot load the graph
-            why[name] = f"{name} could not load the export ({str(exc).splitlines()[0][:200]})"
-    return built, why
-
-
-def _export(split: Split, example: list[torch.Tensor], path: str) -> None:
-    """The quick TorchScript-traced export, the dynamo exporter where tracing fails."""
-    try:
-        export_onnx(split.prefix, example, path, split.prefix_inputs, split.prefix_outputs,
-                    dynamo=False)
-    except Exception:   # noqa: BLE001 - then the slower exporter decides
-        export_onnx(split.prefix, example, path, split.prefix_inputs, split.prefix_outputs)
+    return {n: torch.rand(*shape, generator=gen) for n, shape in shapes.items()}
 
 
 @dataclass
@@ -176,13 +108,10 @@ class ReducedForward:
         return {k: v.float() for k, v in out.items()}
 
 
-def _candidates(module, request, precision, torch_forward, threads):
+def _candidates(module, request, precision, torch_forward, threads, shapes):
     """({name: forward}, {name: tolerance}, {name: why not}) of the engines to consider."""
     names = [] if request == "torch" else list(RUNNERS) if request == "auto" else [request]
-    built, why = {}, {}
-    if names:
-        with tempfile.TemporaryDirectory(prefix="caffe-compat-engine-") as workdir:
-            built, why = build_exported(module, names, threads, workdir)
+    built, why = engine_plans(module, names, threads, shapes) if names else ({}, {})
     tolerance = {name: TOLERANCE for name in built}
     if precision == "auto":
         from caffe_compat.engine.precision import candidates
@@ -194,30 +123,54 @@ def _candidates(module, request, precision, torch_forward, threads):
     return built, tolerance, why
 
 
-def _rounds(steps: dict[str, Callable[[], object]], budget_s: float = 0.5) -> int:
-    """Alternating rounds for the timing: ``ROUNDS`` at least, more for nets of a
-    millisecond or less (the best of 7 single 0.1 ms calls on a busy machine picked the
-    slower runtime), so that the timing takes about ``budget_s``; 100 at most."""
-    slowest = 0.0
+def median_times(steps: dict[str, Callable[[], object]], budget_s: float = BUDGET_S,
+                 rounds: tuple[int, int] = (MIN_ROUNDS, MAX_ROUNDS)) -> dict[str, float]:
+    """Each step's median wall time (seconds) over alternating rounds: one warm-up call
+    each, then rounds of one call per step, the order rotated each round, as many rounds
+    as fit in ``budget_s`` within ``rounds``. The median of single calls, alternated, is
+    what a burst of load from a neighbour moves least (the best-of-7 it replaces picked
+    torch at 12.1 ms over OpenVINO at 6.0 ms for an MTCNN O-Net at batch 16)."""
+    names = list(steps)
+    t0 = time.perf_counter()
     for step in steps.values():
-        t0 = time.perf_counter()
         step()
-        slowest = max(slowest, time.perf_counter() - t0)
-    per_round = slowest * len(steps)
-    return int(min(100, max(ROUNDS, budget_s / per_round if per_round else 100)))
+    warm = time.perf_counter() - t0
+    count = int(min(rounds[1], max(rounds[0], budget_s / warm if warm else rounds[1])))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(count):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def _bound_call(forward, inputs: Outputs) -> Callable[[], object]:
+    """One call as pycaffe makes it: an engine plan gets the inputs copied into its bound
+    buffers, the torch paths get them as tensors."""
+    if isinstance(forward, EnginePlan):
+        def call():
+            for name, bound in forward.inputs.items():
+                bound.copy_(inputs[name])
+            return forward.run(forward.inputs)
+        return call
+    return lambda: forward(inputs)
 
 
 def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outputs], Outputs],
-                  threads: int | None = None, precision: str = "fp32") -> EngineChoice:
-    """The engine for ``module`` (see the module docstring); ``torch_forward`` is the torch
-    path (inputs -> outputs). ``precision="auto"`` adds the torch path under bf16 autocast
-    where the CPU has native bf16, kept only if faster and within ``BF16_TOLERANCE``."""
+                  threads: int | None = None, precision: str = "fp32",
+                  shapes: dict[str, tuple] | None = None) -> EngineChoice:
+    """The engine for ``module`` (see the module docstring) at input ``shapes`` (default:
+    the net's); ``torch_forward`` is the torch path (inputs -> outputs).
+    ``precision="auto"`` adds the torch path under bf16 autocast where the CPU has native
+    bf16, kept only if faster and within ``BF16_TOLERANCE``."""
     request = requested_engine(request)
     if request == "torch" and precision != "auto":
         return EngineChoice("torch", None, "engine torch: requested", verified=True)
+    shapes = shapes or {n: module.blob_shapes[n] for n in module.input_names}
     built, tolerance, why = _candidates(module, request, precision, torch_forward,
-                                        threads or torch.get_num_threads())
-    inputs = random_inputs(module)
+                                        threads or torch.get_num_threads(), shapes)
+    inputs = random_inputs(shapes)
     reference = torch_forward(inputs)
     diffs = {}
     for name in list(built):
@@ -229,23 +182,32 @@ def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outp
     if not built:
         reason = "; ".join(f"{n}: {w}" for n, w in why.items())
         return EngineChoice("torch", None, f"engine torch ({reason})", verified=True)
-    steps = {"torch": lambda: torch_forward(inputs)}
-    steps.update((name, lambda f=f: f(inputs)) for name, f in built.items())
+    steps = {"torch": _bound_call(torch_forward, inputs)}
+    steps.update((name, _bound_call(f, inputs)) for name, f in built.items())
+    settings = "; ".join(f"{k}: {f.settings}" for k, f in built.items()
+                         if getattr(f, "settings", ""))
     if request == "auto" or precision == "auto":
-        times = {k: v * 1e3 for k, v in best_times(steps, _rounds(steps)).items()}
+        times = {k: v * 1e3 for k, v in median_times(steps).items()}
         best = min(times, key=times.get)
         summary = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(times.items(),
                                                                  key=lambda kv: kv[1]))
-        reason = f"engine {best}: fastest here ({summary}; largest relative difference " \
-                 "to fp32 torch: " + ", ".join(f"{k} {diffs[k]:.1g}" for k in built) + ")"
+        reason = f"engine {best}: fastest median at {_shape_text(shapes)} ({summary}; " \
+                 "largest relative difference to fp32 torch: " + \
+                 ", ".join(f"{k} {diffs[k]:.1g}" for k in built) + ")"
         if why:
             reason += "; " + "; ".join(f"{n}: {w}" for n, w in why.items())
     else:
         times, best = {}, request
-        reason = f"engine {best}: requested"
+        reason = f"engine {best}: requested ({_shape_text(shapes)})"
+    if settings:
+        reason += f" [{settings}]"
     forward = built.get(best)
     return EngineChoice(best, forward, reason, times, verified=forward is None,
                         tolerance=tolerance.get(best, TOLERANCE))
+
+
+def _shape_text(shapes: dict[str, tuple]) -> str:
+    return ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items())
 
 
 def first_call_check(choice: EngineChoice, got: Outputs, want: Outputs) -> EngineChoice:
@@ -260,6 +222,6 @@ def first_call_check(choice: EngineChoice, got: Outputs, want: Outputs) -> Engin
                         "on the first call", verified=True)
 
 
-__all__ = ["ENGINES", "ENGINE_ENV", "TOLERANCE", "BF16_TOLERANCE", "ReducedForward", "EngineChoice", "ExportedForward",
-           "choose_engine", "first_call_check", "requested_engine", "difference",
-           "build_exported"]
+__all__ = ["ENGINES", "ENGINE_ENV", "TOLERANCE", "BF16_TOLERANCE", "ReducedForward",
+           "EngineChoice", "EnginePlan", "choose_engine", "first_call_check",
+           "requested_engine", "difference", "median_times"]

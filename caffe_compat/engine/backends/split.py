@@ -1,13 +1,14 @@
-"""A fused TEST net cut in two: the part an ONNX exporter can express, and the rest in torch.
+"""A fused TEST plan cut in two: the steps an ONNX exporter can express, and the rest.
 
-``split_plan(module)`` walks the fused plan (engine/net/fuse.py, NCHW) in order. An op joins
-the *prefix* when its layer declares ``exports_to_onnx`` and everything it reads comes from
-the net's inputs or from the prefix; every other op joins the *suffix* (DetectionOutput,
-ROIPooling, Python layers, and whatever reads their tops). The prefix's outputs are the blobs
-the suffix reads and the net outputs it makes. An op that would overwrite (in place) a name
-the suffix reads or writes stays in the suffix too, so running the whole prefix first and
-then the suffix computes what the plan computes. An SSD net thus exports everything up to
-its DetectionOutput, which then runs in torch on the exported net's tensors.
+``split_steps(plan, module)`` walks a fused inference plan (engine/net/fuse.py, NCHW) in
+order. A step joins the *prefix* when its layer declares ``exports_to_onnx`` (an alias step
+always can) and everything it reads comes from the net's inputs or from the prefix; every
+other step joins the *suffix* (DetectionOutput, ROIPooling, Python layers, and whatever
+reads their tops). The prefix's outputs are the blobs the suffix reads and the net outputs
+it makes. A step that would overwrite (in place) a name the suffix reads or writes stays in
+the suffix too, so running the whole prefix first and then the suffix computes what the plan
+computes. An SSD net thus exports everything up to its DetectionOutput, which then runs in
+torch on the exported net's tensors (engine/backends/plan_pass.py makes the prefix one step).
 """
 from __future__ import annotations
 
@@ -15,17 +16,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
 from caffe_compat.engine.net.fuse import FusedNet, fused_for_inference
 from caffe_compat.engine.net.module import NetModule
-from caffe_compat.engine.net.plan import execute
+from caffe_compat.engine.net.plan import Step
 
 
 @dataclass
 class Split:
     prefix: FusedNet | None         # None: nothing exportable
-    suffix: list                    # fused-plan ops run in torch after the prefix
+    suffix: list[Step]              # fused-plan steps run in torch after the prefix
     prefix_inputs: list[str]
     prefix_outputs: list[str]
     output_names: list[str]         # the net's outputs
@@ -39,48 +38,45 @@ class _Names:
         self.source = name                    # what the executor's messages name
 
 
-def _exportable(op) -> bool:
-    if op.fn is None:
-        return True                          # an alias (Split, TEST Dropout)
-    return bool(getattr(op.fn, "exports_to_onnx", True))
+def exportable(step: Step, module: NetModule) -> bool:
+    """The step's layer declares that an exporter can express it (aliases run nothing)."""
+    return step.fn is None or bool(module.layers[step.index].exports_to_onnx)
 
 
-def split_plan(module: NetModule) -> Split:
-    """The prefix/suffix split of ``module``'s fused plan (see the module docstring)."""
-    fused = fused_for_inference(module)
+def split_steps(plan: Sequence[Step], module: NetModule) -> Split:
+    """The prefix/suffix split of the fused ``plan`` (see the module docstring)."""
     in_prefix: dict[str, bool] = {name: True for name in module.input_names}
     suffix_names: set[str] = set()
-    prefix_ops, suffix_ops = [], []
-    for op in fused.ops:
-        ready = all(in_prefix.get(b, False) for b in op.bottoms)
-        clash = any(t in suffix_names for t in op.tops)
-        if _exportable(op) and ready and not clash:
-            prefix_ops.append(op)
-            in_prefix.update((t, True) for t in op.tops)
+    prefix_steps, suffix_steps = [], []
+    for step in plan:
+        ready = all(in_prefix.get(b, False) for b in step.bottoms)
+        clash = any(t in suffix_names for t in step.tops)
+        if exportable(step, module) and ready and not clash:
+            prefix_steps.append(step)
+            in_prefix.update((t, True) for t in step.tops)
         else:
-            suffix_ops.append(op)
-            suffix_names.update(op.bottoms)
-            suffix_names.update(op.tops)
-            in_prefix.update((t, False) for t in op.tops)
-    made = {t for op in prefix_ops for t in op.tops}
-    read_later = {b for op in suffix_ops for b in op.bottoms}
-    outputs = [n for n in dict.fromkeys([*(b for op in suffix_ops for b in op.bottoms),
+            suffix_steps.append(step)
+            suffix_names.update(step.bottoms)
+            suffix_names.update(step.tops)
+            in_prefix.update((t, False) for t in step.tops)
+    made = {t for step in prefix_steps for t in step.tops}
+    read_later = {b for step in suffix_steps for b in step.bottoms}
+    outputs = [n for n in dict.fromkeys([*(b for s in suffix_steps for b in s.bottoms),
                                          *module.output_names])
                if n in made and (n in read_later or (n in module.output_names
                                                      and in_prefix.get(n)))]
-    if not prefix_ops or not outputs:
-        return Split(None, list(fused.ops), [], [], list(module.output_names))
-    # fresh ops: FusedNet marks releases on its own list (the suffix keeps every blob)
+    if not prefix_steps or not outputs:
+        return Split(None, list(plan), [], [], list(module.output_names))
+    # fresh steps: FusedNet marks releases on its own list (the suffix keeps every blob)
     prefix = FusedNet(_Names(module.name + "_prefix", module.input_names, outputs),
-                      [dataclasses.replace(op) for op in prefix_ops])
-    return Split(prefix.eval(), suffix_ops, list(module.input_names), outputs,
+                      [dataclasses.replace(step) for step in prefix_steps])
+    return Split(prefix.eval(), suffix_steps, list(module.input_names), outputs,
                  list(module.output_names))
 
 
-def run_suffix(ops: list, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The suffix ops on ``blobs`` (the prefix's outputs and the net's inputs), in order,
-    through the one executor (every blob kept)."""
-    return execute(ops, blobs, source="suffix")
+def split_plan(module: NetModule) -> Split:
+    """``split_steps`` of ``module``'s NCHW fused inference plan."""
+    return split_steps(fused_for_inference(module).plan, module)
 
 
-__all__ = ["Split", "split_plan", "run_suffix"]
+__all__ = ["Split", "split_steps", "split_plan", "exportable"]
