@@ -3,7 +3,8 @@ the frozen prefix, so a frozen detector's detections follow its input."""
 import pytest
 import torch
 
-from caffe_compat.engine.net.frozen import FrozenNet, frozen_for_inference, partition, traceable
+from caffe_compat.engine.net.frozen import FrozenNet, frozen_for_inference, traceable
+from caffe_compat.engine.net.plan import partition
 from caffe_compat.engine.net.fuse import fused_for_inference
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.formats.blob_io import read_text_proto

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from caffe_compat.engine.net.fuse import FusedNet, fused_for_inference
 from caffe_compat.engine.net.module import NetModule
-from caffe_compat.engine.net.plan import Step
+from caffe_compat.engine.net.plan import Step, partition
 
 
 @dataclass
@@ -45,26 +45,8 @@ def exportable(step: Step, module: NetModule) -> bool:
 
 def split_steps(plan: Sequence[Step], module: NetModule) -> Split:
     """The prefix/suffix split of the fused ``plan`` (see the module docstring)."""
-    in_prefix: dict[str, bool] = {name: True for name in module.input_names}
-    suffix_names: set[str] = set()
-    prefix_steps, suffix_steps = [], []
-    for step in plan:
-        ready = all(in_prefix.get(b, False) for b in step.bottoms)
-        clash = any(t in suffix_names for t in step.tops)
-        if exportable(step, module) and ready and not clash:
-            prefix_steps.append(step)
-            in_prefix.update((t, True) for t in step.tops)
-        else:
-            suffix_steps.append(step)
-            suffix_names.update(step.bottoms)
-            suffix_names.update(step.tops)
-            in_prefix.update((t, False) for t in step.tops)
-    made = {t for step in prefix_steps for t in step.tops}
-    read_later = {b for step in suffix_steps for b in step.bottoms}
-    outputs = [n for n in dict.fromkeys([*(b for s in suffix_steps for b in s.bottoms),
-                                         *module.output_names])
-               if n in made and (n in read_later or (n in module.output_names
-                                                     and in_prefix.get(n)))]
+    prefix_steps, suffix_steps, outputs = partition(
+        plan, module.input_names, module.output_names, lambda step: exportable(step, module))
     if not prefix_steps or not outputs:
         return Split(None, list(plan), [], [], list(module.output_names))
     # fresh steps: FusedNet marks releases on its own list (the suffix keeps every blob)

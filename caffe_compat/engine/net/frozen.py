@@ -14,49 +14,19 @@ from __future__ import annotations
 import copy
 import warnings
 from types import SimpleNamespace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from caffe_compat.engine.net.denormals import FlushDenormals
 from caffe_compat.engine.net.fuse import FusedNet
-from caffe_compat.engine.net.plan import Step, execute
+from caffe_compat.engine.net.plan import Step, execute, partition
 
 
 def traceable(step: Step) -> bool:
     """The step's op is replayed correctly by a trace (an alias has no op at all)."""
     return step.fn is None or bool(getattr(step.fn, "traceable", True))
-
-
-def partition(plan: Sequence[Step], input_names: Sequence[str], output_names: Sequence[str],
-              admits: Callable[[Step], bool]) -> tuple[list[Step], list[Step], list[str]]:
-    """(prefix, suffix, prefix outputs) of ``plan``.
-
-    A step joins the prefix when ``admits`` it and everything it reads comes from the inputs or
-    the prefix; every other step, and what reads its tops, joins the suffix. A step that
-    would write a name the suffix reads or writes stays in the suffix too, so running the
-    whole prefix and then the suffix computes what the plan computes. The prefix's outputs are
-    the blobs the suffix reads and the net outputs it makes."""
-    in_prefix = {name: True for name in input_names}
-    suffix_names: set[str] = set()
-    prefix, suffix = [], []
-    for step in plan:
-        ready = all(in_prefix.get(b, False) for b in step.bottoms)
-        clash = any(t in suffix_names for t in step.tops)
-        if admits(step) and ready and not clash:
-            prefix.append(step)
-            in_prefix.update((t, True) for t in step.tops)
-        else:
-            suffix.append(step)
-            suffix_names.update(step.bottoms)
-            suffix_names.update(step.tops)
-            in_prefix.update((t, False) for t in step.tops)
-    made = {t for step in prefix for t in step.tops}
-    read_later = {b for step in suffix for b in step.bottoms}
-    outputs = [n for n in dict.fromkeys([*(b for s in suffix for b in s.bottoms), *output_names])
-               if n in made and (n in read_later or (n in output_names and in_prefix.get(n)))]
-    return prefix, suffix, outputs
 
 
 def sub_net(fused: FusedNet, steps: Sequence[Step], outputs: Sequence[str],
@@ -129,4 +99,4 @@ def _freeze(net: FusedNet, example_inputs: Sequence[torch.Tensor]) -> torch.jit.
                            ) from exc
 
 
-__all__ = ["FrozenNet", "frozen_for_inference", "partition", "sub_net", "traceable"]
+__all__ = ["FrozenNet", "frozen_for_inference", "sub_net", "traceable"]

@@ -148,3 +148,33 @@ def _in_float32(call, args: list[torch.Tensor]):
     args = [t.float() if t.dtype in REDUCED_DTYPES else t for t in args]
     with torch.autocast(args[0].device.type, enabled=False):
         return call(*args)
+
+
+def partition(plan: Sequence[Step], input_names: Sequence[str], output_names: Sequence[str],
+              admits: Callable[[Step], bool]) -> tuple[list[Step], list[Step], list[str]]:
+    """(prefix, suffix, prefix outputs) of ``plan``.
+
+    A step joins the prefix when ``admits`` it and everything it reads comes from the inputs or
+    the prefix; every other step, and what reads its tops, joins the suffix. A step that
+    would write a name the suffix reads or writes stays in the suffix too, so running the
+    whole prefix and then the suffix computes what the plan computes. The prefix's outputs are
+    the blobs the suffix reads and the net outputs it makes."""
+    in_prefix = {name: True for name in input_names}
+    suffix_names: set[str] = set()
+    prefix, suffix = [], []
+    for step in plan:
+        ready = all(in_prefix.get(b, False) for b in step.bottoms)
+        clash = any(t in suffix_names for t in step.tops)
+        if admits(step) and ready and not clash:
+            prefix.append(step)
+            in_prefix.update((t, True) for t in step.tops)
+        else:
+            suffix.append(step)
+            suffix_names.update(step.bottoms)
+            suffix_names.update(step.tops)
+            in_prefix.update((t, False) for t in step.tops)
+    made = {t for step in prefix for t in step.tops}
+    read_later = {b for step in suffix for b in step.bottoms}
+    outputs = [n for n in dict.fromkeys([*(b for s in suffix for b in s.bottoms), *output_names])
+               if n in made and (n in read_later or (n in output_names and in_prefix.get(n)))]
+    return prefix, suffix, outputs
