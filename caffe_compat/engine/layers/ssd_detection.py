@@ -101,21 +101,19 @@ def ranked_candidates(scores: np.ndarray, score_threshold: float, top_k: int) ->
     return candidates[np.argsort(-scores[candidates], kind="stable")]
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, nms_threshold: float,
-        eta: float, top_k: int) -> np.ndarray:
-    """SSD's ApplyNMSFast: indices kept, best first.
+def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float) -> np.ndarray:
+    """SSD's ApplyNMSFast after its sort: positions kept among ``[K, 4]`` boxes ranked best
+    first.
 
-    Only the candidates above ``score_threshold`` (cut to ``top_k`` by a stable descending
-    sort) are decoded into one overlap matrix; the greedy pass then visits only the boxes it
-    keeps: each kept box strikes out the later ones it overlaps by more than the threshold
-    of the moment. That threshold never grows, so a struck box would also fail SSD's own
-    test; with ``eta < 1`` the next survivor is still checked against every kept box at the
-    current, smaller threshold, as SSD does."""
-    order = ranked_candidates(scores, score_threshold, top_k)
-    if len(order) < 2:
-        return order
-    overlaps = jaccard_matrix(boxes[order])
-    alive = np.ones(len(order), dtype=bool)  # not yet visited nor struck out
+    One overlap matrix, then a greedy pass that visits only the boxes it keeps: each kept
+    box strikes out the later ones it overlaps by more than the threshold of the moment.
+    That threshold never grows, so a struck box would also fail SSD's own test; with
+    ``eta < 1`` the next survivor is still checked against every kept box at the current,
+    smaller threshold, as SSD does."""
+    if len(boxes) < 2:
+        return np.arange(len(boxes))
+    overlaps = jaccard_matrix(boxes)
+    alive = np.ones(len(boxes), dtype=bool)  # not yet visited nor struck out
     kept: list[int] = []
     threshold = F32(nms_threshold)
     position = 0
@@ -127,7 +125,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, nms_thres
             if eta < 1 and threshold > 0.5:
                 threshold = F32(threshold * F32(eta))
         position = int(alive.argmax())
-    return order[kept]
+    return np.asarray(kept, dtype=np.int64)
 
 
 @register
@@ -188,30 +186,36 @@ class DetectionOutput(Layer):
             raise self.error(f"location ({loc[0]}) and confidence ({conf[0]}) batch sizes differ")
         return [(1, 1, 1, 7)]
 
-    def _image_detections(self, boxes: np.ndarray, conf: np.ndarray) -> list[np.ndarray]:
+    def _image_detections(self, loc: np.ndarray, conf: np.ndarray, priors: np.ndarray,
+                          variances: np.ndarray) -> list[np.ndarray]:
         """One image's detections as ``[D, 6]`` float32 pieces ``[label, score, box]``, labels
-        ascending, after per-class NMS and keep_top_k. ``boxes``: decoded ``[P, L, 4]``."""
-        labels, indices = [], []
+        ascending, after per-class NMS and keep_top_k. ``loc``: ``[P, L, 4]``. Only each
+        class's candidates (above the threshold, cut to top_k) are decoded: decoding is
+        elementwise, so a subset decodes to the same boxes."""
+        labels, indices, boxes = [], [], []
         for c in range(self.num_classes):
             if c == self.background:
                 continue
-            kept = nms(boxes[:, 0 if self.share_location else c], conf[:, c],
-                       self.confidence_threshold, self.nms_threshold, self.eta, self.top_k)
+            order = ranked_candidates(conf[:, c], self.confidence_threshold, self.top_k)
+            decoded = decode_boxes(loc[order, 0 if self.share_location else c], priors[order],
+                                   variances[order], self.code_type, self.variance_in_target)
+            kept = greedy_nms(decoded, self.nms_threshold, self.eta)
             labels.append(np.full(len(kept), c, dtype=np.int64))
-            indices.append(kept)
+            indices.append(order[kept])
+            boxes.append(decoded[kept])
         if not labels:
             return []
-        labels, indices = np.concatenate(labels), np.concatenate(indices).astype(np.int64)
+        labels, indices, boxes = (np.concatenate(labels), np.concatenate(indices),
+                                  np.concatenate(boxes))
         scores = conf[indices, labels]
         if -1 < self.keep_top_k < len(indices):
             # SSD stably sorts (score, label, index) pairs built in label order, keeps the
             # best keep_top_k and regroups them by label: a stable sort by label restores that.
             best = np.argsort(-scores, kind="stable")[:self.keep_top_k]
             best = best[np.argsort(labels[best], kind="stable")]
-            labels, indices, scores = labels[best], indices[best], scores[best]
-        loc_column = np.zeros_like(labels) if self.share_location else labels
+            labels, scores, boxes = labels[best], scores[best], boxes[best]
         rows = np.empty((len(labels), 6), dtype=F32)
-        rows[:, 0], rows[:, 1], rows[:, 2:] = labels, scores, boxes[indices, loc_column]
+        rows[:, 0], rows[:, 1], rows[:, 2:] = labels, scores, boxes
         return [rows]
 
     def forward(self, loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -221,13 +225,9 @@ class DetectionOutput(Layer):
         conf_np = conf.detach().to("cpu", torch.float32).numpy().reshape(n, p, self.num_classes)
         prior_np = prior.detach().to("cpu", torch.float32).numpy().reshape(-1)
         priors, variances = prior_np[:p * 4].reshape(p, 4), prior_np[p * 4:p * 8].reshape(p, 4)
-        # Every box of every image and location class decoded at once (the background's own
-        # location class too when locations are per class: SSD skips it, the cost is one slice).
-        decoded = decode_boxes(loc_np, priors[:, None], variances[:, None], self.code_type,
-                               self.variance_in_target)
         pieces = []
         for i in range(n):
-            for rows in self._image_detections(decoded[i], conf_np[i]):
+            for rows in self._image_detections(loc_np[i], conf_np[i], priors, variances):
                 pieces.append(np.concatenate([np.full((len(rows), 1), i, dtype=F32), rows], 1))
         out = (np.concatenate(pieces) if pieces and sum(map(len, pieces))
                else np.array([[i] + [-1] * 6 for i in range(n)], dtype=F32))
