@@ -134,3 +134,20 @@ def test_reference_case_set_exercises_ties_and_cuts():
     assert scores[layer.top_k - 1] == scores[layer.top_k]
     out = reference_forward(layer, loc, conf, prior)
     assert (out[:, 0] == 0).sum() == layer.keep_top_k
+
+
+def test_prior_box_top_is_recomputed_per_shape_and_a_written_top_does_not_stick():
+    from caffe_compat.engine.layers.ssd import PriorBox
+    param = caffe_pb2.LayerParameter()
+    text_format.Parse('name: "p" type: "PriorBox" prior_box_param { min_size: 8 max_size: 16 '
+                      'aspect_ratio: 2 flip: true variance: 0.1 variance: 0.2 variance: 0.2 '
+                      'variance: 0.1 }', param)
+    layer = PriorBox(param, [(1, 4, 5, 6), (1, 3, 40, 48)], caffe_pb2.TEST)
+    feat, image = torch.zeros(1, 4, 5, 6), torch.zeros(1, 3, 40, 48)
+    first = layer.forward(feat, image)
+    np.testing.assert_array_equal(first[0].numpy(), layer._boxes((5, 6), (40, 48)))
+    first.fill_(7)
+    np.testing.assert_array_equal(layer.forward(feat, image)[0].numpy(),
+                                  layer._boxes((5, 6), (40, 48)))
+    other = layer.forward(torch.zeros(1, 4, 3, 4), torch.zeros(1, 3, 24, 32))
+    np.testing.assert_array_equal(other[0].numpy(), layer._boxes((3, 4), (24, 32)))
