@@ -10,6 +10,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from caffe_compat.engine.layers import ssd_detection
 from caffe_compat.engine.layers.ssd_detection import DetectionOutput, decode_boxes
 from caffe_compat.proto import caffe_pb2
 
@@ -151,3 +152,16 @@ def test_prior_box_top_is_recomputed_per_shape_and_a_written_top_does_not_stick(
                                   layer._boxes((5, 6), (40, 48)))
     other = layer.forward(torch.zeros(1, 4, 3, 4), torch.zeros(1, 3, 24, 32))
     np.testing.assert_array_equal(other[0].numpy(), layer._boxes((3, 4), (24, 32)))
+
+
+@pytest.mark.parametrize("params,loc_classes", CASES[:4])
+def test_detection_output_row_by_row_overlaps_equal_reference(params, loc_classes, monkeypatch):
+    """Past MATRIX_LIMIT candidates NMS computes one overlap row per kept box instead of the
+    matrix; forced here on small inputs, it must give the same detections."""
+    monkeypatch.setattr(ssd_detection, "MATRIX_LIMIT", 4)
+    rng = np.random.default_rng(7)
+    classes = int(params.split()[1])
+    loc, conf, prior = random_inputs(rng, 2, 90, classes, loc_classes, score_levels=6)
+    layer = make_layer(params, [loc.shape, conf.shape, prior.shape])
+    got = layer.forward(torch.from_numpy(loc), torch.from_numpy(conf), torch.from_numpy(prior))
+    np.testing.assert_array_equal(got.numpy()[0, 0], reference_forward(layer, loc, conf, prior))

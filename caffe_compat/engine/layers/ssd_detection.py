@@ -34,6 +34,7 @@ CORNER, CENTER_SIZE, CORNER_SIZE = (caffe_pb2.PriorBoxParameter.CORNER,
                                     caffe_pb2.PriorBoxParameter.CENTER_SIZE,
                                     caffe_pb2.PriorBoxParameter.CORNER_SIZE)
 F32 = np.float32
+MATRIX_LIMIT = 2048
 
 
 def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, code_type: int,
@@ -67,18 +68,19 @@ def box_sizes(boxes: np.ndarray) -> np.ndarray:
     return np.where((w < 0) | (h < 0), F32(0), (w * h).astype(F32)).astype(F32)
 
 
-def jaccard_matrix(boxes: np.ndarray) -> np.ndarray:
-    """SSD's JaccardOverlap of every pair of ``[K, 4]`` boxes, ``[K, K]`` float32, computed
-    elementwise with the same float32 operations as SSD's one-pair function (it is
-    symmetric, so row ``i`` is box ``i`` against every other)."""
-    sizes = box_sizes(boxes)
-    x0, y0, x1, y1 = (np.ascontiguousarray(boxes[:, k]) for k in range(4))
-    iw = np.minimum(x1[:, None], x1[None, :])
-    iw -= np.maximum(x0[:, None], x0[None, :])
-    ih = np.minimum(y1[:, None], y1[None, :])
-    ih -= np.maximum(y0[:, None], y0[None, :])
+def jaccard_matrix(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """SSD's JaccardOverlap of every box of ``first`` ``[A, 4]`` with every box of ``second``
+    ``[B, 4]``: ``[A, B]`` float32, elementwise the same float32 operations as SSD's
+    one-pair function (which is symmetric, so either order gives the same values)."""
+    sizes_a, sizes_b = box_sizes(first), box_sizes(second)
+    x0a, y0a, x1a, y1a = (np.ascontiguousarray(first[:, k])[:, None] for k in range(4))
+    x0b, y0b, x1b, y1b = (np.ascontiguousarray(second[:, k])[None, :] for k in range(4))
+    iw = np.minimum(x1a, x1b)
+    iw -= np.maximum(x0a, x0b)
+    ih = np.minimum(y1a, y1b)
+    ih -= np.maximum(y0a, y0b)
     inter = iw * ih
-    union = sizes[:, None] + sizes[None, :]
+    union = sizes_a[:, None] + sizes_b[None, :]
     union -= inter
     with np.errstate(divide="ignore", invalid="ignore"):
         overlap = np.divide(inter, union, out=union)
@@ -112,16 +114,22 @@ def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float) -> np.ndarra
     smaller threshold, as SSD does."""
     if len(boxes) < 2:
         return np.arange(len(boxes))
-    overlaps = jaccard_matrix(boxes)
+    # Up to MATRIX_LIMIT candidates (16 MB of overlaps) all pairs at once; beyond (no top_k
+    # and no confidence threshold, say) one row per kept box.
+    matrix = jaccard_matrix(boxes, boxes) if len(boxes) <= MATRIX_LIMIT else None
     alive = np.ones(len(boxes), dtype=bool)  # not yet visited nor struck out
     kept: list[int] = []
     threshold = F32(nms_threshold)
     position = 0
     while alive[position]:
         alive[position] = False
-        if not (eta < 1 and kept and np.any(overlaps[kept, position] > threshold)):
+        if not (eta < 1 and kept and np.any(
+                (matrix[kept, position] if matrix is not None
+                 else jaccard_matrix(boxes[kept], boxes[position:position + 1])) > threshold)):
             kept.append(position)
-            alive &= ~(overlaps[position] > threshold)
+            row = (matrix[position] if matrix is not None
+                   else jaccard_matrix(boxes[position:position + 1], boxes)[0])
+            alive &= ~(row > threshold)
             if eta < 1 and threshold > 0.5:
                 threshold = F32(threshold * F32(eta))
         position = int(alive.argmax())
