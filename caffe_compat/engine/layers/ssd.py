@@ -169,6 +169,7 @@ class PriorBox(Layer):
         self.img_hw = self._pair(p, "img_size", "img_h", "img_w", int)
         self.step_hw = self._pair(p, "step", "step_h", "step_w", float)
         self.offset = float(np.float32(p.offset))
+        self._cached: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def _pair(self, p, single: str, h: str, w: str, kind) -> tuple:
         if p.HasField(h) or p.HasField(w):
@@ -220,5 +221,9 @@ class PriorBox(Layer):
     def forward(self, feat: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         _, fh, fw = _legacy_chw(tuple(feat.shape))
         _, ih, iw = _legacy_chw(tuple(image.shape))
-        out = torch.from_numpy(self._boxes((fh, fw), (ih, iw)))
-        return out.to(device=feat.device, dtype=feat.dtype).unsqueeze(0)
+        # The boxes depend on the two shapes only: computed once per pair of shapes (the last
+        # pair kept), and copied out so that a write into the top cannot reach the cache.
+        key = (fh, fw, ih, iw)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, torch.from_numpy(self._boxes((fh, fw), (ih, iw))).unsqueeze(0))
+        return self._cached[1].to(device=feat.device, dtype=feat.dtype, copy=True)

@@ -34,29 +34,31 @@ CORNER, CENTER_SIZE, CORNER_SIZE = (caffe_pb2.PriorBoxParameter.CORNER,
                                     caffe_pb2.PriorBoxParameter.CENTER_SIZE,
                                     caffe_pb2.PriorBoxParameter.CORNER_SIZE)
 F32 = np.float32
+MATRIX_LIMIT = 2048
 
 
 def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, code_type: int,
                  variance_in_target: bool) -> np.ndarray:
-    """SSD's DecodeBBox for ``[P, 4]`` float32 predictions; returns ``[P, 4]`` float32."""
+    """SSD's DecodeBBox, all boxes at once: float32 predictions ``[..., P, 4]`` against priors
+    and variances ``[P, 4]``; returns float32 ``[..., P, 4]``."""
     var = np.ones_like(variances) if variance_in_target else variances
     if code_type == CORNER:
         return (priors + var * loc).astype(F32)
-    pw = (priors[:, 2] - priors[:, 0]).astype(F32)
-    ph = (priors[:, 3] - priors[:, 1]).astype(F32)
+    pw = (priors[..., 2] - priors[..., 0]).astype(F32)
+    ph = (priors[..., 3] - priors[..., 1]).astype(F32)
     if code_type == CORNER_SIZE:
-        scale = np.stack([pw, ph, pw, ph], axis=1)
+        scale = np.stack([pw, ph, pw, ph], axis=-1)
         return (priors + var * loc * scale).astype(F32)
     if code_type != CENTER_SIZE:
         raise ValueError(f"unknown code_type {code_type}")
-    pcx = ((priors[:, 0] + priors[:, 2]).astype(np.float64) / 2.0).astype(F32)
-    pcy = ((priors[:, 1] + priors[:, 3]).astype(np.float64) / 2.0).astype(F32)
-    cx = (var[:, 0] * loc[:, 0] * pw + pcx).astype(F32)
-    cy = (var[:, 1] * loc[:, 1] * ph + pcy).astype(F32)
-    w = (np.exp((var[:, 2] * loc[:, 2]).astype(F32)) * pw).astype(F32)
-    h = (np.exp((var[:, 3] * loc[:, 3]).astype(F32)) * ph).astype(F32)
+    pcx = ((priors[..., 0] + priors[..., 2]).astype(np.float64) / 2.0).astype(F32)
+    pcy = ((priors[..., 1] + priors[..., 3]).astype(np.float64) / 2.0).astype(F32)
+    cx = (var[..., 0] * loc[..., 0] * pw + pcx).astype(F32)
+    cy = (var[..., 1] * loc[..., 1] * ph + pcy).astype(F32)
+    w = (np.exp((var[..., 2] * loc[..., 2]).astype(F32)) * pw).astype(F32)
+    h = (np.exp((var[..., 3] * loc[..., 3]).astype(F32)) * ph).astype(F32)
     w64, h64 = w.astype(np.float64) / 2.0, h.astype(np.float64) / 2.0
-    return np.stack([cx - w64, cy - h64, cx + w64, cy + h64], axis=1).astype(F32)
+    return np.stack([cx - w64, cy - h64, cx + w64, cy + h64], axis=-1).astype(F32)
 
 
 def box_sizes(boxes: np.ndarray) -> np.ndarray:
@@ -66,38 +68,72 @@ def box_sizes(boxes: np.ndarray) -> np.ndarray:
     return np.where((w < 0) | (h < 0), F32(0), (w * h).astype(F32)).astype(F32)
 
 
-def jaccard(box: np.ndarray, size: F32, others: np.ndarray, other_sizes: np.ndarray) -> np.ndarray:
-    """SSD's JaccardOverlap of one box with each of ``others`` (float32)."""
-    apart = ((others[:, 0] > box[2]) | (others[:, 2] < box[0]) |
-             (others[:, 1] > box[3]) | (others[:, 3] < box[1]))
-    iw = (np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0])).astype(F32)
-    ih = (np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1])).astype(F32)
-    inter = (iw * ih).astype(F32)
-    union = ((size + other_sizes).astype(F32) - inter).astype(F32)
+def jaccard_matrix(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """SSD's JaccardOverlap of every box of ``first`` ``[A, 4]`` with every box of ``second``
+    ``[B, 4]``: ``[A, B]`` float32, elementwise the same float32 operations as SSD's
+    one-pair function (which is symmetric, so either order gives the same values)."""
+    sizes_a, sizes_b = box_sizes(first), box_sizes(second)
+    x0a, y0a, x1a, y1a = (np.ascontiguousarray(first[:, k])[:, None] for k in range(4))
+    x0b, y0b, x1b, y1b = (np.ascontiguousarray(second[:, k])[None, :] for k in range(4))
+    iw = np.minimum(x1a, x1b)
+    iw -= np.maximum(x0a, x0b)
+    ih = np.minimum(y1a, y1b)
+    ih -= np.maximum(y0a, y0b)
+    inter = iw * ih
+    union = sizes_a[:, None] + sizes_b[None, :]
+    union -= inter
     with np.errstate(divide="ignore", invalid="ignore"):
-        overlap = (inter / union).astype(F32)
-    return np.where(apart | (iw <= 0) | (ih <= 0), F32(0), overlap)
+        overlap = np.divide(inter, union, out=union)
+    overlap[(iw <= 0) | (ih <= 0)] = 0
+    return overlap
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, nms_threshold: float,
-        eta: float, top_k: int) -> list[int]:
-    """SSD's ApplyNMSFast: indices kept, best first."""
+def ranked_candidates(scores: np.ndarray, score_threshold: float, top_k: int) -> np.ndarray:
+    """Indices of the scores above the threshold, stably sorted descending, the first
+    ``top_k`` (all with -1). Only the ``top_k`` best are sorted: those strictly above the
+    ``top_k``-th best score, then the ties at it in index order, exactly the head of a
+    stable sort of them all."""
     candidates = np.flatnonzero(scores > F32(score_threshold))
-    order = candidates[np.argsort(-scores[candidates], kind="stable")]
-    if top_k > -1:
-        order = order[:top_k]
-    sizes = box_sizes(boxes)
+    if -1 < top_k < len(candidates):
+        values = scores[candidates]
+        cut = np.partition(values, len(values) - top_k)[len(values) - top_k] if top_k else 0
+        above = candidates[values > cut]
+        ties = candidates[values == cut][:top_k - len(above)]
+        candidates = np.concatenate([above, ties]) if top_k else candidates[:0]
+    return candidates[np.argsort(-scores[candidates], kind="stable")]
+
+
+def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float) -> np.ndarray:
+    """SSD's ApplyNMSFast after its sort: positions kept among ``[K, 4]`` boxes ranked best
+    first.
+
+    One overlap matrix, then a greedy pass that visits only the boxes it keeps: each kept
+    box strikes out the later ones it overlaps by more than the threshold of the moment.
+    That threshold never grows, so a struck box would also fail SSD's own test; with
+    ``eta < 1`` the next survivor is still checked against every kept box at the current,
+    smaller threshold, as SSD does."""
+    if len(boxes) < 2:
+        return np.arange(len(boxes))
+    # Up to MATRIX_LIMIT candidates (16 MB of overlaps) all pairs at once; beyond (no top_k
+    # and no confidence threshold, say) one row per kept box.
+    matrix = jaccard_matrix(boxes, boxes) if len(boxes) <= MATRIX_LIMIT else None
+    alive = np.ones(len(boxes), dtype=bool)  # not yet visited nor struck out
     kept: list[int] = []
     threshold = F32(nms_threshold)
-    for idx in order:
-        if kept:
-            overlaps = jaccard(boxes[idx], sizes[idx], boxes[kept], sizes[kept])
-            if np.any(overlaps > threshold):
-                continue
-        kept.append(int(idx))
-        if eta < 1 and threshold > 0.5:
-            threshold = F32(threshold * F32(eta))
-    return kept
+    position = 0
+    while alive[position]:
+        alive[position] = False
+        if not (eta < 1 and kept and np.any(
+                (matrix[kept, position] if matrix is not None
+                 else jaccard_matrix(boxes[kept], boxes[position:position + 1])) > threshold)):
+            kept.append(position)
+            row = (matrix[position] if matrix is not None
+                   else jaccard_matrix(boxes[position:position + 1], boxes)[0])
+            alive &= ~(row > threshold)
+            if eta < 1 and threshold > 0.5:
+                threshold = F32(threshold * F32(eta))
+        position = int(alive.argmax())
+    return np.asarray(kept, dtype=np.int64)
 
 
 @register
@@ -159,31 +195,36 @@ class DetectionOutput(Layer):
         return [(1, 1, 1, 7)]
 
     def _image_detections(self, loc: np.ndarray, conf: np.ndarray, priors: np.ndarray,
-                          variances: np.ndarray) -> tuple[dict, dict]:
-        """Kept prior indices per label for one image (after keep_top_k), and the decoded boxes."""
-        decoded = {}
-        for c in range(self.num_loc_classes):
-            label = -1 if self.share_location else c
-            if label == self.background:
-                continue
-            decoded[label] = decode_boxes(loc[:, c], priors, variances, self.code_type,
-                                          self.variance_in_target)
-        kept: dict[int, list[int]] = {}
+                          variances: np.ndarray) -> list[np.ndarray]:
+        """One image's detections as ``[D, 6]`` float32 pieces ``[label, score, box]``, labels
+        ascending, after per-class NMS and keep_top_k. ``loc``: ``[P, L, 4]``. Only each
+        class's candidates (above the threshold, cut to top_k) are decoded: decoding is
+        elementwise, so a subset decodes to the same boxes."""
+        labels, indices, boxes = [], [], []
         for c in range(self.num_classes):
             if c == self.background:
                 continue
-            boxes = decoded[-1 if self.share_location else c]
-            kept[c] = nms(boxes, conf[:, c], self.confidence_threshold, self.nms_threshold,
-                          self.eta, self.top_k)
-        total = sum(len(v) for v in kept.values())
-        if self.keep_top_k > -1 and total > self.keep_top_k:
-            pairs = [(conf[i, c], c, i) for c, idx in kept.items() for i in idx]
-            order = sorted(range(len(pairs)), key=lambda k: -pairs[k][0])[:self.keep_top_k]
-            best: dict[int, list[int]] = {}
-            for k in order:
-                best.setdefault(pairs[k][1], []).append(pairs[k][2])
-            kept = best
-        return {c: kept[c] for c in sorted(kept)}, decoded
+            order = ranked_candidates(conf[:, c], self.confidence_threshold, self.top_k)
+            decoded = decode_boxes(loc[order, 0 if self.share_location else c], priors[order],
+                                   variances[order], self.code_type, self.variance_in_target)
+            kept = greedy_nms(decoded, self.nms_threshold, self.eta)
+            labels.append(np.full(len(kept), c, dtype=np.int64))
+            indices.append(order[kept])
+            boxes.append(decoded[kept])
+        if not labels:
+            return []
+        labels, indices, boxes = (np.concatenate(labels), np.concatenate(indices),
+                                  np.concatenate(boxes))
+        scores = conf[indices, labels]
+        if -1 < self.keep_top_k < len(indices):
+            # SSD stably sorts (score, label, index) pairs built in label order, keeps the
+            # best keep_top_k and regroups them by label: a stable sort by label restores that.
+            best = np.argsort(-scores, kind="stable")[:self.keep_top_k]
+            best = best[np.argsort(labels[best], kind="stable")]
+            labels, scores, boxes = labels[best], scores[best], boxes[best]
+        rows = np.empty((len(labels), 6), dtype=F32)
+        rows[:, 0], rows[:, 1], rows[:, 2:] = labels, scores, boxes
+        return [rows]
 
     def forward(self, loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         n = loc.shape[0]
@@ -192,14 +233,11 @@ class DetectionOutput(Layer):
         conf_np = conf.detach().to("cpu", torch.float32).numpy().reshape(n, p, self.num_classes)
         prior_np = prior.detach().to("cpu", torch.float32).numpy().reshape(-1)
         priors, variances = prior_np[:p * 4].reshape(p, 4), prior_np[p * 4:p * 8].reshape(p, 4)
-        rows = []
+        pieces = []
         for i in range(n):
-            kept, decoded = self._image_detections(loc_np[i], conf_np[i], priors, variances)
-            for c, indices in kept.items():
-                boxes = decoded[-1 if self.share_location else c]
-                for idx in indices:
-                    rows.append([i, c, conf_np[i, idx, c], *boxes[idx]])
-        if not rows:
-            rows = [[i] + [-1] * 6 for i in range(n)]
-        out = torch.tensor(np.asarray(rows, dtype=np.float32)).view(1, 1, len(rows), 7)
-        return out.to(device=loc.device, dtype=loc.dtype)
+            for rows in self._image_detections(loc_np[i], conf_np[i], priors, variances):
+                pieces.append(np.concatenate([np.full((len(rows), 1), i, dtype=F32), rows], 1))
+        out = (np.concatenate(pieces) if pieces and sum(map(len, pieces))
+               else np.array([[i] + [-1] * 6 for i in range(n)], dtype=F32))
+        return torch.from_numpy(out).view(1, 1, len(out), 7).to(device=loc.device,
+                                                                 dtype=loc.dtype)
