@@ -8,7 +8,8 @@ oneDNN's primitive with pre-packed weights beats both on some layers and costs ~
 fixed overhead on others. So a FoldedLinear 2-D convolution with little work
 (``MEASURE_MACS``) times the forms below on the tensor it is given, once, and keeps the
 fastest whose output equals its own direct path's (``TOLERANCE``); the choice is cached per
-geometry and input layout for the process, so a re-fusion (changed weights) costs nothing.
+geometry and input layout for the process, so a re-fusion (changed weights) times nothing
+and checks only the chosen form against the direct path.
 
 Forms (each returns the convolution with bias; the caller applies a fused rectifier unless
 the form did): ``direct`` the FoldedLinear's own path (Winograd where it applies, else the
@@ -162,7 +163,10 @@ def choose(direct: Callable, weight: torch.Tensor, bias: torch.Tensor | None, ar
         if slope is not None:
             want = F.leaky_relu(want, slope)
         agree = {"direct": forms["direct"][0]}     # the reference, even if a conversion
-        for name, (form, rectifies) in forms.items():
+        known = _CHOICES.get(key)
+        # a re-fusion (changed weights) checks only the form already chosen for this key
+        checked = forms if known is None else {k: v for k, v in forms.items() if k == known}
+        for name, (form, rectifies) in checked.items():
             got = form(x)
             if not rectifies and slope is not None:
                 got = F.leaky_relu(got, slope)
