@@ -76,3 +76,53 @@ def test_trains_under_bf16(net_and_batch):
     assert loss.dtype == torch.float32
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad.dtype == torch.float32 for p in net.parameters() if p.grad is not None)
+
+
+def test_weights_changed_inside_one_autocast_context_are_used(net_and_batch):
+    """The commands wrap a whole run in one ``devices.autocast``; the solver updates the
+    float32 weights in place inside it. A forward after the update must compute with the new
+    weights (autocast's weight cache once kept the first forward's bf16 copies for the whole
+    run, so convolutions and InnerProducts never changed)."""
+    from caffe_compat.commands.device import DeviceChoice, autocast
+    net, x, label = net_and_batch
+    conv = next(layer for layer in net.layers if layer.name == "conv")
+    with autocast(DeviceChoice("cpu", [], "bf16")):
+        before = net.run({"data": x, "label": label})["conv"].float()
+        with torch.no_grad():
+            conv.blobs[0].mul_(-1.0)
+        after = net.run({"data": x, "label": label})["conv"].float()
+    with autocast(DeviceChoice("cpu", [], "bf16")):
+        fresh = net.run({"data": x, "label": label})["conv"].float()
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+    assert float((after - before).abs().max()) > 0.1
+
+
+def test_solver_steps_in_one_autocast_context_match_their_snapshot(tmp_path):
+    """Train under one bf16 context as `caffe train` does, then score the live net inside
+    it and a net restored from the snapshot outside: the same weights, so the same loss up
+    to bf16 rounding (with the stale cache the live net scored stale weights)."""
+    from caffe_compat.commands.device import DeviceChoice, autocast
+    from caffe_compat.engine.solver.base import Solver
+    from caffe_compat.engine.solver.params import read_solver_param
+    from caffe_compat.engine import weights
+    net_file = tmp_path / "net.prototxt"
+    net_file.write_text(NET)
+    torch.manual_seed(0)
+    x = torch.randn(30, 3, 12, 12)
+    label = torch.randint(0, 7, (30,)).float()
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{net_file}"\nbase_lr: 0.2\nmomentum: 0.9\nlr_policy: "fixed"\nmax_iter: 40\n'
+        f'random_seed: 1\nsnapshot_prefix: "{tmp_path}/snap"\n')
+    solver = Solver(read_solver_param(str(tmp_path / "solver.prototxt")))
+    solver.input_tensors[0] = {"data": x, "label": label}
+    with autocast(DeviceChoice("cpu", [], "bf16")):
+        solver.step(40)
+        with torch.no_grad():
+            live, _ = solver.train_module.forward_loss(data=x, label=label)
+    model, _ = solver.snapshot()
+    net = build_net(read_text_proto(NET, caffe_pb2.NetParameter), phase=0)
+    weights.copy_from(net, model)
+    with torch.no_grad(), autocast(DeviceChoice("cpu", [], "bf16")):
+        restored, _ = net.forward_loss(data=x, label=label)
+    assert float(live) < 1.0
+    assert float(restored) == pytest.approx(float(live), rel=0.05, abs=0.02)

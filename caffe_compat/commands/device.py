@@ -144,7 +144,11 @@ def autocast(choice: DeviceChoice):
     dtype = PRECISIONS[choice.precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=choice.device.type, dtype=dtype)
+    # cache_enabled=False: autocast keeps one reduced copy of each weight until the outermost
+    # context exits, and the solver updates the float32 weights in place inside it. With the
+    # cache, every forward of a run wrapped in one context used the first step's copies: the
+    # convolution and InnerProduct weights the net computed with never changed.
+    return torch.autocast(device_type=choice.device.type, dtype=dtype, cache_enabled=False)
 
 
 _PROPERTIES = [   # (label as caffe device_query prints it, torch attribute, formatter)
