@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from caffe_compat.engine.solver.base import Solver
     from caffe_compat.commands import device as devices
-    from experiments.reproduce import scale_report
+    from experiments.reproduce import scale_report, snapshot_check
     from experiments.reproduce.protocol import atomic_write_text, output_of, solver_summary_line
     from caffe_compat.formats import glog
     from caffe_compat.engine.solver.params import read_solver_param
@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         model, _ = solver.snapshot()
         final = test_once(solver, *tops)
     glog.remove_log_file(log)
+    check = snapshot_check.verdict(snapshot_check.rescore(
+        sp.net_param, net_path, model, sp.test_iter[0], tops[1], tops[0]), final["accuracy"],
+        sp.test_iter[0] * args.test_batch)
     curve.tests = [t for t in curve.tests if t["iter"] != final["iter"]] + [final]
     curve.save()
     result["test"] = final | {"images": sp.test_iter[0] * args.test_batch}
@@ -354,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{torch.get_num_threads()} thread(s)")
     result["solver"] = solver_summary_line(sp)
     result["load"] = os.getloadavg()[0]
+    result["snapshot_check"] = check
     report_path = Path(args.report)
     text = scale_report.markdown(result, args.batch_size, os.path.relpath(args.solver, REPO),
                                  size=args.size, color=args.color, target=TARGET,
@@ -372,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         deploy_line = f"deploy: none written ({exc})"
     print(f"snapshot: {model}\n{deploy_line}\nwrote {report_path}, "
           f"{report_path.with_suffix('.json')} and {report_path.with_suffix('.png')}")
+    if not check["agrees"]:
+        print(f"error: {model} scores {check['accuracy'] * 100:.2f}% reloaded, the run measured "
+              f"{final['accuracy'] * 100:.2f}%: the caffemodel does not hold the weights the "
+              "run tested", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -56,6 +56,11 @@ def test_builds_trains_tests_and_reports(fake_idx, tmp_path, capsys):
     text = (tmp_path / "report.md").read_text()
     assert f"all {N_TRAIN} training / {N_TEST} test images" in text
     assert "bf16 autocast" in text and "94.5% target: not reached" in text
+    # the caffemodel left behind scores what the bf16 run measured, reloaded in float32
+    check = result["snapshot_check"]
+    assert check["agrees"] and check["model"].endswith("_iter_12.caffemodel")
+    assert abs(check["accuracy"] - acc) <= 2 / N_TEST + 1e-9
+    assert "reloaded into a fresh TEST net" in text
     assert (tmp_path / "report.png").stat().st_size > 10_000
     weights = tmp_path / "work" / "vgg16_landmark_64_iter_12.caffemodel"
     assert weights.is_file()
@@ -170,3 +175,16 @@ def test_layout_nhwc_stores_convolution_weights_channels_last():
     assert weight.shape == (8, 3, 3, 3) and not weight.is_contiguous()
     assert weight.is_contiguous(memory_format=torch.channels_last)
     assert use_layout(solver, "nchw", "fp32")[0] == "nchw" and weight.is_contiguous()
+
+
+def test_snapshot_check_verdict_and_row():
+    """The tolerance: a point on 10,000 images, two images on a small set; a gap beyond it
+    is reported as a caffemodel that does not hold the tested weights."""
+    from experiments.reproduce.snapshot_check import markdown_row, verdict
+    ok = verdict({"accuracy": 0.9430}, 0.9422, 10_000)
+    bad = verdict({"accuracy": 0.1140}, 0.9422, 10_000)
+    small = verdict({"accuracy": 0.80}, 0.90, 20)
+    assert ok["agrees"] and not bad["agrees"] and small["agrees"]
+    assert not verdict({"accuracy": 0.75}, 0.90, 20)["agrees"]
+    assert "agrees with the run's test" in markdown_row(ok)
+    assert "differs from the run's 94.22%" in markdown_row(bad)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.reproduce.plots import _pyplot, _save
+from experiments.reproduce import snapshot_check
 
 ANCHORS = "VGG16 93.5%, ResNet-18 94.9%, DenseNet-BC 95.4%, WRN-40-4 96.7%"
 VGG16_PUBLISHED = 0.935
@@ -59,6 +60,8 @@ def markdown(result: dict, batch: int, solver_file: str, *, size: int, color: bo
         f"| test loss | {t['loss']:.3f} |",
         f"| final test wall time | {t['seconds']:.0f} s "
         f"({t['images'] / t['seconds']:.0f} images/s) |",
+        *([snapshot_check.markdown_row(result["snapshot_check"])]
+          if "snapshot_check" in result else []),
         "",
         "Train loss along the run (mean over each tenth of the iterations): "
         + ", ".join(f"{x:.3f}" for x in result["loss_curve"]) + ".",
