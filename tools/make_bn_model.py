@@ -193,9 +193,10 @@ otherwise unchanged.
 - Solver: `solver_full.prototxt` (SGD, base_lr 0.05, poly to 0 over {WIDE_EPOCHS} epochs of
   batch 64, momentum 0.9, weight_decay 0.0005, clip_gradients 10, snapshots every 500
   iterations).
-- Run: `python tools/full_fashion_mnist.py --size 36 --solver
-  models/{target}/solver_full.prototxt --precision auto --layout auto --work
-  runs/fmnist_full_amx --report results/fmnist_full_amx.md`; results: `results/fmnist_full_amx.md`.
+- Run (30 epochs): `python tools/full_fashion_mnist.py --size 36 --solver
+  models/{target}/solver_full.prototxt --max-iter 28125 --precision auto --layout auto
+  --threads 2 --test-every 5 --work runs/fmnist_full_bf16 --report
+  results/fmnist_full_bf16.md`; results: `results/fmnist_full_bf16.md`.
 """
 
 
