@@ -101,7 +101,7 @@ def main() -> None:
     results = {}
     for precision in precisions:
         # No weight cache: a training step changes the weights, so each step casts them
-        # again (cached casts made the bf16 steps of 12-01/12-02 look up to ~10% faster).
+        # again (the bf16 timings of 12-01/12-02 were taken with cached casts, without it).
         cast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16",
                               cache_enabled=False)
         # Interleave the two so drift in machine load affects both alike.
