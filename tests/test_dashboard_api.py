@@ -367,7 +367,9 @@ def test_workers_left_by_a_killed_server_are_stopped_at_the_next_start(tmp_path)
     store.close()
     try:
         with _client(settings) as client:
-            assert orphan.poll() is not None                 # asked to stop, and gone
+            # asked to stop and gone: its /proc entry empties during exit, a moment before
+            # it can be reaped, so wait for that moment instead of polling once
+            orphan.wait(timeout=10)
             assert client.get(f"/api/jobs/{job}").json()["state"] == "interrupted"
     finally:
         if orphan.poll() is None:
