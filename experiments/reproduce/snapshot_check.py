@@ -20,9 +20,10 @@ EDGE_IMAGES = 2
 def rescore(net_param, source: str, model: str, test_iter: int, acc_top: str,
             loss_top: str) -> dict:
     """Mean accuracy and loss of ``model`` over the first ``test_iter`` TEST batches of a
-    freshly built net, in float32 (no autocast), and the seconds it took."""
-    import torch
-
+    freshly built net, scored as ``caffe test`` does in float32 on the CPU, and the seconds
+    it took."""
+    from caffe_compat.commands.device import DeviceChoice
+    from caffe_compat.commands.test_cmd import score
     from caffe_compat.engine import weights
     from caffe_compat.engine.net.module import build_net
     from caffe_compat.proto import caffe_pb2
@@ -31,19 +32,11 @@ def rescore(net_param, source: str, model: str, test_iter: int, acc_top: str,
     net = build_net(net_param, caffe_pb2.TEST, source=source)
     try:
         weights.copy_from(net, model)
-        net.seek_data(0)
-        acc = loss = 0.0
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            for _ in range(test_iter):
-                _, out = net.forward_loss()
-                acc += float(out[acc_top])
-                loss += float(out[loss_top])
+        result = score(net, test_iter, DeviceChoice("cpu", [], "fp32"))
     finally:
-        for layer in net.layers:          # prefetch threads and database handles
-            close = getattr(layer, "close", None)
-            if callable(close):
-                close()
-    return {"model": model, "accuracy": acc / test_iter, "loss": loss / test_iter,
+        net.close()
+    means = dict(zip(result.names, result.means))
+    return {"model": model, "accuracy": means[acc_top], "loss": means[loss_top],
             "seconds": time.perf_counter() - start}
 
 

@@ -71,9 +71,16 @@ class NetModule(nn.Module):
         try:
             self._build(net_param)
         except BaseException:
-            for layer in self.layers:   # a refused net leaves no data thread reading a file
-                getattr(layer, "close", lambda: None)()
+            self.close()                # a refused net leaves no data thread reading a file
             raise
+
+    def close(self) -> None:
+        """Stop the data layers' prefetch threads and release their databases (a LevelDB
+        admits one opener)."""
+        for layer in self.layers:
+            close = getattr(layer, "close", None)
+            if callable(close):
+                close()
 
     # -- construction -----------------------------------------------------------------
     def _build(self, net: caffe_pb2.NetParameter) -> None:

@@ -391,10 +391,7 @@ class Solver:
     def close(self) -> None:
         """Stop prefetch threads and release the databases (a LevelDB admits one opener)."""
         for module in self.modules:
-            for layer in module.layers:
-                close = getattr(layer, "close", None)
-                if callable(close):
-                    close()
+            module.close()
 
 
 def _images_per_iteration(module: NetModule, iter_size: int) -> int:
