@@ -1,14 +1,11 @@
 """A fused TEST plan cut in two: the steps an ONNX exporter can express, and the rest.
 
-``split_steps(plan, module)`` walks a fused inference plan (engine/net/fuse.py, NCHW) in
-order. A step joins the *prefix* when its layer declares ``exports_to_onnx`` (an alias step
-always can) and everything it reads comes from the net's inputs or from the prefix; every
-other step joins the *suffix* (DetectionOutput, ROIPooling, Python layers, and whatever
-reads their tops). The prefix's outputs are the blobs the suffix reads and the net outputs
-it makes. A step that would overwrite (in place) a name the suffix reads or writes stays in
-the suffix too, so running the whole prefix first and then the suffix computes what the plan
-computes. An SSD net thus exports everything up to its DetectionOutput, which then runs in
-torch on the exported net's tensors (engine/backends/plan_pass.py makes the prefix one step).
+``split_steps(plan, module)`` cuts a fused inference plan (engine/net/fuse.py, NCHW) with
+``engine.net.plan.partition``, admitting the steps whose layer declares ``exports_to_onnx``
+(an alias step always can): DetectionOutput, ROIPooling, Python layers and whatever reads
+their tops go to the suffix. An SSD net thus exports everything up to its DetectionOutput,
+which then runs in torch on the exported net's tensors (engine/backends/plan_pass.py makes
+the prefix one step).
 """
 from __future__ import annotations
 
