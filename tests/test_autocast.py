@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caffe_compat.formats.blob_io import read_text_proto
+from caffe_compat.commands.device import DeviceChoice, autocast
+from caffe_compat.engine import weights
 from caffe_compat.engine.net.module import build_net
+from caffe_compat.engine.solver.base import Solver
+from caffe_compat.engine.solver.params import read_solver_param
+from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
+
+BF16 = DeviceChoice("cpu", [], "bf16")      # what `--precision bf16` resolves to on a CPU
 
 NET = """
 layer { name: "in" type: "Input" top: "data" top: "label"
@@ -57,7 +63,7 @@ def test_batch_norm_statistics_accumulate_in_float32(net_and_batch):
     record: dict[str, torch.Tensor] = {}
     with torch.autocast("cpu", torch.bfloat16):
         net.run({"data": x, "label": label}, record=record)
-    conv = record["conv"].float()              # the bf16 conv output BatchNorm was given
+    conv = record["conv"].detach().float()              # the bf16 conv output BatchNorm was given
     assert all(b.dtype == torch.float32 for b in bn.blobs)
     torch.testing.assert_close(bn.blobs[0].detach(), conv.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
 
@@ -83,16 +89,15 @@ def test_weights_changed_inside_one_autocast_context_are_used(net_and_batch):
     float32 weights in place inside it. A forward after the update must compute with the new
     weights (autocast's weight cache once kept the first forward's bf16 copies for the whole
     run, so convolutions and InnerProducts never changed)."""
-    from caffe_compat.commands.device import DeviceChoice, autocast
     net, x, label = net_and_batch
     conv = next(layer for layer in net.layers if layer.name == "conv")
-    with autocast(DeviceChoice("cpu", [], "bf16")):
-        before = net.run({"data": x, "label": label})["conv"].float()
+    with autocast(BF16):
+        before = net.run({"data": x, "label": label})["conv"].detach().float()
         with torch.no_grad():
             conv.blobs[0].mul_(-1.0)
-        after = net.run({"data": x, "label": label})["conv"].float()
-    with autocast(DeviceChoice("cpu", [], "bf16")):
-        fresh = net.run({"data": x, "label": label})["conv"].float()
+        after = net.run({"data": x, "label": label})["conv"].detach().float()
+    with autocast(BF16):
+        fresh = net.run({"data": x, "label": label})["conv"].detach().float()
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
     assert float((after - before).abs().max()) > 0.1
 
@@ -101,10 +106,6 @@ def test_solver_steps_in_one_autocast_context_match_their_snapshot(tmp_path):
     """Train under one bf16 context as `caffe train` does, then score the live net inside
     it and a net restored from the snapshot outside: the same weights, so the same loss up
     to bf16 rounding (with the stale cache the live net scored stale weights)."""
-    from caffe_compat.commands.device import DeviceChoice, autocast
-    from caffe_compat.engine.solver.base import Solver
-    from caffe_compat.engine.solver.params import read_solver_param
-    from caffe_compat.engine import weights
     net_file = tmp_path / "net.prototxt"
     net_file.write_text(NET)
     torch.manual_seed(0)
@@ -115,14 +116,14 @@ def test_solver_steps_in_one_autocast_context_match_their_snapshot(tmp_path):
         f'random_seed: 1\nsnapshot_prefix: "{tmp_path}/snap"\n')
     solver = Solver(read_solver_param(str(tmp_path / "solver.prototxt")))
     solver.input_tensors[0] = {"data": x, "label": label}
-    with autocast(DeviceChoice("cpu", [], "bf16")):
+    with autocast(BF16):
         solver.step(40)
         with torch.no_grad():
             live, _ = solver.train_module.forward_loss(data=x, label=label)
     model, _ = solver.snapshot()
     net = build_net(read_text_proto(NET, caffe_pb2.NetParameter), phase=0)
     weights.copy_from(net, model)
-    with torch.no_grad(), autocast(DeviceChoice("cpu", [], "bf16")):
+    with torch.no_grad(), autocast(BF16):
         restored, _ = net.forward_loss(data=x, label=label)
     assert float(live) < 1.0
     assert float(restored) == pytest.approx(float(live), rel=0.05, abs=0.02)
