@@ -90,7 +90,22 @@ def test_engine_outputs_equal_torch(tmp_path, family, engine):
     assert net.engine == engine                  # the first-call check kept it
     for name in want:
         scale = max(1.0, float(np.abs(want[name]).max()))
+        if name == "detection_out":
+            assert_same_rows(got[name], want[name], scale * engines.TOLERANCE)
+            continue
         assert np.abs(got[name] - want[name]).max() / scale <= engines.TOLERANCE, name
+
+
+def assert_same_rows(got: np.ndarray, want: np.ndarray, tolerance: float) -> None:
+    """Each detection row equals a different reference row within ``tolerance``: row order
+    is no part of the answer when two scores tie to 1e-7 (a canonical sort on rounded
+    values still swaps such rows when one lands on a rounding boundary)."""
+    g, w = got.reshape(-1, 7), want.reshape(-1, 7)
+    assert g.shape == w.shape
+    distance = np.abs(g[:, None, :] - w[None, :, :]).max(-1)
+    nearest = distance.argmin(1)
+    assert len(set(nearest.tolist())) == len(g), "two rows match the same reference row"
+    assert distance[np.arange(len(g)), nearest].max() <= tolerance
 
 
 def test_ssd_runs_split_around_detection_output(tmp_path):
