@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all setup clean graphviz chromium
+.PHONY: train test test-all gpu-check setup clean graphviz chromium
 
 setup: $(STAMP)
 
@@ -46,6 +46,17 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# On a machine with a CUDA GPU: the CUDA tests (marked cuda; skipped elsewhere) and the GPU
+# inference benchmark, written to results/bench/<date>-gpu.md/.json. The venv needs a CUDA
+# build of torch; with the CPU wheel this stops at the first line and says so.
+gpu-check: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+	  'gpu-check: PyTorch ' + torch.__version__ + ' sees no CUDA device. On a GPU machine ' \
+	  'put a CUDA build of torch 2.13.0 in $(VENV) (pip install --index-url ' \
+	  'https://download.pytorch.org/whl/cu128 torch==2.13.0) and run it again.')"
+	$(PY) -m pytest -q -m cuda -rs
+	$(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

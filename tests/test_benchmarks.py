@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from caffe_compat.engine.analysis import param_count, total_macs
 from caffe_compat.engine.layers.base import TEST
@@ -72,3 +73,12 @@ def test_training_variant_builds_away_from_224(name):
     net = build_net(param, 0, source=name)
     assert net.loss_weights == {"loss": 1.0} and net.input_names == ["data", "label"]
     assert "prob" not in net.layer_names
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_gpu_benchmark_without_cuda_says_so_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--nets",
+                           "lenet", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())

@@ -4,8 +4,9 @@ import torch
 
 from caffe_compat.engine.layers.base import TEST, TRAIN
 from caffe_compat.engine.net.frozen import frozen_for_inference
-from caffe_compat.engine.net.fuse import (FoldedLinear, InferenceCache, InPlaceReLU, InPlaceSum,
-                                          fusable, fused_for_inference)
+from caffe_compat.engine.net.fuse import (FoldedLinear, InPlaceReLU, InPlaceSum, fusable,
+                                          fused_for_inference)
+from caffe_compat.engine.net.inference_cache import InferenceCache
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2

@@ -54,6 +54,21 @@ def randomize_statistics(net: NetModule, seed: int = 0) -> None:
                 layer.blobs[2].fill_(1.0)
 
 
+def deploy_files(name: str, prototxt: Path, batch: int, size: int | None, work: Path
+                 ) -> tuple[Path, Path, NetModule]:
+    """The deploy prototxt at ``batch`` (and ``size``) and a caffemodel of seeded random
+    weights with trained-looking BatchNorm statistics, in ``work``; and the NetModule."""
+    torch.manual_seed(0)
+    param = deploy_param(prototxt, batch, size)
+    deploy = work / f"{name}.prototxt"
+    deploy.write_text(str(param))
+    net = build_net(param, caffe_pb2.TEST, source=str(deploy)).eval()
+    randomize_statistics(net)
+    caffemodel = work / f"{name}.caffemodel"
+    weights_io.save(net, str(caffemodel))
+    return deploy, caffemodel, net
+
+
 def _opencv_runner(prototxt: Path, caffemodel: Path, x: np.ndarray, threads: int):
     import cv2
     cv2.setNumThreads(threads)
@@ -90,14 +105,7 @@ def _onnx_runner(path: Path, x: np.ndarray, threads: int):
 def build_candidates(name: str, prototxt: Path, batch: int, size: int | None, work: Path,
                      skip: set[str], engine: str | None = None) -> tuple[dict, dict, NetModule]:
     """(callables returning the first output, notes, the reference NetModule)."""
-    torch.manual_seed(0)
-    param = deploy_param(prototxt, batch, size)
-    deploy = work / f"{name}.prototxt"
-    deploy.write_text(str(param))
-    net = build_net(param, caffe_pb2.TEST, source=str(deploy)).eval()
-    randomize_statistics(net)
-    caffemodel = work / f"{name}.caffemodel"
-    weights_io.save(net, str(caffemodel))
+    deploy, caffemodel, net = deploy_files(name, prototxt, batch, size, work)
     out_name = net.output_names[0]
     x = torch.randn(*net.blob_shapes["data"], generator=torch.Generator().manual_seed(1))
     xn = x.numpy()

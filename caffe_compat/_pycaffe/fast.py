@@ -13,6 +13,10 @@ numpy writes through ``net.params[...][i].data`` bypass torch's version counter,
 an array was handed out since the last fusion (``ParamViews``' generation counter) or is
 still held by the caller.
 
+On CUDA (``set_mode_gpu``) the same path runs the fused net on the GPU, replayed from a CUDA
+graph per input shape where the forward allows it (engine/net/inference_cache.py); engines
+other than torch are CPU runtimes and are not offered there.
+
 Engines (``caffe.Net(..., engine=...)``, engine/backends/engine.py): an onnxruntime or OpenVINO
 engine plan (the fused plan with its exportable prefix as one runtime step, run by the one
 executor) computes the outputs instead. The input blobs are copied straight into the
@@ -34,7 +38,8 @@ import torch
 
 from caffe_compat.engine.backends.engine import (EnginePlan, ReducedForward, choose_engine,
                                                  first_call_check)
-from caffe_compat.engine.net.fuse import InferenceCache, fusable
+from caffe_compat.engine.net.fuse import fusable
+from caffe_compat.engine.net.inference_cache import InferenceCache
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +121,7 @@ class FastForward:
 
     def __init__(self, net):
         self.net = net
-        self.cache = InferenceCache(net.module)
+        self.cache = InferenceCache(net.module, device=net.compute_device())
         self._touched: tuple | None = None
         skip = set(net.inputs) | set(net.outputs)       # what a fast forward writes
         self._skipped = frozenset(n for n in net.blobs if n not in skip)
@@ -164,6 +169,14 @@ class FastForward:
         """Pick the engine (``auto`` measures them) for the net's weights and input shapes."""
         self.request, self.precision = request, precision
         self._by_shape.clear()
+        if self.cache.on_cuda:
+            # onnxruntime and OpenVINO run here on the CPU: never the faster choice for a
+            # net whose weights live on the GPU, and their outputs would leave the device
+            log.info("net '%s': engine torch on %s (CUDA graphs where the forward allows "
+                     "them; engines %s and precision %s serve CPU nets)", self.net.module.name,
+                     self.cache.device, request, precision)
+            self.choice = None
+            return
         self._decide(request)
 
     def _decide(self, request: str | None) -> None:
@@ -277,6 +290,8 @@ class FastForward:
         """A private copy of an input blob, made straight in the layout the fused net runs
         (NHWC for 4-D inputs of a channels_last net: one copy instead of two)."""
         t = torch.from_numpy(array)
+        if self.cache.on_cuda:      # pinned: the copy to the GPU does not block the host
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
         layout = torch.channels_last if self.cache.channels_last and t.dim() == 4 \
             else torch.contiguous_format
         return torch.empty_like(t, memory_format=layout).copy_(t)

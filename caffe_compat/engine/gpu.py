@@ -53,6 +53,11 @@ def graph_unsupported_reason(inputs: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
+def signature(inputs: Sequence[torch.Tensor]) -> list[tuple]:
+    """What a captured graph is specific to: each input's shape, dtype and device."""
+    return [(t.shape, t.dtype, t.device) for t in inputs]
+
+
 class GraphedInference:
     """``fn(*inputs)`` replayed from a CUDA graph for inputs of the captured shapes.
 
@@ -63,19 +68,20 @@ class GraphedInference:
                  example_inputs: Sequence[torch.Tensor], warmup: int = 3):
         self.fn = fn
         self.graph = None
+        self.signature = signature(example_inputs)
         self.reason = graph_unsupported_reason(example_inputs)
         if self.reason is None:
             try:
                 self._capture(list(example_inputs), warmup)
-            except RuntimeError as exc:
+            except RuntimeError as exc:   # a host sync (DetectionOutput's .item()) and the like
                 self.graph = None
-                self.reason = f"capture failed: {str(exc).splitlines()[0]}"
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                self.reason = f"capture failed: {first}"
         if self.reason:
             log.info("CUDA graph not used (%s): running eagerly", self.reason)
 
     def _capture(self, inputs: list[torch.Tensor], warmup: int) -> None:
         self.static_inputs = [t.clone() for t in inputs]
-        self.signature = [(t.shape, t.dtype, t.device) for t in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
@@ -87,9 +93,14 @@ class GraphedInference:
             self.static_outputs = self.fn(*self.static_inputs)
         self.graph = graph
 
+    def serves(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether ``inputs`` have the shapes this object was made for (replayed, or run
+        eagerly where capture was impossible: no point trying again for them)."""
+        return signature(inputs) == self.signature
+
     def matches(self, inputs: Sequence[torch.Tensor]) -> bool:
-        return self.graph is not None and \
-            [(t.shape, t.dtype, t.device) for t in inputs] == self.signature
+        """Whether a call with ``inputs`` replays the graph."""
+        return self.graph is not None and self.serves(inputs)
 
     def __call__(self, *inputs: torch.Tensor):
         if not self.matches(inputs):
@@ -101,4 +112,5 @@ class GraphedInference:
         return self.static_outputs
 
 
-__all__ = ["configure_cuda", "host_to_device", "graph_unsupported_reason", "GraphedInference"]
+__all__ = ["configure_cuda", "host_to_device", "graph_unsupported_reason", "GraphedInference",
+           "signature"]

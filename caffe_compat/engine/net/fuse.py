@@ -22,10 +22,10 @@ Split insertion guarantees fan-out shows up as a Split) and is not an output, so
 net's outputs are the original's. Intermediate blobs are not kept: use the NetModule itself
 (``run``) when every blob is wanted.
 
-Folded weights are a snapshot. ``InferenceCache`` re-fuses when a parameter tensor of the
-original changes (torch's in-place version counter, bumped by ``copy_``/``weights.copy_from``
-and the solver's updates); writes that bypass torch (a numpy view's ``a[...] = v``) must call
-``InferenceCache.invalidate()``.
+Folded weights are a snapshot. ``InferenceCache`` (engine/net/inference_cache.py) re-fuses
+when a parameter tensor of the original changes (torch's in-place version counter, bumped by
+``copy_``/``weights.copy_from`` and the solver's updates); writes that bypass torch (a numpy
+view's ``a[...] = v``) must call ``InferenceCache.invalidate()``.
 
 ``frozen_for_inference(fused, inputs)`` (engine/net/frozen.py) additionally traces, freezes and
 runs ``torch.jit.optimize_for_inference`` on the steps a trace can keep; whether that wins is
@@ -99,12 +99,15 @@ class FusedNet(nn.Module):
             blobs = execute(self.plan, feeds, keep_all=False, source=self.source)
         return tuple(blobs[name] for name in self.output_names)
 
-    def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def ordered_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``inputs`` (name -> tensor) in ``forward``'s order; KeyError naming any missing."""
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise KeyError(f"{self.name}: input blob(s) {', '.join(missing)} were not fed")
-        values = self(*(inputs[n] for n in self.input_names))
-        return dict(zip(self.output_names, values))
+        return tuple(inputs[n] for n in self.input_names)
+
+    def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.output_names, self(*self.ordered_inputs(inputs))))
 
 
 def drop_feeds(plan: list[Step], module: NetModule) -> list[Step]:
@@ -300,77 +303,10 @@ def _fold_chain(plan: list[Step], module: NetModule, pos: int, channels: int, re
                    full_precision=False)
 
 
-class ParameterWatch:
-    """Lists a net's parameter tensors fast enough to check on every batch-1 forward.
-
-    Holds each layer's ParameterList dict (mutated in place when a blob is shared or
-    replaced): reading those is ~20x cheaper than iterating ``layer.blobs``, which goes
-    through ``getattr`` per layer and per item (1 ms per forward on GoogLeNet)."""
-
-    def __init__(self, module: NetModule):
-        self._dicts = [layer.blobs._parameters for layer in module.layers]
-
-    def __call__(self) -> list[torch.Tensor]:
-        return [p for d in self._dicts for p in d.values()]
-
-
-def _param_versions(params: list[torch.Tensor]) -> tuple:
-    return tuple((id(p), p._version) for p in params)
-
-
-class InferenceCache:
-    """The fast path for an outputs-only forward of a TEST net (the pycaffe hook).
-
-    ``outputs(**inputs)`` runs a FusedNet under ``no_grad``, re-fusing whenever a parameter
-    of ``module`` was replaced or modified in place since the last fusion. The FusedNet is
-    channels_last (NHWC) by default: faster than NCHW on every net of the benchmark suite on
-    the CPUs measured (benchmarks/NOTES.md); a net whose layers refuse NHWC tensors falls back
-    to NCHW for good on its first call."""
-
-    def __init__(self, module: NetModule, channels_last: bool = True):
-        self.module = module
-        self.channels_last = channels_last
-        self.parameters = ParameterWatch(module)
-        self._fused: FusedNet | None = None
-        self._versions: tuple = ()
-
-    def invalidate(self) -> None:
-        self._fused = None
-
-    @property
-    def fused(self) -> FusedNet:
-        return self.fused_for(self.parameters())
-
-    def fused_for(self, params: list[torch.Tensor]) -> FusedNet:
-        """The FusedNet, re-fused if ``params`` (``self.parameters()``) changed."""
-        versions = _param_versions(params)
-        if self._fused is None or versions != self._versions:
-            self._fused = fused_for_inference(self.module, channels_last=self.channels_last,
-                                              measure=True)
-            self._versions = versions
-        return self._fused
-
-    def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.outputs_for(self.parameters(), inputs)
-
-    def outputs_for(self, params: list[torch.Tensor], inputs: dict[str, torch.Tensor]
-                    ) -> dict[str, torch.Tensor]:
-        """``outputs(**inputs)`` for a caller that already holds ``self.parameters()``."""
-        with torch.no_grad():
-            try:
-                return self.fused_for(params).outputs(**inputs)
-            except RuntimeError:            # a layer that needs NCHW memory: use that from now
-                if not self.channels_last:
-                    raise
-                self.channels_last = False
-                self.invalidate()
-                return self.fused_for(params).outputs(**inputs)
-
-
 def fusable(module: NetModule) -> bool:
     """True when ``module`` is a TEST net whose outputs a FusedNet may compute."""
     return module.phase == TEST
 
 
-__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InPlaceSum", "InferenceCache",
-           "fused_for_inference", "fusable", "ParameterWatch"]
+__all__ = ["FusedNet", "FoldedLinear", "InPlaceReLU", "InPlaceSum", "fused_for_inference",
+           "fusable"]

@@ -1,0 +1,128 @@
+"""The fast path for an outputs-only forward of a TEST net (the pycaffe hook): a FusedNet
+(engine/net/fuse.py) kept while the net's parameters are unchanged, run on the net's device.
+
+- **CPU**: the FusedNet is channels_last (NHWC), faster than NCHW on every net of the benchmark
+  suite on the CPUs measured (benchmarks/NOTES.md), each small convolution in the form timed
+  fastest here; a net whose layers refuse NHWC tensors falls back to NCHW for good on its
+  first call.
+- **CUDA**: NCHW (TF32 stays off, so cuDNN's fp32 kernels gain nothing from NHWC), cuDNN
+  autotuning on (``configure_cuda``), host inputs copied through pinned memory, and the
+  forward captured as a CUDA graph for each input signature and replayed (engine/gpu.py):
+  one launch instead of one per layer, which is what a batch-1 forward of a small net spends
+  its time on. A forward that cannot be captured (DetectionOutput syncs with the host to
+  size its output) runs eagerly; ``graph_reason`` says why. ``$CAFFE_COMPAT_CUDA_GRAPHS=0``
+  runs every forward eagerly (to time the difference, or to rule graphs out of a problem).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from caffe_compat.engine.gpu import GraphedInference, configure_cuda, host_to_device
+from caffe_compat.engine.net.fuse import FusedNet, fused_for_inference
+from caffe_compat.engine.net.module import NetModule
+
+
+GRAPHS_ENV = "CAFFE_COMPAT_CUDA_GRAPHS"
+
+
+class ParameterWatch:
+    """Lists a net's parameter tensors fast enough to check on every batch-1 forward.
+
+    Holds each layer's ParameterList dict (mutated in place when a blob is shared or
+    replaced): reading those is ~20x cheaper than iterating ``layer.blobs``, which goes
+    through ``getattr`` per layer and per item (1 ms per forward on GoogLeNet)."""
+
+    def __init__(self, module: NetModule):
+        self._dicts = [layer.blobs._parameters for layer in module.layers]
+
+    def __call__(self) -> list[torch.Tensor]:
+        return [p for d in self._dicts for p in d.values()]
+
+
+def _param_versions(params: list[torch.Tensor]) -> tuple:
+    return tuple((id(p), p._version) for p in params)
+
+
+class InferenceCache:
+    """``outputs(**inputs)`` runs a FusedNet of ``module`` under ``no_grad``, re-fusing
+    whenever a parameter was replaced or modified in place since the last fusion.
+    ``device``: where the net computes (default: where its first parameter lives)."""
+
+    def __init__(self, module: NetModule, channels_last: bool = True,
+                 device: torch.device | None = None):
+        self.module = module
+        self.parameters = ParameterWatch(module)
+        params = self.parameters()
+        self.device = torch.device(device) if device is not None else \
+            params[0].device if params else torch.device("cpu")
+        self.on_cuda = self.device.type == "cuda"
+        self.channels_last = channels_last and not self.on_cuda
+        self._fused: FusedNet | None = None
+        self._versions: tuple = ()
+        self._graph: GraphedInference | None = None
+        self.graphs = os.environ.get(GRAPHS_ENV, "1").strip() != "0"
+        if self.on_cuda:
+            configure_cuda(self.device)
+
+    def invalidate(self) -> None:
+        self._fused = None
+        self._graph = None
+
+    @property
+    def graph_reason(self) -> str | None:
+        """Why the last CUDA forward ran eagerly; None when it was replayed from a graph."""
+        if not self.on_cuda:
+            return "not a CUDA net"
+        if not self.graphs:
+            return f"${GRAPHS_ENV}=0"
+        return "no forward yet" if self._graph is None else self._graph.reason
+
+    @property
+    def fused(self) -> FusedNet:
+        return self.fused_for(self.parameters())
+
+    def fused_for(self, params: list[torch.Tensor]) -> FusedNet:
+        """The FusedNet, re-fused if ``params`` (``self.parameters()``) changed."""
+        versions = _param_versions(params)
+        if self._fused is None or versions != self._versions:
+            # forms are timed with CPU kernels: CUDA takes the plain ones (cuDNN chooses)
+            self._fused = fused_for_inference(self.module, channels_last=self.channels_last,
+                                              measure=not self.on_cuda)
+            self._versions = versions
+            self._graph = None          # captured with the old fused net's weights
+        return self._fused
+
+    def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.outputs_for(self.parameters(), inputs)
+
+    def outputs_for(self, params: list[torch.Tensor], inputs: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+        """``outputs(**inputs)`` for a caller that already holds ``self.parameters()``.
+        On CUDA the tensors returned are the graph's own outputs, overwritten by the next
+        call: copy what you keep."""
+        with torch.no_grad():
+            if self.on_cuda:
+                return self._cuda_outputs(self.fused_for(params), inputs)
+            try:
+                return self.fused_for(params).outputs(**inputs)
+            except RuntimeError:            # a layer that needs NCHW memory: use that from now
+                if not self.channels_last:
+                    raise
+                self.channels_last = False
+                self.invalidate()
+                return self.fused_for(params).outputs(**inputs)
+
+    def _cuda_outputs(self, fused: FusedNet, inputs: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+        tensors = tuple(host_to_device(t, self.device) for t in fused.ordered_inputs(inputs))
+        if not self.graphs:
+            return dict(zip(fused.output_names, fused(*tensors)))
+        graph = self._graph
+        if graph is None or not graph.serves(tensors):
+            graph = self._graph = GraphedInference(fused, tensors)   # a new input shape
+        return dict(zip(fused.output_names, graph(*tensors)))
+
+
+__all__ = ["GRAPHS_ENV", "InferenceCache", "ParameterWatch"]
