@@ -137,6 +137,26 @@ def test_blobs_read_after_the_input_changed_are_those_of_the_last_forward(tmp_pa
     np.testing.assert_array_equal(net.blobs["data"].data, later)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_stale_read_leaves_the_outputs_as_the_forward_returned_them(tmp_path, engine):
+    """Reading an inner blob recomputes the stale blobs in torch; the outputs keep the
+    engine's values the forward returned (Caffe runs nothing on a read), in the same arrays,
+    which the next forward writes again."""
+    ref, net = _pair(tmp_path, "ssd_face", engine)
+    rng = np.random.default_rng(5)
+    x, later = (rng.random(ref.blobs["data"].shape, dtype=np.float32) for _ in range(2))
+    out = net.forward(data=x)
+    returned = {n: a.copy() for n, a in out.items()}
+    inner = [n for n in net.blobs if n not in out and n not in net.inputs]
+    net.blobs[inner[len(inner) // 2]].data
+    for name, array in out.items():
+        assert net.blobs[name].data is array
+        np.testing.assert_array_equal(array, returned[name])
+    got, want = _forward(net, later), _forward(ref, later)
+    assert net.engine == engine
+    assert_same_rows(got["detection_out"], want["detection_out"], 2e-4)
+
+
 LOSS = """
 layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 1 } } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }

@@ -302,13 +302,15 @@ class FastForward:
         from caffe_compat._pycaffe.layerwise import forward_range
         net, state = self.net, self.net.blob_state
         state.clear_stale()
-        # through the state, not the views: an input blob reshaped since (``net.reshape``
-        # reads the stale blobs while it reshapes them) takes the forward's shape and back
-        current = {n: torch.from_numpy(state.get(n).copy()) for n in inputs}
+        # the blobs the fast forward wrote keep their arrays and values: an input reshaped
+        # since (``net.reshape`` reads the stale blobs while it reshapes them) takes the
+        # forward's shape and back; an output keeps what the forward returned, or what the
+        # caller wrote into it since (a read runs nothing in Caffe)
+        kept = state.hold(dict.fromkeys([*inputs, *self._outputs]))
         for name, value in inputs.items():
             state.put(name, value.contiguous())
         try:
-            forward_range(net, 0, len(net.module.layers) - 1, net.compute_device())
+            forward_range(net, 0, len(net.module.layers) - 1, net.compute_device(),
+                          callbacks=False)
         finally:
-            for name, value in current.items():
-                state.put(name, value)
+            state.restore(kept)

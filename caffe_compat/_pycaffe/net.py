@@ -202,6 +202,11 @@ class Net:
     def has_layer_callbacks(self) -> bool:
         return any(self._layer_callbacks.values())
 
+    def _forward_callbacks(self) -> bool:
+        """Forward callbacks see each layer: the outputs-only fast path runs none of them."""
+        callbacks = self._layer_callbacks
+        return bool(callbacks["before_forward"] or callbacks["after_forward"])
+
     # -- running ----------------------------------------------------------------------
     def compute_device(self) -> torch.device:
         """Where the net's parameters live: the device its layers compute on."""
@@ -240,7 +245,8 @@ class Net:
     def forward(self, blobs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
         """Run layers ``start``..``end`` (names, inclusive); returns the outputs' data (or
         ``end``'s tops) plus ``blobs``. Keywords feed every input blob (pycaffe's rule)."""
-        if self._fast is not None and not blobs and start is None and end is None:
+        if self._fast is not None and not blobs and start is None and end is None \
+                and not self._forward_callbacks():
             if kwargs:                # the outputs-only fast path, with no per-call planning
                 self._set_arrays("Input blob", self.inputs, kwargs)
             self._push_params()
@@ -252,7 +258,9 @@ class Net:
         if kwargs:
             self._set_arrays("Input blob", self.inputs, kwargs)
         self._push_params()
-        self._fresh_blobs(needed=start_i > 0)   # from layer 0 everything is recomputed
+        # from the first layer to the last everything is recomputed; blobs outside the
+        # range keep the last forward's values, which a fast forward left stale
+        self._fresh_blobs(needed=start_i > 0 or end_i < len(self.module.layers) - 1)
         forward_range(self, start_i, end_i, self.compute_device())
         return {name: self.blobs[name].data for name in wanted}
 
