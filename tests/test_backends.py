@@ -214,6 +214,29 @@ def test_precision_auto_takes_bf16_only_when_close_and_native(tmp_path, monkeypa
         caffe.Net(proto, weights, caffe.TEST, precision="fp16")
 
 
+def test_bf16_is_checked_on_the_first_real_call_too(tmp_path, monkeypatch):
+    """Like an engine, bf16 is held to its tolerance on the first real call (real inputs
+    reach other magnitudes than the random ones it was checked on at load): outside it,
+    that call's outputs and every later one are fp32 torch's."""
+    from caffe_compat.engine import precision
+    proto = _prototxt(tmp_path, "mtcnn_onet")
+    weights = _weights(tmp_path, proto)
+    ref = caffe.Net(proto, weights, caffe.TEST)
+    monkeypatch.setattr(precision, "candidates", lambda device, flags=None: ["bf16"])
+    monkeypatch.setattr(engines, "median_times", lambda steps: {
+        n: 0.0 if n == "torch-bf16" else 1.0 for n in steps})     # bf16 measured fastest
+    net = caffe.Net(proto, weights, caffe.TEST, precision="auto")
+    assert net.engine == "torch-bf16" and not net._fast.choice.verified
+    net._fast.choice.tolerance = 0.0            # these inputs: further from fp32 than allowed
+    x = np.random.default_rng(7).random(ref.blobs["data"].shape, dtype=np.float32)
+    want = _forward(ref, x)
+    for _ in range(2):
+        got = _forward(net, x)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert net.engine == "torch"
+
+
 def test_cli_test_through_an_engine_equals_torch(tmp_path, capsys):
     from caffe_compat.commands import caffe_main
     proto = _prototxt(tmp_path, "lenet")
