@@ -76,8 +76,10 @@ def test_intermediate_blobs_read_as_the_full_forward_left_them(nets):
     np.testing.assert_array_equal(net.blobs["data"].data, 0)   # the caller's write stays
 
 
-@pytest.mark.parametrize("how", ["temporary", "held"])
+@pytest.mark.parametrize("how", ["temporary", "held", "released"])
 def test_weights_written_through_numpy_reach_the_next_forward(nets, how):
+    """``released``: a view alive during a forward, written after it and dropped before the
+    next one (the fused net of that forward had been made while it was alive)."""
     net, ref, rng = nets
     feed = _feed(rng)
     net.forward(**feed)                               # fused with the old weights
@@ -89,6 +91,8 @@ def test_weights_written_through_numpy_reach_the_next_forward(nets, how):
         net.forward(**feed)
         held += 2.0
         ref.params["bn1"][0].data[...] += 2.0
+        if how == "released":
+            del held
     np.testing.assert_allclose(_outputs(net, feed)["prob"], _outputs(ref, feed)["prob"],
                                rtol=1e-5, atol=1e-6)
 

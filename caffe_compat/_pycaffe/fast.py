@@ -128,6 +128,7 @@ class FastForward:
         self._outputs = tuple(net.module.output_names)
         self._handouts, self._ids, self._held = -1, (), True   # see _numpy_state
         self._generations: tuple = ()  # what _numpy_state found last
+        self._held_at_last_forward = False
         self.choice = None            # engine/backends EngineChoice; None: torch
         self.request, self.precision = "torch", "fp32"
         self._engine_key: tuple | None = None
@@ -241,9 +242,11 @@ class FastForward:
         net = self.net
         params = self.cache.parameters()
         touched, held = self._numpy_state(params)
-        if held or touched != self._touched:
+        # a view alive at the last forward may have been written after it, then dropped
+        if held or self._held_at_last_forward or touched != self._touched:
             self.cache.invalidate()
             self._touched = touched
+        self._held_at_last_forward = held
         plan = self._engine_plan(params, touched, held)
         state = net.blob_state
         if plan is not None:
