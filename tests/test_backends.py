@@ -164,6 +164,32 @@ def test_fallbacks(tmp_path, monkeypatch):
     assert net.engine == "torch" and "not installed" in net._fast.choice.reason
 
 
+def test_a_runtime_failing_on_its_test_input_falls_back(tmp_path, monkeypatch):
+    """A graph the runtime loads but cannot run (an output shape its kernels disagree on,
+    an op that fails at run time) leaves the net on torch with the reason, not a
+    traceback out of ``caffe.Net``."""
+    proto = _prototxt(tmp_path, "lenet")
+    loads = RUNNERS[ENGINES[0]]
+
+    class FailsToRun(loads):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.run = self._fail
+
+        @staticmethod
+        def _fail():
+            raise RuntimeError("RUNTIME_EXCEPTION: shape mismatch\n  (details)")
+    monkeypatch.setitem(RUNNERS, ENGINES[0], FailsToRun)
+    net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
+    assert net.engine == "torch"
+    assert "failed on a test input (RUNTIME_EXCEPTION: shape mismatch)" in \
+        net._fast.choice.reason
+    ref = caffe.Net(proto, caffe.TEST)
+    ref.share_with(net)
+    x = np.random.default_rng(8).random(ref.blobs["data"].shape, dtype=np.float32)
+    np.testing.assert_array_equal(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+
+
 def test_first_call_difference_falls_back(tmp_path):
     proto = _prototxt(tmp_path, "lenet")
     net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
