@@ -177,3 +177,16 @@ def test_layer_callbacks_run_on_a_plain_forward_and_not_on_a_read(net):
     net.forward(data=x)
     assert seen == list(range(len(net.layers)))
     np.testing.assert_allclose(net.blobs["ip1"].data, _ip1(net, x), rtol=1e-5, atol=1e-6)
+
+
+def test_reshape_to_the_shapes_of_the_last_forward_leaves_its_blobs_stale(net):
+    """``net.reshape()`` at the input shapes the last fast forward ran at changes no blob's
+    shape: the skipped blobs stay stale (reading them all there cost a full forward on
+    every call of a script that reshapes before each forward) and read the same later."""
+    x = np.random.default_rng(5).standard_normal((2, 5)).astype(np.float32) + 1
+    out = net.forward(data=x)["prob"].copy()
+    net.blobs["data"].reshape(2, 5)
+    net.reshape()
+    assert net.blob_state.is_stale("ip1") and net.blob_state.is_stale("ip2")
+    np.testing.assert_allclose(net.blobs["ip1"].data, _ip1(net, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(net.blobs["prob"].data, out)

@@ -129,6 +129,7 @@ class FastForward:
         self._handouts, self._ids, self._held = -1, (), True   # see _numpy_state
         self._generations: tuple = ()  # what _numpy_state found last
         self._held_at_last_forward = False
+        self._ran_at: dict[str, tuple] | None = None    # the last forward's input shapes
         self.choice = None            # engine/backends EngineChoice; None: torch
         self.request, self.precision = "torch", "fp32"
         self._engine_key: tuple | None = None
@@ -271,6 +272,11 @@ class FastForward:
         for name in copied:
             state.put(name, outputs[name])
         state.mark_stale(self._skipped, lambda: self.materialize(inputs))
+        self._ran_at = {n: tuple(t.shape) for n, t in inputs.items()}
+
+    def ran_at(self, shapes: dict) -> bool:
+        """Whether the last forward ran at these input shapes."""
+        return self._ran_at == {n: tuple(s) for n, s in shapes.items()}
 
     def _bind(self, plan: EnginePlan) -> None:
         """The runtime writes the output blobs' host arrays itself (not under ``lazy``,

@@ -336,10 +336,16 @@ class Net:
                 p.grad.zero_()
 
     def reshape(self) -> None:
-        """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape)."""
-        shapes = self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
+        """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape).
+        At the input shapes the last fast forward ran at, the blobs it left stale stay
+        stale: their recompute gives them these very shapes."""
+        inputs = {n: self.blobs[n].shape for n in self.inputs}
+        shapes = self.module.infer_shapes(inputs)
+        state = self.blob_state
+        unchanged = self._fast is not None and self._fast.ran_at(inputs)
         for name, shape in shapes.items():
-            self.blob_state.reshape(name, shape)     # budgeted; names the blob
+            if not (unchanged and state.is_stale(name)):
+                state.reshape(name, shape)     # budgeted; names the blob
 
     # -- weights ----------------------------------------------------------------------
     def copy_from(self, path) -> None:
