@@ -212,6 +212,9 @@ def test_environment_names_the_engine(monkeypatch):
     monkeypatch.setenv(engines.ENGINE_ENV, "OpenVINO")
     assert engines.requested_engine(None) == "openvino"
     assert engines.requested_engine("torch") == "torch"
+    monkeypatch.setenv(engines.ENGINE_ENV, "onnx")          # set once, read by every Net
+    with pytest.raises(ValueError, match=r"\$CAFFE_COMPAT_ENGINE: engine 'onnx'"):
+        engines.requested_engine(None)
     assert engines.difference({"a": torch.ones(2)}, {"a": torch.ones(3)}) == float("inf")
 
 

@@ -55,7 +55,8 @@ def requested_engine(engine: str | None) -> str:
     """``engine``, else $CAFFE_COMPAT_ENGINE, else "torch"; unknown names are an error."""
     name = (engine or os.environ.get(ENGINE_ENV) or "torch").strip().lower()
     if name not in ENGINES:
-        raise ValueError(f"engine {name!r}: expected one of {', '.join(ENGINES)}")
+        origin = "" if engine else f"${ENGINE_ENV}: "     # not in the call that raised
+        raise ValueError(f"{origin}engine {name!r}: expected one of {', '.join(ENGINES)}")
     return name
 
 
