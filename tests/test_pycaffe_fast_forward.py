@@ -157,3 +157,22 @@ def test_nets_with_data_layers_or_python_layers_keep_the_full_path(tmp_path):
                     'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\n'
                     'layer { name: "s" type: "Silence" bottom: "y" }\n')
     assert caffe.Net(str(sink), caffe.TEST)._fast is None      # sinks act on every forward
+
+
+def test_a_net_sampling_dropout_at_test_reads_its_blobs_from_one_draw(tmp_path):
+    """Bayesian SegNet's ``sample_weights_test``: each forward draws new masks. An inner blob
+    read after the forward holds the masked values its outputs were computed from, as in
+    Caffe; a recompute on the read would have drawn other masks."""
+    path = tmp_path / "mc.prototxt"
+    path.write_text('input: "data" input_shape { dim: 2 dim: 50 }\n'
+                    'layer { name: "drop" type: "Dropout" bottom: "data" top: "d" '
+                    'dropout_param { dropout_ratio: 0.5 sample_weights_test: true } }\n'
+                    'layer { name: "ip" type: "InnerProduct" bottom: "d" top: "out" '
+                    'inner_product_param { num_output: 3 '
+                    'weight_filler { type: "gaussian" std: 0.5 } } }\n')
+    net = caffe.Net(str(path), caffe.TEST)
+    out = net.forward(data=np.ones((2, 50), np.float32))["out"].copy()
+    d = net.blobs["d"].data.astype(np.float64)
+    assert set(np.unique(d)) == {0.0, 2.0}                     # a mask was drawn
+    w, b = (p.data.astype(np.float64) for p in net.params["ip"])
+    np.testing.assert_allclose(out, d @ w.T + b, rtol=1e-5, atol=1e-5)

@@ -52,6 +52,8 @@ def eligible(net) -> bool:
     for index, layer in enumerate(m.layers):
         if layer.runs_user_code:
             return False                     # user code may read or write any blob
+        if layer.draws_random:
+            return False                     # a recompute of skipped blobs would draw anew
         if not m.layer_bottoms(index) and not layer.feeds_input:
             return False                     # data/DummyData sources: the full path
         if not m.layer_tops(index):
