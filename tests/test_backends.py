@@ -190,6 +190,32 @@ def test_a_runtime_failing_on_its_test_input_falls_back(tmp_path, monkeypatch):
     np.testing.assert_array_equal(_forward(net, x)["prob"], _forward(ref, x)["prob"])
 
 
+UNUSED_INPUT = """
+layer { name: "in" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 2 dim: 5 } shape { dim: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_input_no_layer_reads_does_not_keep_the_engine_off(tmp_path, engine):
+    """A deploy net that keeps an Input top nothing reads (a leftover "label"): the export
+    has no such input, and binding it failed the load. It is a net output, as in Caffe."""
+    proto = tmp_path / "unused.prototxt"
+    proto.write_text(UNUSED_INPUT)
+    net = caffe.Net(str(proto), caffe.TEST, engine=engine)
+    ref = caffe.Net(str(proto), caffe.TEST)
+    ref.share_with(net)
+    assert net.engine == engine, net._fast.choice.reason
+    feed = {"data": np.random.default_rng(9).random((2, 5), dtype=np.float32),
+            "label": np.array([1.0, 2.0], np.float32)}
+    got, want = net.forward(**feed), ref.forward(**feed)
+    np.testing.assert_array_equal(got["label"], feed["label"])
+    np.testing.assert_allclose(got["prob"], want["prob"], rtol=1e-5, atol=1e-6)
+
+
 def test_first_call_difference_falls_back(tmp_path):
     proto = _prototxt(tmp_path, "lenet")
     net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
