@@ -23,7 +23,8 @@ executor) computes the outputs instead. The input blobs are copied straight into
 runtime's bound input buffers, which are also the snapshot a stale read recomputes from, so
 a call costs one copy of the inputs, the runtime call and one copy of the outputs into their
 blobs. The choice is per input shape: after a reshape the engine is chosen (``auto``:
-measured) again for the new shapes. The weights are the export's: after the net's
+measured) again for the new shapes, for the first ``SHAPES_KEPT`` shapes; torch runs the
+others. The weights are the export's: after the net's
 parameters change it is exported again once; a second change, or a numpy view of a
 parameter still held by the caller, sends forwards to the torch path.
 """
@@ -36,8 +37,8 @@ import weakref
 import numpy as np
 import torch
 
-from caffe_compat.engine.backends.engine import (EnginePlan, ReducedForward, choose_engine,
-                                                 first_call_check)
+from caffe_compat.engine.backends.engine import (EngineChoice, EnginePlan, ReducedForward,
+                                                 choose_engine, first_call_check)
 from caffe_compat.engine.net.fuse import fusable
 from caffe_compat.engine.net.inference_cache import InferenceCache
 
@@ -106,7 +107,7 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
 
 
 _VERSION = operator.attrgetter("_version")
-SHAPES_KEPT = 4          # engine choices kept per input shape (pycaffe nets that alternate)
+SHAPES_KEPT = 4          # input shapes given an engine choice; torch runs any others
 
 
 def inference_plan(net) -> EnginePlan | None:
@@ -136,6 +137,7 @@ class FastForward:
         self.request, self.precision = "torch", "fp32"
         self._engine_key: tuple | None = None
         self._resynced = False
+        self._overflowed = False      # logged that shapes past SHAPES_KEPT run torch
         self._by_shape: dict[tuple, tuple] = {}     # input shapes -> (choice, engine key)
         self._shapes: tuple = ()                    # the input shapes of ``choice``
         # the engine plan whose runtime writes straight into output blobs (``_direct``;
@@ -189,8 +191,6 @@ class FastForward:
         self.choice = choose_engine(self.net.module, request, self._torch_forward,
                                     precision=self.precision, shapes=shapes)
         self._engine_key = self._weights_key(params, self._numpy_state(params)[0])
-        if len(self._by_shape) >= SHAPES_KEPT:
-            self._by_shape.clear()
         self._shapes = tuple(shapes.values())
         self._by_shape[self._shapes] = (self.choice, self._engine_key)
         log.info("net '%s': %s", self.net.module.name, self.choice.reason)
@@ -235,10 +235,20 @@ class FastForward:
     def _reshaped(self) -> None:
         shapes = self._input_shapes()
         kept = self._by_shape.get(shapes)
-        if kept is None:
+        if kept is not None:
+            self.choice, self._engine_key = kept
+            self._shapes = shapes
+        elif len(self._by_shape) < SHAPES_KEPT:
             self._decide(self.request)
         else:
-            self.choice, self._engine_key = kept
+            # more shapes than kept (an image pyramid): forgetting choices to make room
+            # exported and measured again on every call of a cycle; these shapes run torch
+            if not self._overflowed:
+                log.info("net '%s': engine torch for input shapes past the first %d",
+                         self.net.module.name, SHAPES_KEPT)
+            self._overflowed = True
+            self.choice = EngineChoice("torch", None, "engine torch: input shapes past the "
+                                       f"first {SHAPES_KEPT}", verified=True)
             self._shapes = shapes
 
     def run(self) -> None:
