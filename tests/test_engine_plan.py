@@ -182,6 +182,25 @@ def test_a_stale_read_leaves_the_outputs_as_the_forward_returned_them(tmp_path, 
     assert_same_rows(got["detection_out"], want["detection_out"], 2e-4)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_held_weight_view_keeps_the_engine_until_it_is_written(tmp_path, engine):
+    """A numpy view of a weight kept by the caller sent every forward to torch; now the
+    engine runs while the view's values are unchanged, and a write through it is seen."""
+    ref, net = _pair(tmp_path, "lenet", engine)
+    x = np.random.default_rng(6).random(ref.blobs["data"].shape, dtype=np.float32)
+    filters = net.params["conv1"][0].data
+    _forward(net, x)                                 # exported again for the hand-out
+    call, runs = net._fast.choice.forward.call, []
+    honest = call._run
+    call._run = lambda: (runs.append(1), honest())
+    for _ in range(2):
+        _close(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+    assert len(runs) == 2 and net.engine == engine
+    filters *= 0.5
+    ref.params["conv1"][0].data[...] *= 0.5
+    _close(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+
+
 LOSS = """
 layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 1 } } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
