@@ -159,3 +159,26 @@ def test_prior_box_refuses_what_ssd_refuses(params, named):
     img_h at 0): one clear error instead of silently using the bottom's size."""
     with pytest.raises(LayerError, match=named):
         prior_box(f"min_size: 4 {params}")
+
+
+def test_keep_top_k_orders_tied_scores_as_libstdcxx_std_sort():
+    """SSD cuts to keep_top_k with ``std::sort`` on the score alone, not stable. Twelve
+    disjoint boxes; class 1 scores 0.75 at priors 1 4 6 9, class 2 at 0 3 5 8 11, 0.5
+    elsewhere: 24 pairs, class 1's in NMS order then class 2's, keys 4×0.75 8×0.5 5×0.75
+    7×0.5. g++'s std::sort orders them 1 16 15 14 13 12 3 2 0 23 …; the first ten are pairs
+    of class 1 at priors 4 9 6 1 and of class 2 at priors 11 8 5 3 0 and 10 (a 0.5 from class
+    2, where a stable sort would keep class 1's prior 0 and index order within each class)."""
+    grid = [(j % 4 * 0.25, j // 4 * 0.25) for j in range(12)]
+    priors = np.array([[x, y, x + 0.125, y + 0.125] for x, y in grid], F32)
+    prior = np.stack([priors.reshape(-1), np.full(48, 0.1, F32)])[None]
+    high = {1: [1, 4, 6, 9], 2: [0, 3, 5, 8, 11]}
+    conf = np.full((12, 3), 0.5, F32)
+    conf[:, 0] = 0.1
+    for label, ones in high.items():
+        conf[ones, label] = 0.75
+    out = forward("num_classes: 3 background_label_id: 0 code_type: CENTER_SIZE "
+                  "nms_param { nms_threshold: 0.45 } keep_top_k: 10",
+                  np.zeros((1, 48), F32), conf.reshape(1, -1), prior)
+    kept = [(1, p, 0.75) for p in (4, 9, 6, 1)] + [(2, p, 0.75) for p in (11, 8, 5, 3, 0)]
+    np.testing.assert_array_equal(out, np.array(
+        [[0, label, score, *priors[p]] for label, p, score in kept + [(2, 10, 0.5)]], F32))

@@ -12,7 +12,10 @@ Per class (the background class skipped): scores above ``confidence_threshold`` 
 all), stably sorted descending, cut to ``nms_param.top_k``, then greedy NMS: a box is kept
 when its Jaccard overlap with every box kept so far is ``<= threshold``; with ``eta < 1`` the
 threshold shrinks by ``eta`` after each kept box while it is above 0.5. Then, when more than
-``keep_top_k`` boxes survive in an image, the best ``keep_top_k`` over all classes stay.
+``keep_top_k`` boxes survive in an image, the best ``keep_top_k`` over all classes stay,
+chosen and ordered by SSD's ``std::sort`` (libstdc++'s order among equal scores).
+``background_label_id: -1`` skips no class (SSD's GPU forward; its CPU forward aborts when
+locations are shared).
 Overlaps, sizes and decoding are float32 like SSD's ``NormalizedBBox``. Decoded boxes are
 not clipped (SSD's CPU forward passes ``clip_bbox = false``). There is no backward (SSD has
 none). Writing result files (``save_output_param.output_directory``) is not supported.
@@ -27,6 +30,7 @@ import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.ssd import SSD
+from caffe_compat.engine.layers.stl_sort import sort_descending
 from caffe_compat.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -239,9 +243,11 @@ class DetectionOutput(Layer):
                                   np.concatenate(boxes))
         scores = conf[indices, labels]
         if -1 < self.keep_top_k < len(indices):
-            # SSD stably sorts (score, label, index) pairs built in label order, keeps the
-            # best keep_top_k and regroups them by label: a stable sort by label restores that.
-            best = np.argsort(-scores, kind="stable")[:self.keep_top_k]
+            # SSD sorts the (score, label, index) pairs, built in label order, with std::sort
+            # on the score (not stable: stl_sort puts ties where libstdc++ does), keeps the
+            # best keep_top_k and regroups them by label, each in its sorted order: a stable
+            # sort by label does that.
+            best = sort_descending(scores)[:self.keep_top_k]
             best = best[np.argsort(labels[best], kind="stable")]
             labels, scores, boxes = labels[best], scores[best], boxes[best]
         rows = np.empty((len(labels), 6), dtype=F32)
