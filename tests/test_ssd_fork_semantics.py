@@ -153,10 +153,11 @@ def test_prior_box_checks_sizes_before_truncating_them():
 
 @pytest.mark.parametrize("params,named", [
     ("img_w: 40", "img_h"), ("img_h: 30 img_w: 0", "img_w"), ("img_size: 0", "img_size"),
-    ("step_h: 8", "step_w"), ("step: -2", "step"), ("step_h: 0 step_w: 8", "step_h")])
+    ("step_h: 8", "step_w"), ("step: -2", "step"), ("step_h: 0 step_w: 8", "step_h"),
+    ("variance: nan", "variance")])
 def test_prior_box_refuses_what_ssd_refuses(params, named):
-    """SSD CHECKs that an image size or step it is given is positive (img_w alone leaves
-    img_h at 0): one clear error instead of silently using the bottom's size."""
+    """SSD CHECKs that an image size, step or variance it is given is positive (img_w alone
+    leaves img_h at 0): one clear error instead of silently using the bottom's size."""
     with pytest.raises(LayerError, match=named):
         prior_box(f"min_size: 4 {params}")
 
@@ -182,3 +183,27 @@ def test_keep_top_k_orders_tied_scores_as_libstdcxx_std_sort():
     kept = [(1, p, 0.75) for p in (4, 9, 6, 1)] + [(2, p, 0.75) for p in (11, 8, 5, 3, 0)]
     np.testing.assert_array_equal(out, np.array(
         [[0, label, score, *priors[p]] for label, p, score in kept + [(2, 10, 0.5)]], F32))
+
+
+def test_prior_box_aspect_ratio_zero_gives_infinite_boxes_as_ssd():
+    """SSD stores ``1./ar`` (inf for 0) and divides by ``sqrt(ar)``: a 0-wide infinitely tall
+    box and its flip, not an error."""
+    out = prior_box("min_size: 4 aspect_ratio: 0").forward(torch.zeros(1, 1, 1, 1),
+                                                           torch.zeros(1, 1, 10, 10))
+    inf = np.inf
+    np.testing.assert_array_equal(out[0, 0].numpy(), np.array(
+        [0.3, 0.3, 0.7, 0.7, 0.5, -inf, 0.5, inf, -inf, 0.5, inf, 0.5], F32))
+
+
+@pytest.mark.parametrize("code_type", ["CENTER_SIZE", "CORNER_SIZE", "CORNER"])
+def test_zero_width_priors_decode_as_ssds_gpu_forward(code_type):
+    """SSD's CPU DecodeBBox CHECKs prior width > 0 for the size-relative codes; its GPU kernel
+    (and OpenCV) decode such a prior with the same formulas: a zero-width box, here kept."""
+    loc, conf, prior = _overflow_case()
+    loc[:] = 0
+    prior[0, 0, 6] = prior[0, 0, 4]            # prior 1: xmax = xmin
+    out = forward("num_classes: 2 background_label_id: 0 nms_param { nms_threshold: 0.45 } "
+                  f"code_type: {code_type}", loc, conf, prior)
+    np.testing.assert_array_equal(out, np.array([[0, 1, F32(0.9), *BOX],
+                                                 [0, 1, F32(0.8), 0.125, 0.125, 0.125, 0.375]],
+                                                F32))

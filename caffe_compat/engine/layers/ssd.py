@@ -131,8 +131,9 @@ def _ssd_aspect_ratios(ratios: Sequence[float], flip: bool) -> list[float]:
         if any(abs(ar - seen) < 1e-6 for seen in out):
             continue
         out.append(ar)
-        if flip:
-            out.append(float(np.float32(1.0 / ar)))
+        if flip:  # as a C double: 1/0 is inf, not an error
+            with np.errstate(divide="ignore"):
+                out.append(float(np.float32(np.float64(1.0) / ar)))
     return out
 
 
@@ -165,7 +166,7 @@ class PriorBox(Layer):
         if len(p.variance) not in (0, 1, 4):
             raise self.error(f"give one or four variances, not {len(p.variance)}")
         self.variance = [float(v) for v in p.variance] or [0.1]
-        if any(v <= 0 for v in self.variance):
+        if not all(v > 0 for v in self.variance):
             raise self.error("variances must be positive")
         self.img_hw = self._pair(p, "img_size", "img_h", "img_w", int)
         self.step_hw = self._pair(p, "step", "step_h", "step_w", float)
@@ -210,8 +211,9 @@ class PriorBox(Layer):
             for ar in self.aspect_ratios:
                 if abs(ar - 1.0) < 1e-6:
                     continue
-                root = np.sqrt(f32(ar))
-                sizes.append((f32(lo) * root, f32(lo) / root))
+                with np.errstate(divide="ignore", invalid="ignore"):  # ratio 0 or < 0: as C
+                    root = np.sqrt(f32(ar))
+                    sizes.append((f32(lo) * root, f32(lo) / root))
         wh = np.array(sizes, dtype=np.float64)                               # [P, 2]
         cx = ((np.arange(layer_w, dtype=f32) + f32(self.offset)) * step_w).astype(np.float64)
         cy = ((np.arange(layer_h, dtype=f32) + f32(self.offset)) * step_h).astype(np.float64)

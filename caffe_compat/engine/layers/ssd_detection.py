@@ -14,8 +14,9 @@ when its Jaccard overlap with every box kept so far is ``<= threshold``; with ``
 threshold shrinks by ``eta`` after each kept box while it is above 0.5. Then, when more than
 ``keep_top_k`` boxes survive in an image, the best ``keep_top_k`` over all classes stay,
 chosen and ordered by SSD's ``std::sort`` (libstdc++'s order among equal scores).
-``background_label_id: -1`` skips no class (SSD's GPU forward; its CPU forward aborts when
-locations are shared).
+Where SSD's CPU forward aborts and its GPU forward computes, this layer computes as the GPU
+does (and OpenCV's DNN): ``background_label_id: -1`` with shared locations skips no class; a
+prior of zero width or height (clipped beyond the image) decodes with the same formulas.
 Overlaps, sizes and decoding are float32 like SSD's ``NormalizedBBox``. Decoded boxes are
 not clipped (SSD's CPU forward passes ``clip_bbox = false``). There is no backward (SSD has
 none). Writing result files (``save_output_param.output_directory``) is not supported.
