@@ -207,3 +207,12 @@ def test_zero_width_priors_decode_as_ssds_gpu_forward(code_type):
     np.testing.assert_array_equal(out, np.array([[0, 1, F32(0.9), *BOX],
                                                  [0, 1, F32(0.8), 0.125, 0.125, 0.125, 0.375]],
                                                 F32))
+
+
+@pytest.mark.parametrize("nms,named", [("nms_threshold: -0.1", "nms_threshold"),
+                                       ("nms_threshold: nan", "nms_threshold"),
+                                       ("eta: 0", "eta"), ("eta: 1.5", "eta"), ("eta: nan", "eta")])
+def test_detection_output_refuses_what_ssd_refuses(nms, named):
+    """SSD CHECKs nms_threshold >= 0 and 0 < eta <= 1 (NaN fails both)."""
+    with pytest.raises(LayerError, match=named):
+        detection_output(f"num_classes: 2 nms_param {{ {nms} }}", [(1, 4), (1, 2), (1, 2, 4)])

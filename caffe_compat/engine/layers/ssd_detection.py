@@ -192,7 +192,7 @@ class DetectionOutput(Layer):
         self.nms_threshold = float(p.nms_param.nms_threshold)
         self.eta = float(p.nms_param.eta)
         self.top_k = int(p.nms_param.top_k) if p.nms_param.HasField("top_k") else -1
-        if self.nms_threshold < 0:
+        if not self.nms_threshold >= 0:  # SSD: CHECK_GE, which NaN fails
             raise self.error("nms_threshold must be non-negative")
         if not 0 < self.eta <= 1:
             raise self.error(f"nms_param.eta must be in (0, 1], got {self.eta:g}")
