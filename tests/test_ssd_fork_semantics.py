@@ -216,3 +216,37 @@ def test_detection_output_refuses_what_ssd_refuses(nms, named):
     """SSD CHECKs nms_threshold >= 0 and 0 < eta <= 1 (NaN fails both)."""
     with pytest.raises(LayerError, match=named):
         detection_output(f"num_classes: 2 nms_param {{ {nms} }}", [(1, 4), (1, 2), (1, 2, 4)])
+
+
+def reference_decode(prior, var, loc, code: str, in_target: bool) -> list:
+    """SSD's DecodeBBox for one box, one C operation at a time: float operands give a float
+    (rounded here with F32), ``/ 2.`` and the final corners go through double."""
+    f = F32
+    if in_target:
+        var = [f(1)] * 4                       # SSD's branch skips the multiplication
+    if code == "CORNER":
+        return [f(prior[i] + f(var[i] * loc[i])) for i in range(4)]
+    pw, ph = f(prior[2] - prior[0]), f(prior[3] - prior[1])
+    if code == "CORNER_SIZE":
+        size = [pw, ph, pw, ph]
+        return [f(prior[i] + f(f(var[i] * loc[i]) * size[i])) for i in range(4)]
+    cx = f(f(f(var[0] * loc[0]) * pw) + f(float(f(prior[0] + prior[2])) / 2.0))
+    cy = f(f(f(var[1] * loc[1]) * ph) + f(float(f(prior[1] + prior[3])) / 2.0))
+    w = f(f(math.exp(float(f(var[2] * loc[2])))) * pw)
+    h = f(f(math.exp(float(f(var[3] * loc[3])))) * ph)
+    return [f(float(cx) - float(w) / 2.0), f(float(cy) - float(h) / 2.0),
+            f(float(cx) + float(w) / 2.0), f(float(cy) + float(h) / 2.0)]
+
+
+@pytest.mark.parametrize("in_target", [False, True])
+@pytest.mark.parametrize("code", ["CORNER", "CENTER_SIZE", "CORNER_SIZE"])
+def test_decode_equals_ssds_decode_bbox_bit_for_bit(code, in_target):
+    rng = np.random.default_rng(5)
+    centres, sizes = rng.uniform(0.1, 0.9, (300, 2)), rng.uniform(0.01, 0.5, (300, 2))
+    priors = np.concatenate([centres - sizes / 2, centres + sizes / 2], 1).astype(F32)
+    variances = rng.uniform(0.05, 0.3, (300, 4)).astype(F32)
+    loc = rng.normal(0, 2, (300, 4)).astype(F32)
+    got = decode_boxes(loc, priors, variances, caffe_pb2.PriorBoxParameter.CodeType.Value(code),
+                       in_target)
+    want = [reference_decode(*rows, code, in_target) for rows in zip(priors, variances, loc)]
+    np.testing.assert_array_equal(got, np.asarray(want, F32))
