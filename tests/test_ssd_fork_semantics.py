@@ -250,3 +250,23 @@ def test_decode_equals_ssds_decode_bbox_bit_for_bit(code, in_target):
                        in_target)
     want = [reference_decode(*rows, code, in_target) for rows in zip(priors, variances, loc)]
     np.testing.assert_array_equal(got, np.asarray(want, F32))
+
+
+@pytest.mark.parametrize("threshold,keep_top_k", [(0.95, -1), (0.0, 0)])
+def test_no_detection_in_any_image_gives_one_minus_one_row_per_image(threshold, keep_top_k):
+    """SSD: ``num_kept == 0`` (nothing above the threshold, or keep_top_k 0) → top
+    ``[1, 1, num, 7]`` filled with -1, column 0 the image id."""
+    loc, conf, prior = _overflow_case()
+    loc, conf = np.zeros((2, 12), F32), np.tile(conf, (2, 1))
+    out = forward(f"num_classes: 2 code_type: CENTER_SIZE confidence_threshold: {threshold} "
+                  f"keep_top_k: {keep_top_k}", loc, conf, prior)
+    np.testing.assert_array_equal(out, np.array([[0] + [-1] * 6, [1] + [-1] * 6], F32))
+
+
+def test_an_image_without_detections_gets_no_row_when_another_has_some():
+    loc, conf, prior = _overflow_case()
+    loc, conf = np.zeros((2, 12), F32), np.tile(conf, (2, 1))
+    conf[0, 1::2] = 0.05                       # image 0: class 1 below the threshold
+    out = forward("num_classes: 2 code_type: CENTER_SIZE confidence_threshold: 0.5", loc, conf,
+                  prior)
+    np.testing.assert_array_equal(out, np.array([[1, 1, F32(0.9), *BOX]], F32))
