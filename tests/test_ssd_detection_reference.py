@@ -12,6 +12,7 @@ from google.protobuf import text_format
 
 from caffe_compat.engine.layers import ssd_detection
 from caffe_compat.engine.layers.ssd_detection import DetectionOutput, decode_boxes
+from caffe_compat.engine.layers.stl_sort import sort_descending
 from caffe_compat.proto import caffe_pb2
 
 F32 = np.float32
@@ -65,7 +66,9 @@ def reference_forward(layer: DetectionOutput, loc, conf, prior) -> np.ndarray:
                                             layer.nms_threshold, layer.eta, layer.top_k))
         pairs = [(conf[i, k, c], c, k) for c, (_, ks) in kept.items() for k in ks]
         if -1 < layer.keep_top_k < len(pairs):
-            pairs = sorted(pairs, key=lambda pair: -pair[0])[:layer.keep_top_k]
+            # SSD's std::sort, whose order among ties test_stl_sort checks against libstdc++
+            order = sort_descending(np.array([pair[0] for pair in pairs], F32))
+            pairs = [pairs[j] for j in order[:layer.keep_top_k]]
         for c in sorted(kept):
             boxes = kept[c][0]
             rows += [[i, c, s, *boxes[k]] for s, label, k in pairs if label == c]

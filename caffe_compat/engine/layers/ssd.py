@@ -131,8 +131,9 @@ def _ssd_aspect_ratios(ratios: Sequence[float], flip: bool) -> list[float]:
         if any(abs(ar - seen) < 1e-6 for seen in out):
             continue
         out.append(ar)
-        if flip:
-            out.append(float(np.float32(1.0 / ar)))
+        if flip:  # as a C double: 1/0 is inf, not an error
+            with np.errstate(divide="ignore"):
+                out.append(float(np.float32(np.float64(1.0) / ar)))
     return out
 
 
@@ -149,22 +150,23 @@ class PriorBox(Layer):
         p = param.prior_box_param
         if not p.min_size:
             raise self.error("prior_box_param needs min_size")
-        self.min_sizes = [int(s) for s in p.min_size]     # SSD keeps them in int
-        if any(s <= 0 for s in self.min_sizes):
+        # SSD checks the sizes as floats and truncates each to an int only when it uses it.
+        if not all(s > 0 for s in p.min_size):
             raise self.error("min_size must be positive")
-        self.max_sizes = [int(s) for s in p.max_size]
-        if self.max_sizes and len(self.max_sizes) != len(self.min_sizes):
+        if p.max_size and len(p.max_size) != len(p.min_size):
             raise self.error("give one max_size per min_size")
-        for lo, hi in zip(self.min_sizes, self.max_sizes):
-            if hi <= lo:
-                raise self.error(f"max_size ({hi}) must be greater than min_size ({lo})")
+        for lo, hi in zip(p.min_size, p.max_size):
+            if not hi > lo:
+                raise self.error(f"max_size ({hi:g}) must be greater than min_size ({lo:g})")
+        self.min_sizes = [int(s) for s in p.min_size]
+        self.max_sizes = [int(s) for s in p.max_size]
         self.aspect_ratios = _ssd_aspect_ratios(p.aspect_ratio, p.flip)
         self.num_priors = len(self.aspect_ratios) * len(self.min_sizes) + len(self.max_sizes)
         self.clip = p.clip
         if len(p.variance) not in (0, 1, 4):
             raise self.error(f"give one or four variances, not {len(p.variance)}")
         self.variance = [float(v) for v in p.variance] or [0.1]
-        if any(v <= 0 for v in self.variance):
+        if not all(v > 0 for v in self.variance):
             raise self.error("variances must be positive")
         self.img_hw = self._pair(p, "img_size", "img_h", "img_w", int)
         self.step_hw = self._pair(p, "step", "step_h", "step_w", float)
@@ -172,13 +174,20 @@ class PriorBox(Layer):
         self._cached: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def _pair(self, p, single: str, h: str, w: str, kind) -> tuple:
+        """``(h, w)`` from ``h``/``w`` (both then needed, as SSD reads an unset one as 0 and
+        refuses it) or ``single``; ``(0, 0)``, meaning "from the bottoms", when none is set."""
         if p.HasField(h) or p.HasField(w):
             if p.HasField(single):
                 raise self.error(f"give either {single} or {h}/{w}, not both")
-            return kind(getattr(p, h)), kind(getattr(p, w))
-        if p.HasField(single):
-            return kind(getattr(p, single)), kind(getattr(p, single))
-        return kind(0), kind(0)
+            names = (h, w)
+        elif p.HasField(single):
+            names = (single, single)
+        else:
+            return kind(0), kind(0)
+        for name in names:
+            if not getattr(p, name) > 0:
+                raise self.error(f"{name} must be greater than 0, got {getattr(p, name):g}")
+        return kind(getattr(p, names[0])), kind(getattr(p, names[1]))
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         _, h, w = _legacy_chw(bottom_shapes[0])
@@ -202,8 +211,9 @@ class PriorBox(Layer):
             for ar in self.aspect_ratios:
                 if abs(ar - 1.0) < 1e-6:
                     continue
-                root = np.sqrt(f32(ar))
-                sizes.append((f32(lo) * root, f32(lo) / root))
+                with np.errstate(divide="ignore", invalid="ignore"):  # ratio 0 or < 0: as C
+                    root = np.sqrt(f32(ar))
+                    sizes.append((f32(lo) * root, f32(lo) / root))
         wh = np.array(sizes, dtype=np.float64)                               # [P, 2]
         cx = ((np.arange(layer_w, dtype=f32) + f32(self.offset)) * step_w).astype(np.float64)
         cy = ((np.arange(layer_h, dtype=f32) + f32(self.offset)) * step_h).astype(np.float64)

@@ -12,7 +12,11 @@ Per class (the background class skipped): scores above ``confidence_threshold`` 
 all), stably sorted descending, cut to ``nms_param.top_k``, then greedy NMS: a box is kept
 when its Jaccard overlap with every box kept so far is ``<= threshold``; with ``eta < 1`` the
 threshold shrinks by ``eta`` after each kept box while it is above 0.5. Then, when more than
-``keep_top_k`` boxes survive in an image, the best ``keep_top_k`` over all classes stay.
+``keep_top_k`` boxes survive in an image, the best ``keep_top_k`` over all classes stay,
+chosen and ordered by SSD's ``std::sort`` (libstdc++'s order among equal scores).
+Where SSD's CPU forward aborts and its GPU forward computes, this layer computes as the GPU
+does (and OpenCV's DNN): ``background_label_id: -1`` with shared locations skips no class; a
+prior of zero width or height (clipped beyond the image) decodes with the same formulas.
 Overlaps, sizes and decoding are float32 like SSD's ``NormalizedBBox``. Decoded boxes are
 not clipped (SSD's CPU forward passes ``clip_bbox = false``). There is no backward (SSD has
 none). Writing result files (``save_output_param.output_directory``) is not supported.
@@ -27,6 +31,7 @@ import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.ssd import SSD
+from caffe_compat.engine.layers.stl_sort import sort_descending
 from caffe_compat.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,13 @@ CORNER, CENTER_SIZE, CORNER_SIZE = (caffe_pb2.PriorBoxParameter.CORNER,
                                     caffe_pb2.PriorBoxParameter.CORNER_SIZE)
 F32 = np.float32
 MATRIX_LIMIT = 2048
+
+
+def float_exp(x: np.ndarray) -> np.ndarray:
+    """C's ``expf``: the float32 nearest ``e**x``. NumPy's own float32 exp is up to an ulp off
+    (on 4 values in 10), which moves SSD's box corners; its float64 exp, rounded, is not."""
+    with np.errstate(over="ignore"):
+        return np.exp(x.astype(np.float64)).astype(F32)
 
 
 def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, code_type: int,
@@ -55,36 +67,50 @@ def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, cod
     pcy = ((priors[..., 1] + priors[..., 3]).astype(np.float64) / 2.0).astype(F32)
     cx = (var[..., 0] * loc[..., 0] * pw + pcx).astype(F32)
     cy = (var[..., 1] * loc[..., 1] * ph + pcy).astype(F32)
-    w = (np.exp((var[..., 2] * loc[..., 2]).astype(F32)) * pw).astype(F32)
-    h = (np.exp((var[..., 3] * loc[..., 3]).astype(F32)) * ph).astype(F32)
+    w = (float_exp((var[..., 2] * loc[..., 2]).astype(F32)) * pw).astype(F32)
+    h = (float_exp((var[..., 3] * loc[..., 3]).astype(F32)) * ph).astype(F32)
     w64, h64 = w.astype(np.float64) / 2.0, h.astype(np.float64) / 2.0
     return np.stack([cx - w64, cy - h64, cx + w64, cy + h64], axis=-1).astype(F32)
 
 
 def box_sizes(boxes: np.ndarray) -> np.ndarray:
     """SSD's BBoxSize (normalised): width·height in float32, 0 for inverted boxes."""
-    w = (boxes[:, 2] - boxes[:, 0]).astype(F32)
-    h = (boxes[:, 3] - boxes[:, 1]).astype(F32)
-    return np.where((w < 0) | (h < 0), F32(0), (w * h).astype(F32)).astype(F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = (boxes[:, 2] - boxes[:, 0]).astype(F32)
+        h = (boxes[:, 3] - boxes[:, 1]).astype(F32)
+        return np.where((w < 0) | (h < 0), F32(0), (w * h).astype(F32)).astype(F32)
 
 
-def jaccard_matrix(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """SSD's JaccardOverlap of every box of ``first`` ``[A, 4]`` with every box of ``second``
-    ``[B, 4]``: ``[A, B]`` float32, elementwise the same float32 operations as SSD's
-    one-pair function (which is symmetric, so either order gives the same values)."""
-    sizes_a, sizes_b = box_sizes(first), box_sizes(second)
-    x0a, y0a, x1a, y1a = (np.ascontiguousarray(first[:, k])[:, None] for k in range(4))
-    x0b, y0b, x1b, y1b = (np.ascontiguousarray(second[:, k])[None, :] for k in range(4))
-    iw = np.minimum(x1a, x1b)
-    iw -= np.maximum(x0a, x0b)
-    ih = np.minimum(y1a, y1b)
-    ih -= np.maximum(y0a, y0b)
-    inter = iw * ih
-    union = sizes_a[:, None] + sizes_b[None, :]
-    union -= inter
-    with np.errstate(divide="ignore", invalid="ignore"):
+def jaccard_matrix(kept: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """SSD's ``JaccardOverlap(candidate, kept)`` for every box of ``kept`` ``[A, 4]`` (rows)
+    and of ``candidates`` ``[B, 4]`` (columns): ``[A, B]`` float32, elementwise SSD's float32
+    operations. For boxes without NaN the function is symmetric. With NaN it is not:
+    ``std::max``/``std::min`` return their first argument, the candidate's corner, when the
+    comparison fails; that slower path runs only when a NaN is present. An overlap that
+    comes out NaN (boxes infinite after an exp overflow) fails NMS's ``<=`` test."""
+    sizes_k, sizes_c = box_sizes(kept), box_sizes(candidates)
+    k0, k1, k2, k3 = (np.ascontiguousarray(kept[:, i])[:, None] for i in range(4))
+    c0, c1, c2, c3 = (np.ascontiguousarray(candidates[:, i])[None, :] for i in range(4))
+    if np.isnan(kept).any() or np.isnan(candidates).any():
+        def larger(c, k):
+            return np.where(c < k, k, c)
+
+        def smaller(c, k):
+            return np.where(k < c, k, c)
+    else:
+        larger, smaller = np.maximum, np.minimum
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        iw = smaller(c2, k2)
+        iw -= larger(c0, k0)
+        ih = smaller(c3, k3)
+        ih -= larger(c1, k1)
+        inter = iw * ih
+        union = sizes_c[None, :] + sizes_k[:, None]
+        union -= inter
         overlap = np.divide(inter, union, out=union)
-    overlap[(iw <= 0) | (ih <= 0)] = 0
+    positive = iw > 0
+    positive &= ih > 0
+    overlap[~positive] = 0
     return overlap
 
 
@@ -123,13 +149,14 @@ def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float) -> np.ndarra
     position = 0
     while alive[position]:
         alive[position] = False
-        if not (eta < 1 and kept and np.any(
+        # "<=", as SSD tests it: a NaN overlap strikes the candidate out.
+        if not (eta < 1 and kept and not np.all(
                 (matrix[kept, position] if matrix is not None
-                 else jaccard_matrix(boxes[kept], boxes[position:position + 1])) > threshold)):
+                 else jaccard_matrix(boxes[kept], boxes[position:position + 1])) <= threshold)):
             kept.append(position)
             row = (matrix[position] if matrix is not None
                    else jaccard_matrix(boxes[position:position + 1], boxes)[0])
-            alive &= ~(row > threshold)
+            alive &= row <= threshold
             if eta < 1 and threshold > 0.5:
                 threshold = F32(threshold * F32(eta))
         position = int(alive.argmax())
@@ -165,7 +192,7 @@ class DetectionOutput(Layer):
         self.nms_threshold = float(p.nms_param.nms_threshold)
         self.eta = float(p.nms_param.eta)
         self.top_k = int(p.nms_param.top_k) if p.nms_param.HasField("top_k") else -1
-        if self.nms_threshold < 0:
+        if not self.nms_threshold >= 0:  # SSD: CHECK_GE, which NaN fails
             raise self.error("nms_threshold must be non-negative")
         if not 0 < self.eta <= 1:
             raise self.error(f"nms_param.eta must be in (0, 1], got {self.eta:g}")
@@ -217,9 +244,11 @@ class DetectionOutput(Layer):
                                   np.concatenate(boxes))
         scores = conf[indices, labels]
         if -1 < self.keep_top_k < len(indices):
-            # SSD stably sorts (score, label, index) pairs built in label order, keeps the
-            # best keep_top_k and regroups them by label: a stable sort by label restores that.
-            best = np.argsort(-scores, kind="stable")[:self.keep_top_k]
+            # SSD sorts the (score, label, index) pairs, built in label order, with std::sort
+            # on the score (not stable: stl_sort puts ties where libstdc++ does), keeps the
+            # best keep_top_k and regroups them by label, each in its sorted order: a stable
+            # sort by label does that.
+            best = sort_descending(scores)[:self.keep_top_k]
             best = best[np.argsort(labels[best], kind="stable")]
             labels, scores, boxes = labels[best], scores[best], boxes[best]
         rows = np.empty((len(labels), 6), dtype=F32)
