@@ -23,7 +23,8 @@ from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
 from caffe_compat.engine.backends.engine import requested_engine
 from caffe_compat.formats.blob_io import read_text_proto
-from caffe_compat.engine.layers.base import TEST, TRAIN
+from caffe_compat.formats.errors import with_context
+from caffe_compat.engine.layers.base import TEST, TRAIN, LayerError
 from caffe_compat.engine.layers.blob_vectors import BlobVec, IntVec, LayerVec, StringVec
 from caffe_compat.engine.layers.python_trust import PythonLayerBase
 from caffe_compat.engine.net.module import NetModule, build_net
@@ -245,6 +246,26 @@ class Net:
     def forward(self, blobs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
         """Run layers ``start``..``end`` (names, inclusive); returns the outputs' data (or
         ``end``'s tops) plus ``blobs``. Keywords feed every input blob (pycaffe's rule)."""
+        try:
+            return self._forward(blobs, start, end, kwargs)
+        except RuntimeError as exc:       # torch's kernel message names no layer
+            error = self._shape_error()
+            if error is None:
+                raise
+            raise error from exc
+
+    def _shape_error(self) -> LayerError | None:
+        """The error naming the first layer that cannot take the input blobs' shapes (an
+        input reshaped without ``net.reshape()``), or None when every layer can."""
+        try:
+            self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
+        except LayerError as exc:
+            return LayerError(with_context(str(exc), self.module.source))
+        except Exception:   # noqa: BLE001 - any other failure: the forward's own error stands
+            return None
+        return None
+
+    def _forward(self, blobs, start, end, kwargs: dict) -> dict[str, np.ndarray]:
         if self._fast is not None and not blobs and start is None and end is None \
                 and not self._forward_callbacks():
             if kwargs:                # the outputs-only fast path, with no per-call planning
