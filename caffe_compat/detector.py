@@ -91,7 +91,8 @@ class Detector(Net):
             self.crop_mean = np.zeros(self.crop_dims, dtype=np.float32)
             return
         crop_mean = np.broadcast_to(mean, self.blobs[name].data.shape[1:]).transpose(inverse)
-        crop_mean = np.array(crop_mean, dtype=np.float32)
+        # at the mean's own precision (float64 stays float64), as pycaffe's copy of it
+        crop_mean = np.array(crop_mean, dtype=np.result_type(crop_mean, np.float32))
         order = self.transformer.channel_swap.get(name)
         if order is not None:
             crop_mean = crop_mean[:, :, [list(order).index(i) for i in range(crop_mean.shape[2])]]

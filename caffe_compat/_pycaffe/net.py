@@ -322,6 +322,16 @@ class Net:
         all_diffs = _drop_padding({n: np.asarray(v) for n, v in grads.items()}, kwargs)
         return all_outs, all_diffs
 
+    def set_input_arrays(self, data, labels) -> None:
+        """Hand (N, C, H, W) data and N labels to the net's first layer, which must be a
+        MemoryData layer (pycaffe's rule); the arrays are used by reference when already
+        float32 and contiguous, so later edits to them reach the next forward, as in Caffe."""
+        first = self.module.layers[0] if len(self.module.layers) else None
+        if getattr(first, "type", None) != "MemoryData":
+            raise ValueError(f"net '{self.module.name}': set_input_arrays may only be called "
+                             "if the first layer is a MemoryData layer")
+        first.set_input_arrays(data, labels)
+
     def clear_param_diffs(self) -> None:
         for p in self.module.parameters():
             if p.grad is not None:
