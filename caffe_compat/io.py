@@ -12,7 +12,8 @@ from caffe_compat.formats.images import imdecode_checked, imread_checked
 from caffe_compat.proto import caffe_pb2
 
 __all__ = ["blobproto_to_array", "array_to_blobproto", "datum_to_array", "array_to_datum",
-           "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist",
+           "arraylist_to_blobprotovector_str", "arraylist_to_blobprotovecor_str",
+           "blobprotovector_str_to_arraylist",
            "load_image", "resize_image", "oversample", "Transformer"]
 
 # skimage's rgb2gray weights (pycaffe loads with skimage.io.imread(as_grey=True))
@@ -37,6 +38,10 @@ def arraylist_to_blobprotovector_str(arraylist) -> bytes:
     vec = caffe_pb2.BlobProtoVector()
     vec.blobs.extend(array_to_blobproto(np.asarray(a)) for a in arraylist)
     return vec.SerializeToString()
+
+
+# pycaffe's name for it up to rc3 (a typo fixed in 2016); old scripts still call it
+arraylist_to_blobprotovecor_str = arraylist_to_blobprotovector_str
 
 
 def blobprotovector_str_to_arraylist(data: bytes) -> list:

@@ -21,6 +21,8 @@ def test_blobprotovector_str_round_trip():
     data = caffe.io.arraylist_to_blobprotovector_str(arrays)
     assert isinstance(data, bytes)
     back = caffe.io.blobprotovector_str_to_arraylist(data)
+    # pycaffe up to rc3 spelled it "vecor"; scripts of that time still call that name
+    assert caffe.io.arraylist_to_blobprotovecor_str(arrays) == data
     assert [b.shape for b in back] == [(2, 3), (4,)]
     for a, b in zip(arrays, back):
         np.testing.assert_array_equal(a, b)
