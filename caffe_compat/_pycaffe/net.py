@@ -53,12 +53,17 @@ class Net:
                  stages=None, net_param: caffe_pb2.NetParameter | None = None,
                  allow_python_layers: bool | None = None, engine: str | None = None,
                  precision: str = "fp32"):
-        if len(args) == 1:
-            phase = args[0] if phase is None else phase
-        elif len(args) == 2:
+        if args and (isinstance(args[0], (str, bytes, os.PathLike))   # legacy form
+                     or (args[0] is None and len(args) == 2)):         # (no weights)
+            if len(args) != 2:
+                raise TypeError("Net(prototxt, weights, phase): give the phase too")
             weights, phase = args
-        elif len(args) > 2:
-            raise TypeError("Net(prototxt, [weights,] phase): too many arguments")
+        elif args:     # _caffe.cpp's (network_file, phase, level=0, stages=None, weights=None)
+            if len(args) > 4:
+                raise TypeError("Net(prototxt, phase, level, stages, weights): too many "
+                                "arguments")
+            phase, level, stages, weights = (tuple(args) + (phase, level, stages, weights)
+                                             [len(args):])
         if phase is None:
             raise TypeError("Net needs a phase: caffe.Net(prototxt, caffe.TEST)")
         source = os.fspath(network_file) if network_file is not None else "<net_param>"
