@@ -310,3 +310,30 @@ def simple_net_file(tmp_path):
     path = tmp_path / "simple.prototxt"
     path.write_text(simple_net_text())
     return str(path)
+
+
+def test_extension_level_index_api(net):
+    """_caffe.cpp's Net members that layer-dump and pruning scripts call directly:
+    _blobs (by blob index), _top_ids(i) / _bottom_ids(i), _blob_loss_weights, and
+    _forward(start, end) / _backward(start, end) over layer indices (_forward returns
+    the loss of the layers run)."""
+    names = list(net._blob_names)
+    assert [b.shape for b in net._blobs] == [net.blobs[n].shape for n in names]
+    for i, layer in enumerate(net._layer_names):
+        assert [names[j] for j in net._top_ids(i)] == net.top_names[layer]
+        assert [names[j] for j in net._bottom_ids(i)] == net.bottom_names[layer]
+    assert isinstance(net._top_ids(1), caffe._caffe.IntVec)
+    assert list(net._blob_loss_weights) == [1.0 if n == "loss" else 0.0 for n in names]
+    last = len(net.layers) - 1
+    loss = net._forward(0, last)
+    assert isinstance(loss, float) and loss == float(net.blobs["loss"].data)
+    net._blobs[names.index("conv")].data[...] = 0.5
+    assert net._forward(2, 2) == 0.0                   # no loss top among layer 2's
+    np.testing.assert_allclose(net.blobs["ip_blob"].data,
+                               net.forward(start="ip", end="ip")["ip_blob"])
+    net._forward(0, last)
+    net._backward(last, 0)
+    via_api = net.params["conv"][0].diff.copy()
+    net.clear_param_diffs()
+    net.backward()
+    np.testing.assert_allclose(via_api, net.params["conv"][0].diff, rtol=1e-6)

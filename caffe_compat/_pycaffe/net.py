@@ -18,6 +18,7 @@ import torch
 from caffe_compat._pycaffe.blobs import Blob, LayerView, flush_host_mirrors, param_blobs
 from caffe_compat._pycaffe.layerwise import backward_plan, backward_range, forward_range
 from caffe_compat._pycaffe.fast import FastForward, eligible
+from caffe_compat._pycaffe.index_api import IndexAPI
 from caffe_compat._pycaffe.state import BlobState
 from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
@@ -46,7 +47,7 @@ def read_net_prototxt(path: str) -> caffe_pb2.NetParameter:
     return read_text_proto(os.fspath(path), caffe_pb2.NetParameter)
 
 
-class Net:
+class Net(IndexAPI):
     """``caffe.Net(prototxt, phase)``, ``caffe.Net(prototxt, weights, phase)`` or keywords."""
 
     def __init__(self, network_file, *args, phase=None, weights=None, level: int = 0,
