@@ -57,16 +57,19 @@ def load_image(filename, color: bool = True) -> np.ndarray:
     ``filename`` is a path or, as skimage's imread takes, an open binary file object
     (open_nsfw hands it a BytesIO of a re-encoded JPEG). As pycaffe: a grayscale file is
     tiled to 3 channels when ``color``, an alpha channel is dropped, 16-bit files scale by
-    1/65535, and a color file read with ``color=False`` is converted with skimage's
-    luminance weights.
+    1/65535, floating-point files keep their values, and a color file read with
+    ``color=False`` is converted with skimage's luminance weights.
     """
     img, name = _read_encoded(filename)
     if img is None:
         raise IOError(f"cannot read image '{name}' (missing or not an image)")
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    # skimage's img_as_float: float64 times 1/max; the grey mix also in float64, as
-    # skimage's rgb2gray; pycaffe rounds to float32 once, at the end.
-    img = img.astype(np.float64) * (1.0 / scale)
+    # skimage's img_as_float: integers become float64 times 1/max, floating-point pixels
+    # (a float TIFF) keep their values; the grey mix also in float64, as skimage's rgb2gray;
+    # pycaffe rounds to float32 once, at the end.
+    if np.issubdtype(img.dtype, np.floating):
+        img = img.astype(np.float64)
+    else:
+        img = img.astype(np.float64) * (1.0 / (65535.0 if img.dtype == np.uint16 else 255.0))
     if img.ndim == 3:
         img = img[:, :, 2::-1] if img.shape[2] >= 3 else img[:, :, :1]   # BGR(A) -> RGB
         if not color and img.shape[2] == 3:

@@ -208,3 +208,18 @@ def test_load_image_as_grey_rounds_like_skimage(tmp_path):
     expected = skimage.img_as_float(skio.imread(str(tmp_path / "c.png"), as_gray=True))
     got = caffe.io.load_image(str(tmp_path / "c.png"), color=False)
     np.testing.assert_array_equal(got[:, :, 0], expected.astype(np.float32))
+
+
+def test_load_image_keeps_float_files_values(tmp_path):
+    """skimage's img_as_float leaves floating-point pixels as they are (a float TIFF of
+    depths or HDR values is not divided by 255); the grey mix applies to them unscaled, in
+    float64 as the skimage of pycaffe's time computed it."""
+    skio = pytest.importorskip("skimage.io")
+    bgr = np.random.default_rng(9).uniform(0, 3, (5, 6, 3)).astype(np.float32)
+    assert cv2.imwrite(str(tmp_path / "f.tif"), bgr)
+    pixels = skio.imread(str(tmp_path / "f.tif"))
+    assert pixels.dtype == np.float32
+    np.testing.assert_array_equal(caffe.io.load_image(str(tmp_path / "f.tif")), pixels)
+    grey = pixels.astype(np.float64) @ [0.2125, 0.7154, 0.0721]
+    np.testing.assert_array_equal(caffe.io.load_image(str(tmp_path / "f.tif"), color=False),
+                                  grey.astype(np.float32)[:, :, None])
