@@ -2,6 +2,8 @@
 style context padding (the border outside the window is filled with the mean)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from caffe_compat import io as caffe_io
@@ -43,9 +45,18 @@ class Detector(Net):
         return detections
 
     def detect_selective_search(self, image_fnames):
-        raise RuntimeError("detect_selective_search needs the MATLAB selective_search_ijcv_"
-                           "with_python package, which caffe-compat does not provide; compute "
-                           "windows yourself and call detect_windows")
+        """detect_windows over Selective Search proposals, as pycaffe: the windows come from
+        the selective_search_ijcv_with_python package (it runs MATLAB; caffe-compat does
+        not ship it), given absolute paths so MATLAB finds the files."""
+        try:
+            import selective_search_ijcv_with_python as selective_search
+        except ImportError as exc:
+            raise ImportError("detect_selective_search needs the selective_search_ijcv_with_"
+                              "python package (and MATLAB); install it, or compute windows "
+                              f"yourself and call detect_windows ({exc})") from None
+        image_fnames = [os.path.abspath(f) for f in image_fnames]
+        windows_list = selective_search.get_windows(image_fnames, cmd="selective_search_rcnn")
+        return self.detect_windows(zip(image_fnames, windows_list))
 
     def crop(self, im, window) -> np.ndarray:
         """The window of ``im``; with context_pad, enlarged so that a context_pad-pixel
@@ -91,7 +102,8 @@ class Detector(Net):
             self.crop_mean = np.zeros(self.crop_dims, dtype=np.float32)
             return
         crop_mean = np.broadcast_to(mean, self.blobs[name].data.shape[1:]).transpose(inverse)
-        crop_mean = np.array(crop_mean, dtype=np.float32)
+        # at the mean's own precision (float64 stays float64), as pycaffe's copy of it
+        crop_mean = np.array(crop_mean, dtype=np.result_type(crop_mean, np.float32))
         order = self.transformer.channel_swap.get(name)
         if order is not None:
             crop_mean = crop_mean[:, :, [list(order).index(i) for i in range(crop_mean.shape[2])]]

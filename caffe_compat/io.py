@@ -6,17 +6,31 @@ import os
 import cv2
 import numpy as np
 
-from caffe_compat.formats.blob_io import (array_to_blobproto, array_to_datum, blobproto_to_array,
-                                  datum_to_array)
+from caffe_compat.formats import blob_io
+from caffe_compat.formats.blob_io import array_to_blobproto, array_to_datum
 from caffe_compat.formats.images import imdecode_checked, imread_checked
 from caffe_compat.proto import caffe_pb2
 
 __all__ = ["blobproto_to_array", "array_to_blobproto", "datum_to_array", "array_to_datum",
-           "arraylist_to_blobprotovector_str", "blobprotovector_str_to_arraylist",
+           "arraylist_to_blobprotovector_str", "arraylist_to_blobprotovecor_str",
+           "blobprotovector_str_to_arraylist",
            "load_image", "resize_image", "oversample", "Transformer"]
 
 # skimage's rgb2gray weights (pycaffe loads with skimage.io.imread(as_grey=True))
-_GRAY = np.array([0.2125, 0.7154, 0.0721], np.float32)
+_GRAY = np.array([0.2125, 0.7154, 0.0721])
+
+
+def blobproto_to_array(blob, return_diff: bool = False) -> np.ndarray:
+    """The blob's data (or diff) reshaped to its legacy 4-D or ``shape.dim`` shape, as
+    float64: pycaffe builds it with ``np.array`` over the repeated float field."""
+    return blob_io.blobproto_to_array(blob, return_diff).astype(np.float64)
+
+
+def datum_to_array(datum) -> np.ndarray:
+    """A Datum's C x H x W array: uint8 from ``data``, float64 from ``float_data`` (as
+    pycaffe's ``np.array(...).astype(float)``)."""
+    arr = blob_io.datum_to_array(datum)
+    return arr if arr.dtype == np.uint8 else arr.astype(np.float64)
 
 
 def arraylist_to_blobprotovector_str(arraylist) -> bytes:
@@ -24,6 +38,10 @@ def arraylist_to_blobprotovector_str(arraylist) -> bytes:
     vec = caffe_pb2.BlobProtoVector()
     vec.blobs.extend(array_to_blobproto(np.asarray(a)) for a in arraylist)
     return vec.SerializeToString()
+
+
+# pycaffe's name for it up to rc3 (a typo fixed in 2016); old scripts still call it
+arraylist_to_blobprotovecor_str = arraylist_to_blobprotovector_str
 
 
 def blobprotovector_str_to_arraylist(data: bytes) -> list:
@@ -39,14 +57,19 @@ def load_image(filename, color: bool = True) -> np.ndarray:
     ``filename`` is a path or, as skimage's imread takes, an open binary file object
     (open_nsfw hands it a BytesIO of a re-encoded JPEG). As pycaffe: a grayscale file is
     tiled to 3 channels when ``color``, an alpha channel is dropped, 16-bit files scale by
-    1/65535, and a color file read with ``color=False`` is converted with skimage's
-    luminance weights.
+    1/65535, floating-point files keep their values, and a color file read with
+    ``color=False`` is converted with skimage's luminance weights.
     """
     img, name = _read_encoded(filename)
     if img is None:
         raise IOError(f"cannot read image '{name}' (missing or not an image)")
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    img = img.astype(np.float32) / scale
+    # skimage's img_as_float: integers become float64 times 1/max, floating-point pixels
+    # (a float TIFF) keep their values; the grey mix also in float64, as skimage's rgb2gray;
+    # pycaffe rounds to float32 once, at the end.
+    if np.issubdtype(img.dtype, np.floating):
+        img = img.astype(np.float64)
+    else:
+        img = img.astype(np.float64) * (1.0 / (65535.0 if img.dtype == np.uint16 else 255.0))
     if img.ndim == 3:
         img = img[:, :, 2::-1] if img.shape[2] >= 3 else img[:, :, :1]   # BGR(A) -> RGB
         if not color and img.shape[2] == 3:
@@ -200,7 +223,7 @@ class Transformer:
         another size is resized to the input's (pycaffe's rule: a 3x256x256 ImageNet
         mean serves a 227x227 input), keeping its value range."""
         self._check(name)
-        mean = np.asarray(mean, dtype=np.float32)
+        mean = np.asarray(mean)     # kept as given: preprocess subtracts it at its precision
         in_shape = tuple(self.inputs[name][1:])
         if mean.ndim == 1:
             if mean.shape[0] != in_shape[0]:
@@ -214,8 +237,8 @@ class Transformer:
                 raise ValueError(f"mean shape {mean.shape} invalid: give (K,), (H, W) or "
                                  "(K, H, W)")
             if mean.shape != in_shape:
-                lo, hi = float(mean.min()), float(mean.max())
-                unit = (mean - lo) / (hi - lo) if hi > lo else np.zeros_like(mean)
+                lo, hi = mean.min(), mean.max()
+                unit = (mean - lo) / (hi - lo) if hi > lo else np.zeros(mean.shape, np.float32)
                 mean = resize_image(unit.transpose(1, 2, 0), in_shape[1:]).transpose(2, 0, 1)
                 mean = mean * (hi - lo) + lo
         self.mean[name] = mean
@@ -223,7 +246,10 @@ class Transformer:
     def preprocess(self, name, data) -> np.ndarray:
         """Resize to the input size, transpose, swap channels, scale, subtract mean, scale."""
         self._check(name)
-        caffe_in = np.asarray(data, dtype=np.float32)
+        # One private float32 copy, then pycaffe's in-place steps: each result is rounded
+        # to float32 as pycaffe's ``*=``/``-=`` round it (a float64 mean is subtracted at
+        # float64 precision). Unlike pycaffe, the caller's array is never modified.
+        caffe_in = np.array(data, dtype=np.float32)
         in_dims = self.inputs[name][2:]
         if caffe_in.shape[:2] != tuple(in_dims):
             caffe_in = resize_image(caffe_in, in_dims)
@@ -232,23 +258,25 @@ class Transformer:
         if name in self.channel_swap:
             caffe_in = caffe_in[list(self.channel_swap[name]), :, :]
         if name in self.raw_scale:
-            caffe_in = caffe_in * self.raw_scale[name]
+            caffe_in *= self.raw_scale[name]
         if name in self.mean:
-            caffe_in = caffe_in - self.mean[name]
+            caffe_in -= self.mean[name]
         if name in self.input_scale:
-            caffe_in = caffe_in * self.input_scale[name]
+            caffe_in *= self.input_scale[name]
         return np.ascontiguousarray(caffe_in, dtype=np.float32)
 
     def deprocess(self, name, data) -> np.ndarray:
         """Invert ``preprocess`` (except the resize) for looking at a net input."""
         self._check(name)
-        decaf_in = np.array(data, dtype=np.float32).squeeze()
+        decaf_in = np.array(data).squeeze()       # a copy at the blob's precision
+        if not np.issubdtype(decaf_in.dtype, np.floating):
+            decaf_in = decaf_in.astype(np.float32)
         if name in self.input_scale:
-            decaf_in = decaf_in / self.input_scale[name]
+            decaf_in /= self.input_scale[name]
         if name in self.mean:
-            decaf_in = decaf_in + self.mean[name]
+            decaf_in += self.mean[name]
         if name in self.raw_scale:
-            decaf_in = decaf_in / self.raw_scale[name]
+            decaf_in /= self.raw_scale[name]
         if name in self.channel_swap:
             decaf_in = decaf_in[np.argsort(self.channel_swap[name]), :, :]
         if name in self.transpose:

@@ -84,6 +84,13 @@ class Solver(EngineSolver):
         super().apply_update(display)
         flush_host_mirrors()
 
+    @property
+    def lr(self) -> float:
+        """pycaffe's ``SGDSolver.lr`` (GetLearningRate): the policy's rate at ``iter``.
+        As in Caffe, reading it runs the policy, so a multistep boundary reached here moves
+        ``current_step`` on (and logs the MultiStep line) exactly as the update would."""
+        return self.policy_rate()
+
     def add_callback(self, on_start=None, on_gradients_ready=None) -> None:
         """``add_callback(on_start, on_gradients_ready)``, or ``add_callback(nccl)`` with an
         object that has both methods (pycaffe's two overloads)."""

@@ -28,6 +28,19 @@ def test_constructor_forms_agree():
         caffe.Net(NET)
 
 
+def test_constructor_takes_level_stages_weights_positionally(tmp_path):
+    """_caffe.cpp's Net(network_file, phase, level=0, stages=None, weights=None) takes its
+    arguments by position too; a string second argument means the legacy (weights, phase)."""
+    a = caffe.Net(NET, WEIGHTS, caffe.TEST)
+    d = caffe.Net(NET, caffe.TEST, 0, ["deploy"], WEIGHTS)
+    np.testing.assert_array_equal(d.params["conv"][0].data, a.params["conv"][0].data)
+    leveled = tmp_path / "levels.prototxt"
+    leveled.write_text("""input: 'data' input_shape { dim: 1 dim: 2 }
+    layer { name: 'deep' type: 'ReLU' bottom: 'data' top: 'r' include { min_level: 1 } }""")
+    assert caffe.Net(str(leveled), caffe.TEST, 1)._layer_names[-1] == "deep"
+    assert caffe.Net(str(leveled), caffe.TEST)._layer_names[-1] == "input"
+
+
 def test_views_and_metadata():
     net = caffe.Net(NET, WEIGHTS, caffe.TEST)
     assert isinstance(net.blobs, OrderedDict) and isinstance(net.params, OrderedDict)

@@ -58,6 +58,39 @@ def test_detector_windows(deploy, tmp_path):
     assert padded.crop(rgb.astype(np.float32), windows[1]).shape == (6, 6, 3)
 
 
+
+def test_detector_selective_search_uses_the_package_when_installed(deploy, tmp_path,
+                                                                   monkeypatch):
+    """pycaffe's detect_selective_search hands absolute paths to the (MATLAB-backed)
+    selective_search_ijcv_with_python package with cmd='selective_search_rcnn' and runs
+    detect_windows on what it returns. The package is written here as a stand-in that
+    returns fixed windows; without it, ImportError names it."""
+    import cv2
+    img = np.random.RandomState(2).randint(0, 255, (20, 30, 3)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "b.png"), img)
+    det = caffe.Detector(deploy, None, raw_scale=255)
+    with pytest.raises(ImportError, match="selective_search_ijcv_with_python"):
+        det.detect_selective_search([str(tmp_path / "b.png")])
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "selective_search_ijcv_with_python.py").write_text(
+        "import numpy as np\ncalls = []\n"
+        "def get_windows(image_fnames, cmd='selective_search'):\n"
+        "    calls.append((list(image_fnames), cmd))\n"
+        "    return [np.array([[0, 0, 6, 6], [2, 5, 14, 17]]) for _ in image_fnames]\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.chdir(tmp_path)
+    out = det.detect_selective_search(["b.png"])
+    import selective_search_ijcv_with_python as ss
+    assert ss.calls == [([str(tmp_path / "b.png")], "selective_search_rcnn")]
+    windows = [np.array([0, 0, 6, 6]), np.array([2, 5, 14, 17])]
+    expected = det.detect_windows([(str(tmp_path / "b.png"), windows)])
+    assert [d["filename"] for d in out] == [str(tmp_path / "b.png")] * 2
+    for got, want in zip(out, expected):
+        np.testing.assert_array_equal(got["window"], want["window"])
+        np.testing.assert_array_equal(got["prediction"], want["prediction"])
+
+
 PYCAFFE_NAMES = (
     "Net Solver SGDSolver NesterovSolver AdaGradSolver RMSPropSolver AdaDeltaSolver AdamSolver "
     "get_solver layers params NetSpec to_proto io proto draw net_spec coord_map classifier "

@@ -21,6 +21,8 @@ def test_blobprotovector_str_round_trip():
     data = caffe.io.arraylist_to_blobprotovector_str(arrays)
     assert isinstance(data, bytes)
     back = caffe.io.blobprotovector_str_to_arraylist(data)
+    # pycaffe up to rc3 spelled it "vecor"; scripts of that time still call that name
+    assert caffe.io.arraylist_to_blobprotovecor_str(arrays) == data
     assert [b.shape for b in back] == [(2, 3), (4,)]
     for a, b in zip(arrays, back):
         np.testing.assert_array_equal(a, b)
@@ -156,3 +158,68 @@ def test_load_image_reads_file_objects_like_paths(tmp_path):
     assert from_file.shape == (9, 7, 1)
     with pytest.raises(IOError, match="not an image"):
         caffe.io.load_image(stdio.BytesIO(b"not a picture"))
+
+
+# -- dtypes and rounding as BVLC's python/caffe/io.py produces them ---------------------
+def test_blobproto_and_float_datum_arrays_are_float64_like_pycaffe():
+    """pycaffe builds both with np.array(<repeated float field>): float64, so a mean saved
+    from a binaryproto is a float64 .npy there and its .mean(1).mean(1) accumulates in
+    float64."""
+    blob = caffe.io.array_to_blobproto(np.arange(6, dtype=np.float32).reshape(1, 2, 3))
+    assert caffe.io.blobproto_to_array(blob).dtype == np.float64
+    legacy = caffe.proto.caffe_pb2.BlobProto(num=1, channels=1, height=1, width=2)
+    legacy.diff.extend([0.5, 0.25])
+    assert caffe.io.blobproto_to_array(legacy, return_diff=True).dtype == np.float64
+    vec = caffe.io.arraylist_to_blobprotovector_str([np.ones((2, 2), np.float32)])
+    assert caffe.io.blobprotovector_str_to_arraylist(vec)[0].dtype == np.float64
+    datum = caffe.io.array_to_datum(np.full((1, 2, 2), 0.1, np.float32))
+    assert caffe.io.datum_to_array(datum).dtype == np.float64
+    u8 = caffe.io.array_to_datum(np.zeros((1, 2, 2), np.uint8))
+    assert caffe.io.datum_to_array(u8).dtype == np.uint8
+
+
+def test_preprocess_subtracts_a_float64_mean_with_pycaffe_rounding():
+    """pycaffe subtracts in place: float32 data minus the mean as given (float64 from
+    ``mu = np.load(mean.npy).mean(1).mean(1)``), rounded once to float32 -- not the mean
+    first rounded to float32."""
+    t = _transformer((1, 3, 6, 5))
+    t.set_transpose("data", (2, 0, 1))
+    t.set_raw_scale("data", 255.0)
+    mu = np.array([104.00698793, 116.66876762, 122.67891434])
+    t.set_mean("data", mu)
+    t.set_input_scale("data", 0.017)
+    img = np.random.default_rng(7).random((6, 5, 3)).astype(np.float32)
+    expected = img.transpose(2, 0, 1).copy()
+    expected *= 255.0
+    expected -= mu[:, None, None]
+    expected *= 0.017
+    got = t.preprocess("data", img)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    assert np.array_equal(img, np.random.default_rng(7).random((6, 5, 3)).astype(np.float32))
+
+
+def test_load_image_as_grey_rounds_like_skimage(tmp_path):
+    """color=False is skimage's imread(as_gray=True): luminance in float64, one rounding."""
+    skio = pytest.importorskip("skimage.io")
+    import skimage
+    rgb = np.random.default_rng(8).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "c.png"), rgb[:, :, ::-1])
+    expected = skimage.img_as_float(skio.imread(str(tmp_path / "c.png"), as_gray=True))
+    got = caffe.io.load_image(str(tmp_path / "c.png"), color=False)
+    np.testing.assert_array_equal(got[:, :, 0], expected.astype(np.float32))
+
+
+def test_load_image_keeps_float_files_values(tmp_path):
+    """skimage's img_as_float leaves floating-point pixels as they are (a float TIFF of
+    depths or HDR values is not divided by 255); the grey mix applies to them unscaled, in
+    float64 as the skimage of pycaffe's time computed it."""
+    skio = pytest.importorskip("skimage.io")
+    bgr = np.random.default_rng(9).uniform(0, 3, (5, 6, 3)).astype(np.float32)
+    assert cv2.imwrite(str(tmp_path / "f.tif"), bgr)
+    pixels = skio.imread(str(tmp_path / "f.tif"))
+    assert pixels.dtype == np.float32
+    np.testing.assert_array_equal(caffe.io.load_image(str(tmp_path / "f.tif")), pixels)
+    grey = pixels.astype(np.float64) @ [0.2125, 0.7154, 0.0721]
+    np.testing.assert_array_equal(caffe.io.load_image(str(tmp_path / "f.tif"), color=False),
+                                  grey.astype(np.float32)[:, :, None])

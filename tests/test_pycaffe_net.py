@@ -301,3 +301,60 @@ def test_an_edited_double_weight_reaches_the_fused_forward(tmp_path):
     for value in (1.0, 2.0):
         net.params["ip"][0].data[...] = value
         np.testing.assert_array_equal(net.forward(data=np.ones((1, 2)))["ip"], [[2 * value]])
+
+
+def test_set_input_arrays_feeds_the_first_memory_data_layer(tmp_path):
+    """pycaffe's Net.set_input_arrays(data, labels): the first layer must be MemoryData;
+    1-D labels are accepted (pycaffe makes them N x 1 x 1 x 1); forwards walk the batches."""
+    path = tmp_path / "mem.prototxt"
+    path.write_text("""name: 'mem'
+    layer { type: 'MemoryData' name: 'data' top: 'data' top: 'label'
+      memory_data_param { batch_size: 2 channels: 1 height: 2 width: 3 } }
+    layer { type: 'Power' name: 'double' bottom: 'data' top: 'twice'
+      power_param { scale: 2 } }""")
+    net = caffe.Net(str(path), caffe.TEST)
+    data = np.arange(24, dtype=np.float32).reshape(4, 1, 2, 3)
+    labels = np.array([5, 6, 7, 8], dtype=np.float32)
+    net.set_input_arrays(data, labels)
+    first = net.forward()
+    np.testing.assert_array_equal(first["twice"], 2 * data[:2])
+    np.testing.assert_array_equal(net.blobs["label"].data, [5, 6])
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data, data[2:])
+    net.set_input_arrays(data[:2], labels[:2, None, None, None])
+    np.testing.assert_array_equal(net.forward()["twice"], 2 * data[:2])
+    with pytest.raises(ValueError, match="MemoryData"):
+        caffe.Net(simple_net_file(tmp_path), caffe.TEST).set_input_arrays(data, labels)
+
+
+def simple_net_file(tmp_path):
+    path = tmp_path / "simple.prototxt"
+    path.write_text(simple_net_text())
+    return str(path)
+
+
+def test_extension_level_index_api(net):
+    """_caffe.cpp's Net members that layer-dump and pruning scripts call directly:
+    _blobs (by blob index), _top_ids(i) / _bottom_ids(i), _blob_loss_weights, and
+    _forward(start, end) / _backward(start, end) over layer indices (_forward returns
+    the loss of the layers run)."""
+    names = list(net._blob_names)
+    assert [b.shape for b in net._blobs] == [net.blobs[n].shape for n in names]
+    for i, layer in enumerate(net._layer_names):
+        assert [names[j] for j in net._top_ids(i)] == net.top_names[layer]
+        assert [names[j] for j in net._bottom_ids(i)] == net.bottom_names[layer]
+    assert isinstance(net._top_ids(1), caffe._caffe.IntVec)
+    assert list(net._blob_loss_weights) == [1.0 if n == "loss" else 0.0 for n in names]
+    last = len(net.layers) - 1
+    loss = net._forward(0, last)
+    assert isinstance(loss, float) and loss == float(net.blobs["loss"].data)
+    net._blobs[names.index("conv")].data[...] = 0.5
+    assert net._forward(2, 2) == 0.0                   # no loss top among layer 2's
+    np.testing.assert_allclose(net.blobs["ip_blob"].data,
+                               net.forward(start="ip", end="ip")["ip_blob"])
+    net._forward(0, last)
+    net._backward(last, 0)
+    via_api = net.params["conv"][0].diff.copy()
+    net.clear_param_diffs()
+    net.backward()
+    np.testing.assert_allclose(via_api, net.params["conv"][0].diff, rtol=1e-6)

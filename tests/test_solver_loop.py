@@ -445,3 +445,19 @@ def test_pycaffe_solver_allocates_no_engine_input_tensors(tmp_path):
     engine = EngineSolver(str(path))
     engine.step(1)
     assert engine.input_tensors[0]["data"].shape == (64, 3, 32, 32)
+
+
+def test_pycaffe_solver_lr_is_the_rate_for_the_current_iteration():
+    """pycaffe's SGDSolver.lr (GetLearningRate): the policy's rate at solver.iter, before
+    that iteration's update; every pycaffe solver type and get_solver's result have it."""
+    text = BASE.replace('lr_policy: "fixed"', 'lr_policy: "step"\ngamma: 0.5\nstepsize: 2')
+    for cls in (caffe.get_solver, caffe.SGDSolver, caffe.AdamSolver):
+        solver = _solver(text, cls=cls)
+        rng = np.random.default_rng(0)
+        rates = []
+        for _ in range(5):
+            rates.append(solver.lr)
+            _feed(solver, rng)
+            solver.step(1)
+        assert rates == [float(np.float32(0.1 * 0.5 ** (i // 2))) for i in range(5)]
+        assert solver.iter == 5

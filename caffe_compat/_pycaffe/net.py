@@ -18,6 +18,7 @@ import torch
 from caffe_compat._pycaffe.blobs import Blob, LayerView, flush_host_mirrors, param_blobs
 from caffe_compat._pycaffe.layerwise import backward_plan, backward_range, forward_range
 from caffe_compat._pycaffe.fast import FastForward, eligible
+from caffe_compat._pycaffe.index_api import IndexAPI
 from caffe_compat._pycaffe.state import BlobState
 from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
@@ -47,19 +48,24 @@ def read_net_prototxt(path: str) -> caffe_pb2.NetParameter:
     return read_text_proto(os.fspath(path), caffe_pb2.NetParameter)
 
 
-class Net:
+class Net(IndexAPI):
     """``caffe.Net(prototxt, phase)``, ``caffe.Net(prototxt, weights, phase)`` or keywords."""
 
     def __init__(self, network_file, *args, phase=None, weights=None, level: int = 0,
                  stages=None, net_param: caffe_pb2.NetParameter | None = None,
                  allow_python_layers: bool | None = None, engine: str | None = None,
                  precision: str = "fp32"):
-        if len(args) == 1:
-            phase = args[0] if phase is None else phase
-        elif len(args) == 2:
+        if args and (isinstance(args[0], (str, bytes, os.PathLike))   # legacy form
+                     or (args[0] is None and len(args) == 2)):         # (no weights)
+            if len(args) != 2:
+                raise TypeError("Net(prototxt, weights, phase): give the phase too")
             weights, phase = args
-        elif len(args) > 2:
-            raise TypeError("Net(prototxt, [weights,] phase): too many arguments")
+        elif args:     # _caffe.cpp's (network_file, phase, level=0, stages=None, weights=None)
+            if len(args) > 4:
+                raise TypeError("Net(prototxt, phase, level, stages, weights): too many "
+                                "arguments")
+            phase, level, stages, weights = (tuple(args) + (phase, level, stages, weights)
+                                             [len(args):])
         if phase is None:
             raise TypeError("Net needs a phase: caffe.Net(prototxt, caffe.TEST)")
         source = os.fspath(network_file) if network_file is not None else "<net_param>"
@@ -350,6 +356,16 @@ class Net:
         all_outs = _drop_padding({n: np.asarray(v) for n, v in outs.items()}, kwargs)
         all_diffs = _drop_padding({n: np.asarray(v) for n, v in grads.items()}, kwargs)
         return all_outs, all_diffs
+
+    def set_input_arrays(self, data, labels) -> None:
+        """Hand (N, C, H, W) data and N labels to the net's first layer, which must be a
+        MemoryData layer (pycaffe's rule); the arrays are used by reference when already
+        float32 and contiguous, so later edits to them reach the next forward, as in Caffe."""
+        first = self.module.layers[0] if len(self.module.layers) else None
+        if getattr(first, "type", None) != "MemoryData":
+            raise ValueError(f"net '{self.module.name}': set_input_arrays may only be called "
+                             "if the first layer is a MemoryData layer")
+        first.set_input_arrays(data, labels)
 
     def clear_param_diffs(self) -> None:
         for p in self.module.parameters():

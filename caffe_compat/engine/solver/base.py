@@ -331,11 +331,16 @@ class Solver:
                   for v in outputs[name].detach().float().reshape(-1).tolist()]
         testing.log_scores("Train", scores, self.train_module, "solver.cpp:259")
 
-    def apply_update(self, display: bool = False) -> None:
-        """SGDSolver::ApplyUpdate on the current diffs: clip, normalise, regularise, update."""
+    def policy_rate(self) -> float:
+        """SGDSolver::GetLearningRate at ``iter``; a multistep boundary moves current_step."""
         rate, self.current_step = learning_rate(
             self.param, self.iter, self.current_step,
             log=lambda msg: glog.info(msg, "sgd_solver.cpp:53"))
+        return rate
+
+    def apply_update(self, display: bool = False) -> None:
+        """SGDSolver::ApplyUpdate on the current diffs: clip, normalise, regularise, update."""
+        rate = self.policy_rate()
         self.learning_rate = rate
         if display:
             glog.info(f"Iteration {self.iter}, lr = {num(rate)}", "sgd_solver.cpp:106")
