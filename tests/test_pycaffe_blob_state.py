@@ -148,15 +148,20 @@ def test_reading_a_stale_blob_leaves_the_outputs_and_inputs_as_they_are(net):
     np.testing.assert_allclose(got, _prob_from_ip1(net, _ip1(net, x[:1])), rtol=1e-5)
 
 
-def test_forward_up_to_a_layer_after_a_fast_forward_keeps_the_later_blobs(net):
-    """``forward(end=...)`` from the first layer recomputes up to ``end``; the blobs after it
-    hold the last full forward's values, as in Caffe (they were stale, not fresh)."""
+@pytest.mark.parametrize("how", ["forward", "_forward"])
+def test_forward_up_to_a_layer_after_a_fast_forward_keeps_the_later_blobs(net, how):
+    """``forward(end=...)`` (or the index form ``_forward(0, i)``) from the first layer
+    recomputes up to ``end``; the blobs after it hold the last full forward's values, as in
+    Caffe (they were stale, not fresh)."""
     rng = np.random.default_rng(3)
     x1, x2 = (rng.standard_normal((2, 5)).astype(np.float32) + 2 for _ in range(2))
     net.forward(data=x1)
     net.blobs["ip2"].data                       # ip2 of x1 on the host
     net.forward(data=x2)
-    net.forward(end="ip1")
+    if how == "forward":
+        net.forward(end="ip1")
+    else:
+        net._forward(0, list(net._layer_names).index("ip1"))
     np.testing.assert_allclose(net.blobs["prob"].data, _prob_from_ip1(net, _ip1(net, x2)),
                                rtol=1e-5)
     w, b = _weights(net, "ip2")

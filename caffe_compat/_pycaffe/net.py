@@ -253,7 +253,7 @@ class Net(IndexAPI):
         """Run layers ``start``..``end`` (names, inclusive); returns the outputs' data (or
         ``end``'s tops) plus ``blobs``. Keywords feed every input blob (pycaffe's rule)."""
         try:
-            return self._forward(blobs, start, end, kwargs)
+            return self._run_forward(blobs, start, end, kwargs)
         except RuntimeError as exc:       # torch's kernel message names no layer
             error = self._shape_error()
             if error is None:
@@ -271,7 +271,7 @@ class Net(IndexAPI):
             return None
         return None
 
-    def _forward(self, blobs, start, end, kwargs: dict) -> dict[str, np.ndarray]:
+    def _run_forward(self, blobs, start, end, kwargs: dict) -> dict[str, np.ndarray]:
         if self._fast is not None and not blobs and start is None and end is None \
                 and not self._forward_callbacks():
             if kwargs:                # the outputs-only fast path, with no per-call planning
