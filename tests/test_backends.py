@@ -164,6 +164,58 @@ def test_fallbacks(tmp_path, monkeypatch):
     assert net.engine == "torch" and "not installed" in net._fast.choice.reason
 
 
+def test_a_runtime_failing_on_its_test_input_falls_back(tmp_path, monkeypatch):
+    """A graph the runtime loads but cannot run (an output shape its kernels disagree on,
+    an op that fails at run time) leaves the net on torch with the reason, not a
+    traceback out of ``caffe.Net``."""
+    proto = _prototxt(tmp_path, "lenet")
+    loads = RUNNERS[ENGINES[0]]
+
+    class FailsToRun(loads):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.run = self._fail
+
+        @staticmethod
+        def _fail():
+            raise RuntimeError("RUNTIME_EXCEPTION: shape mismatch\n  (details)")
+    monkeypatch.setitem(RUNNERS, ENGINES[0], FailsToRun)
+    net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
+    assert net.engine == "torch"
+    assert "failed on a test input (RUNTIME_EXCEPTION: shape mismatch)" in \
+        net._fast.choice.reason
+    ref = caffe.Net(proto, caffe.TEST)
+    ref.share_with(net)
+    x = np.random.default_rng(8).random(ref.blobs["data"].shape, dtype=np.float32)
+    np.testing.assert_array_equal(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+
+
+UNUSED_INPUT = """
+layer { name: "in" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 2 dim: 5 } shape { dim: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_input_no_layer_reads_does_not_keep_the_engine_off(tmp_path, engine):
+    """A deploy net that keeps an Input top nothing reads (a leftover "label"): the export
+    has no such input, and binding it failed the load. It is a net output, as in Caffe."""
+    proto = tmp_path / "unused.prototxt"
+    proto.write_text(UNUSED_INPUT)
+    net = caffe.Net(str(proto), caffe.TEST, engine=engine)
+    ref = caffe.Net(str(proto), caffe.TEST)
+    ref.share_with(net)
+    assert net.engine == engine, net._fast.choice.reason
+    feed = {"data": np.random.default_rng(9).random((2, 5), dtype=np.float32),
+            "label": np.array([1.0, 2.0], np.float32)}
+    got, want = net.forward(**feed), ref.forward(**feed)
+    np.testing.assert_array_equal(got["label"], feed["label"])
+    np.testing.assert_allclose(got["prob"], want["prob"], rtol=1e-5, atol=1e-6)
+
+
 def test_first_call_difference_falls_back(tmp_path):
     proto = _prototxt(tmp_path, "lenet")
     net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
@@ -186,6 +238,9 @@ def test_environment_names_the_engine(monkeypatch):
     monkeypatch.setenv(engines.ENGINE_ENV, "OpenVINO")
     assert engines.requested_engine(None) == "openvino"
     assert engines.requested_engine("torch") == "torch"
+    monkeypatch.setenv(engines.ENGINE_ENV, "onnx")          # set once, read by every Net
+    with pytest.raises(ValueError, match=r"\$CAFFE_COMPAT_ENGINE: engine 'onnx'"):
+        engines.requested_engine(None)
     assert engines.difference({"a": torch.ones(2)}, {"a": torch.ones(3)}) == float("inf")
 
 
@@ -212,6 +267,29 @@ def test_precision_auto_takes_bf16_only_when_close_and_native(tmp_path, monkeypa
     assert plain.engine == "torch" and "no native bf16" in plain._fast.choice.reason
     with pytest.raises(ValueError, match="precision"):
         caffe.Net(proto, weights, caffe.TEST, precision="fp16")
+
+
+def test_bf16_is_checked_on_the_first_real_call_too(tmp_path, monkeypatch):
+    """Like an engine, bf16 is held to its tolerance on the first real call (real inputs
+    reach other magnitudes than the random ones it was checked on at load): outside it,
+    that call's outputs and every later one are fp32 torch's."""
+    from caffe_compat.engine import precision
+    proto = _prototxt(tmp_path, "mtcnn_onet")
+    weights = _weights(tmp_path, proto)
+    ref = caffe.Net(proto, weights, caffe.TEST)
+    monkeypatch.setattr(precision, "candidates", lambda device, flags=None: ["bf16"])
+    monkeypatch.setattr(engines, "median_times", lambda steps: {
+        n: 0.0 if n == "torch-bf16" else 1.0 for n in steps})     # bf16 measured fastest
+    net = caffe.Net(proto, weights, caffe.TEST, precision="auto")
+    assert net.engine == "torch-bf16" and not net._fast.choice.verified
+    net._fast.choice.tolerance = 0.0            # these inputs: further from fp32 than allowed
+    x = np.random.default_rng(7).random(ref.blobs["data"].shape, dtype=np.float32)
+    want = _forward(ref, x)
+    for _ in range(2):
+        got = _forward(net, x)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert net.engine == "torch"
 
 
 def test_cli_test_through_an_engine_equals_torch(tmp_path, capsys):

@@ -125,6 +125,31 @@ def test_a_shape_where_torch_was_chosen_does_not_stick(tmp_path, monkeypatch):
         assert net.engine == engine
 
 
+def test_cycling_through_more_shapes_than_kept_decides_each_shape_once(tmp_path, monkeypatch):
+    """An image pyramid (MTCNN's P-Net at 6 scales, per image) cycles through more input
+    shapes than are kept. Forgetting every choice when the store was full exported and
+    measured again on every call (a 6-scale P-Net cycle: ~0.5 s against 8 ms in torch); now
+    the first SHAPES_KEPT shapes keep their engine and the others run torch, each decided
+    once."""
+    from caffe_compat._pycaffe import fast
+    real, decided = fast.choose_engine, []
+
+    def counted(module, request, torch_forward, **kwargs):
+        decided.append(kwargs["shapes"]["data"][0])
+        return real(module, request, torch_forward, **kwargs)
+    monkeypatch.setattr(fast, "choose_engine", counted)
+    ref, net = _pair(tmp_path, "lenet", ENGINES[0])
+    first = net.blobs["data"].shape[0]
+    rng = np.random.default_rng(8)
+    batches = range(2, fast.SHAPES_KEPT + 4)
+    for _ in range(2):
+        for batch in batches:
+            _reshaped_forward_equal(ref, net, batch, rng)
+            kept = batch < 2 + fast.SHAPES_KEPT - 1
+            assert net.engine == (ENGINES[0] if kept else "torch")
+    assert decided == [first, *batches][:fast.SHAPES_KEPT]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_blobs_read_after_the_input_changed_are_those_of_the_last_forward(tmp_path, engine):
     ref, net = _pair(tmp_path, "mtcnn_onet", engine)
@@ -135,6 +160,45 @@ def test_blobs_read_after_the_input_changed_are_those_of_the_last_forward(tmp_pa
     np.testing.assert_allclose(net.blobs["conv2"].data, ref.blobs["conv2"].data,  # x's)
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(net.blobs["data"].data, later)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_stale_read_leaves_the_outputs_as_the_forward_returned_them(tmp_path, engine):
+    """Reading an inner blob recomputes the stale blobs in torch; the outputs keep the
+    engine's values the forward returned (Caffe runs nothing on a read), in the same arrays,
+    which the next forward writes again."""
+    ref, net = _pair(tmp_path, "ssd_face", engine)
+    rng = np.random.default_rng(5)
+    x, later = (rng.random(ref.blobs["data"].shape, dtype=np.float32) for _ in range(2))
+    out = net.forward(data=x)
+    returned = {n: a.copy() for n, a in out.items()}
+    inner = [n for n in net.blobs if n not in out and n not in net.inputs]
+    net.blobs[inner[len(inner) // 2]].data
+    for name, array in out.items():
+        assert net.blobs[name].data is array
+        np.testing.assert_array_equal(array, returned[name])
+    got, want = _forward(net, later), _forward(ref, later)
+    assert net.engine == engine
+    assert_same_rows(got["detection_out"], want["detection_out"], 2e-4)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_held_weight_view_keeps_the_engine_until_it_is_written(tmp_path, engine):
+    """A numpy view of a weight kept by the caller sent every forward to torch; now the
+    engine runs while the view's values are unchanged, and a write through it is seen."""
+    ref, net = _pair(tmp_path, "lenet", engine)
+    x = np.random.default_rng(6).random(ref.blobs["data"].shape, dtype=np.float32)
+    filters = net.params["conv1"][0].data
+    _forward(net, x)                                 # exported again for the hand-out
+    call, runs = net._fast.choice.forward.call, []
+    honest = call._run
+    call._run = lambda: (runs.append(1), honest())
+    for _ in range(2):
+        _close(_forward(net, x)["prob"], _forward(ref, x)["prob"])
+    assert len(runs) == 2 and net.engine == engine
+    filters *= 0.5
+    ref.params["conv1"][0].data[...] *= 0.5
+    _close(_forward(net, x)["prob"], _forward(ref, x)["prob"])
 
 
 LOSS = """

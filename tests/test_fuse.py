@@ -217,6 +217,21 @@ def test_inference_cache_refuses_stale_weights():
     assert cache.fused is cache.fused                      # no change: no re-fusion
 
 
+def test_inference_cache_keeps_channels_last_after_a_bad_input():
+    """An input no layout can run (smaller than a kernel) fails in NCHW too: the error is
+    the input's, and the cache stays channels-last for the good inputs after it."""
+    net = build(vgg_style())
+    cache = InferenceCache(net)
+    x = torch.randn(*net.blob_shapes["data"])
+    cache.outputs(data=x)
+    assert cache.channels_last
+    with pytest.raises(RuntimeError):
+        cache.outputs(data=x[..., :1, :1])
+    assert cache.channels_last
+    with torch.no_grad():
+        assert torch.allclose(cache.outputs(data=x)["fc7"], net(data=x)["fc7"], atol=1e-5)
+
+
 def test_frozen_torchscript_equals_unfused():
     net = build(resnet_style())
     x = torch.randn(*net.blob_shapes["data"])

@@ -126,3 +126,72 @@ def test_reshape_after_a_fast_forward_at_another_batch(net):
     out = net.forward(data=x[:1])["prob"]
     assert out.shape == (1, 3)
     np.testing.assert_allclose(net.blobs["ip1"].data, x[:1] @ w.T + b, rtol=1e-5)
+
+
+def test_reading_a_stale_blob_leaves_the_outputs_and_inputs_as_they_are(net):
+    """A read that recomputes the stale blobs changes no blob the fast forward wrote: an
+    output array the caller edited in place keeps the edit (Caffe runs nothing on a read),
+    and an input blob reshaped since keeps the very array a script holds and writes."""
+    x = np.random.default_rng(2).standard_normal((2, 5)).astype(np.float32)
+    out = net.forward(data=x)["prob"]
+    out[...] = 7.0                              # post-processed in place by the caller
+    net.blobs["ip1"].data                       # recomputes the stale blobs
+    assert net.blobs["prob"].data is out
+    np.testing.assert_array_equal(out, np.full((2, 3), 7.0, np.float32))
+
+    net.forward(data=x)                         # stale again
+    net.blobs["data"].reshape(1, 5)
+    held = net.blobs["data"].data
+    net.reshape()                               # reads (recomputes) the stale blobs
+    held[...] = x[:1]                           # the script fills the array it holds
+    got = net.forward()["prob"]
+    np.testing.assert_allclose(got, _prob_from_ip1(net, _ip1(net, x[:1])), rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["forward", "_forward"])
+def test_forward_up_to_a_layer_after_a_fast_forward_keeps_the_later_blobs(net, how):
+    """``forward(end=...)`` (or the index form ``_forward(0, i)``) from the first layer
+    recomputes up to ``end``; the blobs after it hold the last full forward's values, as in
+    Caffe (they were stale, not fresh)."""
+    rng = np.random.default_rng(3)
+    x1, x2 = (rng.standard_normal((2, 5)).astype(np.float32) + 2 for _ in range(2))
+    net.forward(data=x1)
+    net.blobs["ip2"].data                       # ip2 of x1 on the host
+    net.forward(data=x2)
+    if how == "forward":
+        net.forward(end="ip1")
+    else:
+        net._forward(0, list(net._layer_names).index("ip1"))
+    np.testing.assert_allclose(net.blobs["prob"].data, _prob_from_ip1(net, _ip1(net, x2)),
+                               rtol=1e-5)
+    w, b = _weights(net, "ip2")
+    np.testing.assert_allclose(net.blobs["ip2"].data,
+                               np.maximum(_ip1(net, x2), 0) @ w.T + b, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_callbacks_run_on_a_plain_forward_and_not_on_a_read(net):
+    """``net.after_forward(fn)`` (Caffe's Net::add_after_forward) sees every layer of each
+    ``forward()``, on a net that would take the outputs-only path too; a later read of a
+    blob runs no callback."""
+    x = np.random.default_rng(4).standard_normal((2, 5)).astype(np.float32)
+    net.forward(data=x)                         # stale blobs, then a callback is added
+    seen = []
+    net.after_forward(seen.append)
+    net.blobs["ip1"].data
+    assert seen == []
+    net.forward(data=x)
+    assert seen == list(range(len(net.layers)))
+    np.testing.assert_allclose(net.blobs["ip1"].data, _ip1(net, x), rtol=1e-5, atol=1e-6)
+
+
+def test_reshape_to_the_shapes_of_the_last_forward_leaves_its_blobs_stale(net):
+    """``net.reshape()`` at the input shapes the last fast forward ran at changes no blob's
+    shape: the skipped blobs stay stale (reading them all there cost a full forward on
+    every call of a script that reshapes before each forward) and read the same later."""
+    x = np.random.default_rng(5).standard_normal((2, 5)).astype(np.float32) + 1
+    out = net.forward(data=x)["prob"].copy()
+    net.blobs["data"].reshape(2, 5)
+    net.reshape()
+    assert net.blob_state.is_stale("ip1") and net.blob_state.is_stale("ip2")
+    np.testing.assert_allclose(net.blobs["ip1"].data, _ip1(net, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(net.blobs["prob"].data, out)

@@ -202,6 +202,27 @@ def test_forward_checks_inputs_like_pycaffe(tmp_path):
         net.forward(start="nope")
 
 
+SMALL_CONV = """name: "small"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 2 kernel_size: 5 weight_filler { type: "gaussian" std: 1 } } }
+"""
+
+
+@pytest.mark.parametrize("blobs", [None, ["conv1"]])
+def test_a_forward_on_input_shapes_the_net_cannot_take_names_the_layer(tmp_path, blobs):
+    """An input blob reshaped smaller than a kernel, without net.reshape(): both forward
+    paths failed with torch's kernel message, which names no layer (Caffe aborts here)."""
+    (tmp_path / "s.prototxt").write_text(SMALL_CONV)
+    net = caffe.Net(str(tmp_path / "s.prototxt"), caffe.TEST)
+    net.blobs["data"].reshape(1, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"s\.prototxt: layer 'conv1' \(Convolution\): "
+                                         r"output size \[0, 0\] is empty"):
+        net.forward(blobs=blobs)
+    net.blobs["data"].reshape(1, 1, 8, 8)
+    assert net.forward()["conv1"].shape == (1, 2, 4, 4)
+
+
 @pytest.mark.parametrize("level, blobs", [(0, ["NoLevel", "Level0Only", "Level>=0"]),
                                           (1, ["NoLevel", "Level1Only", "Level>=0", "Level>=1"])])
 def test_levels(tmp_path, level, blobs):

@@ -10,8 +10,8 @@ reads as Caffe would have left it.
 
 Parameters: the fused net is rebuilt when a parameter tensor changed (``_version``) and, since
 numpy writes through ``net.params[...][i].data`` bypass torch's version counter, whenever such
-an array was handed out since the last fusion (``ParamViews``' generation counter) or is
-still held by the caller.
+an array was handed out since the last fusion (``ParamViews``' generation counter) or one
+alive at the last forward was written since (its parameter's values compared with a copy).
 
 On CUDA (``set_mode_gpu``) the same path runs the fused net on the GPU, replayed from a CUDA
 graph per input shape where the forward allows it (engine/net/inference_cache.py); engines
@@ -23,9 +23,11 @@ executor) computes the outputs instead. The input blobs are copied straight into
 runtime's bound input buffers, which are also the snapshot a stale read recomputes from, so
 a call costs one copy of the inputs, the runtime call and one copy of the outputs into their
 blobs. The choice is per input shape: after a reshape the engine is chosen (``auto``:
-measured) again for the new shapes. The weights are the export's: after the net's
-parameters change it is exported again once; a second change, or a numpy view of a
-parameter still held by the caller, sends forwards to the torch path.
+measured) again for the new shapes, for the first ``SHAPES_KEPT`` shapes; torch runs the
+others. The weights are the export's: after the net's
+parameters change it is exported again once; a second change sends forwards to the torch
+path. A numpy view of a parameter the caller keeps is compared with the parameter's
+values at each forward (``_watch_views``): a write through it is such a change.
 """
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ import weakref
 import numpy as np
 import torch
 
-from caffe_compat.engine.backends.engine import (EnginePlan, ReducedForward, choose_engine,
-                                                 first_call_check)
+from caffe_compat.engine.backends.engine import (EngineChoice, EnginePlan, ReducedForward,
+                                                 choose_engine, first_call_check)
 from caffe_compat.engine.net.fuse import fusable
 from caffe_compat.engine.net.inference_cache import InferenceCache
 
@@ -52,6 +54,8 @@ def eligible(net) -> bool:
     for index, layer in enumerate(m.layers):
         if layer.runs_user_code:
             return False                     # user code may read or write any blob
+        if layer.draws_random:
+            return False                     # a recompute of skipped blobs would draw anew
         if not m.layer_bottoms(index) and not layer.feeds_input:
             return False                     # data/DummyData sources: the full path
         if not m.layer_tops(index):
@@ -94,6 +98,11 @@ class ParamViews:
         held = any(r() is not None for e in entries if e for r in e[2])
         return generations, held
 
+    def held(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters among ``params`` with a handed-out array still alive."""
+        return [p for p in params
+                if (e := self._entry(p)) and any(r() is not None for r in e[2])]
+
 
 PARAM_VIEWS = ParamViews()
 
@@ -104,7 +113,7 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
 
 
 _VERSION = operator.attrgetter("_version")
-SHAPES_KEPT = 4          # engine choices kept per input shape (pycaffe nets that alternate)
+SHAPES_KEPT = 4          # input shapes given an engine choice; torch runs any others
 
 
 def inference_plan(net) -> EnginePlan | None:
@@ -128,10 +137,16 @@ class FastForward:
         self._outputs = tuple(net.module.output_names)
         self._handouts, self._ids, self._held = -1, (), True   # see _numpy_state
         self._generations: tuple = ()  # what _numpy_state found last
+        # (parameter, its values) for each parameter whose numpy view was alive at the last
+        # forward: a write through the view shows as a difference; ``_edits`` counts those
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._edits = 0
+        self._ran_at: dict[str, tuple] | None = None    # the last forward's input shapes
         self.choice = None            # engine/backends EngineChoice; None: torch
         self.request, self.precision = "torch", "fp32"
         self._engine_key: tuple | None = None
         self._resynced = False
+        self._overflowed = False      # logged that shapes past SHAPES_KEPT run torch
         self._by_shape: dict[tuple, tuple] = {}     # input shapes -> (choice, engine key)
         self._shapes: tuple = ()                    # the input shapes of ``choice``
         # the engine plan whose runtime writes straight into output blobs (``_direct``;
@@ -155,8 +170,8 @@ class FastForward:
     def _weights_key(self, params: list[torch.Tensor], touched: tuple) -> tuple:
         """What an engine's exported weights depend on: the tensors (``_numpy_state`` just
         listed their ids), their in-place versions (summed: each only grows, so the sum
-        moves when any does) and their numpy hand-outs."""
-        return self._ids, sum(map(_VERSION, params)), touched
+        moves when any does), their numpy hand-outs and the writes through held views."""
+        return self._ids, sum(map(_VERSION, params)), touched, self._edits
 
     @property
     def engine(self) -> str:
@@ -185,35 +200,33 @@ class FastForward:
         self.choice = choose_engine(self.net.module, request, self._torch_forward,
                                     precision=self.precision, shapes=shapes)
         self._engine_key = self._weights_key(params, self._numpy_state(params)[0])
-        if len(self._by_shape) >= SHAPES_KEPT:
-            self._by_shape.clear()
         self._shapes = tuple(shapes.values())
         self._by_shape[self._shapes] = (self.choice, self._engine_key)
         log.info("net '%s': %s", self.net.module.name, self.choice.reason)
 
-    def _engine_plan(self, params, touched: tuple, held: bool) -> EnginePlan | None:
+    def _engine_plan(self, params, touched: tuple) -> EnginePlan | None:
         """The chosen engine plan, its inputs copied in; None where torch must run."""
         choice = self.choice
-        if choice is None or held:
+        if choice is None:
             return None
         if choice.forward.__class__ is not EnginePlan:
             # torch chosen for these shapes: another shape may have its own choice
             if self._by_shape and self._input_shapes() != self._shapes:
                 self._reshaped()
-                return self._engine_plan(params, touched, held)
+                return self._engine_plan(params, touched)
             return None
         plan, get = choice.forward, self.net.blob_state.get
         if self._weights_key(params, touched) != self._engine_key:  # changed since export
-            return self._resync(params, touched, held)
+            return self._resync(params, touched)
         for name, bound in plan.input_arrays.items():
             host = get(name)
             if host.shape != bound.shape:
                 self._reshaped()                        # another shape: another choice
-                return self._engine_plan(params, touched, held)
+                return self._engine_plan(params, touched)
             np.copyto(bound, host)      # the snapshot a stale read recomputes from, too
         return plan
 
-    def _resync(self, params, touched: tuple, held: bool) -> EnginePlan | None:
+    def _resync(self, params, touched: tuple) -> EnginePlan | None:
         """The weights changed since the export: export again, once; then torch."""
         if self._resynced:
             log.info("net '%s': weights changed again; engine torch from now on",
@@ -223,7 +236,7 @@ class FastForward:
         self._resynced = True
         self._by_shape.clear()
         self._decide(self.choice.name)
-        return self._engine_plan(params, touched, held)
+        return self._engine_plan(params, touched)
 
     def _input_shapes(self) -> tuple:
         return tuple(tuple(self.net.blob_state.get(n).shape) for n in self.net.inputs)
@@ -231,20 +244,28 @@ class FastForward:
     def _reshaped(self) -> None:
         shapes = self._input_shapes()
         kept = self._by_shape.get(shapes)
-        if kept is None:
+        if kept is not None:
+            self.choice, self._engine_key = kept
+            self._shapes = shapes
+        elif len(self._by_shape) < SHAPES_KEPT:
             self._decide(self.request)
         else:
-            self.choice, self._engine_key = kept
+            # more shapes than kept (an image pyramid): forgetting choices to make room
+            # exported and measured again on every call of a cycle; these shapes run torch
+            if not self._overflowed:
+                log.info("net '%s': engine torch for input shapes past the first %d",
+                         self.net.module.name, SHAPES_KEPT)
+            self._overflowed = True
+            self.choice = EngineChoice("torch", None, "engine torch: input shapes past the "
+                                       f"first {SHAPES_KEPT}", verified=True)
             self._shapes = shapes
 
     def run(self) -> None:
         net = self.net
         params = self.cache.parameters()
         touched, held = self._numpy_state(params)
-        if held or touched != self._touched:
-            self.cache.invalidate()
-            self._touched = touched
-        plan = self._engine_plan(params, touched, held)
+        self._watch_views(params, touched, held)
+        plan = self._engine_plan(params, touched)
         state = net.blob_state
         if plan is not None:
             if self._bound[0] is not plan or self._bound[1] != state.arrays_replaced:
@@ -257,14 +278,36 @@ class FastForward:
             copied = self._copied
         else:
             inputs = {n: self._snapshot(state.get(n)) for n in net.inputs}
-            reduced = self.choice is not None and isinstance(self.choice.forward,
-                                                             ReducedForward)
-            outputs = self.choice.forward(inputs) if reduced else \
-                self.cache.outputs_for(params, inputs)
+            choice = self.choice
+            if choice is not None and isinstance(choice.forward, ReducedForward):
+                outputs = choice.forward(inputs)
+                if not choice.verified:       # bf16 is held to its tolerance as engines are
+                    outputs = self._checked(outputs, inputs)
+            else:
+                outputs = self.cache.outputs_for(params, inputs)
             copied = self._outputs
         for name in copied:
             state.put(name, outputs[name])
         state.mark_stale(self._skipped, lambda: self.materialize(inputs))
+        self._ran_at = {n: tuple(t.shape) for n, t in inputs.items()}
+
+    def _watch_views(self, params: list[torch.Tensor], touched: tuple, held: bool) -> None:
+        """Re-fuse after a new hand-out of a numpy view or a write through one alive at the
+        last forward (numpy writes bypass torch's version counter): a held view left
+        unwritten costs a comparison of its parameter, not a fusion per call."""
+        edited = any(not torch.equal(p, values) for p, values in self._copies)
+        self._edits += edited
+        if edited or touched != self._touched:
+            self.cache.invalidate()
+            self._touched = touched
+            self._copies = [(p, p.detach().clone()) for p in PARAM_VIEWS.held(params)] \
+                if held else []
+        elif not held:
+            self._copies = []        # a view made from now on is a hand-out: touched moves
+
+    def ran_at(self, shapes: dict) -> bool:
+        """Whether the last forward ran at these input shapes."""
+        return self._ran_at == {n: tuple(s) for n, s in shapes.items()}
 
     def _bind(self, plan: EnginePlan) -> None:
         """The runtime writes the output blobs' host arrays itself (not under ``lazy``,
@@ -302,13 +345,15 @@ class FastForward:
         from caffe_compat._pycaffe.layerwise import forward_range
         net, state = self.net, self.net.blob_state
         state.clear_stale()
-        # through the state, not the views: an input blob reshaped since (``net.reshape``
-        # reads the stale blobs while it reshapes them) takes the forward's shape and back
-        current = {n: torch.from_numpy(state.get(n).copy()) for n in inputs}
+        # the blobs the fast forward wrote keep their arrays and values: an input reshaped
+        # since (``net.reshape`` reads the stale blobs while it reshapes them) takes the
+        # forward's shape and back; an output keeps what the forward returned, or what the
+        # caller wrote into it since (a read runs nothing in Caffe)
+        kept = state.hold(dict.fromkeys([*inputs, *self._outputs]))
         for name, value in inputs.items():
             state.put(name, value.contiguous())
         try:
-            forward_range(net, 0, len(net.module.layers) - 1, net.compute_device())
+            forward_range(net, 0, len(net.module.layers) - 1, net.compute_device(),
+                          callbacks=False)
         finally:
-            for name, value in current.items():
-                state.put(name, value)
+            state.restore(kept)

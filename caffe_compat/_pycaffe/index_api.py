@@ -39,7 +39,7 @@ class IndexAPI:
         in float32 as Caffe's ForwardFromTo sums each layer's weighted loss tops."""
         start, end = self._index_range(start, end)
         self._push_params()
-        self._fresh_blobs(needed=start > 0)
+        self._fresh_blobs(needed=start > 0 or end < len(self.module.layers) - 1)
         forward_range(self, start, end, self.compute_device())
         loss = np.float32(0)
         weights = self.module.loss_weights

@@ -140,12 +140,16 @@ def _announce(net, when: str, pos: int) -> None:
         fn(pos)
 
 
-def forward_range(net, start: int, end: int, device) -> None:
+def forward_range(net, start: int, end: int, device, callbacks: bool = True) -> None:
+    """Forward layers ``start``..``end``; ``callbacks`` False: the user's layer callbacks do
+    not run (a recompute of blobs a fast forward skipped is no forward of the caller's)."""
     made: dict[str, torch.Tensor] = {}
     for pos in range(start, end + 1):
-        _announce(net, "before_forward", pos)
+        if callbacks:
+            _announce(net, "before_forward", pos)
         net.blob_state.record(pos, run_layer(net, pos, made, device, store=True))
-        _announce(net, "after_forward", pos)
+        if callbacks:
+            _announce(net, "after_forward", pos)
 
 
 def backward_range(net, start: int, end: int, device) -> None:

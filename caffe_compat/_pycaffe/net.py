@@ -24,7 +24,8 @@ from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
 from caffe_compat.engine.backends.engine import requested_engine
 from caffe_compat.formats.blob_io import read_text_proto
-from caffe_compat.engine.layers.base import TEST, TRAIN
+from caffe_compat.formats.errors import with_context
+from caffe_compat.engine.layers.base import TEST, TRAIN, LayerError
 from caffe_compat.engine.layers.blob_vectors import BlobVec, IntVec, LayerVec, StringVec
 from caffe_compat.engine.layers.python_trust import PythonLayerBase
 from caffe_compat.engine.net.module import NetModule, build_net
@@ -208,6 +209,11 @@ class Net(IndexAPI):
     def has_layer_callbacks(self) -> bool:
         return any(self._layer_callbacks.values())
 
+    def _forward_callbacks(self) -> bool:
+        """Forward callbacks see each layer: the outputs-only fast path runs none of them."""
+        callbacks = self._layer_callbacks
+        return bool(callbacks["before_forward"] or callbacks["after_forward"])
+
     # -- running ----------------------------------------------------------------------
     def compute_device(self) -> torch.device:
         """Where the net's parameters live: the device its layers compute on."""
@@ -246,7 +252,28 @@ class Net(IndexAPI):
     def forward(self, blobs=None, start=None, end=None, **kwargs) -> dict[str, np.ndarray]:
         """Run layers ``start``..``end`` (names, inclusive); returns the outputs' data (or
         ``end``'s tops) plus ``blobs``. Keywords feed every input blob (pycaffe's rule)."""
-        if self._fast is not None and not blobs and start is None and end is None:
+        try:
+            return self._run_forward(blobs, start, end, kwargs)
+        except RuntimeError as exc:       # torch's kernel message names no layer
+            error = self._shape_error()
+            if error is None:
+                raise
+            raise error from exc
+
+    def _shape_error(self) -> LayerError | None:
+        """The error naming the first layer that cannot take the input blobs' shapes (an
+        input reshaped without ``net.reshape()``), or None when every layer can."""
+        try:
+            self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
+        except LayerError as exc:
+            return LayerError(with_context(str(exc), self.module.source))
+        except Exception:   # noqa: BLE001 - any other failure: the forward's own error stands
+            return None
+        return None
+
+    def _run_forward(self, blobs, start, end, kwargs: dict) -> dict[str, np.ndarray]:
+        if self._fast is not None and not blobs and start is None and end is None \
+                and not self._forward_callbacks():
             if kwargs:                # the outputs-only fast path, with no per-call planning
                 self._set_arrays("Input blob", self.inputs, kwargs)
             self._push_params()
@@ -258,7 +285,9 @@ class Net(IndexAPI):
         if kwargs:
             self._set_arrays("Input blob", self.inputs, kwargs)
         self._push_params()
-        self._fresh_blobs(needed=start_i > 0)   # from layer 0 everything is recomputed
+        # from the first layer to the last everything is recomputed; blobs outside the
+        # range keep the last forward's values, which a fast forward left stale
+        self._fresh_blobs(needed=start_i > 0 or end_i < len(self.module.layers) - 1)
         forward_range(self, start_i, end_i, self.compute_device())
         return {name: self.blobs[name].data for name in wanted}
 
@@ -344,10 +373,16 @@ class Net(IndexAPI):
                 p.grad.zero_()
 
     def reshape(self) -> None:
-        """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape)."""
-        shapes = self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
+        """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape).
+        At the input shapes the last fast forward ran at, the blobs it left stale stay
+        stale: their recompute gives them these very shapes."""
+        inputs = {n: self.blobs[n].shape for n in self.inputs}
+        shapes = self.module.infer_shapes(inputs)
+        state = self.blob_state
+        unchanged = self._fast is not None and self._fast.ran_at(inputs)
         for name, shape in shapes.items():
-            self.blob_state.reshape(name, shape)     # budgeted; names the blob
+            if not (unchanged and state.is_stale(name)):
+                state.reshape(name, shape)     # budgeted; names the blob
 
     # -- weights ----------------------------------------------------------------------
     def copy_from(self, path) -> None:

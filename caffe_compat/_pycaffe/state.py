@@ -96,6 +96,20 @@ class BlobState:
             for name in names:
                 self._pending.pop((name, "data"), None)
 
+    def hold(self, names: Iterable[str]) -> dict:
+        """The blobs' host arrays and data values now, for ``restore``."""
+        return {n: (self.get(n).copy(), dict(self._host[n])) for n in names}
+
+    def restore(self, held: dict) -> None:
+        """Put back the arrays ``hold`` returned (the very arrays: a caller may hold them),
+        holding the data values they had then."""
+        for name, (data, arrays) in held.items():
+            self._pending.pop((name, "data"), None)
+            if any(self._host[name][w] is not arrays[w] for w in WHICH):
+                self._host[name] = arrays
+                self.arrays_replaced += 1
+            np.copyto(arrays["data"], data)
+
     def host_data(self, name: str) -> np.ndarray:
         """The blob's host data array itself, for an engine to write into (then
         ``written``); valid while ``arrays_replaced`` is unchanged."""

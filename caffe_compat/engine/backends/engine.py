@@ -55,7 +55,8 @@ def requested_engine(engine: str | None) -> str:
     """``engine``, else $CAFFE_COMPAT_ENGINE, else "torch"; unknown names are an error."""
     name = (engine or os.environ.get(ENGINE_ENV) or "torch").strip().lower()
     if name not in ENGINES:
-        raise ValueError(f"engine {name!r}: expected one of {', '.join(ENGINES)}")
+        origin = "" if engine else f"${ENGINE_ENV}: "     # not in the call that raised
+        raise ValueError(f"{origin}engine {name!r}: expected one of {', '.join(ENGINES)}")
     return name
 
 
@@ -174,7 +175,14 @@ def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outp
     reference = torch_forward(inputs)
     diffs = {}
     for name in list(built):
-        diff = diffs[name] = built[name].difference(built[name](inputs), reference)
+        try:
+            got = built[name](inputs)
+        except Exception as exc:   # noqa: BLE001 - a runtime that loads a graph it cannot run
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            why[name] = f"{name} failed on a test input ({text})"
+            del built[name]
+            continue
+        diff = diffs[name] = built[name].difference(got, reference)
         if not diff <= tolerance[name]:
             why[name] = f"outputs differ from fp32 torch by {diff:.2g} (tolerance " \
                         f"{tolerance[name]:g})"

@@ -57,8 +57,11 @@ class OnnxRuntimeRunner:
                                                     providers=["CPUExecutionProvider"])
         self.inputs, self.outputs = _buffers(input_shapes), _buffers(output_shapes)
         self.binding = self.session.io_binding()
+        read = {i.name for i in self.session.get_inputs()}   # an input no layer reads: absent
         for name, array in zip(input_names, self.inputs):
-            self.binding.bind_input(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+            if name in read:
+                self.binding.bind_input(name, "cpu", 0, np.float32, array.shape,
+                                        array.ctypes.data)
         self.output_names = list(output_names)
         for index, array in enumerate(self.outputs):
             self.bind_output(index, array)
@@ -103,7 +106,8 @@ class OpenVinoRunner:
         self.inputs, self.outputs = _buffers(input_shapes), _buffers(output_shapes)
         ports = {n: i for i, port in enumerate(self.compiled.inputs) for n in port.get_names()}
         for name, array in zip(input_names, self.inputs):
-            self.request.set_input_tensor(ports[name], ov.Tensor(array, shared_memory=True))
+            if name in ports:                      # an input no layer reads is not one
+                self.request.set_input_tensor(ports[name], ov.Tensor(array, shared_memory=True))
         ports = {n: i for i, port in enumerate(self.compiled.outputs) for n in port.get_names()}
         self._ports = [ports[name] for name in output_names]
         self._tensor = ov.Tensor

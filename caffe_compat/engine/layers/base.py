@@ -132,6 +132,8 @@ class Layer(nn.Module):
     feeds_input: bool = False     # its tops are the caller's inputs (Input): nothing computed
     is_source: bool = False       # makes its tops from outside the net (Input, data layers)
     runs_user_code: bool = False  # may read or write any blob (Python): no outputs-only path
+    draws_random: bool = False    # each forward draws anew (Dropout sampling at TEST): every
+    #                               blob must come from one draw, so no outputs-only path
 
     def output_not_saved(self, num_bottoms: int) -> bool:
         """The single top is a new tensor that this layer's backward does not keep (its

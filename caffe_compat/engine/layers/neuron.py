@@ -266,6 +266,7 @@ class Dropout(_Neuron):
             raise self.error(f"dropout_ratio ({self.ratio:g}) must be in [0, 1)")
         self.scale_train = bool(dp.scale_train)
         self.sampling = phase == TRAIN or bool(dp.sample_weights_test)
+        self.draws_random = self.sampling and self.ratio > 0.0
         self.is_alias = not self.sampling and self.scale_train
         # Fast R-CNN's TEST factor: caffe_scal by 1/scale_, scale_ = 1/(1-p) held in float
         self.keep_factor = float(np.float32(1.0 / float(np.float32(1.0 / (1.0 - np.float32(

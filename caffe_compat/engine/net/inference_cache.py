@@ -112,7 +112,12 @@ class InferenceCache:
                     raise
                 self.channels_last = False
                 self.invalidate()
-                return self.fused_for(params).outputs(**inputs)
+                try:
+                    return self.fused_for(params).outputs(**inputs)
+                except RuntimeError as exc:  # fails in NCHW too: the inputs', not the layout's
+                    self.channels_last = True
+                    self.invalidate()
+                    raise exc from None
 
     def _cuda_outputs(self, fused: FusedNet, inputs: dict[str, torch.Tensor]
                       ) -> dict[str, torch.Tensor]:
