@@ -195,6 +195,9 @@ class Log(_Neuron):
         p = param.log_param
         base = float(p.base)
         _check_base(self, base)
+        if base == 1.0:  # Caffe's CHECK on 1/log(base) being finite
+            raise self.error("base 1 has no logarithm (1/log(1) is infinite); use another "
+                             "positive base, or -1 for base e")
         self.base_scale = 1.0 if base == -1.0 else 1.0 / math.log(base)
         self.scale, self.shift = float(p.scale), float(p.shift)
 
