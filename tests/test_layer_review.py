@@ -111,3 +111,27 @@ def test_stochastic_pooling_rejects_padding():
     with pytest.raises(LayerError, match="[Pp]adding"):
         make_layer('name: "p" type: "Pooling" pooling_param { pool: STOCHASTIC '
                    'kernel_size: 3 pad: 1 }', [(1, 1, 4, 4)], TEST)
+
+
+# ------------------------------------------------------------------ Log / Exp float constants
+
+
+def test_log_base_ten_scales_by_caffes_float_reciprocal():
+    """log_layer.cpp: base_scale_ = Dtype(1) / log_base, a float division of the float
+    log(10); the reciprocal taken in double rounds to a different float (1 ulp)."""
+    layer = make_layer('name: "l" type: "Log" log_param { base: 10 }', [(1, 4)])
+    x = torch.tensor([[0.3, 2.0, 7.5, 1234.5]])
+    caffe_scale = np.float32(1.0) / np.float32(np.log(np.float64(np.float32(10.0))))
+    assert caffe_scale != np.float32(1.0 / np.log(10.0))      # the case is a real one
+    expected = torch.log(x) * torch.tensor(caffe_scale)
+    assert torch.equal(layer(x), expected)
+
+
+def test_exp_inner_scale_is_a_float_product():
+    """exp_layer.cpp: inner_scale_ = log_base * scale, both floats."""
+    layer = make_layer('name: "e" type: "Exp" exp_param { base: 1.5 scale: 3 }', [(1, 4)])
+    x = torch.tensor([[0.25, -1.0, 2.0, 3.5]])
+    inner = np.float32(np.log(np.float64(np.float32(1.5)))) * np.float32(3.0)
+    assert inner != np.float32(np.log(1.5) * 3.0)
+    expected = torch.exp(x * torch.tensor(inner))
+    assert torch.equal(layer(x), expected)

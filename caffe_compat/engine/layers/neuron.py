@@ -174,10 +174,11 @@ class Exp(_Neuron):
         p = param.exp_param
         base, scale, shift = float(p.base), float(p.scale), float(p.shift)
         _check_base(self, base)
-        log_base = 1.0 if base == -1.0 else math.log(base)
-        self.inner_scale = log_base * scale
-        self.outer_scale = 1.0 if shift == 0.0 else (math.exp(shift) if base == -1.0
-                                                      else base ** shift)
+        # Caffe's constants are floats: rounding the double product differs by an ulp.
+        log_base = np.float32(1.0 if base == -1.0 else math.log(base))
+        self.inner_scale = float(log_base * np.float32(scale))
+        self.outer_scale = 1.0 if shift == 0.0 else float(np.float32(
+            math.exp(shift) if base == -1.0 else base ** shift))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.exp(x if self.inner_scale == 1.0 else x * self.inner_scale)
@@ -198,7 +199,9 @@ class Log(_Neuron):
         if base == 1.0:  # Caffe's CHECK on 1/log(base) being finite
             raise self.error("base 1 has no logarithm (1/log(1) is infinite); use another "
                              "positive base, or -1 for base e")
-        self.base_scale = 1.0 if base == -1.0 else 1.0 / math.log(base)
+        # Caffe's Dtype(1) / log_base is a float division of the float log(base).
+        self.base_scale = 1.0 if base == -1.0 else float(np.float32(1.0)
+                                                         / np.float32(math.log(base)))
         self.scale, self.shift = float(p.scale), float(p.shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
