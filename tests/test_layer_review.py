@@ -135,3 +135,14 @@ def test_exp_inner_scale_is_a_float_product():
     assert inner != np.float32(np.log(1.5) * 3.0)
     expected = torch.exp(x * torch.tensor(inner))
     assert torch.equal(layer(x), expected)
+
+
+def test_spp_stochastic_test_phase_levels():
+    """spp_layer.cpp builds one Pooling per level with the SPP's pool method; for a 4x4
+    map every level has pad 0, which STOCHASTIC pooling accepts."""
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 4, 4)
+    layer = make_layer('name: "s" type: "SPP" spp_param { pyramid_height: 2 pool: STOCHASTIC }',
+                       [tuple(x.shape)], TEST)
+    levels = [_stochastic_test_reference(x.numpy(), k, k).reshape(2, -1) for k in (4, 2)]
+    np.testing.assert_allclose(layer(x).numpy(), np.concatenate(levels, 1), rtol=1e-5, atol=1e-6)

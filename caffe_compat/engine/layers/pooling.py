@@ -267,8 +267,10 @@ class SPP(Layer):
         self.pool = sp.pool
         if self.height < 1:
             raise self.error("spp_param.pyramid_height must be at least 1")
-        if self.pool not in (MAX, AVE):
-            raise self.error("pool: STOCHASTIC is not supported here; use MAX or AVE")
+        if self.pool not in (MAX, AVE, STOCHASTIC):
+            raise self.error(f"unknown pool method {self.pool} (known: MAX, AVE, STOCHASTIC)")
+        # STOCHASTIC levels take no padding: Caffe accepts only maps each level's bins divide.
+        self.draws_random = self.pool == STOCHASTIC and phase == TRAIN
         self._levels: dict[tuple[int, int], list[Pooling]] = {}
         self.top_shapes(bottom_shapes)
 
