@@ -146,3 +146,17 @@ def test_spp_stochastic_test_phase_levels():
                        [tuple(x.shape)], TEST)
     levels = [_stochastic_test_reference(x.numpy(), k, k).reshape(2, -1) for k in (4, 2)]
     np.testing.assert_allclose(layer(x).numpy(), np.concatenate(levels, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_stochastic_pooling_in_a_pycaffe_test_net(tmp_path):
+    """The fused TEST plan and pycaffe's forward run the STOCHASTIC form (no MAX fast path)."""
+    import caffe_compat as caffe
+    path = tmp_path / "net.prototxt"
+    path.write_text('input: "data" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }\n'
+                    'layer { name: "p" type: "Pooling" bottom: "data" top: "p" '
+                    'pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 2 } }\n')
+    net = caffe.Net(str(path), caffe.TEST)
+    x = np.random.RandomState(4).rand(1, 2, 4, 4).astype(np.float32)
+    net.blobs["data"].data[...] = x
+    out = net.forward()["p"]
+    np.testing.assert_allclose(out, _stochastic_test_reference(x, 2, 2), rtol=1e-5, atol=1e-6)
