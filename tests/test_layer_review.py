@@ -160,3 +160,20 @@ def test_stochastic_pooling_in_a_pycaffe_test_net(tmp_path):
     net.blobs["data"].data[...] = x
     out = net.forward()["p"]
     np.testing.assert_allclose(out, _stochastic_test_reference(x, 2, 2), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ ELU's exp(x) - 1
+
+
+def test_elu_negative_side_is_exp_minus_one_like_caffe():
+    """elu_layer.cpp: alpha * (exp(min(x, 0)) - 1), not expm1: for x = -1e-5 the two differ
+    by 0.14% in float32. The gradient is Caffe's alpha * exp(x) (alpha at x == 0)."""
+    layer = make_layer('name: "e" type: "ELU" elu_param { alpha: 0.7 }', [(1, 6)])
+    x = torch.tensor([[-1e-5, -1e-3, -0.1, -3.0, 0.0, 2.5]], requires_grad=True)
+    y = layer(x)
+    xd = x.detach()
+    expected = torch.where(xd > 0, xd, 0.7 * (torch.exp(torch.clamp(xd, max=0)) - 1))
+    assert torch.equal(y.detach(), expected)
+    y.sum().backward()
+    grad = torch.where(xd > 0, torch.ones_like(xd), 0.7 * torch.exp(xd))
+    torch.testing.assert_close(x.grad, grad, rtol=1e-6, atol=0)
