@@ -197,7 +197,7 @@ def test_float64_and_no_blobs():
 
 
 @pytest.mark.parametrize("params,shape,message", [
-    ("pool: STOCHASTIC kernel_size: 2", (1, 1, 4, 4), "STOCHASTIC is implemented only on the GPU"),
+    ("pool: STOCHASTIC kernel_size: 2 pad: 1", (1, 1, 4, 4), "not STOCHASTIC"),
     ("kernel_size: 2 kernel_h: 2 kernel_w: 2", (1, 1, 4, 4), "either kernel_size or kernel_h and kernel_w"),
     ("kernel_h: 2", (1, 1, 4, 4), "kernel_size (or both kernel_h and kernel_w) is required"),
     ("stride: 2", (1, 1, 4, 4), "kernel_size (or both kernel_h and kernel_w) is required"),

@@ -101,9 +101,9 @@ class Eltwise(Layer):
         if p.coeff and len(p.coeff) != n:
             raise self.error(f"takes one coeff per bottom: got {len(p.coeff)} coeffs "
                              f"for {n} bottoms")
-        if p.coeff and self.operation != P.SUM:
-            raise self.error("coeff is only allowed with operation: SUM "
-                             f"(operation is {P.EltwiseOp.Name(self.operation)})")
+        # Caffe refuses coefficients only for PROD; MAX accepts them and never reads them.
+        if p.coeff and self.operation == P.PROD:
+            raise self.error("coeff is only allowed with operation: SUM (operation is PROD)")
         self.coeff = [float(c) for c in p.coeff] or [1.0] * n
         self.stable_prod_grad = bool(p.stable_prod_grad)
         self.top_shapes(bottom_shapes)

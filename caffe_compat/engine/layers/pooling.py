@@ -1,4 +1,4 @@
-"""Pooling (``pooling_layer.cpp``): MAX and AVE over 4-D ``(N, C, H, W)`` bottoms.
+"""Pooling (``pooling_layer.cpp``, ``.cu``): MAX, AVE and STOCHASTIC over 4-D ``(N, C, H, W)``.
 
 Caffe's output size per spatial axis (``round_mode`` CEIL by default, FLOOR uses floor; the
 DenseNet/ResNeXt ports' ``ceil_mode: false`` is FLOOR too)::
@@ -17,6 +17,13 @@ accepts the padding (torch wants ``pad <= k/2``, Caffe only ``pad < k``). Otherw
 (unpadded CEIL pooling whose last window starts past the image, which torch drops, or a
 large pad) we pad explicitly and pool with no implicit padding, reproducing Caffe's values.
 
+STOCHASTIC (``pooling_layer.cu``; Caffe's CPU build has none) takes no padding; windows
+start at ``o*s`` and are clipped to the image. TEST gives ``sum(x^2) / sum(x)`` where
+``sum(x) > 0``, else 0; TRAIN draws ``u`` in (0, 1] per window and outputs the first element
+in row-major order whose running sum reaches ``u * sum(x)`` (0 if none does), its gradient
+going to that element only. Caffe's backward after a TEST forward reads stale sample
+indices; here it is the derivative of the TEST formula.
+
 Not reproduced: Caffe's MAX skips NaN (``NaN > v`` is false) where torch propagates it, and
 Caffe's backward writes the diff of a mask -1 window out of bounds; here it goes nowhere.
 """
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.engine.layers.base import TRAIN, Layer, Shape, register
 from caffe_compat.formats.budget import check_shape
 from caffe_compat.formats.errors import ResourceError
 from caffe_compat.engine.layers import fast_forms
@@ -59,7 +66,7 @@ def _torch_out(size: int, k: int, p: int, s: int, ceil: bool) -> int:
 
 @register
 class Pooling(Layer):
-    """Caffe Pooling: MAX (optional argmax-mask top) or AVE; STOCHASTIC is not supported."""
+    """Caffe Pooling: MAX (optional argmax-mask top), AVE or STOCHASTIC."""
 
     type = "Pooling"
     specialized = fast_forms.max_pool      # a batch-1 forward without per-call work
@@ -69,11 +76,9 @@ class Pooling(Layer):
         super().__init__(param, bottom_shapes, phase)
         pp = param.pooling_param
         self.pool = pp.pool
-        if self.pool == STOCHASTIC:
-            raise self.error("pool: STOCHASTIC is implemented only on the GPU in Caffe and is not "
-                             "supported here; use MAX or AVE")
-        if self.pool not in (MAX, AVE):
-            raise self.error(f"unknown pool method {self.pool} (known: MAX, AVE)")
+        if self.pool not in (MAX, AVE, STOCHASTIC):
+            raise self.error(f"unknown pool method {self.pool} (known: MAX, AVE, STOCHASTIC)")
+        self.draws_random = self.pool == STOCHASTIC and phase == TRAIN
         if len(param.top) > 1 and self.pool != MAX:
             raise self.error("only MAX pooling has a second (argmax mask) top")
 
@@ -109,6 +114,9 @@ class Pooling(Layer):
         if self.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
             raise self.error("with global_pooling: true only pad 0 and stride 1 are allowed "
                              f"(got pad {list(self.pad)}, stride {list(self.stride)})")
+        if self.pool == STOCHASTIC and self.pad != (0, 0):
+            raise self.error("padding is implemented only for MAX and AVE pooling, not "
+                             f"STOCHASTIC (got pad {list(self.pad)})")
         if self.kernel is not None:
             for axis, p, k in zip("hw", self.pad, self.kernel):
                 if p >= k:
@@ -155,6 +163,8 @@ class Pooling(Layer):
                     == out[i] for i in range(2))
         if self.pool == AVE:
             return self._ave(x, k, out, fused)
+        if self.pool == STOCHASTIC:
+            return self._stochastic(x, k, out)
         return self._max(x, k, out, fused, want_mask=len(self.param.top) > 1)
 
     def _explicit_pad(self, x: torch.Tensor, k, out, value: float) -> torch.Tensor:
@@ -201,6 +211,25 @@ class Pooling(Layer):
         mask_dtype = torch.promote_types(x.dtype, torch.float32)
         return y, torch.where(y > lowest, idx, torch.full_like(idx, -1)).to(mask_dtype)
 
+    def _stochastic(self, x: torch.Tensor, k, out) -> torch.Tensor:
+        n, c = x.shape[:2]
+        # Zeros after the image: a window's running sum is flat there, so a zero past the
+        # image is picked only in a window with no image pixel (output 0, gradient nowhere).
+        xp = self._explicit_pad(x, k, out, 0.0)
+        cols = F.unfold(xp.reshape(n * c, 1, *xp.shape[2:]), k, stride=self.stride)
+        running = cols.cumsum(1)                  # (N*C, kh*kw, windows), row-major in each
+        total = running[:, -1]
+        if self.phase == TRAIN:
+            threshold = (1.0 - torch.rand_like(total)) * total     # curand's u is in (0, 1]
+            reached = running >= threshold.unsqueeze(1)
+            first = reached.to(torch.uint8).argmax(1, keepdim=True)
+            top = torch.where(reached.any(1), cols.gather(1, first).squeeze(1), 0.0)
+        else:
+            positive = total > 0
+            top = torch.where(positive, (cols * cols).sum(1) / total.masked_fill(~positive, 1.0),
+                              0.0)
+        return top.reshape(n, c, *out)
+
     def _ave_divisor(self, H: int, W: int, k, out, like: torch.Tensor) -> torch.Tensor:
         """Caffe's per-window pool_size, shape (out_h, out_w); may be 0 or negative for a
         window that starts past the image (Caffe then divides 0 by it: NaN or -0)."""
@@ -213,7 +242,7 @@ class Pooling(Layer):
         return sizes[0][:, None] * sizes[1][None, :]
 
     def extra_repr(self) -> str:
-        kind = "MAX" if self.pool == MAX else "AVE"
+        kind = ("MAX", "AVE", "STOCHASTIC")[self.pool]
         kernel = "global" if self.global_pooling else list(self.kernel)
         return (f"name={self.name!r}, {kind}, kernel={kernel}, stride={list(self.stride)}, "
                 f"pad={list(self.pad)}, round_mode={'CEIL' if self.ceil else 'FLOOR'}")
@@ -238,8 +267,10 @@ class SPP(Layer):
         self.pool = sp.pool
         if self.height < 1:
             raise self.error("spp_param.pyramid_height must be at least 1")
-        if self.pool not in (MAX, AVE):
-            raise self.error("pool: STOCHASTIC is not supported here; use MAX or AVE")
+        if self.pool not in (MAX, AVE, STOCHASTIC):
+            raise self.error(f"unknown pool method {self.pool} (known: MAX, AVE, STOCHASTIC)")
+        # STOCHASTIC levels take no padding: Caffe accepts only maps each level's bins divide.
+        self.draws_random = self.pool == STOCHASTIC and phase == TRAIN
         self._levels: dict[tuple[int, int], list[Pooling]] = {}
         self.top_shapes(bottom_shapes)
 
