@@ -50,8 +50,12 @@ def rel_name(index: int, label: int, prefix: str = "") -> str:
 
 
 def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool,
-                exclude_train: frozenset[int] = frozenset()) -> float:
+                exclude_train: frozenset[int] = frozenset(), pad: int = 0) -> float:
     """Train/test LMDBs with landmarks and the train mean; returns seconds (0 if present).
+
+    ``pad``: each image is resized to size - 2·pad and framed by ``pad`` black pixels (the
+    Fashion-MNIST background), so that a crop of size - 2·pad sees the whole garment at the
+    centre and random crops shift it by up to ±pad, as CIFAR-style padded records do.
 
     ``exclude_train``: training-set indices left out of the train LMDB (the images of
     data/fashion50, for pretraining that never sees a fine-tuning image). Record keys keep
@@ -74,8 +78,11 @@ def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool,
         with DBWriter(db / split, "lmdb", overwrite=True) as out:
             for n in progress(keep, total=len(keep), desc=split):
                 img, label = images[n], labels[n]
-                lm = resize_landmarks(silhouette_landmarks(img), img.shape, (size, size))
-                big = cv2.resize(img, (size, size))        # bilinear, as convert_imageset
+                inner = size - 2 * pad
+                lm = resize_landmarks(silhouette_landmarks(img), img.shape, (inner, inner))
+                lm[:, :2] += pad                           # x, y move with the frame
+                big = cv2.resize(img, (inner, inner))      # bilinear, as convert_imageset
+                big = cv2.copyMakeBorder(big, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
                 chw = np.repeat(big[None], 3, axis=0) if color else big[None]
                 datum = caffe_pb2.Datum(channels=chw.shape[0], height=size, width=size,
                                         data=chw.tobytes(), label=int(label), encoded=False)
@@ -83,6 +90,6 @@ def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool,
                 out.put(f"{n:08d}_{rel_name(n, int(label), split + '/')}",
                         datum.SerializeToString())
         print(f"wrote {db / split} ({len(keep)} records, {chw.shape[0]}×{size}×{size}, "
-              "landmarks)")
+              f"{pad}-pixel frame, landmarks)")
     write_blobproto(db / "mean.binaryproto", compute_mean(os.fspath(db / "train")))
     return time.perf_counter() - start

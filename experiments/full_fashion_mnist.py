@@ -57,6 +57,9 @@ def parse_args(argv):
     ap.add_argument("--idx-dir", default=DEFAULT_IDX, help=f"IDX files (default {DEFAULT_IDX})")
     ap.add_argument("--size", type=int, default=72, help="stored side (default 72; must be >= "
                     "the net's crop_size)")
+    ap.add_argument("--pad", type=int, default=0, help="black frame in pixels around each "
+                    "stored image (default 0): the image is resized to SIZE - 2*PAD, so random "
+                    "crops of that side shift the whole garment by up to PAD pixels")
     ap.add_argument("--color", action="store_true", help="3-channel records (default grey: "
                     "Fashion-MNIST is grey, three equal channels only cost time)")
     ap.add_argument("--db", default=None, help="LMDB folder (default data/fmnist_full_lmdb_SIZE)")
@@ -86,6 +89,9 @@ def parse_args(argv):
     ap.add_argument("--report", default=str(REPO / "results" / "fmnist_full.md"),
                     help="markdown report (default results/fmnist_full.md; JSON beside it)")
     args = ap.parse_args(argv)
+    if not 0 <= args.pad < args.size // 2:
+        ap.error(f"--pad {args.pad}: must be at least 0 and leave an image inside the "
+                 f"{args.size}-pixel record")
     for name in ("idx_dir", "db", "solver", "resume", "work", "report"):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
@@ -306,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python tools/full_fashion_mnist.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     db = Path(args.db) if args.db else REPO / "data" / (
-        f"fmnist_full_lmdb_{args.size}" + ("_color" if args.color else ""))
+        f"fmnist_full_lmdb_{args.size}" + (f"_pad{args.pad}" if args.pad else "")
+        + ("_color" if args.color else ""))
     from experiments.fashion_mnist import build_lmdbs
-    build_seconds = build_lmdbs(Path(args.idx_dir), db, args.size, args.color)
+    build_seconds = build_lmdbs(Path(args.idx_dir), db, args.size, args.color, pad=args.pad)
     n_train, n_test = record_count(db / "train"), record_count(db / "test")
     file_max_iter = read_solver_param(args.solver).max_iter
     sp, net_path = solver_param(args, db, n_train, n_test)
@@ -360,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     result["snapshot_check"] = check
     report_path = Path(args.report)
     text = scale_report.markdown(result, args.batch_size, os.path.relpath(args.solver, REPO),
-                                 size=args.size, color=args.color, target=TARGET,
+                                 size=args.size, pad=args.pad, color=args.color, target=TARGET,
                                  plot_name=report_path.with_suffix(".png").name)
     scale_report.plot(curve.train_loss, curve.tests, epoch_iters, TARGET,
                       report_path.with_suffix(".png"), model=result["model"])

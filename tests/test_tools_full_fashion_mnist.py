@@ -188,3 +188,31 @@ def test_snapshot_check_verdict_and_row():
     assert not verdict({"accuracy": 0.75}, 0.90, 20)["agrees"]
     assert "agrees with the run's test" in markdown_row(ok)
     assert "differs from the run's 94.22%" in markdown_row(bad)
+
+
+def test_padded_records_frame_the_resized_image_and_move_the_landmarks(fake_idx, tmp_path):
+    import cv2
+
+    from experiments.fashion_mnist import build_lmdbs, load
+    from caffe_compat.data.landmarks import resize_landmarks, silhouette_landmarks
+    plain, framed = tmp_path / "plain", tmp_path / "framed"
+    build_lmdbs(fake_idx, plain, 32, color=False)
+    build_lmdbs(fake_idx, framed, 40, color=False, pad=4)
+    images, _ = load(fake_idx, "train")
+    with open_db(plain / "train") as a, open_db(framed / "train") as b:
+        (_, raw_a), (_, raw_b) = a.first(), b.first()
+    (inner, _, _), (whole, _, landmarks) = decode_datum(raw_a), decode_datum(raw_b)
+    assert whole.shape == (1, 40, 40)
+    assert not whole[:, :4].any() and not whole[:, -4:].any()
+    assert not whole[:, :, :4].any() and not whole[:, :, -4:].any()
+    np.testing.assert_array_equal(whole[:, 4:36, 4:36], inner)
+    np.testing.assert_array_equal(inner[0], cv2.resize(images[0], (32, 32)))
+    expected = resize_landmarks(silhouette_landmarks(images[0]), (28, 28), (32, 32))
+    expected[:, :2] += 4
+    np.testing.assert_allclose(np.asarray(landmarks).reshape(-1, 3), expected)
+
+
+def test_a_frame_wider_than_the_record_is_refused(fake_idx, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_tool(fake_idx, tmp_path, "--size", "36", "--pad", "18")
+    assert "--pad 18" in capsys.readouterr().err

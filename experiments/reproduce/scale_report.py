@@ -18,7 +18,7 @@ VGG16_PUBLISHED = 0.935
 
 
 def markdown(result: dict, batch: int, solver_file: str, *, size: int, color: bool,
-             target: float, plot_name: str) -> str:
+             target: float, plot_name: str, pad: int = 0) -> str:
     r, t = result["train"], result["test"]
     n_train, ips = result["n_train"], r["images_per_second"]
     total_images = result["total_iterations"] * batch
@@ -39,7 +39,9 @@ def markdown(result: dict, batch: int, solver_file: str, *, size: int, color: bo
         f"- Machine: {result['machine']}; 1-minute load average at the end "
         f"{result['load']:.1f} (other work on the same cores slows the measured speed).",
         f"- Data: all {n_train:,} training / {t['images']:,} test images (IDX files of "
-        f"`dataset-fashion-mnist`), stored {size}×{size} {stored} with 8 silhouette landmarks "
+        f"`dataset-fashion-mnist`), stored {size}×{size} {stored}"
+        + (f" (resized to {size - 2 * pad}×{size - 2 * pad} in a {pad}-pixel black frame)"
+           if pad else "") + " with 8 silhouette landmarks "
         f"per record; random {crop}×{crop} crops + mirror for training, centre crop for "
         "testing; mean file of the training set."
         f" LMDB build: {result['build_seconds']:.0f} s "
