@@ -18,9 +18,9 @@ import torch
 from caffe_compat._pycaffe.blobs import Blob, LayerView, flush_host_mirrors, param_blobs
 from caffe_compat._pycaffe.layerwise import backward_plan, backward_range, forward_range
 from caffe_compat._pycaffe.fast import FastForward, eligible
+from caffe_compat._pycaffe.callbacks import CALLBACK_TIMES, LayerCallbacks
 from caffe_compat._pycaffe.index_api import IndexAPI
 from caffe_compat._pycaffe.state import BlobState
-from caffe_compat._runtime import NCCL
 from caffe_compat.engine import mode, weights
 from caffe_compat.engine.backends.engine import requested_engine
 from caffe_compat.formats.blob_io import read_text_proto
@@ -34,9 +34,6 @@ from caffe_compat.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
 
-_CALLBACK_TIMES = ("before_forward", "after_forward", "before_backward", "after_backward")
-
-
 def _phase_value(value) -> int:
     if value in (TRAIN, TEST):
         return int(value)
@@ -48,7 +45,7 @@ def read_net_prototxt(path: str) -> caffe_pb2.NetParameter:
     return read_text_proto(os.fspath(path), caffe_pb2.NetParameter)
 
 
-class Net(IndexAPI):
+class Net(IndexAPI, LayerCallbacks):
     """``caffe.Net(prototxt, phase)``, ``caffe.Net(prototxt, weights, phase)`` or keywords."""
 
     def __init__(self, network_file, *args, phase=None, weights=None, level: int = 0,
@@ -123,7 +120,7 @@ class Net(IndexAPI):
                 if not again:
                     self.blob_state.put(module.layer_tops(index)[j], layer._once[j])
         self.backward_needs = backward_plan(module)   # read by the layer-by-layer backward
-        self._layer_callbacks: dict[str, list] = {w: [] for w in _CALLBACK_TIMES}
+        self._layer_callbacks: dict[str, list] = {w: [] for w in CALLBACK_TIMES}
         self._fast = FastForward(self) if eligible(self) else None
 
     # -- pycaffe attributes -----------------------------------------------------------
@@ -182,37 +179,6 @@ class Net(IndexAPI):
     @property
     def phase(self) -> int:
         return self.module.phase
-
-    # -- per-layer callbacks (Caffe's Net::add_before_forward ...) -----------------------
-    def before_forward(self, fn) -> None:
-        """``fn(layer_index)`` before each layer's forward."""
-        self._layer_callbacks["before_forward"].append(fn)
-
-    def after_forward(self, fn) -> None:
-        self._layer_callbacks["after_forward"].append(fn)
-
-    def before_backward(self, fn) -> None:
-        self._layer_callbacks["before_backward"].append(fn)
-
-    def after_backward(self, fn) -> None:
-        """``fn(layer_index)`` after each layer's backward. A ``caffe.NCCL`` given here (train.py
-        with ``layer_wise_reduce``) averages the gradients once the backward is done."""
-        if isinstance(fn, NCCL):
-            fn.attach()
-            return
-        self._layer_callbacks["after_backward"].append(fn)
-
-    def layer_callbacks(self, when: str) -> list:
-        """The callbacks registered for ``when`` (before_forward ... after_backward)."""
-        return self._layer_callbacks[when]
-
-    def has_layer_callbacks(self) -> bool:
-        return any(self._layer_callbacks.values())
-
-    def _forward_callbacks(self) -> bool:
-        """Forward callbacks see each layer: the outputs-only fast path runs none of them."""
-        callbacks = self._layer_callbacks
-        return bool(callbacks["before_forward"] or callbacks["after_forward"])
 
     # -- running ----------------------------------------------------------------------
     def compute_device(self) -> torch.device:
