@@ -216,6 +216,34 @@ def test_an_input_no_layer_reads_does_not_keep_the_engine_off(tmp_path, engine):
     np.testing.assert_allclose(got["prob"], want["prob"], rtol=1e-5, atol=1e-6)
 
 
+FILTERED = """name: "filtered"
+layer { name: "in" type: "Input" top: "data" top: "sel"
+  input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "keep" type: "Filter" bottom: "ip" bottom: "sel" top: "kept" }
+layer { name: "relu" type: "ReLU" bottom: "kept" top: "out" }
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_filter_runs_after_the_engine_for_every_selector(tmp_path, engine):
+    """Filter's output rows are the non-zero selectors, known only at run time: exported,
+    the runtime failed on the first selector that kept fewer rows than the first call."""
+    proto = tmp_path / "filtered.prototxt"
+    proto.write_text(FILTERED)
+    net = caffe.Net(str(proto), caffe.TEST, engine=engine)
+    ref = caffe.Net(str(proto), caffe.TEST)
+    ref.share_with(net)
+    assert net.engine == engine, net._fast.choice.reason
+    data = np.arange(12, dtype=np.float32).reshape(4, 3)
+    for sel in ([1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 1, 1]):
+        feed = {"data": data, "sel": np.array(sel, np.float32)}
+        got, want = net.forward(**feed)["out"], ref.forward(**feed)["out"]
+        assert got.shape == (sum(sel), 2)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_first_call_difference_falls_back(tmp_path):
     proto = _prototxt(tmp_path, "lenet")
     net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])

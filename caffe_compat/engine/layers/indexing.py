@@ -92,6 +92,9 @@ class Filter(Layer):
     type = "Filter"
     num_bottoms = (2, None)
     num_tops = (1, None)
+    # its tops' first axis is the count of non-zero selectors, known only at run time: an
+    # export binds fixed output shapes (the prefix stops here; the engine runs what precedes)
+    exports_to_onnx = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
