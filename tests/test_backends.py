@@ -244,6 +244,35 @@ def test_a_filter_runs_after_the_engine_for_every_selector(tmp_path, engine):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_difference_sees_nan_on_one_side_only():
+    want = {"p": torch.tensor([0.5, 2.0, float("nan"), float("inf")])}
+    assert engines.difference({"p": want["p"].clone()}, want) == 0.0
+    assert engines.difference({"p": torch.tensor([0.5, 2.5, float("nan"), float("inf")])},
+                              want) == pytest.approx(0.25)
+    for bad in ([float("nan"), 2.0, float("nan"), float("inf")],
+                [0.5, 2.0, 1.0, float("inf")], [0.5, 2.0, float("nan"), 1.0]):
+        assert engines.difference({"p": torch.tensor(bad)}, want) == float("inf"), bad
+
+
+def test_a_nan_first_input_leaves_the_engine_to_the_next_call(tmp_path):
+    """A corrupt first image (NaN) made every output differ from torch's by NaN, and the
+    engine was dropped for good; that call now gets torch's values and the next decides."""
+    proto = _prototxt(tmp_path, "lenet")
+    net = caffe.Net(str(proto), caffe.TEST, engine=ENGINES[0])
+    ref = caffe.Net(str(proto), caffe.TEST)
+    ref.share_with(net)
+    bad = np.full(net.blobs["data"].data.shape, np.nan, np.float32)
+    got, want = net.forward(data=bad), ref.forward(data=bad)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert net.engine == ENGINES[0] and not net._fast.choice.verified
+    good = np.random.default_rng(3).random(bad.shape, dtype=np.float32)
+    got, want = net.forward(data=good), ref.forward(data=good)
+    assert net.engine == ENGINES[0] and net._fast.choice.verified
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
 def test_first_call_difference_falls_back(tmp_path):
     proto = _prototxt(tmp_path, "lenet")
     net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])

@@ -61,15 +61,21 @@ def requested_engine(engine: str | None) -> str:
 
 
 def difference(got: Outputs, want: Outputs) -> float:
-    """Largest relative difference over the outputs (inf where a shape differs)."""
+    """Largest relative difference over the outputs: inf where a shape differs or a value
+    is NaN on one side only (Python's max() would skip a NaN: an engine returning NaN
+    passed); equal infinities and NaN on both sides count as equal."""
     worst = 0.0
     for name, w in want.items():
         g = got[name]
         if tuple(g.shape) != tuple(w.shape):
             return float("inf")
         if w.numel():
-            scale = max(1.0, float(w.abs().max()))
-            worst = max(worst, float((g.float() - w.float()).abs().max()) / scale)
+            g, w = g.float(), w.float()
+            same = (g == w) | (g.isnan() & w.isnan())
+            gap = float(torch.where(same, 0.0, (g - w).abs()).max())
+            finite = w[w.isfinite()]
+            scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+            worst = max(worst, float("inf") if gap != gap else gap / scale)
     return worst
 
 
