@@ -76,6 +76,23 @@ def test_intermediate_blobs_read_as_the_full_forward_left_them(nets):
     np.testing.assert_array_equal(net.blobs["data"].data, 0)   # the caller's write stays
 
 
+def test_blobs_read_after_a_weight_edit_keep_the_forwards_weights(nets):
+    """Caffe's blobs hold what the forward computed; a weight written through net.params
+    before a stale blob was first read made the recompute use the new weights."""
+    net, ref, rng = nets
+    feed = _feed(rng)
+    net.forward(**feed)
+    ref.forward(**feed)
+    net.params["conv1"][0].data[...] = 0.0
+    net.params["sc1"][1].data[...] += 1.0
+    for name in ("conv1", "fc"):
+        np.testing.assert_array_equal(net.blobs[name].data, ref.blobs[name].data)
+    ref.params["conv1"][0].data[...] = 0.0         # the next forward sees the edit
+    ref.params["sc1"][1].data[...] += 1.0
+    np.testing.assert_allclose(_outputs(net, feed)["prob"], _outputs(ref, feed)["prob"],
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("how", ["temporary", "held", "released"])
 def test_weights_written_through_numpy_reach_the_next_forward(nets, how):
     """``released``: a view alive during a forward, written after it and dropped before the

@@ -74,6 +74,12 @@ class ParamViews:
     def __init__(self):
         self._entries: dict[int, tuple] = {}    # id -> (ref to param, generation, array refs)
         self.handouts = 0        # hand-outs by any net, ever: unchanged = nothing new to check
+        # fast forwards that left blobs stale: a view handed out may be written before the
+        # stale blobs are read, and Caffe's blobs keep the values the forward's weights gave
+        self._stale_forwards: weakref.WeakSet = weakref.WeakSet()
+
+    def stale_until_handout(self, fast: "FastForward") -> None:
+        self._stale_forwards.add(fast)
 
     def _entry(self, param: torch.Tensor):
         entry = self._entries.get(id(param))
@@ -83,6 +89,10 @@ class ParamViews:
         return entry
 
     def note(self, param: torch.Tensor, array) -> None:
+        for fast in list(self._stale_forwards):
+            if id(param) in fast.param_ids():
+                self._stale_forwards.discard(fast)
+                fast.net.blob_state.refresh()       # the stale blobs, from these weights
         entry = self._entry(param)
         generation, refs = (entry[1], entry[2]) if entry else (0, [])
         refs = [r for r in refs if r() is not None] + [weakref.ref(array)]
@@ -289,6 +299,8 @@ class FastForward:
         for name in copied:
             state.put(name, outputs[name])
         state.mark_stale(self._skipped, lambda: self.materialize(inputs))
+        if self._skipped:
+            PARAM_VIEWS.stale_until_handout(self)
         self._ran_at = {n: tuple(t.shape) for n, t in inputs.items()}
 
     def _watch_views(self, params: list[torch.Tensor], touched: tuple, held: bool) -> None:
@@ -304,6 +316,10 @@ class FastForward:
                 if held else []
         elif not held:
             self._copies = []        # a view made from now on is a hand-out: touched moves
+
+    def param_ids(self) -> tuple[int, ...]:
+        """The ids of the parameters the last forward used."""
+        return self._ids
 
     def ran_at(self, shapes: dict) -> bool:
         """Whether the last forward ran at these input shapes."""
