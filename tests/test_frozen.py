@@ -117,3 +117,36 @@ def test_max_pooling_net_freezes(tmp_path):
     frozen = frozen_for_inference(fused_for_inference(net), [x])
     with torch.no_grad():
         torch.testing.assert_close(frozen(x)[0], net(data=x)["pool"], rtol=0, atol=0)
+
+
+FILTERED = ('name: "filtered" layer { name: "in" type: "Input" top: "data" top: "sel" '
+            'input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+            'inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }\n'
+            'layer { name: "keep" type: "Filter" bottom: "ip" bottom: "sel" top: "kept" }\n')
+
+
+def test_a_filter_is_run_after_the_frozen_graph_for_each_selector(tmp_path):
+    """Filter's row count follows each selector (it declares itself untraceable for CUDA
+    graphs, whose capture needs the count on the host, and runs after the frozen graph)."""
+    net = _build(FILTERED, tmp_path)
+    data = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    frozen = frozen_for_inference(fused_for_inference(net),
+                                  [data, torch.tensor([1.0, 0.0, 1.0, 1.0])])
+    for sel in ([0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]):
+        sel = torch.tensor(sel)
+        with torch.no_grad():
+            want = net(data=data, sel=sel)["kept"]
+            got = frozen(data, sel)[0]
+        assert got.shape == want.shape == (int(sel.sum()), 2)
+        torch.testing.assert_close(got, want)
+
+
+def test_cuda_graphs_are_not_tried_on_a_plan_with_a_host_step(tmp_path):
+    """A CUDA net with DetectionOutput runs eagerly (named) rather than attempt a capture
+    that fails part-way; checked here on the plan, where no GPU is needed."""
+    from caffe_compat.engine.net.inference_cache import _host_step
+    detector = fused_for_inference(_build(ssd_like(), tmp_path))
+    assert _host_step(detector).name == "det"
+    plain = ssd_like().split('layer { name: "det"')[0]
+    assert _host_step(fused_for_inference(_build(plain, tmp_path))) is None

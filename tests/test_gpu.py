@@ -83,6 +83,7 @@ def test_detection_output_on_the_gpu_equals_the_cpu(tmp_path, gpu_mode):
         got = cuda.forward(data=x)["detection_out"]
         assert got.shape == want.shape and want.shape[2] > 1
         assert_same_rows(got, want, 2e-4)
+    assert "detection_out" in cuda._fast.cache.graph_reason      # never captured
 
 
 def test_engines_on_a_gpu_net_leave_it_on_torch(tmp_path, gpu_mode):

@@ -65,11 +65,13 @@ class GraphedInference:
     (clone to keep them). Any other shape, dtype or device runs ``fn`` eagerly."""
 
     def __init__(self, fn: Callable[..., Sequence[torch.Tensor]],
-                 example_inputs: Sequence[torch.Tensor], warmup: int = 3):
+                 example_inputs: Sequence[torch.Tensor], warmup: int = 3,
+                 reason: str | None = None):
+        """``reason``: the caller knows ``fn`` cannot be captured (it runs eagerly)."""
         self.fn = fn
         self.graph = None
         self.signature = signature(example_inputs)
-        self.reason = graph_unsupported_reason(example_inputs)
+        self.reason = reason or graph_unsupported_reason(example_inputs)
         if self.reason is None:
             try:
                 self._capture(list(example_inputs), warmup)

@@ -94,7 +94,9 @@ class Filter(Layer):
     num_tops = (1, None)
     # its tops' first axis is the count of non-zero selectors, known only at run time: an
     # export binds fixed output shapes (the prefix stops here; the engine runs what precedes)
+    # and a trace or a CUDA graph would replay the example's row count
     exports_to_onnx = False
+    traceable = False
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

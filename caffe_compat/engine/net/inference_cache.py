@@ -126,8 +126,23 @@ class InferenceCache:
             return dict(zip(fused.output_names, fused(*tensors)))
         graph = self._graph
         if graph is None or not graph.serves(tensors):
-            graph = self._graph = GraphedInference(fused, tensors)   # a new input shape
+            untraceable = _host_step(fused)
+            if untraceable is not None:
+                # a graph replays recorded kernels: a layer reading values on the host
+                # (DetectionOutput) would replay its example's result, and a capture that
+                # fails part-way may leave the stream unusable, so none is attempted
+                graph = self._graph = GraphedInference(fused, tensors, reason=(
+                    f"layer '{untraceable.name}' computes on the host or makes a "
+                    "data-dependent number of rows"))
+            else:
+                graph = self._graph = GraphedInference(fused, tensors)   # a new input shape
         return dict(zip(fused.output_names, graph(*tensors)))
+
+
+def _host_step(fused: FusedNet):
+    """The first step of ``fused`` a recording cannot replay (``Layer.traceable``), or None."""
+    return next((step for step in fused.plan
+                 if step.fn is not None and not getattr(step.fn, "traceable", True)), None)
 
 
 __all__ = ["GRAPHS_ENV", "InferenceCache", "ParameterWatch"]
