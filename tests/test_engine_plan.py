@@ -271,3 +271,18 @@ def test_caffe_time_through_an_engine_times_its_plan_steps(tmp_path, capsys):
     assert len(steps) == 2
     assert steps[0].strip().startswith(f"{ENGINES[0]} (") and "(DetectionOutput)" in steps[1]
     assert "Average Forward pass" in err
+
+
+def test_the_engine_prefix_keeps_the_specialised_forms(tmp_path):
+    """The export records the forms the fused plan runs: UltraFace's softmax over its 2-wide
+    last axis moved to the front (OpenVINO ran the plain form about 13% slower at batch 16)."""
+    from caffe_compat.engine.backends.split import split_steps
+    from caffe_compat.engine.net.fuse import fused_for_inference
+    net = caffe.Net(_prototxt(tmp_path, "ultraface_slim"), caffe.TEST)
+    fused = fused_for_inference(net.module)
+    calls = {step.name: step.call for step in fused.plan}
+    prefix = split_steps(fused.plan, net.module).prefix.plan
+    softmax = [s for s in prefix if s.fn is not None and getattr(s.fn, "type", "") == "Softmax"]
+    assert softmax
+    for step in softmax:
+        assert step.call is calls[step.name] and step.call != step.fn.forward
