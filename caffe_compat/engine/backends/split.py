@@ -49,7 +49,7 @@ def split_steps(plan: Sequence[Step], module: NetModule) -> Split:
     # fresh steps (FusedNet marks releases on its own list; the suffix keeps every blob)
     # that keep their specialised calls: the export records those forms (a softmax over a
     # narrow last axis moved to the front: OpenVINO ran UltraFace-slim at batch 16 in
-    # 30.1 ms that way against 33.5 ms with the plain layer, one thread, alternated)
+    # 29.4 ms that way against 33.5 ms with the plain layer, one thread, alternated)
     prefix = FusedNet(_Names(module.name + "_prefix", module.input_names, outputs),
                       [copy.copy(step) for step in prefix_steps])
     return Split(prefix.eval(), suffix_steps, list(module.input_names), outputs,
