@@ -62,7 +62,8 @@ def parse_args(argv):
                     "crops of that side shift the whole garment by up to PAD pixels")
     ap.add_argument("--color", action="store_true", help="3-channel records (default grey: "
                     "Fashion-MNIST is grey, three equal channels only cost time)")
-    ap.add_argument("--db", default=None, help="LMDB folder (default data/fmnist_full_lmdb_SIZE[_padPAD])")
+    ap.add_argument("--db", default=None,
+                    help="LMDB folder (default data/fmnist_full_lmdb_SIZE[_padPAD])")
     ap.add_argument("--solver", default=str(REPO / "models/vgg16_landmark_64/solver_full.prototxt"),
                     help="solver prototxt (default models/vgg16_landmark_64/solver_full.prototxt)")
     ap.add_argument("--batch-size", type=int, default=64, help="train batch (default 64)")
