@@ -35,6 +35,14 @@ def _installed(name: str) -> bool:
 ENGINES = [e for e in ("onnxruntime", "openvino") if _installed(e)]
 
 
+def _with_reference(proto: str, engine: str):
+    """(a TEST net on ``engine``, a torch TEST net sharing its weights)."""
+    net = caffe.Net(proto, caffe.TEST, engine=engine)
+    ref = caffe.Net(proto, caffe.TEST)
+    ref.share_with(net)
+    return net, ref
+
+
 def _prototxt(tmp_path, name: str) -> str:
     text = GENERATORS[name]().text()
     if name in SMALL_INPUT:
@@ -205,9 +213,7 @@ def test_an_input_no_layer_reads_does_not_keep_the_engine_off(tmp_path, engine):
     has no such input, and binding it failed the load. It is a net output, as in Caffe."""
     proto = tmp_path / "unused.prototxt"
     proto.write_text(UNUSED_INPUT)
-    net = caffe.Net(str(proto), caffe.TEST, engine=engine)
-    ref = caffe.Net(str(proto), caffe.TEST)
-    ref.share_with(net)
+    net, ref = _with_reference(str(proto), engine)
     assert net.engine == engine, net._fast.choice.reason
     feed = {"data": np.random.default_rng(9).random((2, 5), dtype=np.float32),
             "label": np.array([1.0, 2.0], np.float32)}
@@ -232,9 +238,7 @@ def test_a_filter_runs_after_the_engine_for_every_selector(tmp_path, engine):
     the runtime failed on the first selector that kept fewer rows than the first call."""
     proto = tmp_path / "filtered.prototxt"
     proto.write_text(FILTERED)
-    net = caffe.Net(str(proto), caffe.TEST, engine=engine)
-    ref = caffe.Net(str(proto), caffe.TEST)
-    ref.share_with(net)
+    net, ref = _with_reference(str(proto), engine)
     assert net.engine == engine, net._fast.choice.reason
     data = np.arange(12, dtype=np.float32).reshape(4, 3)
     for sel in ([1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 1, 1]):
@@ -258,9 +262,7 @@ def test_a_nan_first_input_leaves_the_engine_to_the_next_call(tmp_path):
     """A corrupt first image (NaN) made every output differ from torch's by NaN, and the
     engine was dropped for good; that call now gets torch's values and the next decides."""
     proto = _prototxt(tmp_path, "lenet")
-    net = caffe.Net(str(proto), caffe.TEST, engine=ENGINES[0])
-    ref = caffe.Net(str(proto), caffe.TEST)
-    ref.share_with(net)
+    net, ref = _with_reference(str(proto), ENGINES[0])
     bad = np.full(net.blobs["data"].data.shape, np.nan, np.float32)
     got, want = net.forward(data=bad), ref.forward(data=bad)
     for name in want:
@@ -275,9 +277,7 @@ def test_a_nan_first_input_leaves_the_engine_to_the_next_call(tmp_path):
 
 def test_first_call_difference_falls_back(tmp_path):
     proto = _prototxt(tmp_path, "lenet")
-    net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
-    ref = caffe.Net(proto, caffe.TEST)
-    ref.share_with(net)
+    net, ref = _with_reference(proto, ENGINES[0])
     call = net._fast.choice.forward.call
     honest = call._run
 
