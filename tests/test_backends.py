@@ -262,7 +262,7 @@ def test_a_nan_first_input_leaves_the_engine_to_the_next_call(tmp_path):
     """A corrupt first image (NaN) made every output differ from torch's by NaN, and the
     engine was dropped for good; that call now gets torch's values and the next decides."""
     proto = _prototxt(tmp_path, "lenet")
-    net, ref = _with_reference(str(proto), ENGINES[0])
+    net, ref = _with_reference(proto, ENGINES[0])
     bad = np.full(net.blobs["data"].data.shape, np.nan, np.float32)
     got, want = net.forward(data=bad), ref.forward(data=bad)
     for name in want:

@@ -34,6 +34,7 @@ from caffe_compat.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
 
+
 def _phase_value(value) -> int:
     if value in (TRAIN, TEST):
         return int(value)
