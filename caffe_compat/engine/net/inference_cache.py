@@ -20,6 +20,7 @@ import os
 import torch
 
 from caffe_compat.engine.gpu import GraphedInference, configure_cuda, host_to_device
+from caffe_compat.engine.net.frozen import traceable
 from caffe_compat.engine.net.fuse import FusedNet, fused_for_inference
 from caffe_compat.engine.net.module import NetModule
 
@@ -141,8 +142,7 @@ class InferenceCache:
 
 def _host_step(fused: FusedNet):
     """The first step of ``fused`` a recording cannot replay (``Layer.traceable``), or None."""
-    return next((step for step in fused.plan
-                 if step.fn is not None and not getattr(step.fn, "traceable", True)), None)
+    return next((step for step in fused.plan if not traceable(step)), None)
 
 
 __all__ = ["GRAPHS_ENV", "InferenceCache", "ParameterWatch"]
