@@ -93,6 +93,26 @@ def test_blobs_read_after_a_weight_edit_keep_the_forwards_weights(nets):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_blobs_read_after_a_write_through_a_held_view_keep_the_forwards_weights(nets):
+    """The same with views taken before the forward and written after it: no hand-out
+    happens between the forward and the read, so the write itself is what must not reach
+    the stale blobs' recompute."""
+    net, ref, rng = nets
+    weight, bias = net.params["conv1"][0].data, net.params["sc1"][1].data
+    feed = _feed(rng)
+    net.forward(**feed)
+    ref.forward(**feed)
+    weight[...] = 0.0
+    bias += 1.0
+    for name in ("conv1", "fc"):
+        np.testing.assert_array_equal(net.blobs[name].data, ref.blobs[name].data)
+    np.testing.assert_array_equal(net.params["conv1"][0].data, 0.0)    # the edit stays
+    ref.params["conv1"][0].data[...] = 0.0
+    ref.params["sc1"][1].data[...] += 1.0
+    np.testing.assert_allclose(_outputs(net, feed)["prob"], _outputs(ref, feed)["prob"],
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("how", ["temporary", "held", "released"])
 def test_weights_written_through_numpy_reach_the_next_forward(nets, how):
     """``released``: a view alive during a forward, written after it and dropped before the

@@ -374,8 +374,18 @@ class FastForward:
         kept = state.hold(dict.fromkeys([*inputs, *self._outputs]))
         for name, value in inputs.items():
             state.put(name, value.contiguous())
+        # a view held across the forward and written since: the recompute takes the
+        # forward's weights (its copy in ``_copies``), and the caller's edit comes back after
+        edited = [(p, values, p.detach().clone()) for p, values in self._copies
+                  if not torch.equal(p, values)]
         try:
+            with torch.no_grad():
+                for param, values, _ in edited:
+                    param.copy_(values)
             forward_range(net, 0, len(net.module.layers) - 1, net.compute_device(),
                           callbacks=False)
         finally:
+            with torch.no_grad():
+                for param, _, edit in edited:
+                    param.copy_(edit)
             state.restore(kept)
