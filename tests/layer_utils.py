@@ -96,3 +96,20 @@ def _gradcheck_with_params(layer, inputs, params, eps, atol, rtol):
             flat[i] = old
             numeric.view(-1)[i] = (plus - minus) / (2 * eps)
         torch.testing.assert_close(analytic, numeric, atol=atol, rtol=rtol)
+
+
+def zero_fillers(mp: "pytest.MonkeyPatch") -> None:
+    """Make the weight fillers return zeros under ``mp`` (building a 224 net holds 10^8
+    weights; tests of shapes and counts need no values). The layer modules are imported
+    first: one imported under the patch (``from fillers import fill``) would keep the zeros
+    for the rest of the session, and every net built after it (a Scale's gamma 0) trains
+    nothing."""
+    from caffe_compat.engine import fillers
+    from caffe_compat.engine.layers import conv, inner_product
+    from caffe_compat.engine.layers.base import layer_types
+
+    def zeros(filler, shape):
+        return torch.zeros(tuple(shape))
+    layer_types()
+    for module in (fillers, conv, inner_product):
+        mp.setattr(module, "fill", zeros)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from caffe_compat.engine import analysis, fillers
-from caffe_compat.engine.layers import conv, inner_product
+from caffe_compat.engine import analysis
 from caffe_compat.engine.layers.base import TEST
 from caffe_compat.engine.net.module import build_net
 from caffe_compat.proto import caffe_pb2
+from layer_utils import zero_fillers
 from tool_utils import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,11 +32,8 @@ def rf(net, blob: str) -> int:
 @pytest.fixture(scope="module")
 def vgg16():
     """models/vgg16 deploy, zero-filled: fields and counts do not depend on the values."""
-    def zeros(filler, shape):
-        return torch.zeros(tuple(shape))
     with pytest.MonkeyPatch.context() as mp:
-        for module in (fillers, conv, inner_product):
-            mp.setattr(module, "fill", zeros)
+        zero_fillers(mp)
         net = analysis.load_net(model("vgg16"))
     return net
 

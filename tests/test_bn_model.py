@@ -73,3 +73,25 @@ def test_wide_folder_is_the_generators_output_with_twice_the_trunk_width():
     solver = (wide / "solver_full.prototxt").read_text(encoding="utf-8")
     assert f'net: "models/{gen.target_name(2)}/train_val.prototxt"' in solver
     assert f"max_iter: {gen.WIDE_EPOCHS * 60000 // 64}" in solver
+
+
+def test_larger_crop_folder_is_the_generators_output_and_its_shapes_meet():
+    """--crop 40: the heatmap targets follow the input, the landmark branch's upsampling
+    still meets pool2 and the input size, and the attention still meets pool3."""
+    from caffe_compat.engine.net.module import build_net
+    name = gen.target_name(2, 40)
+    src, folder = ROOT / "models" / gen.SOURCE, ROOT / "models" / name
+    for file, deploy in (("train_val.prototxt", False), ("deploy.prototxt", True)):
+        expected = gen.bn_net((src / file).read_text(encoding="utf-8"), deploy, 2, 40)
+        assert (folder / file).read_text(encoding="utf-8") == expected, file
+    param = read_text_proto(folder / "deploy.prototxt", caffe_pb2.NetParameter)
+    param.layer[0].input_param.shape[0].dim[1] = 1           # grey records
+    shapes = build_net(param, caffe_pb2.TEST).blob_shapes
+    assert shapes["heatmaps"][2:] == (40, 40)
+    assert shapes["att"][2:] == shapes["pool3"][2:] == (5, 5)
+    assert shapes["pool5"][2:] == (2, 2)     # Caffe's ceil: 40 20 10 5 3 2
+    train = read_text_proto(folder / "train_val.prototxt", caffe_pb2.NetParameter).layer
+    target = next(lp for lp in train if lp.type == "LandmarkHeatmap").landmark_heatmap_param
+    assert (target.height, target.width) == (40, 40)
+    solver = (folder / "solver_full.prototxt").read_text(encoding="utf-8")
+    assert "--size 44" in solver and f'net: "models/{name}/train_val.prototxt"' in solver

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.engine import analysis, fillers
+from caffe_compat.engine import analysis
 from caffe_compat.formats.blob_io import read_text_proto, write_blobproto
-from caffe_compat.engine.layers import conv, inner_product
 from caffe_compat.engine.layers.base import TEST, TRAIN, layer_types
 from caffe_compat.engine.net.module import build_net
+from layer_utils import zero_fillers
 from caffe_compat.proto import caffe_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,10 +44,7 @@ def _net_param(path: str) -> caffe_pb2.NetParameter:
 @pytest.fixture
 def cheap_fillers(monkeypatch):
     """Zero-filled blobs: the 224 nets hold 10^8 weights, and building is all we test here."""
-    def zeros(filler, shape):
-        return torch.zeros(tuple(shape))
-    for module in (fillers, conv, inner_product):
-        monkeypatch.setattr(module, "fill", zeros)
+    zero_fillers(monkeypatch)
 
 
 @pytest.mark.parametrize("path", NETS, ids=_id)
