@@ -75,6 +75,9 @@ def build_lmdbs(idx_dir: Path, db: Path, size: int, color: bool,
     for split in ("train", "test"):
         images, labels = load(idx_dir, split)
         keep = [n for n in range(len(images)) if split != "train" or n not in exclude_train]
+        if not keep:
+            raise ValueError(f"{idx_dir}: no {split} image left to write (the IDX set holds "
+                             f"{len(images)}, {len(images) - len(keep)} of them left out)")
         with DBWriter(db / split, "lmdb", overwrite=True) as out:
             for n in progress(keep, total=len(keep), desc=split):
                 img, label = images[n], labels[n]

@@ -93,28 +93,37 @@ def pretrain_solver(model_dir: Path, data: SplitData, work: Path):
 
 
 def pretrain(model: str, idx_dir: Path = DEFAULT_IDX, db: Path = DEFAULT_DB,
-             work: Path = DEFAULT_WORK, report: Callable[[str], None] = print) -> Path:
-    """Pretrain ``models/<model>`` (resuming a killed run); returns the caffemodel path."""
+             work: Path = DEFAULT_WORK, report: Callable[[str], None] = print,
+             precision: str = "fp32", layout: str = "nchw",
+             models: Path = REPO / "models") -> Path:
+    """Pretrain ``models/<model>`` (resuming a killed run); returns the caffemodel path.
+    ``precision`` fp32 (Caffe's arithmetic), bf16 or auto (bf16 autocast of the passes where
+    this CPU runs it natively and faster; weights, gradients and the solver stay float32) and
+    ``layout`` nchw, nhwc or auto, as tools/full_fashion_mnist.py takes them."""
+    from caffe_compat.commands import device as devices
     from caffe_compat.commands.progress import TrainProgress
     from caffe_compat.engine.solver.base import Solver
     from caffe_compat.engine.solver.events import TestDone
     from caffe_compat.engine.solver.snapshot import latest_snapshot
     from caffe_compat.formats import glog
     from caffe_compat.engine import weights
+    from experiments.full_fashion_mnist import use_layout
     final = pretrained_path(model, work)
     if final.is_file():
         return final
     data, build_seconds = build_pretrain_data(idx_dir, db)
-    sp, net_path = pretrain_solver(REPO / "models" / model, data, work)
+    sp, net_path = pretrain_solver(Path(models) / model, data, work)
     run_dir = final.parent
     log = glog.add_log_file(os.fspath(run_dir / "train.log"))
     tests: list[dict] = []
     try:
+        choice = devices.select(None, None, allow_cpu=True, precision=precision)
         solver = Solver(sp)
         resume = latest_snapshot(sp.snapshot_prefix)
         if resume:
             solver.restore(resume)
             report(f"{model}: resuming pretraining from {resume}")
+        layout, _ = use_layout(solver, layout, choice.precision)
         acc_top = output_of(sp.net_param, "Accuracy", os.fspath(net_path))
         solver.subscribe(lambda e: tests.append({"iter": e.iter,
                                                  "accuracy": e.scalar(acc_top)})
@@ -122,7 +131,8 @@ def pretrain(model: str, idx_dir: Path = DEFAULT_IDX, db: Path = DEFAULT_DB,
         progress = TrainProgress(sp.max_iter).attach(solver)
         start, first = time.perf_counter(), solver.iter
         try:
-            solver.solve()
+            with devices.autocast(choice):
+                solver.solve()
         finally:
             progress.close()
         seconds = time.perf_counter() - start
@@ -136,6 +146,7 @@ def pretrain(model: str, idx_dir: Path = DEFAULT_IDX, db: Path = DEFAULT_DB,
         "train_images": data.n_train, "test_images": data.n_test,
         "epochs": sp.max_iter * TRAIN_BATCH * sp.iter_size / data.n_train,
         "tests": tests, "seconds_this_invocation": seconds, "images_this_invocation": images,
+        "precision": choice.precision, "layout": layout,
         "lmdb_build_seconds": build_seconds,
         "finished": datetime.datetime.now().isoformat(timespec="seconds")})
     for old in run_dir.glob("snap_iter_*"):

@@ -98,6 +98,16 @@ def test_pretraining_lmdb_holds_no_fashion50_image(tmp_path):
     assert len(seen) == total - 500
 
 
+def test_an_idx_set_holding_only_fashion50_images_is_refused_in_one_line(tmp_path):
+    images = np.zeros((30, 28, 28), np.uint8)
+    for split in ("train", "t10k"):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", images)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.zeros(30, np.uint8))
+    with pytest.raises(ValueError, match="no train image left to write"):
+        build_lmdbs(tmp_path, tmp_path / "db", 72, color=True,
+                    exclude_train=pretrain.fashion50_indices(FASHION50))
+
+
 def test_finetune_folders_are_what_the_generator_writes(tmp_path):
     """models/*_finetune*: the base net with fc8 renamed (lr_mult 10/20), solver weights set."""
     sys.path.insert(0, str(ROOT / "tools"))
@@ -130,3 +140,58 @@ def test_pretrained_weights_load_into_the_finetune_net_except_the_classifier(tmp
         for a, b in zip(layer.blobs, tuned.layers[tuned.layer_index(name)].blobs):
             assert torch.equal(a, b), name
     assert torch.equal(tuned.layers[tuned.layer_index("fc8_fashion50")].blobs[0], fresh)
+
+
+TINY_NET = """name: "tiny"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { crop_size: 64 mirror: true scale: 0.0078125 mean_file: "unused" }
+  data_param { source: "unused" backend: LMDB batch_size: 8 } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { crop_size: 64 scale: 0.0078125 mean_file: "unused" }
+  data_param { source: "unused" backend: LMDB batch_size: 8 } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 stride: 4 weight_filler { type: "msra" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc8" type: "InnerProduct" bottom: "conv1" top: "fc8"
+  inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc8" bottom: "label" top: "loss" }
+layer { name: "accuracy" type: "Accuracy" bottom: "fc8" bottom: "label" top: "accuracy"
+  include { phase: TEST } }
+"""
+
+
+def test_pretraining_runs_in_the_precision_asked_and_leaves_float32_weights(tmp_path):
+    """--precision bf16: the passes run under bf16 autocast, the solver keeps float32 weights
+    (the caffemodel a fine-tuning run loads), and pretrain.json says which precision ran."""
+    import json
+
+    import torch
+
+    from caffe_compat.engine import analysis, weights
+    rng = np.random.default_rng(0)
+    first = max(pretrain.fashion50_indices(FASHION50)) + 1     # 40 images after them
+    images = rng.integers(0, 256, (first + 48, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, first + 48, dtype=np.uint8)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for split, rows in (("train", slice(0, first + 40)), ("t10k", slice(first + 40, None))):
+        _write_idx(idx / f"{split}-images-idx3-ubyte", images[rows])
+        _write_idx(idx / f"{split}-labels-idx1-ubyte", labels[rows])
+    model = tmp_path / "models" / "tiny"
+    model.mkdir(parents=True)
+    (model / "train_val.prototxt").write_text(TINY_NET)
+    (model / "solver_pretrain.prototxt").write_text(
+        f'net: "{model / "train_val.prototxt"}"\ntest_iter: 1\ntest_interval: 3\n'
+        'base_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 3\nsnapshot: 3\n'
+        'snapshot_prefix: "unused"\nrandom_seed: 1\n')
+    path = pretrain.pretrain("tiny", idx, tmp_path / "db", tmp_path / "runs",
+                             report=lambda _: None, precision="bf16", layout="nchw",
+                             models=tmp_path / "models")
+    record = json.loads((path.parent / "pretrain.json").read_text())
+    assert (record["precision"], record["layout"]) == ("bf16", "nchw")
+    assert record["tests"] and 0 <= record["tests"][-1]["accuracy"] <= 1
+    net = analysis.load_net(os.fspath(model / "train_val.prototxt"), channels=3)
+    before = net.layers[net.layer_index("fc8")].blobs[0].detach().clone()
+    weights.copy_from(net, os.fspath(path))
+    trained = net.layers[net.layer_index("fc8")].blobs[0]
+    assert trained.dtype == torch.float32 and not torch.equal(trained, before)
