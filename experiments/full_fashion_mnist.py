@@ -51,6 +51,17 @@ DEFAULT_IDX = "/usr/share/datasets/fashion-mnist"
 TARGET = 0.945
 
 
+def add_speed_args(ap: argparse.ArgumentParser) -> None:
+    """--precision and --layout, as this script and tools/pretrain.py take them."""
+    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                    help="fp32 (default, what Caffe computes), bf16 autocast of the forward "
+                    "passes (weights, gradients and the solver stay fp32), or auto: bf16 "
+                    "where this CPU has it natively and a short probe shows it faster")
+    ap.add_argument("--layout", choices=("nchw", "nhwc", "auto"), default="nchw",
+                    help="the convolutions' memory layout (default nchw; auto: nhwc where a "
+                    "short probe at the chosen precision shows it faster)")
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,13 +88,7 @@ def parse_args(argv):
                     help="test during training every this many epochs (default 1; 0: only "
                     "at the end)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                    help="fp32 (default, what Caffe computes), bf16 autocast of the forward "
-                    "passes (weights, gradients and the solver stay fp32), or auto: bf16 "
-                    "where this CPU has it natively and a short probe shows it faster")
-    ap.add_argument("--layout", choices=("nchw", "nhwc", "auto"), default="nchw",
-                    help="the convolutions' memory layout (default nchw; auto: nhwc where a "
-                    "short probe at the chosen precision shows it faster)")
+    add_speed_args(ap)
     ap.add_argument("--resume", default=None, help="solverstate to continue from")
     ap.add_argument("--work", default=str(REPO / "runs" / "fmnist_full"),
                     help="snapshots and train.log (default runs/fmnist_full)")

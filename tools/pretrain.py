@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     from experiments import pretrain
+    from experiments.full_fashion_mnist import add_speed_args
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vgg16_landmark_64,vgg16_64,alexnet_64",
@@ -28,13 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--idx-dir", default=str(pretrain.DEFAULT_IDX),
                     help=f"Fashion-MNIST IDX files (default {pretrain.DEFAULT_IDX})")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                    help="fp32 (default, Caffe's arithmetic), bf16 autocast of the passes "
-                    "(weights and solver stay float32), or auto: bf16 where this CPU has it "
-                    "natively and a short probe shows it faster")
-    ap.add_argument("--layout", choices=("nchw", "nhwc", "auto"), default="nchw",
-                    help="the convolutions' memory layout (default nchw; auto: nhwc where a "
-                    "short probe at the chosen precision shows it faster)")
+    add_speed_args(ap)
     args = ap.parse_args(argv)
     if args.threads:
         import torch
