@@ -46,6 +46,18 @@ def test_fused_net_with_specialised_ops_equals_the_layers():
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
 
 
+def test_a_rewrite_of_a_specialised_step_keeps_its_form():
+    """Plan passes rebuild steps with ``dataclasses.replace`` (the engine split did, and
+    exported the plain layers): the specialised call is a field, so it survives."""
+    from dataclasses import replace
+    fused = fused_for_inference(_net())
+    special = [s for s in fused.plan if s.specialized is not None]
+    assert special
+    for step in special:
+        again = replace(step, release=())
+        assert again.call is step.call is step.specialized
+
+
 def test_other_shape_or_dtype_goes_to_the_layer():
     net = _net()
     index = net.layer_names.index("pool")

@@ -207,11 +207,11 @@ def measure_forms(fused: FusedNet, module: NetModule) -> None:
 def specialize_calls(plan: list[Step], module: NetModule) -> None:
     """Each layer step calls the form its layer offers for the planned shapes, if any
     (``Layer.specialized``): the last pass, since it binds the step's final layer."""
-    for step in plan:
+    for pos, step in enumerate(plan):
         if isinstance(step.fn, Layer):
             fast = step.fn.specialized([module.blob_shapes[b] for b in step.bottoms])
             if fast is not None:
-                step.call = fast
+                plan[pos] = replace(step, specialized=fast)
 
 
 def in_place_ops(plan: list[Step], module: NetModule) -> list[Step]:

@@ -34,6 +34,9 @@ class Step:
     feed: bool = False                   # an Input layer: its tops come from the caller
     name: str = ""                       # the layer's name, for messages
     direct: bool = False                 # call a module's forward, skipping its hooks
+    # the form the layer offers for the planned shapes (``Layer.specialized``), called in
+    # place of ``fn``: a field, so ``dataclasses.replace`` keeps it as it keeps the rest
+    specialized: Callable | None = field(default=None, repr=False, compare=False)
     call: Callable | None = field(init=False, repr=False, compare=False)
     cuts: bool = field(init=False, repr=False, compare=False)
     simple: bool = field(init=False, repr=False, compare=False)
@@ -43,7 +46,7 @@ class Step:
         # cost more than a small layer on a batch-1 forward. Plans that run the net's own
         # layers keep __call__, so a user's forward hooks on a layer still fire.
         direct = self.direct and isinstance(self.fn, nn.Module)
-        self.call = self.fn.forward if direct else self.fn
+        self.call = self.specialized or (self.fn.forward if direct else self.fn)
         self.cuts = any(self.detach)
         # one bottom, one top, a call, no per-step rule: the executor's short path
         self.simple = (len(self.bottoms) == 1 and len(self.tops) == 1 and self.fn is not None
