@@ -133,6 +133,10 @@ def pretrain(model: str, idx_dir: Path = DEFAULT_IDX, db: Path = DEFAULT_DB,
         try:
             with devices.autocast(choice):
                 solver.solve()
+                if not tests or tests[-1]["iter"] != solver.iter:
+                    # Caffe tests at the end only on a test_interval boundary: the weights
+                    # this writes must have their own t10k figure
+                    solver.test_all()
         finally:
             progress.close()
         seconds = time.perf_counter() - start

@@ -181,7 +181,8 @@ def test_pretraining_runs_in_the_precision_asked_and_leaves_float32_weights(tmp_
     model.mkdir(parents=True)
     (model / "train_val.prototxt").write_text(TINY_NET)
     (model / "solver_pretrain.prototxt").write_text(
-        f'net: "{model / "train_val.prototxt"}"\ntest_iter: 1\ntest_interval: 3\n'
+        f'net: "{model / "train_val.prototxt"}"\ntest_iter: 1\ntest_interval: 2\n'
+        'test_initialization: false\n'
         'base_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 3\nsnapshot: 3\n'
         'snapshot_prefix: "unused"\nrandom_seed: 1\n')
     path = pretrain.pretrain("tiny", idx, tmp_path / "db", tmp_path / "runs",
@@ -189,7 +190,9 @@ def test_pretraining_runs_in_the_precision_asked_and_leaves_float32_weights(tmp_
                              models=tmp_path / "models")
     record = json.loads((path.parent / "pretrain.json").read_text())
     assert (record["precision"], record["layout"]) == ("bf16", "nchw")
-    assert record["tests"] and 0 <= record["tests"][-1]["accuracy"] <= 1
+    # tested at 2 (the interval) and at 3, the end between intervals: the weights written
+    assert [t["iter"] for t in record["tests"]] == [2, 3]
+    assert 0 <= record["tests"][-1]["accuracy"] <= 1
     net = analysis.load_net(os.fspath(model / "train_val.prototxt"), channels=3)
     before = net.layers[net.layer_index("fc8")].blobs[0].detach().clone()
     weights.copy_from(net, os.fspath(path))
