@@ -185,12 +185,12 @@ RESULTS = {
   the whole garment by up to 4 pixels) 93.78% in 87 min (`results/fmnist_full_bf16_pad4.md`).
   None reaches issue 28's 94.5%.
 """,
-}
-RESULTS["vgg16_landmark_40_bn_w2"] = """- Results on all 10,000 test images (bf16, NHWC, 2 cores of an AMX Xeon): 24 epochs
+    "vgg16_landmark_40_bn_w2": """- Results on all 10,000 test images (bf16, NHWC, 2 cores of an AMX Xeon): 24 epochs
   **94.27%** (the caffemodel reloaded in float32: 94.31%) in 82.7 min of training, 290
   images/s (`results/fmnist_full_bf16_c40.md`): the best of the four full runs, 0.08 points
   above the 32×32 net's 30 epochs in the same time, and short of issue 28's 94.5%.
-"""
+""",
+}
 SOLVER_NOTES = {"vgg16_landmark_32_bn_w2": "45 epochs scored no better: the model readme lists "
                 "the runs"}
 
@@ -198,6 +198,11 @@ SOLVER_NOTES = {"vgg16_landmark_32_bn_w2": "45 epochs scored no better: the mode
 def variant_flags(width: int, crop: int, epochs: int) -> str:
     return (f" --width {width}" + (f" --crop {crop}" if crop != 32 else "")
             + (f" --epochs {epochs}" if epochs != WIDE_EPOCHS else ""))
+
+
+def work_name(crop: int) -> str:
+    """runs/ and results/ name of a variant's full Fashion-MNIST run."""
+    return "fmnist_full_bf16" + (f"_c{crop}" if crop != 32 else "")
 
 
 def wide_solver_text(width: int, crop: int, epochs: int) -> str:
@@ -209,8 +214,7 @@ def wide_solver_text(width: int, crop: int, epochs: int) -> str:
         target=name, flags=variant_flags(width, crop, epochs), size=crop + 4, epochs=epochs,
         iters=iters, minutes=minutes,
         note=SOLVER_NOTES.get(name, "the model readme lists the runs")) + SOLVER_BODY.format(
-        target=name, iters=iters, snapshot=500,
-        work="fmnist_full_bf16" + (f"_c{crop}" if crop != 32 else ""))
+        target=name, iters=iters, snapshot=500, work=work_name(crop))
 
 
 def wide_readme_text(deploy: Path, width: int, crop: int = 32,
@@ -222,7 +226,7 @@ def wide_readme_text(deploy: Path, width: int, crop: int = 32,
     net = analysis.load_net(str(deploy))
     params, gflops = analysis.param_count(net), 2 * analysis.total_macs(net) / 1e9
     target, size = target_name(width, crop), crop + 4
-    work = "fmnist_full_bf16" + (f"_c{crop}" if crop != 32 else "")
+    work = work_name(crop)
     title = "" if crop == 32 else f", at {crop}×{crop}"
     larger = "" if crop == 32 else (
         f"\nThe input is {crop}×{crop} (crops of {size}×{size} records) instead of 32×32: "

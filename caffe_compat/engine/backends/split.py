@@ -9,7 +9,7 @@ the prefix one step).
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,12 +46,10 @@ def split_steps(plan: Sequence[Step], module: NetModule) -> Split:
         plan, module.input_names, module.output_names, lambda step: exportable(step, module))
     if not prefix_steps or not outputs:
         return Split(None, list(plan), [], [], list(module.output_names))
-    # fresh steps (FusedNet marks releases on its own list; the suffix keeps every blob)
-    # that keep their specialised calls: the export records those forms (a softmax over a
-    # narrow last axis moved to the front: OpenVINO ran UltraFace-slim at batch 16 in
-    # 29.4 ms that way against 33.5 ms with the plain layer, one thread, alternated)
+    # fresh steps: FusedNet marks releases on its own list (the suffix keeps every blob);
+    # ``Step.specialized`` carries the fused plan's forms over, so the export records them
     prefix = FusedNet(_Names(module.name + "_prefix", module.input_names, outputs),
-                      [copy.copy(step) for step in prefix_steps])
+                      [dataclasses.replace(step) for step in prefix_steps])
     return Split(prefix.eval(), suffix_steps, list(module.input_names), outputs,
                  list(module.output_names))
 
