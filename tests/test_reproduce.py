@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.reproduce import plots, protocol, runs, tables
@@ -334,3 +335,21 @@ def test_invocations_started_in_one_second_stay_apart(tmp_path):
     tool.record_invocation(old, first)
     tool.record_invocation(old, {**first, "ended": "x"})
     assert json.loads(old.read_text())["invocations"] == [{**first, "ended": "x"}]
+
+
+def test_precision_and_layout_enter_the_key_and_the_arithmetic(tiny_model, tmp_path):
+    work = tmp_path / "work"
+    fp32, _ = runs.run_once(tiny_model, 1, 2, work, tmp_path / "fp32.json")
+    assert "precision" not in fp32["key"] and fp32["precision"] == "fp32"   # old keys still match
+    bf16, how = runs.run_once(tiny_model, 1, 2, work, tmp_path / "bf16.json", precision="bf16")
+    assert how == "trained" and bf16["key"]["precision"] == "bf16"
+    # autocast really ran: bf16 rounding moves the losses, but not far
+    a, b = (np.array([r["train_loss"] for r in rec["records"]]) for rec in (fp32, bf16))
+    assert not np.array_equal(a, b) and np.allclose(a, b, rtol=0.05)
+    nhwc, _ = runs.run_once(tiny_model, 1, 2, work, tmp_path / "nhwc.json", layout="nhwc")
+    assert nhwc["key"]["layout"] == "nhwc"
+    c = np.array([r["train_loss"] for r in nhwc["records"]])
+    # not bit-equal: the Dropout after conv1 draws its mask in the blob's memory order
+    assert not np.array_equal(c, a) and np.allclose(c, a, rtol=0.1)
+    with pytest.raises(protocol.ProtocolError, match="another protocol"):
+        runs.run_once(tiny_model, 1, 2, work, tmp_path / "fp32.json", precision="bf16")

@@ -32,6 +32,7 @@ Examples:
   python tools/reproduce_paper.py --pretrained --threads 2       # pretrain, then fine-tune
   python tools/reproduce_paper.py --input-size 224               # the faithful models
   python tools/reproduce_paper.py --models alexnet_64 --runs 2 --epochs 5 --out /tmp/r
+  python tools/reproduce_paper.py --pretrained --precision auto --layout auto   # bf16 on AMX
   python tools/reproduce_paper.py --out results/2026-11-25 --tables-only
 """
 from __future__ import annotations
@@ -87,12 +88,14 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default torch's; 1 is fastest on a busy 2-core "
                          "machine)")
+    from experiments.full_fashion_mnist import add_speed_args
+    add_speed_args(ap)
     ap.add_argument("--tables-only", action="store_true",
                     help="only rebuild table1.md, the figures and records.csv from OUT/records")
     return ap.parse_args(argv)
 
 
-def machine(threads: int) -> str:
+def machine(threads: int, precision: str = "fp32", layout: str = "nchw") -> str:
     import torch
     cpu = platform.processor() or platform.machine()
     try:
@@ -103,8 +106,24 @@ def machine(threads: int) -> str:
     except OSError:
         pass
     device = "CPU" if not torch.cuda.is_available() else f"CPU (GPU present, unused)"
-    return (f"{cpu}, {os.cpu_count()} cores, {device}; torch {torch.__version__}, float32, "
-            f"{threads} thread(s)")
+    arithmetic = "float32" if precision == "fp32" else f"{precision} autocast"
+    arithmetic += "" if layout == "nchw" else f", {layout}"
+    return (f"{cpu}, {os.cpu_count()} cores, {device}; torch {torch.__version__}, "
+            f"{arithmetic}, {threads} thread(s)")
+
+
+def resolve_speed(args) -> tuple[str, str]:
+    """--precision and --layout as this machine resolves ``auto`` (once, for every run)."""
+    from caffe_compat.commands import device as devices
+    from caffe_compat.engine.layout import AUTO, decide_layout
+    from caffe_compat.formats import glog
+    choice = devices.select(None, None, allow_cpu=True, precision=args.precision)
+    layout = args.layout
+    if layout == AUTO:
+        decision = decide_layout(choice.device, choice.precision)
+        layout = decision.layout
+        glog.info(f"--layout {decision.reason}", "reproduce_paper.py")
+    return choice.precision, layout
 
 
 def model_dirs(args) -> list[Path]:
@@ -233,7 +252,8 @@ def record_invocation(meta_path: Path, inv: dict) -> dict:
     return meta
 
 
-def ensure_pretrained(dirs: list[Path], idx_dir: str, say) -> None:
+def ensure_pretrained(dirs: list[Path], idx_dir: str, say, precision: str = "fp32",
+                      layout: str = "nchw") -> None:
     """Pretrain (tools/pretrain.py's work) every model whose solver names a missing caffemodel
     under runs/pretrain/<base>/."""
     from experiments import pretrain
@@ -249,7 +269,8 @@ def ensure_pretrained(dirs: list[Path], idx_dir: str, say) -> None:
                 raise ProtocolError(f"{solver}: weights {path} missing and not a "
                                     "runs/pretrain/<model>/ caffemodel this tool can make")
             say(f"pretraining {base} for {d.name} (models/{base}/solver_pretrain.prototxt)")
-            pretrain.pretrain(base, Path(idx_dir), report=say)
+            pretrain.pretrain(base, Path(idx_dir), report=say, precision=precision,
+                              layout=layout)
 
 
 def done_epochs(out: Path, work: Path, model: str, seed: int, epochs: int) -> int:
@@ -298,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {exc}")
     given = sys.argv[1:] if argv is None else argv
     command = "python tools/reproduce_paper.py " + " ".join(shlex.quote(a) for a in given)
-    inv = {"command": command.strip(), "machine": machine(torch.get_num_threads()),
+    precision, layout = resolve_speed(args)
+    inv = {"command": command.strip(),
+           "machine": machine(torch.get_num_threads(), precision, layout),
            "started": datetime.datetime.now().isoformat(timespec="seconds"),
            "id": uuid.uuid4().hex}
     meta = record_invocation(meta_path, inv)
@@ -308,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                   for m in models)
     if args.pretrained and not args.weights:
         try:
-            ensure_pretrained(dirs, args.idx_dir, print)
+            ensure_pretrained(dirs, args.idx_dir, print, precision, layout)
         except (ProtocolError, CaffeCompatError) as exc:
             raise SystemExit(f"error: {exc}")
     bar = tqdm(total=total, initial=initial, unit="epoch", dynamic_ncols=True,
@@ -328,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     record, how = run_once(d, seed, args.epochs, work,
                                            out / "records" / d.name / f"seed{seed}.json",
-                                           args.weights, on_epoch=on_epoch, report=say)
+                                           args.weights, on_epoch=on_epoch, report=say,
+                                           precision=precision, layout=layout)
                 except NonFiniteLossError as exc:
                     raise ProtocolError(f"{d.name} seed {seed} diverged: {exc}") from None
                 acc = record["records"][-1]["test_accuracy"] * 100

@@ -225,11 +225,16 @@ class RunPlan:
     loss_top: str
     accuracy_top: str
     key: dict          # what must match for saved records/snapshots to be reused
+    precision: str = "fp32"     # fp32 (Caffe's arithmetic) or bf16 autocast of the passes
+    layout: str = "nchw"        # the train net's convolution weights: nchw or nhwc
 
 
 def plan_run(model_dir: Path, seed: int, epochs: int, work: Path, weights: str | None = None,
-             images: Path | None = None, report: Callable[[str], None] = lambda m: None) -> RunPlan:
-    """Read the model folder, prepare the seed's data and edit the solver for this run."""
+             images: Path | None = None, report: Callable[[str], None] = lambda m: None,
+             precision: str = "fp32", layout: str = "nchw") -> RunPlan:
+    """Read the model folder, prepare the seed's data and edit the solver for this run.
+    ``precision`` and ``layout`` are resolved choices (not ``auto``); other than fp32/nchw
+    they enter the key, so a run never mixes epochs computed two ways."""
     from caffe_compat.engine.solver.params import read_solver_param
     model_dir = Path(model_dir)
     solver_path, net_path = model_files(model_dir)
@@ -254,9 +259,13 @@ def plan_run(model_dir: Path, seed: int, epochs: int, work: Path, weights: str |
     key = {"model": model_dir.name, "seed": seed, "epochs": epochs,
            "solver_sha1": _sha1(solver_path), "net_sha1": _sha1(net_path),
            "stored_size": size, "weights": ",".join(w.name for w in chosen) or None}
+    if precision != "fp32":
+        key["precision"] = precision
+    if layout != "nchw":
+        key["layout"] = layout
     return RunPlan(model_dir.name, seed, epochs, sp, iters_per_epoch, test_iter, data,
                    output_of(net, "SoftmaxWithLoss", os.fspath(net_path)),
-                   output_of(net, "Accuracy", os.fspath(net_path)), key)
+                   output_of(net, "Accuracy", os.fspath(net_path)), key, precision, layout)
 
 
 def solver_weights(sp: caffe_pb2.SolverParameter, solver_path: Path,

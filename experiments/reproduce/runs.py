@@ -136,6 +136,8 @@ def train_run(plan: RunPlan, run_dir: Path,
     record: the key, per-epoch records and timing (``resumed_at_epoch`` says where an
     earlier, interrupted process had stopped; 0 = trained in one go).
     """
+    from caffe_compat.commands import device as devices
+    from caffe_compat.engine.layout import apply_layout
     from caffe_compat.engine.solver.base import Solver
     from caffe_compat.formats import glog
     run_dir = Path(run_dir)
@@ -157,14 +159,22 @@ def train_run(plan: RunPlan, run_dir: Path,
             solver.restore(os.fspath(run_dir / state["solverstate"]))   # data layers seek too
             torch.set_rng_state(torch.load(run_dir / state["rng"]))
             glog.info(f"resumed at epoch {resumed_at} (iteration {solver.iter})", "reproduce")
+        apply_layout(solver.train_module, plan.layout)
         solver.subscribe(recorder, IterationDone, SnapshotWritten, TestDone)
         try:
-            solver.solve()
+            with devices.autocast(_device_choice(solver.device, plan.precision)):
+                solver.solve()
         finally:
             solver.close()
     finally:
         glog.remove_log_file(log)
     return _run_record(plan, recorder.records, resumed_at)
+
+
+def _device_choice(device: torch.device, precision: str):
+    from caffe_compat.commands.device import DeviceChoice
+    ids = [device.index or 0] if device.type == "cuda" else []
+    return DeviceChoice(device.type, ids, precision)
 
 
 def _run_record(plan: RunPlan, records: list[dict], resumed_at: int) -> dict:
@@ -175,6 +185,7 @@ def _run_record(plan: RunPlan, records: list[dict], resumed_at: int) -> dict:
             "train_images": n_img, "test_images": plan.data.n_test,
             "loss_top": plan.loss_top, "accuracy_top": plan.accuracy_top,
             "solver": solver_summary(plan), "resumed_at_epoch": resumed_at,
+            "precision": plan.precision, "layout": plan.layout,
             "seconds": sum(r["seconds"] for r in records),
             "train_images_per_second": n_img * len(records) / train_s if train_s else None,
             "records": records}
@@ -183,14 +194,16 @@ def _run_record(plan: RunPlan, records: list[dict], resumed_at: int) -> dict:
 def run_once(model_dir: Path, seed: int, epochs: int, work: Path, record_path: Path,
              weights: str | None = None, images: Path | None = None,
              on_epoch: Callable[[dict], None] | None = None,
-             report: Callable[[str], None] = lambda m: None) -> tuple[dict, str]:
-    """One (model, seed) run with its record saved atomically at ``record_path``.
+             report: Callable[[str], None] = lambda m: None,
+             precision: str = "fp32", layout: str = "nchw") -> tuple[dict, str]:
+    """One (model, seed) run with its record saved atomically at ``record_path``, computed at
+    ``precision`` with ``layout`` (resolved choices, see ``protocol.plan_run``).
 
     Returns (record, how): how is "done" (record already there, skipped), "resumed" (continued
     from an interrupted run's last epoch snapshot) or "trained".
     """
     record_path = Path(record_path)
-    plan = plan_run(model_dir, seed, epochs, work, weights, images, report)
+    plan = plan_run(model_dir, seed, epochs, work, weights, images, report, precision, layout)
     if record_path.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("key") != plan.key:
