@@ -3,7 +3,7 @@
 This thin package re-exports ``caffe_compat``; its submodules answer to pycaffe's names
 (``caffe.io``, ``caffe.proto.caffe_pb2``, ``caffe.draw``, ``caffe.net_spec``,
 ``caffe.coord_map``, ``caffe.classifier``, ``caffe.detector``, ``caffe.pycaffe``,
-``caffe._caffe``) and are
+``caffe._caffe``, and SSD's ``caffe.model_libs``) and are
 the very same module objects as ``caffe_compat.<name>``.
 
 Which ``caffe`` is this? ``caffe.__caffe_compat__`` is True here (BVLC's pycaffe has no
@@ -44,7 +44,7 @@ if not any(isinstance(f, _SubmoduleAlias) for f in sys.meta_path):
     sys.meta_path.append(_SubmoduleAlias())
 
 for _name in ("io", "proto", "proto.caffe_pb2", "net_spec", "coord_map", "classifier",
-              "detector", "pycaffe", "_caffe"):
+              "detector", "pycaffe", "_caffe", "model_libs"):
     sys.modules.setdefault(f"{__name__}.{_name}", importlib.import_module(f"caffe_compat.{_name}"))
 
 

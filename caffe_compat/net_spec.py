@@ -16,6 +16,10 @@ identical:
   ``<Type><k>`` counting per type in the order they are reached; a layer takes its first
   top's name (``ntop=0`` layers count their own ``<Type><k>``). In-place layers reuse
   their bottoms as tops.
+
+NetSpec also has the methods weiliu89/caffe (SSD) added for its ``model_libs`` builders:
+``keys()`` (top names in insertion order, a list), ``vals()``, ``update(name, params)``
+(merge keyword parameters into the layer behind a top) and ``del spec[name]``.
 """
 from __future__ import annotations
 
@@ -84,6 +88,9 @@ class Top:
     def to_proto(self) -> caffe_pb2.NetParameter:
         return to_proto(self)
 
+    def _update(self, params: dict) -> None:
+        self.fn._update(params)
+
     def _to_proto(self, layer_protos, names, counts) -> None:
         self.fn._to_proto(layer_protos, names, counts)
 
@@ -102,6 +109,15 @@ class Function:
         self.ntop = self.params.pop("ntop", 1)
         self.in_place = self.params.pop("in_place", False)
         self.tops = tuple(Top(self, n) for n in range(self.ntop))
+
+    def _update(self, params: dict) -> None:
+        """Merge keyword parameters given after construction (a key given again replaces
+        the earlier value, as a keyword would)."""
+        for key in ("ntop", "in_place"):
+            if key in params:
+                raise ValueError(f"{self.type_name}: '{key}' is fixed when the layer is "
+                                 "made; it cannot be updated")
+        self.params.update(params)
 
     def _auto_name(self, type_name: str, counts: Counter) -> str:
         counts[type_name] += 1
@@ -172,6 +188,20 @@ class NetSpec:
 
     def __getitem__(self, item: str):
         return self.__getattr__(item)
+
+    def __delitem__(self, name: str) -> None:
+        del self.tops[name]
+
+    def keys(self) -> list:
+        """Names of the held tops in the order they were set (a list, so ``keys()[-1]``)."""
+        return list(self.tops)
+
+    def vals(self) -> list:
+        return list(self.tops.values())
+
+    def update(self, name: str, params: dict) -> None:
+        """Merge ``params`` into the keyword parameters of the layer that made top ``name``."""
+        self[name]._update(params)
 
     def to_proto(self) -> caffe_pb2.NetParameter:
         names = {value: key for key, value in self.tops.items()}

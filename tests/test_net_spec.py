@@ -91,6 +91,25 @@ def test_missing_top_is_a_key_and_attribute_error():
     assert not hasattr(n, "nope")
 
 
+def test_ssd_netspec_methods_keys_update_and_delete():
+    """weiliu89/caffe's additions that its model_libs relies on: ``keys()[-1]`` is the last
+    top set, ``update`` merges parameters into that top's layer, ``del`` forgets a top."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+    n.conv = L.Convolution(n.data, num_output=4, kernel_size=3)
+    n.relu = L.ReLU(n.conv, in_place=True)
+    assert n.keys() == ["data", "conv", "relu"] and n.vals()[1] is n.conv
+    n.update("conv", {"dilation": 2, "pad": 2, "param": [dict(lr_mult=0)]})
+    conv = n.to_proto().layer[1]
+    assert (list(conv.convolution_param.dilation), list(conv.convolution_param.pad),
+            conv.param[0].lr_mult) == ([2], [2], 0)
+    with pytest.raises(ValueError, match="'ntop' is fixed"):
+        n.update("conv", {"ntop": 2})
+    del n["relu"]
+    assert n.keys() == ["data", "conv"] and [l.name for l in n.to_proto().layer] == [
+        "data", "conv"]
+
+
 def notebook_lenet(lmdb, batch_size):
     """examples/01-learning-lenet.ipynb's net definition."""
     n = caffe.NetSpec()

@@ -1,0 +1,1 @@
+"""The parts of ``caffe_compat.model_libs`` (SSD's net-building helpers), one family a file."""
