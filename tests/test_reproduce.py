@@ -353,3 +353,13 @@ def test_precision_and_layout_enter_the_key_and_the_arithmetic(tiny_model, tmp_p
     assert not np.array_equal(c, a) and np.allclose(c, a, rtol=0.1)
     with pytest.raises(protocol.ProtocolError, match="another protocol"):
         runs.run_once(tiny_model, 1, 2, work, tmp_path / "fp32.json", precision="bf16")
+
+
+def test_the_pretraining_line_says_when_its_last_test_ran():
+    last_test = _tool()._last_test
+    info = {"epochs": 12.0, "train_images": 59500, "test_images": 10000, "precision": "bf16",
+            "tests": [{"iter": 10230, "accuracy": 0.9011}]}
+    assert last_test(info) == "90.11% on the 10,000 t10k images after epoch 11, bf16"
+    info["tests"].append({"iter": 11156, "accuracy": 0.9039})
+    assert last_test(info).endswith("images at the end, bf16")
+    assert last_test(dict(info, tests=[])) == "no t10k test"

@@ -174,12 +174,23 @@ def start_bullet(records) -> str:
         base = name.replace("_pretrained.caffemodel", "")
         info = pretrain_summary(base)
         if info:
-            acc = info["tests"][-1]["accuracy"] * 100 if info["tests"] else float("nan")
-            text += (f" {base}: {info['epochs']:.1f} epochs, {info['solver']}, "
-                     f"{acc:.2f}% on the 10,000 t10k images;")
+            text += f" {base}: {info['epochs']:.1f} epochs, {info['solver']}, {_last_test(info)};"
         else:
             text += f" {name};"
     return text.rstrip(";") + "."
+
+
+def _last_test(info: dict) -> str:
+    """The last t10k test of a pretraining, and when it ran (runs older than the final-weights
+    test ended on the last ``test_interval`` boundary, before the last iteration)."""
+    from experiments.pretrain import TRAIN_BATCH
+    if not info["tests"]:
+        return "no t10k test"
+    last = info["tests"][-1]
+    epoch = last["iter"] * TRAIN_BATCH / info["train_images"]
+    when = "at the end" if epoch >= info["epochs"] - 0.05 else f"after epoch {epoch:.0f}"
+    return (f"{last['accuracy'] * 100:.2f}% on the {info['test_images']:,} t10k images "
+            f"{when}, {info.get('precision', 'fp32')}")
 
 
 def header(meta: dict, records) -> str:
