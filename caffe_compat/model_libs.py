@@ -6,10 +6,10 @@ the same names, arguments and defaults are here, and the generated layers carry 
 those scripts and the released caffemodels use. As in the fork, the star import also brings
 ``caffe``, ``L`` (``caffe.layers``), ``P`` (``caffe.params``), ``caffe_pb2`` and ``os``.
 
-The helpers only write prototxt. Of the layers they emit, ``AnnotatedData`` (from
-:func:`CreateAnnotatedDataLayer`) and the ``MultiBoxLoss`` the scripts add are not computed
-by caffe-compat: building a TRAIN/TEST net that holds them says so. Deploy nets (Input,
-the bodies, Normalize, Permute, PriorBox, DetectionOutput) build and run.
+The helpers only write prototxt. ``AnnotatedData`` (from :func:`CreateAnnotatedDataLayer`)
+reads the databases ``tools/convert_annoset.py`` writes; the ``MultiBoxLoss`` the scripts add
+is not computed by caffe-compat, and building a TRAIN net that holds it says so. Deploy nets
+(Input, the bodies, Normalize, Permute, PriorBox, DetectionOutput) build and run.
 
 Differences from the fork, each where it would have failed or silently misbehaved:
 ``ConvBNLayer`` rejects unknown batch-norm keywords (the fork ignored them);

@@ -171,7 +171,7 @@ NO_BACKWARD = {
     "WindowData": "a source layer", "HDF5Output": "a sink: writes its bottoms to a file",
     "PriorBox": "constant boxes from the bottoms' shapes; SSD's backward does nothing",
     "DetectionOutput": "NMS output; SSD has no backward",
-    "DenseImageData": "a source layer",
+    "DenseImageData": "a source layer", "AnnotatedData": "a source layer",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

@@ -191,8 +191,7 @@ def CreateAnnotatedDataLayer(source, batch_size=32, backend=P.Data.LMDB, output_
 
     Returns ``(data, label)`` tops, or the data top alone when ``output_label`` is False.
     ``transform_param`` defaults to none; ``batch_sampler`` to one empty sampler (the whole
-    image), as SSD writes it. The layer is written, not computed: caffe-compat does not
-    implement AnnotatedData, and building a net that holds one says so.
+    image), as SSD writes it. The layer is ``caffe_compat.data.annotated_data``.
     """
     phase = caffe_pb2.TRAIN if train else caffe_pb2.TEST
     annotated = {"label_map_file": label_map_file,

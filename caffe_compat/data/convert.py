@@ -45,8 +45,9 @@ def make_datum(path: str, label: int, resize_height: int = 0, resize_width: int 
 
 def image_datum(img: np.ndarray, path: str, label: int, resize_height: int = 0,
                 resize_width: int = 0, is_color: bool = True, encoding: str = "",
-                landmarks: np.ndarray | None = None):
-    """The Datum ``make_datum`` builds from the image file ``path``, decoded as ``img``."""
+                landmarks: np.ndarray | None = None, rescaled: bool = False):
+    """The Datum ``make_datum`` builds from the image file ``path``, decoded as ``img``
+    (``rescaled``: ``img`` was already resized, so the file's own bytes cannot stand in)."""
     from caffe_compat.proto import caffe_pb2
     src_hw = img.shape[:2]
     if resize_height > 0 and resize_width > 0:
@@ -55,7 +56,8 @@ def image_datum(img: np.ndarray, path: str, label: int, resize_height: int = 0,
     datum = caffe_pb2.Datum()
     if encoding:
         same_colour = (img.ndim == 3) == is_color
-        if same_colour and not (resize_height or resize_width) and _match_ext(path, encoding):
+        unchanged = not (resize_height or resize_width or rescaled)
+        if same_colour and unchanged and _match_ext(path, encoding):
             with open(path, "rb") as f:   # Caffe's ReadFileToDatum: the file bytes as they are
                 datum.data = f.read()
         else:

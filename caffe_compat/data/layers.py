@@ -138,12 +138,15 @@ class _DBBatches:
         if k > 0 and (k * self.n) // count != ((k + 1) * self.n - 1) // count:
             log.debug("Restarting data prefetching from start (%s).", self.source)
         keys = [self.keys[p] for p in positions]
-        t = self.batcher.transformer
         names = [f"{self.source}: record {key.decode(errors='replace')}" for key in keys]
-        items = [decode_datum(v, t.force_color, t.force_gray, where=name)
-                 for v, name in zip(self.db.get_many(keys), names)]
+        items = [self.decode(v, name) for v, name in zip(self.db.get_many(keys), names)]
         rng = np.random.default_rng(self.seed + [_BATCH_STREAM, k])
         return self.batcher(items, rng, names)
+
+    def decode(self, value: bytes, name: str):
+        """One record as the batcher's item (AnnotatedData reads AnnotatedDatum instead)."""
+        t = self.batcher.transformer
+        return decode_datum(value, t.force_color, t.force_gray, where=name)
 
 
 @register

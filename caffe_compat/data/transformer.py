@@ -21,8 +21,8 @@ from caffe_compat.formats.errors import DataError
 
 TRAIN, TEST = 0, 1
 
-# TransformationParameter fields only weiliu89/caffe's (SSD) transformer applies: parsed so
-# SSD's prototxts load, refused when a data layer here would have to apply them.
+# TransformationParameter fields of weiliu89/caffe (SSD): the AnnotatedData layer applies them
+# (data/annotated_transform.py); the layers built on this transformer refuse them by name.
 _SSD_AUGMENTATIONS = ("resize_param", "noise_param", "emit_constraint", "crop_h", "crop_w",
                       "distort_param", "expand_param")
 
@@ -70,9 +70,8 @@ class DataTransformer:
             raise self._error("force_color and force_gray cannot both be set")
         ssd_only = [f.name for f, _ in param.ListFields() if f.name in _SSD_AUGMENTATIONS]
         if ssd_only:
-            raise self._error(f"transform_param.{ssd_only[0]} is SSD's AnnotatedData "
-                              "augmentation (weiliu89/caffe), which this project does not "
-                              "implement")
+            raise self._error(f"transform_param.{ssd_only[0]} is SSD's augmentation "
+                              "(weiliu89/caffe): only an AnnotatedData layer applies it here")
         self.mean_file = param.mean_file if param.HasField("mean_file") else None
         if self.mean_file and len(param.mean_value):
             raise self._error("cannot specify mean_file and mean_value at the same time")
