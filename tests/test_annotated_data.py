@@ -306,11 +306,13 @@ def test_a_net_with_annotated_data_trains(voc, tmp_path, seeded):
         layer {{ name: "data" type: "AnnotatedData" top: "data" top: "label"
           transform_param {{ mirror: true mean_value: 104 mean_value: 117 mean_value: 123
             resize_param {{ height: 32 width: 32 interp_mode: LINEAR interp_mode: AREA }}
-            emit_constraint {{ emit_type: CENTER }} expand_param {{ prob: 0.5 max_expand_ratio: 2 }} }}
+            emit_constraint {{ emit_type: CENTER }}
+            expand_param {{ prob: 0.5 max_expand_ratio: 2 }} }}
           data_param {{ source: "{voc / 'jpg_lmdb'}" batch_size: 2 backend: LMDB }}
           annotated_data_param {{ {SAMPLER} }} }}
         layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
-          convolution_param {{ num_output: 2 kernel_size: 3 weight_filler {{ type: "gaussian" std: 0.01 }} }} }}
+          convolution_param {{ num_output: 2 kernel_size: 3
+            weight_filler {{ type: "gaussian" std: 0.01 }} }} }}
         layer {{ name: "loss" type: "Reduction" bottom: "conv" top: "loss" loss_weight: 1
           reduction_param {{ operation: SUMSQ coeff: 0.001 }} }}
         layer {{ name: "silence" type: "Silence" bottom: "label" }}
@@ -323,3 +325,51 @@ def test_a_net_with_annotated_data_trains(voc, tmp_path, seeded):
     assert np.isfinite(s.net.blobs["loss"].data).all()
     label = s.net.blobs["label"].data
     assert label.shape[:2] == (1, 1) and label.shape[3] == 8
+
+
+def test_brightness_and_contrast_are_opencv_convert_to():
+    from caffe_compat.data.im_transforms import distort
+    p = _param("brightness_prob: 1 brightness_delta: 32 contrast_prob: 1 contrast_lower: 0.5 "
+               "contrast_upper: 1.5", caffe_pb2.DistortionParameter())
+    out = distort(_image(0), p, np.random.default_rng(11))
+    r = np.random.default_rng(11)
+    order = f32(r.uniform(0, 1))
+    r.uniform(0, 1)
+    delta = f32(r.uniform(-32, 32))
+    img = np.clip(np.rint(_image(0).astype(f32) + delta), 0, 255)
+    r.uniform(0, 1)
+    if order <= 0.5:      # contrast after saturation and hue, which draw their coin first
+        r.uniform(0, 1), r.uniform(0, 1)
+    alpha = f32(r.uniform(0.5, 1.5))
+    np.testing.assert_array_equal(out, np.clip(np.rint(img.astype(f32) * alpha), 0, 255))
+
+
+def test_convert_annoset_command_takes_both_flag_spellings(voc, tmp_path, capsys):
+    from caffe_compat.commands.convert_annoset import main
+    labelmap = voc / "labelmap.prototxt"
+    assert main(["--anno-type", "detection", f"--label-map-file={labelmap}", "--check-label",
+                 "--encoded", "--encode-type", "jpg", f"{voc}/", str(voc / "list.txt"),
+                 str(tmp_path / "a")]) == 0
+    assert main([f"--label_map_file={labelmap}", "--check_label=true", "--resize_height=30",
+                 "--resize_width=40", f"{voc}/", str(voc / "list.txt"),
+                 str(tmp_path / "b")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    _, data, label = _batch(tmp_path, db="b")
+    assert data.shape == (3, 3, 30, 40)
+    np.testing.assert_allclose(label[0, 0], _expected_rows(), atol=1e-7)  # still normalised
+    (tmp_path / "list2.txt").write_text("JPEGImages/0.png Annotations/0.xml\n")
+    (tmp_path / "map.prototxt").write_text('item { name: "dog" label: 1 }')
+    capsys.readouterr()
+    assert main([f"--label-map-file={tmp_path / 'map.prototxt'}", f"{voc}/",
+                 str(tmp_path / "list2.txt"), str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "list2.txt:1" in err and "unknown label name 'cat'" in err
+
+
+def test_classification_records_give_the_datum_labels(voc, tmp_path):
+    (tmp_path / "list.txt").write_text("".join(f"JPEGImages/{i}.png {i + 4}\n" for i in range(3)))
+    convert_annoset(f"{voc}/", str(tmp_path / "list.txt"), str(tmp_path / "db"),
+                    AnnosetOptions(anno_type="classification"))
+    _, data, label = _batch(tmp_path, db="db")
+    assert data.shape == (3, 3, H, W)
+    np.testing.assert_array_equal(label, np.array([4, 5, 6], f32).reshape(3, 1, 1, 1))

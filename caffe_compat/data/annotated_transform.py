@@ -18,8 +18,10 @@ fails ``emit_constraint`` or keeps no area is dropped. A flip maps x to 1 - x.
 Records stored encoded are re-encoded as JPEG (quality 95) after steps 1, 2 and 3 when they
 change the image, since the fork keeps the intermediate images as encoded Datums. Two raw
 (not encoded) record rules differ in the fork: its expansion canvas is byte 32 (the fill of
-its buffer, not the mean), kept here; its distortion leaves an empty image (it supports only
-encoded records there), where this pipeline distorts the pixels.
+its buffer, not the mean), kept here; its distortion leaves an empty image and its final
+transform has no resize (both stop training there), where this pipeline distorts and resizes
+raw pixels as it does decoded ones. Unlike the fork, a crop side rounding one ulp past the
+image does not abort (``bbox.sample_box``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import cv2
 import numpy as np
 
 from caffe_compat.data import im_transforms as imt
-from caffe_compat.data.bbox import Boxes, check_sampler, clip, emitted, generate_crops, project
+from caffe_compat.data.bbox import (Boxes, check_sampler, clip, emitted, generate_crops, project,
+                                    uniform)
 from caffe_compat.data.transformer import TRAIN, load_mean_file
 from caffe_compat.formats.errors import DataError
 
@@ -109,9 +112,9 @@ class AnnotatedTransformer:
 
     def _expand(self, img, boxes, encoded, rng):
         p = self.tp.expand_param
-        if imt._uniform(rng, 0, 1) > p.prob or abs(p.max_expand_ratio - 1) < 1e-2:
+        if uniform(rng, 0, 1) > p.prob or abs(p.max_expand_ratio - 1) < 1e-2:
             return img, boxes
-        ratio = imt._uniform(rng, 1, p.max_expand_ratio)
+        ratio = uniform(rng, 1, p.max_expand_ratio)
         fill = np.full(img.shape[2], RAW_CANVAS, dtype=np.uint8)
         if encoded:
             fill = np.zeros(img.shape[2], dtype=np.uint8)

@@ -131,20 +131,21 @@ def check_sampler(bs, where: str) -> None:
                         f"{s.max_aspect_ratio:g})")
 
 
-def _uniform(rng: np.random.Generator, low, high) -> np.float32:
+def uniform(rng: np.random.Generator, low, high) -> np.float32:
+    """A float32 draw from [low, high) (the fork's caffe_rng_uniform on floats)."""
     return f32(rng.uniform(float(low), float(high)))
 
 
 def sample_box(sampler, rng: np.random.Generator) -> np.ndarray:
     """One random crop: area share in [min_scale, max_scale], aspect ratio in the sampler's
     range clamped so that neither side exceeds the image, placed uniformly inside it."""
-    scale = _uniform(rng, sampler.min_scale, sampler.max_scale)
-    ratio = _uniform(rng, sampler.min_aspect_ratio, sampler.max_aspect_ratio)
+    scale = uniform(rng, sampler.min_scale, sampler.max_scale)
+    ratio = uniform(rng, sampler.min_aspect_ratio, sampler.max_aspect_ratio)
     square = float(scale) ** 2          # the fork's bounds are doubles cast to float
     ratio = min(max(ratio, f32(square)), f32(1 / square))
     w, h = f32(scale * np.sqrt(ratio)), f32(scale / np.sqrt(ratio))
     # A side may round one ulp past 1; the fork's uniform(0, 1 - w) would then abort.
-    x, y = _uniform(rng, 0, max(f32(1) - w, 0)), _uniform(rng, 0, max(f32(1) - h, 0))
+    x, y = uniform(rng, 0, max(f32(1) - w, 0)), uniform(rng, 0, max(f32(1) - h, 0))
     return np.array([x, y, x + w, y + h], dtype=f32)
 
 

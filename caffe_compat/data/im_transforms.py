@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from caffe_compat.data.bbox import crop_rect
+from caffe_compat.data.bbox import crop_rect, uniform
 from caffe_compat.formats.errors import DataError
 
 f32 = np.float32
@@ -43,10 +43,6 @@ def jpeg_round_trip(img: np.ndarray, flag: int) -> np.ndarray:
     return hwc(cv2.imdecode(buf, flag))
 
 
-def _uniform(rng: np.random.Generator, low, high) -> np.float32:
-    return f32(rng.uniform(float(low), float(high)))
-
-
 # ------------------------------------------------------------------- distortion
 
 
@@ -57,16 +53,16 @@ def _hsv_channel(img: np.ndarray, channel: int, alpha: float, beta: float) -> np
 
 
 def _brightness(img, p, rng):
-    if _uniform(rng, 0, 1) < p.brightness_prob:
-        delta = _uniform(rng, -p.brightness_delta, p.brightness_delta)
+    if uniform(rng, 0, 1) < p.brightness_prob:
+        delta = uniform(rng, -p.brightness_delta, p.brightness_delta)
         if abs(delta) > 0:
             return convert_to(img, 1, delta)
     return img
 
 
 def _contrast(img, p, rng):
-    if _uniform(rng, 0, 1) < p.contrast_prob:
-        delta = _uniform(rng, p.contrast_lower, p.contrast_upper)
+    if uniform(rng, 0, 1) < p.contrast_prob:
+        delta = uniform(rng, p.contrast_lower, p.contrast_upper)
         if abs(delta - 1) > 1e-3:
             return convert_to(img, delta, 0)
     return img
@@ -74,23 +70,23 @@ def _contrast(img, p, rng):
 
 def _saturation(img, p, rng):
     # The fork tests |delta - 1| != 1e-3 here (not >), so the HSV round trip always happens.
-    if _uniform(rng, 0, 1) < p.saturation_prob:
-        delta = _uniform(rng, p.saturation_lower, p.saturation_upper)
+    if uniform(rng, 0, 1) < p.saturation_prob:
+        delta = uniform(rng, p.saturation_lower, p.saturation_upper)
         return _hsv_channel(img, 1, delta, 0)
     return img
 
 
 def _hue(img, p, rng):
     # OpenCV's 8-bit hue runs 0..179; the fork adds delta with saturation, not wrap-around.
-    if _uniform(rng, 0, 1) < p.hue_prob:
-        delta = _uniform(rng, -p.hue_delta, p.hue_delta)
+    if uniform(rng, 0, 1) < p.hue_prob:
+        delta = uniform(rng, -p.hue_delta, p.hue_delta)
         if abs(delta) > 0:
             return _hsv_channel(img, 0, 1, delta)
     return img
 
 
 def _channel_order(img, p, rng):
-    if _uniform(rng, 0, 1) < p.random_order_prob:
+    if uniform(rng, 0, 1) < p.random_order_prob:
         return np.ascontiguousarray(img[:, :, rng.permutation(3)])
     return img
 
@@ -115,7 +111,7 @@ def check_distort(p, channels: int, where: str) -> None:
 def distort(img: np.ndarray, p, rng: np.random.Generator) -> np.ndarray:
     """ApplyDistort: brightness, then contrast before or after saturation and hue (a coin
     flip), then a random channel order; each step happens with its own probability."""
-    if _uniform(rng, 0, 1) > 0.5:
+    if uniform(rng, 0, 1) > 0.5:
         steps = (_brightness, _contrast, _saturation, _hue)
     else:
         steps = (_brightness, _saturation, _hue, _contrast)
@@ -134,8 +130,8 @@ def expand(img: np.ndarray, ratio: np.float32, fill: np.ndarray,
     normalised coordinates (it reaches below 0 and beyond 1)."""
     h, w, c = img.shape
     big_h, big_w = int(f32(h) * ratio), int(f32(w) * ratio)
-    y = f32(np.floor(_uniform(rng, 0, big_h - h)))
-    x = f32(np.floor(_uniform(rng, 0, big_w - w)))
+    y = f32(np.floor(uniform(rng, 0, big_h - h)))
+    x = f32(np.floor(uniform(rng, 0, big_w - w)))
     canvas = np.empty((big_h, big_w, c), dtype=np.uint8)
     canvas[...] = fill
     canvas[int(y):int(y) + h, int(x):int(x) + w] = img
