@@ -373,3 +373,25 @@ def test_classification_records_give_the_datum_labels(voc, tmp_path):
     _, data, label = _batch(tmp_path, db="db")
     assert data.shape == (3, 3, H, W)
     np.testing.assert_array_equal(label, np.array([4, 5, 6], f32).reshape(3, 1, 1, 1))
+
+
+def test_encoded_records_carry_their_shape_and_the_boxes(voc):
+    from caffe_compat.data.db import open_db
+    with open_db(str(voc / "jpg_lmdb")) as db:
+        key, value = db.first()
+    record = caffe_pb2.AnnotatedDatum.FromString(value)
+    assert key == b"00000000_JPEGImages/0.png" and record.type == record.BBOX
+    d = record.datum
+    assert d.encoded and (d.channels, d.height, d.width) == (3, H, W) and d.label == -1
+    assert [(g.group_label, len(g.annotation)) for g in record.annotation_group] == [(1, 2), (2, 1)]
+    assert [a.instance_id for a in record.annotation_group[0].annotation] == [0, 1]
+
+
+def test_test_phase_applies_the_augmentation_its_prototxt_sets(voc, seeded):
+    """The fork has no phase check in its augmentation: a TEST net that sets expand_param
+    expands (SSD's own TEST nets set none)."""
+    _, data, label = _batch(voc, transform="resize_param { height: 40 width: 40 } "
+                                           "expand_param { prob: 1 max_expand_ratio: 3 }")
+    assert data.shape == (3, 3, 40, 40)
+    widths = label[0, 0, :, 5] - label[0, 0, :, 3]
+    assert (widths < _expected_rows()[:, 5] - _expected_rows()[:, 3] - 1e-6).all()

@@ -99,13 +99,15 @@ def voc_objects(path: str, names: dict[str, int], image_hw) -> tuple[list, tuple
         raise DataError(f"{path}:{line}:{column}: not valid XML ({exc.msg})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the annotation ({exc.strerror})") from None
+    if root.tag != "annotation":
+        raise DataError(f"{path}: the root element is <{root.tag}>, not <annotation>")
     hw = (_int_or_none(root.findtext("size/height")), _int_or_none(root.findtext("size/width")))
     if hw[0] is None or hw[1] is None:
         hw = tuple(image_hw)
     if not hw[0] or not hw[1]:
         raise DataError(f"{path}: no valid image width/height")
     objects = []
-    for index, obj in enumerate(root.iter("object"), start=1):
+    for index, obj in enumerate(root.findall("object"), start=1):
         objects.append(_voc_object(obj, path, index, names))
     return objects, hw
 
@@ -247,6 +249,13 @@ def image_record(root: str, entry: AnnoEntry, o: AnnosetOptions, where: str):
     record.datum.CopyFrom(image_datum(img, root + entry.path, label, o.resize_height,
                                       o.resize_width, not o.gray, enc,
                                       rescaled=bool(o.min_dim or o.max_dim)))
+    if record.datum.encoded:
+        # The fork's reader records the stored image's shape even when encoded (BVLC's does
+        # not), and its AnnotatedData reads that height and width to resize the boxes.
+        h, w = (o.resize_height, o.resize_width) if o.resize_height and o.resize_width \
+            else img.shape[:2]
+        d = record.datum
+        d.channels, d.height, d.width = (1 if o.gray else 3), h, w
     return record, original_hw
 
 
