@@ -395,3 +395,27 @@ def test_test_phase_applies_the_augmentation_its_prototxt_sets(voc, seeded):
     assert data.shape == (3, 3, 40, 40)
     widths = label[0, 0, :, 5] - label[0, 0, :, 3]
     assert (widths < _expected_rows()[:, 5] - _expected_rows()[:, 3] - 1e-6).all()
+
+
+def test_fit_large_size_and_pad_letterboxes_image_and_boxes():
+    t = _transformer("resize_param { height: 300 width: 300 resize_mode: FIT_LARGE_SIZE_AND_PAD "
+                     "pad_value: 7 }", phase=TEST)
+    data, boxes = t.item(_image(0), _boxes(0), False, np.random.default_rng(0))
+    assert data.shape == (3, 300, 300)
+    assert (data[:, :37] == 7).all() and (data[:, 37 + 225:] == 7).all()   # 80×60 → 300×225
+    np.testing.assert_array_equal(data[:, 37:262], cv2.resize(_image(0), (300, 225)).transpose(
+        2, 0, 1))
+    pixels = _boxes(0).xyxy * np.array([W, H, W, H])
+    expected = (pixels * np.array([300 / W, 225 / H, 300 / W, 225 / H]) + [0, 37.5, 0, 37.5]) / 300
+    np.testing.assert_allclose(boxes.xyxy, expected, atol=1e-6)   # the fork's unrounded pad
+
+
+@pytest.mark.parametrize("option", ["decolorize", "gauss_blur", "hist_eq", "clahe", "jpeg: 50",
+                                    "erode", "posterize", "inverse", "convert_to_hsv",
+                                    "saltpepper: true saltpepper_param { fraction: 0.1 value: 0 }"])
+def test_each_noise_option_keeps_an_8_bit_image(option):
+    from caffe_compat.data.im_transforms import noise
+    text = option if ":" in option else f"{option}: true"
+    out = noise(_image(0), _param(text, caffe_pb2.NoiseParameter()), np.random.default_rng(0))
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8
+    assert not np.array_equal(out, _image(0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from caffe_compat.data.annotated_transform import AnnotatedTransformer
@@ -91,17 +92,22 @@ class _Batcher:
                 pixels, boxes = t.item(rec.img, rec.boxes, rec.encoded, rng)
             except DataError as exc:
                 raise DataError(f"{name}: {exc}") from None
+            except cv2.error as exc:    # an option OpenCV cannot apply to this image
+                reason = " ".join((exc.err or str(exc)).replace(">", " ").split())
+                raise DataError(f"{name}: OpenCV could not augment its "
+                                f"{rec.img.shape[2]}-channel image ({reason})") from None
             if pixels.shape != expected and not self.free_shape:
                 raise DataError(f"{name}: augmented to {'×'.join(map(str, pixels.shape))} "
                                 f"where the batch is {'×'.join(map(str, expected))} (give "
                                 "transform_param a resize_param or crop_size)")
             data.append(pixels)
             rows.append(label_rows(i, boxes))
-        labels = (np.concatenate(rows) if sum(map(len, rows)) else -np.ones((1, 8), np.float32))
         if not self.has_type:
             labels = np.array([r.label for r in records], dtype=np.float32)
             return np.stack(data), labels.reshape(-1, 1, 1, 1)
-        return np.stack(data), labels.reshape(1, 1, -1, 8)
+        if not sum(map(len, rows)):        # no box left in the whole batch
+            return np.stack(data), -np.ones((1, 1, 1, 8), np.float32)
+        return np.stack(data), np.concatenate(rows).reshape(1, 1, -1, 8)
 
 
 def label_rows(item: int, boxes: Boxes) -> np.ndarray:
