@@ -81,21 +81,10 @@ class _Batcher:
         self.has_type, self.forced_type, self.free_shape = has_type, forced_type, free_shape
 
     def __call__(self, records: list[Record], rng: np.random.Generator, names):
-        t = self.transformer
-        expected = t.output_shape(records[0].img.shape)
+        expected = self.transformer.output_shape(records[0].img.shape)
         data, rows = [], []
         for i, (rec, name) in enumerate(zip(records, names)):
-            if self.has_type and not rec.has_type and not self.forced_type:
-                raise DataError(f"{name}: record has no annotation type where the first had "
-                                "one (set annotated_data_param.anno_type)")
-            try:
-                pixels, boxes = t.item(rec.img, rec.boxes, rec.encoded, rng)
-            except DataError as exc:
-                raise DataError(f"{name}: {exc}") from None
-            except cv2.error as exc:    # an option OpenCV cannot apply to this image
-                reason = " ".join((exc.err or str(exc)).replace(">", " ").split())
-                raise DataError(f"{name}: OpenCV could not augment its "
-                                f"{rec.img.shape[2]}-channel image ({reason})") from None
+            pixels, boxes = self._item(rec, name, rng)
             if pixels.shape != expected and not self.free_shape:
                 raise DataError(f"{name}: augmented to {'×'.join(map(str, pixels.shape))} "
                                 f"where the batch is {'×'.join(map(str, expected))} (give "
@@ -108,6 +97,19 @@ class _Batcher:
         if not sum(map(len, rows)):        # no box left in the whole batch
             return np.stack(data), -np.ones((1, 1, 1, 8), np.float32)
         return np.stack(data), np.concatenate(rows).reshape(1, 1, -1, 8)
+
+    def _item(self, rec: Record, name: str, rng: np.random.Generator):
+        if self.has_type and not rec.has_type and not self.forced_type:
+            raise DataError(f"{name}: record has no annotation type where the first had "
+                            "one (set annotated_data_param.anno_type)")
+        try:
+            return self.transformer.item(rec.img, rec.boxes, rec.encoded, rng)
+        except DataError as exc:
+            raise DataError(f"{name}: {exc}") from None
+        except cv2.error as exc:    # an option OpenCV cannot apply to this image
+            reason = " ".join((exc.err or str(exc)).replace(">", " ").split())
+            raise DataError(f"{name}: OpenCV could not augment its {rec.img.shape[2]}-channel "
+                            f"image ({reason})") from None
 
 
 def label_rows(item: int, boxes: Boxes) -> np.ndarray:
