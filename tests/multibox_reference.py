@@ -1,6 +1,7 @@
 """An independent float64 reference of SSD's MultiBoxLoss (shared locations), written from
-the fork's definitions with plain loops, and the small fixture the MultiBoxLoss tests share:
-six priors, two images of boxes (a difficult one, padding rows), layer and input builders."""
+the fork's definitions with plain loops, and the fixtures the MultiBoxLoss tests share: six
+priors, two images of boxes (a difficult one, padding rows), layer and input builders, and
+the prototxt of a tiny two-source SSD (train and deploy)."""
 from __future__ import annotations
 
 import numpy as np
@@ -181,3 +182,83 @@ def per_prior_losses(loc, conf):
                                                          np.array(VARIANCE), "CENTER_SIZE")
                 out[i, j] += np.where(abs(d) < 1, 0.5 * d * d, abs(d) - 0.5).sum()
     return out, positive
+
+
+def greedy_nms(losses, threshold):
+    """Priors by descending loss, each dropping the later ones it overlaps by more."""
+    order, kept = list(np.argsort(-losses, kind="stable")), []
+    while order:
+        best = order.pop(0)
+        kept.append(best)
+        order = [j for j in order if iou(PRIORS[best], PRIORS[j]) <= threshold]
+    return kept
+
+
+# -- a tiny SSD ----------------------------------------------------------------------------
+def _conv(name, bottom, out, stride=1, relu=True):
+    text = (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+            f'convolution_param {{ num_output: {out} kernel_size: 3 pad: 1 stride: {stride} '
+            'weight_filler { type: "xavier" } bias_filler { type: "constant" } } }\n')
+    if relu:
+        text += f'layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}" top: "{name}" }}\n'
+    return text
+
+
+def _head(source, min_size, max_size, classes=2, priors=4):
+    """SSD's per-source head: loc and conf convolutions, permuted to NHWC and flattened,
+    and the source's priors."""
+    text = ""
+    for kind, out in (("loc", priors * 4), ("conf", priors * classes)):
+        name = f"{source}_mbox_{kind}"
+        text += _conv(name, source, out, relu=False)
+        text += (f'layer {{ name: "{name}_perm" type: "Permute" bottom: "{name}" '
+                 f'top: "{name}_perm" permute_param {{ order: 0 order: 2 order: 3 order: 1 }} }}\n'
+                 f'layer {{ name: "{name}_flat" type: "Flatten" bottom: "{name}_perm" '
+                 f'top: "{name}_flat" flatten_param {{ axis: 1 }} }}\n')
+    return text + (f'layer {{ name: "{source}_mbox_priorbox" type: "PriorBox" bottom: "{source}" '
+                   f'bottom: "data" top: "{source}_mbox_priorbox" prior_box_param {{ '
+                   f'min_size: {min_size} max_size: {max_size} aspect_ratio: 2 flip: true '
+                   'variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 } }\n')
+
+
+def _concat(top, kind, axis):
+    bottoms = " ".join(f'bottom: "{s}_mbox_{kind}"' for s in ("conv2", "conv3"))
+    return (f'layer {{ name: "{top}" type: "Concat" {bottoms} top: "{top}" '
+            f'concat_param {{ axis: {axis} }} }}\n')
+
+
+def tiny_ssd_nets() -> tuple[str, str]:
+    """(train, deploy) prototxt of a two-source SSD on a 16x16 image, 2 classes."""
+    body = ('layer { name: "data" type: "Input" top: "data" '
+            'input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }\n'
+            + _conv("conv1", "data", 8)
+            + 'layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" '
+              'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+            + _conv("conv2", "pool1", 8, stride=2) + _conv("conv3", "conv2", 8, stride=2)
+            + _head("conv2", 6, 10) + _head("conv3", 10, 14)
+            + _concat("mbox_loc", "loc_flat", 1) + _concat("mbox_conf", "conf_flat", 1)
+            + _concat("mbox_priorbox", "priorbox", 2))
+    train = body + (
+        'layer { name: "label" type: "Input" top: "label" '
+        'input_param { shape { dim: 1 dim: 1 dim: 1 dim: 8 } } }\n'
+        'layer { name: "mbox_loss" type: "MultiBoxLoss" bottom: "mbox_loc" bottom: "mbox_conf" '
+        'bottom: "mbox_priorbox" bottom: "label" top: "mbox_loss" propagate_down: true '
+        'propagate_down: true propagate_down: false propagate_down: false '
+        'loss_param { normalization: VALID } multibox_loss_param { loc_loss_type: SMOOTH_L1 '
+        'conf_loss_type: SOFTMAX loc_weight: 1 num_classes: 2 share_location: true '
+        'match_type: PER_PREDICTION overlap_threshold: 0.5 use_prior_for_matching: true '
+        'background_label_id: 0 use_difficult_gt: true neg_pos_ratio: 3 neg_overlap: 0.5 '
+        'code_type: CENTER_SIZE } }\n')
+    deploy = body + (
+        'layer { name: "mbox_conf_reshape" type: "Reshape" bottom: "mbox_conf" '
+        'top: "mbox_conf_reshape" reshape_param { shape { dim: 0 dim: -1 dim: 2 } } }\n'
+        'layer { name: "mbox_conf_softmax" type: "Softmax" bottom: "mbox_conf_reshape" '
+        'top: "mbox_conf_softmax" softmax_param { axis: 2 } }\n'
+        'layer { name: "mbox_conf_flatten" type: "Flatten" bottom: "mbox_conf_softmax" '
+        'top: "mbox_conf_flatten" flatten_param { axis: 1 } }\n'
+        'layer { name: "detection_out" type: "DetectionOutput" bottom: "mbox_loc" '
+        'bottom: "mbox_conf_flatten" bottom: "mbox_priorbox" top: "detection_out" '
+        'detection_output_param { num_classes: 2 share_location: true background_label_id: 0 '
+        'nms_param { nms_threshold: 0.45 top_k: 50 } code_type: CENTER_SIZE keep_top_k: 5 '
+        'confidence_threshold: 0.1 } }\n')
+    return train, deploy

@@ -10,9 +10,10 @@ import torch
 
 from caffe_compat.engine.layers.base import LayerError
 from layer_utils import gradcheck_layer
-from multibox_reference import (C, PRIORS, ROWS, VARIANCE, encode, ground_truth, inputs, iou,
-                                label_blob, layer, logistic_row, match, per_prior_losses,
-                                prior_blob, reference, run, softmax)
+from multibox_reference import (C, PRIORS, ROWS, VARIANCE, encode, greedy_nms, ground_truth,
+                                inputs, iou, label_blob, layer, logistic_row, match,
+                                per_prior_losses, prior_blob, reference, run, softmax,
+                                tiny_ssd_nets)
 
 
 # -- closed form ---------------------------------------------------------------------------
@@ -180,6 +181,31 @@ def test_hard_example_mining():
     assert [np.flatnonzero(r).tolist() for r in rows] == [[best[0]], [best[1]]]
 
 
+def test_mining_with_nms():
+    """nms_param: SSD suppresses, by loss, candidates overlapping a kept one by more than
+    the threshold before taking the hardest; an unset top_k (0) keeps none."""
+    loc, conf = inputs()
+    plain = run(layer("code_type: CENTER_SIZE"), loc, conf)[0]
+    loose = "use_prior_for_nms: true nms_param { nms_threshold: 1 top_k: 100 }"
+    assert run(layer("code_type: CENTER_SIZE " + loose), loc, conf)[0] == \
+        pytest.approx(plain, rel=1e-12)
+    no_top_k = run(layer("code_type: CENTER_SIZE nms_param { nms_threshold: 0.5 }"), loc, conf)
+    assert not np.abs(no_top_k[2].reshape(2, -1, C)[0, [1, 2, 3]]).any()   # no negatives
+    hard = ("code_type: CENTER_SIZE mining_type: HARD_EXAMPLE sample_size: 2 "
+            "nms_param { nms_threshold: 0.1 top_k: 10 }")
+    value, _, dconf = run(layer(hard + " use_prior_for_nms: true"), loc, conf)
+    losses, positive = per_prior_losses(loc.numpy(), conf.numpy())
+    kept = [greedy_nms(losses[i], 0.1)[:2] for i in range(2)]
+    want = sum(losses[i, kept[i]].sum() for i in range(2))
+    matches = sum(positive[i, kept[i]].sum() for i in range(2))
+    assert value == pytest.approx(want / max(1, matches), rel=1e-5)
+    rows = np.abs(dconf.reshape(2, len(PRIORS), C)).sum(axis=2) > 0
+    assert [sorted(np.flatnonzero(r)) for r in rows] == [sorted(k) for k in kept]
+    zero = torch.zeros_like(loc)
+    assert run(layer(hard), zero, conf)[0] == pytest.approx(
+        run(layer(hard + " use_prior_for_nms: true"), zero, conf)[0], rel=1e-6)
+
+
 def test_map_object_to_agnostic_scores_every_object_as_class_one():
     loc, conf = inputs()
     conf2 = conf.reshape(2, -1, C)[:, :, :2].reshape(2, -1)
@@ -260,9 +286,8 @@ def test_propagate_down_false_leaves_the_term_out():
 
 
 @pytest.mark.parametrize("params, extra, message", [
-    ("mining_type: HARD_EXAMPLE nms_param { nms_threshold: 0.5 }", "",
-     r"layer 'mbox_loss' \(MultiBoxLoss\): mining_type HARD_EXAMPLE with nms_param .* not "
-     "supported"),
+    ("mining_type: HARD_EXAMPLE sample_size: 0", "",
+     r"layer 'mbox_loss' \(MultiBoxLoss\): mining_type HARD_EXAMPLE needs sample_size > 0"),
     ("do_neg_mining: false", "", r"do_neg_mining: false contradicts mining_type MAX_NEGATIVE"),
     ("share_location: false", "", r"negative mining needs share_location: true"),
     ("background_label_id: 3", "", r"background_label_id 3 must be below num_classes 3"),
@@ -270,7 +295,7 @@ def test_propagate_down_false_leaves_the_term_out():
     ("", "propagate_down: true propagate_down: true propagate_down: true propagate_down: false",
      r"cannot propagate down to the priors or the labels"),
 ])
-def test_unsupported_or_contradictory_options_are_named(params, extra, message):
+def test_contradictory_options_are_named(params, extra, message):
     with pytest.raises(LayerError, match=message):
         layer(params, extra=extra, loc_classes=C if "share_location" in params else 1)
 
@@ -286,75 +311,6 @@ def test_bad_data_is_named():
 
 
 # -- end to end ----------------------------------------------------------------------------
-def _conv(name, bottom, out, stride=1, relu=True):
-    text = (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
-            f'convolution_param {{ num_output: {out} kernel_size: 3 pad: 1 stride: {stride} '
-            'weight_filler { type: "xavier" } bias_filler { type: "constant" } } }\n')
-    if relu:
-        text += f'layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}" top: "{name}" }}\n'
-    return text
-
-
-def _head(source, min_size, max_size, classes=2, priors=4):
-    """SSD's per-source head: loc and conf convolutions, permuted to NHWC and flattened,
-    and the source's priors."""
-    text = ""
-    for kind, out in (("loc", priors * 4), ("conf", priors * classes)):
-        name = f"{source}_mbox_{kind}"
-        text += _conv(name, source, out, relu=False)
-        text += (f'layer {{ name: "{name}_perm" type: "Permute" bottom: "{name}" '
-                 f'top: "{name}_perm" permute_param {{ order: 0 order: 2 order: 3 order: 1 }} }}\n'
-                 f'layer {{ name: "{name}_flat" type: "Flatten" bottom: "{name}_perm" '
-                 f'top: "{name}_flat" flatten_param {{ axis: 1 }} }}\n')
-    return text + (f'layer {{ name: "{source}_mbox_priorbox" type: "PriorBox" bottom: "{source}" '
-                   f'bottom: "data" top: "{source}_mbox_priorbox" prior_box_param {{ '
-                   f'min_size: {min_size} max_size: {max_size} aspect_ratio: 2 flip: true '
-                   'variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 } }\n')
-
-
-def _concat(top, kind, axis):
-    bottoms = " ".join(f'bottom: "{s}_mbox_{kind}"' for s in ("conv2", "conv3"))
-    return (f'layer {{ name: "{top}" type: "Concat" {bottoms} top: "{top}" '
-            f'concat_param {{ axis: {axis} }} }}\n')
-
-
-def tiny_ssd_nets() -> tuple[str, str]:
-    """(train, deploy) prototxt of a two-source SSD on a 16x16 image, 2 classes."""
-    body = ('layer { name: "data" type: "Input" top: "data" '
-            'input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }\n'
-            + _conv("conv1", "data", 8)
-            + 'layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" '
-              'pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
-            + _conv("conv2", "pool1", 8, stride=2) + _conv("conv3", "conv2", 8, stride=2)
-            + _head("conv2", 6, 10) + _head("conv3", 10, 14)
-            + _concat("mbox_loc", "loc_flat", 1) + _concat("mbox_conf", "conf_flat", 1)
-            + _concat("mbox_priorbox", "priorbox", 2))
-    train = body + (
-        'layer { name: "label" type: "Input" top: "label" '
-        'input_param { shape { dim: 1 dim: 1 dim: 1 dim: 8 } } }\n'
-        'layer { name: "mbox_loss" type: "MultiBoxLoss" bottom: "mbox_loc" bottom: "mbox_conf" '
-        'bottom: "mbox_priorbox" bottom: "label" top: "mbox_loss" propagate_down: true '
-        'propagate_down: true propagate_down: false propagate_down: false '
-        'loss_param { normalization: VALID } multibox_loss_param { loc_loss_type: SMOOTH_L1 '
-        'conf_loss_type: SOFTMAX loc_weight: 1 num_classes: 2 share_location: true '
-        'match_type: PER_PREDICTION overlap_threshold: 0.5 use_prior_for_matching: true '
-        'background_label_id: 0 use_difficult_gt: true neg_pos_ratio: 3 neg_overlap: 0.5 '
-        'code_type: CENTER_SIZE } }\n')
-    deploy = body + (
-        'layer { name: "mbox_conf_reshape" type: "Reshape" bottom: "mbox_conf" '
-        'top: "mbox_conf_reshape" reshape_param { shape { dim: 0 dim: -1 dim: 2 } } }\n'
-        'layer { name: "mbox_conf_softmax" type: "Softmax" bottom: "mbox_conf_reshape" '
-        'top: "mbox_conf_softmax" softmax_param { axis: 2 } }\n'
-        'layer { name: "mbox_conf_flatten" type: "Flatten" bottom: "mbox_conf_softmax" '
-        'top: "mbox_conf_flatten" flatten_param { axis: 1 } }\n'
-        'layer { name: "detection_out" type: "DetectionOutput" bottom: "mbox_loc" '
-        'bottom: "mbox_conf_flatten" bottom: "mbox_priorbox" top: "detection_out" '
-        'detection_output_param { num_classes: 2 share_location: true background_label_id: 0 '
-        'nms_param { nms_threshold: 0.45 top_k: 50 } code_type: CENTER_SIZE keep_top_k: 5 '
-        'confidence_threshold: 0.1 } }\n')
-    return train, deploy
-
-
 def test_a_tiny_ssd_learns_one_box_and_detection_output_finds_it(tmp_path, monkeypatch):
     import caffe_compat as caffe
     monkeypatch.setenv("GLOG_minloglevel", "1")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from caffe_compat.engine.layers.ssd_detection import (CENTER_SIZE, CORNER, CORNER_SIZE, F32,
-                                                      jaccard_matrix)
+                                                      box_sizes, jaccard_matrix)
 from caffe_compat.engine.layers.stl_sort import sort_descending
 from caffe_compat.proto import caffe_pb2
 
@@ -170,28 +170,58 @@ def logistic_losses(conf: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return per.sum(axis=1).astype(F32)
 
 
-def mine_max_negative(match: np.ndarray, overlap: np.ndarray, losses: np.ndarray,
-                      neg_pos_ratio: float, neg_overlap: float) -> np.ndarray:
-    """SSD's MAX_NEGATIVE mining for one image: priors ``[P]`` without a match whose best
-    overlap is below ``neg_overlap``, the ``int(positives * neg_pos_ratio)`` of highest
-    loss (ties ordered as libstdc++'s std::sort leaves them); ascending prior indices."""
-    eligible = np.flatnonzero((match == -1) & (overlap < F32(neg_overlap)))
-    positives = int(np.count_nonzero(match > -1))
-    wanted = int(F32(positives) * F32(neg_pos_ratio))
-    count = min(wanted, len(eligible))
-    chosen = eligible[sort_descending(losses[eligible])[:count]]
-    return np.sort(chosen)
+def mining_candidates(match: np.ndarray, overlap: np.ndarray, hard_example: bool,
+                      neg_overlap: float) -> np.ndarray:
+    """Priors SSD may pick, ascending: every prior for HARD_EXAMPLE; for MAX_NEGATIVE the
+    unmatched ones whose best overlap is below ``neg_overlap``."""
+    if hard_example:
+        return np.arange(len(match))
+    return np.flatnonzero((match == -1) & (overlap < F32(neg_overlap)))
 
 
-def mine_hard_examples(match: np.ndarray, losses: np.ndarray,
-                       sample_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """SSD's HARD_EXAMPLE mining (without NMS) for one image: the ``sample_size`` priors of
-    highest loss (localisation plus confidence) are kept. Returns the new match array
-    (positives not kept lose their match) and the kept priors without a match (the
-    negatives), ascending; priors ignored across the boundary (-2) are never negatives."""
-    count = min(sample_size, len(losses))
-    kept = np.zeros(len(losses), dtype=bool)
-    kept[sort_descending(losses)[:count]] = True
-    match = np.where((match > -1) & ~kept, -1, match)
-    negatives = np.flatnonzero(kept & (match == -1))
+def negatives_wanted(match: np.ndarray, neg_pos_ratio: float) -> int:
+    """MAX_NEGATIVE's cap: ``int(positives * neg_pos_ratio)`` in float, as SSD computes it."""
+    return int(F32(np.count_nonzero(match > -1)) * F32(neg_pos_ratio))
+
+
+def hardest(candidates: np.ndarray, losses: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` candidates of highest loss, ties ordered as libstdc++'s std::sort."""
+    return candidates[sort_descending(losses[candidates])[:count]]
+
+
+def hardest_after_nms(candidates: np.ndarray, losses: np.ndarray, count: int,
+                      boxes: np.ndarray, threshold: float, top_k: int) -> np.ndarray:
+    """SSD's ApplyNMS on the candidates' boxes by loss, then the first ``count`` kept.
+
+    The candidates are stably sorted by loss and cut to ``top_k`` (an unset ``top_k`` is 0
+    in SSD's proto: nothing is kept); the best box is kept, boxes smaller than 1e-5 are
+    dropped and the rest lose every box overlapping the kept one by more than
+    ``threshold``; the scan stops once ``top_k`` boxes are kept."""
+    order = candidates[np.argsort(-losses[candidates], kind="stable")]
+    if -1 < top_k < len(order):
+        order = order[:top_k]
+    sizes = box_sizes(boxes).astype(np.float64)
+    kept: list[int] = []
+    while len(order) and len(kept) < count:
+        best, order = order[0], order[1:]
+        if sizes[best] < 1e-5:
+            continue
+        kept.append(int(best))
+        if -1 < top_k <= len(kept):
+            break
+        overlaps = jaccard_matrix(boxes[[best]], boxes[order])[0]
+        order = order[(sizes[order] >= 1e-5) & ~(overlaps > F32(threshold))]
+    return np.asarray(kept, dtype=np.int64)
+
+
+def apply_mining(match: np.ndarray, chosen: np.ndarray,
+                 hard_example: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(match, negatives) after mining: the chosen unmatched priors are the negatives
+    (ascending; priors ignored across the boundary, -2, never are), and HARD_EXAMPLE
+    unmatches the positives it did not choose."""
+    picked = np.zeros(len(match), dtype=bool)
+    picked[chosen] = True
+    negatives = np.flatnonzero(picked & (match == -1))
+    if hard_example:
+        match = np.where((match > -1) & ~picked, -1, match)
     return match, negatives

@@ -11,9 +11,10 @@ priors are positives: their predictions regress the encoded boxes (``code_type``
 or L2 = half the squared error, summed). The confidence loss (softmax cross-entropy or
 per-class logistic, summed) covers the positives and the mined negatives (MAX_NEGATIVE: the
 ``neg_pos_ratio`` × positives unmatched priors of highest background loss whose best overlap
-is below ``neg_overlap``; HARD_EXAMPLE: the ``sample_size`` priors of highest loss), or every
-prior with ``mining_type: NONE``. The loss is ``(loc_weight · loc + conf) / normalizer``,
-the normalizer from ``loss_param.normalization`` (VALID: the number of matches) floored at 1.
+is below ``neg_overlap``; HARD_EXAMPLE: the ``sample_size`` priors of highest loss, box loss
+included, positives outside them dropping out), or every prior with ``mining_type: NONE``.
+The loss is ``(loc_weight · loc + conf) / normalizer``, the normalizer from
+``loss_param.normalization`` (VALID: the number of matches) floored at 1.
 
 The gradient is SSD's: matching and mining are constants of the forward pass. Two places
 where SSD's backward is not the derivative of its forward are kept: with
@@ -22,8 +23,9 @@ their gradient is not, and with ``bp_inside`` a coordinate whose box leaves the 
 no gradient. A loss term whose ``propagate_down`` is false is left out of the value, as SSD
 does. With LOGISTIC and ``mining_type: NONE`` SSD advances its target pointer by P, not P·C,
 per image, so image ``i``'s one-hot targets land at flat index ``i·P + j·C + label``; that is
-reproduced (for one image it is the plain layout). NMS during HARD_EXAMPLE mining is not
-supported (an error names it).
+reproduced (for one image it is the plain layout). With ``nms_param`` (``nms_threshold`` >
+0) either mining first suppresses candidates by loss (``ssd_matching.hardest_after_nms``); an
+unset ``nms_param.top_k`` is 0 there, as in SSD, and then mines nothing.
 """
 from __future__ import annotations
 
@@ -119,13 +121,9 @@ class MultiBoxLoss(Layer):
         if self.mining != _P.NONE and not p.share_location:
             raise self.error("negative mining needs share_location: true (as in SSD); "
                              "use mining_type: NONE with per-class locations")
-        if self.mining == _P.HARD_EXAMPLE:
-            if p.HasField("nms_param") and p.nms_param.nms_threshold > 0:
-                raise self.error("mining_type HARD_EXAMPLE with nms_param (NMS among the "
-                                 "mined examples) is not supported")
-            if p.sample_size <= 0:
-                raise self.error("mining_type HARD_EXAMPLE needs sample_size > 0")
-        elif self.mining not in (_P.NONE, _P.MAX_NEGATIVE):
+        if self.mining == _P.HARD_EXAMPLE and p.sample_size <= 0:
+            raise self.error("mining_type HARD_EXAMPLE needs sample_size > 0")
+        if self.mining not in (_P.NONE, _P.MAX_NEGATIVE, _P.HARD_EXAMPLE):
             raise self.error(f"unknown mining_type {self.mining}")
 
     def _normalization(self, lp) -> int:
@@ -232,16 +230,30 @@ class MultiBoxLoss(Layer):
         if self.mining == _P.NONE:
             return {"match": match, "negatives": negatives}
         losses = self._mining_losses(gt, match, scores, loc4, host)
+        hard = self.mining == _P.HARD_EXAMPLE
         for i in gt:
             if not 0 <= i < match.shape[0]:
                 continue
-            if self.mining == _P.MAX_NEGATIVE:
-                negatives[i] = M.mine_max_negative(match[i, 0], overlap[i, 0], losses[i],
-                                                   self.p.neg_pos_ratio, self.p.neg_overlap)
-            else:
-                match[i, 0], negatives[i] = M.mine_hard_examples(match[i, 0], losses[i],
-                                                                 self.p.sample_size)
+            found = match[i, 0]
+            candidates = M.mining_candidates(found, overlap[i, 0], hard, self.p.neg_overlap)
+            count = min(self.p.sample_size if hard
+                        else M.negatives_wanted(found, self.p.neg_pos_ratio), len(candidates))
+            chosen = (self._after_nms(candidates, losses[i], count, loc4[i, :, 0], host)
+                      if self._uses_nms() else M.hardest(candidates, losses[i], count))
+            match[i, 0], negatives[i] = M.apply_mining(found, chosen, hard)
         return {"match": match, "negatives": negatives}
+
+    def _uses_nms(self) -> bool:
+        return self.p.HasField("nms_param") and self.p.nms_param.nms_threshold > 0
+
+    def _after_nms(self, candidates, losses, count, loc: torch.Tensor, host) -> np.ndarray:
+        """SSD's mining with ``nms_param``: NMS by loss over the candidates' priors
+        (``use_prior_for_nms``) or decoded predictions, then the first ``count`` kept."""
+        boxes = host[0] if self.p.use_prior_for_nms else decode_boxes(
+            _host(loc), host[0], host[1], self.p.code_type, self.p.encode_variance_in_target)
+        nms = self.p.nms_param
+        return M.hardest_after_nms(candidates, losses, count, boxes, nms.nms_threshold,
+                                   int(nms.top_k))
 
     def _mining_losses(self, gt: dict, match: np.ndarray, scores: np.ndarray,
                        loc4: torch.Tensor, host: np.ndarray) -> np.ndarray:
