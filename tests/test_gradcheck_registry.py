@@ -31,6 +31,12 @@ def filled(layer_type, body=""):
 
 GAUSS = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
 
+# Four priors (and variances) and two images' boxes (a padding row) for MultiBoxLoss.
+SSD_PRIORS = torch.tensor([[0, 0, .4, .4, .3, 0, .7, .4, .6, 0, 1, .4, .1, .1, .5, .5],
+                           [.1, .1, .2, .2] * 4], dtype=torch.float64).view(1, 2, 16)
+SSD_LABELS = torch.tensor([[0, 1, 0, .04, .04, .44, .44, 0], [-1] * 8,
+                           [1, 2, 0, .3, .05, .72, .42, 0]], dtype=torch.float64).view(1, 1, 3, 8)
+
 # type -> (layer text, bottoms factory, phase)
 EXAMPLES = {
     "AbsVal": (filled("AbsVal"), lambda: [away_from_zero(2, 3, 2, 2)], caffe.TEST),
@@ -153,6 +159,11 @@ EXAMPLES = {
     "ConvolutionDepthwise": (filled("ConvolutionDepthwise", "convolution_param { kernel_size: 3 "
                                     f"pad: 1 stride: 2 {GAUSS} }}"),
                              lambda: [rand(2, 3, 5, 4)], caffe.TEST),
+    # Matching and mining are constants of the forward pass; loc and conf get gradients.
+    "MultiBoxLoss": (filled("MultiBoxLoss", "multibox_loss_param { num_classes: 3 "
+                            "code_type: CENTER_SIZE }"),
+                     lambda: [rand(2, 16) * 2, rand(2, 12), SSD_PRIORS.clone(),
+                              SSD_LABELS.clone()], caffe.TRAIN),
     "Interp": (filled("Interp", "interp_param { height: 5 width: 7 pad_beg: -1 }"),
                lambda: [rand(1, 2, 4, 5)], caffe.TEST),
 }
