@@ -36,6 +36,7 @@ NOT_GENERATED = {
     "LandmarkHeatmap": "renders from landmark labels (test_data_landmarks.py)",
     "PriorBox": "SSD's anchors, checked against goldens (test_forks.py)",
     "DetectionOutput": "SSD's NMS, checked against goldens (test_forks.py)",
+    "DetectionEvaluate": "needs detection and ground-truth rows (test_detection_evaluate.py)",
     "Input": "every generated net starts with it",
 }
 

@@ -182,6 +182,7 @@ NO_BACKWARD = {
     "WindowData": "a source layer", "HDF5Output": "a sink: writes its bottoms to a file",
     "PriorBox": "constant boxes from the bottoms' shapes; SSD's backward does nothing",
     "DetectionOutput": "NMS output; SSD has no backward",
+    "DetectionEvaluate": "true/false-positive marks for the solver's mAP; SSD has no backward",
     "DenseImageData": "a source layer", "AnnotatedData": "a source layer",
 }
 

@@ -1,6 +1,7 @@
 """SSD's training pieces together: convert_annoset writes VOC-style records, AnnotatedData reads
 them with the fork's augmentation, and MultiBoxLoss (matching the label rows the data layer
-lays out) trains a tiny SSD whose deploy twin's DetectionOutput then finds the boxes."""
+lays out) trains a tiny SSD whose deploy twin's DetectionOutput then finds the boxes, and whose
+test phase (DetectionOutput into DetectionEvaluate, eval_type "detection") scores its mAP."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -81,3 +82,41 @@ def test_annotated_data_feeds_multibox_loss_and_a_tiny_ssd_learns(tmp_path, monk
         best = net.forward()["detection_out"][0, 0, 0]     # [image, label, score, box]
         assert best[1] == 1 and best[2] > 0.5, (i, best)
         assert iou(best[3:], np.array([x0, y0, x1, y1]) / SIDE) > 0.6, (i, best)
+
+
+def _test_net(lmdb: Path) -> str:
+    """The deploy net on AnnotatedData's TEST batches, DetectionOutput scored by
+    DetectionEvaluate, as ssd_pascal.py's test net is built."""
+    data = ('layer { name: "data" type: "AnnotatedData" top: "data" top: "label" '
+            'transform_param { scale: 0.00390625 resize_param { height: 16 width: 16 '
+            'resize_mode: WARP interp_mode: LINEAR } } '
+            f'data_param {{ source: "{lmdb}" batch_size: 4 backend: LMDB }} '
+            'annotated_data_param { anno_type: BBOX } }\n')
+    evaluate = ('layer { name: "detection_eval" type: "DetectionEvaluate" bottom: "detection_out" '
+                'bottom: "label" top: "detection_eval" detection_evaluate_param { '
+                'num_classes: 2 background_label_id: 0 overlap_threshold: 0.5 } }\n')
+    kept = [line for line in tiny_ssd_nets()[1].splitlines(keepends=True)
+            if 'type: "Input"' not in line]
+    return data + "".join(kept) + evaluate
+
+
+def test_the_tiny_ssd_test_phase_scores_its_map(tmp_path, monkeypatch):
+    import caffe_compat as caffe
+    from caffe_compat.engine.solver import events
+    monkeypatch.setenv("GLOG_minloglevel", "1")
+    lmdb = _voc(tmp_path)
+    (tmp_path / "train.prototxt").write_text(_train_net(lmdb))
+    (tmp_path / "test.prototxt").write_text(_test_net(lmdb))
+    (tmp_path / "solver.prototxt").write_text(
+        f'train_net: "{tmp_path / "train.prototxt"}"\ntest_net: "{tmp_path / "test.prototxt"}"\n'
+        'test_iter: 1\ntest_interval: 150\ntest_initialization: false\neval_type: "detection"\n'
+        'ap_version: "11point"\nbase_lr: 0.05\nlr_policy: "fixed"\nmomentum: 0.9\n'
+        'max_iter: 150\ndisplay: 0\nsnapshot_after_train: false\nrandom_seed: 3\n')
+    solver = caffe.get_solver(str(tmp_path / "solver.prototxt"))
+    tests = []
+    solver.subscribe(tests.append, events.TestDone)
+    solver.solve()
+    assert [t.iter for t in tests] == [150]
+    rows = solver.test_nets[0].blobs["detection_eval"].data[0, 0]
+    assert rows[0].tolist() == [-1, 1, len(BOXES), -1, -1]    # the class's count row
+    assert tests[0].scalar("detection_eval") > 0.9, rows

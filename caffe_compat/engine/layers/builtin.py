@@ -30,6 +30,7 @@ MODULES = (
     "caffe_compat.engine.layers.forks",
     "caffe_compat.engine.layers.ssd",
     "caffe_compat.engine.layers.ssd_detection",
+    "caffe_compat.engine.layers.ssd_evaluate",
     "caffe_compat.engine.layers.ssd_multibox",
     "caffe_compat.engine.layers.python_layer",
     "caffe_compat.data.layers",

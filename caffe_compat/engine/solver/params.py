@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from caffe_compat.formats.blob_io import read_text_proto
 from caffe_compat.proto import caffe_pb2
+from caffe_compat.engine.solver.detection_eval import AP_VERSIONS
 from caffe_compat.engine.solver.lr_policy import LRPolicyError, LR_POLICIES, unknown_policy_message
 from caffe_compat.engine.solver.updates import SolverTypeError, rule_class
 
@@ -99,9 +100,21 @@ def validate(param: caffe_pb2.SolverParameter, source: str = "<solver>") -> None
     if param.regularization_type not in ("L1", "L2"):
         raise SolverParamError(f"{source}: Unknown regularization type: "
                                f"{param.regularization_type} (known: L1, L2)")
+    _check_evaluation(param, source)
     _count_train_nets(param, source)
     _count_test_nets(param, source)
     _check_numbers(param, source)
+
+
+def _check_evaluation(param: caffe_pb2.SolverParameter, source: str) -> None:
+    """The SSD fork's eval_type and, for detection, ap_version (the fork aborts on an unknown
+    one at the first test; here the solver file is refused before training)."""
+    if param.eval_type not in ("classification", "detection"):
+        raise SolverParamError(f"{source}: Unknown evaluation type: {param.eval_type} "
+                               "(known: classification, detection)")
+    if param.eval_type == "detection" and param.ap_version not in AP_VERSIONS:
+        raise SolverParamError(f"{source}: Unknown ap_version: {param.ap_version} "
+                               f"(known: {', '.join(AP_VERSIONS)})")
 
 
 _FINITE_FIELDS = ("base_lr", "momentum", "momentum2", "weight_decay", "gamma", "power", "delta",
