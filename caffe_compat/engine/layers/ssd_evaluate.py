@@ -183,6 +183,7 @@ class DetectionEvaluate(Layer):
     origin = SSD
     num_bottoms = (2, 2)
     no_grad_bottoms = (0, 1)
+    full_precision = True     # its rows are scores and counts: no reduced-precision copies
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
