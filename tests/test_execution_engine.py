@@ -32,6 +32,7 @@ NOT_GENERATED = {
     "WindowData": "reads a window file and images (test_data_window_data.py)",
     "DenseImageData": "reads image pairs (test_dense_image_data.py)",
     "AnnotatedData": "reads an AnnotatedDatum LMDB (test_annotated_data.py)",
+    "VideoData": "reads a video file or camera (test_video_data.py)",
     "HDF5Output": "writes a file on every forward (test_data_hdf5_output.py)",
     "LandmarkHeatmap": "renders from landmark labels (test_data_landmarks.py)",
     "PriorBox": "SSD's anchors, checked against goldens (test_forks.py)",

@@ -184,6 +184,7 @@ NO_BACKWARD = {
     "DetectionOutput": "NMS output; SSD has no backward",
     "DetectionEvaluate": "true/false-positive marks for the solver's mAP; SSD has no backward",
     "DenseImageData": "a source layer", "AnnotatedData": "a source layer",
+    "VideoData": "a source layer",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

@@ -27,10 +27,10 @@ def test_unknown_layer_type_suggests_close_names_and_names_forks(tmp_path):
     with pytest.raises(LayerError, match=r"Unknown layer type: Convolutoin \(no supported fork "
                        r"defines it\); did you mean Convolution"):
         net_from(tmp_path, INPUT + 'layer { name: "c" type: "Convolutoin" bottom: "data" top: "c" }')
-    with pytest.raises(LayerError, match=r"layer 'm': Unknown layer type: VideoData "
-                       r"\(defined by weiliu89/caffe \(SSD\), which this project does not "
-                       r"implement\)"):
-        net_from(tmp_path, INPUT + 'layer { name: "m" type: "VideoData" top: "v" }')
+    with pytest.raises(LayerError, match=r"layer 'm': Unknown layer type: CenterLoss "
+                       r"\(defined by ydwen/caffe-face \(center loss\), which this project "
+                       r"does not implement\)"):
+        net_from(tmp_path, INPUT + 'layer { name: "m" type: "CenterLoss" bottom: "data" top: "v" }')
 
 
 def test_unknown_field_names_file_line_layer_and_fork(tmp_path):

@@ -41,7 +41,6 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
 
 # Layer types that forks register and this project lacks.
 FORK_TYPES: dict[str, str] = {
-    "VideoData": _SSD,
     "PSROIPooling": _RFCN,
     "BoxAnnotatorOHEM": _RFCN,
     "Reorg": _YOLO,

@@ -35,6 +35,7 @@ MODULES = (
     "caffe_compat.engine.layers.python_layer",
     "caffe_compat.data.layers",
     "caffe_compat.data.annotated_data",
+    "caffe_compat.data.video_data",
     "caffe_compat.data.array_layers",
     "caffe_compat.data.window_data",
     "caffe_compat.data.dense_image_data",
