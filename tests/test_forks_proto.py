@@ -66,6 +66,11 @@ def _number(message, field):
     (L, "smooth_l1_loss_param", 8266712), (caffe_pb2.SmoothL1LossParameter, "sigma", 1),
     # the channel-pruning fork's ImageData
     (caffe_pb2.ImageDataParameter, "new_dim", 13), (caffe_pb2.ImageDataParameter, "bicubic", 14),
+    # daijifeng001/caffe-rfcn (10001 is this project's landmark_heatmap_param: moved) and
+    # gklz1982/caffe-yolov2 (147 is BVLC's swish_param: moved)
+    (L, "psroi_pooling_param", 20001), (caffe_pb2.PSROIPoolingParameter, "group_size", 3),
+    (caffe_pb2.PSROIPoolingParameter, "output_dim", 2),
+    (L, "reorg_param", 10147), (caffe_pb2.ReorgParameter, "reverse", 2),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number
@@ -122,7 +127,7 @@ def test_the_fork_tables_never_name_what_caffe_proto_defines():
     ('Message type "caffe.TransformationParameter" has no field named "scale_factors".',
      "DeepLab v2"),
     ('Message type "caffe.LossParameter" has no field named "pre_fixed_normalizer".', "R-FCN"),
-    ('Message type "caffe.LayerParameter" has no field named "psroi_pooling_param".', "R-FCN"),
+    ('Message type "caffe.LayerParameter" has no field named "box_annotator_ohem_param".', "R-FCN"),
     ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',
      "no supported fork defines it"),
 ])

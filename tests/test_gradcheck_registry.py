@@ -153,6 +153,11 @@ EXAMPLES = {
                           "spatial_scale: 0.5 }"),
                    lambda: [rand(2, 2, 5, 6), torch.tensor([[0, 0, 0, 9, 7], [1, 2, 4, 11, 9.]],
                                                            dtype=torch.float64)], caffe.TEST),
+    "PSROIPooling": (filled("PSROIPooling", "psroi_pooling_param { spatial_scale: 0.5 "
+                            "output_dim: 2 group_size: 2 }"),
+                     lambda: [rand(2, 8, 5, 6), torch.tensor([[0, 0, 0, 9, 7], [1, -2, 4, 11, 9.]],
+                                                             dtype=torch.float64)], caffe.TEST),
+    "Reorg": (filled("Reorg", "reorg_param { stride: 2 }"), lambda: [rand(2, 8, 2, 4)], caffe.TEST),
     "Axpy": (filled("Axpy"), lambda: [rand(2, 3), rand(2, 3, 2, 2), rand(2, 3, 2, 2)], caffe.TEST),
     "ShuffleChannel": (filled("ShuffleChannel", "shuffle_channel_param { group: 3 }"),
                        lambda: [rand(2, 6, 2, 1)], caffe.TEST),

@@ -34,10 +34,10 @@ def test_unknown_layer_type_suggests_close_names_and_names_forks(tmp_path):
 
 
 def test_unknown_field_names_file_line_layer_and_fork(tmp_path):
-    text = INPUT + ('layer {\n  name: "pool"\n  type: "PSROIPooling"\n'
-                    '  psroi_pooling_param { group_size: 7 }\n}\n')
-    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'pool': caffe.LayerParameter "
-                       r"has no field 'psroi_pooling_param' \(defined by daijifeng001/caffe-rfcn"):
+    text = INPUT + ('layer {\n  name: "ohem"\n  type: "BoxAnnotatorOHEM"\n'
+                    '  box_annotator_ohem_param { roi_per_img: 128 }\n}\n')
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'ohem': caffe.LayerParameter "
+                       r"has no field 'box_annotator_ohem_param' \(defined by daijifeng001/caffe-rfcn"):
         net_from(tmp_path, text)
     text = INPUT + ('layer {\n  name: "bn"\n  type: "BN"\n  bn_param {\n'
                     '    slope_filler { type: "constant" value: 1 }\n  }\n}\n')

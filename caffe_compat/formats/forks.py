@@ -21,8 +21,8 @@ _FACE = "ydwen/caffe-face (center loss)"
 # fork's prototxt is told apart from a typo at any depth.
 FORK_FIELDS: dict[str, dict[str, str]] = {
     "LayerParameter": {
-        "psroi_pooling_param": _RFCN, "box_annotator_ohem_param": _RFCN,
-        "reorg_param": _YOLO, "region_param": _YOLO, "yolo_v3_loss_param": _YOLO,
+        "box_annotator_ohem_param": _RFCN,
+        "region_param": _YOLO, "yolo_v3_loss_param": _YOLO,
         "yolov3_detection_output_param": _YOLO,
         "seg_accuracy_param": _DEEPLAB, "image_seg_data_param": _DEEPLAB,
         "mat_read_param": _DEEPLAB, "mat_write_param": _DEEPLAB, "dense_crf_param": _DEEPLAB,
@@ -41,9 +41,7 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
 
 # Layer types that forks register and this project lacks.
 FORK_TYPES: dict[str, str] = {
-    "PSROIPooling": _RFCN,
     "BoxAnnotatorOHEM": _RFCN,
-    "Reorg": _YOLO,
     "Region": _YOLO,
     "Yolov3DetectionOutput": _YOLO,
     "SegAccuracy": _DEEPLAB,
