@@ -262,17 +262,26 @@ class RunWatcher:
             self.curve.save()
 
 
+def resolve_layout(device, layout: str, precision: str, where: str) -> tuple[str, str]:
+    """``--layout`` as this machine resolves it (``auto``: what a short probe at
+    ``precision`` on ``device`` picks), logged as coming from ``where``; returns the layout
+    and why."""
+    from caffe_compat.engine.layout import AUTO, decide_layout
+    from caffe_compat.formats import glog
+    reason = f"{layout}: --layout {layout}"
+    if layout == AUTO:
+        decision = decide_layout(device, precision)
+        layout, reason = decision.layout, decision.reason
+    glog.info(f"--layout {reason}", where)
+    return layout, reason
+
+
 def use_layout(solver, layout: str, precision: str) -> tuple[str, str]:
     """Store the train net's convolution weights in ``layout`` (``auto``: what a short probe
     at ``precision`` picks); returns the layout and why."""
-    from caffe_compat.engine.layout import AUTO, apply_layout, decide_layout
-    reason = f"{layout}: --layout {layout}"
-    if layout == AUTO:
-        decision = decide_layout(solver.device, precision)
-        layout, reason = decision.layout, decision.reason
+    from caffe_compat.engine.layout import apply_layout
+    layout, reason = resolve_layout(solver.device, layout, precision, "full_fashion_mnist.py")
     apply_layout(solver.train_module, layout)
-    from caffe_compat.formats import glog
-    glog.info(f"--layout {reason}", "full_fashion_mnist.py")
     return layout, reason
 
 

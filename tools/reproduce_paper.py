@@ -115,14 +115,9 @@ def machine(threads: int, precision: str = "fp32", layout: str = "nchw") -> str:
 def resolve_speed(args) -> tuple[str, str]:
     """--precision and --layout as this machine resolves ``auto`` (once, for every run)."""
     from caffe_compat.commands import device as devices
-    from caffe_compat.engine.layout import AUTO, decide_layout
-    from caffe_compat.formats import glog
+    from experiments.full_fashion_mnist import resolve_layout
     choice = devices.select(None, None, allow_cpu=True, precision=args.precision)
-    layout = args.layout
-    if layout == AUTO:
-        decision = decide_layout(choice.device, choice.precision)
-        layout = decision.layout
-        glog.info(f"--layout {decision.reason}", "reproduce_paper.py")
+    layout, _ = resolve_layout(choice.device, args.layout, choice.precision, "reproduce_paper.py")
     return choice.precision, layout
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from caffe_compat.engine.layers.ssd_detection import box_sizes
 from caffe_compat.formats.errors import DataError
 
 f32 = np.float32
@@ -49,12 +50,6 @@ class Boxes:
 # ------------------------------------------------------------------- box arithmetic
 
 
-def area(b: np.ndarray) -> np.ndarray:
-    """Width × height of normalised boxes (…, 4); 0 for an inverted box."""
-    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
-    return np.where((w < 0) | (h < 0), f32(0), w * h).astype(f32)
-
-
 def clip(b: np.ndarray) -> np.ndarray:
     return np.clip(b, f32(0), f32(1)).astype(f32)
 
@@ -75,15 +70,15 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     iw, ih = inter[..., 2] - inter[..., 0], inter[..., 3] - inter[..., 1]
     size = iw * ih
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = size / (area(a) + area(b) - size)
+        iou = size / (box_sizes(a) + box_sizes(b) - size)
     return np.where((iw > 0) & (ih > 0), iou, f32(0)).astype(f32)
 
 
 def coverage(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The share of ``a``'s area that lies inside ``b``."""
-    size = area(intersect(a, b))
+    size = box_sizes(intersect(a, b))
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = size / area(a)
+        share = size / box_sizes(a)
     return np.where(size > 0, share, f32(0)).astype(f32)
 
 
@@ -95,7 +90,7 @@ def project(window: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarr
                | (boxes[:, 1] >= wy1) | (boxes[:, 3] <= wy0))
     scale = np.array([wx1 - wx0, wy1 - wy0] * 2, dtype=f32)
     moved = clip((boxes - np.array([wx0, wy0, wx0, wy0], dtype=f32)) / scale)
-    return moved, ~outside & (area(moved) > 0)
+    return moved, ~outside & (box_sizes(moved) > 0)
 
 
 def emitted(window: np.ndarray, boxes: np.ndarray, constraint) -> np.ndarray:

@@ -73,12 +73,16 @@ def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, cod
     return np.stack([cx - w64, cy - h64, cx + w64, cy + h64], axis=-1).astype(F32)
 
 
-def box_sizes(boxes: np.ndarray) -> np.ndarray:
-    """SSD's BBoxSize (normalised): width·height in float32, 0 for inverted boxes."""
+def box_sizes(boxes: np.ndarray, normalized: bool = True) -> np.ndarray:
+    """SSD's BBoxSize of boxes ``[..., 4]``: width·height in float32 (pixel sizes count both
+    ends: ``+1`` per side when not ``normalized``), 0 for inverted boxes."""
     with np.errstate(invalid="ignore", over="ignore"):
-        w = (boxes[:, 2] - boxes[:, 0]).astype(F32)
-        h = (boxes[:, 3] - boxes[:, 1]).astype(F32)
-        return np.where((w < 0) | (h < 0), F32(0), (w * h).astype(F32)).astype(F32)
+        w = (boxes[..., 2] - boxes[..., 0]).astype(F32)
+        h = (boxes[..., 3] - boxes[..., 1]).astype(F32)
+        inverted = (w < 0) | (h < 0)
+        if not normalized:
+            w, h = w + F32(1), h + F32(1)
+        return np.where(inverted, F32(0), (w * h).astype(F32)).astype(F32)
 
 
 def jaccard_matrix(kept: np.ndarray, candidates: np.ndarray) -> np.ndarray:

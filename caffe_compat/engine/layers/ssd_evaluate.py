@@ -33,6 +33,7 @@ import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.ssd import SSD
+from caffe_compat.engine.layers.ssd_detection import box_sizes
 from caffe_compat.engine.layers.stl_sort import sort_descending
 from caffe_compat.proto import caffe_pb2
 
@@ -56,17 +57,6 @@ def read_name_sizes(path: str) -> list[tuple[int, int]]:
         except ValueError:
             break
     return sizes
-
-
-def box_sizes(boxes: np.ndarray, normalized: bool = True) -> np.ndarray:
-    """The fork's BBoxSize: float32 width·height (pixel sizes count both ends: ``+1``), 0 for
-    inverted boxes."""
-    w = (boxes[:, 2] - boxes[:, 0]).astype(F32)
-    h = (boxes[:, 3] - boxes[:, 1]).astype(F32)
-    if not normalized:
-        w, h = w + F32(1), h + F32(1)
-    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    return np.where(inverted, F32(0), (w * h).astype(F32)).astype(F32)
 
 
 def _clip(boxes: np.ndarray, height: float = 1.0, width: float = 1.0):
