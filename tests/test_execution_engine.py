@@ -50,6 +50,10 @@ FORWARD_ONLY = {
     "Silence": ('name: "l" type: "Silence"', lambda: [rand(2, 3)]),
     "DummyData": ('name: "l" type: "DummyData" top: "d" dummy_data_param { shape { dim: 2 '
                   'dim: 3 } data_filler { type: "constant" value: 0.25 } }', lambda: []),
+    "BoxAnnotatorOHEM": ('name: "l" type: "BoxAnnotatorOHEM" top: "a" top: "b" '
+                         'box_annotator_ohem_param { roi_per_img: 2 }',
+                         lambda: [torch.tensor([[0, 1, 1, 5, 5.]] * 3 + [[1, 0, 0, 4, 4.]] * 2),
+                                  rand(5).abs(), labels(5, 3), rand(5, 8)]),
 }
 
 

@@ -71,6 +71,12 @@ def _number(message, field):
     (L, "psroi_pooling_param", 20001), (caffe_pb2.PSROIPoolingParameter, "group_size", 3),
     (caffe_pb2.PSROIPoolingParameter, "output_dim", 2),
     (L, "reorg_param", 10147), (caffe_pb2.ReorgParameter, "reverse", 2),
+    # R-FCN's OHEM (its own 10000) and loss normalizer (its 4 is SegNet's class_weighting:
+    # moved); caffe-face's center loss (147 is BVLC's swish_param, 10147 reorg_param: moved)
+    (L, "box_annotator_ohem_param", 10000), (caffe_pb2.BoxAnnotatorOHEMParameter, "ignore_label", 2),
+    (caffe_pb2.LossParameter, "pre_fixed_normalizer", 20021),
+    (L, "center_loss_param", 20020), (caffe_pb2.CenterLossParameter, "axis", 3),
+    (caffe_pb2.CenterLossParameter, "center_filler", 2),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number
@@ -84,6 +90,10 @@ def test_fork_defaults():
     assert caffe_pb2.UpsampleParameter().scale == 2
     assert caffe_pb2.PoolingParameter().ceil_mode is True
     assert caffe_pb2.DetectionOutputParameter().code_type == caffe_pb2.PriorBoxParameter.CORNER
+    assert caffe_pb2.BoxAnnotatorOHEMParameter().ignore_label == -1        # R-FCN's defaults
+    assert caffe_pb2.LossParameter().pre_fixed_normalizer == 1
+    assert caffe_pb2.LossParameter.PRE_FIXED == 20022                     # R-FCN: 3 (our NONE)
+    assert caffe_pb2.CenterLossParameter().axis == 1                      # caffe-face's
 
 
 def test_fork_prototxt_fragments_parse():
@@ -126,8 +136,8 @@ def test_the_fork_tables_never_name_what_caffe_proto_defines():
     ('Message type "caffe.BNParameter" has no field named "frozen".', "hszhao/PSPNet"),
     ('Message type "caffe.TransformationParameter" has no field named "scale_factors".',
      "DeepLab v2"),
-    ('Message type "caffe.LossParameter" has no field named "pre_fixed_normalizer".', "R-FCN"),
-    ('Message type "caffe.LayerParameter" has no field named "box_annotator_ohem_param".', "R-FCN"),
+    ('Message type "caffe.ImageDataParameter" has no field named "label_type".', "DeepLab v2"),
+    ('Message type "caffe.LayerParameter" has no field named "region_param".', "YOLO ports"),
     ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',
      "no supported fork defines it"),
 ])

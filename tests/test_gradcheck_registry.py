@@ -171,6 +171,15 @@ EXAMPLES = {
                               SSD_LABELS.clone()], caffe.TRAIN),
     "Interp": (filled("Interp", "interp_param { height: 5 width: 7 pad_beg: -1 }"),
                lambda: [rand(1, 2, 4, 5)], caffe.TEST),
+    "CenterLoss": (filled("CenterLoss", 'center_loss_param { num_output: 3 '
+                          'center_filler { type: "gaussian" } }'),
+                   lambda: [rand(4, 2, 3), torch.tensor([0., 2., 2., 1.])], caffe.TRAIN),
+}
+
+# Blobs whose diff is a fork's update rule rather than a gradient: only the bottoms are checked
+# here, the blobs' diffs against the fork's formula in the named test file.
+NOT_GRADIENT_BLOBS = {
+    "CenterLoss": "caffe-face's center update (tests/test_fork_layers_face_ohem.py)",
 }
 
 # Types with no backward pass in Caffe, and why.
@@ -190,6 +199,7 @@ NO_BACKWARD = {
     "DetectionEvaluate": "true/false-positive marks for the solver's mAP; SSD has no backward",
     "DenseImageData": "a source layer", "AnnotatedData": "a source layer",
     "VideoData": "a source layer",
+    "BoxAnnotatorOHEM": "selects labels and weights by loss; R-FCN has no backward",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by
@@ -206,4 +216,7 @@ def test_float64_gradient(layer_type):
     text, bottoms, phase = EXAMPLES[layer_type]
     inputs = bottoms()
     layer = make_layer(text, [tuple(b.shape) for b in inputs], phase)
+    if layer_type in NOT_GRADIENT_BLOBS:
+        for blob in layer.blobs:
+            blob.requires_grad_(False)
     gradcheck_layer(layer, inputs)

@@ -27,17 +27,17 @@ def test_unknown_layer_type_suggests_close_names_and_names_forks(tmp_path):
     with pytest.raises(LayerError, match=r"Unknown layer type: Convolutoin \(no supported fork "
                        r"defines it\); did you mean Convolution"):
         net_from(tmp_path, INPUT + 'layer { name: "c" type: "Convolutoin" bottom: "data" top: "c" }')
-    with pytest.raises(LayerError, match=r"layer 'm': Unknown layer type: CenterLoss "
-                       r"\(defined by ydwen/caffe-face \(center loss\), which this project "
-                       r"does not implement\)"):
-        net_from(tmp_path, INPUT + 'layer { name: "m" type: "CenterLoss" bottom: "data" top: "v" }')
+    with pytest.raises(LayerError, match=r"layer 'm': Unknown layer type: DenseCRF "
+                       r"\(defined by DeepLab v2 caffe \(deeplab-public-ver2; also "
+                       r"hszhao/PSPNet\), which this project does not implement\)"):
+        net_from(tmp_path, INPUT + 'layer { name: "m" type: "DenseCRF" bottom: "data" top: "v" }')
 
 
 def test_unknown_field_names_file_line_layer_and_fork(tmp_path):
-    text = INPUT + ('layer {\n  name: "ohem"\n  type: "BoxAnnotatorOHEM"\n'
-                    '  box_annotator_ohem_param { roi_per_img: 128 }\n}\n')
-    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'ohem': caffe.LayerParameter "
-                       r"has no field 'box_annotator_ohem_param' \(defined by daijifeng001/caffe-rfcn"):
+    text = INPUT + ('layer {\n  name: "region"\n  type: "Region"\n'
+                    '  region_param { classes: 20 }\n}\n')
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'region': caffe.LayerParameter "
+                       r"has no field 'region_param' \(defined by the YOLO ports of Caffe"):
         net_from(tmp_path, text)
     text = INPUT + ('layer {\n  name: "bn"\n  type: "BN"\n  bn_param {\n'
                     '    slope_filler { type: "constant" value: 1 }\n  }\n}\n')

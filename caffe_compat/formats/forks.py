@@ -10,25 +10,21 @@ from __future__ import annotations
 import re
 
 _SSD = "weiliu89/caffe (SSD)"
-_RFCN = "daijifeng001/caffe-rfcn (R-FCN)"
 _YOLO = "the YOLO ports of Caffe"
 _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
 _PSPNET = "hszhao/PSPNet (its BN layer, not SegNet's BN this project implements)"
-_FACE = "ydwen/caffe-face (center loss)"
 
 # Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
 # parameter blocks; the others are fields nested inside BVLC's (or a fork's) messages, so a
 # fork's prototxt is told apart from a typo at any depth.
 FORK_FIELDS: dict[str, dict[str, str]] = {
     "LayerParameter": {
-        "box_annotator_ohem_param": _RFCN,
         "region_param": _YOLO, "yolo_v3_loss_param": _YOLO,
         "yolov3_detection_output_param": _YOLO,
         "seg_accuracy_param": _DEEPLAB, "image_seg_data_param": _DEEPLAB,
         "mat_read_param": _DEEPLAB, "mat_write_param": _DEEPLAB, "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
         "bias_channel_param": _DEEPLAB, "unique_label_param": _DEEPLAB,
-        "center_loss_param": _FACE,
     },
     "BNParameter": {name: _PSPNET for name in
                     ("slope_filler", "bias_filler", "momentum", "eps", "frozen")},
@@ -36,12 +32,10 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
     "TransformationParameter": {"scale_factors": _DEEPLAB, "crop_width": _DEEPLAB,
                                 "crop_height": _DEEPLAB},
     "ImageDataParameter": {"ignore_label": _DEEPLAB, "label_type": _DEEPLAB},
-    "LossParameter": {"pre_fixed_normalizer": _RFCN},
 }
 
 # Layer types that forks register and this project lacks.
 FORK_TYPES: dict[str, str] = {
-    "BoxAnnotatorOHEM": _RFCN,
     "Region": _YOLO,
     "Yolov3DetectionOutput": _YOLO,
     "SegAccuracy": _DEEPLAB,
@@ -50,7 +44,6 @@ FORK_TYPES: dict[str, str] = {
     "MatWrite": _DEEPLAB,
     "DenseCRF": _DEEPLAB,
     "DomainTransform": _DEEPLAB,
-    "CenterLoss": _FACE,
 }
 
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')

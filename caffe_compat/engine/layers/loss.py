@@ -49,19 +49,33 @@ def _check_labels(layer: Layer, labels: torch.Tensor, valid: torch.Tensor | None
                           f"[0, {classes}) (or the ignore_label)")
 
 
-def _normalization(layer: Layer, default: int) -> int:
-    """Mode: ``normalization`` if set, else the legacy ``normalize``, else ``default``."""
+def refuse_pre_fixed(layer: Layer, mode: int) -> int:
+    """``mode``, unless it is R-FCN's PRE_FIXED, which only its SmoothL1Loss reads (the fork's
+    other loss layers abort on it as an unknown mode)."""
+    if mode == _Loss.PRE_FIXED:
+        raise layer.error("loss_param.normalization PRE_FIXED is only read by SmoothL1Loss "
+                          "(R-FCN); use FULL, VALID, BATCH_SIZE or NONE here")
+    return mode
+
+
+def _normalization(layer: Layer, default: int, pre_fixed: bool = False) -> int:
+    """Mode: ``normalization`` if set, else the legacy ``normalize``, else ``default``.
+    PRE_FIXED is an error unless the layer reads it (``pre_fixed``)."""
     p = layer.param.loss_param
     if p.HasField("normalization"):
-        return p.normalization
+        return p.normalization if pre_fixed else refuse_pre_fixed(layer, p.normalization)
     if p.HasField("normalize"):
         return _Loss.VALID if p.normalize else _Loss.BATCH_SIZE
     return default
 
 
-def _normalizer(mode: int, outer: int, inner: int, valid_count) -> torch.Tensor | float:
-    """Caffe's get_normalizer, floored at 1. ``valid_count`` is None when nothing is ignored."""
-    if mode == _Loss.FULL:
+def _normalizer(mode: int, outer: int, inner: int, valid_count,
+                pre_fixed: float = 1.0) -> torch.Tensor | float:
+    """Caffe's get_normalizer, floored at 1. ``valid_count`` is None when nothing is ignored;
+    ``pre_fixed`` is R-FCN's ``pre_fixed_normalizer`` (mode PRE_FIXED)."""
+    if mode == _Loss.PRE_FIXED:
+        n = pre_fixed
+    elif mode == _Loss.FULL:
         n = outer * inner
     elif mode == _Loss.VALID:
         n = outer * inner if valid_count is None else valid_count
@@ -160,12 +174,20 @@ class SoftmaxWithLoss(_SoftmaxLoss):
     SegNet's ``loss_param { weight_by_label_freqs: true class_weighting: ... }`` multiplies
     each position's loss (and so its gradient) by its label's weight; the normalizer still
     counts positions, as in alexgkendall/caffe-segnet. Labels outside [0, C) are tolerated
-    as a release build does (``accuracy.labels_in_range``).
+    as a release build does (``accuracy.labels_in_range``). daijifeng001/caffe-rfcn's third
+    top holds each position's loss ``-log(max(p_label, FLT_MIN))`` (0 where ignored), shaped
+    like the labels, for BoxAnnotatorOHEM; it passes no gradient back.
     """
 
     type = "SoftmaxWithLoss"
     _axis_field = "softmax axis"
     release_labels = True
+    num_tops = (1, 3)
+
+    @property
+    def _loss_top(self) -> bool:
+        """R-FCN's third top: each position's loss, shaped like the labels."""
+        return len(self.param.top) > 2
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -177,7 +199,7 @@ class SoftmaxWithLoss(_SoftmaxLoss):
         self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
-        tops = super().top_shapes(bottom_shapes)
+        tops = super().top_shapes(bottom_shapes) + [tuple(bottom_shapes[1])] * self._loss_top
         classes = bottom_shapes[0][self._axis(len(bottom_shapes[0]))]
         if self.class_weights is not None and self.class_weights.numel() != classes:
             raise self.error(f"weight_by_label_freqs needs one class_weighting per class: "
@@ -198,7 +220,10 @@ class SoftmaxWithLoss(_SoftmaxLoss):
         picked = torch.where(counted, picked, 0.0)
         count = None if valid is None else valid.sum()
         loss = -picked.sum() / _normalizer(self.normalization, outer, inner, count)
-        return self._finish(loss, score, axis)
+        tops = self._finish(loss, score, axis)
+        if self._loss_top:    # no gradient flows back from it, as in the fork
+            return (*tops, -picked.detach().reshape(label.shape))
+        return tops
 
 
 @register
@@ -219,7 +244,7 @@ class InfogainLoss(_SoftmaxLoss):
         super().__init__(param, bottom_shapes, phase)
         if param.loss_param.HasField("normalize"):
             raise self.error('loss_param.normalize is not supported here; use "normalization"')
-        self.normalization = param.loss_param.normalization
+        self.normalization = refuse_pre_fixed(self, param.loss_param.normalization)
         if len(bottom_shapes) < 3:
             source = param.infogain_loss_param.source
             if not source:

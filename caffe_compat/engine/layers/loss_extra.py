@@ -1,5 +1,5 @@
 """Loss layers beyond ``loss.py``: BVLC's ContrastiveLoss and MultinomialLogisticLoss, and
-Fast R-CNN's SmoothL1Loss.
+Fast R-CNN's (and R-FCN's) SmoothL1Loss.
 
 The BVLC two reproduce Caffe's backward where it is not the derivative of its forward (the
 ``1e-4`` in ContrastiveLoss' distance, the clamped probability in MultinomialLogisticLoss):
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from caffe_compat.engine.layers.base import Shape, register
-from caffe_compat.engine.layers.loss import LOG_THRESHOLD, _check_labels, _LossLayer
+from caffe_compat.engine.layers.loss import (LOG_THRESHOLD, _Loss, _check_labels, _LossLayer,
+                                             _normalization, _normalizer)
 
 
 def _with_gradient(value: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -105,19 +106,27 @@ class MultinomialLogisticLoss(_LossLayer):
 
 @register
 class SmoothL1Loss(_LossLayer):
-    """rbgirshick/caffe-fast-rcnn's box regression loss over ``d = w_in · (pred - target)``::
+    """The box regression loss of rbgirshick/caffe-fast-rcnn and daijifeng001/caffe-rfcn over
+    ``d = w_in · (pred - target)``::
 
         loss = Σ w_out · f(d) / N,  f(d) = 0.5 (σ d)² if |d| < 1/σ², else |d| - 0.5/σ²
 
-    with the optional inside/outside weights as bottoms 2 and 3 (both or neither) and N the
-    batch size (bottom 0's first axis). The fork's backward is the exact derivative, so
-    autograd gives it; like the fork, the target (bottom 1) receives the opposite gradient.
+    Fast R-CNN: optional inside/outside weights as bottoms 2 and 3 (both or neither), N the
+    batch size (bottom 0's first axis); its backward is the exact derivative, so autograd
+    gives it. R-FCN (σ = 1): three bottoms (inside weights only), N from ``loss_param``
+    (FULL/VALID: N·H·W, BATCH_SIZE: N, PRE_FIXED: ``pre_fixed_normalizer``, NONE: 1; at
+    least 1); its backward leaves out the inside weights' factor (the same for 0/1 weights,
+    kept here), and an optional top 1 holds each RoI's loss summed over channels,
+    ``[N, 1, H, W]``, with no gradient back. With neither ``normalization`` nor ``normalize``
+    set N is the batch size (Fast R-CNN; R-FCN's VALID default differs only where
+    H·W > 1). Like both forks, the target (bottom 1) receives the opposite gradient.
     """
 
     type = "SmoothL1Loss"
     origin = "rbgirshick/caffe-fast-rcnn"
     family = "loss"
     num_bottoms = (2, 4)
+    num_tops = (1, 2)
     no_grad_bottoms = (2, 3)
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
@@ -126,25 +135,33 @@ class SmoothL1Loss(_LossLayer):
         self.sigma2 = float(sigma * sigma)              # the fork's float sigma2_
         if self.sigma2 <= 0:
             raise self.error(f"smooth_l1_loss_param.sigma must be non-zero, got {sigma:g}")
+        self.normalization = _normalization(self, _Loss.BATCH_SIZE, pre_fixed=True)
+        self.pre_fixed = float(param.loss_param.pre_fixed_normalizer)
         self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
-        if len(bottom_shapes) == 3:
-            raise self.error("give both the inside and the outside weights (4 bottoms) or "
-                             "neither (2 bottoms)")
         first = tuple(bottom_shapes[0])
         for i, shape in enumerate(bottom_shapes[1:], start=1):
             if math.prod(shape) != math.prod(first) or tuple(shape[:1]) != first[:1]:
                 raise self.error(f"bottom {i} {list(shape)} must match bottom 0 {list(first)}")
-        return [()]
+        n, _, h, w = (tuple(first) + (1,) * 4)[:4]
+        return [()] + [(n, 1, h, w)] * (len(self.param.top) > 1)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor,
                 inside: torch.Tensor | None = None, outside: torch.Tensor | None = None):
         d = pred - target.reshape(pred.shape)
         if inside is not None:
-            d = d * inside.detach().reshape(pred.shape)
+            weighted = d * inside.detach().reshape(pred.shape)
+            # R-FCN's gradient is f'(d), not w_in·f'(d): the weights enter the value only
+            d = weighted if outside is not None else d + (weighted - d).detach()
         small = d.abs() < 1.0 / self.sigma2
         err = torch.where(small, 0.5 * d * d * self.sigma2, d.abs() - 0.5 / self.sigma2)
         if outside is not None:
             err = err * outside.detach().reshape(pred.shape)
-        return err.sum() / pred.shape[0]
+        n, _, h, w = (tuple(pred.shape) + (1,) * 4)[:4]
+        normalizer = _normalizer(self.normalization, n, h * w, None, self.pre_fixed)
+        loss = err.sum() / normalizer
+        if len(self.param.top) > 1:
+            per_roi = err.detach().reshape(n, -1, h * w).sum(1).reshape(n, 1, h, w)
+            return loss, per_roi
+        return loss

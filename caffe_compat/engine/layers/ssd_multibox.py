@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
-from caffe_compat.engine.layers.loss import FLT_MIN, _clamped_log, _normalizer
+from caffe_compat.engine.layers.loss import FLT_MIN, _clamped_log, _normalizer, refuse_pre_fixed
 from caffe_compat.engine.layers.ssd import SSD, _legacy_chw
 from caffe_compat.engine.layers.ssd_detection import F32, decode_boxes
 from caffe_compat.engine.layers import ssd_matching as M
@@ -130,7 +130,7 @@ class MultiBoxLoss(Layer):
         """``normalization`` unless only the legacy ``normalize`` is set (SSD's rule)."""
         if not lp.HasField("normalization") and lp.HasField("normalize"):
             return _Loss.VALID if lp.normalize else _Loss.BATCH_SIZE
-        return int(lp.normalization)
+        return refuse_pre_fixed(self, int(lp.normalization))
 
     def _terms(self, propagate_down: list[bool]) -> tuple[bool, bool]:
         """Which of (loc, conf) enter the loss: SSD adds a term only where its bottom
