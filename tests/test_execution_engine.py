@@ -50,6 +50,12 @@ FORWARD_ONLY = {
     "Silence": ('name: "l" type: "Silence"', lambda: [rand(2, 3)]),
     "DummyData": ('name: "l" type: "DummyData" top: "d" dummy_data_param { shape { dim: 2 '
                   'dim: 3 } data_filler { type: "constant" value: 0.25 } }', lambda: []),
+    "Region": ('name: "l" type: "Region" region_param { classes: 2 num: 2 }',
+               lambda: [rand(2, 14, 3, 2)]),
+    "Yolov3DetectionOutput": ('name: "l" type: "Yolov3DetectionOutput" '
+                              'yolov3_detection_output_param { num_classes: 2 num_box: 1 '
+                              'confidence_threshold: 0.2 biases: [16, 32] anchors_scale: 32 '
+                              'mask_group_num: 1 mask: 0 }', lambda: [rand(2, 7, 3, 2)]),
 }
 
 

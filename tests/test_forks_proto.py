@@ -71,6 +71,11 @@ def _number(message, field):
     (L, "psroi_pooling_param", 20001), (caffe_pb2.PSROIPoolingParameter, "group_size", 3),
     (caffe_pb2.PSROIPoolingParameter, "output_dim", 2),
     (L, "reorg_param", 10147), (caffe_pb2.ReorgParameter, "reverse", 2),
+    # eric612/MobileNet-YOLO and openvinotoolkit/training_toolbox_caffe (their own numbers)
+    (L, "yolov3_detection_output_param", 602),
+    (caffe_pb2.Yolov3DetectionOutputParameter, "anchors_scale", 6),
+    (caffe_pb2.Yolov3DetectionOutputParameter, "mask", 8),
+    (L, "region_param", 214), (caffe_pb2.RegionParameter, "num", 3),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number

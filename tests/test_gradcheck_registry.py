@@ -190,6 +190,8 @@ NO_BACKWARD = {
     "DetectionEvaluate": "true/false-positive marks for the solver's mAP; SSD has no backward",
     "DenseImageData": "a source layer", "AnnotatedData": "a source layer",
     "VideoData": "a source layer",
+    "Yolov3DetectionOutput": "NMS output; MobileNet-YOLO has no backward",
+    "Region": "the training_toolbox_caffe port's backward is empty",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by
