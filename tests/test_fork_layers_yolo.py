@@ -138,10 +138,15 @@ def test_yolov3_no_detection_rows_per_image():
 DEPLOY_TAIL = '''name: "MobileNet-YOLO tail"
 layer { name: "data" type: "Input" top: "data"
   input_param { shape { dim: 1 dim: 8 dim: 6 dim: 6 } } }
-layer { name: "yolo/conv4" type: "Convolution" bottom: "data" top: "yolo/conv4"
+layer { name: "conv1/dw" type: "DepthwiseConvolution" bottom: "data" top: "conv1/dw"
+  param { lr_mult: 1.0 decay_mult: 1.0 }
+  convolution_param { num_output: 8 bias_term: true pad: 1 kernel_size: 3 group: 8
+    weight_filler { type: "msra" } engine: CAFFE } }
+layer { name: "conv1/dw/relu" type: "ReLU" bottom: "conv1/dw" top: "conv1/dw" }
+layer { name: "yolo/conv4" type: "Convolution" bottom: "conv1/dw" top: "yolo/conv4"
   convolution_param { num_output: 75 kernel_size: 3 stride: 2 pad: 1
     weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.1 } } }
-layer { name: "yolo/conv5" type: "Convolution" bottom: "data" top: "yolo/conv5"
+layer { name: "yolo/conv5" type: "Convolution" bottom: "conv1/dw" top: "yolo/conv5"
   convolution_param { num_output: 75 kernel_size: 1
     weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.1 } } }
 layer {
@@ -178,6 +183,23 @@ def test_mobilenet_yolo_deploy_tail_runs_through_net(tmp_path):
                                                280, 279], [[3, 4, 5], [0, 1, 2]], [32, 16],
                                    0.0099999998, 0.44999999)
     np.testing.assert_allclose(out[0, 0], expected, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("group,num_output", [(6, 6), (2, 4)])
+def test_depthwise_convolution_is_caffes_grouped_convolution(group, num_output):
+    """MobileNet-YOLO's CPU DepthwiseConvolution is BaseConvolutionLayer's grouped GEMM: the
+    same numbers as Convolution with the same convolution_param (group and num_output as
+    given, unlike ConvolutionDepthwise, which forces both to the channel count)."""
+    body = (f'convolution_param {{ num_output: {num_output} group: {group} kernel_size: 3 '
+            'stride: 2 pad: 1 weight_filler { type: "gaussian" std: 1 } '
+            'bias_filler { type: "gaussian" std: 1 } }')
+    x = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(3))
+    dw = make_layer(f'name: "dw" type: "DepthwiseConvolution" {body}', [x.shape])
+    conv = make_layer(f'name: "c" type: "Convolution" {body}', [x.shape])
+    assert [tuple(b.shape) for b in dw.blobs] == [(num_output, 6 // group, 3, 3), (num_output,)]
+    for mine, theirs in zip(dw.blobs, conv.blobs):
+        mine.data.copy_(theirs.data)
+    assert torch.equal(dw(x), conv(x))
 
 
 @pytest.mark.parametrize("text,shapes,message", [

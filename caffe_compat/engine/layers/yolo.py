@@ -138,12 +138,13 @@ class Yolov3DetectionOutput(Layer):
         col, row = (cell % w).astype(F32), (cell // w).astype(F32)
         pairs = np.asarray(self.masks[t])[anchor]
         net_w, net_h = F32(w * self.scales[t]), F32(h * self.scales[t])
-        boxes = np.stack([
-            (col + act[anchor, 0, cell]) / F32(w),
-            (row + act[anchor, 1, cell]) / F32(h),
-            float_exp(x[anchor, 2, cell]) * self.biases[2 * pairs] / net_w,
-            float_exp(x[anchor, 3, cell]) * self.biases[2 * pairs + 1] / net_h,
-        ], axis=1).astype(F32)
+        with np.errstate(over="ignore"):           # a huge tw, th gives inf, as in the fork
+            boxes = np.stack([
+                (col + act[anchor, 0, cell]) / F32(w),
+                (row + act[anchor, 1, cell]) / F32(h),
+                float_exp(x[anchor, 2, cell]) * self.biases[2 * pairs] / net_w,
+                float_exp(x[anchor, 3, cell]) * self.biases[2 * pairs + 1] / net_h,
+            ], axis=1).astype(F32)
         return boxes, cls, scores[cell, anchor, cls]
 
     def image_detections(self, heads: Sequence[np.ndarray]) -> np.ndarray:
