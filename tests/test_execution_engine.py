@@ -54,6 +54,12 @@ FORWARD_ONLY = {
                          'box_annotator_ohem_param { roi_per_img: 2 }',
                          lambda: [torch.tensor([[0, 1, 1, 5, 5.]] * 3 + [[1, 0, 0, 4, 4.]] * 2),
                                   rand(5).abs(), labels(5, 3), rand(5, 8)]),
+    "Region": ('name: "l" type: "Region" region_param { classes: 2 num: 2 }',
+               lambda: [rand(2, 14, 3, 2)]),
+    "Yolov3DetectionOutput": ('name: "l" type: "Yolov3DetectionOutput" '
+                              'yolov3_detection_output_param { num_classes: 2 num_box: 1 '
+                              'confidence_threshold: 0.2 biases: [16, 32] anchors_scale: 32 '
+                              'mask_group_num: 1 mask: 0 }', lambda: [rand(2, 7, 3, 2)]),
 }
 
 

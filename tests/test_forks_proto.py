@@ -77,6 +77,11 @@ def _number(message, field):
     (caffe_pb2.LossParameter, "pre_fixed_normalizer", 20021),
     (L, "center_loss_param", 20020), (caffe_pb2.CenterLossParameter, "axis", 3),
     (caffe_pb2.CenterLossParameter, "center_filler", 2),
+    # eric612/MobileNet-YOLO and openvinotoolkit/training_toolbox_caffe (their own numbers)
+    (L, "yolov3_detection_output_param", 602),
+    (caffe_pb2.Yolov3DetectionOutputParameter, "anchors_scale", 6),
+    (caffe_pb2.Yolov3DetectionOutputParameter, "mask", 8),
+    (L, "region_param", 214), (caffe_pb2.RegionParameter, "num", 3),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number

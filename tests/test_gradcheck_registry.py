@@ -161,6 +161,9 @@ EXAMPLES = {
     "Axpy": (filled("Axpy"), lambda: [rand(2, 3), rand(2, 3, 2, 2), rand(2, 3, 2, 2)], caffe.TEST),
     "ShuffleChannel": (filled("ShuffleChannel", "shuffle_channel_param { group: 3 }"),
                        lambda: [rand(2, 6, 2, 1)], caffe.TEST),
+    "DepthwiseConvolution": (filled("DepthwiseConvolution", "convolution_param { num_output: 4 "
+                                    f"kernel_size: 3 stride: 2 pad: 1 group: 4 {GAUSS} }}"),
+                             lambda: [rand(2, 4, 5, 5)], caffe.TEST),
     "ConvolutionDepthwise": (filled("ConvolutionDepthwise", "convolution_param { kernel_size: 3 "
                                     f"pad: 1 stride: 2 {GAUSS} }}"),
                              lambda: [rand(2, 3, 5, 4)], caffe.TEST),
@@ -200,6 +203,8 @@ NO_BACKWARD = {
     "DenseImageData": "a source layer", "AnnotatedData": "a source layer",
     "VideoData": "a source layer",
     "BoxAnnotatorOHEM": "selects labels and weights by loss; R-FCN has no backward",
+    "Yolov3DetectionOutput": "NMS output; MobileNet-YOLO has no backward",
+    "Region": "the training_toolbox_caffe port's backward is empty",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

@@ -11,6 +11,12 @@ import re
 
 _SSD = "weiliu89/caffe (SSD)"
 _YOLO = "the YOLO ports of Caffe"
+_MOBILENET_YOLO = "eric612/MobileNet-YOLO"
+_SYNOPSYS = "foss-for-synopsys-dwc-arc-processors/synopsys-caffe"
+# Other YOLOv2 ports' Region layers, incompatible with the one implemented (docs/forks.md).
+_OTHER_REGION = ("another YOLOv2 port's Region layer (BirdeeChen/caffe_yolo_v2, "
+                 "sokeeffe/caffe_yolo, Cambricon Caffe), incompatible with the "
+                 "openvinotoolkit/training_toolbox_caffe Region this project implements")
 _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
 _PSPNET = "hszhao/PSPNet (its BN layer, not SegNet's BN this project implements)"
 
@@ -19,8 +25,8 @@ _PSPNET = "hszhao/PSPNet (its BN layer, not SegNet's BN this project implements)
 # fork's prototxt is told apart from a typo at any depth.
 FORK_FIELDS: dict[str, dict[str, str]] = {
     "LayerParameter": {
-        "region_param": _YOLO, "yolo_v3_loss_param": _YOLO,
-        "yolov3_detection_output_param": _YOLO,
+        "yolo_v3_loss_param": _SYNOPSYS, "yolov3_param": _MOBILENET_YOLO,
+        "region_loss_param": _YOLO, "yolo_detection_output_param": _MOBILENET_YOLO,
         "seg_accuracy_param": _DEEPLAB, "image_seg_data_param": _DEEPLAB,
         "mat_read_param": _DEEPLAB, "mat_write_param": _DEEPLAB, "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
@@ -32,12 +38,18 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
     "TransformationParameter": {"scale_factors": _DEEPLAB, "crop_width": _DEEPLAB,
                                 "crop_height": _DEEPLAB},
     "ImageDataParameter": {"ignore_label": _DEEPLAB, "label_type": _DEEPLAB},
+    "RegionParameter": {name: _OTHER_REGION for name in
+                        ("boxes_of_each_grid", "softmax", "bias_match", "output_square", "ratio",
+                         "iou_thresh", "box_thresh", "anchors", "side", "num_classes", "biases",
+                         "thresh", "jitter", "object_scale", "class_scale", "noobject_scale",
+                         "coord_scale", "nms_threshold", "iou_threshold")},
 }
 
 # Layer types that forks register and this project lacks.
 FORK_TYPES: dict[str, str] = {
-    "Region": _YOLO,
-    "Yolov3DetectionOutput": _YOLO,
+    "Yolov3": _MOBILENET_YOLO,
+    "RegionLoss": _YOLO,
+    "YoloDetectionOutput": _MOBILENET_YOLO,
     "SegAccuracy": _DEEPLAB,
     "ImageSegData": _DEEPLAB,
     "MatRead": _DEEPLAB,

@@ -296,3 +296,17 @@ class ConvolutionDepthwise(Convolution):
         depthwise.convolution_param.num_output = channels
         depthwise.convolution_param.group = channels
         super().__init__(depthwise, bottom_shapes, phase)
+
+
+@register
+class DepthwiseConvolution(Convolution):
+    """eric612/MobileNet-YOLO's DepthwiseConvolution. The fork's CPU forward and backward are
+    Caffe's own grouped convolution, so ``convolution_param`` is read as Convolution reads it
+    (``num_output`` and ``group`` as given; the fork's nets set both to the bottom's channel
+    count, which makes it depthwise). Its CUDA kernel assumes that depthwise setting and
+    agrees with the CPU forward there.
+    """
+
+    type = "DepthwiseConvolution"
+    family = "conv"
+    origin = "eric612/MobileNet-YOLO"

@@ -24,7 +24,7 @@ none). Writing result files (``save_output_param.output_directory``) is not supp
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -133,9 +133,14 @@ def ranked_candidates(scores: np.ndarray, score_threshold: float, top_k: int) ->
     return candidates[np.argsort(-scores[candidates], kind="stable")]
 
 
-def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float) -> np.ndarray:
-    """SSD's ApplyNMSFast after its sort: positions kept among ``[K, 4]`` boxes ranked best
-    first.
+def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float,
+               overlaps: Callable[[np.ndarray, np.ndarray], np.ndarray] = jaccard_matrix,
+               strike_ties: bool = False) -> np.ndarray:
+    """SSD's ApplyNMSFast after its sort: positions kept among ``[K, ...]`` boxes ranked best
+    first. ``overlaps(kept, candidates)`` gives ``[A, B]`` overlaps (SSD's Jaccard by default);
+    a candidate is struck out when its overlap with a kept box is above the threshold (SSD's
+    ``<=`` keeps it, so NaN strikes it out) or, with ``strike_ties``, at or above it (YOLO's
+    ``>=`` strikes it, so NaN keeps it).
 
     One overlap matrix, then a greedy pass that visits only the boxes it keeps: each kept
     box strikes out the later ones it overlaps by more than the threshold of the moment.
@@ -144,23 +149,26 @@ def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float) -> np.ndarra
     smaller threshold, as SSD does."""
     if len(boxes) < 2:
         return np.arange(len(boxes))
+    threshold = F32(nms_threshold)
+
+    def survives(values: np.ndarray) -> np.ndarray:
+        return ~(values >= threshold) if strike_ties else values <= threshold
+
     # Up to MATRIX_LIMIT candidates (16 MB of overlaps) all pairs at once; beyond (no top_k
     # and no confidence threshold, say) one row per kept box.
-    matrix = jaccard_matrix(boxes, boxes) if len(boxes) <= MATRIX_LIMIT else None
+    matrix = overlaps(boxes, boxes) if len(boxes) <= MATRIX_LIMIT else None
     alive = np.ones(len(boxes), dtype=bool)  # not yet visited nor struck out
     kept: list[int] = []
-    threshold = F32(nms_threshold)
     position = 0
     while alive[position]:
         alive[position] = False
-        # "<=", as SSD tests it: a NaN overlap strikes the candidate out.
-        if not (eta < 1 and kept and not np.all(
-                (matrix[kept, position] if matrix is not None
-                 else jaccard_matrix(boxes[kept], boxes[position:position + 1])) <= threshold)):
+        if not (eta < 1 and kept and not np.all(survives(
+                matrix[kept, position] if matrix is not None
+                else overlaps(boxes[kept], boxes[position:position + 1])))):
             kept.append(position)
             row = (matrix[position] if matrix is not None
-                   else jaccard_matrix(boxes[position:position + 1], boxes)[0])
-            alive &= row <= threshold
+                   else overlaps(boxes[position:position + 1], boxes)[0])
+            alive &= survives(row)
             if eta < 1 and threshold > 0.5:
                 threshold = F32(threshold * F32(eta))
         position = int(alive.argmax())
