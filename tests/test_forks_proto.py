@@ -71,6 +71,21 @@ def _number(message, field):
     (L, "psroi_pooling_param", 20001), (caffe_pb2.PSROIPoolingParameter, "group_size", 3),
     (caffe_pb2.PSROIPoolingParameter, "output_dim", 2),
     (L, "reorg_param", 10147), (caffe_pb2.ReorgParameter, "reverse", 2),
+    # hszhao/PSPNet's BN fields in SegNet's BNParameter (PSPNet's 1-3 are SegNet's: moved)
+    (caffe_pb2.BNParameter, "slope_filler", 20030), (caffe_pb2.BNParameter, "bias_filler", 20031),
+    (caffe_pb2.BNParameter, "momentum", 20032), (caffe_pb2.BNParameter, "eps", 4),
+    (caffe_pb2.BNParameter, "frozen", 5), (caffe_pb2.BNParameter, "engine", 6),
+    (caffe_pb2.BNParameter, "scale_filler", 1),
+    (caffe_pb2.BatchNormParameter, "update_global_stats", 4),
+    # DeepLab v2 (144, 145 are BVLC's crop_param and parameter_param; its transform fields
+    # 8-10 are SSD's: moved)
+    (L, "seg_accuracy_param", 10144), (L, "mat_write_param", 10145), (L, "mat_read_param", 151),
+    (caffe_pb2.SegAccuracyParameter, "reset", 3), (caffe_pb2.MatWriteParameter, "period", 4),
+    (caffe_pb2.MatReadParameter, "batch_size", 4),
+    (caffe_pb2.ImageDataParameter, "ignore_label", 15), (caffe_pb2.ImageDataParameter, "label_type", 16),
+    (caffe_pb2.TransformationParameter, "scale_factors", 20033),
+    (caffe_pb2.TransformationParameter, "crop_width", 20034),
+    (caffe_pb2.TransformationParameter, "crop_height", 20035),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number
@@ -84,6 +99,11 @@ def test_fork_defaults():
     assert caffe_pb2.UpsampleParameter().scale == 2
     assert caffe_pb2.PoolingParameter().ceil_mode is True
     assert caffe_pb2.DetectionOutputParameter().code_type == caffe_pb2.PriorBoxParameter.CORNER
+    assert caffe_pb2.BNParameter().momentum == pytest.approx(0.9)        # PSPNet's defaults
+    assert caffe_pb2.BNParameter().eps == pytest.approx(1e-5)
+    assert caffe_pb2.ImageDataParameter().ignore_label == 255            # DeepLab's
+    assert caffe_pb2.ImageDataParameter().label_type == caffe_pb2.ImageDataParameter.IMAGE
+    assert caffe_pb2.SegAccuracyParameter().reset is True
 
 
 def test_fork_prototxt_fragments_parse():
@@ -123,9 +143,8 @@ def test_the_fork_tables_never_name_what_caffe_proto_defines():
 
 
 @pytest.mark.parametrize("reason, expected", [
-    ('Message type "caffe.BNParameter" has no field named "frozen".', "hszhao/PSPNet"),
-    ('Message type "caffe.TransformationParameter" has no field named "scale_factors".',
-     "DeepLab v2"),
+    ('Message type "caffe.LayerParameter" has no field named "dense_crf_param".', "DeepLab v2"),
+    ('Message type "caffe.BNParameter" has no field named "frozn".', "no supported fork defines it"),
     ('Message type "caffe.LossParameter" has no field named "pre_fixed_normalizer".', "R-FCN"),
     ('Message type "caffe.LayerParameter" has no field named "box_annotator_ohem_param".', "R-FCN"),
     ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',

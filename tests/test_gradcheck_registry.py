@@ -189,7 +189,9 @@ NO_BACKWARD = {
     "DetectionOutput": "NMS output; SSD has no backward",
     "DetectionEvaluate": "true/false-positive marks for the solver's mAP; SSD has no backward",
     "DenseImageData": "a source layer", "AnnotatedData": "a source layer",
-    "VideoData": "a source layer",
+    "VideoData": "a source layer", "ImageSegData": "a source layer", "MatRead": "a source layer",
+    "MatWrite": "a sink: writes its bottoms to files",
+    "SegAccuracy": "an evaluation layer; DeepLab has no backward",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

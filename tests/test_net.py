@@ -39,10 +39,10 @@ def test_unknown_field_names_file_line_layer_and_fork(tmp_path):
     with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'ohem': caffe.LayerParameter "
                        r"has no field 'box_annotator_ohem_param' \(defined by daijifeng001/caffe-rfcn"):
         net_from(tmp_path, text)
-    text = INPUT + ('layer {\n  name: "bn"\n  type: "BN"\n  bn_param {\n'
-                    '    slope_filler { type: "constant" value: 1 }\n  }\n}\n')
-    with pytest.raises(ProtoTextError, match=r"net.prototxt:6:\d+: layer 'bn': caffe.BNParameter "
-                       r"has no field 'slope_filler' \(defined by hszhao/PSPNet"):
+    text = INPUT + ('layer {\n  name: "loss"\n  type: "SoftmaxWithLoss"\n  loss_param {\n'
+                    '    pre_fixed_normalizer: 1\n  }\n}\n')
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:6:\d+: layer 'loss': caffe.LossParameter "
+                       r"has no field 'pre_fixed_normalizer' \(defined by daijifeng001/caffe-rfcn"):
         net_from(tmp_path, text)
     text = INPUT + 'layer { name: "p" type: "Pooling" bottom: "data" pooling_param { kernel: 2 } }'
     with pytest.raises(ProtoTextError, match=r"net.prototxt:2:\d+: layer 'p': caffe.PoolingParameter "

@@ -13,7 +13,6 @@ _SSD = "weiliu89/caffe (SSD)"
 _RFCN = "daijifeng001/caffe-rfcn (R-FCN)"
 _YOLO = "the YOLO ports of Caffe"
 _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
-_PSPNET = "hszhao/PSPNet (its BN layer, not SegNet's BN this project implements)"
 _FACE = "ydwen/caffe-face (center loss)"
 
 # Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
@@ -24,18 +23,11 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
         "box_annotator_ohem_param": _RFCN,
         "region_param": _YOLO, "yolo_v3_loss_param": _YOLO,
         "yolov3_detection_output_param": _YOLO,
-        "seg_accuracy_param": _DEEPLAB, "image_seg_data_param": _DEEPLAB,
-        "mat_read_param": _DEEPLAB, "mat_write_param": _DEEPLAB, "dense_crf_param": _DEEPLAB,
+        "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
         "bias_channel_param": _DEEPLAB, "unique_label_param": _DEEPLAB,
         "center_loss_param": _FACE,
     },
-    "BNParameter": {name: _PSPNET for name in
-                    ("slope_filler", "bias_filler", "momentum", "eps", "frozen")},
-    "BatchNormParameter": {"update_global_stats": _PSPNET},
-    "TransformationParameter": {"scale_factors": _DEEPLAB, "crop_width": _DEEPLAB,
-                                "crop_height": _DEEPLAB},
-    "ImageDataParameter": {"ignore_label": _DEEPLAB, "label_type": _DEEPLAB},
     "LossParameter": {"pre_fixed_normalizer": _RFCN},
 }
 
@@ -44,12 +36,11 @@ FORK_TYPES: dict[str, str] = {
     "BoxAnnotatorOHEM": _RFCN,
     "Region": _YOLO,
     "Yolov3DetectionOutput": _YOLO,
-    "SegAccuracy": _DEEPLAB,
-    "ImageSegData": _DEEPLAB,
-    "MatRead": _DEEPLAB,
-    "MatWrite": _DEEPLAB,
     "DenseCRF": _DEEPLAB,
     "DomainTransform": _DEEPLAB,
+    "AdaptiveBiasChannel": _DEEPLAB,
+    "BiasChannel": _DEEPLAB,
+    "UniqueLabel": _DEEPLAB,
     "CenterLoss": _FACE,
 }
 
