@@ -279,3 +279,32 @@ def test_mat_read_refuses_double_data_and_a_missing_source(tmp_path):
                    f'source: "{tmp_path / "ids.txt"}" }}', [])
     with pytest.raises(LayerError, match="mat_read_param.source must name at least one file"):
         make_layer('name: "r" type: "MatRead" top: "x" mat_read_param { prefix: "p" }', [])
+
+
+DEEPLAB_TEST = '''name: "deeplab"
+layer { name: "data" type: "ImageSegData" top: "data" top: "label" top: "data_dim"
+  include { phase: TEST }
+  transform_param { mirror: false crop_size: 9 mean_value: 104 mean_value: 117 mean_value: 123 }
+  image_data_param { root_folder: "ROOT" source: "ROOT/test.txt" batch_size: 1 label_type: NONE } }
+layer { name: "fc8" type: "Convolution" bottom: "data" top: "fc8"
+  convolution_param { num_output: 2 kernel_size: 3 stride: 2 dilation: 1
+    weight_filler { type: "gaussian" std: 0.01 } } }
+layer { name: "fc8_interp" type: "Interp" bottom: "fc8" top: "fc8_interp" interp_param { zoom_factor: 2 } }
+layer { name: "fc8_mat" type: "MatWrite" bottom: "fc8_interp" include { phase: TEST }
+  mat_write_param { prefix: "ROOT/features/" source: "ROOT/test_id.txt" strip: 0 period: 1 } }
+layer { name: "silence" type: "Silence" bottom: "label" bottom: "data_dim" include { phase: TEST } }
+'''
+
+
+def test_a_deeplab_test_net_writes_one_mat_file_per_image(tmp_path):
+    _write(tmp_path, [(7, 8), (6, 5)])
+    (tmp_path / "test.txt").write_text("/img0.png\n/img1.png\n")
+    (tmp_path / "test_id.txt").write_text("img0\nimg1\n")
+    (tmp_path / "features").mkdir()
+    (tmp_path / "net.prototxt").write_text(DEEPLAB_TEST.replace("ROOT", str(tmp_path)))
+    net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TEST)
+    for name in ("img0", "img1"):
+        net.forward()
+        data = scipy.io.loadmat(str(tmp_path / "features" / f"{name}_blob_0.mat"))["data"]
+        assert data.shape == (7, 7, 2, 1)                        # [W H C N] of (1, 2, 7, 7)
+        np.testing.assert_allclose(data.transpose(3, 2, 1, 0), net.blobs["fc8_interp"].data)
