@@ -169,6 +169,9 @@ EXAMPLES = {
                             "code_type: CENTER_SIZE }"),
                      lambda: [rand(2, 16) * 2, rand(2, 12), SSD_PRIORS.clone(),
                               SSD_LABELS.clone()], caffe.TRAIN),
+    "BiasChannel": (filled("BiasChannel", "bias_channel_param { label_type: PIXEL }"),
+                    lambda: [rand(1, 3, 2, 2), torch.tensor([[[[0, 1], [2, -1.]]]],
+                                                            dtype=torch.float64)], caffe.TEST),
     "Interp": (filled("Interp", "interp_param { height: 5 width: 7 pad_beg: -1 }"),
                lambda: [rand(1, 2, 4, 5)], caffe.TEST),
 }
@@ -192,6 +195,7 @@ NO_BACKWARD = {
     "VideoData": "a source layer", "ImageSegData": "a source layer", "MatRead": "a source layer",
     "MatWrite": "a sink: writes its bottoms to files",
     "SegAccuracy": "an evaluation layer; DeepLab has no backward",
+    "UniqueLabel": "label values out of labels; DeepLab has no backward",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

@@ -16,9 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from caffe_compat.data.hdf5_output import legacy_shape
 from caffe_compat.data.source_layer import _DataLayer
-from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.engine.layers.base import Layer, Shape, legacy_shape, register
 from caffe_compat.formats.atomic import atomic_path
 from caffe_compat.formats.errors import DataError
 

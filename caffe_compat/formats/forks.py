@@ -25,7 +25,6 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
         "yolov3_detection_output_param": _YOLO,
         "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
-        "bias_channel_param": _DEEPLAB, "unique_label_param": _DEEPLAB,
         "center_loss_param": _FACE,
     },
     "LossParameter": {"pre_fixed_normalizer": _RFCN},
@@ -39,8 +38,6 @@ FORK_TYPES: dict[str, str] = {
     "DenseCRF": _DEEPLAB,
     "DomainTransform": _DEEPLAB,
     "AdaptiveBiasChannel": _DEEPLAB,
-    "BiasChannel": _DEEPLAB,
-    "UniqueLabel": _DEEPLAB,
     "CenterLoss": _FACE,
 }
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.engine.layers.base import Layer, Shape, legacy_shape, register
 from caffe_compat.engine.layers.common import canonical_axis, pack
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,11 @@ class SegAccuracy(Layer):
         self.confusion = torch.zeros(classes, classes, dtype=torch.long)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
-        score, label = (tuple(s) + (1,) * (4 - len(s)) for s in bottom_shapes)
-        if len(score) > 4 or len(label) > 4 or len(score) < 2:
+        try:
+            score, label = (legacy_shape(tuple(s)) for s in bottom_shapes)
+        except ValueError:
+            score = ()
+        if len(bottom_shapes[0]) < 2 or not score:
             raise self.error(f"scores {list(bottom_shapes[0])} and labels "
                              f"{list(bottom_shapes[1])} must be N×C×H×W and N×1×H×W")
         if label[1] != 1 or (score[0],) + score[2:] != (label[0],) + label[2:]:
