@@ -33,6 +33,9 @@ NOT_GENERATED = {
     "DenseImageData": "reads image pairs (test_dense_image_data.py)",
     "AnnotatedData": "reads an AnnotatedDatum LMDB (test_annotated_data.py)",
     "VideoData": "reads a video file or camera (test_video_data.py)",
+    "ImageSegData": "reads image/label pairs (test_fork_layers_deeplab.py)",
+    "MatRead": "reads MATLAB files (test_fork_layers_deeplab.py)",
+    "MatWrite": "writes MATLAB files on every forward (test_fork_layers_deeplab.py)",
     "HDF5Output": "writes a file on every forward (test_data_hdf5_output.py)",
     "LandmarkHeatmap": "renders from landmark labels (test_data_landmarks.py)",
     "PriorBox": "SSD's anchors, checked against goldens (test_forks.py)",
@@ -60,6 +63,11 @@ FORWARD_ONLY = {
                               'yolov3_detection_output_param { num_classes: 2 num_box: 1 '
                               'confidence_threshold: 0.2 biases: [16, 32] anchors_scale: 32 '
                               'mask_group_num: 1 mask: 0 }', lambda: [rand(2, 7, 3, 2)]),
+    "SegAccuracy": ('name: "l" type: "SegAccuracy" seg_accuracy_param { ignore_label: 255 }',
+                    lambda: [rand(2, 3, 4, 5), labels(2, 3).float().reshape(2, 1, 1, 1)
+                             .expand(2, 1, 4, 5).contiguous()]),
+    "UniqueLabel": ('name: "l" type: "UniqueLabel" unique_label_param { max_labels: 4 }',
+                    lambda: [labels(8, 3).float().reshape(2, 1, 2, 2)]),
 }
 
 

@@ -82,6 +82,24 @@ def _number(message, field):
     (caffe_pb2.Yolov3DetectionOutputParameter, "anchors_scale", 6),
     (caffe_pb2.Yolov3DetectionOutputParameter, "mask", 8),
     (L, "region_param", 214), (caffe_pb2.RegionParameter, "num", 3),
+    # hszhao/PSPNet's BN fields in SegNet's BNParameter (PSPNet's 1-3 are SegNet's: moved)
+    (caffe_pb2.BNParameter, "slope_filler", 20030), (caffe_pb2.BNParameter, "bias_filler", 20031),
+    (caffe_pb2.BNParameter, "momentum", 20032), (caffe_pb2.BNParameter, "eps", 4),
+    (caffe_pb2.BNParameter, "frozen", 5), (caffe_pb2.BNParameter, "engine", 6),
+    (caffe_pb2.BNParameter, "scale_filler", 1),
+    (caffe_pb2.BatchNormParameter, "update_global_stats", 4),
+    # DeepLab v2 (144, 145 are BVLC's crop_param and parameter_param; its transform fields
+    # 8-10 are SSD's: moved)
+    (L, "seg_accuracy_param", 10144), (L, "mat_write_param", 10145), (L, "mat_read_param", 151),
+    (caffe_pb2.SegAccuracyParameter, "reset", 3), (caffe_pb2.MatWriteParameter, "period", 4),
+    (caffe_pb2.MatReadParameter, "batch_size", 4),
+    (L, "bias_channel_param", 149), (L, "unique_label_param", 150),
+    (caffe_pb2.BiasChannelParameter, "background_label", 6),
+    (caffe_pb2.UniqueLabelParameter, "force_label", 3),
+    (caffe_pb2.ImageDataParameter, "ignore_label", 15), (caffe_pb2.ImageDataParameter, "label_type", 16),
+    (caffe_pb2.TransformationParameter, "scale_factors", 20033),
+    (caffe_pb2.TransformationParameter, "crop_width", 20034),
+    (caffe_pb2.TransformationParameter, "crop_height", 20035),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number
@@ -99,6 +117,11 @@ def test_fork_defaults():
     assert caffe_pb2.LossParameter().pre_fixed_normalizer == 1
     assert caffe_pb2.LossParameter.PRE_FIXED == 20022                     # R-FCN: 3 (our NONE)
     assert caffe_pb2.CenterLossParameter().axis == 1                      # caffe-face's
+    assert caffe_pb2.BNParameter().momentum == pytest.approx(0.9)        # PSPNet's defaults
+    assert caffe_pb2.BNParameter().eps == pytest.approx(1e-5)
+    assert caffe_pb2.ImageDataParameter().ignore_label == 255            # DeepLab's
+    assert caffe_pb2.ImageDataParameter().label_type == caffe_pb2.ImageDataParameter.IMAGE
+    assert caffe_pb2.SegAccuracyParameter().reset is True
 
 
 def test_fork_prototxt_fragments_parse():
@@ -138,11 +161,10 @@ def test_the_fork_tables_never_name_what_caffe_proto_defines():
 
 
 @pytest.mark.parametrize("reason, expected", [
-    ('Message type "caffe.BNParameter" has no field named "frozen".', "hszhao/PSPNet"),
-    ('Message type "caffe.TransformationParameter" has no field named "scale_factors".',
-     "DeepLab v2"),
-    ('Message type "caffe.ImageDataParameter" has no field named "label_type".', "DeepLab v2"),
-    ('Message type "caffe.LayerParameter" has no field named "region_param".', "YOLO ports"),
+    ('Message type "caffe.LayerParameter" has no field named "dense_crf_param".', "DeepLab v2"),
+    ('Message type "caffe.BNParameter" has no field named "frozn".', "no supported fork defines it"),
+    ('Message type "caffe.LayerParameter" has no field named "yolov3_param".', "MobileNet-YOLO"),
+    ('Message type "caffe.RegionParameter" has no field named "side".', "another YOLOv2 port"),
     ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',
      "no supported fork defines it"),
 ])

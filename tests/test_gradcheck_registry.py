@@ -172,6 +172,9 @@ EXAMPLES = {
                             "code_type: CENTER_SIZE }"),
                      lambda: [rand(2, 16) * 2, rand(2, 12), SSD_PRIORS.clone(),
                               SSD_LABELS.clone()], caffe.TRAIN),
+    "BiasChannel": (filled("BiasChannel", "bias_channel_param { label_type: PIXEL }"),
+                    lambda: [rand(1, 3, 2, 2), torch.tensor([[[[0, 1], [2, -1.]]]],
+                                                            dtype=torch.float64)], caffe.TEST),
     "Interp": (filled("Interp", "interp_param { height: 5 width: 7 pad_beg: -1 }"),
                lambda: [rand(1, 2, 4, 5)], caffe.TEST),
     "CenterLoss": (filled("CenterLoss", 'center_loss_param { num_output: 3 '
@@ -201,10 +204,13 @@ NO_BACKWARD = {
     "DetectionOutput": "NMS output; SSD has no backward",
     "DetectionEvaluate": "true/false-positive marks for the solver's mAP; SSD has no backward",
     "DenseImageData": "a source layer", "AnnotatedData": "a source layer",
-    "VideoData": "a source layer",
     "BoxAnnotatorOHEM": "selects labels and weights by loss; R-FCN has no backward",
     "Yolov3DetectionOutput": "NMS output; MobileNet-YOLO has no backward",
     "Region": "the training_toolbox_caffe port's backward is empty",
+    "VideoData": "a source layer", "ImageSegData": "a source layer", "MatRead": "a source layer",
+    "MatWrite": "a sink: writes its bottoms to files",
+    "SegAccuracy": "an evaluation layer; DeepLab has no backward",
+    "UniqueLabel": "label values out of labels; DeepLab has no backward",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

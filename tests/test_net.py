@@ -34,15 +34,15 @@ def test_unknown_layer_type_suggests_close_names_and_names_forks(tmp_path):
 
 
 def test_unknown_field_names_file_line_layer_and_fork(tmp_path):
-    text = INPUT + ('layer {\n  name: "region"\n  type: "Region"\n'
-                    '  region_param { classes: 20 }\n}\n')
-    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'region': caffe.LayerParameter "
-                       r"has no field 'region_param' \(defined by the YOLO ports of Caffe"):
+    text = INPUT + ('layer {\n  name: "yolo"\n  type: "Yolov3"\n'
+                    '  yolov3_param { num_classes: 20 }\n}\n')
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'yolo': caffe.LayerParameter "
+                       r"has no field 'yolov3_param' \(defined by eric612/MobileNet-YOLO"):
         net_from(tmp_path, text)
-    text = INPUT + ('layer {\n  name: "bn"\n  type: "BN"\n  bn_param {\n'
-                    '    slope_filler { type: "constant" value: 1 }\n  }\n}\n')
-    with pytest.raises(ProtoTextError, match=r"net.prototxt:6:\d+: layer 'bn': caffe.BNParameter "
-                       r"has no field 'slope_filler' \(defined by hszhao/PSPNet"):
+    text = INPUT + ('layer {\n  name: "crf"\n  type: "DenseCRF"\n  dense_crf_param {\n'
+                    '    max_iter: 10\n  }\n}\n')
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'crf': caffe.LayerParameter "
+                       r"has no field 'dense_crf_param' \(defined by DeepLab v2"):
         net_from(tmp_path, text)
     text = INPUT + 'layer { name: "p" type: "Pooling" bottom: "data" pooling_param { kernel: 2 } }'
     with pytest.raises(ProtoTextError, match=r"net.prototxt:2:\d+: layer 'p': caffe.PoolingParameter "

@@ -29,22 +29,50 @@ from caffe_compat.formats.errors import DataError
 from caffe_compat.formats.images import hwc_to_chw, read_image
 
 
-def read_pair_list(source: str) -> list[tuple[str, str, str]]:
-    """(image, label image, "file:line") per non-empty line of ``source``."""
+def read_pair_list(source: str, fields: tuple[int, int] = (2, 2)) -> list[tuple[str, str, str]]:
+    """(image, label column or "", "file:line") per non-empty line of ``source``; each line
+    has ``fields[0]`` to ``fields[1]`` words (words past the second are ignored)."""
     if not os.path.isfile(source):
         raise DataError(f"{source}: no such list file")
     pairs = []
     with open(source, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
+            words = line.split()
+            if not words:
                 continue
-            if len(fields) != 2:
-                raise DataError(f"{source}:{number}: expected 'image label_image', got {line.strip()!r}")
-            pairs.append((fields[0], fields[1], f"{source}:{number}"))
+            if not fields[0] <= len(words) <= fields[1]:
+                wanted = "'image label_image'" if fields[0] > 1 else "'image [label]'"
+                raise DataError(f"{source}:{number}: expected {wanted}, got {line.strip()!r}")
+            pairs.append((words[0], words[1] if len(words) > 1 else "", f"{source}:{number}"))
     if not pairs:
         raise DataError(f"{source}: the list is empty")
     return pairs
+
+
+class ListCursor:
+    """Caffe's walk through a list: in order, or reshuffled every epoch with ``shuffle``;
+    ``rand_skip`` skips a random number of lines at the start."""
+
+    def __init__(self, size: int, shuffle: bool, rand_skip: int, rng: np.random.Generator):
+        self.order, self.shuffle, self.rng = list(range(size)), shuffle, rng
+        if shuffle:
+            rng.shuffle(self.order)
+        self.pos = int(rng.integers(rand_skip)) % size if rand_skip else 0
+
+    def peek(self) -> int:
+        """The line the next ``advance`` returns (for the shapes at setup)."""
+        return self.order[self.pos % len(self.order)]
+
+    def advance(self) -> int:
+        if self.pos >= len(self.order):
+            self.pos = 0
+            if self.shuffle:
+                self.rng.shuffle(self.order)
+        self.pos += 1
+        return self.order[self.pos - 1]
+
+    def seek(self, batch: int, batch_size: int) -> None:
+        self.pos = (batch * batch_size) % len(self.order)
 
 
 @register
@@ -77,11 +105,8 @@ class DenseImageData(_DataLayer):
                 self.mean_image = load_mean_file(tp.mean_file)
             self.pairs = read_pair_list(p.source)
             self._rng = self._seq(0, 0)
-            self.order = list(range(len(self.pairs)))
-            if p.shuffle:
-                self._rng.shuffle(self.order)
-            self.pos = int(self._rng.integers(p.rand_skip)) if p.rand_skip else 0
-            first = self._load(self.order[self.pos % len(self.order)])
+            self.cursor = ListCursor(len(self.pairs), p.shuffle, p.rand_skip, self._rng)
+            first = self._load(self.cursor.peek())
         except DataError as exc:
             raise self._wrap(exc) from None
         c, h, w = first[0].shape
@@ -108,15 +133,11 @@ class DenseImageData(_DataLayer):
         return hwc_to_chw(img).astype(np.float32), lab[np.newaxis].astype(np.float32)
 
     def _next_pair(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.pos >= len(self.order):
-            self.pos = 0
-            if self.p.shuffle:
-                self._rng.shuffle(self.order)
-        img, lab = self._load(self.order[self.pos])
-        self.pos += 1
+        index = self.cursor.advance()
+        img, lab = self._load(index)
         if self.mean_image is not None:
             if img.shape != self.mean_image.shape:
-                where = self.pairs[self.order[self.pos - 1]][2]
+                where = self.pairs[index][2]
                 raise DataError(f"{where}: image is {_dims(img.shape)}, the mean_file's mean "
                                 f"{_dims(self.mean_image.shape)}")
             img = img - self.mean_image
@@ -149,4 +170,4 @@ class DenseImageData(_DataLayer):
         return self._tops((np.stack(data), np.stack(labels)))
 
     def seek(self, batch: int) -> None:
-        self.pos = (batch * self.p.batch_size) % len(self.order)
+        self.cursor.seek(batch, self.p.batch_size)

@@ -13,15 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.engine.layers.base import Layer, Shape, legacy_shape, register
 from caffe_compat.formats.atomic import atomic_path
-
-
-def legacy_shape(shape: Shape) -> tuple[int, int, int, int]:
-    """Blob::LegacyShape view: at most 4 axes, padded with trailing 1s."""
-    if len(shape) > 4:
-        raise ValueError(f"a {len(shape)}-D blob has no legacy 4-D shape")
-    return tuple(shape) + (1,) * (4 - len(shape))
 
 
 @register

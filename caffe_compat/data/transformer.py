@@ -25,6 +25,8 @@ TRAIN, TEST = 0, 1
 # (data/annotated_transform.py); the layers built on this transformer refuse them by name.
 _SSD_AUGMENTATIONS = ("resize_param", "noise_param", "emit_constraint", "crop_h", "crop_w",
                       "distort_param", "expand_param")
+# DeepLab v2's: only its ImageSegData layer reads them (data/image_seg_data.py).
+_DEEPLAB_AUGMENTATIONS = ("scale_factors", "crop_width", "crop_height")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class DataTransformer:
         if ssd_only:
             raise self._error(f"transform_param.{ssd_only[0]} is SSD's augmentation "
                               "(weiliu89/caffe): only an AnnotatedData layer applies it here")
+        deeplab_only = [f.name for f, _ in param.ListFields() if f.name in _DEEPLAB_AUGMENTATIONS]
+        if deeplab_only:
+            raise self._error(f"transform_param.{deeplab_only[0]} is DeepLab v2's: only an "
+                              "ImageSegData layer applies it")
         self.mean_file = param.mean_file if param.HasField("mean_file") else None
         if self.mean_file and len(param.mean_value):
             raise self._error("cannot specify mean_file and mean_value at the same time")

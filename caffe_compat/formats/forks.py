@@ -18,7 +18,6 @@ _OTHER_REGION = ("another YOLOv2 port's Region layer (BirdeeChen/caffe_yolo_v2, 
                  "sokeeffe/caffe_yolo, Cambricon Caffe), incompatible with the "
                  "openvinotoolkit/training_toolbox_caffe Region this project implements")
 _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
-_PSPNET = "hszhao/PSPNet (its BN layer, not SegNet's BN this project implements)"
 
 # Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
 # parameter blocks; the others are fields nested inside BVLC's (or a fork's) messages, so a
@@ -27,17 +26,9 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
     "LayerParameter": {
         "yolo_v3_loss_param": _SYNOPSYS, "yolov3_param": _MOBILENET_YOLO,
         "region_loss_param": _YOLO, "yolo_detection_output_param": _MOBILENET_YOLO,
-        "seg_accuracy_param": _DEEPLAB, "image_seg_data_param": _DEEPLAB,
-        "mat_read_param": _DEEPLAB, "mat_write_param": _DEEPLAB, "dense_crf_param": _DEEPLAB,
+        "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
-        "bias_channel_param": _DEEPLAB, "unique_label_param": _DEEPLAB,
     },
-    "BNParameter": {name: _PSPNET for name in
-                    ("slope_filler", "bias_filler", "momentum", "eps", "frozen")},
-    "BatchNormParameter": {"update_global_stats": _PSPNET},
-    "TransformationParameter": {"scale_factors": _DEEPLAB, "crop_width": _DEEPLAB,
-                                "crop_height": _DEEPLAB},
-    "ImageDataParameter": {"ignore_label": _DEEPLAB, "label_type": _DEEPLAB},
     "RegionParameter": {name: _OTHER_REGION for name in
                         ("boxes_of_each_grid", "softmax", "bias_match", "output_square", "ratio",
                          "iou_thresh", "box_thresh", "anchors", "side", "num_classes", "biases",
@@ -50,12 +41,9 @@ FORK_TYPES: dict[str, str] = {
     "Yolov3": _MOBILENET_YOLO,
     "RegionLoss": _YOLO,
     "YoloDetectionOutput": _MOBILENET_YOLO,
-    "SegAccuracy": _DEEPLAB,
-    "ImageSegData": _DEEPLAB,
-    "MatRead": _DEEPLAB,
-    "MatWrite": _DEEPLAB,
     "DenseCRF": _DEEPLAB,
     "DomainTransform": _DEEPLAB,
+    "AdaptiveBiasChannel": _DEEPLAB,
 }
 
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')

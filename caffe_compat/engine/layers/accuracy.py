@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.engine.layers.base import Layer, Shape, legacy_shape, register
 from caffe_compat.engine.layers.common import canonical_axis, pack
 
 log = logging.getLogger(__name__)
@@ -107,3 +107,84 @@ class Accuracy(Layer):
         hits = torch.bincount(lab[correct], minlength=classes)
         per_class = hits.to(dtype) / seen.clamp(min=1).to(dtype)  # 0 for unseen classes
         return pack([acc, per_class])
+
+
+@register
+class SegAccuracy(Layer):
+    """DeepLab v2's segmentation scores (``seg_accuracy_layer.cpp``, ``confusion_matrix.cpp``).
+
+    Every pixel whose label is not an ``ignore_label`` adds one count to a C×C confusion matrix
+    at (label, predicted class), the prediction being the best-scoring class (ties: the
+    highest class index, as the fork's sort of (score, class) pairs). The top ``[1, 1, 1, 3]``
+    is pixel accuracy (diagonal / total, 0 when empty), mean class accuracy (over classes with
+    pixels) and mean IU (intersection / union per class, 1 for a class absent from both
+    labels and predictions, averaged over all C). With ``reset`` (the default) the matrix is
+    cleared each forward, else it keeps counting over forwards, as the fork's does; its
+    ``metric`` field changes nothing there either. A label outside [0, C) that is not ignored
+    is an error, as the fork's LOG(FATAL). No gradient.
+    """
+
+    type = "SegAccuracy"
+    family = "loss"
+    origin = "DeepLab v2"
+    num_bottoms = (2, 2)
+    no_grad_bottoms = (0, 1)
+    full_precision = True
+    exports_to_onnx = False
+    traceable = False
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.seg_accuracy_param
+        self.ignore = torch.tensor(sorted(set(p.ignore_label)), dtype=torch.long)
+        self.reset = bool(p.reset)
+        self.top_shapes(bottom_shapes)
+        classes = bottom_shapes[0][1]
+        self.confusion = torch.zeros(classes, classes, dtype=torch.long)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        try:
+            score, label = (legacy_shape(tuple(s)) for s in bottom_shapes)
+        except ValueError:
+            score = ()
+        if len(bottom_shapes[0]) < 2 or not score:
+            raise self.error(f"scores {list(bottom_shapes[0])} and labels "
+                             f"{list(bottom_shapes[1])} must be N×C×H×W and N×1×H×W")
+        if label[1] != 1 or (score[0],) + score[2:] != (label[0],) + label[2:]:
+            raise self.error(f"labels {list(label)} must be N×1×H×W for scores {list(score)}")
+        return [(1, 1, 1, 3)]
+
+    def forward(self, score: torch.Tensor, label: torch.Tensor):
+        self.top_shapes([tuple(score.shape), tuple(label.shape)])
+        classes = score.shape[1]
+        x = score.detach().reshape(score.shape[0], classes, -1).cpu()
+        # argmax taking the last of equal scores: the first maximum of the reversed classes
+        pred = classes - 1 - x.flip(1).argmax(dim=1)
+        gt = label.detach().reshape(pred.shape).cpu().long()    # static_cast<int>: truncation
+        keep = ~torch.isin(gt, self.ignore)
+        bad = keep & ((gt < 0) | (gt >= classes))
+        if bool(bad.any()):
+            n, pos = (int(i[0]) for i in torch.nonzero(bad, as_tuple=True))
+            width = score.shape[3] if score.dim() == 4 else 1
+            raise self.error(f"unexpected label {int(gt[n, pos])} (item {n}, row {pos // width}, "
+                             f"column {pos % width}); labels must be in [0, {classes}) or an "
+                             "ignore_label")
+        if self.reset:
+            self.confusion.zero_()
+        pairs = gt[keep] * classes + pred[keep]
+        self.confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+        return torch.tensor(confusion_scores(self.confusion), dtype=score.dtype,
+                            device=score.device).view(1, 1, 1, 3)
+
+
+def confusion_scores(confusion: torch.Tensor) -> list[float]:
+    """[accuracy, mean recall over classes with pixels, mean IU], as DeepLab's
+    ConfusionMatrix accuracy(), avgRecall(false) and avgJaccard() (in double)."""
+    m = confusion.double()
+    diag, rows, cols, total = m.diag(), m.sum(1), m.sum(0), m.sum()
+    accuracy = float(diag.sum() / total) if total > 0 else 0.0
+    seen = rows > 0
+    recall = float((diag[seen] / rows[seen]).mean()) if bool(seen.any()) else 0.0
+    union = rows + cols - diag
+    iou = torch.where(union == diag, torch.ones_like(diag), diag / union.clamp(min=1))
+    return [accuracy, recall, float(iou.mean())]

@@ -31,6 +31,13 @@ Shape = tuple[int, ...]
 
 TRAIN, TEST = 0, 1
 
+
+def legacy_shape(shape: Shape) -> tuple[int, int, int, int]:
+    """Blob::LegacyShape view (num, channels, height, width): at most 4 axes, missing ones 1."""
+    if len(shape) > 4:
+        raise ValueError(f"a {len(shape)}-D blob has no legacy 4-D shape")
+    return tuple(shape) + (1,) * (4 - len(shape))
+
 _REGISTRY: dict[str, type["Layer"]] = {}
 _BUILTINS_LOADED = False
 

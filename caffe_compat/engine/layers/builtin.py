@@ -18,6 +18,8 @@ MODULES = (
     "caffe_compat.engine.layers.inner_product",
     "caffe_compat.engine.layers.neuron",
     "caffe_compat.engine.layers.norm",
+    "caffe_compat.engine.layers.bn_forks",
+    "caffe_compat.engine.layers.deeplab_labels",
     "caffe_compat.engine.layers.lrn",
     "caffe_compat.engine.layers.pooling",
     "caffe_compat.engine.layers.loss",
@@ -42,6 +44,8 @@ MODULES = (
     "caffe_compat.data.array_layers",
     "caffe_compat.data.window_data",
     "caffe_compat.data.dense_image_data",
+    "caffe_compat.data.image_seg_data",
+    "caffe_compat.data.mat_files",
     "caffe_compat.data.hdf5_output",
     "caffe_compat.data.landmark_layer",
 )

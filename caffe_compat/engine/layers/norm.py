@@ -1,4 +1,4 @@
-"""Normalisation and affine layers: BatchNorm, Scale, Bias, and SegNet's BN.
+"""Normalisation and affine layers: BatchNorm, Scale, Bias, MVN (the forks' BN: bn_forks.py).
 
 Caffe splits a BatchNorm with affine parameters into ``BatchNorm`` (statistics only) followed
 by ``Scale`` with ``bias_term: true``.
@@ -27,6 +27,11 @@ class BatchNorm(Layer):
     ``var_sum <- lambda*var_sum + m/(m-1) * sigma^2``. With global statistics (the TEST
     default) it uses ``mean_sum/s`` and ``var_sum/s`` (0 when s == 0), and the gradient is
     just ``dy / sqrt(var + eps)``.
+
+    ``update_global_stats`` (DeepLab v2 / PSPNet ``batch_norm_layer.cpp``), with global
+    statistics in the TRAIN phase: the variance ``v = E[(x - mean)²]`` around the stored mean
+    normalises this batch (the gradient still treats it as a constant) and enters the running
+    sums as above (``m/(m-1) * v``); the mean sum takes the stored mean, so the mean stays.
     """
 
     type = "BatchNorm"
@@ -59,6 +64,8 @@ class BatchNorm(Layer):
                                  else phase == TEST)
         self.moving_average_fraction = float(p.moving_average_fraction)
         self.eps = float(p.eps)
+        self.refit_variance = (p.update_global_stats and self.use_global_stats
+                               and phase != TEST)
         if self.eps < 0:
             raise self.error(f"eps ({self.eps:g}) must not be negative")
         for blob_shape in ((self.channels,), (self.channels,), (1,)):
@@ -77,6 +84,8 @@ class BatchNorm(Layer):
         """``x`` (N, C, *) normalised as this layer does, then ``* weight + bias`` per
         channel when given (a following Scale layer's gamma and beta, in one op)."""
         affine = [None if t is None else t.to(stats_dtype(x)) for t in (weight, bias)]
+        if self.refit_variance:
+            return self._refit_variance(x, *affine)
         if self.use_global_stats:
             return self._global_stats(x, *affine)
         return self._batch_stats(x, *affine)
@@ -108,6 +117,19 @@ class BatchNorm(Layer):
             inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
             mean = (mean_sum * inv).to(stats_dtype(x))  # (C,)
             var = (var_sum * inv).to(stats_dtype(x))    # (C,)
+        return F.batch_norm(x, mean, var, weight, bias, training=False, eps=self.eps)
+
+    def _refit_variance(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        """The stored mean, and this batch's variance around it (update_global_stats)."""
+        mean_sum, factor = self.blobs[0].detach(), self.blobs[2].detach()
+        with torch.no_grad():
+            inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
+            mean = (mean_sum * inv).to(stats_dtype(x))                   # (C,)
+            channel = (1, -1) + (1,) * (x.dim() - 2)
+            dims = [d for d in range(x.dim()) if d != 1]
+            var = (x.to(mean.dtype) - mean.view(channel)).square().mean(dim=dims)
+            m = x.numel() // x.shape[1]
+            self._accumulate(mean, var * (m / (m - 1) if m > 1 else 1.0))
         return F.batch_norm(x, mean, var, weight, bias, training=False, eps=self.eps)
 
     def _batch_stats(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
@@ -314,54 +336,3 @@ class MVN(Layer):
         if self.normalize_variance:
             return _MVNFunction.apply(flat, self.eps).reshape(x.shape)
         return (flat - flat.mean(dim=1, keepdim=True)).reshape(x.shape)
-
-
-@register
-class BN(Layer):
-    """SegNet's BN (alexgkendall/caffe-segnet ``bn_layer.cpp``): normalisation plus its own
-    scale and shift, blobs ``scale [1, C, 1, 1]`` and ``shift [1, C, 1, 1]``.
-
-    ``bn_mode: LEARN`` (the default, in both phases) normalises with this batch's statistics
-    over N, H, W: mean ``E[x]``, variance ``E[x²] - E[x]²`` (that float32 form), ``eps`` 1e-9
-    added before the square root, then ``scale * x̂ + shift``; optional tops 1 and 2 are the
-    batch mean and variance ``[1, C, 1, 1]``. ``bn_mode: INFERENCE`` is ``scale * x + shift``
-    only: SegNet's ``compute_bn_statistics.py`` folds the population statistics into the two
-    blobs. Fillers default to Caffe's constant 0, so prototxts set ``scale_filler``.
-    Backward is autograd, the exact gradient of this forward (as SegNet's is).
-    """
-
-    type = "BN"
-    origin = "alexgkendall/caffe-segnet"
-    num_tops = (1, 3)
-    EPS = 1e-9
-
-    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
-        super().__init__(param, bottom_shapes, phase)
-        p = param.bn_param
-        shape = tuple(bottom_shapes[0])
-        if len(shape) < 2:
-            raise self.error(f"the bottom needs a channel axis, got shape {list(shape)}")
-        self.learn = p.bn_mode == caffe_pb2.BNParameter.LEARN
-        if len(param.top) > 1 and not self.learn:
-            raise self.error("the batch mean/variance tops exist only with bn_mode: LEARN")
-        channels = shape[1]
-        self.add_blob(fill(p.scale_filler, (1, channels, 1, 1)))
-        self.add_blob(fill(p.shift_filler, (1, channels, 1, 1)))
-
-    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
-        stats = (1, bottom_shapes[0][1], 1, 1)
-        return [tuple(bottom_shapes[0])] + [stats] * (len(self.param.top) - 1)
-
-    def forward(self, x: torch.Tensor):
-        scale, shift = self.blobs[0], self.blobs[1]
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
-        scale, shift = scale.reshape(1, -1, 1), shift.reshape(1, -1, 1)
-        if not self.learn:
-            return (flat * scale + shift).reshape(x.shape)
-        mean = flat.mean(dim=2, keepdim=True).mean(dim=0, keepdim=True)
-        mean_sq = flat.square().mean(dim=2, keepdim=True).mean(dim=0, keepdim=True)
-        var = mean_sq - mean.square()
-        out = ((flat - mean) / torch.sqrt(var + self.EPS) * scale + shift).reshape(x.shape)
-        extras = (mean.reshape(1, -1, 1, 1), var.reshape(1, -1, 1, 1))
-        tops = (out,) + extras[:len(self.param.top) - 1]
-        return tops if len(tops) > 1 else out
