@@ -94,7 +94,7 @@ def markdown(result: dict, batch: int, solver_file: str, *, size: int, color: bo
                   f"{result['threads']} thread(s)), schedules cost:")
     lines += ["", "| schedule | images | CPU time at the measured speed |", "|---|---|---|"]
     for n in sorted({10, 30, 60, max(1, round(epochs))}):
-        mark = " (solver_full.prototxt)" if abs(n - schedule) < 0.5 else ""
+        mark = f" ({Path(solver_file).name})" if abs(n - schedule) < 0.5 else ""
         mark += " (this run)" if n == max(1, round(epochs)) else ""
         lines.append(f"| {n} epochs{mark} | {n * n_train:,} | "
                      f"{n * n_train / ips / 3600:.1f} h |")
