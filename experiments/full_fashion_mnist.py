@@ -110,6 +110,13 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------- solver
 
 
+def db_folder(args) -> Path:
+    """The LMDB folder of these arguments: --db, else data/fmnist_full_lmdb_SIZE[_padPAD][_color]."""
+    return Path(args.db) if args.db else REPO / "data" / (
+        f"fmnist_full_lmdb_{args.size}" + (f"_pad{args.pad}" if args.pad else "")
+        + ("_color" if args.color else ""))
+
+
 def record_count(db: Path) -> int:
     from caffe_compat.data.db import open_db
     with open_db(db) as reader:
@@ -326,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     command = "python tools/full_fashion_mnist.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    db = Path(args.db) if args.db else REPO / "data" / (
-        f"fmnist_full_lmdb_{args.size}" + (f"_pad{args.pad}" if args.pad else "")
-        + ("_color" if args.color else ""))
+    db = db_folder(args)
     from experiments.fashion_mnist import build_lmdbs
     build_seconds = build_lmdbs(Path(args.idx_dir), db, args.size, args.color, pad=args.pad)
     n_train, n_test = record_count(db / "train"), record_count(db / "test")

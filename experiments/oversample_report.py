@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from experiments.full_fashion_mnist import REPO, TARGET, parse_args as run_args
+from experiments.full_fashion_mnist import REPO, TARGET, db_folder, parse_args as run_args
 
 
 def run_inputs(result: dict) -> tuple[argparse.Namespace, dict]:
@@ -31,9 +31,7 @@ def run_inputs(result: dict) -> tuple[argparse.Namespace, dict]:
     finally:
         os.chdir(cwd)
     model = Path(result["snapshot_check"]["model"])
-    db = Path(args.db) if args.db else REPO / "data" / (
-        f"fmnist_full_lmdb_{args.size}" + (f"_pad{args.pad}" if args.pad else "")
-        + ("_color" if args.color else ""))
+    db = db_folder(args)
     paths = {"model": model, "deploy": model.parent / "deploy.prototxt",
              "db": db / "test", "mean": db / "mean.binaryproto", "net": REPO / result["net"]}
     for name, path in paths.items():

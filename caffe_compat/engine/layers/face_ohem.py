@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from caffe_compat.engine.fillers import FillerError, fill
-from caffe_compat.engine.layers.base import Layer, Shape, register
+from caffe_compat.engine.layers.base import Layer, Shape, legacy_shape, register
 from caffe_compat.engine.layers.common import canonical_axis
 from caffe_compat.engine.layers.loss import _check_labels, _LossLayer
 from caffe_compat.engine.layers.stl_sort import sort_descending
@@ -100,12 +100,6 @@ class CenterLoss(_LossLayer):
                                          centers.to(features.dtype))
 
 
-def _legacy_dims(shape: Shape) -> tuple[int, int, int, int]:
-    """Caffe's num, channels, height, width of a blob of at most 4 axes (missing ones are 1)."""
-    dims = tuple(shape) + (1,) * (4 - len(shape))
-    return dims[0], dims[1], dims[2], dims[3]
-
-
 @register
 class BoxAnnotatorOHEM(Layer):
     """daijifeng001/caffe-rfcn's online hard example mining: ``box_annotator_ohem_param
@@ -141,9 +135,9 @@ class BoxAnnotatorOHEM(Layer):
         self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
-        rois, loss, labels, weights = (_legacy_dims(s) for s in bottom_shapes)
         if any(len(s) > 4 for s in bottom_shapes):
             raise self.error("bottoms must have at most 4 axes")
+        rois, loss, labels, weights = (legacy_shape(tuple(s)) for s in bottom_shapes)
         n, _, h, w = rois
         if rois[1] != 5:
             raise self.error(f"bottom 0 (rois) must be [R, 5, H, W], got {list(bottom_shapes[0])}")
