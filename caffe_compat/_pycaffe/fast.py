@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from caffe_compat.engine.backends.engine import (EngineChoice, EnginePlan, ReducedForward,
-                                                 choose_engine, first_call_check)
+                                                 choose_engine, first_call_check,
+                                                 requested_as)
 from caffe_compat.engine.net.fuse import fusable
 from caffe_compat.engine.net.inference_cache import InferenceCache
 
@@ -245,7 +246,7 @@ class FastForward:
             return None
         self._resynced = True
         self._by_shape.clear()
-        self._decide(self.choice.name)
+        self._decide(requested_as(self.choice.name))
         return self._engine_plan(params, touched)
 
     def _input_shapes(self) -> tuple:

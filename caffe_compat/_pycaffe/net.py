@@ -78,7 +78,8 @@ class Net(IndexAPI, LayerCallbacks):
     def _choose_engine(self, engine: str | None, precision: str = "fp32") -> None:
         """``engine`` (or $CAFFE_COMPAT_ENGINE): torch, onnxruntime, openvino or auto for the
         outputs-only forward (engine/backends/engine.py); other nets and calls use torch.
-        ``precision="auto"``: bf16 where measured faster and close to fp32 (ours)."""
+        ``precision="auto"``: bf16 (torch's autocast, or OpenVINO's where OpenVINO is a
+        candidate) where measured faster and close to fp32."""
         if precision not in ("fp32", "auto"):
             raise ValueError(f"precision {precision!r}: expected 'fp32' or 'auto'")
         request = requested_engine(engine)
@@ -92,7 +93,8 @@ class Net(IndexAPI, LayerCallbacks):
 
     @property
     def engine(self) -> str:
-        """The engine computing ``forward()``'s outputs: torch, onnxruntime or openvino."""
+        """The engine computing ``forward()``'s outputs: torch, onnxruntime or openvino, or
+        under ``precision="auto"`` torch-bf16 or openvino-bf16."""
         return "torch" if self._fast is None else self._fast.engine
 
     @property

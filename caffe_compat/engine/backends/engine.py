@@ -20,9 +20,10 @@ divided by max(1, max |torch output|); for a split net, over the blobs the engin
 checked at load on random inputs and again on the first real call
 (``EngineChoice.verified``); a difference there, a failed export or a missing package leaves
 the net on torch with a log line saying why. ``precision="auto"``
-also considers the torch path under bf16 autocast on CPUs with native bf16 (AMX,
-AVX512-BF16), within ``BF16_TOLERANCE`` of fp32 and only where it measures fastest; fp32
-stays the default.
+also considers, on CPUs with native bf16 (AMX, AVX512-BF16), the torch path under bf16
+autocast (``torch-bf16``) and OpenVINO computing in bf16 (``openvino-bf16``, where
+OpenVINO is a candidate), each within ``BF16_TOLERANCE`` of fp32 and kept only where it
+measures fastest; fp32 stays the default.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch
 
 from caffe_compat.engine.backends import ENGINES
 from caffe_compat.engine.backends.plan_pass import EnginePlan, engine_plans
-from caffe_compat.engine.backends.runners import RUNNERS
+from caffe_compat.engine.backends.runners import REDUCED_OF, RUNNERS
 from caffe_compat.engine.net.module import NetModule
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,28 @@ class ReducedForward:
 def _candidates(module, request, precision, torch_forward, threads, shapes):
     """({name: forward}, {name: tolerance}, {name: why not}) of the engines to consider."""
     names = [] if request == "torch" else list(RUNNERS) if request == "auto" else [request]
+    reduced = precision == "auto" and _native_bf16()
+    if reduced:          # the bf16 runners of the engines asked for (one export for all)
+        names += [n for n, full in REDUCED_OF.items() if full in names]
     built, why = engine_plans(module, names, threads, shapes) if names else ({}, {})
-    tolerance = {name: TOLERANCE for name in built}
-    if precision == "auto":
-        from caffe_compat.engine.precision import candidates
-        if "bf16" in candidates(torch.device("cpu")):
-            built[ReducedForward.name] = ReducedForward(torch_forward)
-            tolerance[ReducedForward.name] = BF16_TOLERANCE
-        else:
-            why[ReducedForward.name] = "this CPU has no native bf16 (AMX, AVX512-BF16)"
+    tolerance = {name: BF16_TOLERANCE if name in REDUCED_OF else TOLERANCE for name in built}
+    if reduced:
+        built[ReducedForward.name] = ReducedForward(torch_forward)
+        tolerance[ReducedForward.name] = BF16_TOLERANCE
+    elif precision == "auto":
+        why[ReducedForward.name] = "this CPU has no native bf16 (AMX, AVX512-BF16)"
     return built, tolerance, why
+
+
+def _native_bf16() -> bool:
+    from caffe_compat.engine.precision import candidates
+    return "bf16" in candidates(torch.device("cpu"))
+
+
+def requested_as(name: str) -> str:
+    """The engine a caller names to get the engine ``name`` (``openvino`` for
+    ``openvino-bf16``, which ``precision="auto"`` offers)."""
+    return REDUCED_OF.get(name, name)
 
 
 def median_times(steps: dict[str, Callable[[], object]], budget_s: float = BUDGET_S,
@@ -238,4 +251,4 @@ def first_call_check(choice: EngineChoice, got: Outputs, want: Outputs) -> Engin
 
 __all__ = ["ENGINES", "ENGINE_ENV", "TOLERANCE", "BF16_TOLERANCE", "ReducedForward",
            "EngineChoice", "EnginePlan", "choose_engine", "first_call_check",
-           "requested_engine", "difference", "median_times"]
+           "requested_engine", "requested_as", "difference", "median_times"]

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from caffe_compat.engine.backends.onnx_export import export_onnx
-from caffe_compat.engine.backends.runners import RUNNERS, BackendUnavailable
+from caffe_compat.engine.backends.runners import (REDUCED_RUNNERS, RUNNERS,
+                                                  BackendUnavailable)
 from caffe_compat.engine.backends.split import Split, split_steps
 from caffe_compat.engine.net.fuse import fused_for_inference
 from caffe_compat.engine.net.module import NetModule
@@ -146,9 +147,9 @@ def engine_plans(module: NetModule, runtimes: list[str], threads: int,
             return {}, {n: f"the ONNX export failed ({text})" for n in runtimes}
         for name in runtimes:
             try:
-                runner = RUNNERS[name](path, split.prefix_inputs, split.prefix_outputs,
-                                       threads, [t.shape for t in example],
-                                       [t.shape for t in made])
+                runner_class = RUNNERS.get(name) or REDUCED_RUNNERS[name]
+                runner = runner_class(path, split.prefix_inputs, split.prefix_outputs, threads,
+                                      [t.shape for t in example], [t.shape for t in made])
             except BackendUnavailable as exc:
                 why[name] = str(exc)
                 continue
