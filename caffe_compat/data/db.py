@@ -87,7 +87,11 @@ class _Handle:
                 return lmdb.open(self.path, readonly=True, lock=False, readahead=False,
                                  max_readers=1024, subdir=True)
             except lmdb.Error as exc:
-                raise DataError(f"{self.path}: cannot open LMDB ({exc})") from None
+                # py-lmdb (2026 on) refuses an environment the process has open already,
+                # where Caffe's C++ reader opened it anyway: a script's own lmdb.open()
+                hint = ("; close the script's own lmdb.Environment on it before the net "
+                        "reads it") if "already open" in str(exc) else ""
+                raise DataError(f"{self.path}: cannot open LMDB ({exc}){hint}") from None
         import plyvel
         try:
             return plyvel.DB(self.path, create_if_missing=False)
