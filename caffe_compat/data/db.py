@@ -87,7 +87,7 @@ class _Handle:
                 return lmdb.open(self.path, readonly=True, lock=False, readahead=False,
                                  max_readers=1024, subdir=True)
             except lmdb.Error as exc:
-                # py-lmdb (2026 on) refuses an environment the process has open already,
+                # py-lmdb 2.0 and later refuse an environment the process has open already,
                 # where Caffe's C++ reader opened it anyway: a script's own lmdb.open()
                 hint = ("; close the script's own lmdb.Environment on it before the net "
                         "reads it") if "already open" in str(exc) else ""
