@@ -180,3 +180,41 @@ def test_bad_database_paths(tmp_path, make, message):
 def test_backend_mismatch_says_how_to_fix(golden):
     with pytest.raises(DataError, match="is a lmdb database but backend is leveldb"):
         open_db(golden / "color32_lmdb", 0)
+
+
+class _Dataset:
+    """A script's object that keeps the database it wrote open (an attribute, not a local)."""
+
+    def __init__(self, db):
+        self.db = db
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
+def test_a_database_the_script_still_has_open_is_read_through_its_handle(tmp_path, backend):
+    """py-lmdb 2.0+ and LevelDB refuse a second open in one process; Caffe's readers did not.
+    A reader shares the script's own open handle, leaves it open, and opens its own once the
+    script has closed it."""
+    path = str(tmp_path / f"db_{backend}")
+    records = {f"{i:08d}".encode(): f"value {i}".encode() for i in range(5)}
+    if backend == "lmdb":
+        import lmdb
+        held = _Dataset(lmdb.open(path, map_size=1 << 22))
+        with held.db.begin(write=True) as txn:
+            for k, v in records.items():
+                txn.put(k, v)
+    else:
+        import plyvel
+        held = _Dataset(plyvel.DB(path, create_if_missing=True))
+        for k, v in records.items():
+            held.db.put(k, v)
+    with open_db(path, backend) as reader:
+        assert reader.keys() == sorted(records)
+        assert reader.get_many(list(records)) == list(records.values())
+    if backend == "lmdb":                      # still open, still the script's
+        with held.db.begin() as txn:
+            assert txn.get(b"00000003") == b"value 3"
+    else:
+        assert held.db.get(b"00000003") == b"value 3"
+    held.db.close()
+    with open_db(path, backend) as reader:    # its own handle now
+        assert dict(reader.items()) == records

@@ -3,7 +3,10 @@
 Readers are shared: every ``open_db`` of the same folder in one process reuses one open
 environment (LMDB and LevelDB both forbid opening a database twice in a process), so a train
 net and a test net — or several nets — can read the same source at once. LMDBs are opened
-``readonly=True, lock=False``; nothing is written to them.
+``readonly=True, lock=False``; nothing is written to them. Where the calling script itself
+still has the database open (an ``lmdb.Environment`` or ``plyvel.DB`` it wrote the records
+with, as Caffe-era scripts and notebooks leave them), the readers use that one and leave it
+open when they finish: Caffe's C++ readers opened such databases a second time.
 
 Writers build the database under a temporary name next to the target and rename it into
 place on ``close()``, so an interrupted conversion never leaves a half-written database.
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from caffe_compat.formats.atomic import commit_temporary, discard_temporary, fresh_temporary
+from caffe_compat.data.db_borrow import open_environment, open_leveldb
 from caffe_compat.data.db_guard import changed_in_place, file_stamps, probe, replaced
 from caffe_compat.formats.errors import DataError
 
@@ -66,11 +70,19 @@ class _Handle:
 
     def __init__(self, path: str, backend: str):
         self.path, self.backend, self.refs = path, backend, 0
+        self.borrowed = False        # reading through an environment the caller opened
         self._keys: list[bytes] | None = None
         self._lock = threading.Lock()
         self._checked = -math.inf        # when the files were last checked (many files)
         before = _stamps(path, backend)
-        probe(path, backend)       # a corrupt database fails here, in a child, not in us
+        try:
+            probe(path, backend)   # a corrupt database fails here, in a child, not in us
+        except DataError as exc:
+            # no child can open a LevelDB this process holds (its LOCK): the script's own,
+            # which it wrote, is read through its handle (``_open``) unprobed
+            if not (backend == "leveldb" and "LOCK" in str(exc)
+                    and open_leveldb(path) is not None):
+                raise
         self.env = self._open()
         self.stamps = before
         try:
@@ -87,16 +99,26 @@ class _Handle:
                 return lmdb.open(self.path, readonly=True, lock=False, readahead=False,
                                  max_readers=1024, subdir=True)
             except lmdb.Error as exc:
-                # py-lmdb 2.0 and later refuse an environment the process has open already,
-                # where Caffe's C++ reader opened it anyway: a script's own lmdb.open()
-                hint = ("; close the script's own lmdb.Environment on it before the net "
-                        "reads it") if "already open" in str(exc) else ""
-                raise DataError(f"{self.path}: cannot open LMDB ({exc}){hint}") from None
+                # py-lmdb 2.0 and later refuse an environment the process has open already
+                # (a script's or notebook's own lmdb.open() that wrote it), where Caffe's C++
+                # reader opened it anyway: read through that environment instead
+                borrowed = open_environment(self.path) if "already open" in str(exc) \
+                    else None
+                if borrowed is None:
+                    raise DataError(f"{self.path}: cannot open LMDB ({exc})") from None
+                self.borrowed = True
+                return borrowed
         import plyvel
         try:
             return plyvel.DB(self.path, create_if_missing=False)
         except plyvel.Error as exc:
-            raise DataError(f"{self.path}: cannot open LevelDB ({exc})") from None
+            # LevelDB's LOCK refuses a second open in the process, as LMDB does: the
+            # script's own plyvel.DB on the folder is read through instead
+            borrowed = open_leveldb(self.path) if "already held" in str(exc) else None
+            if borrowed is None:
+                raise DataError(f"{self.path}: cannot open LevelDB ({exc})") from None
+            self.borrowed = True
+            return borrowed
 
     def check(self) -> None:
         """DataError when a file this handle maps was rewritten in place since it opened.
@@ -129,8 +151,20 @@ class _Handle:
                     self._keys = list(self.env.iterator(include_value=False))
             return self._keys
 
+    def lent_still_open(self) -> bool:
+        """Whether the environment (or LevelDB) borrowed from the caller is still open."""
+        if self.backend == "leveldb":
+            return not self.env.closed
+        import lmdb
+        try:
+            self.env.info()
+            return True
+        except lmdb.Error:
+            return False
+
     def close(self) -> None:
-        self.env.close()
+        if not self.borrowed:             # the script's own environment stays the script's
+            self.env.close()
 
 
 @contextlib.contextmanager
@@ -253,6 +287,9 @@ def open_db(path: str | os.PathLike, backend: str | int | None = None) -> DBRead
         if handle is not None and handle.stale():
             _refuse_second_open(handle, os.fspath(path))
             del _HANDLES[key]      # its readers keep the old files; new readers get the new
+            handle = None
+        elif handle is not None and handle.borrowed and not handle.lent_still_open():
+            del _HANDLES[key]      # the script closed the environment it lent: open our own
             handle = None
         if handle is None:
             handle = _Handle(key[0], found)
