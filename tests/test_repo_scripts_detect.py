@@ -386,3 +386,250 @@ def test_fcn_solve_surgery_and_seg_tests(tmp_path, monkeypatch):
     deploy.forward()
     out = deploy.blobs["score"].data[0].argmax(axis=0)
     np.testing.assert_array_equal(out, fcn_reference(p64, in_).argmax(0))
+
+
+# -- py-faster-rcnn: im_detect, the RPN proposal layer, RoIDataLayer + snapshot --------
+def roi_pool(x, rois, ph, pw, scale):
+    """Fast R-CNN's ROIPooling: C round() corners, float bin sizes, floor/ceil bins."""
+    out = np.zeros((len(rois), x.shape[1], ph, pw))
+    H, W = x.shape[2:]
+    for r, (b, *box) in enumerate(rois):
+        x1, y1, x2, y2 = (np.floor(np.float64(v) * scale + 0.5) for v in box)
+        bh, bw = max(y2 - y1 + 1, 1) / ph, max(x2 - x1 + 1, 1) / pw
+        for i in range(ph):
+            for j in range(pw):
+                hs, he = (int(min(max(v, 0), H)) for v in (np.floor(i * bh) + y1, np.ceil((i + 1) * bh) + y1))
+                ws, we = (int(min(max(v, 0), W)) for v in (np.floor(j * bw) + x1, np.ceil((j + 1) * bw) + x1))
+                if he > hs and we > ws:
+                    out[r, :, i, j] = x[int(b), :, hs:he, ws:we].max(axis=(1, 2))
+    return out
+
+
+def frcnn_head(rois):
+    return (layer("conv1", "Convolution", "data", "conv1", cv(4, 3, "pad: 1"))
+            + layer("relu1", "ReLU", "conv1", "conv1")
+            + layer("roi_pool5", "ROIPooling", f"conv1 {rois}", "pool5",
+                    "roi_pooling_param { pooled_w: 2 pooled_h: 2 spatial_scale: 0.5 }")
+            + layer("cls_score", "InnerProduct", "pool5", "cls_score", ip(3))
+            + layer("bbox_pred", "InnerProduct", "pool5", "bbox_pred", ip(12)))
+
+
+def frcnn_reference(p64, data, rois):
+    pooled = roi_pool(np.maximum(conv(data.astype(np.float64), p64("conv1"), p64("conv1", 1),
+                                      pad=1), 0), rois, 2, 2, 0.5).reshape(len(rois), -1)
+    return (pooled @ p64("cls_score").T + p64("cls_score", 1),
+            pooled @ p64("bbox_pred").T + p64("bbox_pred", 1))
+
+
+def test_fast_rcnn_im_detect_with_data_and_rois(tmp_path):
+    text = ('input: "data" input_shape { dim: 1 dim: 3 dim: 20 dim: 20 }\n'
+            'input: "rois" input_shape { dim: 1 dim: 5 }\n' + frcnn_head("rois")
+            + layer("cls_prob", "Softmax", "cls_score", "cls_prob"))
+    net = caffe.Net(write(tmp_path, "test.prototxt", text), caffe.TEST)
+    p64, rng = params64(net), np.random.default_rng(3)
+    for (h, w), r in (((20, 26), 4), ((30, 18), 7)):
+        blobs = {"data": rng.normal(size=(1, 3, h, w)) * 50}
+        x1, y1 = rng.uniform(0, w / 2, r), rng.uniform(0, h / 2, r)
+        boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, r), y1 + rng.uniform(1, h / 2, r)], 1)
+        blobs["rois"] = np.hstack((np.zeros((r, 1)), boxes)).astype(np.float32, copy=False)
+        net.blobs["data"].reshape(*(blobs["data"].shape))
+        net.blobs["rois"].reshape(*(blobs["rois"].shape))
+        forward_kwargs = {"data": blobs["data"].astype(np.float32, copy=False),
+                          "rois": blobs["rois"].astype(np.float32, copy=False)}
+        blobs_out = net.forward(**forward_kwargs)
+        score, deltas = frcnn_reference(p64, forward_kwargs["data"], blobs["rois"])
+        np.testing.assert_allclose(net.blobs["cls_score"].data, score, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(blobs_out["cls_prob"], softmax(score), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(blobs_out["bbox_pred"], deltas, rtol=1e-4, atol=1e-3)
+
+
+PROPOSAL = '''
+import ast
+import caffe
+import numpy as np
+
+CFG = {"TRAIN": {"POST_NMS_TOP_N": 5}, "TEST": {"POST_NMS_TOP_N": 3}}
+
+
+class ProposalLayer(caffe.Layer):
+    """The best-scoring anchors (one per cell, side 2*stride) as rois (n, x1, y1, x2, y2)."""
+
+    def setup(self, bottom, top):
+        layer_params = ast.literal_eval(self.param_str_)   # py-faster-rcnn: yaml.load
+        self._feat_stride = layer_params['feat_stride']
+        top[0].reshape(1, 5)
+
+    def forward(self, bottom, top):
+        assert bottom[0].data.shape[0] == 1, 'Only single item batches are supported'
+        post_nms_topN = CFG[str(self.phase)]["POST_NMS_TOP_N"]
+        scores = bottom[0].data[:, 1:, :, :]                # the fg probabilities
+        im_info = bottom[1].data[0, :]
+        height, width = scores.shape[-2:]
+        shift_x, shift_y = np.meshgrid(np.arange(width), np.arange(height))
+        cells = np.vstack((shift_x.ravel(), shift_y.ravel())).T * self._feat_stride
+        proposals = np.hstack((cells, cells + 2 * self._feat_stride - 1)).astype(np.float64)
+        proposals = np.minimum(proposals, [im_info[1] - 1, im_info[0] - 1] * 2)
+        order = scores.transpose((0, 2, 3, 1)).ravel().argsort()[::-1][:post_nms_topN]
+        proposals = proposals[order, :]
+        batch_inds = np.zeros((proposals.shape[0], 1), dtype=np.float32)
+        blob = np.hstack((batch_inds, proposals.astype(np.float32, copy=False)))
+        top[0].reshape(*(blob.shape))
+        top[0].data[...] = blob
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+
+    def reshape(self, bottom, top):
+        pass
+'''
+
+
+@pytest.mark.parametrize("phase, keep", [(caffe.TEST, 3), (caffe.TRAIN, 5)])
+def test_faster_rcnn_proposals_feed_roi_pooling(tmp_path, monkeypatch, phase, keep):
+    (tmp_path / "rpn_layers.py").write_text(PROPOSAL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = ('input: "data" input_shape { dim: 1 dim: 3 dim: 16 dim: 16 }\n'
+            'input: "im_info" input_shape { dim: 1 dim: 3 }\n'
+            + layer("rpn_cls_score", "Convolution", "data", "rpn_cls_score", cv(2, 2, "stride: 2"))
+            + layer("rpn_cls_score_reshape", "Reshape", "rpn_cls_score", "rpn_cls_score_reshape",
+                    "reshape_param { shape { dim: 0 dim: 2 dim: -1 dim: 0 } }")
+            + layer("rpn_cls_prob", "Softmax", "rpn_cls_score_reshape", "rpn_cls_prob")
+            + layer("rpn_cls_prob_reshape", "Reshape", "rpn_cls_prob", "rpn_cls_prob_reshape",
+                    "reshape_param { shape { dim: 0 dim: 2 dim: -1 dim: 0 } }")
+            + layer("proposal", "Python", "rpn_cls_prob_reshape im_info", "rois",
+                    "python_param { module: 'rpn_layers' layer: 'ProposalLayer' "
+                    "param_str: \"{'feat_stride': 2}\" }")
+            + frcnn_head("rois") + layer("cls_prob", "Softmax", "cls_score", "cls_prob"))
+    net = caffe.Net(write(tmp_path, "faster.prototxt", text), phase)
+    p64, rng = params64(net), np.random.default_rng(4)
+    for h, w, im_scale in ((16, 16, 1.0), (12, 22, 0.5)):
+        im_blob = rng.normal(size=(1, 3, h, w))        # unsaturated: no tied scores
+        blobs = {"data": im_blob, "im_info": np.array(
+            [[im_blob.shape[2], im_blob.shape[3], im_scale]], dtype=np.float32)}
+        net.blobs["data"].reshape(*(blobs["data"].shape))
+        net.blobs["im_info"].reshape(*(blobs["im_info"].shape))
+        blobs_out = net.forward(data=blobs["data"].astype(np.float32, copy=False),
+                                im_info=blobs["im_info"].astype(np.float32, copy=False))
+        rois = net.blobs["rois"].data.copy()
+        boxes = rois[:, 1:5] / im_scale
+        fg = softmax(conv(net.blobs["data"].data.astype(np.float64), p64("rpn_cls_score"),
+                          p64("rpn_cls_score", 1), stride=2))[0, 1]
+        best = np.argsort(fg.ravel())[::-1][:keep]
+        ys, xs = np.unravel_index(best, fg.shape)
+        want = np.minimum(np.stack([xs * 2, ys * 2, xs * 2 + 3, ys * 2 + 3], 1), [w - 1, h - 1] * 2)
+        np.testing.assert_array_equal(boxes * im_scale, want)
+        score, _ = frcnn_reference(p64, net.blobs["data"].data, rois)
+        assert blobs_out["cls_prob"].shape == (keep, 3)
+        np.testing.assert_allclose(blobs_out["cls_prob"], softmax(score), rtol=1e-4, atol=1e-6)
+
+
+ROI_DATA = '''
+import ast
+import caffe
+import numpy as np
+
+
+class RoIDataLayer(caffe.Layer):
+    """One image and its sampled RoIs per step, from the roidb the trainer hands over."""
+
+    def set_roidb(self, roidb):
+        self._roidb = roidb
+        self._cur = 0
+
+    def setup(self, bottom, top):
+        layer_params = ast.literal_eval(self.param_str_)   # py-faster-rcnn: yaml.load
+        self._num_classes = layer_params['num_classes']
+        self._name_to_top_map = {}
+        for idx, (name, shape) in enumerate([
+                ('data', (1, 3, 20, 20)), ('rois', (1, 5)), ('labels', (1,)),
+                ('bbox_targets', (1, self._num_classes * 4)),
+                ('bbox_inside_weights', (1, self._num_classes * 4)),
+                ('bbox_outside_weights', (1, self._num_classes * 4))]):
+            top[idx].reshape(*shape)
+            self._name_to_top_map[name] = idx
+        assert len(top) == len(self._name_to_top_map)
+
+    def forward(self, bottom, top):
+        blobs = self._roidb[self._cur % len(self._roidb)]
+        self._cur += 1
+        for blob_name, blob in blobs.items():
+            top_ind = self._name_to_top_map[blob_name]
+            top[top_ind].reshape(*(blob.shape))
+            top[top_ind].data[...] = blob.astype(np.float32, copy=False)
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+
+    def reshape(self, bottom, top):
+        pass
+'''
+
+
+def _roidb(rng, n_cls=3):
+    roidb = []
+    for (h, w), r in (((20, 24), 5), ((16, 20), 3)):
+        x1, y1 = rng.uniform(0, w / 2, r), rng.uniform(0, h / 2, r)
+        boxes = np.stack([x1, y1, x1 + rng.uniform(2, w / 2, r), y1 + rng.uniform(2, h / 2, r)], 1)
+        labels = rng.integers(0, n_cls, r).astype(np.float64)
+        weights = np.zeros((r, 4 * n_cls))
+        for i, c in enumerate(labels.astype(int)):
+            weights[i, 4 * c:4 * c + 4] = c > 0
+        roidb.append({"data": rng.normal(size=(1, 3, h, w)), "labels": labels,
+                      "rois": np.hstack([np.zeros((r, 1)), boxes]),
+                      "bbox_targets": rng.normal(size=(r, 4 * n_cls)) * weights,
+                      "bbox_inside_weights": weights, "bbox_outside_weights": weights})
+    return roidb
+
+
+def test_faster_rcnn_training_with_roi_data_layer_and_snapshot(tmp_path, monkeypatch):
+    import google.protobuf as pb2
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "roi_data_layer.py").write_text(ROI_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write(tmp_path, "train.prototxt", layer(
+        "input-data", "Python", "", "data rois labels bbox_targets bbox_inside_weights "
+        "bbox_outside_weights", "python_param { module: 'roi_data_layer' layer: 'RoIDataLayer' "
+        "param_str: \"{'num_classes': 3}\" }") + frcnn_head("rois")
+        + layer("loss_cls", "SoftmaxWithLoss", "cls_score labels", "loss_cls")
+        + layer("loss_bbox", "SmoothL1Loss", "bbox_pred bbox_targets bbox_inside_weights "
+                "bbox_outside_weights", "loss_bbox"))
+    solver_prototxt = write(tmp_path, "solver.prototxt",
+                            'train_net: "train.prototxt" base_lr: 0.001 lr_policy: "fixed" '
+                            'momentum: 0.9 display: 20 snapshot: 0 snapshot_prefix: "frcnn"')
+    rng = np.random.default_rng(5)
+    roidb = _roidb(rng)
+    solver = caffe.SGDSolver(solver_prototxt)
+    solver_param = caffe_pb2.SolverParameter()
+    with open(solver_prototxt, "rt") as f:
+        pb2.text_format.Merge(f.read(), solver_param)
+    solver.net.layers[0].set_roidb(roidb)
+    while solver.iter < 3:
+        solver.step(1)
+        net, blob = solver.net, roidb[(solver.iter - 1) % 2]
+        assert net.blobs["labels"].data.shape == blob["labels"].shape
+        p = softmax(net.blobs["cls_score"].data.astype(np.float64))
+        want = -np.log(p[np.arange(len(p)), blob["labels"].astype(int)]).mean()
+        assert net.blobs["loss_cls"].data == pytest.approx(want, rel=1e-5)
+        d = (net.blobs["bbox_pred"].data - blob["bbox_targets"]) * blob["bbox_inside_weights"]
+        l1 = np.where(abs(d) < 1, 0.5 * d * d, abs(d) - 0.5) * blob["bbox_outside_weights"]
+        assert net.blobs["loss_bbox"].data == pytest.approx(l1.sum() / len(d), rel=1e-5)
+    # SolverWrapper.snapshot: unnormalize bbox_pred, save, restore
+    stds, means = rng.uniform(0.1, 0.3, 12), rng.normal(size=12) * 0.1
+    net = solver.net
+    orig_0 = net.params["bbox_pred"][0].data.copy()
+    orig_1 = net.params["bbox_pred"][1].data.copy()
+    net.params["bbox_pred"][0].data[...] = net.params["bbox_pred"][0].data * stds[:, np.newaxis]
+    net.params["bbox_pred"][1].data[...] = net.params["bbox_pred"][1].data * stds + means
+    filename = solver_param.snapshot_prefix + "_iter_{:d}".format(solver.iter) + ".caffemodel"
+    net.save(str(filename))
+    net.params["bbox_pred"][0].data[...] = orig_0
+    net.params["bbox_pred"][1].data[...] = orig_1
+    test = caffe.Net(write(tmp_path, "test.prototxt", 'input: "data" input_shape { dim: 1 dim: 3 '
+                           'dim: 9 dim: 9 }\ninput: "rois" input_shape { dim: 1 dim: 5 }\n'
+                           + frcnn_head("rois")), "frcnn_iter_3.caffemodel", caffe.TEST)
+    np.testing.assert_allclose(test.params["bbox_pred"][0].data, orig_0 * stds[:, None], rtol=1e-6)
+    np.testing.assert_allclose(test.params["bbox_pred"][1].data, orig_1 * stds + means, rtol=1e-6)
+    np.testing.assert_array_equal(net.params["cls_score"][0].data, test.params["cls_score"][0].data)
+    solver.step(1)                                # trains on from the restored weights
+    assert not np.allclose(net.params["bbox_pred"][0].data, test.params["bbox_pred"][0].data)
+    assert np.abs(net.params["bbox_pred"][0].data - orig_0).max() < 0.05
