@@ -24,6 +24,8 @@ from detect_reference import (FLT_MIN, HED, PNET, RNET, conv, deconv, frcnn_head
 # -- MTCNN: a P-Net image pyramid, then R-Net on batches of boxes ------------------------
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime", "openvino"])
 def test_mtcnn_pyramid_and_box_batches_equal_float64(tmp_path, monkeypatch, engine):
+    if engine != "torch":
+        pytest.importorskip(engine)                    # optional extras of the package
     monkeypatch.setenv("CAFFE_COMPAT_ENGINE", engine)      # the script itself is unchanged
     caffe.set_mode_cpu()
     PNet = caffe.Net(write(tmp_path, "det1.prototxt", PNET), caffe.TEST)
@@ -390,11 +392,11 @@ def test_faster_rcnn_training_with_roi_data_layer_and_snapshot(tmp_path, monkeyp
 
 # -- SSD's ssd_detect.py: Transformer, LabelMap, forward()['detection_out'] ---------------
 def test_ssd_detect_flow(tmp_path):
-    const = 'weight_filler { type: "constant" } bias_filler { type: "constant" }'
+    const = 'kernel_size: 1 weight_filler { type: "constant" } bias_filler { type: "constant" }'
     text = ('input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
             + layer("pool", "Pooling", "data", "pool", "pooling_param { pool: AVE global_pooling: true }")
-            + layer("loc", "Convolution", "pool", "loc", f"convolution_param {{ num_output: 4 kernel_size: 1 {const} }}")
-            + layer("conf", "Convolution", "pool", "conf", f"convolution_param {{ num_output: 3 kernel_size: 1 {const} }}")
+            + layer("loc", "Convolution", "pool", "loc", f"convolution_param {{ num_output: 4 {const} }}")
+            + layer("conf", "Convolution", "pool", "conf", f"convolution_param {{ num_output: 3 {const} }}")
             + layer("priorbox", "PriorBox", "pool data", "priorbox", "prior_box_param { min_size: 4 "
                     "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }")
             + layer("loc_flat", "Flatten", "loc", "loc_flat") + layer("conf_flat", "Flatten", "conf", "conf_flat")
