@@ -152,7 +152,6 @@ def test_an_empty_batch_is_refused_at_build(tmp_path, layer):
     ((100000, 100000, 100, 100), r"needs 727.6 TiB, more than the memory budget"),
     ((-1, 3), r"negative dimension in shape \[-1, 3\]"),
     ((2**31, 2**31), r"more than the memory budget"),
-    ((0, 3, 8, 8), r"zero dimension"),
     (("a",), r"must be whole numbers"),
     ((1,) * 33, r"33 axes"),
 ])

@@ -195,3 +195,45 @@ def test_reshape_to_the_shapes_of_the_last_forward_leaves_its_blobs_stale(net):
     assert net.blob_state.is_stale("ip1") and net.blob_state.is_stale("ip2")
     np.testing.assert_allclose(net.blobs["ip1"].data, _ip1(net, x), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(net.blobs["prob"].data, out)
+
+
+FAST_RCNN_HEAD = """
+input: 'data' input_shape { dim: 1 dim: 2 dim: 8 dim: 8 }
+input: 'rois' input_shape { dim: 2 dim: 5 }
+layer { name: 'pool5' type: 'ROIPooling' bottom: 'data' bottom: 'rois' top: 'pool5'
+        roi_pooling_param { pooled_w: 2 pooled_h: 2 spatial_scale: 1.0 } }
+layer { name: 'cls_score' type: 'InnerProduct' bottom: 'pool5' top: 'cls_score'
+        inner_product_param { num_output: 3 weight_filler { type: 'gaussian' std: 1 } } }
+layer { name: 'cls_prob' type: 'Softmax' bottom: 'cls_score' top: 'cls_prob' }
+"""
+
+
+@pytest.mark.parametrize("engine", ["torch", "auto"])
+def test_a_blob_reshaped_to_zero_rows_runs_as_in_caffe(tmp_path, engine):
+    """Caffe's Blob::Reshape takes zero dims: py-faster-rcnn's im_detect reshapes 'rois' to
+    the image's proposals, none for an image without any. The forward then gives zero-row
+    outputs, and the next image's rows are computed as usual (checked in float64)."""
+    path = tmp_path / "head.prototxt"
+    path.write_text(FAST_RCNN_HEAD)
+    net = caffe.Net(str(path), caffe.TEST, engine=engine)
+    image = np.arange(128, dtype=np.float32).reshape(1, 2, 8, 8)
+    net.blobs["data"].data[...] = image
+    w = net.params["cls_score"][0].data.astype(np.float64)
+    b = net.params["cls_score"][1].data.astype(np.float64)
+    for rows in ([], [[0, 0, 0, 3, 3]], [], [[0, 4, 4, 7, 7], [0, 0, 0, 7, 7]]):
+        rois = np.array(rows, np.float32).reshape(-1, 5)
+        net.blobs["rois"].reshape(*rois.shape)
+        net.blobs["rois"].data[...] = rois
+        out = net.forward()
+        assert out["cls_prob"].shape == (len(rows), 3)
+        assert net.blobs["pool5"].data.shape == (len(rows), 2, 2, 2)
+        for i, (_, x1, y1, x2, y2) in enumerate(rows):
+            # ROI max pooling of the bins [y1, y1+h/2) x [x1, x1+w/2) ... (integer boxes)
+            box = image[0, :, y1:y2 + 1, x1:x2 + 1].astype(np.float64)
+            hh, ww = box.shape[1] // 2, box.shape[2] // 2
+            pooled = np.array([[[box[c, :hh, :ww].max(), box[c, :hh, ww:].max()],
+                                [box[c, hh:, :ww].max(), box[c, hh:, ww:].max()]]
+                               for c in range(2)])
+            score = w @ pooled.reshape(-1) + b
+            prob = np.exp(score - score.max()) / np.exp(score - score.max()).sum()
+            np.testing.assert_allclose(out["cls_prob"][i], prob, rtol=1e-5, atol=1e-6)

@@ -72,10 +72,11 @@ class Blob:
         """Give the blob a new shape (values are kept when the count is unchanged).
 
         ResourceError naming the blob for a shape that is not whole numbers, has a negative
-        or zero dim or more than 32 axes, or exceeds the memory budget."""
+        dim or more than 32 axes, or exceeds the memory budget. Zero dims are allowed, as in
+        Caffe (py-faster-rcnn reshapes its rois to an image with no proposals)."""
         if len(shape) == 1 and isinstance(shape[0], Iterable) and not isinstance(shape[0], str):
             shape = tuple(shape[0])
-        self._state.reshape(self.name, shape, allow_empty=False)
+        self._state.reshape(self.name, shape, allow_empty=True)
 
     def __repr__(self) -> str:
         return f"Blob(shape={self.shape})"
