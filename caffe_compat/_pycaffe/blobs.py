@@ -17,7 +17,6 @@ import torch
 
 from caffe_compat._pycaffe.fast import note_numpy_view
 from caffe_compat._pycaffe.state import BlobState
-from caffe_compat.engine.layers.base import LayerError
 from caffe_compat.engine.layers.blob_vectors import BlobVec
 from caffe_compat.formats.budget import check_shape
 
@@ -158,9 +157,8 @@ class ParamBlob:
         flush_host_mirrors()           # edits made through a host mirror first reach p
         if dims == tuple(p.shape):
             return
-        if id(p) not in _RESHAPED:
-            _RESHAPED[id(p)] = (weakref.ref(p, lambda _, k=id(p): _RESHAPED.pop(k, None)),
-                                self.where, tuple(p.shape))
+        _RESHAPED.setdefault(id(p), (weakref.ref(p, lambda _, k=id(p): _RESHAPED.pop(k, None)),
+                                     self.where, tuple(p.shape)))      # the built shape
         with torch.no_grad():
             new = p.detach().reshape(dims).clone() if int(np.prod(dims)) == p.numel() else \
                 torch.zeros(dims, dtype=p.dtype, device=p.device)
@@ -226,15 +224,14 @@ def flush_host_mirrors() -> None:
 _RESHAPED: dict[int, tuple] = {}
 
 
-def surgery_error(module) -> LayerError | None:
+def surgery_error(module) -> str | None:
     """Why a forward failed when a parameter of ``module`` was reshaped away from the shape
     its layer was built with (net surgery meant for ``net.save``); None when none was."""
     for layer in module.layers:
         for p in layer.blobs:
             entry = _RESHAPED.get(id(p))
             if entry is not None and entry[0]() is p and tuple(p.shape) != entry[2]:
-                return LayerError(
-                    f"{entry[1]} was reshaped from {list(entry[2])} to {list(p.shape)} and the "
-                    "layer cannot run with it: save the weights (net.save) and load them into "
-                    "a net defined with that shape")
+                return (f"{entry[1]} was reshaped from {list(entry[2])} to {list(p.shape)} and "
+                        "the layer cannot run with it: save the weights (net.save) and load "
+                        "them into a net defined with that shape")
     return None

@@ -238,8 +238,8 @@ class Net(IndexAPI, LayerCallbacks):
             return LayerError(with_context(str(exc), self.module.source))
         except Exception:   # noqa: BLE001 - any other failure: the forward's own error stands
             return None
-        error = surgery_error(self.module)
-        return None if error is None else LayerError(with_context(str(error), self.module.source))
+        reason = surgery_error(self.module)
+        return None if reason is None else LayerError(with_context(reason, self.module.source))
 
     def _run_forward(self, blobs, start, end, kwargs: dict) -> dict[str, np.ndarray]:
         if self._fast is not None and not blobs and start is None and end is None \
