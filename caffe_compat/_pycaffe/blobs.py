@@ -18,6 +18,7 @@ import torch
 from caffe_compat._pycaffe.fast import note_numpy_view
 from caffe_compat._pycaffe.state import BlobState
 from caffe_compat.engine.layers.blob_vectors import BlobVec
+from caffe_compat.formats.budget import check_shape
 
 
 class Blob:
@@ -92,8 +93,9 @@ class ParamBlob:
     copies the edited ones to the device, as Caffe's SyncedMemory does before device use.
     """
 
-    def __init__(self, param: torch.nn.Parameter):
+    def __init__(self, param: torch.nn.Parameter, where: str = "parameter blob"):
         self.param = param
+        self.where = where             # for messages: "layer 'conv1' param 0"
 
     def _view(self, which: str) -> np.ndarray:
         p = self.param
@@ -143,7 +145,26 @@ class ParamBlob:
     width = property(lambda self: Blob._legacy(self, 3))
 
     def reshape(self, *shape: int) -> None:
-        raise ValueError("parameter blobs cannot be reshaped; edit the layer definition")
+        """Give the parameter a new shape, as Caffe's Blob::Reshape does for net surgery that
+        writes new values and saves them (a channel added to a BatchNorm, a layer recoded):
+        values are kept when the count is unchanged, zero otherwise; the diff starts at zero.
+        The layer's definition is not changed: ``net.save`` writes the new shape, a forward
+        the layer cannot run with it fails. ResourceError naming the layer's blob for a
+        shape that is not whole numbers, has a negative dim or exceeds the memory budget."""
+        if len(shape) == 1 and isinstance(shape[0], Iterable) and not isinstance(shape[0], str):
+            shape = tuple(shape[0])
+        p = self.param
+        dims = check_shape(shape, self.where, itemsize=8)
+        flush_host_mirrors()           # edits made through a host mirror first reach p
+        if dims == tuple(p.shape):
+            return
+        _RESHAPED.setdefault(id(p), (weakref.ref(p, lambda _, k=id(p): _RESHAPED.pop(k, None)),
+                                     self.where, tuple(p.shape)))      # the built shape
+        with torch.no_grad():
+            new = p.detach().reshape(dims).clone() if int(np.prod(dims)) == p.numel() else \
+                torch.zeros(dims, dtype=p.dtype, device=p.device)
+            p.set_(new)                # in place: the layer keeps p and p._version moves,
+        p.grad = None                  # so a cached fused net is rebuilt
 
     def __repr__(self) -> str:
         return f"ParamBlob(shape={self.shape})"
@@ -175,7 +196,8 @@ class LayerView:
 
 def param_blobs(layer) -> BlobVec:
     """``layer``'s parameter blobs as pycaffe's BlobVec of ParamBlob views."""
-    return BlobVec(layer.blobs, lambda params, i: ParamBlob(params[i]))
+    return BlobVec(layer.blobs,
+                   lambda params, i: ParamBlob(params[i], f"layer '{layer.name}' param {i}"))
 
 
 # Parameters that hold host mirrors now (id -> weak reference): flushing is free when none do.
@@ -196,3 +218,21 @@ def flush_host_mirrors() -> None:
             if t is not None and not np.array_equal(host, as_read, equal_nan=True):
                 with torch.no_grad():                # so a cached fused net is rebuilt
                     t.copy_(torch.from_numpy(host).to(t.device, t.dtype))
+
+
+# Parameters ParamBlob.reshape gave a new shape: id -> (weak reference, "layer 'x' param i",
+# the shape the layer was built with), for the error of a forward that cannot use them.
+_RESHAPED: dict[int, tuple] = {}
+
+
+def surgery_error(module) -> str | None:
+    """Why a forward failed when a parameter of ``module`` was reshaped away from the shape
+    its layer was built with (net surgery meant for ``net.save``); None when none was."""
+    for layer in module.layers:
+        for p in layer.blobs:
+            entry = _RESHAPED.get(id(p))
+            if entry is not None and entry[0]() is p and tuple(p.shape) != entry[2]:
+                return (f"{entry[1]} was reshaped from {list(entry[2])} to {list(p.shape)} and "
+                        "the layer cannot run with it: save the weights (net.save) and load "
+                        "them into a net defined with that shape")
+    return None

@@ -15,7 +15,8 @@ from itertools import zip_longest
 import numpy as np
 import torch
 
-from caffe_compat._pycaffe.blobs import Blob, LayerView, flush_host_mirrors, param_blobs
+from caffe_compat._pycaffe.blobs import (Blob, LayerView, flush_host_mirrors, param_blobs,
+                                         surgery_error)
 from caffe_compat._pycaffe.layerwise import backward_plan, backward_range, forward_range
 from caffe_compat._pycaffe.fast import FastForward, eligible
 from caffe_compat._pycaffe.callbacks import CALLBACK_TIMES, LayerCallbacks
@@ -231,14 +232,16 @@ class Net(IndexAPI, LayerCallbacks):
 
     def _shape_error(self) -> LayerError | None:
         """The error naming the first layer that cannot take the input blobs' shapes (an
-        input reshaped without ``net.reshape()``), or None when every layer can."""
+        input reshaped without ``net.reshape()``) or a parameter ``reshape`` gave it, or None
+        when every layer can."""
         try:
             self.module.infer_shapes({n: self.blobs[n].shape for n in self.inputs})
         except LayerError as exc:
             return LayerError(with_context(str(exc), self.module.source))
         except Exception:   # noqa: BLE001 - any other failure: the forward's own error stands
             return None
-        return None
+        reason = surgery_error(self.module)
+        return None if reason is None else LayerError(with_context(reason, self.module.source))
 
     def _run_forward(self, blobs, start, end, kwargs: dict) -> dict[str, np.ndarray]:
         if self._fast is not None and not blobs and start is None and end is None \
