@@ -237,3 +237,21 @@ def test_a_blob_reshaped_to_zero_rows_runs_as_in_caffe(tmp_path, engine):
             score = w @ pooled.reshape(-1) + b
             prob = np.exp(score - score.max()) / np.exp(score - score.max()).sum()
             np.testing.assert_allclose(out["cls_prob"][i], prob, rtol=1e-5, atol=1e-6)
+
+
+def test_a_parameter_reshape_keeps_or_zeroes_values_as_caffes_buffer_does(tmp_path):
+    """Blob::Reshape reallocates (zeroed) only when the count grows past the capacity; a
+    smaller or equal count reads the same buffer in the new shape."""
+    path = tmp_path / "ip.prototxt"
+    path.write_text("input: 'x' input_shape { dim: 1 dim: 3 }\nlayer { name: 'ip' "
+                    "type: 'InnerProduct' bottom: 'x' top: 'y' inner_product_param { "
+                    "num_output: 2 } }\n")
+    net = caffe.Net(str(path), caffe.TEST)
+    w = net.params["ip"][0]
+    w.data[...] = np.arange(6).reshape(2, 3)
+    w.reshape(3, 2)
+    np.testing.assert_array_equal(w.data, [[0, 1], [2, 3], [4, 5]])
+    w.reshape(4)
+    np.testing.assert_array_equal(w.data, [0, 1, 2, 3])
+    w.reshape(2, 4)
+    assert w.data.shape == (2, 4) and not w.data.any() and not w.diff.any()

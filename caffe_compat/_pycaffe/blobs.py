@@ -147,7 +147,8 @@ class ParamBlob:
     def reshape(self, *shape: int) -> None:
         """Give the parameter a new shape, as Caffe's Blob::Reshape does for net surgery that
         writes new values and saves them (a channel added to a BatchNorm, a layer recoded):
-        values are kept when the count is unchanged, zero otherwise; the diff starts at zero.
+        a count no larger keeps the first values in the new shape, a larger one starts at
+        zero (Caffe's reallocation); the diff starts at zero.
         The layer's definition is not changed: ``net.save`` writes the new shape, a forward
         the layer cannot run with it fails. ResourceError naming the layer's blob for a
         shape that is not whole numbers, has a negative dim or exceeds the memory budget."""
@@ -160,9 +161,12 @@ class ParamBlob:
             return
         _RESHAPED.setdefault(id(p), (weakref.ref(p, lambda _, k=id(p): _RESHAPED.pop(k, None)),
                                      self.where, tuple(p.shape)))      # the built shape
+        count = int(np.prod(dims))
         with torch.no_grad():
-            new = p.detach().reshape(dims).clone() if int(np.prod(dims)) == p.numel() else \
-                torch.zeros(dims, dtype=p.dtype, device=p.device)
+            # Caffe reallocates (zeroed memory) only when the count grows past the blob's
+            # capacity; otherwise the buffer, read in the new shape, keeps its first values
+            new = p.detach().reshape(-1)[:count].clone().reshape(dims) if count <= p.numel() \
+                else torch.zeros(dims, dtype=p.dtype, device=p.device)
             p.set_(new)                # in place: the layer keeps p and p._version moves,
         p.grad = None                  # so a cached fused net is rebuilt
 
