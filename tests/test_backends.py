@@ -158,6 +158,26 @@ def test_changed_weights_are_seen(tmp_path):
     assert net.engine == "torch"
 
 
+def test_reading_the_weights_keeps_the_engine(tmp_path):
+    """numpy hand-outs that only read (filters shown between forwards) are not weight
+    changes: the engine stays, with no export; a write after them is one change."""
+    proto = _prototxt(tmp_path, "lenet")
+    net = caffe.Net(proto, caffe.TEST, engine=ENGINES[0])
+    ref = caffe.Net(proto, caffe.TEST)
+    ref.share_with(net)
+    x = np.random.default_rng(5).random(ref.blobs["data"].shape, dtype=np.float32)
+    plan = net._fast.choice.forward
+    for _ in range(3):
+        assert np.isfinite(net.params["conv1"][0].data).all()           # a read
+        _forward(net, x)
+    assert net.engine == ENGINES[0] and net._fast.choice.forward is plan  # not re-exported
+    want = ref.params["ip2"][0].data * 0.5                                # shared: a write
+    net.params["ip2"][0].data[...] = want
+    np.testing.assert_allclose(_forward(net, x)["prob"], _forward(ref, x)["prob"],
+                               rtol=1e-5, atol=1e-6)
+    assert net.engine == ENGINES[0] and net._fast.choice.forward is not plan
+
+
 def test_fallbacks(tmp_path, monkeypatch):
     proto = _prototxt(tmp_path, "lenet")
     with pytest.raises(ValueError, match="expected one of"):

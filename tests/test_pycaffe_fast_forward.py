@@ -152,6 +152,33 @@ def test_a_held_weight_view_left_unwritten_keeps_the_fused_net(nets):
     assert net._fast.cache._fused is not fused
 
 
+def test_reading_the_weights_between_forwards_keeps_the_fused_net(nets, monkeypatch):
+    """A hand-out that only reads (visualising filters between forwards) leaves the fused
+    net as it is; a write through the next hand-out still reaches the next forward. A net
+    too large to keep a copy of its values re-fuses at every hand-out, as before."""
+    from caffe_compat._pycaffe import fast
+    net, ref, rng = nets
+    feed = _feed(rng)
+    net.forward(**feed)
+    fused = net._fast.cache._fused
+    for _ in range(3):
+        assert float(net.params["conv1"][0].data.sum()) != 0.0        # a read
+        net.forward(**feed)
+    assert net._fast.cache._fused is fused
+    net.params["sc1"][1].data[...] += 0.25                                # a write
+    ref.params["sc1"][1].data[...] += 0.25
+    np.testing.assert_allclose(_outputs(net, feed)["prob"], _outputs(ref, feed)["prob"],
+                               rtol=1e-5, atol=1e-6)
+    assert net._fast.cache._fused is not fused
+    monkeypatch.setattr(fast, "REFERENCE_VALUES", 0)   # too large to keep a copy of
+    net.params["sc1"][1].data[...] -= 0.25             # a write: re-fused, no copy kept
+    net.forward(**feed)
+    fused = net._fast.cache._fused
+    net.params["conv1"][0].data.sum()
+    net.forward(**feed)
+    assert net._fast.cache._fused is not fused
+
+
 def test_numpy_hand_outs_are_counted_off_the_torch_parameters(nets):
     """The generation counter lives in the fast path's registry: nothing is written onto
     the torch Parameter, and each hand-out of a view bumps its parameter's generation."""

@@ -27,7 +27,10 @@ measured) again for the new shapes, for the first ``SHAPES_KEPT`` shapes; torch 
 others. The weights are the export's: after the net's
 parameters change it is exported again once; a second change sends forwards to the torch
 path. A numpy view of a parameter the caller keeps is compared with the parameter's
-values at each forward (``_watch_views``): a write through it is such a change.
+values at each forward (``_watch_views``): a write through it is such a change. A new
+hand-out is one too, unless the parameter still holds the values the fused net or the export
+was made from (kept for nets of up to ``REFERENCE_VALUES`` values): reading the weights
+between forwards costs neither a fusion nor the engine.
 """
 from __future__ import annotations
 
@@ -125,6 +128,30 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
 
 _VERSION = operator.attrgetter("_version")
 SHAPES_KEPT = 4          # input shapes given an engine choice; torch runs any others
+# Nets whose parameters hold at most this many values keep a copy of the values each fused
+# net and export was made from: a numpy hand-out that only read them is then told from an
+# edit (else every hand-out re-fuses, and a second sends an engine's forwards to torch).
+REFERENCE_VALUES = 1 << 21
+
+
+def _reference(params: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
+    """Copies of ``params``' values by id; None for a net too large to copy."""
+    if sum(p.numel() for p in params) > REFERENCE_VALUES:
+        return None
+    return {id(p): p.detach().clone() for p in params}
+
+
+def _only_read(reference, params, before: tuple | None, now: tuple) -> bool:
+    """Whether every parameter whose hand-out generation moved from ``before`` to ``now``
+    still holds the values in ``reference``: its hand-outs were reads."""
+    if reference is None or before is None or len(before) != len(now):
+        return False
+    for p, was, is_ in zip(params, before, now):
+        if was != is_:
+            kept = reference.get(id(p))
+            if kept is None or kept.shape != p.shape or not torch.equal(kept, p):
+                return False
+    return True
 
 
 def inference_plan(net) -> EnginePlan | None:
@@ -143,6 +170,7 @@ class FastForward:
         self.net = net
         self.cache = InferenceCache(net.module, device=net.compute_device())
         self._touched: tuple | None = None
+        self._fused_from = None       # _reference() of the values the fused net was made from
         skip = set(net.inputs) | set(net.outputs)       # what a fast forward writes
         self._skipped = frozenset(n for n in net.blobs if n not in skip)
         self._outputs = tuple(net.module.output_names)
@@ -158,7 +186,9 @@ class FastForward:
         self._engine_key: tuple | None = None
         self._resynced = False
         self._overflowed = False      # logged that shapes past SHAPES_KEPT run torch
-        self._by_shape: dict[tuple, tuple] = {}     # input shapes -> (choice, engine key)
+        # input shapes -> (choice, engine key, _reference() of the values exported)
+        self._by_shape: dict[tuple, tuple] = {}
+        self._exported_from = None
         self._shapes: tuple = ()                    # the input shapes of ``choice``
         # the engine plan whose runtime writes straight into output blobs (``_direct``;
         # the others, ``_copied``, are copied in), and the BlobState arrays it was bound to
@@ -211,8 +241,9 @@ class FastForward:
         self.choice = choose_engine(self.net.module, request, self._torch_forward,
                                     precision=self.precision, shapes=shapes)
         self._engine_key = self._weights_key(params, self._numpy_state(params)[0])
+        self._exported_from = _reference(params)
         self._shapes = tuple(shapes.values())
-        self._by_shape[self._shapes] = (self.choice, self._engine_key)
+        self._by_shape[self._shapes] = (self.choice, self._engine_key, self._exported_from)
         log.info("net '%s': %s", self.net.module.name, self.choice.reason)
 
     def _engine_plan(self, params, touched: tuple) -> EnginePlan | None:
@@ -227,8 +258,11 @@ class FastForward:
                 return self._engine_plan(params, touched)
             return None
         plan, get = choice.forward, self.net.blob_state.get
-        if self._weights_key(params, touched) != self._engine_key:  # changed since export
-            return self._resync(params, touched)
+        key = self._weights_key(params, touched)
+        if key != self._engine_key:                                  # changed since export?
+            if not self._reads_since_export(params, key):
+                return self._resync(params, touched)
+            self._engine_key = key
         for name, bound in plan.input_arrays.items():
             host = get(name)
             if host.shape != bound.shape:
@@ -249,6 +283,13 @@ class FastForward:
         self._decide(requested_as(self.choice.name))
         return self._engine_plan(params, touched)
 
+    def _reads_since_export(self, params, key: tuple) -> bool:
+        """Whether the weights key moved only by numpy hand-outs that left the values the
+        export was made from (same tensors, versions and writes through held views)."""
+        old = self._engine_key
+        return (key[0], key[1], key[3]) == (old[0], old[1], old[3]) and \
+            _only_read(self._exported_from, params, old[2], key[2])
+
     def _input_shapes(self) -> tuple:
         return tuple(tuple(self.net.blob_state.get(n).shape) for n in self.net.inputs)
 
@@ -256,7 +297,7 @@ class FastForward:
         shapes = self._input_shapes()
         kept = self._by_shape.get(shapes)
         if kept is not None:
-            self.choice, self._engine_key = kept
+            self.choice, self._engine_key, self._exported_from = kept
             self._shapes = shapes
         elif len(self._by_shape) < SHAPES_KEPT:
             self._decide(self.request)
@@ -307,11 +348,14 @@ class FastForward:
     def _watch_views(self, params: list[torch.Tensor], touched: tuple, held: bool) -> None:
         """Re-fuse after a new hand-out of a numpy view or a write through one alive at the
         last forward (numpy writes bypass torch's version counter): a held view left
-        unwritten costs a comparison of its parameter, not a fusion per call."""
+        unwritten costs a comparison of its parameter, not a fusion per call, and so does a
+        new hand-out that only read (for nets small enough to keep a copy: REFERENCE_VALUES)."""
         edited = any(not torch.equal(p, values) for p, values in self._copies)
         self._edits += edited
         if edited or touched != self._touched:
-            self.cache.invalidate()
+            if edited or not _only_read(self._fused_from, params, self._touched, touched):
+                self.cache.invalidate()
+                self._fused_from = _reference(params)        # what the next fusion reads
             self._touched = touched
             self._copies = [(p, p.detach().clone()) for p in PARAM_VIEWS.held(params)] \
                 if held else []
