@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from caffe_compat.formats.coords import AxisMismatchException, compose, inverse
 from caffe_compat.net_spec import layers as L
 
 __all__ = ["PASS_THROUGH_LAYERS", "conv_params", "crop_params", "coord_map", "compose",
@@ -23,10 +24,6 @@ PASS_THROUGH_LAYERS = ["AbsVal", "BatchNorm", "Bias", "BNLL", "Dropout", "Eltwis
 
 class UndefinedMapException(Exception):
     """The layer type has no coordinate mapping (e.g. InnerProduct)."""
-
-
-class AxisMismatchException(Exception):
-    """Two maps act on different axes and cannot be composed."""
 
 
 def conv_params(fn):
@@ -62,25 +59,6 @@ def coord_map(fn):
         axis, offset = crop_params(fn)
         return axis - 1, 1, -offset        # -1: the map's axis is the last non-spatial one
     raise UndefinedMapException(fn.type_name)
-
-
-def compose(base_map, next_map):
-    """Apply ``base_map`` after ``next_map``: scales multiply, shifts scale by the base."""
-    ax1, a1, b1 = base_map
-    ax2, a2, b2 = next_map
-    if ax1 is None:
-        axis = ax2
-    elif ax2 is None or ax1 == ax2:
-        axis = ax1
-    else:
-        raise AxisMismatchException(f"axes {ax1} and {ax2}")
-    return axis, a1 * a2, a1 * b2 + b1
-
-
-def inverse(map_):
-    """The output-to-input map."""
-    axis, a, b = map_
-    return axis, 1 / a, -b / a
 
 
 def _mappable_bottoms(top):

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from caffe_compat.formats.coords import IDENTITY
 from caffe_compat.formats.errors import CaffeCompatError, with_context
 from torch import nn
 
@@ -209,6 +210,18 @@ class Layer(nn.Module):
     def sums_bottoms(self) -> bool:
         """``forward`` is the plain sum of the bottoms, in order (may accumulate in place)."""
         return False
+
+    # -- coordinate maps: where a top's pixels sit on bottom 0's (formats/coords.py) -------
+    keeps_coords: bool = False   # top pixel (i, j) is computed at bottom 0's pixel (i, j)
+    infers_crop: bool = False    # crops to bottom 1 with no offsets given (Crop without
+    #                              crop_param): the FCN-future fork derived them from the
+    #                              coordinate maps; engine/net/fork_crop.py reports them
+
+    def coord_map(self):
+        """(axis, scale, shift) taking bottom 0's spatial coordinates to the top's, as
+        pycaffe's coord_map.py defines them; None where no such map exists (InnerProduct,
+        Reshape). ``keeps_coords`` layers have the identity."""
+        return IDENTITY if self.keeps_coords else None
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

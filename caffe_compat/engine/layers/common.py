@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from caffe_compat.engine.layers.base import Layer, Shape, register
@@ -91,6 +92,7 @@ class Eltwise(Layer):
     type = "Eltwise"
     num_bottoms = (2, None)
     num_tops = (1, 1)
+    keeps_coords = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -166,6 +168,7 @@ class Concat(Layer):
     type = "Concat"
     num_bottoms = (1, None)
     num_tops = (1, 1)
+    keeps_coords = True      # for bottom 0 on any axis: it comes first
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -252,6 +255,7 @@ class Split(Layer):
     num_bottoms = (1, 1)
     num_tops = (1, None)
     is_alias = True
+    keeps_coords = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -376,21 +380,34 @@ class Crop(Layer):
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
         self.top_shapes(bottom_shapes)
+        self.ndim = len(bottom_shapes[0])
+        # BVLC's offset is 0 here; the FCN-future fork's parameterless Crop computed one.
+        self.infers_crop = not param.HasField("crop_param")
 
-    def _offsets(self, shape: Shape, ref: Shape) -> list[int]:
+    def coord_map(self):
+        """Top pixel i is bottom 0's pixel i + offset, on every axis from ``axis`` on."""
+        start = canonical_axis(self, self.param.crop_param.axis, self.ndim)
+        return start - 1, 1, -np.asarray(self._given(self.ndim)[start:], dtype=np.float64)
+
+    def _given(self, ndim: int) -> list[int]:
         """Start index of the crop on every axis (0 on the uncropped ones)."""
         p = self.param.crop_param
+        start = canonical_axis(self, p.axis, ndim)
+        given = list(p.offset)
+        if len(given) > 1 and len(given) != ndim - start:
+            raise self.error(f"give one offset, or one per cropped axis ({ndim - start} axes "
+                             f"from axis {start}); got {len(given)}")
+        return [0 if i < start else given[0] if len(given) == 1 else
+                given[i - start] if given else 0 for i in range(ndim)]
+
+    def _offsets(self, shape: Shape, ref: Shape) -> list[int]:
+        """``_given``, checked against these bottom shapes."""
         if len(shape) != len(ref):
             raise self.error(f"bottom 0 {list(shape)} and bottom 1 {list(ref)} must have the same "
                              "number of axes")
-        start = canonical_axis(self, p.axis, len(shape))
-        given = list(p.offset)
-        if len(given) > 1 and len(given) != len(shape) - start:
-            raise self.error(f"give one offset, or one per cropped axis ({len(shape) - start} axes "
-                             f"from axis {start}); got {len(given)}")
-        offsets = [0] * len(shape)
+        offsets = self._given(len(shape))
+        start = canonical_axis(self, self.param.crop_param.axis, len(shape))
         for i in range(start, len(shape)):
-            offsets[i] = given[0] if len(given) == 1 else given[i - start] if given else 0
             if shape[i] - offsets[i] < ref[i]:
                 raise self.error(f"cannot crop axis {i}: bottom 0 size {shape[i]} minus offset "
                                  f"{offsets[i]} is smaller than bottom 1 size {ref[i]}")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe_compat.engine.fillers import FillerError, fill
+from caffe_compat.formats.coords import inverse, window_map
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.common import canonical_axis
 
@@ -166,6 +167,10 @@ class _BaseConvolution(Layer):
     def output_not_saved(self, num_bottoms: int) -> bool:
         return num_bottoms == 1
 
+    def _window_map(self):
+        extent = [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel)]
+        return window_map(self.axis, self.stride, extent, self.pad)
+
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, {self.channels}->{self.num_output}, kernel={self.kernel}, "
                 f"stride={self.stride}, pad={self.pad}, dilation={self.dilation}, "
@@ -190,6 +195,9 @@ class Convolution(_BaseConvolution):
                                        None if bias is None else bias.to(x.dtype),
                                        stride=self.stride, padding=self.pad,
                                        dilation=self.dilation, groups=self.group)
+
+    def coord_map(self):
+        return inverse(self._window_map())
 
     def linear_channels(self, top_shape: Shape) -> int | None:
         return self.num_output if len(self.param.bottom) == 1 and self.axis == 1 else None
@@ -217,6 +225,9 @@ class Deconvolution(_BaseConvolution):
     def _out_size(self, size: int, i: int) -> int:
         return (self.stride[i] * (size - 1) + self.dilation[i] * (self.kernel[i] - 1) + 1
                 - 2 * self.pad[i])
+
+    def coord_map(self):
+        return self._window_map()
 
     def _conv(self, x, weight, bias):
         return _DECONV[self.num_spatial](x, weight.to(x.dtype),

@@ -28,6 +28,7 @@ class LRN(Layer):
     """Caffe LRN (ACROSS_CHANNELS or WITHIN_CHANNEL); ``local_size`` must be odd."""
 
     type = "LRN"
+    keeps_coords = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

@@ -30,6 +30,7 @@ class _Neuron(Layer):
 
     num_bottoms = (1, 1)
     num_tops = (1, 1)
+    keeps_coords = True
 
 
 @register

@@ -35,6 +35,7 @@ class BatchNorm(Layer):
     """
 
     type = "BatchNorm"
+    keeps_coords = True
     # Under bf16/fp16 autocast the input stays reduced while the statistics are computed and
     # kept in float32 (torch's mixed-precision batch norm; float32 buffers below), as
     # nn.BatchNorm2d runs under autocast: no float32 copy of every activation.
@@ -180,6 +181,7 @@ class _Broadcast(Layer):
 
     num_bottoms = (1, 2)
     num_tops = (1, 1)
+    keeps_coords = True      # the operand broadcasts over bottom 0's pixels, which stay put
 
     def _operand_shape(self, p, bottom_shapes: Sequence[Shape]) -> Shape:
         """Shape of the operand (learned blob or bottom 1) after checking it against bottom 0."""
@@ -321,6 +323,7 @@ class MVN(Layer):
     ``sqrt(var + eps)``), per (n, c) or, with ``across_channels``, per n."""
 
     type = "MVN"
+    keeps_coords = True
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from caffe_compat.engine.layers.base import TRAIN, Layer, Shape, register
 from caffe_compat.formats.budget import check_shape
+from caffe_compat.formats.coords import inverse, window_map
 from caffe_compat.formats.errors import ResourceError
 from caffe_compat.engine.layers import fast_forms
 
@@ -140,6 +141,11 @@ class Pooling(Layer):
 
     def fresh_output(self, num_bottoms: int) -> bool:
         return True                          # F.max_pool / F.avg_pool make a new tensor
+
+    def coord_map(self):
+        # Global pooling has no fixed window: its output does not sit anywhere on the input.
+        return None if self.global_pooling else inverse(window_map(1, self.stride, self.kernel,
+                                                                   self.pad))
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         shape = tuple(bottom_shapes[0])

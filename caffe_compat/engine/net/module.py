@@ -20,6 +20,7 @@ from torch import nn
 from caffe_compat.engine.layers.base import Layer, LayerError, Shape, layer_class
 from caffe_compat.engine.net.assemble import (NetDefinitionError, filter_net, insert_splits,
                                        make_state)
+from caffe_compat.engine.net.fork_crop import warn_inferred_crops
 from caffe_compat.engine.net.plan import Step, execute, mark_releases
 from caffe_compat.engine.net.train_fuse import lean_plan
 from caffe_compat.engine.net.upgrade import upgrade_net
@@ -148,6 +149,7 @@ class NetModule(nn.Module):
                                    full_precision=layer.full_precision,
                                    feed=cls.feeds_input, name=lp.name))
         self.output_names = sorted(available)   # Caffe keeps them in a std::set
+        warn_inferred_crops(self)
         mark_releases(self._plan, self.kept_blobs())
         # Built now, not on the first run: torch.compile traces that run (--compile).
         self._lean = lean_plan(self)
