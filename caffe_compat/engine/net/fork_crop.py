@@ -46,9 +46,10 @@ def _message(source: str, step, type_name: str, axis: int, offsets: list[int]) -
     given = offsets[:1] if len(set(offsets)) == 1 else offsets
     line = "crop_param { axis: %d %s}" % (axis, "".join(f"offset: {o} " for o in given))
     axes = f"axis {axis}" if len(offsets) == 1 else f"axes {axis}-{axis + len(offsets) - 1}"
+    derived = ", ".join(map(str, offsets))
     return (f"{source}: layer '{step.name}' ({type_name}, top '{step.tops[0]}') has no "
             "crop_param, so it crops at offset 0 as BVLC Caffe does; the FCN-future fork's "
-            f"parameterless Crop (as s9xie/hed ships it) derived offsets {', '.join(map(str, offsets))} on "
+            f"parameterless Crop (as s9xie/hed ships it) derived offsets {derived} on "
             f"{axes} from the coordinate maps. To align as that fork did, give the layer "
             f"{line}")
 
