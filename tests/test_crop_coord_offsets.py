@@ -91,6 +91,8 @@ def test_hed_like_crop_warns_once_with_the_forks_offsets(tmp_path, records):
     assert suggested(message) == (reference["axis"], [int(o) for o in reference["offset"]])
     # BVLC's semantics kept: the top-left corner of the upsampled map.
     np.testing.assert_array_equal(net.blobs["out"].data, net.blobs["up"].data[:, :, :H, :W])
+    caffe.Net(str(path), caffe.TRAIN)          # the same file again (a solver's other net)
+    assert len(warnings) == 1
 
 
 def test_unequal_offsets_are_listed_per_axis(tmp_path, records):

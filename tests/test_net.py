@@ -186,3 +186,14 @@ def test_module_forward_returns_output_tensors(tmp_path):
     torch.testing.assert_close(out["t"], torch.tanh(x))
     with pytest.raises(KeyError, match="input blob 'data' was not fed"):
         net.module()
+
+
+def test_single_quoted_layer_names_get_their_line_too(tmp_path):
+    """FCN's, HED's and py-faster-rcnn's prototxts quote names with ': the file:line and the
+    layer are found as for double quotes."""
+    single = "layer { name: 'input' type: 'Input' top: 'data' input_param { shape { dim: 2 } } }\n"
+    with pytest.raises(LayerError, match=r"net.prototxt:3: layer 'f': Unknown layer type: Foo"):
+        net_from(tmp_path, single + "\nlayer { name: 'f' type: 'Foo' bottom: 'data' top: 'f' }")
+    text = single + "layer {\n  name: 'p'\n  type: 'Pooling'\n  pooling_param { kernel: 2 }\n}\n"
+    with pytest.raises(ProtoTextError, match=r"net.prototxt:5:\d+: layer 'p': caffe.Pooling"):
+        net_from(tmp_path, text)

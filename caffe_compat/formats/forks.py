@@ -70,7 +70,8 @@ def enclosing_layer(text: str, line: int, column: int | None = None) -> str | No
     depth = 0
     names: dict[int, str] = {}
     prefix = "\n".join(lines)
-    for match in re.finditer(r'\blayers?\s*\{|[{}]|\bname\s*:\s*"([^"]*)"', prefix):
+    for match in re.finditer(r'\blayers?\s*\{|[{}]|\bname\s*:\s*(?:"([^"]*)"|\'([^\']*)\')',
+                             prefix):
         token = match.group(0)
         if token.startswith("layer"):
             depth += 1
@@ -82,7 +83,7 @@ def enclosing_layer(text: str, line: int, column: int | None = None) -> str | No
                 names.pop(depth_stack.pop(), None)
             depth -= 1
         elif depth_stack and depth == depth_stack[-1]:
-            names[depth] = match.group(1)
+            names[depth] = match.group(1) if match.group(1) is not None else match.group(2)
     for open_depth in reversed(depth_stack):
         if open_depth in names:
             return names[open_depth]

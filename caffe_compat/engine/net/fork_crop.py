@@ -18,6 +18,7 @@ import numpy as np
 from caffe_compat.formats.coords import IDENTITY, AxisMismatchException, compose, inverse
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple] = set()
 
 
 def warn_inferred_crops(net) -> None:
@@ -39,7 +40,10 @@ def warn_inferred_crops(net) -> None:
             continue
         axis, offsets = found
         fork_maps[position] = (axis - 1, 1, -np.asarray(offsets, dtype=np.float64))
-        log.warning(_message(net.source, step, layer.type, axis, offsets))
+        said = (net.source, step.name, tuple(step.tops), axis, tuple(offsets))
+        if said not in _WARNED:         # once per file and layer: a solver builds two nets
+            _WARNED.add(said)
+            log.warning(_message(net.source, step, layer.type, axis, offsets))
 
 
 def _message(source: str, step, type_name: str, axis: int, offsets: list[int]) -> str:

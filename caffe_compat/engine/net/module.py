@@ -46,7 +46,8 @@ def _line_of(source: str, layer_name: str) -> str:
         text = Path(source).read_text(encoding="utf-8")
     except (OSError, ValueError):
         return ""
-    match = re.search(r'\bname\s*:\s*"' + re.escape(layer_name) + '"', text)
+    # either quote: FCN's, HED's and py-faster-rcnn's prototxts write name: 'conv1'
+    match = re.search(r'\bname\s*:\s*(["\'])' + re.escape(layer_name) + r'\1', text)
     return f":{text.count(chr(10), 0, match.start()) + 1}" if match else ""
 
 
