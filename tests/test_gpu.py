@@ -111,3 +111,28 @@ def test_a_forward_that_syncs_with_the_host_is_not_captured():
     graphed = gpu.GraphedInference(fn, [x])
     assert graphed.graph is None and graphed.reason.startswith("capture failed")
     assert graphed.serves([x]) and torch.equal(graphed(-x)[0], fn(-x)[0])
+
+
+def test_a_pyramid_of_shapes_keeps_a_graph_per_shape_then_runs_eagerly(tmp_path, gpu_mode):
+    """MTCNN's P-Net sees one input shape per pyramid scale, in a cycle: the first
+    GRAPHS_KEPT shapes keep their graphs (replayed on the next image, not re-captured), the
+    others run eagerly; every output equals the CPU's."""
+    from caffe_compat.engine.net import inference_cache
+    cpu, cuda = _pair(tmp_path, "mtcnn_pnet")
+    sizes = [(24 + 4 * i, 32 + 4 * i) for i in range(inference_cache.GRAPHS_KEPT + 2)]
+    rng = np.random.default_rng(4)
+    kept = None
+    for image in range(2):
+        for h, w in sizes:
+            for net in (cpu, cuda):
+                net.blobs["data"].reshape(1, 3, h, w)
+            x = rng.random((1, 3, h, w), dtype=np.float32)
+            want = {k: v.copy() for k, v in cpu.forward(data=x).items()}
+            got = cuda.forward(data=x)
+            for name in want:
+                _close(got[name], want[name])
+        graphs = dict(cuda._fast.cache._graphs)
+        assert len(graphs) == inference_cache.GRAPHS_KEPT
+        if kept is not None:                  # the second image replayed the same graphs
+            assert all(graphs[k] is kept[k] for k in kept)
+        kept = graphs

@@ -9,23 +9,30 @@
   autotuning on (``configure_cuda``), host inputs copied through pinned memory, and the
   forward captured as a CUDA graph for each input signature and replayed (engine/gpu.py):
   one launch instead of one per layer, which is what a batch-1 forward of a small net spends
-  its time on. A forward that cannot be captured (DetectionOutput syncs with the host to
-  size its output) runs eagerly; ``graph_reason`` says why. ``$CAFFE_COMPAT_CUDA_GRAPHS=0``
-  runs every forward eagerly (to time the difference, or to rule graphs out of a problem).
+  its time on. Graphs are kept for the first ``GRAPHS_KEPT`` signatures; others run eagerly
+  (an MTCNN pyramid cycles through a dozen shapes: one graph slot would be re-captured, three
+  warm-up runs and a capture, on every forward). A forward that cannot be captured
+  (DetectionOutput syncs with the host to size its output) runs eagerly; ``graph_reason``
+  says why. ``$CAFFE_COMPAT_CUDA_GRAPHS=0`` runs every forward eagerly (to time the
+  difference, or to rule graphs out of a problem).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from caffe_compat.engine.gpu import GraphedInference, configure_cuda, host_to_device
+from caffe_compat.engine.gpu import (GraphedInference, configure_cuda, host_to_device,
+                                     signature)
 from caffe_compat.engine.net.frozen import traceable
 from caffe_compat.engine.net.fuse import FusedNet, fused_for_inference
 from caffe_compat.engine.net.module import NetModule
 
 
+log = logging.getLogger(__name__)
 GRAPHS_ENV = "CAFFE_COMPAT_CUDA_GRAPHS"
+GRAPHS_KEPT = 4          # input signatures given a CUDA graph; any others run eagerly
 
 
 class ParameterWatch:
@@ -62,7 +69,9 @@ class InferenceCache:
         self.channels_last = channels_last and not self.on_cuda
         self._fused: FusedNet | None = None
         self._versions: tuple = ()
-        self._graph: GraphedInference | None = None
+        self._graph: GraphedInference | None = None      # the last forward's
+        self._graphs: dict[str, GraphedInference] = {}   # by input signature
+        self._past_kept = False      # logged that shapes past GRAPHS_KEPT run eagerly
         self.graphs = os.environ.get(GRAPHS_ENV, "1").strip() != "0"
         if self.on_cuda:
             configure_cuda(self.device)
@@ -70,6 +79,7 @@ class InferenceCache:
     def invalidate(self) -> None:
         self._fused = None
         self._graph = None
+        self._graphs = {}
 
     @property
     def graph_reason(self) -> str | None:
@@ -78,7 +88,10 @@ class InferenceCache:
             return "not a CUDA net"
         if not self.graphs:
             return f"${GRAPHS_ENV}=0"
-        return "no forward yet" if self._graph is None else self._graph.reason
+        if self._graph is None:
+            return f"input shapes past the first {GRAPHS_KEPT}" if self._graphs \
+                else "no forward yet"
+        return self._graph.reason
 
     @property
     def fused(self) -> FusedNet:
@@ -93,6 +106,7 @@ class InferenceCache:
                                               measure=not self.on_cuda)
             self._versions = versions
             self._graph = None          # captured with the old fused net's weights
+            self._graphs = {}
         return self._fused
 
     def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -125,18 +139,28 @@ class InferenceCache:
         tensors = tuple(host_to_device(t, self.device) for t in fused.ordered_inputs(inputs))
         if not self.graphs:
             return dict(zip(fused.output_names, fused(*tensors)))
-        graph = self._graph
-        if graph is None or not graph.serves(tensors):
+        key = repr(signature(tensors))
+        graph = self._graphs.get(key)
+        if graph is None:
+            if len(self._graphs) >= GRAPHS_KEPT:
+                if not self._past_kept:
+                    log.info("CUDA graphs kept for %d input shapes: others run eagerly",
+                             GRAPHS_KEPT)
+                    self._past_kept = True
+                self._graph = None
+                return dict(zip(fused.output_names, fused(*tensors)))
             untraceable = _host_step(fused)
             if untraceable is not None:
                 # a graph replays recorded kernels: a layer reading values on the host
                 # (DetectionOutput) would replay its example's result, and a capture that
                 # fails part-way may leave the stream unusable, so none is attempted
-                graph = self._graph = GraphedInference(fused, tensors, reason=(
+                graph = GraphedInference(fused, tensors, reason=(
                     f"layer '{untraceable.name}' computes on the host or makes a "
                     "data-dependent number of rows"))
             else:
-                graph = self._graph = GraphedInference(fused, tensors)   # a new input shape
+                graph = GraphedInference(fused, tensors)   # a new input shape
+            self._graphs[key] = graph
+        self._graph = graph
         return dict(zip(fused.output_names, graph(*tensors)))
 
 
@@ -145,4 +169,4 @@ def _host_step(fused: FusedNet):
     return next((step for step in fused.plan if not traceable(step)), None)
 
 
-__all__ = ["GRAPHS_ENV", "InferenceCache", "ParameterWatch"]
+__all__ = ["GRAPHS_ENV", "GRAPHS_KEPT", "InferenceCache", "ParameterWatch"]
