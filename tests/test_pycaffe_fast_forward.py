@@ -258,3 +258,19 @@ def test_a_net_sampling_dropout_at_test_reads_its_blobs_from_one_draw(tmp_path):
     assert set(np.unique(d)) == {0.0, 2.0}                     # a mask was drawn
     w, b = (p.data.astype(np.float64) for p in net.params["ip"])
     np.testing.assert_allclose(out, d @ w.T + b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_numpy_write_restoring_values_after_a_torch_write_is_seen(nets):
+    """The fused net follows a torch write (its version moves); a numpy write that then puts
+    the old values back is a change too, though they equal the copy taken before."""
+    import torch
+    net, ref, rng = nets
+    feed = _feed(rng)
+    original = net.params["sc1"][0].data.copy()
+    net.forward(**feed)
+    with torch.no_grad():
+        net.module.layer_by_name("sc1").blobs[0].mul_(2.0)            # a torch write
+    net.forward(**feed)
+    net.params["sc1"][0].data[...] = original                         # numpy: back to before
+    np.testing.assert_allclose(_outputs(net, feed)["prob"], _outputs(ref, feed)["prob"],
+                               rtol=1e-5, atol=1e-6)

@@ -171,6 +171,7 @@ class FastForward:
         self.cache = InferenceCache(net.module, device=net.compute_device())
         self._touched: tuple | None = None
         self._fused_from = None       # _reference() of the values the fused net was made from
+        self._fused_versions = -1     # and the parameters' summed versions then
         skip = set(net.inputs) | set(net.outputs)       # what a fast forward writes
         self._skipped = frozenset(n for n in net.blobs if n not in skip)
         self._outputs = tuple(net.module.output_names)
@@ -353,9 +354,13 @@ class FastForward:
         edited = any(not torch.equal(p, values) for p, values in self._copies)
         self._edits += edited
         if edited or touched != self._touched:
-            if edited or not _only_read(self._fused_from, params, self._touched, touched):
+            # a torch write since (versions moved) re-fused from other values: no shortcut
+            versions = sum(map(_VERSION, params))
+            if edited or versions != self._fused_versions or \
+                    not _only_read(self._fused_from, params, self._touched, touched):
                 self.cache.invalidate()
                 self._fused_from = _reference(params)        # what the next fusion reads
+                self._fused_versions = versions
             self._touched = touched
             self._copies = [(p, p.detach().clone()) for p in PARAM_VIEWS.held(params)] \
                 if held else []
