@@ -17,6 +17,7 @@ from google.protobuf import text_format
 
 import caffe
 from caffe import layers as L, params as P
+from convert_reference import forward, kernel_params, layer_kind, read_def
 
 NEW = """name: "tiny"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 8 } } }
@@ -48,106 +49,7 @@ layers { name: "prob" type: SOFTMAX bottom: "fc" top: "prob" }
 # Caffe's conv rounds down, its pooling up: the shapes every converter recomputes.
 SHAPES = {"NEW": {"conv1": (2, 4, 5, 7), "pool1": (2, 4, 3, 4), "fc": (2, 5)},
           "V1": {"conv1": (2, 4, 5, 4), "pool1": (2, 4, 3, 2), "fc": (2, 5)}}
-V1_NAMES = {"CONVOLUTION": "Convolution", "RELU": "ReLU", "POOLING": "Pooling", "DROPOUT":
-            "Dropout", "INNER_PRODUCT": "InnerProduct", "SOFTMAX": "Softmax"}
 pb = caffe.proto.caffe_pb2           # kaffe/caffe/resolver.py: the installed pycaffe's module
-
-
-def _kind(layer):
-    """MMdnn's map_raw_kind: V1 enum numbers by their enum name, new types as they are."""
-    if isinstance(layer.type, int):
-        return V1_NAMES[pb.V1LayerParameter.LayerType.Name(layer.type)]
-    return layer.type
-
-
-def _kernel_value(scalar, repeated, idx, default=None):
-    """kaffe/layers.py's get_kernel_value over the scalar and repeated conv/pool fields."""
-    if scalar:
-        return scalar
-    if isinstance(repeated, int):
-        return repeated or default
-    if len(repeated) == 1:
-        return int(repeated[0])
-    return repeated[idx] if len(repeated) else default
-
-
-def _kernel(params):
-    return (_kernel_value(params.kernel_h, params.kernel_size, 0),
-            _kernel_value(params.kernel_w, params.kernel_size, 1),
-            _kernel_value(params.stride_h, params.stride, 0, 1),
-            _kernel_value(params.stride_w, params.stride, 1, 1),
-            _kernel_value(params.pad_h, params.pad, 0, 0),
-            _kernel_value(params.pad_w, params.pad, 1, 0))
-
-
-def _read_def(path, phase="test"):
-    """GraphBuilder.load + filter_layers + make_input_nodes: layers kept for ``phase`` and
-    the input shape from input_dim, input_shape or an Input layer."""
-    net = pb.NetParameter()
-    with open(path, "rb") as f:
-        text_format.Merge(f.read(), net)
-    layers = [lr for lr in (net.layers or net.layer)
-              if not len(lr.include) or {0: "train", 1: "test"}[lr.include[0].phase] == phase]
-    dims = list(map(int, net.input_dim)) or \
-        (list(map(int, net.input_shape[0].dim)) if len(net.input_shape) else None)
-    if dims is None:
-        dims = list(map(int, next(lr for lr in layers if _kind(lr) == "Input")
-                        .input_param.shape[0].dim))
-    return net, layers, dims
-
-
-def _conv(x, w, b, kh, kw, sh, sw, ph, pw):
-    x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    out_h, out_w = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
-    out = np.empty((x.shape[0], w.shape[0], out_h, out_w))
-    for i in range(out_h):
-        for j in range(out_w):
-            patch = x[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
-            out[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3]))
-    return out + b[None, :, None, None]
-
-
-def _pool(x, method, kh, kw, sh, sw):
-    """Caffe's unpadded pooling: ceil output size, the last window clipped to the input."""
-    height, width = x.shape[2:]
-    out_h, out_w = -(-(height - kh) // sh) + 1, -(-(width - kw) // sw) + 1
-    out = np.empty(x.shape[:2] + (out_h, out_w))
-    for i in range(out_h):
-        for j in range(out_w):
-            win = x[:, :, i * sh:min(i * sh + kh, height), j * sw:min(j * sw + kw, width)]
-            out[:, :, i, j] = win.max(axis=(2, 3)) if method == pb.PoolingParameter.MAX \
-                else win.mean(axis=(2, 3))
-    return out
-
-
-def _forward(layers, weights, x):
-    """A converter's float64 forward: every hyper-parameter read from the protobuf layer."""
-    blobs = {"data": x.astype(np.float64)}
-    for lr in layers:
-        kind, w = _kind(lr), [np.asarray(a, np.float64) for a in weights.get(lr.name, [])]
-        bottom = blobs[lr.bottom[0]] if len(lr.bottom) else None
-        if kind == "Convolution":
-            y = _conv(bottom, w[0], w[1], *_kernel(lr.convolution_param))
-        elif kind == "BatchNorm":       # pytorch-caffe: statistics over the scale factor
-            s = 1.0 / w[2][0] if w[2][0] else 0.0
-            eps = lr.batch_norm_param.eps
-            y = (bottom - (w[0] * s)[:, None, None]) / np.sqrt(w[1] * s + eps)[:, None, None]
-        elif kind == "Scale":
-            y = bottom * w[0][:, None, None] + w[1][:, None, None]
-        elif kind == "ReLU":
-            y = np.maximum(bottom, 0) + lr.relu_param.negative_slope * np.minimum(bottom, 0)
-        elif kind == "Pooling":
-            kh, kw, sh, sw, _, _ = _kernel(lr.pooling_param)
-            y = _pool(bottom, lr.pooling_param.pool, kh, kw, sh, sw)
-        elif kind == "InnerProduct":
-            y = bottom.reshape(len(bottom), -1) @ w[0].reshape(w[0].shape[0], -1).T + w[1]
-        elif kind == "Softmax":
-            e = np.exp(bottom - bottom.max(axis=1, keepdims=True))
-            y = e / e.sum(axis=1, keepdims=True)
-        else:
-            continue                    # Input, Dropout at test time
-        blobs[lr.top[0]] = y
-    return blobs
 
 
 def _params_from_caffemodel(path):
@@ -188,15 +90,15 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("tag", ["NEW", "V1"])
 def test_caffe_tensorflow_graph_and_data_injector(saved, tag):
     proto, model, written = saved[tag]
-    net_def, layers, dims = _read_def(proto)
+    net_def, layers, dims = read_def(proto)
     assert dims == [2, 3, 9, 8] and "drop" not in [lr.name for lr in layers]
     # kaffe/shapes.py: conv floors, pooling ceils; num_output only where the params have it.
     shape = tuple(dims)
     for lr in layers:
-        kind = _kind(lr)
+        kind = layer_kind(lr)
         if kind in ("Convolution", "Pooling"):
             params = lr.convolution_param if kind == "Convolution" else lr.pooling_param
-            kh, kw, sh, sw, ph, pw = _kernel(params)
+            kh, kw, sh, sw, ph, pw = kernel_params(params)
             rnd = math.floor if kind == "Convolution" else math.ceil
             c = params.num_output if hasattr(params, "num_output") else shape[1]
             shape = (shape[0], c, int(rnd((shape[2] + 2 * ph - kh) / float(sh) + 1)),
@@ -205,6 +107,11 @@ def test_caffe_tensorflow_graph_and_data_injector(saved, tag):
             shape = (shape[0], lr.inner_product_param.num_output)
         if lr.name in SHAPES[tag]:
             assert shape == SHAPES[tag][lr.name], lr.name
+    # which *_param a layer sets, as translators find it: ListFields / HasField
+    set_params = {lr.name: [f.name for f, _ in lr.ListFields() if f.name.endswith("_param")]
+                  for lr in layers}
+    assert set_params["conv1"] == ["convolution_param"] and set_params["relu1"] == []
+    assert layers[1 if tag == "NEW" else 0].HasField("convolution_param")
     # DataInjector.load_using_caffe against load_using_pb, and both against what was written.
     net = caffe.Net(proto, model, caffe.TEST)
     assert {k: tuple(b.data.shape) for k, b in net.blobs.items() if k in SHAPES[tag]} == SHAPES[tag]
@@ -219,7 +126,7 @@ def test_caffe_tensorflow_graph_and_data_injector(saved, tag):
     x = np.random.RandomState(1).randn(*dims)
     net.blobs["data"].data[...] = x
     out = net.forward()
-    ref = _forward(layers, written, x)
+    ref = forward(layers, written, x)
     np.testing.assert_allclose(out["prob"], ref["prob"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(net.blobs["fc"].data, ref["fc"], rtol=1e-4, atol=1e-4)
 
@@ -272,18 +179,14 @@ def test_mmdnn_emitted_netspec_and_prototxt_from_caffemodel(tmp_path):
     dims = {key: list(value.shape) + [1] * (4 - len(value.shape))
             for key, value in shapes.blobs.items()}
     assert dims == {"data": [1, 2, 7, 6], "conv": [1, 3, 7, 5], "bn": [1, 3, 7, 5],
-                    "pool": [1, 3, 4, 3],
-                    "fc": [1, 4, 1, 1], "prob": [1, 4, 1, 1]}
+                    "pool": [1, 3, 4, 3], "fc": [1, 4, 1, 1], "prob": [1, 4, 1, 1]}
     reloaded = caffe.Net(deploy, model, caffe.TEST)
     x = rng.randn(1, 2, 7, 6)
     reloaded.blobs["data"].data[...] = x
     got = reloaded.forward()["prob"]
-    _, layers, _ = _read_def(deploy)
-    flat = {"conv": [weights["conv"]["weights"], weights["conv"]["bias"]],
-            "bn": [weights["bn"]["mean"], weights["bn"]["var"], weights["bn"]["scale"]],
-            "scale": [weights["scale"]["scale"], weights["scale"]["bias"]],
-            "fc": [weights["fc"]["weights"], weights["fc"]["bias"]]}
-    np.testing.assert_allclose(got, _forward(layers, flat, x)["prob"], rtol=1e-4, atol=1e-6)
+    _, layers, _ = read_def(deploy)
+    flat = {k: list(v.values()) for k, v in weights.items()}     # in blob order
+    np.testing.assert_allclose(got, forward(layers, flat, x)["prob"], rtol=1e-4, atol=1e-6)
     # get_layer_list: which LayerParameter messages this caffe_pb2 offers.
     layer = pb.LayerParameter()
     names = [type(getattr(layer, f.name)).__name__[:-len("Parameter")]
@@ -294,14 +197,10 @@ def test_mmdnn_emitted_netspec_and_prototxt_from_caffemodel(tmp_path):
 def test_mmdnn_train_proto_surgery(tmp_path):
     """process_train_proto on a V1 train net: data and loss layers removed, input_dim added,
     a SOFTMAX (enum 20) appended, then pycaffe computes the shapes."""
-    model = pb.NetParameter()
-    text_format.Merge(V1.replace('input: "data"\ninput_dim: 2 input_dim: 3 input_dim: 9 '
-                                 'input_dim: 8\n',
-                                 'layers { name: "d" type: DATA top: "data" top: "label" '
-                                 'data_param { source: "x" batch_size: 4 } }\n')
-                        .replace('layers { name: "prob" type: SOFTMAX bottom: "fc" top: "prob" }',
-                                 'layers { name: "loss" type: SOFTMAX_LOSS bottom: "fc" '
-                                 'bottom: "label" top: "loss" }'), model)
+    train = 'layers { name: "d" type: DATA top: "data" top: "label" data_param { source: "x" } }'
+    train += V1.split("input_dim: 8", 1)[1].replace(" type: SOFTMAX bottom: \"fc\"",
+                                                    ' type: SOFTMAX_LOSS bottom: "fc" bottom: "label"')
+    model = text_format.Merge(train, pb.NetParameter())
     layers = model.layer or model.layers
     assert pb.V1LayerParameter.LayerType.Name(layers[0].type) == "DATA"
     assert list(layers[1].blobs_lr) == [1, 2] and list(layers[1].weight_decay) == [1, 0]
@@ -311,23 +210,20 @@ def test_mmdnn_train_proto_surgery(tmp_path):
     model.input.append("data")
     model.input_dim.extend([1, 3, 9, 8])
     last = layers[-1]
-    pred = layers.add()
-    pred.name, pred.type = "prob", 20
-    pred.top.append("prob")
+    pred = layers.add(name="prob", type=20, top=["prob"])
     pred.bottom.append(last.bottom[0])
     layers.remove(last)
     path = str(tmp_path / "train_as_deploy.prototxt")
     with open(path, "w") as f:
         f.write(text_format.MessageToString(model))
     net = caffe.Net(path, caffe.TEST)
-    assert {k: v.data.shape for k, v in net.blobs.items()} == {
-        "data": (1, 3, 9, 8), "conv1": (1, 4, 5, 4), "pool1": (1, 4, 3, 2), "fc": (1, 5),
-        "prob": (1, 5)}
+    assert {k: v.data.shape[1:] for k, v in net.blobs.items() if k in SHAPES["V1"]} == \
+        {k: v[1:] for k, v in SHAPES["V1"].items()}
     assert [lr.type for lr in net.layers] == ["Input", "Convolution", "ReLU", "Pooling",
                                               "InnerProduct", "Softmax"]
 
 
-def test_pytorch_caffe_and_caffe_onnx_loaders(saved, tmp_path):
+def test_pytorch_caffe_onnx_and_mxnet_loaders(saved, tmp_path):
     proto, model, written = saved["NEW"]
     net_def = pb.NetParameter()
     text_format.Merge(open(proto).read(), net_def)
@@ -357,6 +253,14 @@ def test_pytorch_caffe_and_caffe_onnx_loaders(saved, tmp_path):
     mu = np.array(mean_blob.data)
     mu.resize(3, 9, 8)
     np.testing.assert_allclose(mu.mean(1).mean(1), mean[0].mean(axis=(1, 2)))
+    # MXNet's caffe_converter with pycaffe: net.layers[i].blobs, a shape without .dim
+    net = caffe.Net(proto, model, caffe.TEST)
+    for name, layer in zip(net._layer_names, net.layers):
+        for i, blob in enumerate(layer.blobs):
+            dims = blob.shape.dim if getattr(blob.shape, "dim", None) is not None \
+                else list(blob.shape)
+            np.testing.assert_array_equal(np.array(blob.data).reshape(dims), written[name][i])
+    assert net.layers[2].type == "BatchNorm" and net.layers[2].blobs[2].data[0] != 0
     # CaffeData: a net over an empty weights file keeps its initial parameters
     open(tmp_path / "empty.caffemodel", "w").close()
     caffe.set_mode_cpu()
@@ -402,8 +306,8 @@ def test_nn_tools_caffemodel_editing(saved, tmp_path):
     x = np.random.RandomState(2).randn(2, 3, 9, 8)
     net.blobs["data"].data[...] = x
     got = net.forward()["prob"]
-    _, layers, _ = _read_def(str(tmp_path / "edited.prototxt"))
-    ref = _forward(layers, dict(written, fc=[new_fc[0], new_fc[1] * 2]), x)
+    _, layers, _ = read_def(str(tmp_path / "edited.prototxt"))
+    ref = forward(layers, dict(written, fc=[new_fc[0], new_fc[1] * 2]), x)
     np.testing.assert_allclose(got, ref["prob"], rtol=1e-4, atol=1e-6)
 
 
@@ -430,8 +334,8 @@ def test_v1_caffemodel_with_legacy_blob_dims(saved, tmp_path):
     x = rng.randn(2, 3, 9, 8)
     net.blobs["data"].data[...] = x
     got = net.forward()["prob"]
-    _, layers, _ = _read_def(proto)
-    np.testing.assert_allclose(got, _forward(layers, weights, x)["prob"], rtol=1e-4, atol=1e-6)
+    _, layers, _ = read_def(proto)
+    np.testing.assert_allclose(got, forward(layers, weights, x)["prob"], rtol=1e-4, atol=1e-6)
     resaved = str(tmp_path / "resaved.caffemodel")
     net.save(resaved)                   # Caffe writes the upgraded net: layer, shape.dim
     new = pb.NetParameter.FromString(open(resaved, "rb").read())
