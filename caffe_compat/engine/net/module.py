@@ -227,8 +227,9 @@ class NetModule(nn.Module):
                 if spec is not None and spec.HasField("lr_mult") and spec.lr_mult != 0:
                     raise LayerError(f"{self.source}: layer '{lp.name}' ({lp.type}) blob {i} "
                                      "holds statistics; its lr_mult must be 0")
-                if spec is None:
-                    spec = layer.param.param.add()
+                if spec is None:    # BatchNorm already appended Caffe's lr_mult-0 spec
+                    own = layer.param.param
+                    spec = own[i] if i < len(own) else own.add()
                 spec.lr_mult = 0.0
             spec = spec or caffe_pb2.ParamSpec()
             name = spec.name
