@@ -280,3 +280,83 @@ def test_bayesian_segnet_image_loading_and_the_samples(tmp_path):
     assert 0.3 < kept.mean() < 0.7 and len({m.tobytes() for m in kept}) == input_shape[0]
     want = torch.softmax(_conv(drop, net, "score"), 1).numpy()
     np.testing.assert_allclose(predicted, want, rtol=1e-4, atol=1e-6)
+
+
+# -- ZheC/Realtime_Multi-Person_Pose_Estimation: testing/python/demo.ipynb ---------------
+POSE = """name: "pose_tiny"
+input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8
+layer { name: "pool1_stage1" type: "Pooling" bottom: "data" top: "pool1_stage1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv_stage1" type: "Convolution" bottom: "pool1_stage1" top: "conv_stage1"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "relu_stage1" type: "ReLU" bottom: "conv_stage1" top: "conv_stage1" }
+layer { name: "Mconv7_stage2_L2" type: "Convolution" bottom: "conv_stage1"
+  top: "Mconv7_stage2_L2" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "Mconv7_stage2_L1" type: "Convolution" bottom: "conv_stage1"
+  top: "Mconv7_stage2_L1" convolution_param { num_output: 4 kernel_size: 1 } }
+"""
+
+
+def padRightDownCorner(img, stride, padValue):
+    h, w = img.shape[:2]
+    pad = [0, 0, 0 if h % stride == 0 else stride - h % stride,
+           0 if w % stride == 0 else stride - w % stride]        # up, left, down, right
+    img = np.concatenate([img, np.tile(img[-1:] * 0 + padValue, (pad[2], 1, 1))], 0)
+    img = np.concatenate([img, np.tile(img[:, -1:] * 0 + padValue, (1, pad[3], 1))], 1)
+    return img, pad
+
+
+def _pose_ref(net, x):
+    """(PAFs, heatmaps) of the tiny pose net, float64."""
+    c = torch.relu(_conv(F.max_pool2d(torch.from_numpy(x), 2).numpy(), net, "conv_stage1",
+                         padding=1))
+    return [F.conv2d(c, _f64(net.params[n][0]), _f64(net.params[n][1]))[0].numpy()
+            for n in ("Mconv7_stage2_L1", "Mconv7_stage2_L2")]
+
+
+def _upsample(maps, stride, padded, pad, ori):
+    """The demo's way back to the image: stride up, padding off, image size."""
+    maps = cv2.resize(np.transpose(maps, (1, 2, 0)), (0, 0), fx=stride, fy=stride,
+                      interpolation=cv2.INTER_CUBIC)
+    maps = maps[:padded.shape[0] - pad[2], :padded.shape[1] - pad[3], :]
+    return cv2.resize(maps, (ori.shape[1], ori.shape[0]), interpolation=cv2.INTER_CUBIC)
+
+
+def test_pose_demo_multiscale_heatmaps_and_pafs(tmp_path):
+    (tmp_path / "pose_deploy.prototxt").write_text(POSE)
+    net = caffe.Net(str(tmp_path / "pose_deploy.prototxt"), caffe.TEST)
+    rng = np.random.RandomState(4)
+    for blobs in net.params.values():
+        for b in blobs:
+            b.data[...] = rng.randn(*b.data.shape) * 0.5
+    model = {"boxsize": 12, "stride": 2, "padValue": 128}
+    oriImg = rng.randint(0, 256, (10, 14, 3)).astype(np.uint8)
+    multiplier = [x * model["boxsize"] / oriImg.shape[0] for x in (0.5, 1.0, 1.5)]
+    heatmap_avg = np.zeros((oriImg.shape[0], oriImg.shape[1], 3))
+    paf_avg = np.zeros((oriImg.shape[0], oriImg.shape[1], 4))
+    want_heat, want_paf = heatmap_avg.copy(), paf_avg.copy()
+    for scale in multiplier:
+        imageToTest = cv2.resize(oriImg, (0, 0), fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+        padded, pad = padRightDownCorner(imageToTest, model["stride"], model["padValue"])
+        net.blobs["data"].reshape(*(1, 3, padded.shape[0], padded.shape[1]))
+        net.blobs["data"].data[...] = np.transpose(np.float32(padded[:, :, :, np.newaxis]),
+                                                   (3, 2, 0, 1)) / 256 - 0.5
+        output_blobs = net.forward()
+        assert list(output_blobs) == ["Mconv7_stage2_L1", "Mconv7_stage2_L2"]   # Caffe's order
+        heatmap = np.squeeze(net.blobs[list(output_blobs.keys())[1]].data)
+        paf = np.squeeze(net.blobs[list(output_blobs.keys())[0]].data)
+        assert heatmap.shape == (3, padded.shape[0] // 2, padded.shape[1] // 2)
+        heatmap_avg += _upsample(heatmap, model["stride"], padded, pad, oriImg) / len(multiplier)
+        paf_avg += _upsample(paf, model["stride"], padded, pad, oriImg) / len(multiplier)
+        x = np.transpose(padded[:, :, :, None].astype(np.float64), (3, 2, 0, 1)) / 256 - 0.5
+        ref_paf, ref_heat = _pose_ref(net, x)
+        want_heat += _upsample(ref_heat, model["stride"], padded, pad, oriImg) / len(multiplier)
+        want_paf += _upsample(ref_paf, model["stride"], padded, pad, oriImg) / len(multiplier)
+    np.testing.assert_allclose(heatmap_avg, want_heat, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(paf_avg, want_paf, rtol=1e-4, atol=1e-5)
+    # the same order when the forward names extra blobs or stops at a layer
+    assert list(net.forward(blobs=["conv_stage1"])) == net.outputs + ["conv_stage1"]
+    assert list(net.forward(end="Mconv7_stage2_L2")) == ["Mconv7_stage2_L2"]
+    batch = net.blobs["data"].data.copy()
+    assert list(net.forward_all(blobs=["pool1_stage1"], data=batch)) == net.outputs + [
+        "pool1_stage1"]
