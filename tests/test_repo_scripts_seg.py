@@ -360,3 +360,82 @@ def test_pose_demo_multiscale_heatmaps_and_pafs(tmp_path):
     batch = net.blobs["data"].data.copy()
     assert list(net.forward_all(blobs=["pool1_stage1"], data=batch)) == net.outputs + [
         "pool1_stage1"]
+
+
+# -- BVLC/caffe examples/pycaffe: pyloss.py in linreg.prototxt ---------------------------
+PYLOSS = '''
+import numpy as np
+import caffe
+
+
+class EuclideanLossLayer(caffe.Layer):
+    """Half the mean squared distance, written as pycaffe's example layer is."""
+
+    def setup(self, bottom, top):
+        if len(bottom) != 2:
+            raise Exception("Need two inputs to compute distance.")
+
+    def reshape(self, bottom, top):
+        if bottom[0].count != bottom[1].count:
+            raise Exception("Inputs must have the same dimension.")
+        self.diff = np.zeros_like(bottom[0].data, dtype=np.float32)
+        top[0].reshape(1)
+
+    def forward(self, bottom, top):
+        self.diff[...] = bottom[0].data - bottom[1].data
+        top[0].data[...] = np.sum(self.diff ** 2) / bottom[0].num / 2.
+
+    def backward(self, top, propagate_down, bottom):
+        for i in range(2):
+            if not propagate_down[i]:
+                continue
+            sign = 1 if i == 0 else -1
+            bottom[i].diff[...] = sign * self.diff / bottom[i].num
+'''
+LINREG = """name: 'LinearRegressionExample'
+layer { type: 'DummyData' name: 'x' top: 'x'
+  dummy_data_param { shape: { dim: 10 dim: 3 dim: 2 } data_filler: { type: 'gaussian' } } }
+layer { type: 'DummyData' name: 'y' top: 'y'
+  dummy_data_param { shape: { dim: 10 dim: 3 dim: 2 } data_filler: { type: 'gaussian' } } }
+layer { type: 'InnerProduct' name: 'ipx' top: 'ipx' bottom: 'x'
+  inner_product_param { num_output: 10 weight_filler { type: 'xavier' } } }
+layer { type: 'InnerProduct' name: 'ipy' top: 'ipy' bottom: 'y'
+  inner_product_param { num_output: 10 weight_filler { type: 'xavier' } } }
+layer { type: '%s' name: 'loss' top: 'loss' bottom: 'ipx' bottom: 'ipy' %s loss_weight: %s }
+"""
+
+
+def test_pyloss_euclidean_layer_equals_the_builtin_one(tmp_path, monkeypatch):
+    (tmp_path / "pyloss.py").write_text(PYLOSS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    python = "python_param { module: 'pyloss' layer: 'EuclideanLossLayer' }"
+    nets = []
+    for name, kind, extra in (("py", "Python", python), ("builtin", "EuclideanLoss", "")):
+        (tmp_path / f"{name}.prototxt").write_text(LINREG % (kind, extra, 2))
+        nets.append(caffe.Net(str(tmp_path / f"{name}.prototxt"), caffe.TRAIN))
+    py, builtin = nets
+    for layer in py.params:
+        for mine, other in zip(py.params[layer], builtin.params[layer]):
+            other.data[...] = mine.data
+    py.forward()
+    x, y = py.blobs["x"].data.copy(), py.blobs["y"].data.copy()
+    builtin.blobs["x"].data[...], builtin.blobs["y"].data[...] = x, y
+    builtin.forward(start="ipx")          # the same DummyData values, not fresh ones
+    for net in nets:
+        net.backward()
+    a = x.reshape(10, 6).astype(np.float64) @ _f64(py.params["ipx"][0]).numpy().T \
+        + _f64(py.params["ipx"][1]).numpy()
+    b = y.reshape(10, 6).astype(np.float64) @ _f64(py.params["ipy"][0]).numpy().T \
+        + _f64(py.params["ipy"][1]).numpy()
+    assert py.blobs["loss"].data.shape == (1,) and py.blob_loss_weights["loss"] == 2
+    np.testing.assert_allclose(py.blobs["loss"].data, np.sum((a - b) ** 2) / 20, rtol=1e-5)
+    np.testing.assert_allclose(py.blobs["loss"].data, builtin.blobs["loss"].data, rtol=1e-5)
+    # the top's diff holds the loss_weight; the builtin layer scales by it, while pyloss's
+    # backward never reads top[0].diff, so its gradients are unweighted, as in Caffe
+    assert builtin.blobs["loss"].data.shape == ()                  # LossLayer: 0 axes
+    assert py.blobs["loss"].diff[0] == builtin.blobs["loss"].diff == 2
+    np.testing.assert_allclose(py.blobs["ipx"].diff, (a - b) / 10, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(builtin.blobs["ipy"].diff, 2 * (b - a) / 10, rtol=1e-4, atol=1e-7)
+    for layer in ("ipx", "ipy"):
+        for mine, other in zip(py.params[layer], builtin.params[layer]):
+            np.testing.assert_allclose(2 * mine.diff, other.diff, rtol=1e-4, atol=1e-6)
