@@ -439,3 +439,84 @@ def test_pyloss_euclidean_layer_equals_the_builtin_one(tmp_path, monkeypatch):
     for layer in ("ipx", "ipy"):
         for mine, other in zip(py.params[layer], builtin.params[layer]):
             np.testing.assert_allclose(2 * mine.diff, other.diff, rtol=1e-4, atol=1e-6)
+
+
+# -- BVLC/caffe examples/siamese: shared weights by param name, ContrastiveLoss -------------
+def _branch(suffix: str, bottom: str, top: str) -> str:
+    return (f'layer {{ name: "conv1{suffix}" type: "Convolution" bottom: "{bottom}" '
+            f'top: "conv1{suffix}" param {{ name: "conv1_w" lr_mult: 1 }} '
+            f'param {{ name: "conv1_b" lr_mult: 2 }} convolution_param {{ num_output: 2 '
+            f'kernel_size: 3 weight_filler {{ type: "xavier" }} }} }}\n'
+            f'layer {{ name: "ip1{suffix}" type: "InnerProduct" bottom: "conv1{suffix}" '
+            f'top: "{top}" param {{ name: "ip1_w" lr_mult: 1 }} param {{ name: "ip1_b" '
+            f'lr_mult: 2 }} inner_product_param {{ num_output: 3 weight_filler {{ type: '
+            f'"xavier" }} bias_filler {{ type: "constant" value: 0.1 }} }} }}\n')
+
+
+SIAMESE = ('name: "mnist_siamese_train_test"\n'
+           'layer { name: "pair_data" type: "Input" top: "pair_data" top: "sim"\n'
+           '  input_param { shape { dim: 4 dim: 2 dim: 6 dim: 6 } shape { dim: 4 } } }\n'
+           'layer { name: "slice_pair" type: "Slice" bottom: "pair_data" top: "data" '
+           'top: "data_p" slice_param { slice_dim: 1 slice_point: 1 } }\n'
+           + _branch("", "data", "feat") + _branch("_p", "data_p", "feat_p") +
+           'layer { name: "loss" type: "ContrastiveLoss" bottom: "feat" bottom: "feat_p" '
+           'bottom: "sim" top: "loss" contrastive_loss_param { margin: 1 } }\n')
+SIAMESE_DEPLOY = ('name: "mnist_siamese"\ninput: "data"\ninput_dim: 3 input_dim: 1 '
+                  'input_dim: 6 input_dim: 6\n' + _branch("", "data", "feat"))
+
+
+def _siamese_ref(params, pair, sim):
+    """The contrastive loss of both branches with one set of weights (float64, autograd)."""
+    def feat(x):
+        c = F.conv2d(x, params[0], params[1])
+        return c.reshape(len(x), -1) @ params[2].T + params[3]
+    sq = ((feat(pair[:, :1]) - feat(pair[:, 1:])) ** 2).sum(1)
+    # the distance's value, with Caffe's gradient (a - b) / (d + 1e-4) for dissimilar pairs
+    d = sq.detach().sqrt() + (sq - sq.detach()) / (2 * (sq.detach().sqrt() + 1e-4))
+    per = torch.where(sim > 0, sq, torch.clamp(1 - d, min=0) ** 2)
+    return per.sum() / (2 * len(pair))
+
+
+def test_siamese_shared_weights_contrastive_loss_and_the_deploy_net(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    open("train.prototxt", "w").write(SIAMESE)
+    open("solver.prototxt", "w").write('net: "train.prototxt" base_lr: 0.01 lr_policy: "fixed" '
+                                       'momentum: 0 weight_decay: 0 max_iter: 10 display: 0 '
+                                       'snapshot_prefix: "siamese"\n')
+    solver = caffe.SGDSolver("solver.prototxt")
+    net = solver.net
+    rng = np.random.RandomState(6)
+    pair, sim = rng.rand(4, 2, 6, 6).astype(np.float32), np.array([1, 0, 1, 0], np.float32)
+    pair[1, 1] = pair[1, 0] + 0.01                        # a dissimilar pair inside the margin
+    net.blobs["pair_data"].data[...], net.blobs["sim"].data[...] = pair, sim
+    assert list(net.params) == ["conv1", "ip1", "conv1_p", "ip1_p"]
+    net.params["conv1"][0].data[0, 0, 0, 0] = 0.25        # shared: one blob for both layers
+    assert net.params["conv1_p"][0].data[0, 0, 0, 0] == 0.25
+    weights = [torch.tensor(net.params[n][i].data, dtype=torch.float64, requires_grad=True)
+               for n in ("conv1", "ip1") for i in (0, 1)]
+    loss = _siamese_ref(weights, torch.from_numpy(pair.astype(np.float64)),
+                        torch.from_numpy(sim.astype(np.float64)))
+    loss.backward()
+    net.forward()
+    np.testing.assert_allclose(net.blobs["loss"].data, loss.item(), rtol=1e-5)
+    net.clear_param_diffs()
+    net.backward()
+    for k, (n, i) in enumerate((("conv1", 0), ("conv1", 1), ("ip1", 0), ("ip1", 1))):
+        np.testing.assert_allclose(net.params[n][i].diff, weights[k].grad, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(net.params[n + "_p"][i].diff, weights[k].grad, rtol=1e-4,
+                                   atol=1e-6)
+    before = net.params["ip1"][1].data.copy()
+    solver.step(1)                                       # lr_mult 2 on the bias
+    np.testing.assert_allclose(net.params["ip1_p"][1].data,
+                               before - 0.02 * weights[3].grad.numpy(), rtol=1e-4, atol=1e-7)
+    net.save("siamese.caffemodel")
+
+    # mnist_siamese.ipynb: the deploy net's features of a few images, batched by forward_all
+    open("deploy.prototxt", "w").write(SIAMESE_DEPLOY)
+    deploy = caffe.Net("deploy.prototxt", "siamese.caffemodel", caffe.TEST)
+    images = rng.rand(5, 1, 6, 6).astype(np.float32)
+    feat = deploy.forward_all(data=images)["feat"]
+    c = _conv(images, deploy, "conv1").reshape(5, -1)
+    want = c.numpy() @ _f64(deploy.params["ip1"][0]).numpy().T + _f64(deploy.params["ip1"][1]).numpy()
+    assert feat.shape == (5, 3)
+    np.testing.assert_allclose(feat, want, rtol=1e-4, atol=1e-6)
