@@ -253,7 +253,10 @@ class Net(IndexAPI, LayerCallbacks):
             blobs = self.blobs
             return {name: blobs[name].data for name in self.module.output_names}
         start_i, end_i = self._layer_range(start, end, 0, len(self.module.layers) - 1)
-        wanted = set(self.top_names[end] if end is not None else self.outputs) | set(blobs or ())
+        # pycaffe builds a set here, whose order Python 3 randomises per process; scripts
+        # index the dict's keys (rtpose's demo: output 0 the PAFs, 1 the heatmaps), so keep
+        # Caffe's output order, then the extra blobs as asked
+        wanted = _ordered(self.top_names[end] if end is not None else self.outputs, blobs)
         if kwargs:
             self._set_arrays("Input blob", self.inputs, kwargs)
         self._push_params()
@@ -277,8 +280,7 @@ class Net(IndexAPI, LayerCallbacks):
         ``end``'s bottoms') plus ``diffs``. Parameter diffs accumulate until
         ``clear_param_diffs``, as in Caffe."""
         start_i, end_i = self._layer_range(start, end, len(self.module.layers) - 1, 0)
-        wanted = set(self.bottom_names[end] if end is not None else self.inputs) | \
-            set(diffs or ())
+        wanted = _ordered(self.bottom_names[end] if end is not None else self.inputs, diffs)
         self._fresh_blobs()
         if kwargs:
             self._set_arrays("Top diff", self.outputs, kwargs)
@@ -304,7 +306,7 @@ class Net(IndexAPI, LayerCallbacks):
 
     def forward_all(self, blobs=None, **kwargs) -> dict[str, np.ndarray]:
         """``forward`` over inputs of any length, in batches; padding is dropped."""
-        outs = {name: [] for name in set(self.outputs + list(blobs or []))}
+        outs = {name: [] for name in _ordered(self.outputs, blobs)}
         for batch in self._batch(kwargs):
             for name, value in self.forward(blobs=blobs, **batch).items():
                 outs[name].extend(value.copy())
@@ -314,8 +316,8 @@ class Net(IndexAPI, LayerCallbacks):
     def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
         """Batched forward then backward; keywords name inputs (forward) and outputs
         (backward). Returns (blobs dict, diffs dict) without padding."""
-        outs = {name: [] for name in set(self.outputs + list(blobs or []))}
-        grads = {name: [] for name in set(self.inputs + list(diffs or []))}
+        outs = {name: [] for name in _ordered(self.outputs, blobs)}
+        grads = {name: [] for name in _ordered(self.inputs, diffs)}
         fwd = self._batch({n: kwargs[n] for n in self.inputs if n in kwargs}) \
             if any(n in kwargs for n in self.inputs) else iter(())
         bwd = self._batch({n: kwargs[n] for n in self.outputs if n in kwargs}) \
@@ -381,6 +383,11 @@ class Net(IndexAPI, LayerCallbacks):
 
     def __repr__(self) -> str:
         return f"<caffe_compat.Net '{self.module.name}' phase={'TRAIN' if self.phase == 0 else 'TEST'}>"
+
+
+def _ordered(first, more) -> list[str]:
+    """``first`` then ``more``, each name once, in that order."""
+    return list(dict.fromkeys(list(first) + list(more or ())))
 
 
 def _drop_padding(arrays: dict, kwargs: dict) -> dict:

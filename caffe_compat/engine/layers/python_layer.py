@@ -159,8 +159,18 @@ def _import(layer: Layer, module_name: str, layer_name: str):
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        raise layer.error(f"cannot import python_param.module '{module_name}': {exc}. Put its "
-                          "folder on PYTHONPATH or run from that folder") from exc
+        raise layer.error(f"cannot import python_param.module '{module_name}': {exc}. "
+                          + _import_advice(exc)) from exc
+
+
+def _import_advice(exc: ImportError) -> str:
+    # Forks ship layers inside their own pycaffe package (NVIDIA/caffe's DetectNet names
+    # module "caffe.layers.detectnet.clustering"); a PYTHONPATH entry cannot add those.
+    if (exc.name or "").startswith("caffe."):
+        return (f"'{exc.name}' is part of another Caffe's own python/caffe package, which "
+                "caffe-compat's caffe does not ship: copy that layer's file next to the "
+                "prototxt and name it in python_param.module")
+    return "Put its folder on PYTHONPATH or run from that folder"
 
 
 def _instantiate(cls, param):
