@@ -4,7 +4,9 @@ This thin package re-exports ``caffe_compat``; its submodules answer to pycaffe'
 (``caffe.io``, ``caffe.proto.caffe_pb2``, ``caffe.draw``, ``caffe.net_spec``,
 ``caffe.coord_map``, ``caffe.classifier``, ``caffe.detector``, ``caffe.pycaffe``,
 ``caffe._caffe``, and SSD's ``caffe.model_libs``) and are
-the very same module objects as ``caffe_compat.<name>``.
+the very same module objects as ``caffe_compat.<name>``. ``caffe.layers`` is NetSpec's layer
+factory and also a package: ``caffe.layers.detectnet.clustering`` and ``.mean_ap`` are DIGITS'
+DetectNet Python layers (``caffe_compat.detectnet``).
 
 Which ``caffe`` is this? ``caffe.__caffe_compat__`` is True here (BVLC's pycaffe has no
 such attribute) and ``caffe.__file__`` points into the caffe-compat installation.
@@ -46,6 +48,11 @@ if not any(isinstance(f, _SubmoduleAlias) for f in sys.meta_path):
 for _name in ("io", "proto", "proto.caffe_pb2", "net_spec", "coord_map", "classifier",
               "detector", "pycaffe", "_caffe", "model_libs"):
     sys.modules.setdefault(f"{__name__}.{_name}", importlib.import_module(f"caffe_compat.{_name}"))
+
+# ``caffe.layers`` is a real package (NVIDIA/caffe's Python layers live under it) whose other
+# attributes are NetSpec's layer types. Bound now, so it is the same object before and after
+# an import of ``caffe.layers.detectnet.clustering`` (an import would rebind it anyway).
+layers = importlib.import_module(f"{__name__}.layers")
 
 
 def __getattr__(name):

@@ -20,7 +20,7 @@ NameError); ``InceptionTower`` leaves its ``layer_params`` dicts unmodified.
 import importlib
 import os
 
-from caffe_compat.net_spec import layers as L, params as P
+from caffe_compat.net_spec import params as P
 from caffe_compat.proto import caffe_pb2
 
 from caffe_compat._model_libs.blocks import (ConvBNLayer, CreateAnnotatedDataLayer,
@@ -48,7 +48,10 @@ def make_if_not_exist(path) -> None:
 
 def __getattr__(name):
     # The fork's module namespace holds the ``caffe`` package, and scripts reach it through
-    # the star import. Resolved on first use: ``import caffe`` itself imports this module.
+    # the star import, and ``L`` is its ``caffe.layers`` (NetSpec's factory, also a package).
+    # Resolved on first use: ``import caffe`` itself imports this module.
     if name == "caffe":
         return importlib.import_module("caffe")
+    if name == "L":
+        return importlib.import_module("caffe").layers
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

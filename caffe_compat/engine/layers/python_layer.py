@@ -164,8 +164,9 @@ def _import(layer: Layer, module_name: str, layer_name: str):
 
 
 def _import_advice(exc: ImportError) -> str:
-    # Forks ship layers inside their own pycaffe package (NVIDIA/caffe's DetectNet names
-    # module "caffe.layers.detectnet.clustering"); a PYTHONPATH entry cannot add those.
+    # Forks ship layers inside their own pycaffe package, and a PYTHONPATH entry cannot add
+    # to ours. caffe.layers.detectnet (NVIDIA/caffe's, for DIGITS) is answered by
+    # caffe_compat.detectnet; other "caffe.*" modules are not.
     if (exc.name or "").startswith("caffe."):
         return (f"'{exc.name}' is part of another Caffe's own python/caffe package, which "
                 "caffe-compat's caffe does not ship: copy that layer's file next to the "

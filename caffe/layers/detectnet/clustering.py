@@ -1,0 +1,6 @@
+"""``caffe.layers.detectnet.clustering``, the path DetectNet prototxt names: it is
+``caffe_compat.detectnet.clustering`` itself (an import returns what sys.modules then holds)."""
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("caffe_compat.detectnet.clustering")
