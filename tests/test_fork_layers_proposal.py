@@ -172,3 +172,110 @@ def test_anchor_set_is_generate_anchors():
         [-84, -40, 99, 55], [-176, -88, 191, 103], [-360, -184, 375, 199],
         [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],
         [-36, -80, 51, 95], [-80, -168, 95, 183], [-168, -344, 183, 359]])
+
+
+SHAPES = [(1, 18, 2, 3), (1, 36, 2, 3), (1, 3)]
+
+
+@pytest.mark.parametrize("param, shapes, message", [
+    ("feat_stride: 0", SHAPES, "feat_stride and base_size must be > 0"),
+    ("ratio: 0 ratio: 1 ratio: 2", SHAPES, "ratio and scale values must be > 0"),
+    ("nms_thresh: 1.5", SHAPES, "nms_thresh must be in [0, 1]"),
+    ("", [(1, 9, 2, 3)] + SHAPES[1:], "bottom 0 (scores) must be [N, 2·A = 18, H, W]"),
+    ("ratio: 1", SHAPES, "bottom 0 (scores) must be [N, 2·A = 6, H, W] for the 3 anchors"),
+    ("", [SHAPES[0], (1, 36, 3, 2), SHAPES[2]], "bottom 1 (deltas) must be [N, 4·A, H, W] = [1, 36, 2, 3]"),
+    ("", SHAPES[:2] + [(1, 2)], "bottom 2 (im_info) must be [N = 1, 3]"),
+])
+def test_bad_params_and_shapes_name_the_layer(param, shapes, message):
+    with pytest.raises(LayerError) as info:
+        make_layer(f'name: "prop" type: "Proposal" top: "rois" proposal_param {{ {param} }}', shapes)
+    assert "layer 'prop' (Proposal)" in str(info.value) and message in str(info.value)
+
+
+def test_bottom_count_is_checked(tmp_path):
+    text = ('input: "cls" input_shape { dim: 1 dim: 18 dim: 2 dim: 3 }\n'
+            'input: "bbox" input_shape { dim: 1 dim: 36 dim: 2 dim: 3 }\n'
+            + layer("prop", "Proposal", "cls bbox", "rois"))
+    with pytest.raises(Exception, match="prop"):
+        caffe.Net(write(tmp_path, "bad.prototxt", text), caffe.TEST)
+
+
+def test_no_surviving_box_gives_zero_rows():
+    import torch
+    prob, deltas = peaked_inputs(7, a=9, h=2, w=3)
+    lay = make_layer('name: "p" type: "Proposal" top: "rois" top: "s" proposal_param { min_size: 16 }',
+                     [prob.shape, deltas.shape, (1, 3)])
+    rois, scores = lay(torch.from_numpy(prob), torch.from_numpy(deltas),
+                       torch.tensor([[10.0, 10.0, 1.0]]))     # a 10 x 10 image: no 16-pixel box
+    assert rois.shape == (0, 5) and scores.shape == (0, 1)
+
+
+def test_batch_images_are_proposed_alone_with_their_index():
+    import torch
+    (p0, d0), (p1, d1) = peaked_inputs(8), peaked_inputs(9)
+    info = np.array([[96, 128, 1.0], [64, 80, 0.5]], np.float32)
+    lay = make_layer('name: "p" type: "Proposal" top: "rois" proposal_param { post_nms_topn: 7 }',
+                     [(2, 18, 6, 8), (2, 36, 6, 8), (2, 3)])
+    rois = lay(*(torch.from_numpy(np.concatenate(x)) for x in ((p0, p1), (d0, d1))),
+               torch.from_numpy(info)).numpy()
+    for i, (p, d) in enumerate(((p0, d0), (p1, d1))):
+        ref, _ = py_proposals(p, d, info[i].astype(np.float64), post=7, nms=np.float32(0.7))
+        np.testing.assert_array_equal(rois[rois[:, 0] == i, 1:], ref.astype(np.float32))
+
+
+def tiny_faster_rcnn(min_size):
+    """faster_rcnn_models' ZF test.prototxt in miniature: conv trunk, rpn_conv/3x3, the
+    rpn_cls_score -> Reshape -> Softmax -> Reshape chain, the C++ Proposal (as OpenCV's
+    sample prototxt uses it), ROIPooling, fc and the cls_prob / bbox_pred heads."""
+    params = (f"feat_stride: 4 base_size: 4 min_size: {min_size} ratio: 0.5 ratio: 1 ratio: 2 "
+              "scale: 1 scale: 2 pre_nms_topn: 60 post_nms_topn: 12 nms_thresh: 0.7")
+    return ('input: "data" input_shape { dim: 1 dim: 3 dim: 32 dim: 40 }\n'
+            'input: "im_info" input_shape { dim: 1 dim: 3 }\n'
+            + layer("conv1", "Convolution", "data", "conv1", cv(8, 4, "stride: 4"))
+            + layer("relu1", "ReLU", "conv1", "conv1")
+            + layer("rpn_conv/3x3", "Convolution", "conv1", "rpn/output", cv(8, 3, "pad: 1"))
+            + layer("rpn_relu/3x3", "ReLU", "rpn/output", "rpn/output")
+            + layer("rpn_cls_score", "Convolution", "rpn/output", "rpn_cls_score", cv(12, 1))
+            + layer("rpn_bbox_pred", "Convolution", "rpn/output", "rpn_bbox_pred", cv(24, 1))
+            + layer("rpn_cls_score_reshape", "Reshape", "rpn_cls_score", "rpn_cls_score_reshape", RESHAPE)
+            + layer("rpn_cls_prob", "Softmax", "rpn_cls_score_reshape", "rpn_cls_prob")
+            + layer("rpn_cls_prob_reshape", "Reshape", "rpn_cls_prob", "rpn_cls_prob_reshape",
+                    "reshape_param { shape { dim: 0 dim: 12 dim: -1 dim: 0 } }")
+            + layer("proposal", "Proposal", "rpn_cls_prob_reshape rpn_bbox_pred im_info", "rois",
+                    f"proposal_param {{ {params} }}")
+            + layer("roi_pool5", "ROIPooling", "conv1 rois", "pool5",
+                    "roi_pooling_param { pooled_w: 2 pooled_h: 2 spatial_scale: 0.25 }")
+            + layer("fc6", "InnerProduct", "pool5", "fc6", ip(16))
+            + layer("relu6", "ReLU", "fc6", "fc6")
+            + layer("cls_score", "InnerProduct", "fc6", "cls_score", ip(3))
+            + layer("bbox_pred", "InnerProduct", "fc6", "bbox_pred", ip(12))
+            + layer("cls_prob", "Softmax", "cls_score", "cls_prob"))
+
+
+@pytest.mark.parametrize("min_size", [0, 4])
+def test_tiny_faster_rcnn_deploy_net_builds_and_matches_opencv(tmp_path, min_size):
+    path = write(tmp_path, "deploy.prototxt", tiny_faster_rcnn(min_size))
+    net = caffe.Net(path, caffe.TEST)
+    rng = np.random.default_rng(10)
+    data = rng.standard_normal((1, 3, 32, 40)).astype(np.float32)
+    info = np.array([[32, 40, 1.0]], np.float32)
+    net.blobs["data"].data[...] = data
+    net.blobs["im_info"].data[...] = info
+    out = net.forward()
+    rois = net.blobs["rois"].data
+    assert 1 < len(rois) <= 12 and out["cls_prob"].shape == (len(rois), 3)
+    assert out["bbox_pred"].shape == (len(rois), 12)
+    ref, _ = py_proposals(net.blobs["rpn_cls_prob_reshape"].data, net.blobs["rpn_bbox_pred"].data,
+                          info[0].astype(np.float64), stride=4, base=4, scales=(1, 2), pre=60,
+                          post=12, min_size=min_size, nms=np.float32(0.7))
+    np.testing.assert_array_equal(rois[:, 1:], ref.astype(np.float32))
+    if min_size:
+        return          # OpenCV's Proposal ignores min_size (test above)
+    weights = str(tmp_path / "deploy.caffemodel")
+    net.save(weights)
+    ocv = cv2.dnn.readNetFromCaffe(path, weights)
+    ocv.setInput(data, "data")
+    ocv.setInput(info, "im_info")
+    cv_rois, cv_prob = ocv.forward(["proposal", "cls_prob"])
+    np.testing.assert_allclose(rois, cv_rois[:len(rois)], atol=1e-3)
+    np.testing.assert_allclose(out["cls_prob"], cv_prob[:len(rois)], atol=1e-5)
