@@ -5,6 +5,7 @@ faster_rcnn_zf-style deploy net built from its prototxt here and in OpenCV."""
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import caffe_compat as caffe
 from caffe_compat.engine.layers import LayerError
@@ -154,7 +155,6 @@ def test_matches_float64_py_faster_rcnn(case):
             f'min_size: {case["min_size"]} pre_nms_topn: {case["pre"]} '
             f'post_nms_topn: {case["post"]} nms_thresh: {case["nms"]} }}')
     lay = make_layer(text, [prob.shape, deltas.shape, info.shape])   # default anchors
-    import torch
     rois, scores = lay(torch.from_numpy(prob), torch.from_numpy(deltas), torch.from_numpy(info))
     ref, ref_scores = py_proposals(prob, deltas, info[0].astype(np.float64),
                                    min_size=case["min_size"], pre=case["pre"], post=case["post"],
@@ -201,7 +201,6 @@ def test_bottom_count_is_checked(tmp_path):
 
 
 def test_no_surviving_box_gives_zero_rows():
-    import torch
     prob, deltas = peaked_inputs(7, a=9, h=2, w=3)
     lay = make_layer('name: "p" type: "Proposal" top: "rois" top: "s" proposal_param { min_size: 16 }',
                      [prob.shape, deltas.shape, (1, 3)])
@@ -211,7 +210,6 @@ def test_no_surviving_box_gives_zero_rows():
 
 
 def test_batch_images_are_proposed_alone_with_their_index():
-    import torch
     (p0, d0), (p1, d1) = peaked_inputs(8), peaked_inputs(9)
     info = np.array([[96, 128, 1.0], [64, 80, 0.5]], np.float32)
     lay = make_layer('name: "p" type: "Proposal" top: "rois" proposal_param { post_nms_topn: 7 }',
