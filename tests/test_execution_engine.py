@@ -63,6 +63,10 @@ FORWARD_ONLY = {
                               'yolov3_detection_output_param { num_classes: 2 num_box: 1 '
                               'confidence_threshold: 0.2 biases: [16, 32] anchors_scale: 32 '
                               'mask_group_num: 1 mask: 0 }', lambda: [rand(2, 7, 3, 2)]),
+    "Proposal": ('name: "l" type: "Proposal" top: "rois" top: "scores" proposal_param { '
+                 'feat_stride: 4 base_size: 4 min_size: 2 ratio: 1 scale: 1 scale: 2 }',
+                 lambda: [rand(1, 4, 3, 2).abs(), rand(1, 8, 3, 2) * 0.1,
+                          torch.tensor([[12.0, 8.0, 1.0]])]),
     "SegAccuracy": ('name: "l" type: "SegAccuracy" seg_accuracy_param { ignore_label: 255 }',
                     lambda: [rand(2, 3, 4, 5), labels(2, 3).float().reshape(2, 1, 1, 1)
                              .expand(2, 1, 4, 5).contiguous()]),

@@ -82,6 +82,9 @@ def _number(message, field):
     (caffe_pb2.Yolov3DetectionOutputParameter, "anchors_scale", 6),
     (caffe_pb2.Yolov3DetectionOutputParameter, "mask", 8),
     (L, "region_param", 214), (caffe_pb2.RegionParameter, "num", 3),
+    # Faster R-CNN's C++ Proposal (OpenCV's 201 is SSD's multibox_loss_param: moved)
+    (L, "proposal_param", 20040), (caffe_pb2.ProposalParameter, "feat_stride", 1),
+    (caffe_pb2.ProposalParameter, "scale", 5), (caffe_pb2.ProposalParameter, "nms_thresh", 8),
     # hszhao/PSPNet's BN fields in SegNet's BNParameter (PSPNet's 1-3 are SegNet's: moved)
     (caffe_pb2.BNParameter, "slope_filler", 20030), (caffe_pb2.BNParameter, "bias_filler", 20031),
     (caffe_pb2.BNParameter, "momentum", 20032), (caffe_pb2.BNParameter, "eps", 4),

@@ -207,6 +207,7 @@ NO_BACKWARD = {
     "BoxAnnotatorOHEM": "selects labels and weights by loss; R-FCN has no backward",
     "Yolov3DetectionOutput": "NMS output; MobileNet-YOLO has no backward",
     "Region": "the training_toolbox_caffe port's backward is empty",
+    "Proposal": "NMS output; the Faster R-CNN layers (C++ and Python) have no backward",
     "VideoData": "a source layer", "ImageSegData": "a source layer", "MatRead": "a source layer",
     "MatWrite": "a sink: writes its bottoms to files",
     "SegAccuracy": "an evaluation layer; DeepLab has no backward",

@@ -33,6 +33,7 @@ MODULES = (
     "caffe_compat.engine.layers.rfcn_yolo",
     "caffe_compat.engine.layers.face_ohem",
     "caffe_compat.engine.layers.yolo",
+    "caffe_compat.engine.layers.proposal",
     "caffe_compat.engine.layers.ssd",
     "caffe_compat.engine.layers.ssd_detection",
     "caffe_compat.engine.layers.ssd_evaluate",
