@@ -180,6 +180,8 @@ def test_the_fork_tables_never_name_what_caffe_proto_defines():
     ('Message type "caffe.RegionParameter" has no field named "side".', "another YOLOv2 port"),
     ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',
      "no supported fork defines it"),
+    ('Message type "caffe.InnerProductParameter" has no field named "normalize".',
+     "happynear/caffe-windows"),
 ])
 def test_unknown_nested_fields_name_their_fork(reason, expected):
     from caffe_compat.formats.forks import explain_unknown_field
