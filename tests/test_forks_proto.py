@@ -103,6 +103,14 @@ def _number(message, field):
     (caffe_pb2.TransformationParameter, "scale_factors", 20033),
     (caffe_pb2.TransformationParameter, "crop_width", 20034),
     (caffe_pb2.TransformationParameter, "crop_height", 20035),
+    # happynear/caffe-windows and xialuxi/arcface-caffe (their own numbers); sphereface's
+    # margin_inner_product_param is 147, BVLC's swish_param: moved
+    (L, "label_specific_add_param", 241), (caffe_pb2.LabelSpecificAddParameter, "iteration", 8),
+    (caffe_pb2.LabelSpecificAddParameter, "bias_base", 3),
+    (L, "combined_margin_param", 156), (caffe_pb2.CombinedMarginParameter, "transform_test", 4),
+    (L, "margin_inner_product_param", 20050),
+    (caffe_pb2.MarginInnerProductParameter, "lambda_min", 9),
+    (caffe_pb2.MarginInnerProductParameter, "weight_filler", 3),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number
@@ -125,6 +133,11 @@ def test_fork_defaults():
     assert caffe_pb2.ImageDataParameter().ignore_label == 255            # DeepLab's
     assert caffe_pb2.ImageDataParameter().label_type == caffe_pb2.ImageDataParameter.IMAGE
     assert caffe_pb2.SegAccuracyParameter().reset is True
+    assert caffe_pb2.CombinedMarginParameter().m1 == 4                  # arcface-caffe's
+    assert caffe_pb2.CombinedMarginParameter().m3 == pytest.approx(0.35)
+    assert caffe_pb2.LabelSpecificAddParameter().bias_power == 1         # caffe-windows'
+    M = caffe_pb2.MarginInnerProductParameter                             # sphereface's
+    assert (M().type, M().base, M().power, M().axis, M.QUADRUPLE) == (M.SINGLE, 1, 1, 1, 3)
 
 
 def test_fork_prototxt_fragments_parse():
@@ -170,6 +183,8 @@ def test_the_fork_tables_never_name_what_caffe_proto_defines():
     ('Message type "caffe.RegionParameter" has no field named "side".', "another YOLOv2 port"),
     ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',
      "no supported fork defines it"),
+    ('Message type "caffe.InnerProductParameter" has no field named "normalize".',
+     "happynear/caffe-windows"),
 ])
 def test_unknown_nested_fields_name_their_fork(reason, expected):
     from caffe_compat.formats.forks import explain_unknown_field

@@ -180,12 +180,24 @@ EXAMPLES = {
     "CenterLoss": (filled("CenterLoss", 'center_loss_param { num_output: 3 '
                           'center_filler { type: "gaussian" } }'),
                    lambda: [rand(4, 2, 3), torch.tensor([0., 2., 2., 1.])], caffe.TRAIN),
+    # the margins' other settings: tests/test_fork_layers_margin.py
+    "LabelSpecificAdd": (filled("LabelSpecificAdd", "label_specific_add_param { bias: -0.05 }"),
+                         lambda: [rand(3, 4), torch.tensor([0., 3., 1.])], caffe.TRAIN),
+    "CombinedMargin": (filled("CombinedMargin", "combined_margin_param { m1: 2 m2: 0.3 }"),
+                       lambda: [torch.tanh(rand(3, 4)) * 0.9, torch.tensor([1., -1., 2.])],
+                       caffe.TRAIN),
+    # SINGLE: the fork's other types scale the label's x-diff (not a gradient)
+    "MarginInnerProduct": (filled("MarginInnerProduct", "margin_inner_product_param { "
+                                  'num_output: 3 weight_filler { type: "xavier" } }'),
+                           lambda: [rand(4, 2, 2), torch.tensor([0., 2., 2., 1.])], caffe.TRAIN),
 }
 
 # Blobs whose diff is a fork's update rule rather than a gradient: only the bottoms are checked
 # here, the blobs' diffs against the fork's formula in the named test file.
 NOT_GRADIENT_BLOBS = {
     "CenterLoss": "caffe-face's center update (tests/test_fork_layers_face_ohem.py)",
+    "MarginInnerProduct": "sphereface's weight diff ignores the row normalization "
+                          "(tests/test_fork_layers_margin.py)",
 }
 
 # Types with no backward pass in Caffe, and why.

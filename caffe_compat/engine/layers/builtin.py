@@ -32,6 +32,7 @@ MODULES = (
     "caffe_compat.engine.layers.forks",
     "caffe_compat.engine.layers.rfcn_yolo",
     "caffe_compat.engine.layers.face_ohem",
+    "caffe_compat.engine.layers.face_margins",
     "caffe_compat.engine.layers.yolo",
     "caffe_compat.engine.layers.proposal",
     "caffe_compat.engine.layers.ssd",
