@@ -34,6 +34,8 @@ MODULES = (
     "caffe_compat.engine.layers.face_ohem",
     "caffe_compat.engine.layers.yolo",
     "caffe_compat.engine.layers.proposal",
+    "caffe_compat.engine.layers.flownet",
+    "caffe_compat.engine.layers.flownet_resample",
     "caffe_compat.engine.layers.ssd",
     "caffe_compat.engine.layers.ssd_detection",
     "caffe_compat.engine.layers.ssd_evaluate",
