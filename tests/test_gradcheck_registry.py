@@ -180,6 +180,16 @@ EXAMPLES = {
     "CenterLoss": (filled("CenterLoss", 'center_loss_param { num_output: 3 '
                           'center_filler { type: "gaussian" } }'),
                    lambda: [rand(4, 2, 3), torch.tensor([0., 2., 2., 1.])], caffe.TRAIN),
+    "Correlation": (filled("Correlation", "correlation_param { pad: 1 kernel_size: 3 "
+                           "max_displacement: 2 stride_2: 2 }"),
+                    lambda: [rand(1, 2, 5, 6), rand(1, 2, 5, 6)], caffe.TEST),
+    "ChannelNorm": (filled("ChannelNorm"), lambda: [away_from_zero(2, 3, 2, 2)], caffe.TEST),
+    "Accum": (filled("Accum"), lambda: [rand(1, 2, 3, 4), rand(1, 1, 5, 3)], caffe.TEST),
+    # flows of fractional part in (0.2, 0.8) keep the bilinear kinks out of the FD stencil
+    "FlowWarp": (filled("FlowWarp"),
+                 lambda: [rand(1, 2, 4, 5), torch.rand(1, 2, 4, 5, generator=g,
+                                                       dtype=torch.float64) * 0.6 + 0.2],
+                 caffe.TEST),
 }
 
 # Blobs whose diff is a fork's update rule rather than a gradient: only the bottoms are checked
@@ -212,6 +222,7 @@ NO_BACKWARD = {
     "MatWrite": "a sink: writes its bottoms to files",
     "SegAccuracy": "an evaluation layer; DeepLab has no backward",
     "UniqueLabel": "label values out of labels; DeepLab has no backward",
+    "Resample": "FlowNet 2.0's backward is a FATAL (CPU and GPU)",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

@@ -78,6 +78,7 @@ class Resample(Layer):
 
     type = "Resample"
     origin = FLOWNET2
+    family = "flownet"
     num_bottoms = (1, 2)
     no_grad_bottoms = (0, 1)
     exports_to_onnx = False
