@@ -284,3 +284,75 @@ def test_resample_area_and_bad_flow_are_refused():
                    [(1, 1, 4, 4)])
     with pytest.raises(LayerError, match="flow must be"):
         make_layer('name: "w" type: "FlowWarp"', [(1, 3, 4, 4), (1, 3, 4, 4)])
+
+
+def layer(name, kind, bottoms, top, body=""):
+    bottoms = " ".join(f'bottom: "{b}"' for b in bottoms)
+    return f'layer {{ name: "{name}" type: "{kind}" {bottoms} top: "{top}" {body} }}\n'
+
+
+FILLERS = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 }'
+
+
+def tiny_flownet(opencv=False):
+    """Two images -> shared-shape convs -> Correlation -> conv -> Deconvolution (flow) ->
+    FlowWarp of image 2 by the flow, ChannelNorm of the error, Accum, Resample. OpenCV 4.14
+    creates no ChannelNorm or Resample layer: ``opencv`` leaves those two out."""
+    def conv(outputs, stride):
+        return (f"convolution_param {{ num_output: {outputs} kernel_size: 3 pad: 1 "
+                f"stride: {stride} {FILLERS} }}")
+
+    return (inputs_text({"img0": (1, 3, 16, 20), "img1": (1, 3, 16, 20)})
+            + layer("conv_a", "Convolution", ["img0"], "fa", conv(4, 2))
+            + layer("conv_b", "Convolution", ["img1"], "fb", conv(4, 2))
+            + layer("corr", "Correlation", ["fa", "fb"], "corr",
+                    "correlation_param { pad: 2 kernel_size: 1 max_displacement: 2 stride_2: 1 }")
+            + layer("relu", "ReLU", ["corr"], "corr_r", "relu_param { negative_slope: 0.1 }")
+            + layer("conv_c", "Convolution", ["corr_r"], "fc", conv(2, 1))
+            + layer("up", "Deconvolution", ["fc"], "flow",
+                    "convolution_param { num_output: 2 kernel_size: 4 stride: 2 pad: 1 "
+                    + FILLERS + " }")
+            + layer("warp", "FlowWarp", ["img1", "flow"], "warped")
+            + layer("diff", "Eltwise", ["img0", "warped"], "err",
+                    "eltwise_param { operation: SUM coeff: 1 coeff: -1 }")
+            + layer("accum", "Accum", ["flow", "fc"], "stack")
+            + ("" if opencv else
+               layer("norm", "ChannelNorm", ["err"], "err_norm")
+               + layer("small", "Resample", ["stack"], "out",
+                       "resample_param { type: LINEAR width: 10 height: 8 }")))
+
+
+def test_tiny_flownet_builds_runs_and_matches_opencv(tmp_path):
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(tiny_flownet())
+    torch.manual_seed(0)              # the fillers' draws
+    net = caffe.Net(str(path), caffe.TEST)
+    rng = np.random.default_rng(11)
+    feeds = {"img0": rand(rng, 1, 3, 16, 20), "img1": rand(rng, 1, 3, 16, 20)}
+    for name, value in feeds.items():
+        net.blobs[name].data[...] = value
+    net.forward()
+    assert net.blobs["corr"].data.shape == (1, 25, 8, 10)
+    assert net.blobs["out"].data.shape == (1, 4, 8, 10)
+    weights = str(tmp_path / "tiny.caffemodel")
+    net.save(weights)
+    cv_path = tmp_path / "tiny_opencv.prototxt"
+    cv_path.write_text(tiny_flownet(opencv=True))
+    ocv = cv2.dnn.readNetFromCaffe(str(cv_path), weights)
+    for name, value in feeds.items():
+        ocv.setInput(value, name)
+    names = ["corr", "up", "warp", "accum"]
+    got = dict(zip(names, ocv.forward(names)))
+    np.testing.assert_allclose(net.blobs["corr"].data, got["corr"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(net.blobs["flow"].data, got["up"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(net.blobs["warped"].data, got["warp"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(net.blobs["stack"].data, got["accum"], rtol=1e-4, atol=1e-4)
+    # the tail against this file's float64 references, from the net's own blobs
+    flow, img1 = net.blobs["flow"].data, feeds["img1"]
+    np.testing.assert_allclose(net.blobs["warped"].data, flow_warp_ref(img1, flow), atol=1e-5)
+    ref_stack = accum_ref([flow, net.blobs["fc"].data], 16, 20)
+    np.testing.assert_allclose(net.blobs["out"].data, resample_ref(ref_stack.astype(np.float32),
+                                                                   8, 10), rtol=1e-4, atol=1e-5)
+    err = (feeds["img0"].astype(np.float64) - net.blobs["warped"].data)
+    np.testing.assert_allclose(net.blobs["err_norm"].data,
+                               np.sqrt((err ** 2).sum(1, keepdims=True)), rtol=1e-5, atol=1e-5)

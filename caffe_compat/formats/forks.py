@@ -21,6 +21,7 @@ _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
 # DIGITS' DetectNet train/val nets: its Python layers are implemented (caffe_compat/detectnet),
 # the C++ label-grid transformation and L1 loss are not.
 _NVIDIA = "NVIDIA/caffe (DIGITS' DetectNet training)"
+_FLOWNET2 = "lmb-freiburg/flownet2 (FlowNet 2.0)"
 
 # Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
 # parameter blocks; the others are fields nested inside BVLC's (or a fork's) messages, so a
@@ -32,6 +33,7 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
         "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
         "detectnet_groundtruth_param": _NVIDIA, "detectnet_augmentation_param": _NVIDIA,
+        "augmentation_param": _FLOWNET2, "coeff_schedule_param": _FLOWNET2,
     },
     "RegionParameter": {name: _OTHER_REGION for name in
                         ("boxes_of_each_grid", "softmax", "bias_match", "output_square", "ratio",
@@ -50,6 +52,8 @@ FORK_TYPES: dict[str, str] = {
     "AdaptiveBiasChannel": _DEEPLAB,
     "DetectNetTransformation": _NVIDIA,
     "L1Loss": _NVIDIA,
+    "DataAugmentation": _FLOWNET2,
+    "Correlation1D": _FLOWNET2,
 }
 
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')
