@@ -223,6 +223,7 @@ NO_BACKWARD = {
     "SegAccuracy": "an evaluation layer; DeepLab has no backward",
     "UniqueLabel": "label values out of labels; DeepLab has no backward",
     "Resample": "FlowNet 2.0's backward is a FATAL (CPU and GPU)",
+    "DataAugmentation": "FlowNet 2.0's backward is a FATAL",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

@@ -33,7 +33,6 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
         "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
         "detectnet_groundtruth_param": _NVIDIA, "detectnet_augmentation_param": _NVIDIA,
-        "augmentation_param": _FLOWNET2, "coeff_schedule_param": _FLOWNET2,
     },
     "RegionParameter": {name: _OTHER_REGION for name in
                         ("boxes_of_each_grid", "softmax", "bias_match", "output_square", "ratio",
@@ -52,7 +51,6 @@ FORK_TYPES: dict[str, str] = {
     "AdaptiveBiasChannel": _DEEPLAB,
     "DetectNetTransformation": _NVIDIA,
     "L1Loss": _NVIDIA,
-    "DataAugmentation": _FLOWNET2,
     "Correlation1D": _FLOWNET2,
 }
 

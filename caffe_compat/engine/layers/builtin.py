@@ -36,6 +36,7 @@ MODULES = (
     "caffe_compat.engine.layers.proposal",
     "caffe_compat.engine.layers.flownet",
     "caffe_compat.engine.layers.flownet_resample",
+    "caffe_compat.engine.layers.flownet_augmentation",
     "caffe_compat.engine.layers.ssd",
     "caffe_compat.engine.layers.ssd_detection",
     "caffe_compat.engine.layers.ssd_evaluate",
