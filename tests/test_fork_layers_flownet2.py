@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import caffe_compat as caffe
-from caffe_compat.proto import caffe_pb2
 from caffe_compat.engine.layers import LayerError
 from layer_utils import gradcheck_layer, make_layer
 
@@ -359,91 +358,18 @@ def test_tiny_flownet_builds_runs_and_matches_opencv(tmp_path):
                                np.sqrt((err ** 2).sum(1, keepdims=True)), rtol=1e-5, atol=1e-5)
 
 
-def blobs_only(path):
-    """Keep each layer's name, type and blobs: OpenCV reads a caffemodel's layer fields too
-    and fails on augmentation_param, which its proto lacks."""
-    net = caffe_pb2.NetParameter.FromString(open(path, "rb").read())
-    for lp in net.layer:
-        kept = caffe_pb2.LayerParameter(name=lp.name, type=lp.type, blobs=lp.blobs)
-        lp.Clear()
-        lp.CopyFrom(kept)
-    open(path, "wb").write(net.SerializeToString())
-
-
-AUG = 'augmentation_param {{ max_multiplier: 1 augment_during_test: false recompute_mean: 1000 ' \
-      'mean_per_pixel: {} translate {{ rand_type: "uniform_bernoulli" spread: 0.4 }} }}'
-
-
-@pytest.mark.parametrize("per_pixel", ["true", "false"])
-def test_data_augmentation_first_forward_matches_opencv(tmp_path, per_pixel):
-    """A fresh layer's first forward subtracts this image's own mean; OpenCV's does so on
-    every forward (it restarts its count at 0)."""
-    rng = np.random.default_rng(12)
-    feeds = {"img": rand(rng, 1, 3, 6, 7) + 2}
-    path = one_layer(tmp_path, "DataAugmentation", AUG.format(per_pixel), feeds)
-    net = caffe.Net(path, caffe.TEST)
-    net.blobs["img"].data[...] = feeds["img"]
-    ours = net.forward()["out"].copy()
-    x = feeds["img"].astype(np.float64)
-    mean = x if per_pixel == "true" else x.mean(axis=(2, 3), keepdims=True)
-    np.testing.assert_allclose(ours, x - mean, atol=1e-5)
-    assert net.params["out"][0].data.reshape(-1)[0] == 1
-    if per_pixel == "true":
-        return
-    # OpenCV's importer reads no augmentation_param (its defaults: recompute_mean 1, per
-    # channel), so it gets the layer without one
-    fresh = str(tmp_path / "fresh.caffemodel")
-    caffe.Net(path, caffe.TEST).save(fresh)
-    blobs_only(fresh)
-    cv_dir = tmp_path / "cv"
-    cv_dir.mkdir()
-    cv_path = one_layer(cv_dir, "DataAugmentation", "", feeds)
-    np.testing.assert_allclose(ours, run_opencv(cv_path, feeds, weights=fresh), atol=1e-5)
-
-
-def test_data_augmentation_running_mean_then_frozen(tmp_path):
-    rng = np.random.default_rng(13)
-    body = AUG.format("false").replace("recompute_mean: 1000", "recompute_mean: 2")
-    shape = (2, 3, 4, 5)
-    path = one_layer(tmp_path, "DataAugmentation", body, {"img": np.zeros(shape)})
-    net = caffe.Net(path, caffe.TEST)
-    batches = [rand(rng, *shape) for _ in range(3)]
-    outs = []
-    for b in batches:
-        net.blobs["img"].data[...] = b
-        outs.append(net.forward()["out"].copy())
-    image_means = [b.astype(np.float64).mean(axis=0) for b in batches]
-    channel = ((image_means[0] + image_means[1]) / 2).mean(axis=(1, 2)).reshape(1, 3, 1, 1)
-    np.testing.assert_allclose(outs[2], batches[2] - channel, atol=1e-5)   # frozen after 2
-    np.testing.assert_allclose(outs[0], batches[0] - image_means[0].mean(axis=(1, 2))
-                               .reshape(1, 3, 1, 1), atol=1e-5)
-
-
-def test_data_augmentation_loads_a_mean_of_another_size_as_the_fork(tmp_path):
-    """A deploy net at another resolution than the training crops: blob 1 does not fit, so
-    (per pixel) the stored image's channel means are spread over the new size."""
-    rng = np.random.default_rng(14)
-    train = one_layer(tmp_path, "DataAugmentation", AUG.format("true"),
-                      {"img": np.zeros((1, 3, 4, 6))})
-    net = caffe.Net(train, caffe.TEST)
-    stored = rand(rng, 1, 3, 4, 6)
-    net.params["out"][0].data[...] = 5000
-    net.params["out"][1].data[...] = stored
-    weights = str(tmp_path / "trained.caffemodel")
-    net.save(weights)
-    deploy_dir = tmp_path / "deploy"
-    deploy_dir.mkdir()
-    img = rand(rng, 1, 3, 7, 5)
-    deploy = caffe.Net(one_layer(deploy_dir, "DataAugmentation", AUG.format("true"),
-                                 {"img": img}), caffe.TEST, weights=weights)
-    deploy.blobs["img"].data[...] = img
-    out = deploy.forward()["out"]
-    means = stored.astype(np.float64).mean(axis=(2, 3), keepdims=True)
-    np.testing.assert_allclose(out, img - means, atol=1e-5)
-    assert deploy.params["out"][0].data.reshape(-1)[0] == 5001     # counted, mean kept
-
-
-def test_data_augmentation_refuses_cropping():
-    with pytest.raises(LayerError, match="crop_width"):
-        make_layer('name: "a" type: "DataAugmentation" augmentation_param { crop_width: 4 '
-                   'crop_height: 4 }', [(1, 3, 8, 8)])
+def test_resample_nearest_matches_opencv_and_linear_upsampling_is_half_pixel(tmp_path):
+    """OpenCV reads Resample as its Resize: NEAREST agrees; its LINEAR maps pixels another
+    way, so the fork's LINEAR 2x upsampling is checked against torch's half-pixel bilinear
+    (the triangle filter's normalised window gives the same border values)."""
+    rng = np.random.default_rng(15)
+    feeds = {"x": rand(rng, 1, 2, 8, 9)}
+    near = one_layer(tmp_path, "Resample", "resample_param { type: NEAREST height: 16 width: 18 }",
+                     feeds)
+    np.testing.assert_array_equal(run_ours(near, feeds), run_opencv(near, feeds))
+    lin_dir = tmp_path / "linear"
+    lin_dir.mkdir()
+    linear = one_layer(lin_dir, "Resample", "resample_param { height: 16 width: 18 }", feeds)
+    half_pixel = torch.nn.functional.interpolate(torch.from_numpy(feeds["x"]), size=(16, 18),
+                                                 mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(run_ours(linear, feeds), half_pixel.numpy(), atol=1e-6)
