@@ -70,6 +70,50 @@ def correlation_ref(a, b, pad, k, md, s1, s2, subtract=False):
     return top
 
 
+def correlation1d_ref(a, b, pad, k, md, s1, s2, direction):
+    """The fork's 1-D kernel on its channel-last buffer, flattened as the GPU reads it: a
+    read left of a row lands in the previous row (zeros here: pad covers it)."""
+    n, c, h, w = a.shape
+    a = np.pad(a.astype(np.float64), ((0, 0), (0, 0), (0, 0), (pad, pad)))
+    b = np.pad(b.astype(np.float64), ((0, 0), (0, 0), (0, 0), (pad, pad)))
+    flat_a, flat_b = a.transpose(0, 2, 3, 1).reshape(-1, c), b.transpose(0, 2, 3, 1).reshape(-1, c)
+    wp, kr, r = w + 2 * pad, (k - 1) // 2, md // s2
+    g = r + 1 if direction else 2 * r + 1
+    shift = {0: -r, 1: 0, -1: -g}[direction]
+    th, tw = math.ceil((h - 2 * kr) / s1), math.ceil((wp - 2 * (md + kr)) / s1)
+    top = np.zeros((n, g, th, tw))
+    for item, y, x, ch in np.ndindex(n, th, tw, g):
+        x1, y1, s2o = x * s1 + md, y * s1, (ch + shift) * s2
+        total = 0.0
+        for j in range(k):
+            for i in range(k):
+                p0 = (item * h + y1 + j) * wp + x1 + i
+                p1 = (item * h + y1 + j) * wp + x1 + s2o + i
+                total += flat_a[p0] @ (flat_b[p1] if p1 >= 0 else np.zeros(c))
+        top[item, ch, y, x] = total / (k * k * c)
+    return top
+
+
+@pytest.mark.parametrize("pad, k, md, s1, s2, direction",
+                         [(3, 1, 3, 1, 1, 0), (2, 3, 2, 1, 1, 1), (4, 1, 3, 2, 1, -1),
+                          (2, 3, 4, 1, 2, -1)])
+def test_correlation1d_matches_the_kernel(tmp_path, pad, k, md, s1, s2, direction):
+    rng = np.random.default_rng(md * 10 + pad)
+    feeds = {"a": rand(rng, 2, 3, 6, 9), "b": rand(rng, 2, 3, 6, 9)}
+    body = (f"correlation_param {{ pad: {pad} kernel_size: {k} max_displacement: {md} "
+            f"stride_1: {s1} stride_2: {s2} single_direction: {direction} }}")
+    ours = run_ours(one_layer(tmp_path, "Correlation1D", body, feeds), feeds)
+    ref = correlation1d_ref(feeds["a"], feeds["b"], pad, k, md, s1, s2, direction)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_correlation1d_refuses_a_left_overshoot_past_the_padding():
+    with pytest.raises(LayerError, match="pad must be at least 1"):
+        make_layer('name: "c" type: "Correlation1D" correlation_param { kernel_size: 1 '
+                   'max_displacement: 2 single_direction: -1 }', [(1, 1, 4, 8)] * 2)
+
+
 def flow_warp_ref(image, flow, fill=0.0):
     n, c, h, w = image.shape
     out = np.empty((n, c, h, w))

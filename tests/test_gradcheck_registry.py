@@ -183,6 +183,9 @@ EXAMPLES = {
     "Correlation": (filled("Correlation", "correlation_param { pad: 1 kernel_size: 3 "
                            "max_displacement: 2 stride_2: 2 }"),
                     lambda: [rand(1, 2, 5, 6), rand(1, 2, 5, 6)], caffe.TEST),
+    "Correlation1D": (filled("Correlation1D", "correlation_param { pad: 2 kernel_size: 3 "
+                             "max_displacement: 1 single_direction: -1 }"),
+                      lambda: [rand(1, 2, 4, 5), rand(1, 2, 4, 5)], caffe.TEST),
     "ChannelNorm": (filled("ChannelNorm"), lambda: [away_from_zero(2, 3, 2, 2)], caffe.TEST),
     "Accum": (filled("Accum"), lambda: [rand(1, 2, 3, 4), rand(1, 1, 5, 3)], caffe.TEST),
     # flows of fractional part in (0.2, 0.8) keep the bilinear kinks out of the FD stencil

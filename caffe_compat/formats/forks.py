@@ -21,7 +21,6 @@ _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
 # DIGITS' DetectNet train/val nets: its Python layers are implemented (caffe_compat/detectnet),
 # the C++ label-grid transformation and L1 loss are not.
 _NVIDIA = "NVIDIA/caffe (DIGITS' DetectNet training)"
-_FLOWNET2 = "lmb-freiburg/flownet2 (FlowNet 2.0)"
 
 # Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
 # parameter blocks; the others are fields nested inside BVLC's (or a fork's) messages, so a
@@ -51,7 +50,6 @@ FORK_TYPES: dict[str, str] = {
     "AdaptiveBiasChannel": _DEEPLAB,
     "DetectNetTransformation": _NVIDIA,
     "L1Loss": _NVIDIA,
-    "Correlation1D": _FLOWNET2,
 }
 
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')

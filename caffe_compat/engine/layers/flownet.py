@@ -38,8 +38,8 @@ class Correlation(Layer):
     Gradient: MULTIPLY's is the fork's (exact); SUBTRACT's is autograd's of ``|a − b|``
     (sign 0 at a tie where the fork's takes +1; its SUBTRACT backward kernels also index
     the padded channel-last copy with channel-first offsets, not reproduced).
-    ``single_direction`` belongs to Correlation1D (not implemented) and is refused here;
-    ``do_abs`` is read by no fork kernel and is refused rather than ignored.
+    ``single_direction`` belongs to Correlation1D and is refused here; ``do_abs`` is read by
+    no fork kernel and is refused rather than ignored.
     """
 
     type = "Correlation"
@@ -58,13 +58,17 @@ class Correlation(Layer):
         if p.stride_1 < 1 or p.stride_2 < 1:
             raise self.error(f"stride_1 and stride_2 must be >= 1, got {p.stride_1}, "
                              f"{p.stride_2}")
-        if p.single_direction or p.do_abs:
-            raise self.error("single_direction and do_abs are not supported (Correlation1D's "
-                             "field; do_abs is read by no kernel of the fork)")
+        if p.do_abs:
+            raise self.error("do_abs is not supported (no kernel of the fork reads it)")
+        if p.single_direction and self.type == "Correlation":
+            raise self.error("single_direction is Correlation1D's field")
         self.kernel, self.max_disp, self.pad = p.kernel_size, p.max_displacement, p.pad
         self.stride1, self.stride2 = p.stride_1, p.stride_2
         self.subtract = p.correlation_type == caffe_pb2.CorrelationParameter.SUBTRACT
         self.radius = self.max_disp // self.stride2
+        self.direction = int(p.single_direction)
+        if self.direction not in (-1, 0, 1):
+            raise self.error(f"single_direction must be -1, 0 or 1, got {self.direction}")
         self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
@@ -81,24 +85,81 @@ class Correlation(Layer):
         self.out_hw = tuple(sides)
         return [(a[0], (2 * self.radius + 1) ** 2, *sides)]
 
+    def displacements(self) -> list[tuple[int, int]]:
+        """(dy, dx) of bottom 1's patch for each top channel, in channel order."""
+        r, s = self.radius, self.stride2
+        return [(p * s, o * s) for p in range(-r, r + 1) for o in range(-r, r + 1)]
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         shape = legacy_shape(tuple(a.shape))
-        a, b = a.reshape(shape), b.reshape(shape)
         pad = [self.pad] * 4
-        a, b = F.pad(a, pad), F.pad(b, pad)
-        (h, w), k, d = self.out_hw, self.kernel, self.max_disp
+        return self.correlate(F.pad(a.reshape(shape), pad), F.pad(b.reshape(shape), pad),
+                              (self.max_disp, self.max_disp))
+
+    def correlate(self, a, b, corner: tuple[int, int]) -> torch.Tensor:
+        """The top from padded bottoms; ``corner``: bottom 0's first patch's top-left."""
+        (h, w), k = self.out_hw, self.kernel
         span_h, span_w = (h - 1) * self.stride1 + k, (w - 1) * self.stride1 + k
-        base = a[:, :, d:d + span_h, d:d + span_w]
+        y0, x0 = corner
+        base = a[:, :, y0:y0 + span_h, x0:x0 + span_w]
         maps = []
-        for p in range(-self.radius, self.radius + 1):
-            for o in range(-self.radius, self.radius + 1):
-                y, x = d + p * self.stride2, d + o * self.stride2
-                other = b[:, :, y:y + span_h, x:x + span_w]
-                per_pixel = (base - other).abs() if self.subtract else base * other
-                maps.append(per_pixel.mean(dim=1, keepdim=True))
+        for dy, dx in self.displacements():
+            other = b[:, :, y0 + dy:y0 + dy + span_h, x0 + dx:x0 + dx + span_w]
+            per_pixel = (base - other).abs() if self.subtract else base * other
+            maps.append(per_pixel.mean(dim=1, keepdim=True))
         # Mean over channels, then over the k×k window sampled every stride_1: the fork's
         # sum over k²·C values divided by k²·C.
         return F.avg_pool2d(torch.cat(maps, dim=1), k, self.stride1)
+
+
+@register
+class Correlation1D(Correlation):
+    """DispNet's horizontal correlation (``correlation_param``): as ``Correlation`` with
+    displacements along x only. Only the width is padded; top height
+    ``ceil((H − 2·(k // 2)) / stride_1)``, width as Correlation's; patches of bottom 0 start
+    at ``(y·stride_1, x·stride_1 + max_displacement)``. Channel c compares bottom 1 displaced
+    by ``(c + shift)·stride_2`` with R = ``max_displacement / stride_2``: shift −R over 2R + 1
+    channels (``single_direction: 0``), 0 over R + 1 (``1``, rightwards), −(R + 1) over R + 1
+    (``-1``, leftwards, the fork's offsets −(R+1)…−1). Leftwards, the first patches reach one
+    step past the padded row; the fork reads the previous row's last columns there, zero
+    padding when ``pad`` covers the step (this layer reads zeros; for the batch's very
+    first row the fork reads before its buffer); a smaller ``pad`` is refused. Gradients as Correlation's.
+    """
+
+    type = "Correlation1D"
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        a = _four_axes(self, bottom_shapes[0], "bottom 0")
+        if a != _four_axes(self, bottom_shapes[1], "bottom 1"):
+            raise self.error(f"both bottoms must have the same shape, got {list(a)} and "
+                             f"{list(bottom_shapes[1])}")
+        r = self.kernel // 2
+        h = -(-(a[2] - 2 * r) // self.stride1)
+        w = -(-(a[3] + 2 * self.pad - 2 * (self.max_disp + r)) // self.stride1)
+        if min(h, w) < 1:
+            raise self.error(f"bottoms {a[2]}x{a[3]} (pad {self.pad}) are too small for "
+                             f"max_displacement {self.max_disp} and kernel_size {self.kernel}")
+        self.overshoot = max(0, -(self.max_disp + self._shift() * self.stride2))
+        if self.overshoot > self.pad:
+            raise self.error(f"single_direction -1 reads {self.overshoot} column(s) left of "
+                             f"the padded row; the fork then reads the previous row's pixels: "
+                             f"pad must be at least {self.overshoot}")
+        self.out_hw = (h, w)
+        return [(a[0], len(self.displacements()), h, w)]
+
+    def _shift(self) -> int:
+        return {0: -self.radius, 1: 0, -1: -self.radius - 1}[self.direction]
+
+    def displacements(self) -> list[tuple[int, int]]:
+        width = self.radius + 1 if self.direction else 2 * self.radius + 1
+        return [(0, (c + self._shift()) * self.stride2) for c in range(width)]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        shape = legacy_shape(tuple(a.shape))
+        # extra zeros on the left stand for the previous row's zero padding (class doc)
+        pad = [self.pad + self.overshoot, self.pad, 0, 0]
+        return self.correlate(F.pad(a.reshape(shape), pad), F.pad(b.reshape(shape), pad),
+                              (0, self.max_disp + self.overshoot))
 
 
 @register
