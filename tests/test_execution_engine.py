@@ -70,6 +70,10 @@ FORWARD_ONLY = {
     "SegAccuracy": ('name: "l" type: "SegAccuracy" seg_accuracy_param { ignore_label: 255 }',
                     lambda: [rand(2, 3, 4, 5), labels(2, 3).float().reshape(2, 1, 1, 1)
                              .expand(2, 1, 4, 5).contiguous()]),
+    "Resample": ('name: "l" type: "Resample" resample_param { height: 3 width: 5 }',
+                 lambda: [rand(2, 3, 6, 4)]),
+    "DataAugmentation": ('name: "l" type: "DataAugmentation" augmentation_param { '
+                         'recompute_mean: 3 mean_per_pixel: false }', lambda: [rand(2, 3, 4, 5)]),
     "UniqueLabel": ('name: "l" type: "UniqueLabel" unique_label_param { max_labels: 4 }',
                     lambda: [labels(8, 3).float().reshape(2, 1, 2, 2)]),
 }

@@ -32,6 +32,16 @@ def _number(message, field):
     (L, "dense_image_data_param", 10138), (caffe_pb2.DenseImageDataParameter, "crop_height", 12),
     # PSPNet / DeepLab (143 is BVLC's input_param: moved)
     (L, "interp_param", 10143), (caffe_pb2.InterpParameter, "pad_end", 6),
+    # lmb-freiburg/flownet2 (150 is DeepLab's unique_label_param here: moved)
+    (L, "correlation_param", 20060), (caffe_pb2.CorrelationParameter, "correlation_type", 15),
+    (caffe_pb2.CorrelationParameter, "stride_2", 6), (L, "resample_param", 155),
+    (caffe_pb2.ResampleParameter, "antialias", 4), (L, "flow_warp_param", 159),
+    (L, "accum_param", 160), (caffe_pb2.AccumParameter, "have_reference", 4),
+    (L, "augmentation_param", 20061), (L, "coeff_schedule_param", 20062),
+    (caffe_pb2.AugmentationParameter, "recompute_mean", 5),
+    (caffe_pb2.AugmentationParameter, "mean_per_pixel", 7),
+    (caffe_pb2.AugmentationParameter, "translate", 11),
+    (caffe_pb2.RandomGeneratorParameter, "spread", 5),
     (L, "shuffle_channel_param", 164), (L, "relu6_param", 100000),
     (caffe_pb2.PoolingParameter, "ceil_mode", 10013),
     (caffe_pb2.PoolingParameter, "round_mode", 13),

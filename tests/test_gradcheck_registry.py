@@ -190,6 +190,19 @@ EXAMPLES = {
     "MarginInnerProduct": (filled("MarginInnerProduct", "margin_inner_product_param { "
                                   'num_output: 3 weight_filler { type: "xavier" } }'),
                            lambda: [rand(4, 2, 2), torch.tensor([0., 2., 2., 1.])], caffe.TRAIN),
+    "Correlation": (filled("Correlation", "correlation_param { pad: 1 kernel_size: 3 "
+                           "max_displacement: 2 stride_2: 2 }"),
+                    lambda: [rand(1, 2, 5, 6), rand(1, 2, 5, 6)], caffe.TEST),
+    "Correlation1D": (filled("Correlation1D", "correlation_param { pad: 2 kernel_size: 3 "
+                             "max_displacement: 1 single_direction: -1 }"),
+                      lambda: [rand(1, 2, 4, 5), rand(1, 2, 4, 5)], caffe.TEST),
+    "ChannelNorm": (filled("ChannelNorm"), lambda: [away_from_zero(2, 3, 2, 2)], caffe.TEST),
+    "Accum": (filled("Accum"), lambda: [rand(1, 2, 3, 4), rand(1, 1, 5, 3)], caffe.TEST),
+    # flows of fractional part in (0.2, 0.8) keep the bilinear kinks out of the FD stencil
+    "FlowWarp": (filled("FlowWarp"),
+                 lambda: [rand(1, 2, 4, 5), torch.rand(1, 2, 4, 5, generator=g,
+                                                       dtype=torch.float64) * 0.6 + 0.2],
+                 caffe.TEST),
 }
 
 # Blobs whose diff is a fork's update rule rather than a gradient: only the bottoms are checked
@@ -224,6 +237,8 @@ NO_BACKWARD = {
     "MatWrite": "a sink: writes its bottoms to files",
     "SegAccuracy": "an evaluation layer; DeepLab has no backward",
     "UniqueLabel": "label values out of labels; DeepLab has no backward",
+    "Resample": "FlowNet 2.0's backward is a FATAL (CPU and GPU)",
+    "DataAugmentation": "FlowNet 2.0's backward is a FATAL",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by
