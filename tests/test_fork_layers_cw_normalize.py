@@ -256,3 +256,10 @@ def test_one_sgd_step_through_am_softmax(tmp_path, monkeypatch):
             np.testing.assert_allclose(blob.data, (ref - 0.1 * ref.grad).detach().numpy(),
                                        rtol=1e-5, atol=1e-6)
     assert float(solver.net.params["scale"][0].data[0]) == 30           # lr_mult 0
+
+
+def test_colorization_loss_is_named_as_missing():
+    """richzhang/colorization's train_val_v2.prototxt uses SoftmaxCrossEntropyLoss from its
+    Caffe fork, whose source was not available: refused naming the fork, not implemented."""
+    with pytest.raises(LayerError, match=r"SoftmaxCrossEntropyLoss \(defined by richzhang"):
+        make_layer('name: "loss8_313" type: "SoftmaxCrossEntropyLoss"', [(2, 3), (2, 3)])

@@ -21,6 +21,8 @@ _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
 # DIGITS' DetectNet train/val nets: its Python layers are implemented (caffe_compat/detectnet),
 # the C++ label-grid transformation and L1 loss are not.
 _NVIDIA = "NVIDIA/caffe (DIGITS' DetectNet training)"
+# colorization's train_val_v2.prototxt names this loss; the fork's source could not be read
+_COLORIZATION = "richzhang/colorization's Caffe fork (the colorization training loss)"
 
 # Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
 # parameter blocks; the others are fields nested inside BVLC's (or a fork's) messages, so a
@@ -50,6 +52,7 @@ FORK_TYPES: dict[str, str] = {
     "AdaptiveBiasChannel": _DEEPLAB,
     "DetectNetTransformation": _NVIDIA,
     "L1Loss": _NVIDIA,
+    "SoftmaxCrossEntropyLoss": _COLORIZATION,
 }
 
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')
