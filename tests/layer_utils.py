@@ -113,3 +113,18 @@ def zero_fillers(mp: "pytest.MonkeyPatch") -> None:
     layer_types()
     for module in (fillers, conv, inner_product):
         mp.setattr(module, "fill", zeros)
+
+
+def sgd_solver(tmp_path: Path, mp: "pytest.MonkeyPatch", net: str, **inputs: np.ndarray):
+    """A plain SGD solver (base_lr 0.1, fixed) for the net text, run in ``tmp_path``, with
+    the named input blobs filled; for one-step checks by hand."""
+    import caffe_compat as caffe
+    mp.chdir(tmp_path)
+    mp.setenv("GLOG_minloglevel", "1")
+    Path("net.prototxt").write_text(net)
+    Path("solver.prototxt").write_text('net: "net.prototxt"\nbase_lr: 0.1\nlr_policy: "fixed"\n'
+                                       'max_iter: 10\ndisplay: 0\n')
+    solver = caffe.get_solver("solver.prototxt")
+    for name, value in inputs.items():
+        solver.net.blobs[name].data[...] = value
+    return solver

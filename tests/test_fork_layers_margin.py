@@ -2,7 +2,6 @@
 xialuxi/arcface-caffe's CombinedMargin and wy1iu/sphereface's MarginInnerProduct, against
 float64 re-statements of the forks' loops, finite differences, one solver step through a small
 net with each, and the errors for bad parameters."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 import caffe_compat as caffe
 from caffe_compat.engine.layers import LayerError
-from layer_utils import gradcheck_layer, make_layer
+from layer_utils import gradcheck_layer, make_layer, sgd_solver
 
 TYPES = {"SINGLE": 0, "DOUBLE": 1, "TRIPLE": 2, "QUADRUPLE": 3}
 
@@ -274,15 +273,7 @@ LABELS = np.array([0, 2, 1, 2], np.float32)
 
 
 def solver_for(tmp_path, monkeypatch, net):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GLOG_minloglevel", "1")
-    Path("net.prototxt").write_text(net)
-    Path("solver.prototxt").write_text('net: "net.prototxt"\nbase_lr: 0.1\nlr_policy: "fixed"\n'
-                                       'max_iter: 10\ndisplay: 0\n')
-    solver = caffe.get_solver("solver.prototxt")
-    solver.net.blobs["data"].data[...] = X
-    solver.net.blobs["label"].data[...] = LABELS
-    return solver
+    return sgd_solver(tmp_path, monkeypatch, net, data=X, label=LABELS)
 
 
 def softmax_loss_diff(scores, scale):

@@ -121,6 +121,10 @@ def _number(message, field):
     (L, "margin_inner_product_param", 20050),
     (caffe_pb2.MarginInnerProductParameter, "lambda_min", 9),
     (caffe_pb2.MarginInnerProductParameter, "weight_filler", 3),
+    # happynear/caffe-windows' Normalize: its 214 is region_param here, moved; its IP field
+    (L, "normalize_param", 20070), (caffe_pb2.CaffeWindowsNormalizeParameter, "bp_norm", 3),
+    (caffe_pb2.CaffeWindowsNormalizeParameter, "normalize_type", 1),
+    (caffe_pb2.InnerProductParameter, "normalize", 7),
 ])
 def test_fork_field_numbers(message, field, number):
     assert _number(message, field) == number
@@ -146,6 +150,7 @@ def test_fork_defaults():
     assert caffe_pb2.CombinedMarginParameter().m1 == 4                  # arcface-caffe's
     assert caffe_pb2.CombinedMarginParameter().m3 == pytest.approx(0.35)
     assert caffe_pb2.LabelSpecificAddParameter().bias_power == 1         # caffe-windows'
+    assert caffe_pb2.CaffeWindowsNormalizeParameter().normalize_type == "L2"
     M = caffe_pb2.MarginInnerProductParameter                             # sphereface's
     assert (M().type, M().base, M().power, M().axis, M.QUADRUPLE) == (M.SINGLE, 1, 1, 1, 3)
 
@@ -193,8 +198,8 @@ def test_the_fork_tables_never_name_what_caffe_proto_defines():
     ('Message type "caffe.RegionParameter" has no field named "side".', "another YOLOv2 port"),
     ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',
      "no supported fork defines it"),
-    ('Message type "caffe.InnerProductParameter" has no field named "normalize".',
-     "happynear/caffe-windows"),
+    ('Message type "caffe.InnerProductParameter" has no field named "normalise".',
+     "no supported fork defines it"),
 ])
 def test_unknown_nested_fields_name_their_fork(reason, expected):
     from caffe_compat.formats.forks import explain_unknown_field

@@ -21,9 +21,8 @@ _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
 # DIGITS' DetectNet train/val nets: its Python layers are implemented (caffe_compat/detectnet),
 # the C++ label-grid transformation and L1 loss are not.
 _NVIDIA = "NVIDIA/caffe (DIGITS' DetectNet training)"
-# AM-Softmax / arcface-caffe train nets: their margin layers are implemented (LabelSpecificAdd,
-# CombinedMargin), the weight-normalized InnerProduct and the parameter-free Normalize are not.
-_CAFFE_WINDOWS = "happynear/caffe-windows (AM-Softmax's weight-normalized InnerProduct and L2 Normalize)"
+# colorization's train_val_v2.prototxt names this loss; the fork's source could not be read
+_COLORIZATION = "richzhang/colorization's Caffe fork (the colorization training loss)"
 
 # Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
 # parameter blocks; the others are fields nested inside BVLC's (or a fork's) messages, so a
@@ -35,9 +34,7 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
         "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
         "detectnet_groundtruth_param": _NVIDIA, "detectnet_augmentation_param": _NVIDIA,
-        "normalize_param": _CAFFE_WINDOWS,
     },
-    "InnerProductParameter": {"normalize": _CAFFE_WINDOWS},
     "RegionParameter": {name: _OTHER_REGION for name in
                         ("boxes_of_each_grid", "softmax", "bias_match", "output_square", "ratio",
                          "iou_thresh", "box_thresh", "anchors", "side", "num_classes", "biases",
@@ -55,6 +52,7 @@ FORK_TYPES: dict[str, str] = {
     "AdaptiveBiasChannel": _DEEPLAB,
     "DetectNetTransformation": _NVIDIA,
     "L1Loss": _NVIDIA,
+    "SoftmaxCrossEntropyLoss": _COLORIZATION,
 }
 
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')

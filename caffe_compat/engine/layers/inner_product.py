@@ -2,6 +2,12 @@
 
 The axes from ``axis`` on are flattened into K; the output is ``shape[:axis] + [num_output]``.
 Weights are ``[N, K]`` (``nn.Linear``'s layout), or ``[K, N]`` with ``transpose: true``.
+
+happynear/caffe-windows (branch ms, AM-Softmax) adds ``normalize: true``: every forward, both
+phases, first scales each weight row to unit length in place, ``w / sqrt(|w|² + 1e-12)`` (its
+CUDA forward; its CPU forward adds 1e-6), so the stored blob changes, then computes the plain
+product. Its backward is the plain one with those unit rows: no gradient through the scaling
+(the solver's step leaves the rows off unit length until the next forward rescales them).
 """
 from __future__ import annotations
 
@@ -16,13 +22,14 @@ from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.engine.layers.common import canonical_axis
 from caffe_compat.engine.layers import fast_forms
 
+UNIT_ROW_EPS = 1e-12    # caffe-windows' CUDA forward: added to each row's squared length
+
 
 @register
 class InnerProduct(Layer):
     """Caffe InnerProduct: ``y = x W^T + b`` over the flattened trailing axes."""
 
     type = "InnerProduct"
-    specialized = fast_forms.linear      # a batch-1 forward without per-call work
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
@@ -35,12 +42,23 @@ class InnerProduct(Layer):
         self.K = math.prod(shape[self.axis:])
         self.transpose = ip.transpose
         self.bias_term = ip.bias_term
+        self.normalize = ip.normalize
+        if self.normalize:
+            self._refuse_normalize_transpose()
+            # the stored weights change inside forward: no cached, folded or exported copy
+            self.traceable = False
+            self.exports_to_onnx = False
         wshape = (self.K, self.num_output) if self.transpose else (self.num_output, self.K)
         self.add_blob(self._fill(ip.weight_filler if ip.HasField("weight_filler") else None,
                                  wshape, "weight_filler"))
         if self.bias_term:
             self.add_blob(self._fill(ip.bias_filler if ip.HasField("bias_filler") else None,
                                      (self.num_output,), "bias_filler"))
+
+    def _refuse_normalize_transpose(self) -> None:
+        if self.transpose:
+            raise self.error("inner_product_param: normalize with transpose; caffe-windows "
+                             "scales K-long runs of the [K, N] blob, which are not its rows")
 
     def _fill(self, filler, shape: Shape, what: str) -> torch.Tensor:
         try:
@@ -56,8 +74,20 @@ class InnerProduct(Layer):
                              f"{self.K} elements")
         return [(*shape[:self.axis], self.num_output)]
 
+    def _unit_rows(self) -> torch.Tensor:
+        """Rescale blob 0's rows in place (the fork's forward); return a copy for the product,
+        so the next forward's rescaling leaves this one's saved weights (its backward) alone."""
+        blob = self.blobs[0]
+        with torch.no_grad():
+            blob.div_(torch.sqrt(blob.square().sum(1, keepdim=True) + UNIT_ROW_EPS))
+        return blob.clone()
+
+    def specialized(self, bottom_shapes):
+        return None if self.normalize else fast_forms.linear(self, bottom_shapes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.blobs[0].to(x.dtype)
+        w = self._unit_rows() if self.normalize else self.blobs[0]
+        w = w.to(x.dtype)
         if self.transpose:
             w = w.t()  # stored [K, N]; F.linear wants [N, K]
         b = self.blobs[1].to(x.dtype) if self.bias_term else None
@@ -71,6 +101,8 @@ class InnerProduct(Layer):
         return True
 
     def linear_channels(self, top_shape: Shape) -> int | None:
+        if self.normalize:         # a folded copy of the weights would skip the rescaling
+            return None
         return self.num_output if self.axis == 1 and len(top_shape) == 2 else None
 
     def linear_with(self, x, weight, bias):
@@ -79,7 +111,7 @@ class InnerProduct(Layer):
                         None if bias is None else bias.to(x.dtype))
 
     def flattened_linear(self) -> bool:
-        return self.axis == 1 and not self.transpose
+        return self.axis == 1 and not self.transpose and not self.normalize
 
     def weight_out_axis(self) -> int:
         return 1 if self.transpose else 0

@@ -7,6 +7,8 @@ Normalize (``normalize_layer.cpp``) divides each sample by its L2 norm, either o
 to the sum of squares before the square root, then multiplies by a learned scale: one value
 (``channel_shared``, a 0-D blob) or one per channel. Its backward is SSD's (see
 ``_NormalizeFunction``: not the exact gradient when the scale is per channel).
+A ``Normalize`` layer that sets ``normalize_param`` is happynear/caffe-windows' parameter-free
+version of the same type name instead (``cw_normalize.py``).
 
 Permute reorders axes; axes ``order`` leaves out follow in their old order.
 
@@ -17,6 +19,7 @@ stores them in ``int``). Corners are divided by the image size; channel 1 holds 
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -24,10 +27,12 @@ import numpy as np
 import torch
 
 from caffe_compat.engine.fillers import fill
+from caffe_compat.engine.layers import cw_normalize
 from caffe_compat.engine.layers.base import Layer, Shape, register
 from caffe_compat.proto import caffe_pb2
 
 SSD = "weiliu89/caffe branch ssd"
+log = logging.getLogger(__name__)
 
 
 def _legacy_chw(shape: Shape) -> tuple[int, int, int]:
@@ -38,16 +43,36 @@ def _legacy_chw(shape: Shape) -> tuple[int, int, int]:
 
 @register
 class Normalize(Layer):
-    """SSD's L2 normalisation with a learned scale (blob 0: ``[]`` shared or ``[C]``)."""
+    """SSD's L2 normalisation with a learned scale (blob 0: ``[]`` shared or ``[C]``), or
+    happynear/caffe-windows' parameter-free one when the layer sets ``normalize_param``
+    (``cw_normalize.py``). Both forks register this type name; neither parameter set is
+    SSD's, as before caffe-windows' was added, with a warning (AM-Softmax's published
+    ``face_train_test.prototxt`` writes a bare ``Normalize`` for caffe-windows' layer)."""
 
     type = "Normalize"
-    origin = SSD
+    origin = f"{SSD} and {cw_normalize.ORIGIN}"
+    num_tops = (1, 2)
 
     def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
         super().__init__(param, bottom_shapes, phase)
+        self.windows = None
+        if param.HasField("normalize_param"):
+            self.windows = cw_normalize.CaffeWindowsNorm(self, param, tuple(bottom_shapes[0]))
+            return
+        if not param.HasField("norm_param"):
+            log.warning("layer '%s' (Normalize) sets neither norm_param nor normalize_param: "
+                        "built as SSD's Normalize, with a learnable scale; a "
+                        "happynear/caffe-windows net (AM-Softmax) must add normalize_param {} "
+                        "to get its parameter-free L2 normalisation", self.name)
+        self._init_ssd(param, bottom_shapes)
+
+    def _init_ssd(self, param, bottom_shapes: Sequence[Shape]) -> None:
         p = param.norm_param
         if len(bottom_shapes[0]) < 2:
             raise self.error(f"the bottom needs at least 2 axes, got {list(bottom_shapes[0])}")
+        if len(param.top) > 1:
+            raise self.error("SSD's Normalize has one top; the norm top is caffe-windows' "
+                             "(set normalize_param)")
         self.across_spatial = p.across_spatial
         self.channel_shared = p.channel_shared
         self.eps = float(p.eps)
@@ -57,7 +82,14 @@ class Normalize(Layer):
         shape = () if self.channel_shared else (channels,)
         self.add_blob(fill(filler, shape))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        if self.windows is not None:
+            return self.windows.top_shapes(tuple(bottom_shapes[0]))
+        return [tuple(bottom_shapes[0])]
+
+    def forward(self, x: torch.Tensor):
+        if self.windows is not None:
+            return self.windows.forward(x)
         flat = x.reshape(x.shape[0], x.shape[1], -1)
         scale = self.blobs[0].reshape(1, -1, 1)        # [1, 1, 1] shared or [1, C, 1]
         out = _NormalizeFunction.apply(flat, scale, self.across_spatial, self.eps)
