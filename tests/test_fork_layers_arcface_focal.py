@@ -248,7 +248,7 @@ layer { name: "cosin_add_m" type: "CosinAddm" bottom: "fc6" bottom: "label" top:
   cosin_add_m_param { m: 0.3 } }
 layer { name: "scale" type: "Power" bottom: "fc6_margin" top: "s" power_param { scale: 4 } }
 layer { name: "focal_loss" type: "FocalLoss" bottom: "s" bottom: "label" top: "loss"
-  focal_loss_param { type: ORIGIN gamma: 2 alpha: 0.25 beta: 1 } }
+  focal_loss_param:{ type: ORIGIN gamma: 2 alpha: 0.25 beta: 1 } }   # the fork's spelling
 """
 X = np.array([[0.3, -0.8, 0.5], [1.2, 0.1, -0.4], [-0.6, 0.9, 0.7], [0.2, 0.4, -1.1]], np.float32)
 LABELS = np.array([0, 2, 1, 2], np.float32)
