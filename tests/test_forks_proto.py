@@ -118,6 +118,12 @@ def _number(message, field):
     (L, "label_specific_add_param", 241), (caffe_pb2.LabelSpecificAddParameter, "iteration", 8),
     (caffe_pb2.LabelSpecificAddParameter, "bias_base", 3),
     (L, "combined_margin_param", 156), (caffe_pb2.CombinedMarginParameter, "transform_test", 4),
+    (L, "cosin_add_m_param", 179), (caffe_pb2.CosinAddmParameter, "transform_test", 2),
+    # the softmax FocalLoss: arcface-caffe's 155 is FlowNet's resample_param here, moved;
+    # inside its message zimenglan-sysu-512/Focal-Loss' numbers
+    (L, "focal_loss_param", 20080), (caffe_pb2.FocalLossParameter, "type", 1),
+    (caffe_pb2.FocalLossParameter, "gamma", 2), (caffe_pb2.FocalLossParameter, "alpha", 3),
+    (caffe_pb2.FocalLossParameter, "beta", 4),
     (L, "margin_inner_product_param", 20050),
     (caffe_pb2.MarginInnerProductParameter, "lambda_min", 9),
     (caffe_pb2.MarginInnerProductParameter, "weight_filler", 3),
@@ -149,6 +155,9 @@ def test_fork_defaults():
     assert caffe_pb2.SegAccuracyParameter().reset is True
     assert caffe_pb2.CombinedMarginParameter().m1 == 4                  # arcface-caffe's
     assert caffe_pb2.CombinedMarginParameter().m3 == pytest.approx(0.35)
+    assert caffe_pb2.CosinAddmParameter().m == pytest.approx(0.5)
+    F = caffe_pb2.FocalLossParameter                                     # zimenglan-sysu-512's
+    assert (F().type, F().gamma, F().alpha, F().beta) == (F.ORIGIN, 2, 0.25, 1)
     assert caffe_pb2.LabelSpecificAddParameter().bias_power == 1         # caffe-windows'
     assert caffe_pb2.CaffeWindowsNormalizeParameter().normalize_type == "L2"
     M = caffe_pb2.MarginInnerProductParameter                             # sphereface's
@@ -196,6 +205,7 @@ def test_the_fork_tables_never_name_what_caffe_proto_defines():
     ('Message type "caffe.BNParameter" has no field named "frozn".', "no supported fork defines it"),
     ('Message type "caffe.LayerParameter" has no field named "yolov3_param".', "MobileNet-YOLO"),
     ('Message type "caffe.RegionParameter" has no field named "side".', "another YOLOv2 port"),
+    ('Message type "caffe.FocalLossParameter" has no field named "axis".', "chuanqi305/FocalLoss"),
     ('Message type "caffe.DropoutParameter" has no field named "scale_tran".',
      "no supported fork defines it"),
     ('Message type "caffe.InnerProductParameter" has no field named "normalise".',

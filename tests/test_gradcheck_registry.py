@@ -186,6 +186,14 @@ EXAMPLES = {
     "CombinedMargin": (filled("CombinedMargin", "combined_margin_param { m1: 2 m2: 0.3 }"),
                        lambda: [torch.tanh(rand(3, 4)) * 0.9, torch.tensor([1., -1., 2.])],
                        caffe.TRAIN),
+    # the margin's linear branch and FocalLoss' settings: tests/test_fork_layers_arcface_focal.py
+    "CosinAddm": (filled("CosinAddm", "cosin_add_m_param { m: 0.3 }"),
+                  lambda: [torch.tanh(rand(3, 4)) * 0.9, torch.tensor([1., 0., 3.])],
+                  caffe.TRAIN),
+    "FocalLoss": (filled("FocalLoss", "focal_loss_param { alpha: 0.5 gamma: 1.5 } "
+                         "loss_param { ignore_label: 1 }"),
+                  lambda: [rand(3, 4, 2), torch.tensor([[0., 1.], [3., 2.], [1., 1.]])],
+                  caffe.TRAIN),
     # SINGLE: the fork's other types scale the label's x-diff (not a gradient)
     "MarginInnerProduct": (filled("MarginInnerProduct", "margin_inner_product_param { "
                                   'num_output: 3 weight_filler { type: "xavier" } }'),

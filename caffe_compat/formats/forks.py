@@ -23,6 +23,14 @@ _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
 _NVIDIA = "NVIDIA/caffe (DIGITS' DetectNet training)"
 # colorization's train_val_v2.prototxt names this loss; the fork's source could not be read
 _COLORIZATION = "richzhang/colorization's Caffe fork (the colorization training loss)"
+# FocalLoss here is zimenglan-sysu-512/Focal-Loss' (type, gamma, alpha, beta); these forks'
+# focal_loss_param fields clash with it (chuanqi305's numbers engine and axis 1 and 2, its
+# type and gamma; owphoo's alpha is repeated, one per class).
+_CHUANQI_FOCAL = ("chuanqi305/FocalLoss' focal_loss_param (the FocalLoss here is "
+                  "zimenglan-sysu-512/Focal-Loss', the same loss: set the axis with "
+                  "softmax_param.axis)")
+_OWPHOO_FOCAL = ("owphoo/FocalLoss' per-class alphas (the FocalLoss here is "
+                 "zimenglan-sysu-512/Focal-Loss', with one alpha for all classes)")
 
 # Fields, by message, that forks add and caffe.proto lacks. "LayerParameter" holds the layer
 # parameter blocks; the others are fields nested inside BVLC's (or a fork's) messages, so a
@@ -40,6 +48,8 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
                          "iou_thresh", "box_thresh", "anchors", "side", "num_classes", "biases",
                          "thresh", "jitter", "object_scale", "class_scale", "noobject_scale",
                          "coord_scale", "nms_threshold", "iou_threshold")},
+    "FocalLossParameter": {"engine": _CHUANQI_FOCAL, "axis": _CHUANQI_FOCAL,
+                           "alpha_balance": _OWPHOO_FOCAL},
 }
 
 # Layer types that forks register and this project lacks.
