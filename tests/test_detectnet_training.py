@@ -6,8 +6,9 @@ cell by cell over the whole grid, and against values worked out by hand.
 """
 from __future__ import annotations
 
-import math
+import colorsys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -199,19 +200,91 @@ def test_train_random_crop_pads_with_zeros_within_the_shift():
     assert len(offsets) > 3
 
 
+NO_AUG = ("crop_prob: 0 flip_prob: 0 scale_prob: 0 rotation_prob: 0 hue_rotation_prob: 0 "
+          "desaturation_prob: 0")
+
+
+def test_test_phase_resizes_bicubically_and_scales_the_boxes():
+    layer = transform(extra="transform_param { mean_value: 100 }", shape=(1, 3, 30, 40))
+    images = np.random.default_rng(5).uniform(0, 255, (1, 3, 30, 40))
+    boxes = [(5.0, 10.0, 20.0, 10.0, 1)]
+    img, lab = run(layer, [boxes], images)
+    hwc = (images[0].transpose(1, 2, 0) / 255 - 100 / 255)
+    expected = cv2.resize(hwc, (32, 24), interpolation=cv2.INTER_CUBIC) * 255
+    np.testing.assert_allclose(img[0], expected.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(lab[0], reference_grid([(4.0, 8.0, 16.0, 8.0, 1)]), rtol=1e-12)
+
+
+def test_train_scaling_then_centre_crop():
+    """scale 0.5 of 64×48 is 32×24: no crop left; the boxes halve."""
+    aug = NO_AUG.replace("scale_prob: 0", "scale_prob: 1 scale_min: 0.5 scale_max: 0.5")
+    layer = transform(aug=aug, shape=(1, 3, 48, 64), phase=TRAIN)
+    images = np.random.default_rng(6).uniform(0, 255, (1, 3, 48, 64))
+    img, lab = run(layer, [[(10.0, 12.0, 20.0, 16.0, 1)]], images)
+    expected = cv2.resize(images[0].transpose(1, 2, 0) / 255, (32, 24),
+                          interpolation=cv2.INTER_CUBIC) * 255
+    np.testing.assert_allclose(img[0], expected.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(lab[0], reference_grid([(5.0, 6.0, 10.0, 8.0, 1)]), rtol=1e-12)
+
+
+def test_train_hue_rotation_and_desaturation_in_hsv():
+    """Every pixel's hue moves by one angle within ±30°, its saturation by one factor within
+    [0.2, 1], its value stays (colorsys, float64); a grey pixel stays grey. The seed draws a
+    negative angle, so hues near 0 wrap (OpenCV 4's vectorised HSV2BGR gets those wrong)."""
+    aug = NO_AUG.replace("hue_rotation_prob: 0", "hue_rotation_prob: 1 hue_rotation: 30") \
+        .replace("desaturation_prob: 0", "desaturation_prob: 1 desaturation_max: 0.8")
+    layer = transform(aug=aug, phase=TRAIN)
+    images = np.random.default_rng(7).uniform(30, 255, (1, 3, 24, 32))
+    images[0, :, 0, 0] = 90.0
+    torch.manual_seed(3)
+    img, _ = run(layer, [[]], images)
+    def hsv(chw):                                        # channels are B, G, R
+        return np.array([colorsys.rgb_to_hsv(*(chw[::-1, y, x] / 255))
+                         for y in range(24) for x in range(32)])
+    before, after = hsv(images[0]), hsv(img[0])
+    colour = before[:, 1] > 0.05
+    shift = (after[colour, 0] - before[colour, 0] + 0.5) % 1 - 0.5
+    ratio = after[colour, 1] / before[colour, 1]
+    assert np.ptp(shift) < 1e-4 and -30 / 360 - 1e-6 <= shift[0] < 0
+    assert np.ptp(ratio) < 1e-4 and 0.2 - 1e-6 <= ratio[0] < 1
+    np.testing.assert_allclose(after[:, 2], before[:, 2], atol=1e-5)
+    np.testing.assert_allclose(img[0, :, 0, 0], 90.0, atol=1e-4)
+
+
+def test_train_rotation_moves_the_box_with_the_image():
+    """A bright square rotated with the image: its centroid is where the label's box centre
+    went (read back from the grid's corner channels)."""
+    aug = NO_AUG.replace(" rotation_prob: 0", " rotation_prob: 1 max_rotate_degree: 20")
+    layer = transform(aug=aug, phase=TRAIN)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        images = np.zeros((1, 3, 24, 32))
+        images[0, :, 6:14, 10:18] = 255.0
+        img, lab = run(layer, [[(10.0, 6.0, 8.0, 8.0, 1)]], images)
+        ys, xs = np.nonzero(lab[0, 0])
+        gy, gx = ys[0], xs[0]
+        cx = (lab[0, 1, gy, gx] + lab[0, 3, gy, gx]) / 2 + gx * 4
+        cy = (lab[0, 2, gy, gx] + lab[0, 4, gy, gx]) / 2 + gy * 4
+        weight = img[0, 0]
+        yy, xx = np.mgrid[:24, :32]
+        assert (weight * xx).sum() / weight.sum() + 0.5 == pytest.approx(cx, abs=0.6)
+        assert (weight * yy).sum() / weight.sum() + 0.5 == pytest.approx(cy, abs=0.6)
+        assert lab[0, 5, gy, gx] == pytest.approx(1 / 8)      # the size is kept
+
+
 def test_refusals_name_the_field():
-    with pytest.raises(LayerError, match="hue_rotation_prob, desaturation_prob, scale_prob, "
-                                         "rotation_prob"):
-        transform(phase=TRAIN)                             # the proto's defaults augment
-    transform()                                            # TEST ignores augmentation
-    with pytest.raises(LayerError, match="bicubic resize is not implemented"):
-        transform(shape=(1, 3, 30, 40))
     with pytest.raises(LayerError, match="mean_file"):
         transform(extra='transform_param { mean_file: "m.binaryproto" }')
+    with pytest.raises(LayerError, match="mean_value has 2 values"):
+        transform(extra="transform_param { mean_value: 1 mean_value: 2 }")
+    layer = transform()
+    blob = label_blob([[]])
+    blob[0, 0, 0, 1] = 15
     with pytest.raises(LayerError, match="rows of 15 values"):
-        layer = transform()
-        blob = label_blob([[]])
-        blob[0, 0, 0, 1] = 15
+        layer(torch.zeros(1, 3, 24, 32), torch.tensor(blob))
+    blob = label_blob([[]])
+    blob[0, 0, 0, 0] = 5
+    with pytest.raises(LayerError, match="lists 5 boxes"):
         layer(torch.zeros(1, 3, 24, 32), torch.tensor(blob))
 
 

@@ -4,13 +4,14 @@ its ground-truth grid, ``detectnet_coverage``).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from caffe_compat.engine.layers.base import TRAIN, Layer, Shape, legacy_shape, register
+from caffe_compat.engine.layers.detectnet_augment import (Augment, c_round, rotated_size,
+                                                          transform_boxes, transform_image)
 from caffe_compat.engine.layers.detectnet_coverage import CoverageGrid, label_rows
 from caffe_compat.engine.layers.loss import EuclideanLoss
 
@@ -32,11 +33,6 @@ class L1Loss(EuclideanLoss):
         return (a - b.reshape(a.shape)).abs().sum() / a.shape[0]
 
 
-def _round_away(v: float) -> int:
-    """C's ``round``: halves away from zero."""
-    return int(math.copysign(math.floor(abs(v) + 0.5), v))
-
-
 @register
 class DetectNetTransformation(Layer):
     """Bottoms: images ``[N, 3, H, W]`` (0–255) and box labels (per image a header row
@@ -46,14 +42,15 @@ class DetectNetTransformation(Layer):
     ``image_size_y`` × ``image_size_x``, and the ground-truth grid
     ``[N, 8 + classes, image_size_y/stride, image_size_x/stride]``.
 
-    TEST: crop at the origin; the input must already be image_size (the fork resizes with
-    bicubic interpolation; not implemented, refused). TRAIN, as the fork's CPU code: mirror with
-    ``flip_prob`` (boxes to ``W - x - w - 1``), then a crop of image_size at
-    ``round(p·(W - image_size_x + shift_x) - shift_x/2)`` (p uniform with ``crop_prob``, else
-    0.5 and no shift), likewise in y. Draws come from torch's generator (the fork's boost
-    stream is not reproduced); a probability of 0 never fires, 1 always. Not implemented,
-    refused in TRAIN when they could change an image: hue rotation, desaturation, scaling,
-    rotation (the proto's defaults enable all four) and ``mean_file``. No gradient.
+    TEST: a bicubic resize to image_size. TRAIN, as the fork's CPU code, each with its
+    probability: hue rotation (±``hue_rotation`` degrees) and desaturation (× 1 - u·
+    ``desaturation_max``) in OpenCV's float HSV, then the mean, mirror (boxes to the fork's
+    ``W - x - w - 1``), bicubic scaling by [``scale_min``, ``scale_max``], rotation by
+    ±``max_rotate_degree`` onto the rotated bounding box (box centres rotated, sizes kept),
+    and a crop of image_size at ``round(p·(W' - image_size_x + shift_x) - shift_x/2)`` (p
+    uniform with ``crop_prob``, else 0.5 and no shift), likewise in y, zeros outside. Draws
+    come from torch's generator (the fork's boost stream is not reproduced); a probability
+    of 0 never fires, 1 always. ``mean_file`` is refused. No gradient.
     """
 
     type = "DetectNetTransformation"
@@ -74,8 +71,6 @@ class DetectNetTransformation(Layer):
         self.size = (int(g.image_size_x), int(g.image_size_y))
         self.mean = self._mean(param.transform_param)
         self.aug = param.detectnet_augmentation_param
-        if phase == TRAIN:
-            self._refuse_augmentations()
         self.top_shapes(bottom_shapes)
 
     def _mean(self, t) -> np.ndarray:
@@ -88,18 +83,6 @@ class DetectNetTransformation(Layer):
         values = list(t.mean_value) or [0.0]
         return np.array(values * (3 // len(values)), dtype=np.float64)
 
-    def _refuse_augmentations(self) -> None:
-        a = self.aug
-        active = [name for name, prob, amount in (
-            ("hue_rotation_prob", a.hue_rotation_prob, a.hue_rotation),
-            ("desaturation_prob", a.desaturation_prob, a.desaturation_max),
-            ("scale_prob", a.scale_prob, abs(a.scale_min - 1) + abs(a.scale_max - 1)),
-            ("rotation_prob", a.rotation_prob, a.max_rotate_degree)) if prob > 0 and amount]
-        if active:
-            raise self.error(f"detectnet_augmentation_param: {', '.join(active)} > 0 (random "
-                             "hue/desaturation/scale/rotation augmentation) is not implemented; "
-                             "set them to 0 (flip_prob and the crop are supported)")
-
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         n, c, h, w = self._legacy(bottom_shapes[0], "the image blob")
         label = self._legacy(bottom_shapes[1], "the label blob")
@@ -108,10 +91,6 @@ class DetectNetTransformation(Layer):
         if label[0] != n:
             raise self.error(f"{n} images but {label[0]} labels (bottom 1 "
                              f"{list(bottom_shapes[1])})")
-        if self.phase != TRAIN and (w, h) != self.size:
-            raise self.error(f"TEST-phase images of {h}x{w} must be image_size_y x image_size_x "
-                             f"({self.size[1]}x{self.size[0]}): the fork's bicubic resize is "
-                             "not implemented")
         return [(n, 3, self.size[1], self.size[0]), (n,) + self.grid.shape()]
 
     def _legacy(self, shape: Shape, what: str) -> tuple[int, int, int, int]:
@@ -121,43 +100,36 @@ class DetectNetTransformation(Layer):
             raise self.error(f"{what} has {len(shape)} axes; at most 4 (N, C, H, W)") from None
 
     def _draw(self, prob: float) -> bool:
-        return prob > 0 and float(torch.rand(())) < prob
+        return prob > 0 and self._uniform() < prob
 
-    def _choice(self, width: int, height: int) -> tuple[bool, tuple[int, int]]:
-        """(mirror, crop offset) for one image, as the fork's get_augmentations."""
+    @staticmethod
+    def _uniform() -> float:
+        return float(torch.rand((), dtype=torch.float64))
+
+    def _choice(self, width: int, height: int) -> Augment:
+        """One image's augmentation, drawn in the fork's order (get_augmentations)."""
         if self.phase != TRAIN:
-            return False, (0, 0)
-        flip = self._draw(self.aug.flip_prob)
-        if self._draw(self.aug.crop_prob):
-            pct = (float(torch.rand(())), float(torch.rand(())))
-            shift = (int(self.aug.shift_x), int(self.aug.shift_y))
+            return Augment(scale=self.size)
+        a, u = self.aug, self._uniform
+        aug = Augment(scale=(width, height))
+        if self._draw(a.hue_rotation_prob):
+            aug.hue = max(min((u() - 0.5) * 2 * a.hue_rotation, 180.0), -180.0)
+        if self._draw(a.desaturation_prob):
+            aug.saturation = 1.0 - u() * a.desaturation_max
+        aug.flip = self._draw(a.flip_prob)
+        if self._draw(a.scale_prob):
+            scale = float(np.float32(a.scale_min + (a.scale_max - a.scale_min) * u()))
+            aug.scale = (c_round(width * scale), c_round(height * scale))
+        if self._draw(a.rotation_prob):
+            aug.rotation = (u() - 0.5) * 2 * a.max_rotate_degree
+        before = rotated_size(aug.scale, aug.rotation) if aug.rotates() else aug.scale
+        if self._draw(a.crop_prob):
+            pct, shift = (u(), u()), (int(a.shift_x), int(a.shift_y))
         else:
             pct, shift = (0.5, 0.5), (0, 0)
-        offset = tuple(_round_away(p * (full - size + s) - s // 2) for p, full, size, s in
-                       zip(pct, (width, height), self.size, shift))
-        return flip, offset
-
-    def _image(self, img: np.ndarray, flip: bool, offset: tuple[int, int]) -> np.ndarray:
-        """Mean-subtracted, mirrored, then cropped (zeros outside the input)."""
-        img = (img / 255 - (self.mean / 255)[:, None, None]) * 255
-        if flip:
-            img = img[:, :, ::-1]
-        out = np.zeros((3, self.size[1], self.size[0]))
-        (ox, oy), (_, h, w) = offset, img.shape
-        x0, y0 = max(ox, 0), max(oy, 0)
-        x1, y1 = min(ox + self.size[0], w), min(oy + self.size[1], h)
-        if x1 > x0 and y1 > y0:
-            out[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox] = img[:, y0:y1, x0:x1]
-        return out
-
-    def _boxes(self, rows: np.ndarray, width: int, flip: bool,
-               offset: tuple[int, int]) -> np.ndarray:
-        rows = rows.copy()
-        if flip:                  # the fork's mirror keeps its off-by-one (W - x - w - 1)
-            rows[:, 0] = width - rows[:, 0] - rows[:, 2] - 1
-        rows[:, 0] -= offset[0]
-        rows[:, 1] -= offset[1]
-        return rows
+        aug.offset = tuple(c_round(p * (full - size + s) - s // 2) for p, full, size, s in
+                           zip(pct, before, self.size, shift))
+        return aug
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         self.top_shapes([tuple(images.shape), tuple(labels.shape)])
@@ -167,9 +139,9 @@ class DetectNetTransformation(Layer):
         out_img = np.zeros((n, 3, self.size[1], self.size[0]))
         out_lab = np.zeros((n,) + self.grid.shape())
         for i in range(n):
-            flip, offset = self._choice(w, h)
-            out_img[i] = self._image(imgs[i], flip, offset)
-            rows = self._boxes(label_rows(self, labs[i]), w, flip, offset)
-            out_lab[i] = self.grid.generate(rows)
+            aug = self._choice(w, h)
+            out_img[i] = transform_image(imgs[i].transpose(1, 2, 0), self.mean, aug,
+                                         self.size).transpose(2, 0, 1)
+            out_lab[i] = self.grid.generate(transform_boxes(label_rows(self, labs[i]), aug, w, h))
         like = dict(dtype=images.dtype, device=images.device)
         return torch.from_numpy(out_img).to(**like), torch.from_numpy(out_lab).to(**like)
