@@ -15,6 +15,7 @@ import torch
 
 import caffe
 from caffe_compat.engine.layers.base import TEST, TRAIN, LayerError
+from caffe_compat.formats.blob_io import write_blobproto
 from tests.layer_utils import make_layer
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -272,9 +273,20 @@ def test_train_rotation_moves_the_box_with_the_image():
         assert lab[0, 5, gy, gx] == pytest.approx(1 / 8)      # the size is kept
 
 
-def test_refusals_name_the_field():
-    with pytest.raises(LayerError, match="mean_file"):
-        transform(extra='transform_param { mean_file: "m.binaryproto" }')
+def test_mean_file_is_resized_to_the_input_and_subtracted(tmp_path):
+    mean = np.random.default_rng(8).uniform(0, 255, (1, 3, 12, 16))
+    write_blobproto(tmp_path / "mean.binaryproto", mean)
+    layer = transform(extra=f'transform_param {{ mean_file: "{tmp_path}/mean.binaryproto" }}')
+    images = np.random.default_rng(9).uniform(0, 255, (1, 3, 24, 32))
+    img, _ = run(layer, [[]], images)
+    resized = cv2.resize(mean[0].transpose(1, 2, 0).astype(np.float32).astype(np.float64),
+                         (32, 24), interpolation=cv2.INTER_CUBIC).transpose(2, 0, 1)
+    np.testing.assert_allclose(img[0], images[0] - resized, atol=1e-6)
+
+
+def test_refusals_name_the_field(tmp_path):
+    with pytest.raises(LayerError, match="mean_file .*missing.binaryproto"):
+        transform(extra=f'transform_param {{ mean_file: "{tmp_path}/missing.binaryproto" }}')
     with pytest.raises(LayerError, match="mean_value has 2 values"):
         transform(extra="transform_param { mean_value: 1 mean_value: 2 }")
     layer = transform()

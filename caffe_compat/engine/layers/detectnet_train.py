@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 
@@ -14,6 +15,7 @@ from caffe_compat.engine.layers.detectnet_augment import (Augment, c_round, rota
                                                           transform_boxes, transform_image)
 from caffe_compat.engine.layers.detectnet_coverage import CoverageGrid, label_rows
 from caffe_compat.engine.layers.loss import EuclideanLoss
+from caffe_compat.formats.blob_io import ProtoError, read_blobproto
 
 NVIDIA = "NVIDIA/caffe"
 
@@ -38,7 +40,7 @@ class DetectNetTransformation(Layer):
     """Bottoms: images ``[N, 3, H, W]`` (0–255) and box labels (per image a header row
     ``[count, 16, …]`` then ``count`` rows ``x y w h alpha class scenario roty truncated
     occlusion dim×3 loc×3``; DIGITS writes ``[N, 1, rows, 16]``). Tops: the images minus
-    ``transform_param.mean_value`` (one value or three), cropped/zero-padded to
+    ``transform_param.mean_value`` (one value or three) or ``mean_file``, cropped/zero-padded to
     ``image_size_y`` × ``image_size_x``, and the ground-truth grid
     ``[N, 8 + classes, image_size_y/stride, image_size_x/stride]``.
 
@@ -50,7 +52,8 @@ class DetectNetTransformation(Layer):
     and a crop of image_size at ``round(p·(W' - image_size_x + shift_x) - shift_x/2)`` (p
     uniform with ``crop_prob``, else 0.5 and no shift), likewise in y, zeros outside. Draws
     come from torch's generator (the fork's boost stream is not reproduced); a probability
-    of 0 never fires, 1 always. ``mean_file`` is refused. No gradient.
+    of 0 never fires, 1 always. ``mean_file``: its first image, bicubic-resized to the
+    input's size, subtracted per pixel. No gradient.
     """
 
     type = "DetectNetTransformation"
@@ -74,14 +77,27 @@ class DetectNetTransformation(Layer):
         self.top_shapes(bottom_shapes)
 
     def _mean(self, t) -> np.ndarray:
+        """Per-channel values (3,), or the mean file's first image as H×W×3."""
         if t.HasField("mean_file"):
-            raise self.error("transform_param.mean_file is not supported by "
-                             "DetectNetTransformation here; give mean_value (1 or 3 values)")
+            try:
+                mean = read_blobproto(t.mean_file)
+            except (OSError, ProtoError, ValueError) as exc:
+                raise self.error(f"transform_param.mean_file {t.mean_file}: {exc}") from None
+            if mean.ndim < 3 or mean.reshape((-1,) + mean.shape[-3:]).shape[1] != 3:
+                raise self.error(f"transform_param.mean_file {t.mean_file}: shape "
+                                 f"{list(mean.shape)} is not a 3-channel image")
+            return mean.reshape((-1,) + mean.shape[-3:])[0].transpose(1, 2, 0).astype(np.float64)
         if len(t.mean_value) not in (0, 1, 3):
             raise self.error(f"transform_param.mean_value has {len(t.mean_value)} values; "
                              "give 1 or 3 (the fork ignores other counts)")
         values = list(t.mean_value) or [0.0]
         return np.array(values * (3 // len(values)), dtype=np.float64)
+
+    def _mean_at(self, width: int, height: int) -> np.ndarray:
+        """The mean image resized (bicubic) to the input's size, as the fork's Reshape."""
+        if self.mean.ndim == 1 or self.mean.shape[:2] == (height, width):
+            return self.mean
+        return cv2.resize(self.mean, (width, height), interpolation=cv2.INTER_CUBIC)
 
     def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
         n, c, h, w = self._legacy(bottom_shapes[0], "the image blob")
@@ -138,9 +154,10 @@ class DetectNetTransformation(Layer):
         labs = labels.detach().reshape(n, -1).cpu().double().numpy()
         out_img = np.zeros((n, 3, self.size[1], self.size[0]))
         out_lab = np.zeros((n,) + self.grid.shape())
+        mean = self._mean_at(w, h)
         for i in range(n):
             aug = self._choice(w, h)
-            out_img[i] = transform_image(imgs[i].transpose(1, 2, 0), self.mean, aug,
+            out_img[i] = transform_image(imgs[i].transpose(1, 2, 0), mean, aug,
                                          self.size).transpose(2, 0, 1)
             out_lab[i] = self.grid.generate(transform_boxes(label_rows(self, labs[i]), aug, w, h))
         like = dict(dtype=images.dtype, device=images.device)
