@@ -41,7 +41,8 @@ def test_l1_loss_value_and_gradients_by_finite_differences():
         for i in range(x.size):
             step = np.zeros(x.size)
             step[i] = 1e-6
-            plus, minus = (x.reshape(-1) + step).reshape(x.shape), (x.reshape(-1) - step).reshape(x.shape)
+            step = step.reshape(x.shape)
+            plus, minus = x + step, x - step
             args = ((plus, y), (minus, y)) if first else ((y, plus), (y, minus))
             numeric[i] = (value(*args[0]) - value(*args[1])) / 2e-6
         np.testing.assert_allclose(tensor.grad.numpy().reshape(-1), numeric, atol=1e-6)

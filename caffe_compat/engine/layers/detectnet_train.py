@@ -136,6 +136,9 @@ class DetectNetTransformation(Layer):
         if self._draw(a.scale_prob):
             scale = float(np.float32(a.scale_min + (a.scale_max - a.scale_min) * u()))
             aug.scale = (c_round(width * scale), c_round(height * scale))
+            if min(aug.scale) <= 0:
+                raise self.error(f"detectnet_augmentation_param: scale {scale:g} of a "
+                                 f"{width}x{height} image leaves no pixels (scale_min)")
         if self._draw(a.rotation_prob):
             aug.rotation = (u() - 0.5) * 2 * a.max_rotate_degree
         before = rotated_size(aug.scale, aug.rotation) if aug.rotates() else aug.scale
