@@ -293,19 +293,6 @@ def test_nan_regressions_of_a_diverged_net_propose_nothing(tmp_path):
     assert rows_of(out[0]) == approx([EXPECTED[1]])
 
 
-def test_detectnet_training_layers_are_named_as_nvidia_caffe_s(tmp_path):
-    """DetectNet's train/val nets also need NVIDIA/caffe's C++ layers, not implemented: the
-    error says who defines them (its deploy net needs none of them)."""
-    loss = (input_layer({"a": (1, 4, 2, 2), "b": (1, 4, 2, 2)})
-            + 'layer { name: "bbox_loss" type: "L1Loss" bottom: "a" bottom: "b" top: "l" }\n')
-    with pytest.raises(Exception, match=r"L1Loss.*NVIDIA/caffe"):
-        caffe.Net(write(tmp_path, loss), caffe.TEST)
-    transform = ('layer { name: "t" type: "DetectNetTransformation" top: "x" '
-                 "detectnet_groundtruth_param { stride: 16 } }\n")
-    with pytest.raises(Exception, match=r"detectnet_groundtruth_param.*NVIDIA/caffe"):
-        caffe.Net(write(tmp_path, transform), caffe.TEST)
-
-
 # -- the namespace: caffe.layers is NetSpec's factory and a package -------------------------
 def _netspec_proto(L):
     n = caffe.NetSpec()

@@ -76,6 +76,12 @@ FORWARD_ONLY = {
                          'recompute_mean: 3 mean_per_pixel: false }', lambda: [rand(2, 3, 4, 5)]),
     "UniqueLabel": ('name: "l" type: "UniqueLabel" unique_label_param { max_labels: 4 }',
                     lambda: [labels(8, 3).float().reshape(2, 1, 2, 2)]),
+    "DetectNetTransformation": ('name: "l" type: "DetectNetTransformation" top: "a" top: "b" '
+                                'detectnet_groundtruth_param { stride: 4 image_size_x: 8 '
+                                'image_size_y: 8 }',    # a header row, then one box of class 1
+                                lambda: [rand(2, 3, 8, 8).abs() * 100, torch.tensor(
+                                    [[1.0, 16] + [0] * 14, [1, 2, 5, 4, 0, 1] + [0] * 10]
+                                ).expand(2, 1, 2, 16).contiguous()]),
 }
 
 

@@ -128,6 +128,11 @@ def _number(message, field):
     (caffe_pb2.MarginInnerProductParameter, "lambda_min", 9),
     (caffe_pb2.MarginInnerProductParameter, "weight_filler", 3),
     # happynear/caffe-windows' Normalize: its 214 is region_param here, moved; its IP field
+    # NVIDIA/caffe's DetectNet (its own numbers, free here)
+    (L, "detectnet_groundtruth_param", 6801), (L, "detectnet_augmentation_param", 6802),
+    (caffe_pb2.DetectNetGroundTruthParameter, "object_class", 13),
+    (caffe_pb2.DetectNetGroundTruthParameter, "crop_bboxes", 12),
+    (caffe_pb2.DetectNetAugmentationParameter, "desaturation_max", 13),
     (L, "normalize_param", 20070), (caffe_pb2.CaffeWindowsNormalizeParameter, "bp_norm", 3),
     (caffe_pb2.CaffeWindowsNormalizeParameter, "normalize_type", 1),
     (caffe_pb2.InnerProductParameter, "normalize", 7),

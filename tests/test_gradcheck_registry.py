@@ -149,6 +149,8 @@ EXAMPLES = {
     "SmoothL1Loss": (filled("SmoothL1Loss", "smooth_l1_loss_param { sigma: 2 }"),  # kinks at
                      lambda: [rand(2, 4) * 0.1, rand(2, 4) * 3,       # |d| = 0.25 kept away
                               away_from_zero(2, 4), rand(2, 4).abs()], caffe.TRAIN),
+    "L1Loss": (filled("L1Loss"),                         # |a - b| >= 0.3 - 0.1: no kink
+               lambda: [rand(2, 4) * 0.05, away_from_zero(2, 4)], caffe.TRAIN),
     "ROIPooling": (filled("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 3 "
                           "spatial_scale: 0.5 }"),
                    lambda: [rand(2, 2, 5, 6), torch.tensor([[0, 0, 0, 9, 7], [1, 2, 4, 11, 9.]],
@@ -247,6 +249,8 @@ NO_BACKWARD = {
     "UniqueLabel": "label values out of labels; DeepLab has no backward",
     "Resample": "FlowNet 2.0's backward is a FATAL (CPU and GPU)",
     "DataAugmentation": "FlowNet 2.0's backward is a FATAL",
+    "DetectNetTransformation": "images and ground truth from box labels; NVIDIA's backward "
+                               "is empty",
 }
 
 # Dropout with a random mask cannot be finite-differenced; TRAIN with ratio 0.5 is checked by

@@ -109,7 +109,8 @@ def test_layer_parameter_covers_every_bvlc_layer_param():
              "yolov3_detection_output_param", "mat_read_param", "bias_channel_param",
              "unique_label_param", "label_specific_add_param",
              "combined_margin_param", "resample_param", "flow_warp_param",
-             "accum_param", "cosin_add_m_param"}  # test_forks_proto.py
+             "accum_param", "cosin_add_m_param", "detectnet_groundtruth_param",
+             "detectnet_augmentation_param"}  # test_forks_proto.py
     actual = {f.name: f.number for f in caffe_pb2.LayerParameter.DESCRIPTOR.fields
               if f.number >= 100 and f.number < 10000 and f.name not in forks}
     assert actual == expected

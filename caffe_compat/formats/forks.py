@@ -18,9 +18,6 @@ _OTHER_REGION = ("another YOLOv2 port's Region layer (BirdeeChen/caffe_yolo_v2, 
                  "sokeeffe/caffe_yolo, Cambricon Caffe), incompatible with the "
                  "openvinotoolkit/training_toolbox_caffe Region this project implements")
 _DEEPLAB = "DeepLab v2 caffe (deeplab-public-ver2; also hszhao/PSPNet)"
-# DIGITS' DetectNet train/val nets: its Python layers are implemented (caffe_compat/detectnet),
-# the C++ label-grid transformation and L1 loss are not.
-_NVIDIA = "NVIDIA/caffe (DIGITS' DetectNet training)"
 # colorization's train_val_v2.prototxt names this loss; the fork's source could not be read
 _COLORIZATION = "richzhang/colorization's Caffe fork (the colorization training loss)"
 # FocalLoss here is zimenglan-sysu-512/Focal-Loss' (type, gamma, alpha, beta); these forks'
@@ -41,7 +38,6 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
         "region_loss_param": _YOLO, "yolo_detection_output_param": _MOBILENET_YOLO,
         "dense_crf_param": _DEEPLAB,
         "domain_transform_param": _DEEPLAB, "adaptive_bias_channel_param": _DEEPLAB,
-        "detectnet_groundtruth_param": _NVIDIA, "detectnet_augmentation_param": _NVIDIA,
     },
     "RegionParameter": {name: _OTHER_REGION for name in
                         ("boxes_of_each_grid", "softmax", "bias_match", "output_square", "ratio",
@@ -60,8 +56,6 @@ FORK_TYPES: dict[str, str] = {
     "DenseCRF": _DEEPLAB,
     "DomainTransform": _DEEPLAB,
     "AdaptiveBiasChannel": _DEEPLAB,
-    "DetectNetTransformation": _NVIDIA,
-    "L1Loss": _NVIDIA,
     "SoftmaxCrossEntropyLoss": _COLORIZATION,
 }
 

@@ -34,6 +34,7 @@ MODULES = (
     "caffe_compat.engine.layers.face_ohem",
     "caffe_compat.engine.layers.face_margins",
     "caffe_compat.engine.layers.arcface_focal",
+    "caffe_compat.engine.layers.detectnet_train",
     "caffe_compat.engine.layers.yolo",
     "caffe_compat.engine.layers.proposal",
     "caffe_compat.engine.layers.flownet",
