@@ -109,6 +109,11 @@ def _number(message, field):
     (L, "bias_channel_param", 149), (L, "unique_label_param", 150),
     (caffe_pb2.BiasChannelParameter, "background_label", 6),
     (caffe_pb2.UniqueLabelParameter, "force_label", 3),
+    # its domain_transform_param 147 is BVLC's swish_param (10147 reorg_param): moved
+    (L, "domain_transform_param", 20100), (caffe_pb2.DomainTransformParameter, "num_iter", 1),
+    (caffe_pb2.DomainTransformParameter, "spatial_sigma", 2),
+    (caffe_pb2.DomainTransformParameter, "range_sigma", 3),
+    (caffe_pb2.DomainTransformParameter, "min_weight", 4),
     (caffe_pb2.ImageDataParameter, "ignore_label", 15), (caffe_pb2.ImageDataParameter, "label_type", 16),
     (caffe_pb2.TransformationParameter, "scale_factors", 20033),
     (caffe_pb2.TransformationParameter, "crop_width", 20034),

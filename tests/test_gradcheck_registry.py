@@ -177,6 +177,11 @@ EXAMPLES = {
     "BiasChannel": (filled("BiasChannel", "bias_channel_param { label_type: PIXEL }"),
                     lambda: [rand(1, 3, 2, 2), torch.tensor([[[[0, 1], [2, -1.]]]],
                                                             dtype=torch.float64)], caffe.TEST),
+    # edge map >= 0 keeps the weights inside (min_weight, 1), off the fork's clamp
+    "DomainTransform": (filled("DomainTransform", "domain_transform_param { num_iter: 2 "
+                               "spatial_sigma: 3 range_sigma: 2 }"),
+                        lambda: [rand(2, 2, 3, 4), rand(2, 1, 3, 4).abs(),
+                                 torch.tensor([[3, 4], [2, 3.]]).view(2, 2, 1, 1)], caffe.TEST),
     "Interp": (filled("Interp", "interp_param { height: 5 width: 7 pad_beg: -1 }"),
                lambda: [rand(1, 2, 4, 5)], caffe.TEST),
     "CenterLoss": (filled("CenterLoss", 'center_loss_param { num_output: 3 '

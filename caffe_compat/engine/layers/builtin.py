@@ -20,6 +20,7 @@ MODULES = (
     "caffe_compat.engine.layers.norm",
     "caffe_compat.engine.layers.bn_forks",
     "caffe_compat.engine.layers.deeplab_labels",
+    "caffe_compat.engine.layers.domain_transform",
     "caffe_compat.engine.layers.lrn",
     "caffe_compat.engine.layers.pooling",
     "caffe_compat.engine.layers.loss",
