@@ -76,6 +76,9 @@ FORWARD_ONLY = {
                          'recompute_mean: 3 mean_per_pixel: false }', lambda: [rand(2, 3, 4, 5)]),
     "UniqueLabel": ('name: "l" type: "UniqueLabel" unique_label_param { max_labels: 4 }',
                     lambda: [labels(8, 3).float().reshape(2, 1, 2, 2)]),
+    "AdaptiveBiasChannel": ('name: "l" type: "AdaptiveBiasChannel"',   # one foreground label:
+                            lambda: [rand(2, 3, 2, 2),                # no random order
+                                     torch.tensor([[0., 2], [1, -1]]).view(2, 2, 1, 1)]),
     "DetectNetTransformation": ('name: "l" type: "DetectNetTransformation" top: "a" top: "b" '
                                 'detectnet_groundtruth_param { stride: 4 image_size_x: 8 '
                                 'image_size_y: 8 }',    # a header row, then one box of class 1

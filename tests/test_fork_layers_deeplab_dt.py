@@ -165,14 +165,21 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "filtered" bottom: "score" to
 """
 
 
-def test_net_trains_through_the_layer(tmp_path):
-    path = tmp_path / "dt.prototxt"
-    path.write_text(NET)
+def forward_net(tmp_path, text, seed, **inputs):
+    """A TRAIN net from ``text`` with normal random "data" and the given inputs, run forward."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
     net = caffe.Net(str(path), caffe.TRAIN)
-    rng = np.random.default_rng(7)
-    net.blobs["data"].data[...] = rng.normal(size=(2, 2, 4, 5))
-    net.blobs["dims"].data[...] = np.array([[4, 5], [3, 4]]).reshape(2, 2, 1, 1)
+    data = net.blobs["data"].data
+    data[...] = np.random.default_rng(seed).normal(size=data.shape)
+    for name, value in inputs.items():
+        net.blobs[name].data[...] = value
     net.forward()
+    return net
+
+
+def test_net_trains_through_the_layer(tmp_path):
+    net = forward_net(tmp_path, NET, 7, dims=np.array([[4, 5], [3, 4]]).reshape(2, 2, 1, 1))
     score = net.blobs["score"].data.astype(np.float64)
     edge = net.blobs["edge"].data.astype(np.float64)
     want, _, _ = reference(score, edge, [[4, 5], [3, 4]], 2, 3.0, 2.0)
@@ -182,3 +189,127 @@ def test_net_trains_through_the_layer(tmp_path):
     _, _, want_dedge = reference(score, edge, [[4, 5], [3, 4]], 2, 3.0, 2.0, dtop=dtop)
     np.testing.assert_allclose(net.blobs["edge"].diff, want_dedge, rtol=1e-3, atol=1e-5)
     assert np.abs(net.params["edge"][0].diff).sum() > 0
+
+
+# ---------------------------------------------------------------- AdaptiveBiasChannel
+ABC = 'name: "abc" type: "AdaptiveBiasChannel" adaptive_bias_channel_param { %s }'
+
+
+def abc_reference(score, labels, num_iter=1, bg=0.25, fg=0.25, suppress=True, margin=0.0):
+    """The fork's per-image loops in float64; the foreground order drawn as the layer draws
+    it (torch.randperm on the global generator, seeded alike by the caller)."""
+    out = np.array(score, np.float64)
+    n_, c, h, w = out.shape
+    for n in range(n_):
+        found = sorted(int(v) for v in np.ravel(labels[n]) if int(v) != -1)
+        if not found:
+            continue
+        top = out[n].reshape(c, h * w)
+        if suppress:
+            low = np.full(h * w, np.inf)
+            for ch in set(found):
+                low = np.minimum(low, top[ch])
+            for ch in range(c):
+                if ch not in found:
+                    for i in range(h * w):
+                        if top[ch, i] > low[i]:
+                            top[ch, i] = low[i] - margin
+        high = top[found[0]].copy()
+        for ch in found[1:]:
+            high = np.maximum(high, top[ch])
+        before = high.mean()
+        start = 1 if 0 in found else 0
+        for _ in range(num_iter):
+            rest = found[start:]
+            found[start:] = [rest[j] for j in torch.randperm(len(rest)).tolist()]
+            for ch in found:
+                nth = int(np.float32(bg if ch == 0 else fg) * np.float32(h * w))
+                top[ch] += np.sort(high - top[ch])[nth]
+                high = np.maximum(high, top[ch])
+        top += before - high.mean()
+    return out
+
+
+def run_abc(text, score, labels, seed=0):
+    score, labels = torch.tensor(score), torch.tensor(labels, dtype=torch.float64)
+    layer = make_layer(ABC % text, [score.shape, labels.shape])
+    torch.manual_seed(seed)
+    return layer(score, labels).numpy()
+
+
+def test_abc_one_row_in_closed_form():
+    # labels {0, 1} of 3; bg_portion 0.5 on 4 positions: the 3rd smallest gap (index 2)
+    score = np.array([[[[0., 2, 1, 5]], [[1., 0, 3, 4]], [[9., 9, 0, 0]]]])
+    out = run_abc("bg_portion: 0.5 fg_portion: 0.25 margin_others: 0.5", score,
+                  [[[[0.]], [[1.]], [[-1.]]]])
+    low = np.array([0., 0, 1, 4])                        # min of channels 0, 1
+    third = np.where(score[0, 2, 0] > low, low - 0.5, score[0, 2, 0])
+    high = np.array([1., 2, 3, 5])
+    gap0 = np.sort(high - score[0, 0, 0])[2]             # 1 -> channel 0 + 1
+    ch0 = score[0, 0, 0] + gap0
+    high = np.maximum(high, ch0)
+    ch1 = score[0, 1, 0] + np.sort(high - score[0, 1, 0])[1]
+    high = np.maximum(high, ch1)
+    shift = np.array([1., 2, 3, 5]).mean() - high.mean()
+    np.testing.assert_allclose(out[0, :, 0], np.stack([ch0, ch1, third]) + shift, rtol=1e-12)
+
+
+@pytest.mark.parametrize("text,kw", [
+    ("num_iter: 2 bg_portion: 0.25 fg_portion: 0.5", dict(num_iter=2, bg=0.25, fg=0.5)),
+    ("suppress_others: false fg_portion: 0.75", dict(suppress=False, fg=0.75)),
+])
+def test_abc_matches_the_forks_loops(text, kw):
+    rng = np.random.default_rng(11)
+    score = rng.normal(size=(3, 5, 2, 4))
+    labels = np.array([[0, 2, 4, -1], [3, 1, -1, -1], [-1, -1, -1, -1.]]).reshape(3, 4, 1, 1)
+    margin = 0.0 if "suppress_others: false" in text else float(np.float32(1e-5))
+    out = run_abc(text, score, labels, seed=4)
+    torch.manual_seed(4)
+    want = abc_reference(score, labels, margin=margin, **kw)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(out[2], score[2])     # no labels: unchanged
+
+
+@pytest.mark.parametrize("text,shapes,message", [
+    ("num_iter: 0", None, r"num_iter \(0\) must be positive"),
+    ("bg_portion: 1", None, r"bg_portion \(1\) must be in \[0, 1\)"),
+    ("fg_portion: -0.5", None, r"fg_portion \(-0.5\) must be in \[0, 1\)"),
+    ("margin_others: -1", None, r"margin_others \(-1\) must not be negative"),
+    ("", [(1, 1, 2, 2), (1, 2, 1, 1)], "need at least 2 channels"),
+    ("", [(1, 3, 2, 2), (1, 2, 2, 1)], r"must be \[1, L >= 1, 1, 1\]"),
+])
+def test_abc_bad_params_and_shapes(text, shapes, message):
+    with pytest.raises(LayerError, match=r"layer 'abc' \(AdaptiveBiasChannel\): .*" + message):
+        make_layer(ABC % text, shapes or [(1, 3, 2, 2), (1, 2, 1, 1)])
+
+
+def test_abc_label_outside_the_channels():
+    with pytest.raises(LayerError, match=r"image 0: unexpected label 3; labels must be in "
+                       r"\[0, 3\) or -1"):
+        run_abc("", np.zeros((1, 3, 2, 2)), [[[[0.]], [[3.]]]])
+
+
+ABC_NET = """
+name: "em_adapt"
+input: "data" input_dim: 2 input_dim: 2 input_dim: 3 input_dim: 4
+input: "label" input_dim: 2 input_dim: 1 input_dim: 3 input_dim: 4
+layer { name: "score" type: "Convolution" bottom: "data" top: "score"
+  convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "unique" type: "UniqueLabel" bottom: "label" top: "unique"
+  unique_label_param { max_labels: 3 ignore_label: 255 force_label: 0 } }
+layer { name: "adapt" type: "AdaptiveBiasChannel" bottom: "score" bottom: "unique"
+  top: "adapted" adaptive_bias_channel_param { bg_portion: 0.25 fg_portion: 0.25 } }
+layer { name: "pseudo" type: "ArgMax" bottom: "adapted" top: "pseudo" argmax_param { axis: 1 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "pseudo" top: "loss" }
+"""
+
+
+def test_abc_net_makes_pseudo_labels_and_trains_the_scores(tmp_path):
+    label = np.array([2] * 6 + [255] * 6 + [3] * 12).reshape(2, 1, 3, 4)
+    net = forward_net(tmp_path, ABC_NET, 2, label=label)
+    score = net.blobs["score"].data.astype(np.float64)
+    want = abc_reference(score, [[0, 2, -1], [0, 3, -1]], margin=float(np.float32(1e-5)))
+    np.testing.assert_allclose(net.blobs["adapted"].data, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(net.blobs["pseudo"].data[:, 0], want.argmax(1))
+    net.backward()
+    assert np.abs(net.params["score"][0].diff).sum() > 0   # through the loss, not the layer

@@ -114,6 +114,10 @@ def _number(message, field):
     (caffe_pb2.DomainTransformParameter, "spatial_sigma", 2),
     (caffe_pb2.DomainTransformParameter, "range_sigma", 3),
     (caffe_pb2.DomainTransformParameter, "min_weight", 4),
+    # and adaptive_bias_channel_param 148 is BVLC's clip_param: moved
+    (L, "adaptive_bias_channel_param", 20101),
+    (caffe_pb2.AdaptiveBiasChannelParameter, "bg_portion", 2),
+    (caffe_pb2.AdaptiveBiasChannelParameter, "margin_others", 5),
     (caffe_pb2.ImageDataParameter, "ignore_label", 15), (caffe_pb2.ImageDataParameter, "label_type", 16),
     (caffe_pb2.TransformationParameter, "scale_factors", 20033),
     (caffe_pb2.TransformationParameter, "crop_width", 20034),

@@ -252,6 +252,7 @@ NO_BACKWARD = {
     "MatWrite": "a sink: writes its bottoms to files",
     "SegAccuracy": "an evaluation layer; DeepLab has no backward",
     "UniqueLabel": "label values out of labels; DeepLab has no backward",
+    "AdaptiveBiasChannel": "pseudo-label scores; DeepLab's backward is empty",
     "Resample": "FlowNet 2.0's backward is a FATAL (CPU and GPU)",
     "DataAugmentation": "FlowNet 2.0's backward is a FATAL",
     "DetectNetTransformation": "images and ground truth from box labels; NVIDIA's backward "

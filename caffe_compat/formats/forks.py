@@ -37,7 +37,6 @@ FORK_FIELDS: dict[str, dict[str, str]] = {
         "yolo_v3_loss_param": _SYNOPSYS, "yolov3_param": _MOBILENET_YOLO,
         "region_loss_param": _YOLO, "yolo_detection_output_param": _MOBILENET_YOLO,
         "dense_crf_param": _DEEPLAB,
-        "adaptive_bias_channel_param": _DEEPLAB,
     },
     "RegionParameter": {name: _OTHER_REGION for name in
                         ("boxes_of_each_grid", "softmax", "bias_match", "output_square", "ratio",
@@ -54,7 +53,6 @@ FORK_TYPES: dict[str, str] = {
     "RegionLoss": _YOLO,
     "YoloDetectionOutput": _MOBILENET_YOLO,
     "DenseCRF": _DEEPLAB,
-    "AdaptiveBiasChannel": _DEEPLAB,
     "SoftmaxCrossEntropyLoss": _COLORIZATION,
 }
 

@@ -141,3 +141,89 @@ class BiasChannel(Layer):
         if self.background is not None:
             bias[:, self.background] += keep.double() * self.bg_bias
         return bias
+
+
+@register
+class AdaptiveBiasChannel(Layer):
+    """Scores with each present label's channel raised until it wins a set share of the
+    positions (deeplab-public-ver2 ``adaptive_bias_channel_layer.cpp``, weakly supervised
+    training from image labels ``[N, L, 1, 1]``, -1 for none).
+
+    Per image, with the present labels (in [0, C), kept with repeats; none: unchanged):
+    ``suppress_others`` lowers every absent channel that beats the lowest present one to that
+    value minus ``margin_others``; then ``num_iter`` times, background (0) first and the others
+    in a fresh random order, a label's channel gets the ``floor(portion·H·W)``-th smallest
+    (0-based) of ``max present - channel`` added (``bg_portion`` for 0, ``fg_portion`` else),
+    and the pointwise maximum follows. Finally all channels shift so that the spatial mean of
+    that maximum is what it was before. No gradient (the fork's backward is empty)."""
+
+    type = "AdaptiveBiasChannel"
+    family = "common"
+    origin = "DeepLab v2"
+    num_bottoms = (2, 2)
+    no_grad_bottoms = (0, 1)
+    draws_random = True
+    exports_to_onnx = False
+    traceable = False
+
+    def __init__(self, param, bottom_shapes: Sequence[Shape], phase: int):
+        super().__init__(param, bottom_shapes, phase)
+        p = param.adaptive_bias_channel_param
+        if p.num_iter <= 0:
+            raise self.error(f"adaptive_bias_channel_param.num_iter ({p.num_iter}) must be "
+                             "positive")
+        if not p.margin_others >= 0:
+            raise self.error(f"adaptive_bias_channel_param.margin_others ({p.margin_others:g}) "
+                             "must not be negative")
+        for name in ("bg_portion", "fg_portion"):
+            if not 0 <= getattr(p, name) < 1:
+                raise self.error(f"adaptive_bias_channel_param.{name} ({getattr(p, name):g}) "
+                                 "must be in [0, 1) (at 1 the fork reads past its buffer)")
+        self.p = p
+        self.top_shapes(bottom_shapes)
+
+    def top_shapes(self, bottom_shapes: Sequence[Shape]) -> list[Shape]:
+        n, c, _, _ = _legacy(self, bottom_shapes[0], "the score blob")
+        label = _legacy(self, bottom_shapes[1], "the label blob")
+        if c < 2 or label[0] != n or label[1] < 1 or label[2:] != (1, 1):
+            raise self.error(f"scores {list(bottom_shapes[0])} need at least 2 channels and "
+                             f"labels {list(bottom_shapes[1])} must be [{n}, L >= 1, 1, 1]")
+        return [tuple(bottom_shapes[0])]
+
+    def forward(self, score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.top_shapes([tuple(score.shape), tuple(label.shape)])
+        n, c, _, _ = _legacy(self, tuple(score.shape), "the score blob")
+        top = score.detach().clone().reshape(n, c, -1)
+        for i, row in enumerate(label.detach().reshape(n, -1).cpu().tolist()):
+            labels = sorted(int(v) for v in row if int(v) != -1)   # static_cast<int>
+            bad = [v for v in labels if not 0 <= v < c]
+            if bad:
+                raise self.error(f"image {i}: unexpected label {bad[0]}; labels must be in "
+                                 f"[0, {c}) or -1")
+            if labels:
+                self._adapt(top[i], labels)
+        return top.reshape(score.shape)
+
+    def _adapt(self, top: torch.Tensor, labels: list[int]) -> None:
+        """One image's (C, H·W) scores, in place."""
+        present = torch.tensor(sorted(set(labels)), device=top.device)
+        if self.p.suppress_others:
+            lowest = top[present].min(0).values
+            absent = torch.ones(top.shape[0], dtype=torch.bool, device=top.device)
+            absent[present] = False
+            clip = (top > lowest) & absent[:, None]
+            top[clip] = (lowest - self.p.margin_others).expand_as(top)[clip]
+        highest = top[present].max(0).values
+        before = highest.double().mean()
+        start = 1 if labels[0] == 0 else 0                      # background stays first
+        spatial = top.shape[1]
+        for _ in range(self.p.num_iter):
+            rest = labels[start:]
+            labels[start:] = [rest[j] for j in torch.randperm(len(rest)).tolist()]
+            for lab in labels:
+                portion = self.p.bg_portion if lab == 0 else self.p.fg_portion
+                nth = int(torch.tensor(portion, dtype=torch.float32) * spatial)
+                gap = torch.kthvalue((highest - top[lab]).cpu(), nth + 1).values
+                top[lab] += gap.to(top.device)
+                highest = torch.maximum(highest, top[lab])
+        top += (before - highest.double().mean()).to(top.dtype)
