@@ -16,6 +16,7 @@ import torch
 from caffe_compat.engine.fillers import FillerError, fill
 from caffe_compat.engine.layers.base import TRAIN, Layer, Shape, register
 from caffe_compat.engine.layers.common import canonical_axis
+from caffe_compat.engine.layers.loss import _check_labels
 
 _SINGLE, _DOUBLE, _TRIPLE, _QUADRUPLE = range(4)
 
@@ -29,15 +30,9 @@ def _label_rows(layer: Layer, label: torch.Tensor, samples: int, classes: int,
         raise layer.error(f"needs one label per sample: {samples} samples but {label.numel()} "
                           f"labels (shape {list(label.shape)})")
     labels = label.detach().reshape(samples).long()
-    if labels.device.type == "cpu" and labels.numel():
-        low = -1 if negative_skips else 0
-        bad = (labels < low) | (labels >= classes)
-        if negative_skips:
-            bad &= labels >= 0
-        if bool(bad.any()):
-            allowed = "negative (skipped) or " if negative_skips else ""
-            raise layer.error(f"label {int(labels[bad][0])} is out of range: labels must be "
-                              f"{allowed}integers in [0, {classes})")
+    rule = f"integers in [0, {classes})"
+    _check_labels(layer, labels, labels >= 0 if negative_skips else None, classes,
+                  rule=f"negative (skipped) or {rule}" if negative_skips else rule)
     return labels
 
 

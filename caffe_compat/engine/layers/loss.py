@@ -35,18 +35,19 @@ def _clamped_log(logp: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 def _check_labels(layer: Layer, labels: torch.Tensor, valid: torch.Tensor | None,
-                  classes: int) -> None:
-    """Labels must lie in [0, classes). Checked on CPU only: on CUDA the check would force a
-    device sync every step (an out-of-range index there trips gather's device assert)."""
+                  classes: int, rule: str | None = None) -> None:
+    """Labels where ``valid`` (all where None) must lie in [0, classes); ``rule`` words what
+    labels may be (default: the loss layers' ignore_label wording). Checked on CPU only: on
+    CUDA the check would force a device sync every step (an out-of-range index there trips
+    gather's device assert)."""
     if labels.device.type != "cpu" or labels.numel() == 0:
         return
     bad = (labels < 0) | (labels >= classes)
     if valid is not None:
         bad &= valid
     if bool(bad.any()):
-        value = int(labels[bad][0])
-        raise layer.error(f"label {value} is out of range: labels must be integers in "
-                          f"[0, {classes}) (or the ignore_label)")
+        rule = rule or f"integers in [0, {classes}) (or the ignore_label)"
+        raise layer.error(f"label {int(labels[bad][0])} is out of range: labels must be {rule}")
 
 
 def refuse_pre_fixed(layer: Layer, mode: int) -> int:
