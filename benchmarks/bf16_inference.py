@@ -31,7 +31,8 @@ from caffe_compat import pycaffe  # noqa: E402
 from caffe_compat.commands import export as exporting  # noqa: E402
 from caffe_compat.engine.layers.base import TEST  # noqa: E402
 from caffe_compat.formats.atomic import write_text  # noqa: E402
-from suite.inference import _onnx_runner, deploy_files  # noqa: E402
+from suite.inference import (_onnx_runner, _opencv_runner, _openvino_runner,  # noqa: E402
+                             deploy_files)
 from suite.machine import describe  # noqa: E402
 from suite.timing import alternate  # noqa: E402
 
@@ -39,33 +40,6 @@ COLUMNS = ("pycaffe fp32", "pycaffe auto", "openvino f32", "openvino bf16", "onn
            "opencv")
 REDUCED_PEERS = ("openvino bf16",)
 FP32_PEERS = ("openvino f32", "onnxruntime", "opencv")
-
-
-def _openvino(path: Path, x: np.ndarray, threads: int, hint: str):
-    """OpenVINO's own call on the ONNX file at ``hint``, and the precision it compiled."""
-    import openvino as ov
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
-    request = compiled.create_infer_request()
-    used = compiled.get_property("INFERENCE_PRECISION_HINT")
-    return (lambda: request.infer({0: x}, share_inputs=True)[compiled.output(0)],
-            getattr(used, "get_type_name", lambda: str(used))())
-
-
-def _opencv(deploy: Path, weights: Path, x: np.ndarray, threads: int, out: str):
-    """OpenCV DNN's forward of the blob ``out`` (its plain ``forward()`` returns the last
-    layer's, another output on multi-output nets)."""
-    import cv2
-    cv2.setNumThreads(threads)
-    net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-
-    def run():
-        net.setInput(x)
-        return net.forward(out)
-    return run
 
 
 def _pycaffe(deploy: Path, weights: Path, x: np.ndarray, out: str, precision: str):
@@ -94,10 +68,10 @@ def bench(name: str, batch: int, threads: int, iters: int, rounds: int) -> dict:
         for precision, column in (("fp32", "pycaffe fp32"), ("auto", "pycaffe auto")):
             calls[column], notes[column] = _pycaffe(deploy, weights, x, out, precision)
         for hint in ("f32", "bf16"):
-            calls[f"openvino {hint}"], notes[f"openvino {hint}"] = _openvino(onnx, x, threads,
-                                                                             hint)
+            run = calls[f"openvino {hint}"] = _openvino_runner(onnx, x, threads, hint)
+            notes[f"openvino {hint}"] = run.precision
         calls["onnxruntime"] = _onnx_runner(onnx, x, threads)
-        calls["opencv"] = _opencv(deploy, weights, x, threads, out)
+        calls["opencv"] = _opencv_runner(deploy, weights, x, threads, out)
         diffs = {k: float(np.abs(np.asarray(fn()).reshape(ref.shape) - ref).max()
                           / max(1.0, float(np.abs(ref).max()))) for k, fn in calls.items()}
         times = alternate(calls, iters, rounds)

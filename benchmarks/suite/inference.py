@@ -69,7 +69,10 @@ def deploy_files(name: str, prototxt: Path, batch: int, size: int | None, work: 
     return deploy, caffemodel, net
 
 
-def _opencv_runner(prototxt: Path, caffemodel: Path, x: np.ndarray, threads: int):
+def _opencv_runner(prototxt: Path, caffemodel: Path, x: np.ndarray, threads: int,
+                   out: str | None = None):
+    """OpenCV DNN's forward; of the blob ``out`` where given (a plain ``forward()`` returns
+    the last layer's, another output on multi-output nets)."""
     import cv2
     cv2.setNumThreads(threads)
     net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
@@ -77,19 +80,25 @@ def _opencv_runner(prototxt: Path, caffemodel: Path, x: np.ndarray, threads: int
 
     def run():
         net.setInput(x)
-        return net.forward()
+        return net.forward() if out is None else net.forward(out)
     return run
 
 
-def _openvino_runner(path: Path, x: np.ndarray, threads: int):
-    """OpenVINO on the same ONNX file, fp32 (its default on an AMX CPU would be bf16)."""
+def _openvino_runner(path: Path, x: np.ndarray, threads: int, hint: str = "f32"):
+    """OpenVINO on the same ONNX file at precision ``hint`` (default fp32: its default on an
+    AMX CPU would be bf16); ``.precision`` on the call is what the compiled model uses."""
     import openvino as ov
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
     request = compiled.create_infer_request()
-    return lambda: request.infer({0: x}, share_inputs=True)[compiled.output(0)]
+
+    def run():
+        return request.infer({0: x}, share_inputs=True)[compiled.output(0)]
+    used = compiled.get_property("INFERENCE_PRECISION_HINT")
+    run.precision = getattr(used, "get_type_name", lambda: str(used))()
+    return run
 
 
 def _onnx_runner(path: Path, x: np.ndarray, threads: int):
