@@ -24,6 +24,8 @@ _WARNED: set[tuple] = set()
 def warn_inferred_crops(net) -> None:
     """Log one warning per ``infers_crop`` layer of ``net`` (a NetModule being built) whose
     fork offsets are well defined and not all zero."""
+    if not any(layer.infers_crop for layer in net.layers):
+        return                                # the usual net: no walk over its plan
     plan = net.plan()
     producer: dict[str, int] = {}
     for position, step in enumerate(plan):

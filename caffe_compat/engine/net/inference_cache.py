@@ -70,7 +70,7 @@ class InferenceCache:
         self._fused: FusedNet | None = None
         self._versions: tuple = ()
         self._graph: GraphedInference | None = None      # the last forward's
-        self._graphs: dict[str, GraphedInference] = {}   # by input signature
+        self._graphs: dict[tuple, GraphedInference] = {}   # by input signature
         self._past_kept = False      # logged that shapes past GRAPHS_KEPT run eagerly
         self.graphs = os.environ.get(GRAPHS_ENV, "1").strip() != "0"
         if self.on_cuda:
@@ -139,7 +139,7 @@ class InferenceCache:
         tensors = tuple(host_to_device(t, self.device) for t in fused.ordered_inputs(inputs))
         if not self.graphs:
             return dict(zip(fused.output_names, fused(*tensors)))
-        key = repr(signature(tensors))
+        key = tuple(signature(tensors))       # shapes, dtypes, devices: all hashable
         graph = self._graphs.get(key)
         if graph is None:
             if len(self._graphs) >= GRAPHS_KEPT:
