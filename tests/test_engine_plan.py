@@ -125,29 +125,33 @@ def test_a_shape_where_torch_was_chosen_does_not_stick(tmp_path, monkeypatch):
         assert net.engine == engine
 
 
-def test_cycling_through_more_shapes_than_kept_decides_each_shape_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cycling_through_more_shapes_than_kept_decides_each_shape_once(tmp_path, monkeypatch,
+                                                                      engine):
     """An image pyramid (MTCNN's P-Net at 6 scales, per image) cycles through more input
     shapes than are kept. Forgetting every choice when the store was full exported and
     measured again on every call (a 6-scale P-Net cycle: ~0.5 s against 8 ms in torch); now
-    the first SHAPES_KEPT shapes keep their engine and the others run torch, each decided
-    once."""
+    the first SHAPES_KEPT shapes keep their engine, and one more decision, a shape-generic
+    export (onnxruntime) or torch (an engine for fixed shapes), serves all the others."""
     from caffe_compat._pycaffe import fast
+    from caffe_compat.engine.backends.runners import RUNNERS
     real, decided = fast.choose_engine, []
 
     def counted(module, request, torch_forward, **kwargs):
         decided.append(kwargs["shapes"]["data"][0])
         return real(module, request, torch_forward, **kwargs)
     monkeypatch.setattr(fast, "choose_engine", counted)
-    ref, net = _pair(tmp_path, "lenet", ENGINES[0])
+    ref, net = _pair(tmp_path, "lenet", engine)
     first = net.blobs["data"].shape[0]
     rng = np.random.default_rng(8)
     batches = range(2, fast.SHAPES_KEPT + 4)
+    past = engine if RUNNERS[engine].shape_generic else "torch"
     for _ in range(2):
         for batch in batches:
             _reshaped_forward_equal(ref, net, batch, rng)
             kept = batch < 2 + fast.SHAPES_KEPT - 1
-            assert net.engine == (ENGINES[0] if kept else "torch")
-    assert decided == [first, *batches][:fast.SHAPES_KEPT]
+            assert net.engine == (engine if kept else past)
+    assert decided == [first, *batches][:fast.SHAPES_KEPT] + [batches[fast.SHAPES_KEPT - 1]]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -23,8 +23,8 @@ executor) computes the outputs instead. The input blobs are copied straight into
 runtime's bound input buffers, which are also the snapshot a stale read recomputes from, so
 a call costs one copy of the inputs, the runtime call and one copy of the outputs into their
 blobs. The choice is per input shape: after a reshape the engine is chosen (``auto``:
-measured) again for the new shapes, for the first ``SHAPES_KEPT`` shapes; torch runs the
-others. The weights are the export's: after the net's
+measured) again for the new shapes, for the first ``SHAPES_KEPT`` shapes; past them one
+shape-generic export serves every other shape (any_shape.py). The weights are the export's: after the net's
 parameters change it is exported again once; a second change sends forwards to the torch
 path. A numpy view of a parameter the caller keeps is compared with the parameter's
 values at each forward (``_watch_views``): a write through it is such a change. A new
@@ -41,9 +41,9 @@ import weakref
 import numpy as np
 import torch
 
-from caffe_compat.engine.backends.engine import (EngineChoice, EnginePlan, ReducedForward,
-                                                 choose_engine, first_call_check,
-                                                 requested_as)
+from caffe_compat._pycaffe.any_shape import AnyShape
+from caffe_compat.engine.backends.engine import (EnginePlan, ReducedForward, choose_engine,
+                                                 first_call_check, requested_as)
 from caffe_compat.engine.net.fuse import fusable
 from caffe_compat.engine.net.inference_cache import InferenceCache
 
@@ -127,7 +127,7 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
 
 
 _VERSION = operator.attrgetter("_version")
-SHAPES_KEPT = 4          # input shapes given an engine choice; torch runs any others
+SHAPES_KEPT = 4          # input shapes given a fixed-shape export; then any_shape.py
 # Nets whose parameters hold at most this many values keep a copy of the values each fused
 # net and export was made from: a numpy hand-out that only read them is then told from an
 # edit (else every hand-out re-fuses, and a second sends an engine's forwards to torch).
@@ -186,7 +186,7 @@ class FastForward:
         self.request, self.precision = "torch", "fp32"
         self._engine_key: tuple | None = None
         self._resynced = False
-        self._overflowed = False      # logged that shapes past SHAPES_KEPT run torch
+        self._any: AnyShape | None = None         # the choice past SHAPES_KEPT shapes
         # input shapes -> (choice, engine key, _reference() of the values exported)
         self._by_shape: dict[tuple, tuple] = {}
         self._exported_from = None
@@ -226,6 +226,7 @@ class FastForward:
         """Pick the engine (``auto`` measures them) for the net's weights and input shapes."""
         self.request, self.precision = request, precision
         self._by_shape.clear()
+        self._any = None
         if self.cache.on_cuda:
             # onnxruntime and OpenVINO run here on the CPU: never the faster choice for a
             # net whose weights live on the GPU, and their outputs would leave the device
@@ -281,6 +282,7 @@ class FastForward:
             return None
         self._resynced = True
         self._by_shape.clear()
+        self._any = None
         self._decide(requested_as(self.choice.name))
         return self._engine_plan(params, touched)
 
@@ -304,14 +306,23 @@ class FastForward:
             self._decide(self.request)
         else:
             # more shapes than kept (an image pyramid): forgetting choices to make room
-            # exported and measured again on every call of a cycle; these shapes run torch
-            if not self._overflowed:
-                log.info("net '%s': engine torch for input shapes past the first %d",
-                         self.net.module.name, SHAPES_KEPT)
-            self._overflowed = True
-            self.choice = EngineChoice("torch", None, "engine torch: input shapes past the "
-                                       f"first {SHAPES_KEPT}", verified=True)
+            # exported and measured again on every call of a cycle; one shape-generic
+            # export, chosen once, serves them all
+            if self._any is None:
+                self._any = self._decide_any_shape(shapes)
+            self.choice = self._any.choice_for(dict(zip(self.net.inputs, shapes)))
+            self._engine_key, self._exported_from = self._any.key, self._any.exported_from
             self._shapes = shapes
+
+    def _decide_any_shape(self, shapes: tuple) -> AnyShape:
+        params = self.cache.parameters()
+        choice = choose_engine(self.net.module, self.request, self._torch_forward,
+                               precision=self.precision,
+                               shapes=dict(zip(self.net.inputs, shapes)), any_shape=True)
+        choice.reason = f"input shapes past the first {SHAPES_KEPT}: {choice.reason}"
+        log.info("net '%s': %s", self.net.module.name, choice.reason)
+        return AnyShape(choice, self._weights_key(params, self._numpy_state(params)[0]),
+                        _reference(params))
 
     def run(self) -> None:
         net = self.net
@@ -375,6 +386,10 @@ class FastForward:
         """Whether the last forward ran at these input shapes."""
         return self._ran_at == {n: tuple(s) for n, s in shapes.items()}
 
+    def ran_at_shapes(self) -> dict[str, tuple]:
+        """The input shapes of the last forward (it ran, or no blob would be stale)."""
+        return dict(self._ran_at or {})
+
     def _bind(self, plan: EnginePlan) -> None:
         """The runtime writes the output blobs' host arrays itself (not under ``lazy``,
         whose values stay pending on their device)."""
@@ -396,6 +411,8 @@ class FastForward:
             return {**outputs, **want}
         self.choice = first_call_check(choice, outputs, want)
         if self.choice is choice:
+            if self._any is not None and self._any.owns(choice):
+                self._any.passed += 1
             return outputs
         self._by_shape.clear()
         self._direct, self._copied = (), self._outputs      # torch's values are put

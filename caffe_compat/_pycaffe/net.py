@@ -349,14 +349,26 @@ class Net(IndexAPI, LayerCallbacks):
     def reshape(self) -> None:
         """Propagate the Input blobs' current shapes through the net (Caffe's Net::Reshape).
         At the input shapes the last fast forward ran at, the blobs it left stale stay
-        stale: their recompute gives them these very shapes."""
+        stale: their recompute gives them these very shapes. At other shapes a stale blob
+        whose element count changes gets zeros without that recompute, as any blob whose
+        count changes does (Caffe's values there are memory of another blob size): a
+        pyramid's ``reshape`` per scale no longer runs the whole net layer by layer."""
         inputs = {n: self.blobs[n].shape for n in self.inputs}
         shapes = self.module.infer_shapes(inputs)
         state = self.blob_state
-        unchanged = self._fast is not None and self._fast.ran_at(inputs)
+        fast = self._fast
+        unchanged = fast is not None and fast.ran_at(inputs)
+        zeroed = frozenset()
+        if fast is not None and not unchanged and state.stale_names():
+            before = self.module.infer_shapes(fast.ran_at_shapes())
+            stale = state.stale_names()
+            if all(int(np.prod(before[n])) != int(np.prod(shapes[n]))
+                   for n in stale if n in shapes):
+                state.clear_stale()           # nothing of their values would survive
+                zeroed = stale
         for name, shape in shapes.items():
             if not (unchanged and state.is_stale(name)):
-                state.reshape(name, shape)     # budgeted; names the blob
+                state.reshape(name, shape, fresh=name in zeroed)   # budgeted; names the blob
 
     # -- weights ----------------------------------------------------------------------
     def copy_from(self, path) -> None:

@@ -65,6 +65,9 @@ class BlobState:
     def is_stale(self, name: str) -> bool:
         return name in self._stale
 
+    def stale_names(self) -> frozenset[str]:
+        return self._stale
+
     def refresh(self, name: str | None = None) -> None:
         """Recompute now if ``name`` (or, with no name, any blob) is stale."""
         recompute = self._recompute
@@ -140,16 +143,17 @@ class BlobState:
         pending = self._pending.get((name, "data"))
         return tuple(pending.shape) if pending is not None else self._host[name]["data"].shape
 
-    def reshape(self, name: str, shape, allow_empty: bool = True) -> None:
-        """A new shape (values kept when the count is unchanged). ResourceError naming the
-        blob for a shape that is not whole numbers, has a negative (or, unless
-        ``allow_empty``, zero) dim or more than 32 axes, or exceeds the memory budget."""
+    def reshape(self, name: str, shape, allow_empty: bool = True, fresh: bool = False) -> None:
+        """A new shape (values kept when the count is unchanged; zeros with ``fresh``).
+        ResourceError naming the blob for a shape that is not whole numbers, has a negative
+        (or, unless ``allow_empty``, zero) dim or more than 32 axes, or exceeds the memory
+        budget."""
         shape = check_shape(shape, f"blob '{name}'" if name else "blob",
                             itemsize=8, allow_empty=allow_empty)  # data + diff, before numpy
         host = {w: self.get(name, w) for w in WHICH}
-        if shape == host["data"].shape:
+        if shape == host["data"].shape and not fresh:
             return
-        if int(np.prod(shape)) == host["data"].size:
+        if int(np.prod(shape)) == host["data"].size and not fresh:
             self._host[name] = {w: host[w].reshape(shape) for w in WHICH}
         else:
             self._host[name] = {w: np.zeros(shape, np.float32) for w in WHICH}

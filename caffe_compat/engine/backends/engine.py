@@ -38,7 +38,7 @@ import torch
 
 from caffe_compat.engine.backends import ENGINES
 from caffe_compat.engine.backends.plan_pass import EnginePlan, engine_plans
-from caffe_compat.engine.backends.runners import REDUCED_OF, RUNNERS
+from caffe_compat.engine.backends.runners import REDUCED_OF, REDUCED_RUNNERS, RUNNERS
 from caffe_compat.engine.net.module import NetModule
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,21 @@ class ReducedForward:
         return {k: v.float() for k, v in out.items()}
 
 
-def _candidates(module, request, precision, torch_forward, threads, shapes):
+def _candidates(module, request, precision, torch_forward, threads, shapes, any_shape=False):
     """({name: forward}, {name: tolerance}, {name: why not}) of the engines to consider."""
     names = [] if request == "torch" else list(RUNNERS) if request == "auto" else [request]
     reduced = precision == "auto" and _native_bf16()
     if reduced:          # the bf16 runners of the engines asked for (one export for all)
         names += [n for n, full in REDUCED_OF.items() if full in names]
-    built, why = engine_plans(module, names, threads, shapes) if names else ({}, {})
+    why = {}
+    if any_shape:
+        runner = {**RUNNERS, **REDUCED_RUNNERS}
+        why = {n: f"{n} serves fixed input shapes only" for n in names
+               if not runner[n].shape_generic}
+        names = [n for n in names if n not in why]
+    built, failed = engine_plans(module, names, threads, shapes, any_shape) if names \
+        else ({}, {})
+    why.update(failed)
     tolerance = {name: BF16_TOLERANCE if name in REDUCED_OF else TOLERANCE for name in built}
     if reduced:
         built[ReducedForward.name] = ReducedForward(torch_forward)
@@ -179,33 +187,23 @@ def _bound_call(forward, inputs: Outputs) -> Callable[[], object]:
 
 def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outputs], Outputs],
                   threads: int | None = None, precision: str = "fp32",
-                  shapes: dict[str, tuple] | None = None) -> EngineChoice:
+                  shapes: dict[str, tuple] | None = None,
+                  any_shape: bool = False) -> EngineChoice:
     """The engine for ``module`` (see the module docstring) at input ``shapes`` (default:
     the net's); ``torch_forward`` is the torch path (inputs -> outputs).
     ``precision="auto"`` adds the torch path under bf16 autocast where the CPU has native
-    bf16, kept only if faster and within ``BF16_TOLERANCE``."""
+    bf16, kept only if faster and within ``BF16_TOLERANCE``. ``any_shape`` builds
+    shape-generic exports (``EnginePlan.at``), each also checked at ``nearby_shapes``."""
     request = requested_engine(request)
     if request == "torch" and precision != "auto":
         return EngineChoice("torch", None, "engine torch: requested", verified=True)
     shapes = shapes or {n: module.blob_shapes[n] for n in module.input_names}
     built, tolerance, why = _candidates(module, request, precision, torch_forward,
-                                        threads or torch.get_num_threads(), shapes)
+                                        threads or torch.get_num_threads(), shapes, any_shape)
     inputs = random_inputs(shapes)
-    reference = torch_forward(inputs)
-    diffs = {}
-    for name in list(built):
-        try:
-            got = built[name](inputs)
-        except Exception as exc:   # noqa: BLE001 - a runtime that loads a graph it cannot run
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            why[name] = f"{name} failed on a test input ({text})"
-            del built[name]
-            continue
-        diff = diffs[name] = built[name].difference(got, reference)
-        if not diff <= tolerance[name]:
-            why[name] = f"outputs differ from fp32 torch by {diff:.2g} (tolerance " \
-                        f"{tolerance[name]:g})"
-            del built[name]
+    diffs = _check(built, tolerance, why, inputs, torch_forward(inputs))
+    for other in nearby_shapes(shapes) if any_shape and built else []:
+        _check_elsewhere(built, tolerance, why, diffs, other, torch_forward)
     if not built:
         reason = "; ".join(f"{n}: {w}" for n, w in why.items())
         return EngineChoice("torch", None, f"engine torch ({reason})", verified=True)
@@ -233,6 +231,63 @@ def choose_engine(module: NetModule, request: str, torch_forward: Callable[[Outp
                         tolerance=tolerance.get(best, TOLERANCE))
 
 
+def _check(built: dict, tolerance: dict, why: dict, inputs: Outputs, reference: Outputs,
+           where: str = "") -> dict[str, float]:
+    """Each candidate's difference from torch's ``reference`` on ``inputs``; a candidate
+    that fails or differs by more than its tolerance leaves ``built`` with a reason."""
+    diffs = {}
+    for name in list(built):
+        forward = built[name]
+        try:
+            if where:                     # a shape-generic export, bound for these shapes
+                forward = forward.at({n: tuple(t.shape) for n, t in inputs.items()})
+            got = _bound_call(forward, inputs)()
+        except Exception as exc:   # noqa: BLE001 - a runtime that loads a graph it cannot run
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            why[name] = f"{name} failed on a test input{where} ({text})"
+            del built[name]
+            continue
+        diff = diffs[name] = forward.difference(got, reference)
+        if not diff <= tolerance[name]:
+            why[name] = f"outputs differ from fp32 torch by {diff:.2g}{where} (tolerance " \
+                        f"{tolerance[name]:g})"
+            del built[name]
+    return diffs
+
+
+def _check_elsewhere(built, tolerance, why, diffs, shapes, torch_forward) -> None:
+    """``_check`` of the shape-generic candidates at other input ``shapes``, where torch
+    itself runs at them (a net with an InnerProduct takes one image size only)."""
+    inputs = random_inputs(shapes, seed=1)
+    try:
+        reference = torch_forward(inputs)
+    except Exception:   # noqa: BLE001 - shapes this net cannot take: nothing to compare
+        return
+    exported = {n: f for n, f in built.items() if isinstance(f, EnginePlan)}
+    found = _check(exported, tolerance, why, inputs, reference, f" at {_shape_text(shapes)}")
+    for name, forward in list(built.items()):
+        if isinstance(forward, EnginePlan) and name not in exported:
+            del built[name]                          # failed or differed at these shapes
+        elif name in found:
+            diffs[name] = max(diffs.get(name, 0.0), found[name])
+
+
+def nearby_shapes(shapes: dict[str, tuple]) -> list[dict[str, tuple]]:
+    """Input shapes near ``shapes`` that a shape-generic export must also get right: one
+    more in the batch, and image heights and widths one and two larger (each parity:
+    sizes a trace baked in, or a ceil-mode pooling rule, show there)."""
+    def moved(batch: int, dh: int, dw: int) -> dict[str, tuple]:
+        out = {}
+        for name, s in shapes.items():
+            s = list(s)
+            s[0] += batch
+            if len(s) == 4:
+                s[2], s[3] = s[2] + dh, s[3] + dw
+            out[name] = tuple(s)
+        return out
+    return [moved(1, 0, 0), moved(0, 1, 2), moved(0, 2, 1)]
+
+
 def _shape_text(shapes: dict[str, tuple]) -> str:
     return ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items())
 
@@ -251,4 +306,4 @@ def first_call_check(choice: EngineChoice, got: Outputs, want: Outputs) -> Engin
 
 __all__ = ["ENGINES", "ENGINE_ENV", "TOLERANCE", "BF16_TOLERANCE", "ReducedForward",
            "EngineChoice", "EnginePlan", "choose_engine", "first_call_check",
-           "requested_engine", "requested_as", "difference", "median_times"]
+           "requested_engine", "requested_as", "difference", "median_times", "nearby_shapes"]

@@ -78,9 +78,10 @@ class EngineCall:
 class EnginePlan:
     """A fused inference plan whose exportable prefix is one ``EngineCall`` step."""
 
-    def __init__(self, split: Split, call: EngineCall, source: str):
+    def __init__(self, split: Split, call: EngineCall, source: str, any_shape: bool = False):
         self.split, self.call, self.name = split, call, call.name
         self.source = source
+        self.any_shape = any_shape     # a shape-generic export: ``at`` serves other shapes
         layers = len(split.prefix.plan)
         step = Step(index=split.prefix.plan[0].index, bottoms=tuple(split.prefix_inputs),
                     tops=tuple(split.prefix_outputs), fn=call,
@@ -103,6 +104,16 @@ class EnginePlan:
     def accepts(self, inputs: Tensors) -> bool:
         """The export has fixed shapes: a reshaped input blob needs another plan."""
         return all(inputs[n].shape == t.shape for n, t in self.inputs.items())
+
+    def at(self, shapes: dict[str, tuple]) -> "EnginePlan":
+        """The same loaded runtime (an ``any_shape`` export) bound to buffers of these input
+        shapes: a plan of its own, this one left as it is."""
+        if not self.any_shape:
+            raise ValueError(f"engine {self.name}: the export is for fixed input shapes")
+        runner = self.call.runner
+        ins = [tuple(shapes[n]) for n in self.split.prefix_inputs]
+        call = EngineCall(runner.rebound(ins, runner.output_shapes(ins)), ins)
+        return EnginePlan(self.split, call, self.source, any_shape=True)
 
     def run(self, inputs: Tensors) -> Tensors:
         """The net's outputs for ``inputs`` (``self.inputs`` themselves: no copy)."""
@@ -128,9 +139,11 @@ class EnginePlan:
 
 
 def engine_plans(module: NetModule, runtimes: list[str], threads: int,
-                 shapes: dict[str, tuple]) -> tuple[dict[str, EnginePlan], dict[str, str]]:
+                 shapes: dict[str, tuple], any_shape: bool = False
+                 ) -> tuple[dict[str, EnginePlan], dict[str, str]]:
     """The engine plans among ``runtimes`` that load for input ``shapes``, and why the
-    others did not."""
+    others did not. ``any_shape`` exports with every input axis but the channels free (the
+    batch of a 2-D input), so ``EnginePlan.at`` serves other shapes from the same load."""
     split = split_steps(fused_for_inference(module).plan, module)
     if split.prefix is None:
         return {}, {n: "no layer at the start of the net can be exported" for n in runtimes}
@@ -141,7 +154,7 @@ def engine_plans(module: NetModule, runtimes: list[str], threads: int,
     with tempfile.TemporaryDirectory(prefix="caffe-compat-engine-") as workdir:
         path = os.path.join(workdir, "prefix.onnx")
         try:
-            _export(split, example, path)
+            _export(split, example, path, _free_axes(split, example) if any_shape else None)
         except Exception as exc:   # noqa: BLE001 - exporter errors come in many types
             text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             return {}, {n: f"the ONNX export failed ({text})" for n in runtimes}
@@ -157,16 +170,28 @@ def engine_plans(module: NetModule, runtimes: list[str], threads: int,
                 why[name] = f"{name} could not load the export ({str(exc).splitlines()[0][:200]})"
                 continue
             built[name] = EnginePlan(split, EngineCall(runner, [t.shape for t in example]),
-                                     module.source)
+                                     module.source, any_shape)
     return built, why
 
 
-def _export(split: Split, example: list[torch.Tensor], path: str) -> None:
-    """The quick TorchScript-traced export, the dynamo exporter where tracing fails."""
+def _free_axes(split: Split, example: list[torch.Tensor]) -> dict[str, dict[int, str]]:
+    """Each input's free axes: all but the channels (axis 1) of an image blob, the first
+    of any other. The symbols are per input: nothing claims two inputs share a size."""
+    return {name: {axis: f"{name}_{axis}" for axis in range(t.dim())
+                   if axis == 0 or (t.dim() == 4 and axis != 1)}
+            for name, t in zip(split.prefix_inputs, example)}
+
+
+def _export(split: Split, example: list[torch.Tensor], path: str,
+            dynamic_axes: dict | None = None) -> None:
+    """The quick TorchScript-traced export; for fixed shapes, the dynamo exporter where
+    tracing fails (a shape-generic export is the tracer's or none)."""
     try:
         export_onnx(split.prefix, example, path, split.prefix_inputs, split.prefix_outputs,
-                    dynamo=False)
+                    dynamo=False, dynamic_axes=dynamic_axes)
     except Exception:   # noqa: BLE001 - then the slower exporter decides
+        if dynamic_axes:
+            raise
         export_onnx(split.prefix, example, path, split.prefix_inputs, split.prefix_outputs)
 
 

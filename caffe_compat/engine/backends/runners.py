@@ -24,6 +24,7 @@ missing package raises ``BackendUnavailable`` naming the extra to install.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 from functools import partial
 from typing import Sequence
@@ -43,6 +44,10 @@ def _buffers(shapes: Shapes) -> list[np.ndarray]:
 
 class OnnxRuntimeRunner:
     name = "onnxruntime"
+    # serves a shape-generic export at any input shape (``rebound``); OpenVINO does not:
+    # its CPU plugin (2026.4) corrupted the heap when one shape-generic MTCNN P-Net model
+    # ran at batch 2 and then at other image sizes (glibc's malloc assertion, SIGSEGV)
+    shape_generic = True
 
     def __init__(self, path: str, input_names: Sequence[str], output_names: Sequence[str],
                  threads: int, input_shapes: Shapes, output_shapes: Shapes):
@@ -58,18 +63,34 @@ class OnnxRuntimeRunner:
         opts.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(path, opts,
                                                     providers=["CPUExecutionProvider"])
+        self._read = {i.name for i in self.session.get_inputs()}   # an unread input: absent
+        self.input_names, self.output_names = list(input_names), list(output_names)
+        self.settings = f"{threads} intra-op thread(s), all graph optimizations"
+        self._bind(input_shapes, output_shapes)
+
+    def _bind(self, input_shapes: Shapes, output_shapes: Shapes) -> None:
         self.inputs, self.outputs = _buffers(input_shapes), _buffers(output_shapes)
         self.binding = self.session.io_binding()
-        read = {i.name for i in self.session.get_inputs()}   # an input no layer reads: absent
-        for name, array in zip(input_names, self.inputs):
-            if name in read:
+        for name, array in zip(self.input_names, self.inputs):
+            if name in self._read:
                 self.binding.bind_input(name, "cpu", 0, np.float32, array.shape,
                                         array.ctypes.data)
-        self.output_names = list(output_names)
         for index, array in enumerate(self.outputs):
             self.bind_output(index, array)
-        self.settings = f"{threads} intra-op thread(s), all graph optimizations"
         self.run = _bare_run(self.session, self.binding)
+
+    def rebound(self, input_shapes: Shapes, output_shapes: Shapes) -> "OnnxRuntimeRunner":
+        """A runner over the same session (a shape-generic export) with buffers and an IO
+        binding of its own for these shapes; ``self`` is left as it was."""
+        other = copy.copy(self)
+        other._bind(input_shapes, output_shapes)
+        return other
+
+    def output_shapes(self, input_shapes: Shapes) -> list[tuple]:
+        """The output shapes of a shape-generic export at ``input_shapes`` (one run)."""
+        feed = {n: a for n, a in zip(self.input_names, _buffers(input_shapes))
+                if n in self._read}
+        return [a.shape for a in self.session.run(self.output_names, feed)]
 
     def bind_output(self, index: int, array: np.ndarray) -> None:
         """Output ``index`` is written into ``array`` (float32, C-contiguous, its shape)."""
@@ -90,6 +111,7 @@ def _bare_run(session, binding):
 
 class OpenVinoRunner:
     name = "openvino"
+    shape_generic = False
     precision_hint = "f32"
 
     def __init__(self, path: str, input_names: Sequence[str], output_names: Sequence[str],

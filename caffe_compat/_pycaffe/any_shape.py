@@ -1,0 +1,58 @@
+"""Input shapes past the first ``SHAPES_KEPT``: one shape-generic export serves them all.
+
+An image pyramid (MTCNN's P-Net: one input shape per scale, and new scales for every image
+size) and a second stage fed however many candidates the first one found (R-Net and O-Net: a
+new batch size at nearly every image) bring more input shapes than fixed-shape exports can
+be made and timed for. Past the first ``SHAPES_KEPT`` shapes (pycaffe's fast.py) the engine
+is chosen once more, among *shape-generic* exports (every input axis but the channels left
+free: ``choose_engine(..., any_shape=True)``), each checked against torch at the shape that
+brought the choice and at three shapes near it (``nearby_shapes``), and timed against torch
+there. The engine kept serves every later shape from the same loaded model, bound to buffers
+of that shape (the last ``PLANS_KEPT`` shapes keep theirs). The first call at each new shape
+is also checked against torch until ``CHECKED_SHAPES`` shapes have passed; a difference
+sends the net to torch, as a difference on a first call always does.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from caffe_compat.engine.backends.engine import EngineChoice, EnginePlan
+
+PLANS_KEPT = 48         # shapes whose bound buffers are kept (a photo's MTCNN pyramid: ~10-20)
+CHECKED_SHAPES = 8      # new shapes whose first call is checked against torch
+
+
+class AnyShape:
+    """The shape-generic choice of one net and the per-shape choices made from it."""
+
+    def __init__(self, choice: EngineChoice, key: tuple, exported_from):
+        # ``key`` and ``exported_from``: the weights the export was made from (fast.py)
+        self.choice, self.key, self.exported_from = choice, key, exported_from
+        self._choices: OrderedDict[tuple, EngineChoice] = OrderedDict()
+        self.passed = 0                 # shapes whose first call matched torch
+
+    def choice_for(self, shapes: dict[str, tuple]) -> EngineChoice:
+        """The choice at input ``shapes``: the chosen engine bound for them (torch, or
+        torch under bf16, serve any shape as they are)."""
+        base = self.choice
+        if not isinstance(base.forward, EnginePlan):
+            return base
+        key = tuple(shapes.values())
+        choice = self._choices.pop(key, None)
+        if choice is None:
+            plan = base.forward
+            if any(tuple(t.shape) != tuple(shapes[n]) for n, t in plan.inputs.items()):
+                plan = plan.at(shapes)
+            choice = EngineChoice(base.name, plan, base.reason, base.times_ms,
+                                  verified=self.passed >= CHECKED_SHAPES,
+                                  tolerance=base.tolerance)
+        self._choices[key] = choice
+        while len(self._choices) > PLANS_KEPT:
+            self._choices.popitem(last=False)
+        return choice
+
+    def owns(self, choice: EngineChoice) -> bool:
+        return any(c is choice for c in self._choices.values())
+
+
+__all__ = ["AnyShape", "PLANS_KEPT", "CHECKED_SHAPES"]

@@ -1,0 +1,118 @@
+"""Input shapes past the first SHAPES_KEPT (pycaffe/any_shape.py): an MTCNN image pyramid and
+its second stage's changing batch run on one shape-generic export, equal to torch at every
+shape; an export that is only right at the shape it was traced at is refused; an engine that
+serves fixed shapes only leaves them to torch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import caffe_compat as caffe
+from caffe_compat._pycaffe import fast
+from caffe_compat.engine.backends import engine as engines
+from test_backends import ENGINES, _prototxt, _weights
+
+pytestmark = pytest.mark.skipif("onnxruntime" not in ENGINES, reason="onnxruntime not installed")
+
+# an MTCNN pyramid of a 40×52 image (factor 0.709 down to P-Net's 12×12), then a second
+# image's: more shapes than SHAPES_KEPT, each cycle twice
+PYRAMID = [(40, 52), (28, 37), (20, 26), (14, 18), (12, 13), (33, 41), (23, 29), (17, 21)]
+
+
+def _pair(proto: str, weights: str, engine: str):
+    return caffe.Net(proto, weights, caffe.TEST), caffe.Net(proto, weights, caffe.TEST,
+                                                              engine=engine)
+
+
+def _same_outputs(ref, net, shape, rng) -> None:
+    x = rng.random(shape, dtype=np.float32)
+    outs = []
+    for target in (ref, net):
+        target.blobs["data"].reshape(*shape)
+        target.reshape()
+        target.blobs["data"].data[...] = x
+        outs.append({k: v.copy() for k, v in target.forward().items()})
+    for name, want in outs[0].items():
+        scale = max(1.0, float(np.abs(want).max()))
+        assert outs[1][name].shape == want.shape
+        assert float(np.abs(outs[1][name] - want).max()) / scale <= 1e-4, (name, shape)
+
+
+def _counted(monkeypatch) -> list[bool]:
+    """The ``any_shape`` flag of every engine choice pycaffe makes from now on."""
+    real, made = fast.choose_engine, []
+
+    def counted(*args, **kwargs):
+        made.append(kwargs.get("any_shape", False))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fast, "choose_engine", counted)
+    return made
+
+
+def test_a_pyramid_past_the_kept_shapes_runs_one_shape_generic_export(tmp_path, monkeypatch):
+    proto = _prototxt(tmp_path, "mtcnn_pnet")
+    ref, net = _pair(proto, _weights(tmp_path, proto), "onnxruntime")
+    made = _counted(monkeypatch)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        for h, w in PYRAMID:
+            _same_outputs(ref, net, (1, 3, h, w), rng)
+            assert net.engine == "onnxruntime"
+    # the load's shape and the first pyramid shapes each had a fixed-shape export; all the
+    # others one export, made once
+    assert made == [False] * (fast.SHAPES_KEPT - 1) + [True]
+    assert "input shapes past the first" in net._fast.choice.reason
+
+
+def test_a_second_stage_batch_that_changes_every_image_stays_on_the_engine(tmp_path):
+    """R-Net gets as many 24×24 crops as P-Net kept: a new batch size at most images."""
+    proto = _prototxt(tmp_path, "mtcnn_rnet")
+    ref, net = _pair(proto, _weights(tmp_path, proto), "onnxruntime")
+    rng = np.random.default_rng(1)
+    for batch in (1, 7, 3, 12, 5, 30, 2, 7, 1, 19):
+        _same_outputs(ref, net, (batch, 3, 24, 24), rng)
+        assert net.engine == "onnxruntime"
+
+
+def test_an_export_right_only_at_its_traced_shape_is_refused(tmp_path, monkeypatch):
+    """SPP's bins are pooling windows sized from the input (ceil(H / bins)): traced, those
+    sizes are constants, so the shape-generic export is wrong at every other image size.
+    The check at nearby shapes finds it; torch runs those shapes."""
+    monkeypatch.setattr(fast, "SHAPES_KEPT", 1)
+    proto = tmp_path / "spp.prototxt"
+    proto.write_text(
+        'name: "spp" input: "data" input_shape { dim: 1 dim: 3 dim: 30 dim: 40 }\n'
+        'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"\n'
+        '  convolution_param { num_output: 4 kernel_size: 3 pad: 1\n'
+        '    weight_filler { type: "gaussian" std: 0.1 } } }\n'
+        'layer { name: "spp" type: "SPP" bottom: "conv" top: "spp"\n'
+        '  spp_param { pyramid_height: 2 pool: MAX } }\n')
+    ref, net = _pair(str(proto), _weights(tmp_path, str(proto)), "onnxruntime")
+    rng = np.random.default_rng(2)
+    for shape in ((1, 3, 30, 40), (1, 3, 21, 28), (2, 3, 17, 19)):
+        _same_outputs(ref, net, shape, rng)
+    assert net.engine == "torch"
+    reason = net._fast.choice.reason
+    assert "onnxruntime: outputs differ from fp32 torch" in reason and " at data " in reason
+
+
+@pytest.mark.skipif("openvino" not in ENGINES, reason="openvino not installed")
+def test_an_engine_for_fixed_shapes_leaves_the_others_to_torch(tmp_path):
+    proto = _prototxt(tmp_path, "mtcnn_pnet")
+    ref, net = _pair(proto, _weights(tmp_path, proto), "openvino")
+    rng = np.random.default_rng(3)
+    engines_seen = []
+    for h, w in PYRAMID:
+        _same_outputs(ref, net, (1, 3, h, w), rng)
+        engines_seen.append(net.engine)
+    kept = fast.SHAPES_KEPT - 1                      # the load's shape is the first kept
+    assert engines_seen == ["openvino"] * kept + ["torch"] * (len(PYRAMID) - kept)
+    assert "openvino serves fixed input shapes only" in net._fast.choice.reason
+
+
+def test_nearby_shapes_change_the_batch_and_each_image_side_by_one_and_two():
+    shapes = {"data": (1, 3, 30, 40), "im_info": (1, 3)}
+    assert engines.nearby_shapes(shapes) == [
+        {"data": (2, 3, 30, 40), "im_info": (2, 3)},
+        {"data": (1, 3, 31, 42), "im_info": (1, 3)},
+        {"data": (1, 3, 32, 41), "im_info": (1, 3)}]
