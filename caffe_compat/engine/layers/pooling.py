@@ -195,14 +195,18 @@ class Pooling(Layer):
         return total / self._ave_divisor(x.shape[2], x.shape[3], k, out, x)
 
     def _max(self, x: torch.Tensor, k, out, fused: bool, want_mask: bool):
+        # indices only for a mask top: without them an inference forward takes torch's
+        # plain max pooling (autograd keeps its own for backward either way)
         if fused:
-            y, idx = F.max_pool2d(x, k, self.stride, self.pad, ceil_mode=self.ceil,
-                                  return_indices=True)
+            y = F.max_pool2d(x, k, self.stride, self.pad, ceil_mode=self.ceil,
+                             return_indices=want_mask)
         else:
             # -inf padding never wins, as Caffe clips windows to the image.
             xp = self._explicit_pad(x, k, out, -math.inf)
-            y, idx = F.max_pool2d(xp, k, self.stride, return_indices=True)
-            if want_mask:  # padded flat index -> Caffe's in-channel index h*W + w
+            y = F.max_pool2d(xp, k, self.stride, return_indices=want_mask)
+        if want_mask:
+            y, idx = y
+            if not fused:  # padded flat index -> Caffe's in-channel index h*W + w
                 Wp, W = xp.shape[3], x.shape[3]
                 idx = ((torch.div(idx, Wp, rounding_mode="floor") - self.pad[0]) * W
                        + idx % Wp - self.pad[1])
