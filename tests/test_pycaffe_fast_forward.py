@@ -156,7 +156,7 @@ def test_reading_the_weights_between_forwards_keeps_the_fused_net(nets, monkeypa
     """A hand-out that only reads (visualising filters between forwards) leaves the fused
     net as it is; a write through the next hand-out still reaches the next forward. A net
     too large to keep a copy of its values re-fuses at every hand-out, as before."""
-    from caffe_compat._pycaffe import fast
+    from caffe_compat._pycaffe import fast, param_reference
     net, ref, rng = nets
     feed = _feed(rng)
     net.forward(**feed)
@@ -170,7 +170,7 @@ def test_reading_the_weights_between_forwards_keeps_the_fused_net(nets, monkeypa
     np.testing.assert_allclose(_outputs(net, feed)["prob"], _outputs(ref, feed)["prob"],
                                rtol=1e-5, atol=1e-6)
     assert net._fast.cache._fused is not fused
-    monkeypatch.setattr(fast, "REFERENCE_VALUES", 0)   # too large to keep a copy of
+    monkeypatch.setattr(param_reference, "REFERENCE_VALUES", 0)   # too large to copy
     net.params["sc1"][1].data[...] -= 0.25             # a write: re-fused, no copy kept
     net.forward(**feed)
     fused = net._fast.cache._fused

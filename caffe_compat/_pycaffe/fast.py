@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from caffe_compat._pycaffe.any_shape import AnyShape
+from caffe_compat._pycaffe.param_reference import _only_read, _reference
 from caffe_compat.engine.backends.engine import (EnginePlan, ReducedForward, choose_engine,
                                                  first_call_check, requested_as)
 from caffe_compat.engine.net.fuse import fusable
@@ -128,32 +129,6 @@ def note_numpy_view(param: torch.nn.Parameter, array) -> None:
 
 _VERSION = operator.attrgetter("_version")
 SHAPES_KEPT = 4          # input shapes given a fixed-shape export; then any_shape.py
-# Nets whose parameters hold at most this many values keep a copy of the values each fused
-# net and export was made from: a numpy hand-out that only read them is then told from an
-# edit (else every hand-out re-fuses, and a second sends an engine's forwards to torch).
-REFERENCE_VALUES = 1 << 21
-
-
-def _reference(params: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
-    """Copies of ``params``' values by id; None for a net too large to copy."""
-    if sum(p.numel() for p in params) > REFERENCE_VALUES:
-        return None
-    return {id(p): p.detach().clone() for p in params}
-
-
-def _only_read(reference, params, before: tuple | None, now: tuple) -> bool:
-    """Whether every parameter whose hand-out generation moved from ``before`` to ``now``
-    still holds the values in ``reference``: its hand-outs were reads."""
-    if reference is None or before is None or len(before) != len(now):
-        return False
-    for p, was, is_ in zip(params, before, now):
-        if was != is_:
-            kept = reference.get(id(p))
-            if kept is None or kept.shape != p.shape or not torch.equal(kept, p):
-                return False
-    return True
-
-
 def inference_plan(net) -> EnginePlan | None:
     """The engine plan ``net.forward()`` runs now; None where it runs torch's fused plan."""
     fast = getattr(net, "_fast", None)
