@@ -38,7 +38,7 @@ import torch
 
 from caffe_compat.engine.backends import ENGINES
 from caffe_compat.engine.backends.plan_pass import EnginePlan, engine_plans
-from caffe_compat.engine.backends.runners import REDUCED_OF, REDUCED_RUNNERS, RUNNERS
+from caffe_compat.engine.backends.runners import REDUCED_OF, RUNNERS, runner_class
 from caffe_compat.engine.net.module import NetModule
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,8 @@ def _candidates(module, request, precision, torch_forward, threads, shapes, any_
         names += [n for n, full in REDUCED_OF.items() if full in names]
     why = {}
     if any_shape:
-        runner = {**RUNNERS, **REDUCED_RUNNERS}
         why = {n: f"{n} serves fixed input shapes only" for n in names
-               if not runner[n].shape_generic}
+               if not runner_class(n).shape_generic}
         names = [n for n in names if n not in why]
     built, failed = engine_plans(module, names, threads, shapes, any_shape) if names \
         else ({}, {})
@@ -239,7 +238,7 @@ def _check(built: dict, tolerance: dict, why: dict, inputs: Outputs, reference: 
     for name in list(built):
         forward = built[name]
         try:
-            if where:                     # a shape-generic export, bound for these shapes
+            if isinstance(forward, EnginePlan):      # bound for these shapes (elsewhere)
                 forward = forward.at({n: tuple(t.shape) for n, t in inputs.items()})
             got = _bound_call(forward, inputs)()
         except Exception as exc:   # noqa: BLE001 - a runtime that loads a graph it cannot run

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from caffe_compat.engine.backends.onnx_export import export_onnx
-from caffe_compat.engine.backends.runners import (REDUCED_RUNNERS, RUNNERS,
-                                                  BackendUnavailable)
+from caffe_compat.engine.backends.runners import BackendUnavailable, runner_class
 from caffe_compat.engine.backends.split import Split, split_steps
 from caffe_compat.engine.net.fuse import fused_for_inference
 from caffe_compat.engine.net.module import NetModule
@@ -107,11 +106,13 @@ class EnginePlan:
 
     def at(self, shapes: dict[str, tuple]) -> "EnginePlan":
         """The same loaded runtime (an ``any_shape`` export) bound to buffers of these input
-        shapes: a plan of its own, this one left as it is."""
+        shapes: a plan of its own, this one left as it is (itself at its own shapes)."""
+        ins = [tuple(shapes[n]) for n in self.split.prefix_inputs]
+        if ins == [tuple(s) for s in self.call.shapes]:
+            return self
         if not self.any_shape:
             raise ValueError(f"engine {self.name}: the export is for fixed input shapes")
         runner = self.call.runner
-        ins = [tuple(shapes[n]) for n in self.split.prefix_inputs]
         call = EngineCall(runner.rebound(ins, runner.output_shapes(ins)), ins)
         return EnginePlan(self.split, call, self.source, any_shape=True)
 
@@ -160,8 +161,7 @@ def engine_plans(module: NetModule, runtimes: list[str], threads: int,
             return {}, {n: f"the ONNX export failed ({text})" for n in runtimes}
         for name in runtimes:
             try:
-                runner_class = RUNNERS.get(name) or REDUCED_RUNNERS[name]
-                runner = runner_class(path, split.prefix_inputs, split.prefix_outputs, threads,
+                runner = runner_class(name)(path, split.prefix_inputs, split.prefix_outputs, threads,
                                       [t.shape for t in example], [t.shape for t in made])
             except BackendUnavailable as exc:
                 why[name] = str(exc)

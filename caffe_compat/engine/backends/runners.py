@@ -207,5 +207,10 @@ RUNNERS = {"onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner}
 REDUCED_RUNNERS = {"openvino-bf16": OpenVinoBf16Runner}
 REDUCED_OF = {"openvino-bf16": "openvino"}
 
+
+def runner_class(name: str):
+    """The runner of engine ``name``, full or reduced precision."""
+    return RUNNERS.get(name) or REDUCED_RUNNERS[name]
+
 __all__ = ["BackendUnavailable", "OnnxRuntimeRunner", "OpenVinoRunner", "OpenVinoBf16Runner",
-           "RUNNERS", "REDUCED_RUNNERS", "REDUCED_OF"]
+           "RUNNERS", "REDUCED_RUNNERS", "REDUCED_OF", "runner_class"]
