@@ -34,6 +34,8 @@ between forwards costs neither a fusion nor the engine.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import logging
 import operator
 import weakref
@@ -43,6 +45,7 @@ import torch
 
 from caffe_compat._pycaffe.any_shape import AnyShape
 from caffe_compat._pycaffe.param_reference import _only_read, _reference
+from caffe_compat._pycaffe.steady import SteadyCall
 from caffe_compat.engine.backends.engine import (EnginePlan, ReducedForward, choose_engine,
                                                  first_call_check, requested_as)
 from caffe_compat.engine.net.fuse import fusable
@@ -106,14 +109,14 @@ class ParamViews:
                               generation + 1, refs)
         self.handouts += 1
 
-    def state(self, params: list[torch.Tensor]) -> tuple[tuple, bool]:
+    def state(self, params: Sequence[torch.Tensor]) -> tuple[tuple, bool]:
         """(each param's generation, whether any handed-out array is still alive)."""
         entries = [self._entry(p) for p in params]
         generations = tuple(e[1] if e else 0 for e in entries)
         held = any(r() is not None for e in entries if e for r in e[2])
         return generations, held
 
-    def held(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def held(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The parameters among ``params`` with a handed-out array still alive."""
         return [p for p in params
                 if (e := self._entry(p)) and any(r() is not None for r in e[2])]
@@ -151,6 +154,7 @@ class FastForward:
         self._skipped = frozenset(n for n in net.blobs if n not in skip)
         self._outputs = tuple(net.module.output_names)
         self._handouts, self._ids, self._held = -1, (), True   # see _numpy_state
+        self._params: tuple | None = None       # the parameter tuple ``_ids`` lists
         self._generations: tuple = ()  # what _numpy_state found last
         # (parameter, its values) for each parameter whose numpy view was alive at the last
         # forward: a write through the view shows as a difference; ``_edits`` counts those
@@ -171,20 +175,22 @@ class FastForward:
         self._bound: tuple = (None, -1)
         self._direct: tuple[str, ...] = ()
         self._copied = self._outputs
+        self._steady: SteadyCall | None = None     # the last engine call, to repeat
 
-    def _numpy_state(self, params: list[torch.Tensor]) -> tuple[tuple, bool]:
+    def _numpy_state(self, params: Sequence[torch.Tensor]) -> tuple[tuple, bool]:
         """``PARAM_VIEWS.state(params)``, skipped while no numpy view was handed out since a
         call that found none alive, for the same parameter tensors (a view, once dead, stays
         dead): 16 params cost ~15 us a call, a quarter of an MTCNN R-Net's forward."""
-        ids = tuple(map(id, params))
-        if PARAM_VIEWS.handouts == self._handouts and ids == self._ids and not self._held:
+        if params is not self._params:          # ParameterWatch: a new tuple, new tensors
+            self._params, self._ids = params, tuple(map(id, params))
+        elif PARAM_VIEWS.handouts == self._handouts and not self._held:
             return self._generations, False
         generations, held = PARAM_VIEWS.state(params)
-        self._handouts, self._ids, self._held = PARAM_VIEWS.handouts, ids, held
+        self._handouts, self._held = PARAM_VIEWS.handouts, held
         self._generations = generations
         return generations, held
 
-    def _weights_key(self, params: list[torch.Tensor], touched: tuple) -> tuple:
+    def _weights_key(self, params: Sequence[torch.Tensor], touched: tuple) -> tuple:
         """What an engine's exported weights depend on: the tensors (``_numpy_state`` just
         listed their ids), their in-place versions (summed: each only grows, so the sum
         moves when any does), their numpy hand-outs and the writes through held views."""
@@ -300,6 +306,10 @@ class FastForward:
                         _reference(params))
 
     def run(self) -> None:
+        steady = self._steady
+        if steady is not None and steady.holds(self, PARAM_VIEWS.handouts):
+            return steady()              # the last engine call again (steady.py)
+        self._steady = None
         net = self.net
         params = self.cache.parameters()
         touched, held = self._numpy_state(params)
@@ -327,12 +337,16 @@ class FastForward:
             copied = self._outputs
         for name in copied:
             state.put(name, outputs[name])
-        state.mark_stale(self._skipped, lambda: self.materialize(inputs))
+        recompute = lambda: self.materialize(inputs)        # noqa: E731
+        state.mark_stale(self._skipped, recompute)
         if self._skipped:
             PARAM_VIEWS.stale_until_handout(self)
         self._ran_at = {n: tuple(t.shape) for n, t in inputs.items()}
+        if plan is not None and SteadyCall.possible(self, plan):
+            self._steady = SteadyCall(self, plan, params, self._engine_key[1],
+                                      PARAM_VIEWS.handouts, recompute)
 
-    def _watch_views(self, params: list[torch.Tensor], touched: tuple, held: bool) -> None:
+    def _watch_views(self, params: Sequence[torch.Tensor], touched: tuple, held: bool) -> None:
         """Re-fuse after a new hand-out of a numpy view or a write through one alive at the
         last forward (numpy writes bypass torch's version counter): a held view left
         unwritten costs a comparison of its parameter, not a fusion per call, and so does a

@@ -6,6 +6,8 @@ reading the weights between forwards costs neither a fusion nor the engine.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 # Nets whose parameters hold at most this many values keep a copy of the values each fused
@@ -14,7 +16,7 @@ import torch
 REFERENCE_VALUES = 1 << 21
 
 
-def _reference(params: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
+def _reference(params: Sequence[torch.Tensor]) -> dict[int, torch.Tensor] | None:
     """Copies of ``params``' values by id; None for a net too large to copy."""
     if sum(p.numel() for p in params) > REFERENCE_VALUES:
         return None

@@ -18,7 +18,10 @@
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import logging
+import operator
 import os
 
 import torch
@@ -27,11 +30,13 @@ from caffe_compat.engine.gpu import (GraphedInference, configure_cuda, host_to_d
                                      signature)
 from caffe_compat.engine.net.frozen import traceable
 from caffe_compat.engine.net.fuse import FusedNet, fused_for_inference
+from caffe_compat.engine.layers.base import BlobList
 from caffe_compat.engine.net.module import NetModule
 
 
 log = logging.getLogger(__name__)
 GRAPHS_ENV = "CAFFE_COMPAT_CUDA_GRAPHS"
+_VERSION = operator.attrgetter("_version")
 GRAPHS_KEPT = 4          # input signatures given a CUDA graph; any others run eagerly
 
 
@@ -40,17 +45,27 @@ class ParameterWatch:
 
     Holds each layer's ParameterList dict (mutated in place when a blob is shared or
     replaced): reading those is ~20x cheaper than iterating ``layer.blobs``, which goes
-    through ``getattr`` per layer and per item (1 ms per forward on GoogLeNet)."""
+    through ``getattr`` per layer and per item (1 ms per forward on GoogLeNet). The list is
+    made again only after a layer's ``BlobList`` changed which tensors it holds (the same
+    tuple otherwise: callers compare it by identity)."""
 
     def __init__(self, module: NetModule):
         self._dicts = [layer.blobs._parameters for layer in module.layers]
+        # a layer whose blobs are another container is listed on every call
+        self._counted = all(isinstance(layer.blobs, BlobList) for layer in module.layers)
+        self._seen = -1
+        self._params: tuple[torch.Tensor, ...] = ()
 
-    def __call__(self) -> list[torch.Tensor]:
-        return [p for d in self._dicts for p in d.values()]
-
-
-def _param_versions(params: list[torch.Tensor]) -> tuple:
-    return tuple((id(p), p._version) for p in params)
+    def __call__(self) -> tuple[torch.Tensor, ...]:
+        if self._seen != BlobList.changes or not self._counted:
+            params = tuple(p for d in self._dicts for p in d.values())
+            # the count is process-wide (another net was built, say): the same tensors keep
+            # the same tuple, so identity still means "nothing replaced"
+            if len(params) != len(self._params) or \
+                    any(a is not b for a, b in zip(params, self._params)):
+                self._params = params
+            self._seen = BlobList.changes
+        return self._params
 
 
 class InferenceCache:
@@ -68,7 +83,7 @@ class InferenceCache:
         self.on_cuda = self.device.type == "cuda"
         self.channels_last = channels_last and not self.on_cuda
         self._fused: FusedNet | None = None
-        self._versions: tuple = ()
+        self._versions: tuple = (None, -1)
         self._graph: GraphedInference | None = None      # the last forward's
         self._graphs: dict[tuple, GraphedInference] = {}   # by input signature
         self._past_kept = False      # logged that shapes past GRAPHS_KEPT run eagerly
@@ -97,10 +112,13 @@ class InferenceCache:
     def fused(self) -> FusedNet:
         return self.fused_for(self.parameters())
 
-    def fused_for(self, params: list[torch.Tensor]) -> FusedNet:
+    def fused_for(self, params: Sequence[torch.Tensor]) -> FusedNet:
         """The FusedNet, re-fused if ``params`` (``self.parameters()``) changed."""
-        versions = _param_versions(params)
-        if self._fused is None or versions != self._versions:
+        # the tensors (one tuple per set: ParameterWatch) and their in-place writes (the
+        # versions summed: each only grows, so the sum moves when any does)
+        versions = (params, sum(map(_VERSION, params)))
+        if self._fused is None or versions[0] is not self._versions[0] or \
+                versions[1] != self._versions[1]:
             # forms are timed with CPU kernels: CUDA takes the plain ones (cuDNN chooses)
             self._fused = fused_for_inference(self.module, channels_last=self.channels_last,
                                               measure=not self.on_cuda)
@@ -112,7 +130,7 @@ class InferenceCache:
     def outputs(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.outputs_for(self.parameters(), inputs)
 
-    def outputs_for(self, params: list[torch.Tensor], inputs: dict[str, torch.Tensor]
+    def outputs_for(self, params: Sequence[torch.Tensor], inputs: dict[str, torch.Tensor]
                     ) -> dict[str, torch.Tensor]:
         """``outputs(**inputs)`` for a caller that already holds ``self.parameters()``.
         On CUDA the tensors returned are the graph's own outputs, overwritten by the next
