@@ -182,7 +182,7 @@ def test_reading_the_weights_between_forwards_keeps_the_fused_net(nets, monkeypa
 def test_numpy_hand_outs_are_counted_off_the_torch_parameters(nets):
     """The generation counter lives in the fast path's registry: nothing is written onto
     the torch Parameter, and each hand-out of a view bumps its parameter's generation."""
-    from caffe_compat._pycaffe.fast import PARAM_VIEWS
+    from caffe_compat._pycaffe.param_views import PARAM_VIEWS
     net, _, rng = nets
     param = net.module.layer_by_name("sc1").blobs[0]
     before = dict(vars(param))

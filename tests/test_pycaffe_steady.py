@@ -122,3 +122,16 @@ def test_parameter_watch_lists_again_only_after_a_change(tmp_path):
     replacement = torch.nn.Parameter(torch.zeros_like(first[0]))
     module.layers[1].blobs[0] = replacement
     assert watch() is not first and watch()[0] is replacement
+
+
+def test_a_runtime_failing_on_a_call_leaves_the_net_on_torch(nets, caplog):
+    net, ref = nets
+
+    def broken():
+        raise RuntimeError("simulated runtime failure")
+    net._fast._steady.call = broken
+    net._fast.choice.forward.call._run = broken
+    _same(net, ref, 13)
+    assert net.engine == "torch"
+    assert "onnxruntime failed (simulated runtime failure)" in caplog.text
+    _same(net, ref, 14)

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from caffe_compat._pycaffe.fast import note_numpy_view
+from caffe_compat._pycaffe.param_views import note_numpy_view
 from caffe_compat._pycaffe.state import BlobState
 from caffe_compat.engine.layers.blob_vectors import BlobVec
 from caffe_compat.formats.budget import check_shape

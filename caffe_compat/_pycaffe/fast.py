@@ -10,8 +10,9 @@ reads as Caffe would have left it.
 
 Parameters: the fused net is rebuilt when a parameter tensor changed (``_version``) and, since
 numpy writes through ``net.params[...][i].data`` bypass torch's version counter, whenever such
-an array was handed out since the last fusion (``ParamViews``' generation counter) or one
-alive at the last forward was written since (its parameter's values compared with a copy).
+an array was handed out since the last fusion (``ParamViews``' generation counter,
+param_views.py) or one alive at the last forward was written since (its parameter's values
+compared with a copy).
 
 On CUDA (``set_mode_gpu``) the same path runs the fused net on the GPU, replayed from a CUDA
 graph per input shape where the forward allows it (engine/net/inference_cache.py); engines
@@ -21,11 +22,12 @@ Engines (``caffe.Net(..., engine=...)``, engine/backends/engine.py): an onnxrunt
 engine plan (the fused plan with its exportable prefix as one runtime step, run by the one
 executor) computes the outputs instead. The input blobs are copied straight into the
 runtime's bound input buffers, which are also the snapshot a stale read recomputes from, so
-a call costs one copy of the inputs, the runtime call and one copy of the outputs into their
-blobs. The choice is per input shape: after a reshape the engine is chosen (``auto``:
+a call costs one copy of the inputs and the runtime call (it writes the output blobs
+itself); a call that repeats the one before is checked in a few comparisons (steady.py). A
+runtime that fails on a call leaves that input shape on torch. The choice is per input shape: after a reshape the engine is chosen (``auto``:
 measured) again for the new shapes, for the first ``SHAPES_KEPT`` shapes; past them one
-shape-generic export serves every other shape (any_shape.py). The weights are the export's: after the net's
-parameters change it is exported again once; a second change sends forwards to the torch
+shape-generic export serves every other shape (any_shape.py). The weights are the export's:
+after the net's parameters change it is exported again once; a second change sends forwards to the torch
 path. A numpy view of a parameter the caller keeps is compared with the parameter's
 values at each forward (``_watch_views``): a write through it is such a change. A new
 hand-out is one too, unless the parameter still holds the values the fused net or the export
@@ -34,20 +36,20 @@ between forwards costs neither a fusion nor the engine.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import logging
 import operator
-import weakref
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from caffe_compat._pycaffe.any_shape import AnyShape
 from caffe_compat._pycaffe.param_reference import _only_read, _reference
+from caffe_compat._pycaffe.param_views import PARAM_VIEWS
 from caffe_compat._pycaffe.steady import SteadyCall
-from caffe_compat.engine.backends.engine import (EnginePlan, ReducedForward, choose_engine,
-                                                 first_call_check, requested_as)
+from caffe_compat.engine.backends.engine import (EngineChoice, EnginePlan, ReducedForward,
+                                                 choose_engine, first_call_check,
+                                                 requested_as)
 from caffe_compat.engine.net.fuse import fusable
 from caffe_compat.engine.net.inference_cache import InferenceCache
 
@@ -69,65 +71,6 @@ def eligible(net) -> bool:
         if not m.layer_tops(index):
             return False                     # sinks (HDF5Output) act on every forward
     return True
-
-
-class ParamViews:
-    """Which parameters handed numpy views of their data to the caller: per parameter a
-    generation counter (bumped at each hand-out) and weak references to the arrays.
-
-    Kept here, keyed by the parameter's id and checked against a weak reference to it, so
-    nothing is written onto torch objects; one registry for the process, because nets that
-    share parameters (``share_with``, a solver's test nets) see each other's hand-outs."""
-
-    def __init__(self):
-        self._entries: dict[int, tuple] = {}    # id -> (ref to param, generation, array refs)
-        self.handouts = 0        # hand-outs by any net, ever: unchanged = nothing new to check
-        # fast forwards that left blobs stale: a view handed out may be written before the
-        # stale blobs are read, and Caffe's blobs keep the values the forward's weights gave
-        self._stale_forwards: weakref.WeakSet = weakref.WeakSet()
-
-    def stale_until_handout(self, fast: "FastForward") -> None:
-        self._stale_forwards.add(fast)
-
-    def _entry(self, param: torch.Tensor):
-        entry = self._entries.get(id(param))
-        if entry is not None and entry[0]() is not param:     # a dead param's id reused
-            del self._entries[id(param)]
-            entry = None
-        return entry
-
-    def note(self, param: torch.Tensor, array) -> None:
-        for fast in list(self._stale_forwards):
-            if id(param) in fast.param_ids():
-                self._stale_forwards.discard(fast)
-                fast.net.blob_state.refresh()       # the stale blobs, from these weights
-        entry = self._entry(param)
-        generation, refs = (entry[1], entry[2]) if entry else (0, [])
-        refs = [r for r in refs if r() is not None] + [weakref.ref(array)]
-        key = id(param)
-        self._entries[key] = (weakref.ref(param, lambda _, k=key: self._entries.pop(k, None)),
-                              generation + 1, refs)
-        self.handouts += 1
-
-    def state(self, params: Sequence[torch.Tensor]) -> tuple[tuple, bool]:
-        """(each param's generation, whether any handed-out array is still alive)."""
-        entries = [self._entry(p) for p in params]
-        generations = tuple(e[1] if e else 0 for e in entries)
-        held = any(r() is not None for e in entries if e for r in e[2])
-        return generations, held
-
-    def held(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The parameters among ``params`` with a handed-out array still alive."""
-        return [p for p in params
-                if (e := self._entry(p)) and any(r() is not None for r in e[2])]
-
-
-PARAM_VIEWS = ParamViews()
-
-
-def note_numpy_view(param: torch.nn.Parameter, array) -> None:
-    """Remember that ``array`` (a numpy view of ``param``) was handed to the caller."""
-    PARAM_VIEWS.note(param, array)
 
 
 _VERSION = operator.attrgetter("_version")
@@ -308,7 +251,10 @@ class FastForward:
     def run(self) -> None:
         steady = self._steady
         if steady is not None and steady.holds(self, PARAM_VIEWS.handouts):
-            return steady()              # the last engine call again (steady.py)
+            try:
+                return steady()          # the last engine call again (steady.py)
+            except Exception:   # noqa: BLE001 - the full path runs it again, and decides
+                pass
         self._steady = None
         net = self.net
         params = self.cache.parameters()
@@ -320,9 +266,13 @@ class FastForward:
             if self._bound[0] is not plan or self._bound[1] != state.arrays_replaced:
                 self._bind(plan)
             inputs = plan.inputs
-            outputs = plan.run(inputs)
-            if not self.choice.verified:
-                outputs = self._checked(outputs, inputs)
+            try:
+                outputs = plan.run(inputs)
+            except Exception as exc:   # noqa: BLE001 - a runtime's errors come in many types
+                outputs = self._to_torch(inputs, f"{self.choice.name} failed ({_first(exc)})")
+            else:
+                if not self.choice.verified:
+                    outputs = self._checked(outputs, inputs)
             state.written(self._direct)
             copied = self._copied
         else:
@@ -403,9 +353,19 @@ class FastForward:
             if self._any is not None and self._any.owns(choice):
                 self._any.passed += 1
             return outputs
+        return self._to_torch(inputs, None, want)
+
+    def _to_torch(self, inputs, failure: str | None, want=None):
+        """Torch from now on at these input shapes (``failure``: why, for the log), and
+        torch's outputs for this call."""
+        if failure is not None:
+            log.warning("net '%s': engine %s at %s; using torch", self.net.module.name,
+                        failure, [tuple(t.shape) for t in inputs.values()])
+            self.choice = EngineChoice("torch", None, f"engine torch: {failure}",
+                                       verified=True)
         self._by_shape.clear()
         self._direct, self._copied = (), self._outputs      # torch's values are put
-        return want
+        return self._torch_forward(inputs) if want is None else want
 
     def _snapshot(self, array) -> torch.Tensor:
         """A private copy of an input blob, made straight in the layout the fused net runs
@@ -445,3 +405,8 @@ class FastForward:
                 for param, _, edit in edited:
                     param.copy_(edit)
             state.restore(kept)
+
+
+def _first(exc: Exception) -> str:
+    """An exception's first line, short enough for a log line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

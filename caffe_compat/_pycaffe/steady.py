@@ -45,9 +45,10 @@ class SteadyCall:
     @staticmethod
     def possible(fast, plan) -> bool:
         """Whether the forward just made (``plan``) may be repeated by a SteadyCall."""
-        return len(plan.plan) == 1 and not fast._copied and not fast._copies \
-            and not fast._held and fast.choice is not None and fast.choice.verified \
-            and not fast.net.blob_state.lazy
+        choice = fast.choice         # the call may have sent the net to torch
+        return choice is not None and choice.forward is plan and choice.verified \
+            and len(plan.plan) == 1 and not fast._copied and not fast._copies \
+            and not fast._held and not fast.net.blob_state.lazy
 
     def holds(self, fast, handouts: int) -> bool:
         """Whether the full path would repeat this very call now."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -77,10 +77,12 @@ class EngineCall:
 class EnginePlan:
     """A fused inference plan whose exportable prefix is one ``EngineCall`` step."""
 
-    def __init__(self, split: Split, call: EngineCall, source: str, any_shape: bool = False):
+    def __init__(self, split: Split, call: EngineCall, source: str, any_shape: bool = False,
+                 infer_shapes: Callable[[dict], dict] | None = None):
         self.split, self.call, self.name = split, call, call.name
         self.source = source
         self.any_shape = any_shape     # a shape-generic export: ``at`` serves other shapes
+        self.infer_shapes = infer_shapes      # the net's blob shapes for input shapes
         layers = len(split.prefix.plan)
         step = Step(index=split.prefix.plan[0].index, bottoms=tuple(split.prefix_inputs),
                     tops=tuple(split.prefix_outputs), fn=call,
@@ -113,8 +115,22 @@ class EnginePlan:
         if not self.any_shape:
             raise ValueError(f"engine {self.name}: the export is for fixed input shapes")
         runner = self.call.runner
-        call = EngineCall(runner.rebound(ins, runner.output_shapes(ins)), ins)
-        return EnginePlan(self.split, call, self.source, any_shape=True)
+        call = EngineCall(runner.rebound(ins, self._output_shapes(ins)), ins)
+        return EnginePlan(self.split, call, self.source, True, self.infer_shapes)
+
+    def _output_shapes(self, ins: list[tuple]) -> list[tuple]:
+        """The exported outputs' shapes at input shapes ``ins``: the net's own shape rules
+        (Caffe's Reshape pass), else one run of the runtime. A run cost as much as the
+        forward itself: an MTCNN pyramid over a folder of photos brings a new shape at
+        nearly every call. Shapes the rules get wrong fail the run loudly (onnxruntime
+        refuses an output buffer of another shape), never silently."""
+        if self.infer_shapes is not None:
+            try:
+                blobs = self.infer_shapes(dict(zip(self.split.prefix_inputs, ins)))
+                return [tuple(blobs[n]) for n in self.split.prefix_outputs]
+            except Exception:   # noqa: BLE001 - no rule for these shapes: the runtime decides
+                log.debug("engine %s: output shapes at %s from a run", self.name, ins)
+        return self.call.runner.output_shapes(ins)
 
     def run(self, inputs: Tensors) -> Tensors:
         """The net's outputs for ``inputs`` (``self.inputs`` themselves: no copy)."""
@@ -170,7 +186,7 @@ def engine_plans(module: NetModule, runtimes: list[str], threads: int,
                 why[name] = f"{name} could not load the export ({str(exc).splitlines()[0][:200]})"
                 continue
             built[name] = EnginePlan(split, EngineCall(runner, [t.shape for t in example]),
-                                     module.source, any_shape)
+                                     module.source, any_shape, module.infer_shapes)
     return built, why
 
 
