@@ -108,7 +108,27 @@ def test_an_export_right_only_at_its_traced_shape_is_refused(tmp_path, monkeypat
 
 
 @pytest.mark.skipif("openvino" not in ENGINES, reason="openvino not installed")
-def test_an_engine_for_fixed_shapes_leaves_the_others_to_torch(tmp_path):
+def test_openvino_serves_a_pyramid_and_changing_batches_past_the_kept_shapes(tmp_path):
+    """One compiled shape-generic model, a new infer request per shape (runners.py)."""
+    rng = np.random.default_rng(4)
+    proto = _prototxt(tmp_path, "mtcnn_pnet")
+    ref, net = _pair(proto, _weights(tmp_path, proto), "openvino")
+    for _ in range(2):
+        for h, w in PYRAMID:
+            _same_outputs(ref, net, (1, 3, h, w), rng)
+            assert net.engine == "openvino"
+    assert "input shapes past the first" in net._fast.choice.reason
+    proto = _prototxt(tmp_path, "mtcnn_onet")
+    ref, net = _pair(proto, _weights(tmp_path, proto), "openvino")
+    for batch in (1, 7, 3, 12, 5, 30, 2, 7, 1, 19, 64, 3):
+        _same_outputs(ref, net, (batch, 3, 48, 48), rng)
+        assert net.engine == "openvino"
+
+
+@pytest.mark.skipif("openvino" not in ENGINES, reason="openvino not installed")
+def test_an_engine_for_fixed_shapes_leaves_the_others_to_torch(tmp_path, monkeypatch):
+    from caffe_compat.engine.backends.runners import OpenVinoRunner
+    monkeypatch.setattr(OpenVinoRunner, "shape_generic", False)
     proto = _prototxt(tmp_path, "mtcnn_pnet")
     ref, net = _pair(proto, _weights(tmp_path, proto), "openvino")
     rng = np.random.default_rng(3)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import caffe_compat as caffe
+from caffe_compat._pycaffe.state import BlobState
 
 NET = """
 name: "mlp"
@@ -302,3 +304,27 @@ def test_a_parameter_reshape_keeps_or_zeroes_values_as_caffes_buffer_does(tmp_pa
     np.testing.assert_array_equal(w.data, [0, 1, 2, 3])
     w.reshape(2, 4)
     assert w.data.shape == (2, 4) and not w.data.any() and not w.diff.any()
+
+
+def test_host_arrays_made_on_first_use_read_as_caffes_fresh_memory():
+    """Data and diff arrays are made when first used (zeros, of the blob's shape), kept
+    through a reshape of the same count, and made again after a count change."""
+    state = BlobState()
+    state.add("b", (2, 3))
+    assert state.shape("b") == (2, 3)
+    np.testing.assert_array_equal(state.get("b", "diff"), np.zeros((2, 3), np.float32))
+    state.get("b")[...] = 1.0
+    diff = state.get("b", "diff")
+    diff[...] = 2.0
+    state.reshape("b", (3, 2))                     # same count: both keep their values
+    assert state.get("b").shape == state.get("b", "diff").shape == (3, 2)
+    assert (state.get("b") == 1).all() and (state.get("b", "diff") == 2).all()
+    held = state.hold(["b"])
+    state.reshape("b", (4, 4))                     # another count: zeros when read
+    assert state.shape("b") == (4, 4)
+    assert not state.get("b", "diff").any() and state.get("b").shape == (4, 4)
+    state.restore(held)                            # the very arrays come back
+    assert state.get("b", "diff").base is diff or state.get("b", "diff") is diff
+    assert state.shape("b") == (3, 2) and (state.get("b") == 1).all()
+    state.put("b", torch.ones(5))                  # a value of another shape from the engine
+    assert state.shape("b") == (5,) and state.get("b", "diff").shape == (5,)

@@ -8,6 +8,7 @@ arbitrary-length inputs with pycaffe's padding rule.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import OrderedDict
 from itertools import zip_longest
@@ -362,7 +363,7 @@ class Net(IndexAPI, LayerCallbacks):
         if fast is not None and not unchanged and state.stale_names():
             before = self.module.infer_shapes(fast.ran_at_shapes())
             stale = state.stale_names()
-            if all(int(np.prod(before[n])) != int(np.prod(shapes[n]))
+            if all(math.prod(before[n]) != math.prod(shapes[n])
                    for n in stale if n in shapes):
                 state.clear_stale()           # nothing of their values would survive
                 zeroed = stale

@@ -44,9 +44,7 @@ def _buffers(shapes: Shapes) -> list[np.ndarray]:
 
 class OnnxRuntimeRunner:
     name = "onnxruntime"
-    # serves a shape-generic export at any input shape (``rebound``); OpenVINO does not:
-    # its CPU plugin (2026.4) corrupted the heap when one shape-generic MTCNN P-Net model
-    # ran at batch 2 and then at other image sizes (glibc's malloc assertion, SIGSEGV)
+    # serves a shape-generic export at any input shape (``rebound``: an IO binding per shape)
     shape_generic = True
 
     def __init__(self, path: str, input_names: Sequence[str], output_names: Sequence[str],
@@ -111,7 +109,11 @@ def _bare_run(session, binding):
 
 class OpenVinoRunner:
     name = "openvino"
-    shape_generic = False
+    # a shape-generic export serves other shapes through a new infer request per shape
+    # (``rebound``): rebinding one request's tensors to other shapes corrupted the heap in
+    # OpenVINO 2026.4's CPU plugin (an MTCNN P-Net at batch 2, then other image sizes);
+    # a request per shape ran 1500 random shapes clean under MALLOC_CHECK_=3
+    shape_generic = True
     precision_hint = "f32"
 
     def __init__(self, path: str, input_names: Sequence[str], output_names: Sequence[str],
@@ -127,27 +129,48 @@ class OpenVinoRunner:
                   "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         with _signal_stack_kept():
             self.compiled = self.core.compile_model(self.core.read_model(path), "CPU", config)
-            self.request = self.compiled.create_infer_request()
         self.settings = ", ".join(f"{key} {_text(self.compiled.get_property(key))}"
                                   for key in config)
-        self.inputs, self.outputs = _buffers(input_shapes), _buffers(output_shapes)
         ports = {n: i for i, port in enumerate(self.compiled.inputs) for n in port.get_names()}
-        for name, array in zip(input_names, self.inputs):
-            if name in ports:                      # an input no layer reads is not one
-                self.request.set_input_tensor(ports[name], ov.Tensor(array, shared_memory=True))
+        # an input no layer reads is no port of the compiled model
+        self._in_ports = [ports.get(name) for name in input_names]
         ports = {n: i for i, port in enumerate(self.compiled.outputs) for n in port.get_names()}
         self._ports = [ports[name] for name in output_names]
         self._tensor = ov.Tensor
+        self._bind(input_shapes, output_shapes)
+
+    def _bind(self, input_shapes: Shapes, output_shapes: Shapes) -> None:
+        """A new infer request whose tensors share new buffers of these shapes."""
+        with _signal_stack_kept():
+            self.request = self.compiled.create_infer_request()
+        self.inputs, self.outputs = _buffers(input_shapes), _buffers(output_shapes)
+        for port, array in zip(self._in_ports, self.inputs):
+            if port is not None:
+                self.request.set_input_tensor(port, self._tensor(array, shared_memory=True))
         for index, array in enumerate(self.outputs):
             self.bind_output(index, array)
         self.run = _bare_infer(self.request)
+
+    def rebound(self, input_shapes: Shapes, output_shapes: Shapes) -> "OpenVinoRunner":
+        """A runner over the same compiled model (a shape-generic export) with a request
+        and buffers of its own for these shapes; ``self`` is left as it was."""
+        other = copy.copy(self)
+        other._bind(input_shapes, output_shapes)
+        return other
+
+    def output_shapes(self, input_shapes: Shapes) -> list[tuple]:
+        """The output shapes of a shape-generic export at ``input_shapes`` (one run)."""
+        request = self.compiled.create_infer_request()
+        feed = {port: a for port, a in zip(self._in_ports, _buffers(input_shapes))
+                if port is not None}
+        result = request.infer(feed)
+        return [tuple(result[port].shape) for port in self._ports]
 
     def bind_output(self, index: int, array: np.ndarray) -> None:
         """Output ``index`` is written into ``array`` (float32, C-contiguous, its shape)."""
         self.request.set_output_tensor(self._ports[index], self._tensor(array,
                                                                         shared_memory=True))
         self.outputs[index] = array
-
 
 
 class OpenVinoBf16Runner(OpenVinoRunner):
