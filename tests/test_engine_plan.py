@@ -265,6 +265,28 @@ def test_the_timing_rule_is_the_median_of_rotated_alternating_rounds(monkeypatch
     assert rounds[0] == ["a", "b"] and rounds[1] == ["b", "a"]
 
 
+def test_the_timing_ends_early_only_for_a_clear_leader(monkeypatch):
+    """On a fake clock: 'a' at 1 and 'b' at 5 every call are told apart after CLEAR_AFTER
+    rounds; 'a' at 1 or 3 against 'b' at 2 overlap, and get every round allowed."""
+    now = [0.0]
+    calls = []
+    monkeypatch.setattr(engines.time, "perf_counter", lambda: now[0])
+
+    def step(costs):
+        costs = itertools.cycle(costs)
+
+        def run():
+            calls.append(1)
+            now[0] += next(costs)
+        return run
+    times = engines.median_times({"a": step([1]), "b": step([5])}, budget_s=0,
+                                 rounds=(50, 50))
+    assert times == {"a": 1, "b": 5} and len(calls) == 2 + 2 * engines.CLEAR_AFTER
+    calls.clear()
+    engines.median_times({"a": step([1, 3]), "b": step([2])}, budget_s=0, rounds=(50, 50))
+    assert len(calls) == 2 + 2 * 50
+
+
 def test_caffe_time_through_an_engine_times_its_plan_steps(tmp_path, capsys):
     from caffe_compat.commands import caffe_main
     proto = _prototxt(tmp_path, "ssd_face")
