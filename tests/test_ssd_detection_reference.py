@@ -168,3 +168,20 @@ def test_detection_output_row_by_row_overlaps_equal_reference(params, loc_classe
     layer = make_layer(params, [loc.shape, conf.shape, prior.shape])
     got = layer.forward(torch.from_numpy(loc), torch.from_numpy(conf), torch.from_numpy(prior))
     np.testing.assert_array_equal(got.numpy()[0, 0], reference_forward(layer, loc, conf, prior))
+
+
+@pytest.mark.parametrize("strike_ties", [False, True])
+def test_nms_at_a_fixed_threshold_equals_the_visiting_loop(strike_ties):
+    """At eta = 1 NMS keeps boxes through integer bit masks; the loop kept for eta < 1 gives
+    the same answer while its threshold cannot fall (thresholds of 0.5 and below never do):
+    hundreds of boxes (masks past one machine word), overlaps at the threshold, NaN boxes."""
+    rng = np.random.default_rng(11)
+    corners = rng.integers(0, 20, (300, 2)).astype(F32) / F32(20)
+    boxes = np.concatenate([corners, corners + F32(0.1)], axis=1)   # many exact overlaps
+    boxes[rng.choice(300, 5, replace=False), 2] = np.nan
+    for threshold in (0.0, 1 / 3, 0.5):
+        fixed = ssd_detection.greedy_nms(boxes, threshold, 1.0, strike_ties=strike_ties)
+        visited = ssd_detection.greedy_nms(boxes, threshold, 0.99, strike_ties=strike_ties)
+        np.testing.assert_array_equal(fixed, visited)
+        # YOLO's ">=" strikes every box at threshold 0 (overlaps of 0 included)
+        assert 1 < len(fixed) < 300 or (strike_ties and threshold == 0 and len(fixed) == 1)
