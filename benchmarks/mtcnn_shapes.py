@@ -9,10 +9,11 @@ crops as a detector would pass on (a random 5-60 here). Photos of --images diffe
 so nearly every call brings an input shape pycaffe has not seen.
 
 Timed, alternated, one whole folder per round (the median round is reported):
-- ``pycaffe auto``: ``caffe.Net(..., engine="auto")``: fixed-shape exports for the first
-  SHAPES_KEPT shapes, then one shape-generic export for all the others (any_shape.py);
+- ``pycaffe auto``: ``caffe.Net(..., engine="auto")``: a fixed-shape export for the load's
+  shape and for shapes the net keeps coming back to (fast.PROMOTE_AFTER, up to
+  SHAPES_KEPT), one shape-generic export for all the others (any_shape.py);
 - ``pycaffe auto, torch past kept``: the same with the shape-generic step switched off
-  (what pycaffe did before: torch for every shape past the first SHAPES_KEPT);
+  (torch for every shape without an export of its own);
 - ``pycaffe torch``: ``engine="torch"``;
 - ``OpenCV DNN``: cv2.dnn reading the same prototxt and caffemodel, reshaped per call.
 The first (untimed) round of each pycaffe net includes its exports and measurements; its
@@ -35,7 +36,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import caffe_compat as caffe  # noqa: E402
-from caffe_compat._pycaffe import fast  # noqa: E402
 from caffe_compat._pycaffe.any_shape import AnyShape  # noqa: E402
 from caffe_compat.engine.backends.engine import EngineChoice  # noqa: E402
 
@@ -65,9 +65,9 @@ def workload(images: int, seed: int = 0) -> list[tuple[str, tuple]]:
 
 
 def _torch_past_kept(fast_forward, shapes):
-    """The step switched off: every shape past the kept ones runs torch."""
-    choice = EngineChoice("torch", None, "engine torch: input shapes past the first "
-                          f"{fast.SHAPES_KEPT}", verified=True)
+    """The step switched off: every shape without an export of its own runs torch."""
+    choice = EngineChoice("torch", None, "engine torch: input shapes without an export of "
+                          "their own", verified=True)
     return AnyShape(choice, (), None)
 
 

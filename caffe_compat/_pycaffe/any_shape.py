@@ -1,11 +1,12 @@
-"""Input shapes past the first ``SHAPES_KEPT``: one shape-generic export serves them all.
+"""Input shapes without an export of their own: one shape-generic export serves them all.
 
 An image pyramid (MTCNN's P-Net: one input shape per scale, and new scales for every image
 size) and a second stage fed however many candidates the first one found (R-Net and O-Net: a
 new batch size at nearly every image) bring more input shapes than fixed-shape exports can
-be made and timed for. Past the first ``SHAPES_KEPT`` shapes (pycaffe's fast.py) the engine
-is chosen once more, among *shape-generic* exports (every input axis but the channels left
-free: ``choose_engine(..., any_shape=True)``), each checked against torch at the shape that
+be made and timed for. pycaffe's fast.py gives the load's shape, and shapes the net keeps
+coming back to, fixed-shape exports of their own; for every other shape the engine is chosen
+once more, among *shape-generic* exports (every input axis but the channels left free:
+``choose_engine(..., any_shape=True)``), each checked against torch at the shape that
 brought the choice and at three shapes near it (``nearby_shapes``), and timed against torch
 there. The engine kept serves every later shape from the same loaded model, bound to buffers
 of that shape (the last ``PLANS_KEPT`` shapes keep theirs). The first call at each new shape

@@ -24,15 +24,17 @@ executor) computes the outputs instead. The input blobs are copied straight into
 runtime's bound input buffers, which are also the snapshot a stale read recomputes from, so
 a call costs one copy of the inputs and the runtime call (it writes the output blobs
 itself); a call that repeats the one before is checked in a few comparisons (steady.py). A
-runtime that fails on a call leaves that input shape on torch. The choice is per input shape: after a reshape the engine is chosen (``auto``:
-measured) again for the new shapes, for the first ``SHAPES_KEPT`` shapes; past them one
-shape-generic export serves every other shape (any_shape.py). The weights are the export's:
-after the net's parameters change it is exported again once; a second change sends forwards to the torch
-path. A numpy view of a parameter the caller keeps is compared with the parameter's
-values at each forward (``_watch_views``): a write through it is such a change. A new
-hand-out is one too, unless the parameter still holds the values the fused net or the export
-was made from (kept for nets of up to ``REFERENCE_VALUES`` values): reading the weights
-between forwards costs neither a fusion nor the engine.
+runtime that fails on a call leaves that input shape on torch. The choice is per input
+shape: the load's shape and shapes the net keeps coming back to (``PROMOTE_AFTER`` changes
+to them, up to ``SHAPES_KEPT`` shapes) get an export of their own, chosen (``auto``:
+measured) for them; one shape-generic export, chosen once, serves every other shape
+(any_shape.py). The weights are the export's: after the net's parameters change it is
+exported again once; a second change sends forwards to the torch path. A numpy view of a
+parameter the caller keeps is compared with the parameter's values at each forward
+(``_watch_views``): a write through it is such a change. A new hand-out is one too, unless
+the parameter still holds the values the fused net or the export was made from (kept for
+nets of up to ``REFERENCE_VALUES`` values): reading the weights between forwards costs
+neither a fusion nor the engine.
 """
 from __future__ import annotations
 
@@ -74,7 +76,9 @@ def eligible(net) -> bool:
 
 
 _VERSION = operator.attrgetter("_version")
-SHAPES_KEPT = 4          # input shapes given a fixed-shape export; then any_shape.py
+SHAPES_KEPT = 4          # input shapes given a fixed-shape export: the load's, repeated ones
+PROMOTE_AFTER = 3        # a shape gets one once the net has changed to it this many times
+ENTRIES_KEPT = 4096      # shapes whose changes are counted (then counted afresh)
 def inference_plan(net) -> EnginePlan | None:
     """The engine plan ``net.forward()`` runs now; None where it runs torch's fused plan."""
     fast = getattr(net, "_fast", None)
@@ -108,7 +112,8 @@ class FastForward:
         self.request, self.precision = "torch", "fp32"
         self._engine_key: tuple | None = None
         self._resynced = False
-        self._any: AnyShape | None = None         # the choice past SHAPES_KEPT shapes
+        self._any: AnyShape | None = None         # for shapes without an export of their own
+        self._entered: dict[tuple, int] = {}       # input shapes -> changes to them
         # input shapes -> (choice, engine key, _reference() of the values exported)
         self._by_shape: dict[tuple, tuple] = {}
         self._exported_from = None
@@ -226,12 +231,17 @@ class FastForward:
         if kept is not None:
             self.choice, self._engine_key, self._exported_from = kept
             self._shapes = shapes
-        elif len(self._by_shape) < SHAPES_KEPT:
-            self._decide(self.request)
+            return
+        entered = self._entered[shapes] = self._entered.get(shapes, 0) + 1
+        if len(self._entered) > ENTRIES_KEPT:
+            self._entered.clear()
+        if len(self._by_shape) < SHAPES_KEPT and (entered >= PROMOTE_AFTER or not self._by_shape):
+            self._decide(self.request)       # a shape that keeps coming back: its own export
         else:
-            # more shapes than kept (an image pyramid): forgetting choices to make room
-            # exported and measured again on every call of a cycle; one shape-generic
-            # export, chosen once, serves them all
+            # a new shape: one shape-generic export, chosen once, serves every shape without
+            # one of its own. An export and a timing per new shape cost a folder of photos
+            # one per photo; forgetting choices to make room exported again on every call of
+            # a cycle
             if self._any is None:
                 self._any = self._decide_any_shape(shapes)
             self.choice = self._any.choice_for(dict(zip(self.net.inputs, shapes)))
@@ -243,7 +253,7 @@ class FastForward:
         choice = choose_engine(self.net.module, self.request, self._torch_forward,
                                precision=self.precision,
                                shapes=dict(zip(self.net.inputs, shapes)), any_shape=True)
-        choice.reason = f"input shapes past the first {SHAPES_KEPT}: {choice.reason}"
+        choice.reason = f"input shapes without an export of their own: {choice.reason}"
         log.info("net '%s': %s", self.net.module.name, choice.reason)
         return AnyShape(choice, self._weights_key(params, self._numpy_state(params)[0]),
                         _reference(params))
