@@ -185,3 +185,20 @@ def test_nms_at_a_fixed_threshold_equals_the_visiting_loop(strike_ties):
         np.testing.assert_array_equal(fixed, visited)
         # YOLO's ">=" strikes every box at threshold 0 (overlaps of 0 included)
         assert 1 < len(fixed) < 300 or (strike_ties and threshold == 0 and len(fixed) == 1)
+
+
+@pytest.mark.parametrize("matrix_limit", [ssd_detection.MATRIX_LIMIT, 4])
+@pytest.mark.parametrize("eta", [1.0, 0.9])
+def test_nms_stopped_at_a_count_keeps_the_head_of_the_full_answer(matrix_limit, eta,
+                                                                  monkeypatch):
+    """``limit`` (Proposal's post_nms_topN) ends the pass early, on the overlap matrix and
+    on the row-per-kept-box path alike: the boxes kept first do not depend on later ones."""
+    monkeypatch.setattr(ssd_detection, "MATRIX_LIMIT", matrix_limit)
+    rng = np.random.default_rng(12)
+    corners = rng.random((200, 2), dtype=F32)
+    boxes = np.concatenate([corners, corners + F32(0.15)], axis=1)
+    full = ssd_detection.greedy_nms(boxes, 0.6, eta)
+    assert len(full) > 40
+    for limit in (1, 17, 40, len(full), len(full) + 5):
+        np.testing.assert_array_equal(ssd_detection.greedy_nms(boxes, 0.6, eta, limit=limit),
+                                      full[:limit])

@@ -141,9 +141,8 @@ class Proposal(Layer):
         order = keep[np.argsort(-score[keep], kind="stable")]
         if self.pre_top > 0:
             order = order[:self.pre_top]
-        kept = order[greedy_nms(boxes[order], self.nms_thresh, 1.0, overlaps_plus_one)]
-        if self.post_top > 0:
-            kept = kept[:self.post_top]
+        kept = order[greedy_nms(boxes[order], self.nms_thresh, 1.0, overlaps_plus_one,
+                                limit=max(self.post_top, 0))]
         return boxes[kept], score[kept]
 
     @torch.no_grad()

@@ -135,7 +135,7 @@ def ranked_candidates(scores: np.ndarray, score_threshold: float, top_k: int) ->
 
 def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float,
                overlaps: Callable[[np.ndarray, np.ndarray], np.ndarray] = jaccard_matrix,
-               strike_ties: bool = False) -> np.ndarray:
+               strike_ties: bool = False, limit: int = 0) -> np.ndarray:
     """SSD's ApplyNMSFast after its sort: positions kept among ``[K, ...]`` boxes ranked best
     first. ``overlaps(kept, candidates)`` gives ``[A, B]`` overlaps (SSD's Jaccard by default);
     a candidate is struck out when its overlap with a kept box is above the threshold (SSD's
@@ -146,7 +146,9 @@ def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float,
     box strikes out the later ones it overlaps by more than the threshold of the moment.
     That threshold never grows, so a struck box would also fail SSD's own test; with
     ``eta < 1`` the next survivor is still checked against every kept box at the current,
-    smaller threshold, as SSD does."""
+    smaller threshold, as SSD does. ``limit`` > 0 stops at that many kept boxes: the first
+    ones kept never depend on the boxes after them (py-faster-rcnn's Proposal keeps its
+    post_nms_topN: 6000 boxes, 300 kept took 207 ms of overlap rows for every box kept)."""
     if len(boxes) < 2:
         return np.arange(len(boxes))
     threshold = F32(nms_threshold)
@@ -158,7 +160,7 @@ def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float,
     # and no confidence threshold, say) one row per kept box.
     matrix = overlaps(boxes, boxes) if len(boxes) <= MATRIX_LIMIT else None
     if matrix is not None and not eta < 1:
-        return _kept_by_bits(~survives(matrix))
+        return _kept_by_bits(~survives(matrix), limit)
     alive = np.ones(len(boxes), dtype=bool)  # not yet visited nor struck out
     kept: list[int] = []
     position = 0
@@ -168,16 +170,20 @@ def greedy_nms(boxes: np.ndarray, nms_threshold: float, eta: float,
                 matrix[kept, position] if matrix is not None
                 else overlaps(boxes[kept], boxes[position:position + 1])))):
             kept.append(position)
-            row = (matrix[position] if matrix is not None
-                   else overlaps(boxes[position:position + 1], boxes)[0])
-            alive &= survives(row)
+            if 0 < limit <= len(kept):
+                break
+            # the boxes before ``position`` are decided: only later ones can be struck
+            later = alive[position + 1:]
+            later &= survives(matrix[position, position + 1:] if matrix is not None
+                              else overlaps(boxes[position:position + 1],
+                                            boxes[position + 1:])[0])
             if eta < 1 and threshold > 0.5:
                 threshold = F32(threshold * F32(eta))
         position = int(alive.argmax())
     return np.asarray(kept, dtype=np.int64)
 
 
-def _kept_by_bits(strikes: np.ndarray) -> np.ndarray:
+def _kept_by_bits(strikes: np.ndarray, limit: int = 0) -> np.ndarray:
     """The greedy pass at a fixed threshold, ``strikes[i, j]``: box ``i`` kept strikes box
     ``j`` out. The boxes still alive are one Python integer's bits and each kept box's row
     another's, so a kept box costs two integer operations instead of numpy calls over every
@@ -185,7 +191,7 @@ def _kept_by_bits(strikes: np.ndarray) -> np.ndarray:
     rows = np.packbits(strikes, axis=1, bitorder="little")
     alive = (1 << len(strikes)) - 1
     kept = []
-    while alive:
+    while alive and not 0 < limit <= len(kept):
         position = (alive & -alive).bit_length() - 1          # the best box still alive
         kept.append(position)
         alive &= ~int.from_bytes(rows[position].tobytes(), "little")
