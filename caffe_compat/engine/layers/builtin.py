@@ -23,6 +23,7 @@ MODULES = (
     "caffe_compat.engine.layers.domain_transform",
     "caffe_compat.engine.layers.lrn",
     "caffe_compat.engine.layers.pooling",
+    "caffe_compat.engine.layers.roi_pooling",
     "caffe_compat.engine.layers.loss",
     "caffe_compat.engine.layers.loss_extra",
     "caffe_compat.engine.layers.accuracy",
