@@ -202,3 +202,13 @@ def test_nms_stopped_at_a_count_keeps_the_head_of_the_full_answer(matrix_limit, 
     for limit in (1, 17, 40, len(full), len(full) + 5):
         np.testing.assert_array_equal(ssd_detection.greedy_nms(boxes, 0.6, eta, limit=limit),
                                       full[:limit])
+
+
+def test_overlaps_in_bands_equal_the_whole_matrix(monkeypatch):
+    rng = np.random.default_rng(13)
+    corners = rng.random((150, 2), dtype=F32)
+    boxes = np.concatenate([corners, corners + rng.random((150, 2), dtype=F32) * F32(0.3)], 1)
+    boxes[[3, 77], 1] = np.nan
+    whole = ssd_detection._jaccard_band(boxes, boxes[:120])
+    monkeypatch.setattr(ssd_detection, "JACCARD_BAND", 1000)       # 8 rows a band
+    np.testing.assert_array_equal(ssd_detection.jaccard_matrix(boxes, boxes[:120]), whole)

@@ -40,6 +40,7 @@ CORNER, CENTER_SIZE, CORNER_SIZE = (caffe_pb2.PriorBoxParameter.CORNER,
                                     caffe_pb2.PriorBoxParameter.CORNER_SIZE)
 F32 = np.float32
 MATRIX_LIMIT = 2048
+JACCARD_BAND = 24576      # overlaps at once: 96 KB temporaries, below glibc's mmap threshold
 
 
 def float_exp(x: np.ndarray) -> np.ndarray:
@@ -91,7 +92,21 @@ def jaccard_matrix(kept: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     operations. For boxes without NaN the function is symmetric. With NaN it is not:
     ``std::max``/``std::min`` return their first argument, the candidate's corner, when the
     comparison fails; that slower path runs only when a NaN is present. An overlap that
-    comes out NaN (boxes infinite after an exp overflow) fails NMS's ``<=`` test."""
+    comes out NaN (boxes infinite after an exp overflow) fails NMS's ``<=`` test.
+
+    Computed in bands of rows: a 400×400 matrix's dozen float32 temporaries (640 KB each)
+    were each a fresh mmap of glibc's, page faults included: 1.8 ms; in bands of
+    ``JACCARD_BAND`` overlaps they come from the heap and stay in cache."""
+    rows = max(1, JACCARD_BAND // max(1, len(candidates)))
+    if len(kept) <= rows:
+        return _jaccard_band(kept, candidates)
+    out = np.empty((len(kept), len(candidates)), dtype=F32)
+    for start in range(0, len(kept), rows):
+        out[start:start + rows] = _jaccard_band(kept[start:start + rows], candidates)
+    return out
+
+
+def _jaccard_band(kept: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     sizes_k, sizes_c = box_sizes(kept), box_sizes(candidates)
     k0, k1, k2, k3 = (np.ascontiguousarray(kept[:, i])[:, None] for i in range(4))
     c0, c1, c2, c3 = (np.ascontiguousarray(candidates[:, i])[None, :] for i in range(4))
