@@ -170,11 +170,13 @@ def test_detection_output_row_by_row_overlaps_equal_reference(params, loc_classe
     np.testing.assert_array_equal(got.numpy()[0, 0], reference_forward(layer, loc, conf, prior))
 
 
+@pytest.mark.parametrize("block", [256, 7])
 @pytest.mark.parametrize("strike_ties", [False, True])
-def test_nms_at_a_fixed_threshold_equals_the_visiting_loop(strike_ties):
+def test_nms_at_a_fixed_threshold_equals_the_visiting_loop(strike_ties, block, monkeypatch):
     """At eta = 1 NMS keeps boxes through integer bit masks; the loop kept for eta < 1 gives
     the same answer while its threshold cannot fall (thresholds of 0.5 and below never do):
     hundreds of boxes (masks past one machine word), overlaps at the threshold, NaN boxes."""
+    monkeypatch.setattr(ssd_detection, "NMS_BLOCK", block)      # 7: 43 blocks, odd sizes
     rng = np.random.default_rng(11)
     corners = rng.integers(0, 20, (300, 2)).astype(F32) / F32(20)
     boxes = np.concatenate([corners, corners + F32(0.1)], axis=1)   # many exact overlaps
@@ -191,9 +193,10 @@ def test_nms_at_a_fixed_threshold_equals_the_visiting_loop(strike_ties):
 @pytest.mark.parametrize("eta", [1.0, 0.9])
 def test_nms_stopped_at_a_count_keeps_the_head_of_the_full_answer(matrix_limit, eta,
                                                                   monkeypatch):
-    """``limit`` (Proposal's post_nms_topN) ends the pass early, on the overlap matrix and
-    on the row-per-kept-box path alike: the boxes kept first do not depend on later ones."""
+    """``limit`` (Proposal's post_nms_topN) ends the pass early, in blocks and on the
+    row-per-kept-box path alike: the boxes kept first do not depend on later ones."""
     monkeypatch.setattr(ssd_detection, "MATRIX_LIMIT", matrix_limit)
+    monkeypatch.setattr(ssd_detection, "NMS_BLOCK", 30)
     rng = np.random.default_rng(12)
     corners = rng.random((200, 2), dtype=F32)
     boxes = np.concatenate([corners, corners + F32(0.15)], axis=1)
