@@ -70,6 +70,7 @@ class ROIPooling(Layer):
     """
 
     type = "ROIPooling"
+    family = "pooling"
     exports_to_onnx = False
     traceable = False
     origin = "rbgirshick/caffe-fast-rcnn"
