@@ -151,3 +151,21 @@ def test_nearby_shapes_change_the_batch_and_each_image_side_by_one_and_two():
         {"data": (2, 3, 30, 40), "im_info": (2, 3)},
         {"data": (1, 3, 31, 42), "im_info": (1, 3)},
         {"data": (1, 3, 32, 41), "im_info": (1, 3)}]
+
+
+def test_kept_shape_plans_are_bounded_by_their_blobs_bytes(tmp_path, monkeypatch):
+    """Each kept shape's plan may hold the net's activations at that shape (an OpenVINO
+    request does): past PLANS_BYTES of blobs the least recently used are let go."""
+    from caffe_compat._pycaffe import any_shape
+    proto = _prototxt(tmp_path, "mtcnn_rnet")
+    ref, net = _pair(proto, _weights(tmp_path, proto), "onnxruntime")
+    rng = np.random.default_rng(5)
+    _same_outputs(ref, net, (40, 3, 24, 24), rng)            # the generic export, once
+    per_image = any_shape._blob_bytes(net._fast._any.choice.forward, {"data": (1, 3, 24, 24)})
+    assert per_image > 0
+    monkeypatch.setattr(any_shape, "PLANS_BYTES", 100 * per_image)
+    for batch in (30, 31, 32, 33, 34, 30):
+        _same_outputs(ref, net, (batch, 3, 24, 24), rng)
+        assert net.engine == "onnxruntime"
+        kept = net._fast._any._bytes
+        assert len(kept) <= 3 and sum(kept.values()) <= 100 * per_image or len(kept) == 1
