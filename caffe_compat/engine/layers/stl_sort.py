@@ -22,8 +22,18 @@ def sort_descending(keys: np.ndarray) -> np.ndarray:
         return np.argsort(-keys, kind="stable")
     items = [(float(k), i) for i, k in enumerate(keys.tolist())]
     _introsort(items, 0, n, 2 * (n.bit_length() - 1))
-    _final_insertion_sort(items, 0, n)
+    if np.isnan(keys).any():
+        _final_insertion_sort(items, 0, n)
+    else:
+        # the final pass is an insertion sort, which moves an element only past strictly
+        # smaller keys: a stable sort, so Python's (stable) sort leaves the same order, in C
+        # (SSD300's keep_top_k over 8000 tied scores: 3500 Python inserts, ~2 ms)
+        items.sort(key=_negated_key)
     return np.fromiter((i for _, i in items), dtype=np.int64, count=n)
+
+
+def _negated_key(item: tuple) -> float:
+    return -item[0]
 
 
 def _introsort(a: list, first: int, last: int, depth: int) -> None:
