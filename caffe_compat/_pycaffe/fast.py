@@ -39,7 +39,6 @@ neither a fusion nor the engine.
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Sequence
 
 import numpy as np
@@ -53,7 +52,8 @@ from caffe_compat.engine.backends.engine import (EngineChoice, EnginePlan, Reduc
                                                  choose_engine, first_call_check,
                                                  requested_as)
 from caffe_compat.engine.net.fuse import fusable
-from caffe_compat.engine.net.inference_cache import InferenceCache
+from caffe_compat.engine.net.inference_cache import InferenceCache, summed_versions
+from caffe_compat.formats.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,11 @@ def eligible(net) -> bool:
     return True
 
 
-_VERSION = operator.attrgetter("_version")
 SHAPES_KEPT = 4          # input shapes given a fixed-shape export: the load's, repeated ones
 PROMOTE_AFTER = 3        # a shape gets one once the net has changed to it this many times
 ENTRIES_KEPT = 4096      # shapes whose changes are counted (then counted afresh)
+
+
 def inference_plan(net) -> EnginePlan | None:
     """The engine plan ``net.forward()`` runs now; None where it runs torch's fused plan."""
     fast = getattr(net, "_fast", None)
@@ -142,7 +143,7 @@ class FastForward:
         """What an engine's exported weights depend on: the tensors (``_numpy_state`` just
         listed their ids), their in-place versions (summed: each only grows, so the sum
         moves when any does), their numpy hand-outs and the writes through held views."""
-        return self._ids, sum(map(_VERSION, params)), touched, self._edits
+        return self._ids, summed_versions(params), touched, self._edits
 
     @property
     def engine(self) -> str:
@@ -279,7 +280,8 @@ class FastForward:
             try:
                 outputs = plan.run(inputs)
             except Exception as exc:   # noqa: BLE001 - a runtime's errors come in many types
-                outputs = self._to_torch(inputs, f"{self.choice.name} failed ({_first(exc)})")
+                failure = f"{self.choice.name} failed ({first_line(exc, 200)})"
+                outputs = self._to_torch(inputs, failure)
             else:
                 if not self.choice.verified:
                     outputs = self._checked(outputs, inputs)
@@ -315,7 +317,7 @@ class FastForward:
         self._edits += edited
         if edited or touched != self._touched:
             # a torch write since (versions moved) re-fused from other values: no shortcut
-            versions = sum(map(_VERSION, params))
+            versions = summed_versions(params)
             if edited or versions != self._fused_versions or \
                     not _only_read(self._fused_from, params, self._touched, touched):
                 self.cache.invalidate()
@@ -416,7 +418,3 @@ class FastForward:
                     param.copy_(edit)
             state.restore(kept)
 
-
-def _first(exc: Exception) -> str:
-    """An exception's first line, short enough for a log line."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -17,12 +17,11 @@ of those, and the full path runs, deciding what to do exactly as it always did.
 """
 from __future__ import annotations
 
-import operator
 from typing import Callable
 
 import numpy as np
 
-_VERSION = operator.attrgetter("_version")
+from caffe_compat.engine.net.inference_cache import summed_versions
 
 
 class SteadyCall:
@@ -61,7 +60,7 @@ class SteadyCall:
                 self.state.arrays_replaced != self.replaced:
             return False
         params = fast.cache.parameters()
-        if params is not self.params or sum(map(_VERSION, self.aliases)) != self.versions:
+        if params is not self.params or summed_versions(self.aliases) != self.versions:
             return False
         for host, bound in self.pairs:     # numpy lets ``array.shape = ...`` reshape in place
             if host.shape != bound.shape:

@@ -26,3 +26,11 @@ def with_context(message: str, *context: str) -> str:
     message = str(message)
     parts = [part for part in context if part and part not in message]
     return ": ".join(parts + [message])
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's first non-blank line (its type's name when it has no message), cut to
+    ``limit`` characters: runtimes and torch raise messages many lines long, a log line or
+    an error naming a layer wants the first."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if limit is None else line[:limit]

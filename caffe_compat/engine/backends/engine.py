@@ -42,6 +42,7 @@ from caffe_compat.engine.backends import ENGINES
 from caffe_compat.engine.backends.plan_pass import EnginePlan, engine_plans
 from caffe_compat.engine.backends.runners import REDUCED_OF, RUNNERS, runner_class
 from caffe_compat.engine.net.module import NetModule
+from caffe_compat.formats.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def _check(built: dict, tolerance: dict, why: dict, inputs: Outputs, reference: 
                 forward = forward.at({n: tuple(t.shape) for n, t in inputs.items()})
             got = _bound_call(forward, inputs)()
         except Exception as exc:   # noqa: BLE001 - a runtime that loads a graph it cannot run
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            text = first_line(exc, 200)
             why[name] = f"{name} failed on a test input{where} ({text})"
             del built[name]
             continue

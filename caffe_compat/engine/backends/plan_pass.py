@@ -31,6 +31,7 @@ from caffe_compat.engine.backends.split import Split, split_steps
 from caffe_compat.engine.net.fuse import fused_for_inference
 from caffe_compat.engine.net.module import NetModule
 from caffe_compat.engine.net.plan import Step, execute
+from caffe_compat.formats.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +174,18 @@ def engine_plans(module: NetModule, runtimes: list[str], threads: int,
         try:
             _export(split, example, path, _free_axes(split, example) if any_shape else None)
         except Exception as exc:   # noqa: BLE001 - exporter errors come in many types
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            text = first_line(exc, 200)
             return {}, {n: f"the ONNX export failed ({text})" for n in runtimes}
         for name in runtimes:
             try:
-                runner = runner_class(name)(path, split.prefix_inputs, split.prefix_outputs, threads,
-                                      [t.shape for t in example], [t.shape for t in made])
+                runner = runner_class(name)(path, split.prefix_inputs, split.prefix_outputs,
+                                            threads, [t.shape for t in example],
+                                            [t.shape for t in made])
             except BackendUnavailable as exc:
                 why[name] = str(exc)
                 continue
             except Exception as exc:   # noqa: BLE001 - a runtime that cannot load the graph
-                why[name] = f"{name} could not load the export ({str(exc).splitlines()[0][:200]})"
+                why[name] = f"{name} could not load the export ({first_line(exc, 200)})"
                 continue
             built[name] = EnginePlan(split, EngineCall(runner, [t.shape for t in example]),
                                      module.source, any_shape, module.infer_shapes)

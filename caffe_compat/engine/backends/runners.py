@@ -235,5 +235,6 @@ def runner_class(name: str):
     """The runner of engine ``name``, full or reduced precision."""
     return RUNNERS.get(name) or REDUCED_RUNNERS[name]
 
+
 __all__ = ["BackendUnavailable", "OnnxRuntimeRunner", "OpenVinoRunner", "OpenVinoBf16Runner",
            "RUNNERS", "REDUCED_RUNNERS", "REDUCED_OF", "runner_class"]

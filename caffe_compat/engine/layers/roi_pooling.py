@@ -123,15 +123,15 @@ class ROIPooling(Layer):
         # channels-last: torch's adaptive max pooling ran 5x faster on a 25x25 region
         data = x.detach().to("cpu").contiguous(memory_format=torch.channels_last)
         adaptive = _adaptive_windows(*rows) & _adaptive_windows(*cols)
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            out = torch.stack([self._region(data, batch[r], rows, cols, r, adaptive[r], False)[0]
-                               for r in range(len(roi_np))]) if len(roi_np) else \
-                torch.zeros((0, c, *self.pooled), dtype=x.dtype)
-            return out.masked_fill_(empty[:, None], 0).to(x.device)
-        index = torch.stack([self._region(data, batch[r], rows, cols, r, adaptive[r])[1]
-                             for r in range(len(roi_np))]) if len(roi_np) else \
-            torch.zeros((0, c, *self.pooled), dtype=torch.long)
-        index = index.masked_fill_(empty[:, None], -1).to(x.device)
+        grad = torch.is_grad_enabled() and x.requires_grad     # the indices, for backward
+        part = 1 if grad else 0                                   # _region's (values, index)
+        found = [self._region(data, batch[r], rows, cols, r, adaptive[r], grad)[part]
+                 for r in range(len(roi_np))]
+        stacked = torch.stack(found) if found else \
+            torch.zeros((0, c, *self.pooled), dtype=torch.long if grad else x.dtype)
+        if not grad:
+            return stacked.masked_fill_(empty[:, None], 0).to(x.device)
+        index = stacked.masked_fill_(empty[:, None], -1).to(x.device)
         return _ROIMax.apply(x, torch.from_numpy(batch).to(x.device), index, index >= 0)
 
     def _region(self, data: torch.Tensor, b: int, rows, cols, r: int, adaptive: bool,

@@ -213,8 +213,8 @@ def _kept_in_blocks(boxes: np.ndarray, overlaps, survives, limit: int) -> np.nda
         alive = np.ones(len(block), dtype=bool)
         if kept:
             alive &= survives(overlaps(boxes[kept], block)).all(axis=0)
-        found = _kept_by_bits(_strikes_ahead(block, overlaps, survives),
-                              limit - len(kept) if limit else 0, alive)
+        found = _kept_by_bits(_strikes_ahead(block, overlaps, survives), alive,
+                              limit - len(kept) if limit else 0)
         kept.extend((found + start).tolist())
         if 0 < limit <= len(kept):
             break
@@ -234,15 +234,14 @@ def _strikes_ahead(boxes: np.ndarray, overlaps, survives) -> np.ndarray:
     return strikes
 
 
-def _kept_by_bits(strikes: np.ndarray, limit: int = 0,
-                  alive_at_start: np.ndarray | None = None) -> np.ndarray:
-    """The greedy pass at a fixed threshold, ``strikes[i, j]``: box ``i`` kept strikes box
-    ``j`` out. The boxes still alive are one Python integer's bits and each kept box's row
+def _kept_by_bits(strikes: np.ndarray, alive_at_start: np.ndarray, limit: int) -> np.ndarray:
+    """The greedy pass at a fixed threshold over the boxes ``alive_at_start``,
+    ``strikes[i, j]``: box ``i`` kept strikes box ``j`` out (``limit`` > 0: stop at that
+    many kept). The boxes still alive are one Python integer's bits and each kept box's row
     another's, so a kept box costs two integer operations instead of numpy calls over every
     box (400 random boxes, 348 kept: the pass 4.1 -> 0.25 ms beside the overlaps' 1.8)."""
     rows = np.packbits(strikes, axis=1, bitorder="little")
-    alive = (1 << len(strikes)) - 1 if alive_at_start is None else int.from_bytes(
-        np.packbits(alive_at_start, bitorder="little").tobytes(), "little")
+    alive = int.from_bytes(np.packbits(alive_at_start, bitorder="little").tobytes(), "little")
     kept = []
     while alive and not 0 < limit <= len(kept):
         position = (alive & -alive).bit_length() - 1          # the best box still alive

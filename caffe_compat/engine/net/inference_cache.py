@@ -40,6 +40,12 @@ _VERSION = operator.attrgetter("_version")
 GRAPHS_KEPT = 4          # input signatures given a CUDA graph; any others run eagerly
 
 
+def summed_versions(tensors) -> int:
+    """The tensors' in-place write counters, summed: each only grows, so the sum moves when
+    any one does (a tensor replaced by another is the caller's to see, by identity)."""
+    return sum(map(_VERSION, tensors))
+
+
 class ParameterWatch:
     """Lists a net's parameter tensors fast enough to check on every batch-1 forward.
 
@@ -116,7 +122,7 @@ class InferenceCache:
         """The FusedNet, re-fused if ``params`` (``self.parameters()``) changed."""
         # the tensors (one tuple per set: ParameterWatch) and their in-place writes (the
         # versions summed: each only grows, so the sum moves when any does)
-        versions = (params, sum(map(_VERSION, params)))
+        versions = (params, summed_versions(params))
         if self._fused is None or versions[0] is not self._versions[0] or \
                 versions[1] != self._versions[1]:
             # forms are timed with CPU kernels: CUDA takes the plain ones (cuDNN chooses)
@@ -187,4 +193,4 @@ def _host_step(fused: FusedNet):
     return next((step for step in fused.plan if not traceable(step)), None)
 
 
-__all__ = ["GRAPHS_ENV", "GRAPHS_KEPT", "InferenceCache", "ParameterWatch"]
+__all__ = ["GRAPHS_ENV", "GRAPHS_KEPT", "InferenceCache", "ParameterWatch", "summed_versions"]

@@ -27,7 +27,7 @@ from caffe_compat.engine.net.upgrade import upgrade_net
 from caffe_compat.proto import caffe_pb2
 from caffe_compat.engine.layers.python_trust import allow_python_layers as python_layers_policy
 from caffe_compat.formats.budget import check_shape
-from caffe_compat.formats.errors import ResourceError, with_context
+from caffe_compat.formats.errors import ResourceError, first_line, with_context
 
 AUTO_TOP = "(automatic)"   # Caffe's name for a top the prototxt leaves out (AppendTop)
 
@@ -125,7 +125,7 @@ class NetModule(nn.Module):
                     MemoryError) as exc:   # torch's messages run to many lines: keep the first
                 if hasattr(exc, "caffe_python_layer"):
                     raise          # user code of a Python layer: unchanged, as pycaffe
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                reason = first_line(exc)
                 raise LayerError(with_context(reason, self.source,
                                               f"layer '{lp.name}' ({lp.type})")) from exc
             if len(top_shapes) != len(tops):
